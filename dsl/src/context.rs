@@ -1,0 +1,33 @@
+//! A build context: a directory whose files `copy` steps select.
+//!
+//! This type only holds the directory's path. The builder opens it with cap-std (so that no
+//! path, `..` or symlink can leave it), reads its `.dockerignore` and walks it; the cache keys
+//! the files a step selects by their content digests, never by where the context lives, so the
+//! same declaration keys the same from any working directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::ImagePathError;
+
+/// A build context directory. Cheap to clone; `Send + Sync`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Context {
+    root: Arc<Path>,
+}
+
+impl Context {
+    /// A context rooted at `root`. The directory is opened when a build reads it, so a missing
+    /// directory is reported then, naming the step that copies from it.
+    pub fn dir(root: impl Into<PathBuf>) -> Result<Context, ImagePathError> {
+        let root: PathBuf = root.into();
+        if root.as_os_str().is_empty() {
+            return Err(ImagePathError::Empty);
+        }
+        Ok(Context { root: Arc::from(root.into_boxed_path()) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
