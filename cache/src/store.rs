@@ -1,0 +1,280 @@
+//! The persistent store under the cache directory.
+//!
+//! Layout (everything below `root`):
+//! - `blobs/sha256/<hex>`: content-addressed blobs (layers, configs, manifests).
+//! - `actions/<2 hex>/<key hex>.json`: step key → [`ActionRecord`].
+//! - `snapshots/`: unpacked layers for the RUN runner (owned by the builder).
+//! - `tmp/`: files being written; anything left there by a crash is garbage.
+//!
+//! Every write goes to `tmp/` first, is fsynced and then renamed into place, so a reader sees a
+//! whole entry or none. Records are written after the blobs they name.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tempfile::NamedTempFile;
+use thiserror::Error;
+
+use crate::{Digest, Sha256Writer, StepKey};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cache store: cannot {action} {path}: {source}")]
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+    #[error("cache store: blob {digest} is missing from {path}")]
+    MissingBlob { digest: Digest, path: PathBuf },
+    #[error("cache store: blob written as {expected} has digest {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("cache store: action record {path} is unreadable: {reason}")]
+    CorruptRecord { path: PathBuf, reason: String },
+}
+
+impl StoreError {
+    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+        move |source| StoreError::Io { action, path: path.to_owned(), source }
+    }
+}
+
+/// A layer a step produced: what the image manifest and config need to name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// sha256 of the uncompressed tar (the config's `rootfs.diff_ids`).
+    pub diff_id: Digest,
+    /// sha256 of the blob as stored (compressed or not).
+    pub digest: Digest,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// What a step key maps to: the layers the step added (one for a file step, the base layers for
+/// an imported base) and, for an imported base, its config blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionRecord {
+    pub layers: Vec<LayerRecord>,
+    pub config: Option<Digest>,
+}
+
+/// A committed blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    pub digest: Digest,
+    pub size: u64,
+    pub path: PathBuf,
+}
+
+/// The store rooted at a cache directory. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        let root = root.into();
+        for sub in ["blobs/sha256", "actions", "snapshots", "tmp"] {
+            let path = root.join(sub);
+            fs::create_dir_all(&path).map_err(StoreError::io("create directory", &path))?;
+        }
+        Ok(Store { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    pub fn open_blob(&self, digest: &Digest) -> Result<File, StoreError> {
+        let path = self.blob_path(digest);
+        File::open(&path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => StoreError::MissingBlob { digest: digest.clone(), path },
+            _ => StoreError::Io { action: "open blob", path, source },
+        })
+    }
+
+    /// Re-hashes a stored blob; `Ok(false)` when its content no longer matches its name.
+    pub fn verify_blob(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let path = self.blob_path(digest);
+        let mut file = self.open_blob(digest)?;
+        let mut hasher = Sha256Writer::new(io::sink());
+        io::copy(&mut file, &mut hasher).map_err(StoreError::io("read blob", &path))?;
+        Ok(hasher.finish().0 == *digest)
+    }
+
+    /// A writer for a new blob: a temp file under `tmp/`, hashed as it is written.
+    pub fn blob_writer(&self) -> Result<BlobWriter, StoreError> {
+        let tmp = self.tmp_dir();
+        let file = NamedTempFile::new_in(&tmp).map_err(StoreError::io("create temp file in", &tmp))?;
+        Ok(BlobWriter { store: self.clone(), inner: Sha256Writer::new(BufWriter::with_capacity(256 * 1024, file)) })
+    }
+
+    /// Stores `bytes` as a blob (for configs and manifests, which are small).
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<BlobInfo, StoreError> {
+        let digest = Digest::of_bytes(bytes);
+        if self.has_blob(&digest) {
+            return Ok(BlobInfo { path: self.blob_path(&digest), digest, size: bytes.len() as u64 });
+        }
+        let mut writer = self.blob_writer()?;
+        let tmp = self.tmp_dir();
+        writer.write_all(bytes).map_err(StoreError::io("write temp file in", &tmp))?;
+        writer.commit()
+    }
+
+    /// Copies a blob from `reader`, refusing it unless it hashes to `expected`.
+    pub fn import_blob(&self, reader: &mut dyn Read, expected: &Digest) -> Result<BlobInfo, StoreError> {
+        if self.has_blob(expected) {
+            let path = self.blob_path(expected);
+            let size = fs::metadata(&path).map_err(StoreError::io("stat", &path))?.len();
+            return Ok(BlobInfo { digest: expected.clone(), size, path });
+        }
+        let mut writer = self.blob_writer()?;
+        let tmp = self.tmp_dir();
+        io::copy(reader, &mut writer).map_err(StoreError::io("copy blob into", &tmp))?;
+        writer.commit_expecting(expected)
+    }
+
+    fn action_path(&self, key: &StepKey) -> PathBuf {
+        let hex = key.to_hex();
+        self.root.join("actions").join(&hex[..2]).join(format!("{hex}.json"))
+    }
+
+    /// The record for `key`, if one was committed. A record whose blobs are gone is reported as
+    /// absent, so the step is rebuilt rather than exported with a hole.
+    pub fn read_action(&self, key: &StepKey) -> Result<Option<ActionRecord>, StoreError> {
+        let path = self.action_path(key);
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StoreError::Io { action: "read action record", path, source }),
+        };
+        let record: ActionRecord = serde_json::from_slice(&bytes)
+            .map_err(|error| StoreError::CorruptRecord { path: path.clone(), reason: error.to_string() })?;
+        let complete = record.layers.iter().all(|layer| self.has_blob(&layer.digest))
+            && record.config.as_ref().is_none_or(|config| self.has_blob(config));
+        Ok(complete.then_some(record))
+    }
+
+    /// Commits the record for `key`; its blobs must already be stored.
+    pub fn write_action(&self, key: &StepKey, record: &ActionRecord) -> Result<(), StoreError> {
+        let path = self.action_path(key);
+        let parent = path.parent().expect("action paths have a parent");
+        fs::create_dir_all(parent).map_err(StoreError::io("create directory", parent))?;
+        let bytes = serde_json::to_vec(record).expect("action records serialise");
+        let tmp = self.tmp_dir();
+        let mut file = NamedTempFile::new_in(&tmp).map_err(StoreError::io("create temp file in", &tmp))?;
+        file.write_all(&bytes).map_err(StoreError::io("write temp file in", &tmp))?;
+        file.as_file().sync_all().map_err(StoreError::io("fsync temp file in", &tmp))?;
+        file.persist(&path).map_err(|error| StoreError::Io { action: "rename record to", path, source: error.error })?;
+        Ok(())
+    }
+}
+
+/// A blob being written. Dropping it without [`BlobWriter::commit`] deletes the temp file.
+pub struct BlobWriter {
+    store: Store,
+    inner: Sha256Writer<BufWriter<NamedTempFile>>,
+}
+
+impl BlobWriter {
+    pub fn written(&self) -> u64 {
+        self.inner.written()
+    }
+
+    /// Fsyncs and renames the blob into `blobs/sha256/<digest>`.
+    pub fn commit(self) -> Result<BlobInfo, StoreError> {
+        self.finish(None)
+    }
+
+    /// As [`BlobWriter::commit`], but refuses (and deletes) a blob whose digest is not `expected`.
+    pub fn commit_expecting(self, expected: &Digest) -> Result<BlobInfo, StoreError> {
+        self.finish(Some(expected))
+    }
+
+    fn finish(self, expected: Option<&Digest>) -> Result<BlobInfo, StoreError> {
+        let tmp = self.store.tmp_dir();
+        let (digest, size, buffered) = self.inner.finish();
+        let file = buffered
+            .into_inner()
+            .map_err(|error| StoreError::Io { action: "flush temp file in", path: tmp.clone(), source: error.into_error() })?;
+        if let Some(expected) = expected
+            && *expected != digest
+        {
+            return Err(StoreError::DigestMismatch { expected: expected.clone(), actual: digest });
+        }
+        let path = self.store.blob_path(&digest);
+        if path.is_file() {
+            return Ok(BlobInfo { digest, size, path });
+        }
+        file.as_file().sync_all().map_err(StoreError::io("fsync temp file in", &tmp))?;
+        file.persist(&path).map_err(|error| StoreError::Io { action: "rename blob to", path: path.clone(), source: error.error })?;
+        Ok(BlobInfo { digest, size, path })
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        self.inner.write(buffer)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_are_content_addressed_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let info = store.put_blob(b"config").unwrap();
+        assert_eq!(info.digest, Digest::of_bytes(b"config"));
+        assert_eq!(fs::read(store.blob_path(&info.digest)).unwrap(), b"config");
+        assert!(store.verify_blob(&info.digest).unwrap());
+
+        let wrong = Digest::of_bytes(b"other");
+        let error = store.import_blob(&mut &b"config!"[..], &wrong).unwrap_err();
+        assert!(matches!(error, StoreError::DigestMismatch { .. }), "{error}");
+        assert!(!store.has_blob(&wrong));
+        assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0, "temp files are cleaned up");
+
+        fs::write(store.blob_path(&info.digest), b"flipped").unwrap();
+        assert!(!store.verify_blob(&info.digest).unwrap());
+    }
+
+    #[test]
+    fn records_naming_missing_blobs_read_as_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let blob = store.put_blob(b"layer").unwrap();
+        let key = StepKey::builder().str("k").finish();
+        let record = ActionRecord {
+            layers: vec![LayerRecord { diff_id: blob.digest.clone(), digest: blob.digest.clone(), size: 5, media_type: "m".into() }],
+            config: None,
+        };
+        assert_eq!(store.read_action(&key).unwrap(), None);
+        store.write_action(&key, &record).unwrap();
+        assert_eq!(store.read_action(&key).unwrap(), Some(record));
+        fs::remove_file(&blob.path).unwrap();
+        assert_eq!(store.read_action(&key).unwrap(), None);
+    }
+}
