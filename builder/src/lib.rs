@@ -1,1 +1,39 @@
-//! placeholder
+//! layerwright: build reproducible OCI / Docker images from layer graphs declared in Rust.
+//!
+//! This is the crate users depend on. It re-exports the declaration API of `layerwright-dsl`
+//! ([`Image`], [`Context`], the step types) and adds everything that does IO: the [`Builder`]
+//! (solver, cache lookups, layer writing), base image import, and the exporters of a
+//! [`BuiltImage`] (OCI layout, OCI archive, docker-archive).
+//!
+//! What it deliberately is not: a Dockerfile parser, a container runtime, or a daemon. Images
+//! are Rust values; the output is files a real client (`docker load`, `skopeo`, `umoci`) reads.
+//!
+//! ```no_run
+//! use layerwright::{Builder, Context, Image};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let context = Context::dir("app")?;
+//! let image = Image::scratch()
+//!     .copy(&context, "bin", "/app/bin")
+//!     .entrypoint(["/app/bin/app"]);
+//! let built = Builder::new("target/layerwright")?.build(&image)?;
+//! built.write_docker_archive("app.tar", "app:latest")?;
+//! println!("{}", built.manifest_digest());
+//! # Ok(())
+//! # }
+//! ```
+
+mod build;
+mod config;
+mod context;
+mod export;
+pub mod host;
+mod import;
+mod layer;
+mod tree;
+
+pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, StepReport};
+pub use export::ExportError;
+pub use layer::Compression;
+pub use layerwright_cache as cache;
+pub use layerwright_dsl::*;

@@ -3,6 +3,7 @@
 //! Layout (everything below `root`):
 //! - `blobs/sha256/<hex>`: content-addressed blobs (layers, configs, manifests).
 //! - `actions/<2 hex>/<key hex>.json`: step key → [`ActionRecord`].
+//! - `indexes/<diff id hex>.json`: the builder's index of a layer's entries (opaque bytes here).
 //! - `snapshots/`: unpacked layers for the RUN runner (owned by the builder).
 //! - `tmp/`: files being written; anything left there by a crash is garbage.
 //!
@@ -74,7 +75,7 @@ impl Store {
     /// Opens (creating if needed) the store under `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = root.into();
-        for sub in ["blobs/sha256", "actions", "snapshots", "tmp"] {
+        for sub in ["blobs/sha256", "actions", "indexes", "snapshots", "tmp"] {
             let path = root.join(sub);
             fs::create_dir_all(&path).map_err(StoreError::io("create directory", &path))?;
         }
@@ -177,11 +178,35 @@ impl Store {
         let parent = path.parent().expect("action paths have a parent");
         fs::create_dir_all(parent).map_err(StoreError::io("create directory", parent))?;
         let bytes = serde_json::to_vec(record).expect("action records serialise");
+        self.write_atomically(&path, &bytes)
+    }
+
+    fn index_path(&self, diff_id: &Digest) -> PathBuf {
+        self.root.join("indexes").join(format!("{}.json", diff_id.hex()))
+    }
+
+    /// The saved index bytes of the layer with `diff_id`, if any.
+    pub fn read_index(&self, diff_id: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.index_path(diff_id);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { action: "read layer index", path, source }),
+        }
+    }
+
+    /// Saves the index bytes of the layer with `diff_id`.
+    pub fn write_index(&self, diff_id: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        self.write_atomically(&self.index_path(diff_id), bytes)
+    }
+
+    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let tmp = self.tmp_dir();
         let mut file = NamedTempFile::new_in(&tmp).map_err(StoreError::io("create temp file in", &tmp))?;
-        file.write_all(&bytes).map_err(StoreError::io("write temp file in", &tmp))?;
+        file.write_all(bytes).map_err(StoreError::io("write temp file in", &tmp))?;
         file.as_file().sync_all().map_err(StoreError::io("fsync temp file in", &tmp))?;
-        file.persist(&path).map_err(|error| StoreError::Io { action: "rename record to", path, source: error.error })?;
+        file.persist(path)
+            .map_err(|error| StoreError::Io { action: "rename into place", path: path.to_owned(), source: error.error })?;
         Ok(())
     }
 }

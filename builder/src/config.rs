@@ -1,0 +1,1 @@
+//! The image config document and how config steps change it.

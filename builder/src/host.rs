@@ -1,0 +1,1 @@
+//! Host helpers for examples and tests: building the static binaries that example images run.
