@@ -1,1 +1,320 @@
 //! Build contexts: opened with cap-std, walked in sorted order, filtered by `.dockerignore`.
+//!
+//! A `copy` step selects a path of its context. [`select`] resolves that path inside the
+//! context's capability (so `..`, absolute paths and symlinks leading out are refused by
+//! construction, not by string checks alone), walks it in sorted order without following the
+//! symlinks it finds below it (they are copied as symlinks, as Docker does), drops what the
+//! context's `.dockerignore` excludes, and hashes every regular file with blake3 for the key.
+//!
+//! What it deliberately does not do: decide where files land in the image or with which owner.
+//! That is the build step's job; this module reports what the context holds.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cap_std::fs::{Dir, Metadata, MetadataExt};
+use layerwright_dsl::{Context, DockerIgnore, DockerIgnoreError, ImagePathError, normalize_context_path};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ContextError {
+    #[error("cannot open build context {root}: {source}")]
+    Open { root: PathBuf, source: io::Error },
+    #[error("cannot read {root}/.dockerignore: {source}")]
+    ReadDockerIgnore { root: PathBuf, source: io::Error },
+    #[error("{root}/{source}")]
+    DockerIgnore { root: PathBuf, source: DockerIgnoreError },
+    #[error("context path {path:?}: {source}")]
+    Path { path: String, source: ImagePathError },
+    #[error("{path:?} is not in the build context {root} (or is excluded by its .dockerignore)")]
+    Missing { root: PathBuf, path: String },
+    #[error("{path:?} in the build context {root} is a symlink that leads outside the context: {source}")]
+    Escapes { root: PathBuf, path: String, source: io::Error },
+    #[error("cannot read {path:?} in the build context {root}: {source}")]
+    Read { root: PathBuf, path: String, source: io::Error },
+    #[error("{path:?} in the build context {root} has a name that is not valid UTF-8")]
+    NotUtf8 { root: PathBuf, path: String },
+    #[error("{path:?} in the build context {root} is a socket or device, which a layer cannot hold")]
+    UnsupportedType { root: PathBuf, path: String },
+}
+
+/// An opened context: the directory capability and its `.dockerignore`.
+#[derive(Debug, Clone)]
+pub struct OpenedContext {
+    root: PathBuf,
+    dir: Arc<Dir>,
+    ignore: Arc<DockerIgnore>,
+}
+
+impl OpenedContext {
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn ignore(&self) -> &DockerIgnore {
+        &self.ignore
+    }
+}
+
+pub fn open_context(context: &Context) -> Result<OpenedContext, ContextError> {
+    let root = context.root().to_owned();
+    let dir = Dir::open_ambient_dir(&root, cap_std::ambient_authority())
+        .map_err(|source| ContextError::Open { root: root.clone(), source })?;
+    let ignore = match dir.read_to_string(".dockerignore") {
+        Ok(text) => DockerIgnore::parse(&text).map_err(|source| ContextError::DockerIgnore { root: root.clone(), source })?,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => DockerIgnore::empty(),
+        Err(source) => return Err(ContextError::ReadDockerIgnore { root, source }),
+    };
+    Ok(OpenedContext { root, dir: Arc::new(dir), ignore: Arc::new(ignore) })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContextKind {
+    Directory,
+    File { size: u64, blake3: [u8; 32] },
+    Symlink { target: String },
+    /// A hard link to an earlier file of the same selection (`relative` path).
+    HardLink { target: String },
+}
+
+/// One path of a selection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextFile {
+    /// Path relative to the selection's directory handle, for opening the content.
+    pub open_path: String,
+    /// Path relative to the selected source (empty for the source itself).
+    pub relative: String,
+    pub kind: ContextKind,
+    /// Permission bits, setuid/setgid/sticky included.
+    pub mode: u32,
+}
+
+/// What a `copy` step selected: a directory (its contents) or a single file.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// The handle `open_path`s are relative to.
+    pub dir: Arc<Dir>,
+    pub source_is_directory: bool,
+    /// Sorted by `relative`, component-wise; the source itself first.
+    pub files: Vec<ContextFile>,
+}
+
+/// Resolves `source` inside the context and walks it.
+pub fn select(context: &OpenedContext, source: &str) -> Result<Selection, ContextError> {
+    let source = normalize_context_path(source).map_err(|error| ContextError::Path { path: source.to_owned(), source: error })?;
+    if !source.is_empty() && context.ignore.is_excluded(&source) {
+        return Err(ContextError::Missing { root: context.root.clone(), path: source });
+    }
+    let metadata = resolve_metadata(context, &source)?;
+    let mut walker = Walker { context, hard_links: HashMap::new(), files: Vec::new() };
+    if metadata.is_dir() {
+        let dir = if source.is_empty() {
+            Arc::clone(&context.dir)
+        } else {
+            let opened = context.dir.open_dir(&source).map_err(|error| walker.read_error(&source, error))?;
+            Arc::new(opened)
+        };
+        walker.files.push(ContextFile { open_path: String::new(), relative: String::new(), kind: ContextKind::Directory, mode: metadata.mode() & 0o7777 });
+        walker.walk_directory(&dir, &source, "")?;
+        return Ok(Selection { dir, source_is_directory: true, files: walker.files });
+    }
+    let kind = walker.classify(&context.dir, &source, &source, "", &metadata)?;
+    walker.files.push(ContextFile { open_path: source.clone(), relative: String::new(), kind, mode: metadata.mode() & 0o7777 });
+    Ok(Selection { dir: Arc::clone(&context.dir), source_is_directory: false, files: walker.files })
+}
+
+/// The metadata of the selected source, following a symlink only inside the context.
+fn resolve_metadata(context: &OpenedContext, source: &str) -> Result<Metadata, ContextError> {
+    if source.is_empty() {
+        return context.dir.dir_metadata().map_err(|error| ContextError::Read { root: context.root.clone(), path: ".".into(), source: error });
+    }
+    let link_metadata = context.dir.symlink_metadata(source).map_err(|error| match error.kind() {
+        io::ErrorKind::NotFound => ContextError::Missing { root: context.root.clone(), path: source.to_owned() },
+        _ => ContextError::Read { root: context.root.clone(), path: source.to_owned(), source: error },
+    })?;
+    if !link_metadata.file_type().is_symlink() {
+        return Ok(link_metadata);
+    }
+    // cap-std resolves the link inside the context and fails if it leads out (absolute target,
+    // or enough `..` to climb above the root).
+    context.dir.metadata(source).map_err(|error| match error.kind() {
+        io::ErrorKind::NotFound => ContextError::Missing { root: context.root.clone(), path: source.to_owned() },
+        _ => ContextError::Escapes { root: context.root.clone(), path: source.to_owned(), source: error },
+    })
+}
+
+struct Walker<'a> {
+    context: &'a OpenedContext,
+    /// (device, inode) of files with several links → the `relative` path first seen.
+    hard_links: HashMap<(u64, u64), String>,
+    files: Vec<ContextFile>,
+}
+
+impl Walker<'_> {
+    fn read_error(&self, path: &str, source: io::Error) -> ContextError {
+        ContextError::Read { root: self.context.root.clone(), path: path.to_owned(), source }
+    }
+
+    /// Walks `dir` (the directory at context path `context_path`, selection path `relative`).
+    fn walk_directory(&mut self, dir: &Dir, context_path: &str, relative: &str) -> Result<(), ContextError> {
+        let mut names = Vec::new();
+        let entries = dir.entries().map_err(|error| self.read_error(context_path, error))?;
+        for entry in entries {
+            let entry = entry.map_err(|error| self.read_error(context_path, error))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                let path = join(context_path, &name.to_string_lossy());
+                return Err(ContextError::NotUtf8 { root: self.context.root.clone(), path });
+            };
+            names.push(name.to_owned());
+        }
+        names.sort();
+        for name in names {
+            let child_context_path = join(context_path, &name);
+            let child_relative = join(relative, &name);
+            let excluded = self.context.ignore.is_excluded(&child_context_path);
+            let metadata = dir.symlink_metadata(&name).map_err(|error| self.read_error(&child_context_path, error))?;
+            if metadata.is_dir() {
+                if excluded && !self.context.ignore.has_exceptions() {
+                    continue;
+                }
+                let child = dir.open_dir(&name).map_err(|error| self.read_error(&child_context_path, error))?;
+                let position = self.files.len();
+                if !excluded {
+                    self.files.push(ContextFile {
+                        open_path: child_relative.clone(),
+                        relative: child_relative.clone(),
+                        kind: ContextKind::Directory,
+                        mode: metadata.mode() & 0o7777,
+                    });
+                }
+                self.walk_directory(&child, &child_context_path, &child_relative)?;
+                // An excluded directory walked only for exceptions still needs an entry when
+                // something below it was re-included, so that its contents have a parent.
+                if excluded && self.files.len() > position {
+                    self.files.insert(position, ContextFile {
+                        open_path: child_relative.clone(),
+                        relative: child_relative.clone(),
+                        kind: ContextKind::Directory,
+                        mode: metadata.mode() & 0o7777,
+                    });
+                }
+                continue;
+            }
+            if excluded {
+                continue;
+            }
+            let kind = self.classify(dir, &name, &child_context_path, &child_relative, &metadata)?;
+            self.files.push(ContextFile { open_path: child_relative.clone(), relative: child_relative, kind, mode: metadata.mode() & 0o7777 });
+        }
+        Ok(())
+    }
+
+    /// The kind of a non-directory at `name` in `dir`.
+    fn classify(&mut self, dir: &Dir, name: &str, context_path: &str, relative: &str, metadata: &Metadata) -> Result<ContextKind, ContextError> {
+        let file_type = metadata.file_type();
+        if file_type.is_symlink() {
+            let target = dir.read_link_contents(name).map_err(|error| self.read_error(context_path, error))?;
+            let Some(target) = target.to_str() else {
+                return Err(ContextError::NotUtf8 { root: self.context.root.clone(), path: context_path.to_owned() });
+            };
+            return Ok(ContextKind::Symlink { target: target.to_owned() });
+        }
+        if !file_type.is_file() {
+            return Err(ContextError::UnsupportedType { root: self.context.root.clone(), path: context_path.to_owned() });
+        }
+        if metadata.nlink() > 1 {
+            let identity = (metadata.dev(), metadata.ino());
+            if let Some(first) = self.hard_links.get(&identity) {
+                return Ok(ContextKind::HardLink { target: first.clone() });
+            }
+            self.hard_links.insert(identity, relative.to_owned());
+        }
+        let mut file = dir.open(name).map_err(|error| self.read_error(context_path, error))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        let mut size = 0u64;
+        loop {
+            let read = file.read(&mut buffer).map_err(|error| self.read_error(context_path, error))?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            size += read as u64;
+        }
+        Ok(ContextKind::File { size, blake3: *hasher.finalize().as_bytes() })
+    }
+}
+
+fn join(parent: &str, name: &str) -> String {
+    if parent.is_empty() { name.to_owned() } else { format!("{parent}/{name}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    use super::*;
+
+    fn context_with(files: &[(&str, &str)], dockerignore: Option<&str>) -> (tempfile::TempDir, OpenedContext) {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, content) in files {
+            let full = dir.path().join(path);
+            fs::create_dir_all(full.parent().unwrap()).unwrap();
+            fs::write(full, content).unwrap();
+        }
+        if let Some(text) = dockerignore {
+            fs::write(dir.path().join(".dockerignore"), text).unwrap();
+        }
+        let opened = open_context(&Context::dir(dir.path()).unwrap()).unwrap();
+        (dir, opened)
+    }
+
+    fn relatives(selection: &Selection) -> Vec<&str> {
+        selection.files.iter().map(|file| file.relative.as_str()).collect()
+    }
+
+    #[test]
+    fn walks_sorted_and_honours_dockerignore() {
+        let (_dir, context) = context_with(
+            &[("src/b.rs", "b"), ("src/a.rs", "a"), ("src/a-b/x", "x"), ("src/target/out", "o"), ("src/keep.log", "k"), ("src/x.log", "l")],
+            Some("src/target\nsrc/*.log\n!src/keep.log\n"),
+        );
+        let selection = select(&context, "src").unwrap();
+        assert!(selection.source_is_directory);
+        assert_eq!(relatives(&selection), ["", "a-b", "a-b/x", "a.rs", "b.rs", "keep.log"]);
+        let whole = select(&context, ".").unwrap();
+        assert!(relatives(&whole).contains(&".dockerignore"));
+    }
+
+    #[test]
+    fn refuses_paths_and_symlinks_leading_out() {
+        let (dir, context) = context_with(&[("a", "a")], None);
+        symlink("/etc/passwd", dir.path().join("absolute")).unwrap();
+        symlink("../../../../etc", dir.path().join("relative")).unwrap();
+        symlink("a", dir.path().join("inside")).unwrap();
+        assert!(matches!(select(&context, "../a"), Err(ContextError::Path { .. })));
+        assert!(matches!(select(&context, "/etc/passwd"), Err(ContextError::Path { .. })));
+        assert!(matches!(select(&context, "absolute"), Err(ContextError::Escapes { .. })), "{:?}", select(&context, "absolute"));
+        assert!(matches!(select(&context, "relative"), Err(ContextError::Escapes { .. })));
+        assert!(matches!(select(&context, "missing"), Err(ContextError::Missing { .. })));
+        let inside = select(&context, "inside").unwrap();
+        assert!(matches!(inside.files[0].kind, ContextKind::File { size: 1, .. }));
+    }
+
+    #[test]
+    fn symlinks_below_the_source_are_kept_and_hard_links_found() {
+        let (dir, context) = context_with(&[("d/file", "content")], None);
+        symlink("/etc/passwd", dir.path().join("d/link")).unwrap();
+        fs::hard_link(dir.path().join("d/file"), dir.path().join("d/zhard")).unwrap();
+        fs::set_permissions(dir.path().join("d/file"), fs::Permissions::from_mode(0o4755)).unwrap();
+        let selection = select(&context, "d").unwrap();
+        let kinds: Vec<_> = selection.files.iter().map(|file| (file.relative.as_str(), file.kind.clone(), file.mode)).collect();
+        assert_eq!(kinds[2], ("link", ContextKind::Symlink { target: "/etc/passwd".into() }, 0o777));
+        assert_eq!(kinds[3], ("zhard", ContextKind::HardLink { target: "file".into() }, 0o4755));
+        assert_eq!(kinds[1].2, 0o4755);
+    }
+}
