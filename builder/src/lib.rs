@@ -32,7 +32,7 @@ mod import;
 mod layer;
 mod tree;
 
-pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, StepReport};
+pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, ProgressEvent, ProgressSink, StepError, StepReport};
 pub use export::ExportError;
 pub use layer::Compression;
 pub use layerwright_cache as cache;
