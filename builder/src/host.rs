@@ -1,1 +1,125 @@
-//! Host helpers for examples and tests: building the static binaries that example images run.
+//! Host helpers for examples and tests: the static binaries and host tools that example images
+//! are made of.
+//!
+//! An example image must be buildable from a fresh clone without network or root, so it is made
+//! of things the host already has: a static Rust binary built from this workspace, or Debian's
+//! `busybox-static`. What this module deliberately is not: a general cross-compilation driver.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum HostError {
+    #[error("cannot run {command}: {source}")]
+    Spawn { command: String, source: io::Error },
+    #[error("{command} failed with {status}:\n{stderr}")]
+    Failed { command: String, status: std::process::ExitStatus, stderr: String },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{path} does not exist; {hint}")]
+    Missing { path: PathBuf, hint: &'static str },
+}
+
+/// Which static binary to build.
+#[derive(Debug, Clone)]
+pub struct StaticBinaryOptions {
+    /// The workspace whose package holds the binary.
+    pub workspace: PathBuf,
+    pub package: String,
+    pub binary: String,
+    /// A target directory of its own, so that the nested cargo never waits for the lock of the
+    /// cargo that runs us.
+    pub target_dir: PathBuf,
+}
+
+/// The host's target triple, as cargo names it for the gnu toolchain this workspace builds on.
+pub fn host_target() -> String {
+    format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+/// Builds `binary` of `package` as a statically linked release executable (glibc's static
+/// libraries, `+crt-static`) and returns its path. Paths are remapped and symbols stripped so
+/// the bytes do not depend on where the workspace is checked out.
+pub fn build_static_rust_binary(options: &StaticBinaryOptions) -> Result<PathBuf, HostError> {
+    let target = host_target();
+    let workspace = options.workspace.display().to_string();
+    let rustflags = format!(
+        r#"target.{target}.rustflags=["-C", "target-feature=+crt-static", "--remap-path-prefix={workspace}=/workspace"]"#
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(&options.workspace)
+        .args(["build", "--release", "--quiet", "--package", &options.package, "--bin", &options.binary, "--target", &target])
+        .arg("--target-dir")
+        .arg(&options.target_dir)
+        .args(["--config", &rustflags, "--config", "profile.release.strip=true", "--config", "profile.release.debug=false"])
+        // A `cargo test` that runs us sets variables meant for its own crates only.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR");
+    run(&mut command)?;
+    let path = options.target_dir.join(&target).join("release").join(&options.binary);
+    if !path.is_file() {
+        return Err(HostError::Missing { path, hint: "cargo reported success but wrote no binary there" });
+    }
+    Ok(path)
+}
+
+/// The applet names a busybox binary provides (`busybox --list`).
+pub fn busybox_applets(busybox: &Path) -> Result<Vec<String>, HostError> {
+    if !busybox.is_file() {
+        return Err(HostError::Missing { path: busybox.to_owned(), hint: "install Debian's busybox-static" });
+    }
+    let output = run(Command::new(busybox).arg("--list"))?;
+    let mut applets: Vec<String> = output.lines().map(str::trim).filter(|name| !name.is_empty()).map(str::to_owned).collect();
+    applets.sort();
+    applets.dedup();
+    Ok(applets)
+}
+
+fn run(command: &mut Command) -> Result<String, HostError> {
+    let description = format!("{command:?}");
+    let output = command.output().map_err(|source| HostError::Spawn { command: description.clone(), source })?;
+    if !output.status.success() {
+        return Err(HostError::Failed {
+            command: description,
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Where Debian's `busybox-static` puts its binary.
+pub fn find_busybox() -> Result<PathBuf, HostError> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|path| path.is_file())
+        .ok_or(HostError::Missing { path: PathBuf::from("/bin/busybox"), hint: "install Debian's busybox-static" })
+}
+
+/// Writes a build context at `dir` holding `bin/<applet>` symlinks to `busybox` for every applet
+/// of the host's busybox (replacing what a previous call wrote), so that one `copy` step adds
+/// them all as one layer.
+pub fn write_busybox_links_context(busybox: &Path, dir: &Path) -> Result<Vec<String>, HostError> {
+    let applets = busybox_applets(busybox)?;
+    let io_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| HostError::Write { path, source }
+    };
+    let bin = dir.join("bin");
+    if bin.exists() {
+        std::fs::remove_dir_all(&bin).map_err(io_error(&bin))?;
+    }
+    std::fs::create_dir_all(&bin).map_err(io_error(&bin))?;
+    for applet in applets.iter().filter(|applet| applet.as_str() != "busybox") {
+        let link = bin.join(applet);
+        std::os::unix::fs::symlink("busybox", &link).map_err(io_error(&link))?;
+    }
+    Ok(applets)
+}

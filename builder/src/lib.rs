@@ -27,6 +27,7 @@ mod build;
 mod config;
 mod context;
 mod export;
+pub mod cli;
 pub mod host;
 mod import;
 mod layer;

@@ -1,1 +1,123 @@
-//! placeholder
+//! Example images declared with layerwright: each is a function from an
+//! [`ExampleEnvironment`] to an [`Image`], listed in [`EXAMPLES`] so that
+//! `cargo xtask build-image NAME` finds it, and each has an insta snapshot test of its
+//! `listing()` in `tests/`.
+//!
+//! They are made only of what a fresh clone has: a static Rust binary built from this
+//! workspace, and Debian's `busybox-static`. What this crate is not: a library of base images
+//! to depend on.
+//!
+//! ```no_run
+//! use layerwright::Builder;
+//! use layerwright_examples::{find, ExampleEnvironment};
+//!
+//! let environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
+//! let image = (find("hello").unwrap().declare)(&environment).unwrap();
+//! let built = Builder::new("target/layerwright").unwrap().build(&image).unwrap();
+//! println!("{}", built.manifest_digest());
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use layerwright::host::{self, HostError, StaticBinaryOptions};
+use layerwright::{Context, FileOptions, Image, ImagePathError};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ExampleError {
+    #[error("example {example}: {source}")]
+    Host { example: &'static str, source: HostError },
+    #[error("example {example}: {source}")]
+    Context { example: &'static str, source: ImagePathError },
+}
+
+/// Where examples find the workspace and may write generated inputs.
+#[derive(Debug, Clone)]
+pub struct ExampleEnvironment {
+    pub workspace: PathBuf,
+    /// A directory for generated build contexts and the nested cargo's target dir.
+    pub work_dir: PathBuf,
+}
+
+impl ExampleEnvironment {
+    /// The environment for the workspace at `path` or any of its member directories.
+    pub fn for_workspace(path: &Path) -> ExampleEnvironment {
+        let workspace = path
+            .ancestors()
+            .find(|candidate| candidate.join("Cargo.toml").is_file() && candidate.join("xtask").is_dir())
+            .unwrap_or(path)
+            .to_owned();
+        let work_dir = workspace.join("target").join("layerwright-examples");
+        ExampleEnvironment { workspace, work_dir }
+    }
+}
+
+/// An example image.
+pub struct Example {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub declare: fn(&ExampleEnvironment) -> Result<Image, ExampleError>,
+}
+
+pub const EXAMPLES: &[Example] = &[
+    Example { name: "hello", description: "a static Rust binary from scratch that greets", declare: hello },
+    Example { name: "busybox", description: "a busybox base built with the DSL from the host's busybox-static", declare: busybox },
+    Example { name: "files", description: "file steps on the busybox base: modes, owners, symlinks, a removed file", declare: files },
+];
+
+pub fn find(name: &str) -> Option<&'static Example> {
+    EXAMPLES.iter().find(|example| example.name == name)
+}
+
+/// FROM scratch: the `hello` binary of `examples/hello-bin`, statically linked, as the
+/// entrypoint.
+pub fn hello(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
+    let binary = host::build_static_rust_binary(&StaticBinaryOptions {
+        workspace: environment.workspace.clone(),
+        package: "hello-bin".into(),
+        binary: "hello".into(),
+        target_dir: environment.work_dir.join("static-target"),
+    })
+    .map_err(|source| ExampleError::Host { example: "hello", source })?;
+    let binary_dir = context_of("hello", binary.parent().expect("a binary lives in a directory"))?;
+    Ok(Image::scratch()
+        .copy(&binary_dir, "hello", "/usr/local/bin/hello")
+        .label("org.opencontainers.image.title", "hello")
+        .entrypoint(["/usr/local/bin/hello"]))
+}
+
+/// A minimal shell base: busybox and a symlink per applet in `/bin`, `/etc/passwd`, `/tmp`.
+pub fn busybox(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
+    let binary = host::find_busybox().map_err(|source| ExampleError::Host { example: "busybox", source })?;
+    let links_dir = environment.work_dir.join("busybox-links");
+    host::write_busybox_links_context(&binary, &links_dir).map_err(|source| ExampleError::Host { example: "busybox", source })?;
+    let binary_dir = context_of("busybox", binary.parent().expect("a binary lives in a directory"))?;
+    let links = context_of("busybox", &links_dir)?;
+    Ok(Image::scratch()
+        .copy_with(&binary_dir, "busybox", "/bin/busybox", layerwright::CopyOptions { file: FileOptions::mode(0o755), ..Default::default() })
+        .copy(&links, "bin", "/bin")
+        .write_file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+        .write_file("/etc/group", "root:x:0:\nnogroup:x:65534:\n")
+        .mkdir_with("/tmp", FileOptions::mode(0o1777))
+        .mkdir_with("/root", FileOptions::mode(0o700))
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .cmd(["/bin/sh"]))
+}
+
+/// File steps on the busybox base, with the modes and owners that are easy to get wrong.
+pub fn files(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
+    Ok(busybox(environment)?
+        .mkdir_with("/srv/data", FileOptions::mode(0o750).with_owner(1000, 1000))
+        .write_file_with("/srv/data/secret", "s3cret\n", FileOptions::mode(0o600).with_owner(1000, 1000))
+        .write_file_with("/usr/local/bin/setuid-tool", "#!/bin/sh\nid\n", FileOptions::mode(0o4755))
+        .write_file("/tmp/scratch", "to be removed\n")
+        .symlink("/srv/current", "data")
+        .remove("/tmp/scratch")
+        .workdir("/srv")
+        .user("1000:1000")
+        .cmd(["/bin/sh", "-c", "ls -ln /srv/data; test ! -e /tmp/scratch && echo removed"]))
+}
+
+fn context_of(example: &'static str, dir: &Path) -> Result<Context, ExampleError> {
+    Context::dir(dir).map_err(|source| ExampleError::Context { example, source })
+}

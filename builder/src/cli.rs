@@ -1,0 +1,177 @@
+//! The command-line front of a build, shared by `cargo xtask build-image` and any binary that
+//! declares images: output specs, the progress display and the closing summary.
+//!
+//! It draws progress with indicatif on a terminal (one line per step with its state and time)
+//! and prints plain lines otherwise, so CI logs stay readable. It deliberately does not parse
+//! arguments: the binaries own their clap definitions and call [`build_image`].
+
+use std::fmt;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use thiserror::Error;
+
+use crate::{BuildError, Builder, BuilderOptions, Compression, ExportError, Image, ProgressEvent};
+
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error("invalid output {spec:?}: expected oci:DIR, oci-archive:FILE or docker-archive:FILE")]
+    InvalidOutput { spec: String },
+    #[error("invalid compression {name:?}: expected gzip, zstd or none")]
+    InvalidCompression { name: String },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+}
+
+/// Where a built image goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputSpec {
+    OciLayout(PathBuf),
+    OciArchive(PathBuf),
+    DockerArchive(PathBuf),
+}
+
+impl FromStr for OutputSpec {
+    type Err = CliError;
+
+    fn from_str(spec: &str) -> Result<OutputSpec, CliError> {
+        let invalid = || CliError::InvalidOutput { spec: spec.to_owned() };
+        let (kind, path) = spec.split_once(':').ok_or_else(invalid)?;
+        if path.is_empty() {
+            return Err(invalid());
+        }
+        match kind {
+            "oci" => Ok(OutputSpec::OciLayout(path.into())),
+            "oci-archive" => Ok(OutputSpec::OciArchive(path.into())),
+            "docker-archive" => Ok(OutputSpec::DockerArchive(path.into())),
+            _ => Err(invalid()),
+        }
+    }
+}
+
+impl fmt::Display for OutputSpec {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OutputSpec::OciLayout(path) => write!(formatter, "oci:{}", path.display()),
+            OutputSpec::OciArchive(path) => write!(formatter, "oci-archive:{}", path.display()),
+            OutputSpec::DockerArchive(path) => write!(formatter, "docker-archive:{}", path.display()),
+        }
+    }
+}
+
+pub fn parse_compression(name: &str) -> Result<Compression, CliError> {
+    match name {
+        "gzip" => Ok(Compression::Gzip),
+        "zstd" => Ok(Compression::Zstd),
+        "none" => Ok(Compression::None),
+        _ => Err(CliError::InvalidCompression { name: name.to_owned() }),
+    }
+}
+
+/// What `build_image` does.
+#[derive(Debug, Clone)]
+pub struct BuildCommand {
+    pub cache_dir: PathBuf,
+    pub outputs: Vec<OutputSpec>,
+    pub tag: String,
+    pub compression: Compression,
+}
+
+/// What a build did, printed at the end.
+#[derive(Debug, Clone)]
+pub struct BuildSummary {
+    pub tag: String,
+    pub digest: String,
+    pub size: u64,
+    pub steps_cached: usize,
+    pub steps_built: usize,
+    pub elapsed: Duration,
+    pub outputs: Vec<OutputSpec>,
+}
+
+impl fmt::Display for BuildSummary {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(formatter, "image   {}", self.tag)?;
+        writeln!(formatter, "digest  {}", self.digest)?;
+        writeln!(formatter, "size    {} bytes in layers", self.size)?;
+        writeln!(formatter, "steps   {} cached, {} built", self.steps_cached, self.steps_built)?;
+        for output in &self.outputs {
+            writeln!(formatter, "output  {output}")?;
+        }
+        write!(formatter, "time    {:.2?}", self.elapsed)
+    }
+}
+
+/// Builds `image` with progress, writes every output, and returns the summary.
+pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary, CliError> {
+    let started = Instant::now();
+    let display = ProgressDisplay::new();
+    let options = BuilderOptions {
+        compression: command.compression,
+        progress: Some(Arc::new(move |event: &ProgressEvent| display.show(event))),
+        ..BuilderOptions::default()
+    };
+    let built = Builder::with_options(&command.cache_dir, options)?.build(image)?;
+    for output in &command.outputs {
+        match output {
+            OutputSpec::OciLayout(dir) => built.write_oci_layout(dir, &command.tag)?,
+            OutputSpec::OciArchive(file) => built.write_oci_archive(file, &command.tag)?,
+            OutputSpec::DockerArchive(file) => built.write_docker_archive(file, &command.tag)?,
+        }
+    }
+    let steps_cached = built.steps().iter().filter(|step| step.cached).count();
+    Ok(BuildSummary {
+        tag: command.tag.clone(),
+        digest: built.manifest_digest(),
+        size: built.size(),
+        steps_cached,
+        steps_built: built.steps().len() - steps_cached,
+        elapsed: started.elapsed(),
+        outputs: command.outputs.clone(),
+    })
+}
+
+/// Progress lines: spinners on a terminal, plain lines elsewhere.
+struct ProgressDisplay {
+    terminal: Option<(MultiProgress, Mutex<Vec<(String, ProgressBar)>>)>,
+}
+
+impl ProgressDisplay {
+    fn new() -> ProgressDisplay {
+        let terminal = std::io::stderr().is_terminal().then(|| (MultiProgress::new(), Mutex::new(Vec::new())));
+        ProgressDisplay { terminal }
+    }
+
+    fn show(&self, event: &ProgressEvent) {
+        let Some((multi, bars)) = &self.terminal else {
+            if let ProgressEvent::Finished(report) = event {
+                let state = if report.cached { "cached" } else { "built " };
+                eprintln!("{state} {:>8.2?}  {}", report.duration, report.label);
+            }
+            return;
+        };
+        let mut bars = bars.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match event {
+            ProgressEvent::Started { label } => {
+                let bar = multi.add(ProgressBar::new_spinner());
+                bar.set_style(ProgressStyle::with_template("{spinner} building {elapsed:>4}  {msg}").expect("a valid template"));
+                bar.set_message(label.clone());
+                bar.enable_steady_tick(Duration::from_millis(120));
+                bars.push((label.clone(), bar));
+            }
+            ProgressEvent::Finished(report) => {
+                let Some(position) = bars.iter().position(|(label, _)| *label == report.label) else { return };
+                let (_, bar) = bars.remove(position);
+                let state = if report.cached { "cached" } else { "built " };
+                bar.set_style(ProgressStyle::with_template("{msg}").expect("a valid template"));
+                bar.finish_with_message(format!("✓ {state} {:>8.2?}  {}", report.duration, report.label));
+            }
+        }
+    }
+}
