@@ -161,7 +161,11 @@ impl Builder {
             let report_start = session.reports.len();
             let state = session.build_node(image)?;
             let steps = session.reports[report_start..].to_vec();
-            results.push(session.finish(&state, steps).map_err(|source| BuildError::Step { step: "write manifest".into(), source })?);
+            results.push(
+                session
+                    .finish(&state, steps)
+                    .map_err(|source| BuildError::Step { step: "write manifest".into(), source })?,
+            );
         }
         Ok(results)
     }
@@ -214,7 +218,9 @@ impl Session<'_> {
                 progress(&ProgressEvent::Started { label: label.clone() });
             }
             let started = Instant::now();
-            let outcome = self.build_step(&node, parent.as_deref()).map_err(|source| BuildError::Step { step: label.clone(), source })?;
+            let outcome = self
+                .build_step(&node, parent.as_deref())
+                .map_err(|source| BuildError::Step { step: label.clone(), source })?;
             let report = StepReport {
                 label,
                 cached: outcome.cached,
@@ -306,8 +312,10 @@ impl Session<'_> {
 
     fn read_config(&self, digest: &Digest) -> Result<Value, StepError> {
         let path = self.store.blob_path(digest);
-        let bytes = std::fs::read(&path).map_err(|source| StoreError::Io { action: "read config blob", path, source })?;
-        serde_json::from_slice(&bytes).map_err(|error| StepError::CorruptConfig { digest: digest.clone(), reason: error.to_string() })
+        let bytes =
+            std::fs::read(&path).map_err(|source| StoreError::Io { action: "read config blob", path, source })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|error| StepError::CorruptConfig { digest: digest.clone(), reason: error.to_string() })
     }
 
     /// A step that adds one layer: a hit reuses the recorded layer, a miss writes the entries
@@ -384,7 +392,11 @@ impl Session<'_> {
             if path.is_empty() {
                 continue;
             }
-            if file.relative.is_empty() && selection.source_is_directory && tree_is_directory(&tree, &path) && !copy.options.replace_directory {
+            if file.relative.is_empty()
+                && selection.source_is_directory
+                && tree_is_directory(&tree, &path)
+                && !copy.options.replace_directory
+            {
                 // Copying into an existing directory merges, and leaves the directory as it is.
                 continue;
             }
@@ -417,7 +429,10 @@ impl Session<'_> {
         let source_node = if source_path.is_empty() {
             root_node()
         } else {
-            source_tree.get(&source_path).cloned().ok_or_else(|| StepError::NotInSourceImage { path: copy.source.clone() })?
+            source_tree
+                .get(&source_path)
+                .cloned()
+                .ok_or_else(|| StepError::NotInSourceImage { path: copy.source.clone() })?
         };
         let source_is_directory = matches!(source_node.entry.kind, IndexKind::Directory);
         let destination = image_path(&copy.destination)?;
@@ -453,13 +468,16 @@ impl Session<'_> {
                     wanted.entry(node.layer).or_default().insert(join(&source_path, relative));
                 }
                 IndexKind::HardLink { target } if !copied.contains(target) => {
-                    let target_node = source_tree.get(target).ok_or_else(|| StepError::NotInSourceImage { path: format!("/{target}") })?;
+                    let target_node = source_tree
+                        .get(target)
+                        .ok_or_else(|| StepError::NotInSourceImage { path: format!("/{target}") })?;
                     wanted.entry(target_node.layer).or_default().insert(target.clone());
                 }
                 _ => {}
             }
         }
-        let spool = tempfile::tempdir_in(self.store.tmp_dir()).map_err(|source| StepError::Spool { path: self.store.tmp_dir(), source })?;
+        let spool = tempfile::tempdir_in(self.store.tmp_dir())
+            .map_err(|source| StepError::Spool { path: self.store.tmp_dir(), source })?;
         let spooled = crate::tree::extract_files(self.store, &source.layers, &wanted, spool.path())?;
 
         let owner_override = copy.options.file.owner;
@@ -476,7 +494,9 @@ impl Session<'_> {
             let source_full = join(&source_path, relative);
             let kind = match &node.entry.kind {
                 IndexKind::Directory => EntryKind::Directory,
-                IndexKind::File { size, .. } => EntryKind::File { content: Content::HostFile(spooled_path(&spooled, &source_full)?), size: *size },
+                IndexKind::File { size, .. } => {
+                    EntryKind::File { content: Content::HostFile(spooled_path(&spooled, &source_full)?), size: *size }
+                }
                 IndexKind::Symlink { target } => EntryKind::Symlink { target: target.clone() },
                 IndexKind::HardLink { target } if copied.contains(target) => {
                     let target_relative = target.strip_prefix(&source_path).unwrap_or(target).trim_start_matches('/');
@@ -495,22 +515,35 @@ impl Session<'_> {
                 IndexKind::Whiteout | IndexKind::OpaqueWhiteout => continue,
             };
             let owner = owner_override.unwrap_or(Owner { uid: node.entry.uid, gid: node.entry.gid });
-            let mode = if matches!(kind, EntryKind::Symlink { .. }) { 0o777 } else { mode_override.unwrap_or(node.entry.mode) };
+            let mode = if matches!(kind, EntryKind::Symlink { .. }) {
+                0o777
+            } else {
+                mode_override.unwrap_or(node.entry.mode)
+            };
             entries.push(entry(&path, kind, mode, owner));
         }
         Ok((entries, Some(spool)))
     }
 
-    fn write_file_entries(&mut self, write: &WriteFileStep, parent: &NodeState) -> Result<(Vec<LayerEntry>, Option<tempfile::TempDir>), StepError> {
+    fn write_file_entries(
+        &mut self,
+        write: &WriteFileStep,
+        parent: &NodeState,
+    ) -> Result<(Vec<LayerEntry>, Option<tempfile::TempDir>), StepError> {
         let tree = self.tree(&parent.layers)?;
         let path = non_root_path(&write.path)?;
         let mut entries = parent_directories(&tree, &path)?;
-        let kind = EntryKind::File { content: Content::Inline(Arc::clone(&write.content)), size: write.content.len() as u64 };
+        let kind =
+            EntryKind::File { content: Content::Inline(Arc::clone(&write.content)), size: write.content.len() as u64 };
         entries.push(file_entry(&path, kind, write.options, 0o644));
         Ok((entries, None))
     }
 
-    fn mkdir_entries(&mut self, mkdir: &MkdirStep, parent: &NodeState) -> Result<(Vec<LayerEntry>, Option<tempfile::TempDir>), StepError> {
+    fn mkdir_entries(
+        &mut self,
+        mkdir: &MkdirStep,
+        parent: &NodeState,
+    ) -> Result<(Vec<LayerEntry>, Option<tempfile::TempDir>), StepError> {
         let tree = self.tree(&parent.layers)?;
         let path = non_root_path(&mkdir.path)?;
         let mut entries = parent_directories(&tree, &path)?;
@@ -518,7 +551,11 @@ impl Session<'_> {
         Ok((entries, None))
     }
 
-    fn symlink_entries(&mut self, symlink: &SymlinkStep, parent: &NodeState) -> Result<(Vec<LayerEntry>, Option<tempfile::TempDir>), StepError> {
+    fn symlink_entries(
+        &mut self,
+        symlink: &SymlinkStep,
+        parent: &NodeState,
+    ) -> Result<(Vec<LayerEntry>, Option<tempfile::TempDir>), StepError> {
         let tree = self.tree(&parent.layers)?;
         let path = non_root_path(&symlink.link_path)?;
         let mut entries = parent_directories(&tree, &path)?;
@@ -527,7 +564,11 @@ impl Session<'_> {
         Ok((entries, None))
     }
 
-    fn remove_entries(&mut self, path: &str, parent: &NodeState) -> Result<(Vec<LayerEntry>, Option<tempfile::TempDir>), StepError> {
+    fn remove_entries(
+        &mut self,
+        path: &str,
+        parent: &NodeState,
+    ) -> Result<(Vec<LayerEntry>, Option<tempfile::TempDir>), StepError> {
         let tree = self.tree(&parent.layers)?;
         let normalised = non_root_path(path)?;
         if tree.get(&normalised).is_none() {
@@ -566,7 +607,11 @@ fn root_node() -> TreeNode {
 fn copy_key(encoding: &[u8], parent: &StepKey, copy: &CopyStep, selection: &context::Selection) -> StepKey {
     // The mode a step overrides does not enter the key: only what the layer will carry does.
     let keep_mode = copy.options.file.mode.is_none();
-    let mut key = StepKey::builder().bytes(encoding).key(parent).u64(selection.source_is_directory as u64).u64(selection.files.len() as u64);
+    let mut key = StepKey::builder()
+        .bytes(encoding)
+        .key(parent)
+        .u64(selection.source_is_directory as u64)
+        .u64(selection.files.len() as u64);
     for file in &selection.files {
         key = key.str(&file.relative).u64(if keep_mode { u64::from(file.mode) } else { 0 });
         key = match &file.kind {
@@ -613,7 +658,9 @@ fn parent_directories(tree: &FsTree, path: &str) -> Result<Vec<LayerEntry>, Step
         let parent = &path[..end];
         match tree.get(parent).map(|node| &node.entry.kind) {
             Some(IndexKind::Directory) => {}
-            Some(other) => return Err(StepError::ParentNotDirectory { path: parent.to_owned(), kind: kind_name(other) }),
+            Some(other) => {
+                return Err(StepError::ParentNotDirectory { path: parent.to_owned(), kind: kind_name(other) });
+            }
             None => entries.push(entry(parent, EntryKind::Directory, 0o755, Owner::ROOT)),
         }
     }
@@ -638,7 +685,11 @@ fn resolve_symlinks(tree: &FsTree, path: &str) -> String {
         let Some(IndexKind::Symlink { target }) = tree.get(&current).map(|node| &node.entry.kind) else {
             return current;
         };
-        let base = if target.starts_with('/') { String::new() } else { current.rsplit_once('/').map(|(dir, _)| dir.to_owned()).unwrap_or_default() };
+        let base = if target.starts_with('/') {
+            String::new()
+        } else {
+            current.rsplit_once('/').map(|(dir, _)| dir.to_owned()).unwrap_or_default()
+        };
         let mut components: Vec<&str> = if base.is_empty() { Vec::new() } else { base.split('/').collect() };
         for component in target.split('/') {
             match component {
@@ -704,8 +755,10 @@ impl BuiltImage {
     /// The image config document.
     pub fn config(&self) -> Result<Value, StepError> {
         let path = self.inner.store.blob_path(&self.inner.config);
-        let bytes = std::fs::read(&path).map_err(|source| StoreError::Io { action: "read config blob", path, source })?;
-        serde_json::from_slice(&bytes).map_err(|error| StepError::CorruptConfig { digest: self.inner.config.clone(), reason: error.to_string() })
+        let bytes =
+            std::fs::read(&path).map_err(|source| StoreError::Io { action: "read config blob", path, source })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|error| StepError::CorruptConfig { digest: self.inner.config.clone(), reason: error.to_string() })
     }
 
     pub fn layers(&self) -> &[LayerRecord] {

@@ -160,7 +160,9 @@ impl ProgressDisplay {
         match event {
             ProgressEvent::Started { label } => {
                 let bar = multi.add(ProgressBar::new_spinner());
-                bar.set_style(ProgressStyle::with_template("{spinner} building {elapsed:>4}  {msg}").expect("a valid template"));
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} building {elapsed:>4}  {msg}").expect("a valid template"),
+                );
                 bar.set_message(label.clone());
                 bar.enable_steady_tick(Duration::from_millis(120));
                 bars.push((label.clone(), bar));

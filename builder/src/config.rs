@@ -73,14 +73,16 @@ pub fn apply_change(config: &mut Value, change: &ConfigChange, created_by: &str,
         ConfigChange::Workdir(dir) => {
             // As Docker does, a relative WORKDIR is relative to the previous one.
             let previous = runtime.get("WorkingDir").and_then(Value::as_str).unwrap_or("/");
-            let resolved = if dir.starts_with('/') { dir.clone() } else { format!("{}/{dir}", previous.trim_end_matches('/')) };
+            let resolved =
+                if dir.starts_with('/') { dir.clone() } else { format!("{}/{dir}", previous.trim_end_matches('/')) };
             runtime.insert("WorkingDir".into(), Value::String(resolved));
         }
         ConfigChange::User(user) => {
             runtime.insert("User".into(), Value::String(user.clone()));
         }
         ConfigChange::Label { key, value } => {
-            object(runtime.entry("Labels").or_insert_with(|| json!({}))).insert(key.clone(), Value::String(value.clone()));
+            object(runtime.entry("Labels").or_insert_with(|| json!({})))
+                .insert(key.clone(), Value::String(value.clone()));
         }
         ConfigChange::Expose(port) => {
             object(runtime.entry("ExposedPorts").or_insert_with(|| json!({}))).insert(port.clone(), json!({}));

@@ -63,7 +63,9 @@ pub fn open_context(context: &Context) -> Result<OpenedContext, ContextError> {
     let dir = Dir::open_ambient_dir(&root, cap_std::ambient_authority())
         .map_err(|source| ContextError::Open { root: root.clone(), source })?;
     let ignore = match dir.read_to_string(".dockerignore") {
-        Ok(text) => DockerIgnore::parse(&text).map_err(|source| ContextError::DockerIgnore { root: root.clone(), source })?,
+        Ok(text) => {
+            DockerIgnore::parse(&text).map_err(|source| ContextError::DockerIgnore { root: root.clone(), source })?
+        }
         Err(error) if error.kind() == io::ErrorKind::NotFound => DockerIgnore::empty(),
         Err(source) => return Err(ContextError::ReadDockerIgnore { root, source }),
     };
@@ -73,10 +75,17 @@ pub fn open_context(context: &Context) -> Result<OpenedContext, ContextError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContextKind {
     Directory,
-    File { size: u64, blake3: [u8; 32] },
-    Symlink { target: String },
+    File {
+        size: u64,
+        blake3: [u8; 32],
+    },
+    Symlink {
+        target: String,
+    },
     /// A hard link to an earlier file of the same selection (`relative` path).
-    HardLink { target: String },
+    HardLink {
+        target: String,
+    },
 }
 
 /// One path of a selection.
@@ -103,7 +112,8 @@ pub struct Selection {
 
 /// Resolves `source` inside the context and walks it.
 pub fn select(context: &OpenedContext, source: &str) -> Result<Selection, ContextError> {
-    let source = normalize_context_path(source).map_err(|error| ContextError::Path { path: source.to_owned(), source: error })?;
+    let source = normalize_context_path(source)
+        .map_err(|error| ContextError::Path { path: source.to_owned(), source: error })?;
     if !source.is_empty() && context.ignore.is_excluded(&source) {
         return Err(ContextError::Missing { root: context.root.clone(), path: source });
     }
@@ -116,19 +126,33 @@ pub fn select(context: &OpenedContext, source: &str) -> Result<Selection, Contex
             let opened = context.dir.open_dir(&source).map_err(|error| walker.read_error(&source, error))?;
             Arc::new(opened)
         };
-        walker.files.push(ContextFile { open_path: String::new(), relative: String::new(), kind: ContextKind::Directory, mode: metadata.mode() & 0o7777 });
+        walker.files.push(ContextFile {
+            open_path: String::new(),
+            relative: String::new(),
+            kind: ContextKind::Directory,
+            mode: metadata.mode() & 0o7777,
+        });
         walker.walk_directory(&dir, &source, "")?;
         return Ok(Selection { dir, source_is_directory: true, files: walker.files });
     }
     let kind = walker.classify(&context.dir, &source, &source, "", &metadata)?;
-    walker.files.push(ContextFile { open_path: source.clone(), relative: String::new(), kind, mode: metadata.mode() & 0o7777 });
+    walker.files.push(ContextFile {
+        open_path: source.clone(),
+        relative: String::new(),
+        kind,
+        mode: metadata.mode() & 0o7777,
+    });
     Ok(Selection { dir: Arc::clone(&context.dir), source_is_directory: false, files: walker.files })
 }
 
 /// The metadata of the selected source, following a symlink only inside the context.
 fn resolve_metadata(context: &OpenedContext, source: &str) -> Result<Metadata, ContextError> {
     if source.is_empty() {
-        return context.dir.dir_metadata().map_err(|error| ContextError::Read { root: context.root.clone(), path: ".".into(), source: error });
+        return context.dir.dir_metadata().map_err(|error| ContextError::Read {
+            root: context.root.clone(),
+            path: ".".into(),
+            source: error,
+        });
     }
     let link_metadata = context.dir.symlink_metadata(source).map_err(|error| match error.kind() {
         io::ErrorKind::NotFound => ContextError::Missing { root: context.root.clone(), path: source.to_owned() },
@@ -194,12 +218,15 @@ impl Walker<'_> {
                 // An excluded directory walked only for exceptions still needs an entry when
                 // something below it was re-included, so that its contents have a parent.
                 if excluded && self.files.len() > position {
-                    self.files.insert(position, ContextFile {
-                        open_path: child_relative.clone(),
-                        relative: child_relative.clone(),
-                        kind: ContextKind::Directory,
-                        mode: metadata.mode() & 0o7777,
-                    });
+                    self.files.insert(
+                        position,
+                        ContextFile {
+                            open_path: child_relative.clone(),
+                            relative: child_relative.clone(),
+                            kind: ContextKind::Directory,
+                            mode: metadata.mode() & 0o7777,
+                        },
+                    );
                 }
                 continue;
             }
@@ -207,13 +234,25 @@ impl Walker<'_> {
                 continue;
             }
             let kind = self.classify(dir, &name, &child_context_path, &child_relative, &metadata)?;
-            self.files.push(ContextFile { open_path: child_relative.clone(), relative: child_relative, kind, mode: metadata.mode() & 0o7777 });
+            self.files.push(ContextFile {
+                open_path: child_relative.clone(),
+                relative: child_relative,
+                kind,
+                mode: metadata.mode() & 0o7777,
+            });
         }
         Ok(())
     }
 
     /// The kind of a non-directory at `name` in `dir`.
-    fn classify(&mut self, dir: &Dir, name: &str, context_path: &str, relative: &str, metadata: &Metadata) -> Result<ContextKind, ContextError> {
+    fn classify(
+        &mut self,
+        dir: &Dir,
+        name: &str,
+        context_path: &str,
+        relative: &str,
+        metadata: &Metadata,
+    ) -> Result<ContextKind, ContextError> {
         let file_type = metadata.file_type();
         if file_type.is_symlink() {
             let target = dir.read_link_contents(name).map_err(|error| self.read_error(context_path, error))?;
@@ -223,7 +262,10 @@ impl Walker<'_> {
             return Ok(ContextKind::Symlink { target: target.to_owned() });
         }
         if !file_type.is_file() {
-            return Err(ContextError::UnsupportedType { root: self.context.root.clone(), path: context_path.to_owned() });
+            return Err(ContextError::UnsupportedType {
+                root: self.context.root.clone(),
+                path: context_path.to_owned(),
+            });
         }
         if metadata.nlink() > 1 {
             let identity = (metadata.dev(), metadata.ino());
@@ -280,7 +322,14 @@ mod tests {
     #[test]
     fn walks_sorted_and_honours_dockerignore() {
         let (_dir, context) = context_with(
-            &[("src/b.rs", "b"), ("src/a.rs", "a"), ("src/a-b/x", "x"), ("src/target/out", "o"), ("src/keep.log", "k"), ("src/x.log", "l")],
+            &[
+                ("src/b.rs", "b"),
+                ("src/a.rs", "a"),
+                ("src/a-b/x", "x"),
+                ("src/target/out", "o"),
+                ("src/keep.log", "k"),
+                ("src/x.log", "l"),
+            ],
             Some("src/target\nsrc/*.log\n!src/keep.log\n"),
         );
         let selection = select(&context, "src").unwrap();
@@ -298,7 +347,11 @@ mod tests {
         symlink("a", dir.path().join("inside")).unwrap();
         assert!(matches!(select(&context, "../a"), Err(ContextError::Path { .. })));
         assert!(matches!(select(&context, "/etc/passwd"), Err(ContextError::Path { .. })));
-        assert!(matches!(select(&context, "absolute"), Err(ContextError::Escapes { .. })), "{:?}", select(&context, "absolute"));
+        assert!(
+            matches!(select(&context, "absolute"), Err(ContextError::Escapes { .. })),
+            "{:?}",
+            select(&context, "absolute")
+        );
         assert!(matches!(select(&context, "relative"), Err(ContextError::Escapes { .. })));
         assert!(matches!(select(&context, "missing"), Err(ContextError::Missing { .. })));
         let inside = select(&context, "inside").unwrap();
@@ -312,7 +365,8 @@ mod tests {
         fs::hard_link(dir.path().join("d/file"), dir.path().join("d/zhard")).unwrap();
         fs::set_permissions(dir.path().join("d/file"), fs::Permissions::from_mode(0o4755)).unwrap();
         let selection = select(&context, "d").unwrap();
-        let kinds: Vec<_> = selection.files.iter().map(|file| (file.relative.as_str(), file.kind.clone(), file.mode)).collect();
+        let kinds: Vec<_> =
+            selection.files.iter().map(|file| (file.relative.as_str(), file.kind.clone(), file.mode)).collect();
         assert_eq!(kinds[2], ("link", ContextKind::Symlink { target: "/etc/passwd".into() }, 0o777));
         assert_eq!(kinds[3], ("zhard", ContextKind::HardLink { target: "file".into() }, 0o4755));
         assert_eq!(kinds[1].2, 0o4755);

@@ -53,10 +53,27 @@ pub fn build_static_rust_binary(options: &StaticBinaryOptions) -> Result<PathBuf
     let mut command = Command::new(cargo);
     command
         .current_dir(&options.workspace)
-        .args(["build", "--release", "--quiet", "--package", &options.package, "--bin", &options.binary, "--target", &target])
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--package",
+            &options.package,
+            "--bin",
+            &options.binary,
+            "--target",
+            &target,
+        ])
         .arg("--target-dir")
         .arg(&options.target_dir)
-        .args(["--config", &rustflags, "--config", "profile.release.strip=true", "--config", "profile.release.debug=false"])
+        .args([
+            "--config",
+            &rustflags,
+            "--config",
+            "profile.release.strip=true",
+            "--config",
+            "profile.release.debug=false",
+        ])
         // A `cargo test` that runs us sets variables meant for its own crates only.
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -75,7 +92,8 @@ pub fn busybox_applets(busybox: &Path) -> Result<Vec<String>, HostError> {
         return Err(HostError::Missing { path: busybox.to_owned(), hint: "install Debian's busybox-static" });
     }
     let output = run(Command::new(busybox).arg("--list"))?;
-    let mut applets: Vec<String> = output.lines().map(str::trim).filter(|name| !name.is_empty()).map(str::to_owned).collect();
+    let mut applets: Vec<String> =
+        output.lines().map(str::trim).filter(|name| !name.is_empty()).map(str::to_owned).collect();
     applets.sort();
     applets.dedup();
     Ok(applets)

@@ -69,7 +69,10 @@ pub enum Content {
     Inline(Arc<[u8]>),
     /// A file inside a build context, opened through the context's capability so that it can
     /// never resolve outside it. `path` is context-relative.
-    Context { dir: Arc<cap_std::fs::Dir>, path: String },
+    Context {
+        dir: Arc<cap_std::fs::Dir>,
+        path: String,
+    },
     /// A file the builder itself wrote (a spooled file of a `copy_from`).
     HostFile(PathBuf),
 }
@@ -78,12 +81,25 @@ pub enum Content {
 pub enum EntryKind {
     Directory,
     /// `size` is what the header says; a source whose length differs when read is an error.
-    File { content: Content, size: u64 },
-    Symlink { target: String },
+    File {
+        content: Content,
+        size: u64,
+    },
+    Symlink {
+        target: String,
+    },
     /// A hard link to `target`, an image-relative path written earlier in the same layer.
-    HardLink { target: String },
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    HardLink {
+        target: String,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     /// Deletes `path` from lower layers: written as `dir/.wh.name`.
     Whiteout,

@@ -24,10 +24,10 @@
 //! ```
 
 mod build;
+pub mod cli;
 mod config;
 mod context;
 mod export;
-pub mod cli;
 pub mod host;
 mod import;
 mod layer;

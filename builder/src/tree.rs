@@ -23,11 +23,24 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IndexKind {
     Directory,
-    File { size: u64, sha256: Digest },
-    Symlink { target: String },
-    HardLink { target: String },
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    File {
+        size: u64,
+        sha256: Digest,
+    },
+    Symlink {
+        target: String,
+    },
+    HardLink {
+        target: String,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
     /// `path` is the deleted path (not the `.wh.` name).
     Whiteout,

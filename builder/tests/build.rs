@@ -39,7 +39,12 @@ fn declaration(context_dir: &Path) -> Image {
     Image::scratch()
         .copy(&context, "src", "/app/src")
         .copy(&context, "bin/tool", "/usr/local/bin/")
-        .copy_with(&context, "secret", "/etc/secret", CopyOptions { file: FileOptions::default().with_owner(1000, 1000), ..Default::default() })
+        .copy_with(
+            &context,
+            "secret",
+            "/etc/secret",
+            CopyOptions { file: FileOptions::default().with_owner(1000, 1000), ..Default::default() },
+        )
         .write_file("/etc/app.conf", b"x=1\n")
         .symlink("/app/current", "/app/src")
         .remove("/app/src/lib")
@@ -131,8 +136,17 @@ fn an_unchanged_rebuild_is_all_cached_and_a_changed_file_rebuilds_its_step_and_a
 
     write(&context.join("secret"), b"hunter3\n");
     let changed = build(&cache, &declaration(&context), 0);
-    let rebuilt: Vec<&str> = changed.steps().iter().filter(|step| !step.cached).map(|step| step.label.as_str()).collect();
-    assert_eq!(rebuilt, ["COPY secret /etc/secret", "WRITE /etc/app.conf (4 bytes)", "SYMLINK /app/current -> /app/src", "REMOVE /app/src/lib"]);
+    let rebuilt: Vec<&str> =
+        changed.steps().iter().filter(|step| !step.cached).map(|step| step.label.as_str()).collect();
+    assert_eq!(
+        rebuilt,
+        [
+            "COPY secret /etc/secret",
+            "WRITE /etc/app.conf (4 bytes)",
+            "SYMLINK /app/current -> /app/src",
+            "REMOVE /app/src/lib"
+        ]
+    );
     assert_eq!(changed.layers()[..2], first.layers()[..2], "layers below the change are reused");
 }
 
@@ -163,10 +177,26 @@ fn bad_copy_sources_are_errors_naming_the_step_and_path() {
     let cache = dir.path().join("cache");
     let base = Image::scratch();
     check_error(&cache, &base.copy(&context, "../outside", "/x"), &["COPY ../outside /x", "\"../outside\"", ".."]);
-    check_error(&cache, &base.copy(&context, "/etc/passwd", "/x"), &["COPY /etc/passwd /x", "\"/etc/passwd\"", "absolute"]);
-    check_error(&cache, &base.copy(&context, "leads-out", "/x"), &["COPY leads-out /x", "\"leads-out\"", "outside the context"]);
-    check_error(&cache, &base.copy(&context, "absolute-link", "/x"), &["COPY absolute-link /x", "\"absolute-link\"", "outside the context"]);
-    check_error(&cache, &base.copy(&context, "missing", "/x"), &["COPY missing /x", "\"missing\"", "not in the build context"]);
+    check_error(
+        &cache,
+        &base.copy(&context, "/etc/passwd", "/x"),
+        &["COPY /etc/passwd /x", "\"/etc/passwd\"", "absolute"],
+    );
+    check_error(
+        &cache,
+        &base.copy(&context, "leads-out", "/x"),
+        &["COPY leads-out /x", "\"leads-out\"", "outside the context"],
+    );
+    check_error(
+        &cache,
+        &base.copy(&context, "absolute-link", "/x"),
+        &["COPY absolute-link /x", "\"absolute-link\"", "outside the context"],
+    );
+    check_error(
+        &cache,
+        &base.copy(&context, "missing", "/x"),
+        &["COPY missing /x", "\"missing\"", "not in the build context"],
+    );
     check_error(&cache, &base.remove("/nothing"), &["REMOVE /nothing", "\"/nothing\"", "does not exist"]);
     check_error(&cache, &base.write_file("/a/../../etc/x", b""), &["WRITE /a/../../etc/x", ".."]);
     check_error(&cache, &base.run("true"), &["RUN true", "not supported yet"]);
@@ -199,7 +229,11 @@ fn docker_archive(path: &Path, entries: &[(&str, &[u8])], tamper_layer: bool) {
     let layer_name = format!("{}/layer.tar", diff_id.hex());
     let manifest = format!(r#"[{{"Config":"{config_name}","RepoTags":["base:1"],"Layers":["{layer_name}"]}}]"#);
     let mut archive = tar::Builder::new(fs::File::create(path).unwrap());
-    for (name, content) in [("manifest.json", manifest.as_bytes()), (config_name.as_str(), config.as_bytes()), (layer_name.as_str(), &layer[..])] {
+    for (name, content) in [
+        ("manifest.json", manifest.as_bytes()),
+        (config_name.as_str(), config.as_bytes()),
+        (layer_name.as_str(), &layer[..]),
+    ] {
         let mut header = tar::Header::new_ustar();
         header.set_size(content.len() as u64);
         header.set_mode(0o644);

@@ -123,7 +123,12 @@ mod tests {
         let empty = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
         assert_eq!(Digest::parse(empty).unwrap().to_string(), empty);
         assert_eq!(Digest::of_bytes(b"").to_string(), empty);
-        for bad in ["sha512:ab", "sha256:../../etc", "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855", ""] {
+        for bad in [
+            "sha512:ab",
+            "sha256:../../etc",
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            "",
+        ] {
             assert!(Digest::parse(bad).is_err(), "{bad}");
         }
     }

@@ -205,8 +205,11 @@ impl Store {
         let mut file = NamedTempFile::new_in(&tmp).map_err(StoreError::io("create temp file in", &tmp))?;
         file.write_all(bytes).map_err(StoreError::io("write temp file in", &tmp))?;
         file.as_file().sync_all().map_err(StoreError::io("fsync temp file in", &tmp))?;
-        file.persist(path)
-            .map_err(|error| StoreError::Io { action: "rename into place", path: path.to_owned(), source: error.error })?;
+        file.persist(path).map_err(|error| StoreError::Io {
+            action: "rename into place",
+            path: path.to_owned(),
+            source: error.error,
+        })?;
         Ok(())
     }
 }
@@ -235,9 +238,11 @@ impl BlobWriter {
     fn finish(self, expected: Option<&Digest>) -> Result<BlobInfo, StoreError> {
         let tmp = self.store.tmp_dir();
         let (digest, size, buffered) = self.inner.finish();
-        let file = buffered
-            .into_inner()
-            .map_err(|error| StoreError::Io { action: "flush temp file in", path: tmp.clone(), source: error.into_error() })?;
+        let file = buffered.into_inner().map_err(|error| StoreError::Io {
+            action: "flush temp file in",
+            path: tmp.clone(),
+            source: error.into_error(),
+        })?;
         if let Some(expected) = expected
             && *expected != digest
         {
@@ -248,7 +253,11 @@ impl BlobWriter {
             return Ok(BlobInfo { digest, size, path });
         }
         file.as_file().sync_all().map_err(StoreError::io("fsync temp file in", &tmp))?;
-        file.persist(&path).map_err(|error| StoreError::Io { action: "rename blob to", path: path.clone(), source: error.error })?;
+        file.persist(&path).map_err(|error| StoreError::Io {
+            action: "rename blob to",
+            path: path.clone(),
+            source: error.error,
+        })?;
         Ok(BlobInfo { digest, size, path })
     }
 }
@@ -293,7 +302,12 @@ mod tests {
         let blob = store.put_blob(b"layer").unwrap();
         let key = StepKey::builder().str("k").finish();
         let record = ActionRecord {
-            layers: vec![LayerRecord { diff_id: blob.digest.clone(), digest: blob.digest.clone(), size: 5, media_type: "m".into() }],
+            layers: vec![LayerRecord {
+                diff_id: blob.digest.clone(),
+                digest: blob.digest.clone(),
+                size: 5,
+                media_type: "m".into(),
+            }],
             config: None,
         };
         assert_eq!(store.read_action(&key).unwrap(), None);

@@ -53,14 +53,13 @@ impl DockerIgnore {
             if cleaned.is_empty() {
                 continue;
             }
-            let glob: Glob = GlobBuilder::new(&cleaned)
-                .literal_separator(true)
-                .backslash_escape(true)
-                .build()
-                .map_err(|error| DockerIgnoreError::InvalidPattern {
-                    line: index + 1,
-                    pattern: pattern.to_owned(),
-                    reason: error.kind().to_string(),
+            let glob: Glob =
+                GlobBuilder::new(&cleaned).literal_separator(true).backslash_escape(true).build().map_err(|error| {
+                    DockerIgnoreError::InvalidPattern {
+                        line: index + 1,
+                        pattern: pattern.to_owned(),
+                        reason: error.kind().to_string(),
+                    }
                 })?;
             canonical.push_str(if exception { "!" } else { "" });
             canonical.push_str(&cleaned);
@@ -148,18 +147,9 @@ mod tests {
 
     #[test]
     fn exceptions_and_last_match_wins() {
-        check(
-            "*.md\n!README.md\n",
-            &[("CHANGES.md", true), ("README.md", false)],
-        );
-        check(
-            "!README.md\n*.md\n",
-            &[("README.md", true)],
-        );
-        check(
-            "docs\n!docs/keep\n",
-            &[("docs/a", true), ("docs/keep", false), ("docs/keep/x", false)],
-        );
+        check("*.md\n!README.md\n", &[("CHANGES.md", true), ("README.md", false)]);
+        check("!README.md\n*.md\n", &[("README.md", true)]);
+        check("docs\n!docs/keep\n", &[("docs/a", true), ("docs/keep", false), ("docs/keep/x", false)]);
         assert!(DockerIgnore::parse("a\n!b").unwrap().has_exceptions());
     }
 

@@ -85,27 +85,13 @@ impl Step {
             Step::Scratch => encoder.tag(1),
             Step::FromArchive { .. } => encoder.tag(2),
             Step::Pull { reference } => encoder.tag(3).str(reference),
-            Step::Copy(copy) => encoder
-                .tag(4)
-                .str(&copy.source)
-                .str(&copy.destination)
-                .copy_options(&copy.options),
-            Step::CopyFrom(copy) => encoder
-                .tag(5)
-                .str(&copy.source)
-                .str(&copy.destination)
-                .copy_options(&copy.options),
-            Step::WriteFile(write) => encoder
-                .tag(6)
-                .str(&write.path)
-                .bytes(&write.content)
-                .file_options(&write.options),
+            Step::Copy(copy) => encoder.tag(4).str(&copy.source).str(&copy.destination).copy_options(&copy.options),
+            Step::CopyFrom(copy) => encoder.tag(5).str(&copy.source).str(&copy.destination).copy_options(&copy.options),
+            Step::WriteFile(write) => {
+                encoder.tag(6).str(&write.path).bytes(&write.content).file_options(&write.options)
+            }
             Step::Mkdir(mkdir) => encoder.tag(7).str(&mkdir.path).file_options(&mkdir.options),
-            Step::Symlink(symlink) => encoder
-                .tag(8)
-                .str(&symlink.link_path)
-                .str(&symlink.target)
-                .owner(symlink.owner),
+            Step::Symlink(symlink) => encoder.tag(8).str(&symlink.link_path).str(&symlink.target).owner(symlink.owner),
             Step::Remove { path } => encoder.tag(9).str(path),
             Step::Run(run) => {
                 encoder.tag(10);
@@ -117,10 +103,7 @@ impl Step {
                 for (key, value) in &run.env {
                     encoder.str(key).str(value);
                 }
-                encoder
-                    .optional_str(run.workdir.as_deref())
-                    .optional_str(run.user.as_deref())
-                    .tag(run.network as u8)
+                encoder.optional_str(run.workdir.as_deref()).optional_str(run.user.as_deref()).tag(run.network as u8)
             }
             Step::Config(change) => {
                 encoder.tag(11);
@@ -159,7 +142,12 @@ mod tests {
             base.copy(&context, "src", "/ap"),
             base.copy(&context, "sr", "c/app"),
             base.copy_with(&context, "src", "/app", CopyOptions { replace_directory: true, ..Default::default() }),
-            base.copy_with(&context, "src", "/app", CopyOptions { file: FileOptions::mode(0o600), ..Default::default() }),
+            base.copy_with(
+                &context,
+                "src",
+                "/app",
+                CopyOptions { file: FileOptions::mode(0o600), ..Default::default() },
+            ),
             base.write_file("/a", b"x"),
             base.write_file("/a", b"y"),
             base.write_file_with("/a", b"x", FileOptions::default().with_owner(1, 1)),

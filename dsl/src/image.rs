@@ -7,11 +7,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::step::{
-    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Owner, Run, Step,
-    SymlinkStep, WriteFileStep,
-};
 use crate::Context;
+use crate::step::{
+    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Owner, Run, Step, SymlinkStep,
+    WriteFileStep,
+};
 
 #[derive(Debug)]
 struct Node {
@@ -98,13 +98,7 @@ impl Image {
         self.copy_with(context, source, destination, CopyOptions::default())
     }
 
-    pub fn copy_with(
-        &self,
-        context: &Context,
-        source: &str,
-        destination: &str,
-        options: CopyOptions,
-    ) -> Image {
+    pub fn copy_with(&self, context: &Context, source: &str, destination: &str, options: CopyOptions) -> Image {
         self.with_step(Step::Copy(CopyStep {
             context: context.clone(),
             source: source.to_owned(),
@@ -118,13 +112,7 @@ impl Image {
         self.copy_from_with(image, source, destination, CopyOptions::default())
     }
 
-    pub fn copy_from_with(
-        &self,
-        image: &Image,
-        source: &str,
-        destination: &str,
-        options: CopyOptions,
-    ) -> Image {
+    pub fn copy_from_with(&self, image: &Image, source: &str, destination: &str, options: CopyOptions) -> Image {
         self.with_step(Step::CopyFrom(CopyFromStep {
             image: image.clone(),
             source: source.to_owned(),
@@ -275,9 +263,7 @@ mod tests {
         let image = Image::scratch().expose(8080).expose("53/udp");
         let Step::Config(ConfigChange::Expose(port)) = image.step() else { panic!() };
         assert_eq!(port, "53/udp");
-        let Step::Config(ConfigChange::Expose(port)) = image.parent().unwrap().step() else {
-            panic!()
-        };
+        let Step::Config(ConfigChange::Expose(port)) = image.parent().unwrap().step() else { panic!() };
         assert_eq!(port, "8080/tcp");
     }
 }

@@ -182,10 +182,16 @@ impl From<Vec<String>> for Run {
 /// A change to the image config that adds no layer (`empty_layer` in the history).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ConfigChange {
-    Env { key: String, value: String },
+    Env {
+        key: String,
+        value: String,
+    },
     Workdir(String),
     User(String),
-    Label { key: String, value: String },
+    Label {
+        key: String,
+        value: String,
+    },
     /// `PORT/PROTO`, for example `8080/tcp`.
     Expose(String),
     Entrypoint(Vec<String>),
@@ -200,16 +206,22 @@ pub enum Step {
     /// The empty image.
     Scratch,
     /// A base image read from a docker-archive tar, an OCI archive tar or an OCI layout dir.
-    FromArchive { path: PathBuf },
+    FromArchive {
+        path: PathBuf,
+    },
     /// A base image pulled from a registry.
-    Pull { reference: String },
+    Pull {
+        reference: String,
+    },
     Copy(CopyStep),
     CopyFrom(CopyFromStep),
     WriteFile(WriteFileStep),
     Mkdir(MkdirStep),
     Symlink(SymlinkStep),
     /// A whiteout for `path` in the new layer.
-    Remove { path: String },
+    Remove {
+        path: String,
+    },
     Run(Run),
     Config(ConfigChange),
 }

@@ -61,8 +61,16 @@ pub struct Example {
 
 pub const EXAMPLES: &[Example] = &[
     Example { name: "hello", description: "a static Rust binary from scratch that greets", declare: hello },
-    Example { name: "busybox", description: "a busybox base built with the DSL from the host's busybox-static", declare: busybox },
-    Example { name: "files", description: "file steps on the busybox base: modes, owners, symlinks, a removed file", declare: files },
+    Example {
+        name: "busybox",
+        description: "a busybox base built with the DSL from the host's busybox-static",
+        declare: busybox,
+    },
+    Example {
+        name: "files",
+        description: "file steps on the busybox base: modes, owners, symlinks, a removed file",
+        declare: files,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Example> {
@@ -90,13 +98,22 @@ pub fn hello(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
 pub fn busybox(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
     let binary = host::find_busybox().map_err(|source| ExampleError::Host { example: "busybox", source })?;
     let links_dir = environment.work_dir.join("busybox-links");
-    host::write_busybox_links_context(&binary, &links_dir).map_err(|source| ExampleError::Host { example: "busybox", source })?;
+    host::write_busybox_links_context(&binary, &links_dir)
+        .map_err(|source| ExampleError::Host { example: "busybox", source })?;
     let binary_dir = context_of("busybox", binary.parent().expect("a binary lives in a directory"))?;
     let links = context_of("busybox", &links_dir)?;
     Ok(Image::scratch()
-        .copy_with(&binary_dir, "busybox", "/bin/busybox", layerwright::CopyOptions { file: FileOptions::mode(0o755), ..Default::default() })
+        .copy_with(
+            &binary_dir,
+            "busybox",
+            "/bin/busybox",
+            layerwright::CopyOptions { file: FileOptions::mode(0o755), ..Default::default() },
+        )
         .copy(&links, "bin", "/bin")
-        .write_file("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
+        .write_file(
+            "/etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        )
         .write_file("/etc/group", "root:x:0:\nnogroup:x:65534:\n")
         .mkdir_with("/tmp", FileOptions::mode(0o1777))
         .mkdir_with("/root", FileOptions::mode(0o700))

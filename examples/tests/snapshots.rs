@@ -12,7 +12,9 @@ fn check(name: &str) {
     let environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
     let image = (example.declare)(&environment).unwrap_or_else(|error| panic!("declaring {name}: {error}"));
     let cache = tempfile::tempdir().expect("a temp dir");
-    let built = Builder::new(cache.path()).and_then(|builder| builder.build(&image)).unwrap_or_else(|error| panic!("building {name}: {error}"));
+    let built = Builder::new(cache.path())
+        .and_then(|builder| builder.build(&image))
+        .unwrap_or_else(|error| panic!("building {name}: {error}"));
     let listing = built.listing().expect("a listing");
     insta::with_settings!({
         filters => vec![(

@@ -74,7 +74,14 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
-fn build_image(workspace: &Path, name: &str, outputs: &[String], tag: Option<String>, cache: Option<PathBuf>, compression: &str) -> Result<()> {
+fn build_image(
+    workspace: &Path,
+    name: &str,
+    outputs: &[String],
+    tag: Option<String>,
+    cache: Option<PathBuf>,
+    compression: &str,
+) -> Result<()> {
     let Some(example) = layerwright_examples::find(name) else {
         let known: Vec<&str> = EXAMPLES.iter().map(|example| example.name).collect();
         bail!("unknown image {name:?}; the known images are: {}", known.join(", "));
@@ -144,11 +151,15 @@ impl DockerEngine {
     fn start() -> Result<Option<DockerEngine>> {
         let dockerd = ["/usr/sbin/dockerd", "/usr/bin/dockerd"].into_iter().map(Path::new).find(|path| path.is_file());
         let Some(dockerd) = dockerd else {
-            eprintln!("xtask test: dockerd is not installed (Debian package docker.io); Docker tests will fail unless LAYERWRIGHT_SKIP_PRIVILEGED=1");
+            eprintln!(
+                "xtask test: dockerd is not installed (Debian package docker.io); Docker tests will fail unless LAYERWRIGHT_SKIP_PRIVILEGED=1"
+            );
             return Ok(None);
         };
         if !rustix::process::geteuid().is_root() {
-            eprintln!("xtask test: not root, so no Docker engine is started; Docker tests will fail unless LAYERWRIGHT_SKIP_PRIVILEGED=1");
+            eprintln!(
+                "xtask test: not root, so no Docker engine is started; Docker tests will fail unless LAYERWRIGHT_SKIP_PRIVILEGED=1"
+            );
             return Ok(None);
         }
         // Short paths: the engine's unix sockets must fit in 108 bytes.
