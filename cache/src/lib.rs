@@ -30,10 +30,12 @@
 //! assert_eq!(store.read_action(&key).unwrap(), Some(record));
 //! ```
 
+mod db;
 mod digest;
 mod key;
 mod store;
 
+pub use db::{ContextFileInput, ExecutionLog, FileMaterial, FileSetInput, KeyDatabase, KeyQueries, StepInput, file_set_digest, step_key};
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use key::{StepKey, StepKeyBuilder};
 pub use store::{ActionRecord, BlobInfo, BlobWriter, LayerRecord, Store, StoreError};

@@ -1,0 +1,297 @@
+//! The salsa database of step keys.
+//!
+//! Inputs: one [`StepInput`] per distinct step (its canonical encoding, its parent, its
+//! `copy_from` source, extra identity bytes such as an archive's digest, and the context files
+//! it selects) and one [`ContextFileInput`] per context file (its key material: kind, mode,
+//! size and blake3 digest, never its mtime). The tracked query [`step_key`] hashes them as the
+//! module `key` describes, so in a long-lived [`KeyDatabase`] a changed context file re-executes
+//! only the key queries that read it and the ones above them; salsa backdates an unchanged
+//! result, so a change that does not alter a key stops there.
+//!
+//! Inputs are interned by identity in [`KeyDatabase`]: declaring the same graph again maps to the
+//! same inputs and changes no revision. What this module does not do: stat or read files (the
+//! builder feeds it what it found, through the stat cache) or look keys up in the store.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use salsa::Setter;
+
+use crate::StepKey;
+
+/// What a context file contributes to a key. Mtimes never appear here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FileMaterial {
+    Directory { mode: u32 },
+    File { mode: u32, size: u64, blake3: [u8; 32] },
+    Symlink { target: String },
+    HardLink { target: String },
+}
+
+#[salsa::input(debug)]
+pub struct ContextFileInput {
+    #[returns(ref)]
+    pub relative: String,
+    #[returns(ref)]
+    pub material: FileMaterial,
+}
+
+#[salsa::input(debug)]
+pub struct FileSetInput {
+    #[returns(ref)]
+    pub files: Vec<ContextFileInput>,
+}
+
+#[salsa::input(debug)]
+pub struct StepInput {
+    #[returns(ref)]
+    pub encoding: Vec<u8>,
+    pub parent: Option<StepInput>,
+    pub source: Option<StepInput>,
+    #[returns(ref)]
+    pub extra: Vec<u8>,
+    pub files: Option<FileSetInput>,
+}
+
+/// blake3 over the key material of a selection, in order.
+#[salsa::tracked(returns(copy))]
+pub fn file_set_digest(db: &dyn salsa::Database, set: FileSetInput) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    let files = set.files(db);
+    hasher.update(&(files.len() as u64).to_le_bytes());
+    for file in files {
+        let relative = file.relative(db);
+        hasher.update(&(relative.len() as u64).to_le_bytes());
+        hasher.update(relative.as_bytes());
+        match file.material(db) {
+            FileMaterial::Directory { mode } => {
+                hasher.update(&[1]);
+                hasher.update(&mode.to_le_bytes());
+            }
+            FileMaterial::File { mode, size, blake3 } => {
+                hasher.update(&[2]);
+                hasher.update(&mode.to_le_bytes());
+                hasher.update(&size.to_le_bytes());
+                hasher.update(blake3);
+            }
+            FileMaterial::Symlink { target } => {
+                hasher.update(&[3]);
+                hasher.update(&(target.len() as u64).to_le_bytes());
+                hasher.update(target.as_bytes());
+            }
+            FileMaterial::HardLink { target } => {
+                hasher.update(&[4]);
+                hasher.update(&(target.len() as u64).to_le_bytes());
+                hasher.update(target.as_bytes());
+            }
+        }
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// The key of a step: format version, canonical encoding, parent key, source key, extra
+/// identity and the digest of the selected context files.
+#[salsa::tracked(returns(copy))]
+pub fn step_key(db: &dyn salsa::Database, step: StepInput) -> StepKey {
+    let parent = step.parent(db).map(|parent| step_key(db, parent));
+    let source = step.source(db).map(|source| step_key(db, source));
+    let files = step.files(db).map(|set| file_set_digest(db, set));
+    let mut builder =
+        StepKey::builder().bytes(step.encoding(db)).optional_key(parent.as_ref()).optional_key(source.as_ref());
+    builder = builder.bytes(step.extra(db));
+    builder = match files {
+        None => builder.u64(0),
+        Some(digest) => builder.u64(1).bytes(&digest),
+    };
+    builder.finish()
+}
+
+/// Names of the queries that executed, from salsa's `WillExecute` events (for tests and
+/// `--explain`-style diagnostics).
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionLog {
+    entries: Arc<Mutex<Vec<String>>>,
+}
+
+impl ExecutionLog {
+    /// The executions logged since the last call.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+/// The salsa storage; clone it once per worker thread to run queries in parallel.
+#[salsa::db]
+#[derive(Clone)]
+pub struct KeyQueries {
+    storage: salsa::Storage<Self>,
+}
+
+#[salsa::db]
+impl salsa::Database for KeyQueries {}
+
+impl KeyQueries {
+    pub fn key(&self, step: StepInput) -> StepKey {
+        step_key(self, step)
+    }
+}
+
+/// Identity under which a step input is interned.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct StepIdentity {
+    encoding: Vec<u8>,
+    parent: Option<StepInput>,
+    source: Option<StepInput>,
+    extra: Vec<u8>,
+    files: Option<FileSetInput>,
+}
+
+/// The long-lived key database of a builder: salsa storage plus the identity maps that let a
+/// re-declared graph find its existing inputs.
+pub struct KeyDatabase {
+    queries: KeyQueries,
+    log: ExecutionLog,
+    steps: HashMap<StepIdentity, StepInput>,
+    files: HashMap<(PathBuf, String), ContextFileInput>,
+    sets: HashMap<(PathBuf, String), FileSetInput>,
+}
+
+impl Default for KeyDatabase {
+    fn default() -> KeyDatabase {
+        KeyDatabase::new()
+    }
+}
+
+impl KeyDatabase {
+    pub fn new() -> KeyDatabase {
+        let log = ExecutionLog::default();
+        let entries = Arc::clone(&log.entries);
+        let callback = move |event: salsa::Event| {
+            if let salsa::EventKind::WillExecute { database_key } = event.kind {
+                entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(format!("{database_key:?}"));
+            }
+        };
+        let queries = KeyQueries { storage: salsa::Storage::new(Some(Box::new(callback))) };
+        KeyDatabase { queries, log, steps: HashMap::new(), files: HashMap::new(), sets: HashMap::new() }
+    }
+
+    /// The queries that executed since the last call.
+    pub fn execution_log(&self) -> &ExecutionLog {
+        &self.log
+    }
+
+    /// The query storage, to clone per worker.
+    pub fn queries(&self) -> &KeyQueries {
+        &self.queries
+    }
+
+    pub fn key(&self, step: StepInput) -> StepKey {
+        self.queries.key(step)
+    }
+
+    /// The input of the step with this identity, created on first sight.
+    pub fn step(
+        &mut self,
+        encoding: Vec<u8>,
+        parent: Option<StepInput>,
+        source: Option<StepInput>,
+        extra: Vec<u8>,
+        files: Option<FileSetInput>,
+    ) -> StepInput {
+        let identity = StepIdentity { encoding, parent, source, extra, files };
+        if let Some(step) = self.steps.get(&identity) {
+            return *step;
+        }
+        let step = StepInput::new(
+            &self.queries,
+            identity.encoding.clone(),
+            identity.parent,
+            identity.source,
+            identity.extra.clone(),
+            identity.files,
+        );
+        self.steps.insert(identity, step);
+        step
+    }
+
+    /// The file set a step selects from the context at `root` (the selection `selection`, for
+    /// example the source path and options), updated to `files`. Only the inputs whose material
+    /// changed are set, so unchanged files start no new revision.
+    pub fn file_set(&mut self, root: &Path, selection: &str, files: Vec<(String, FileMaterial)>) -> FileSetInput {
+        let mut inputs = Vec::with_capacity(files.len());
+        for (relative, material) in files {
+            let context_path = if selection.is_empty() { relative.clone() } else { format!("{selection}\0{relative}") };
+            let input = match self.files.get(&(root.to_owned(), context_path.clone())) {
+                Some(input) => {
+                    if *input.material(&self.queries) != material {
+                        input.set_material(&mut self.queries).to(material);
+                    }
+                    *input
+                }
+                None => {
+                    let input = ContextFileInput::new(&self.queries, relative, material);
+                    self.files.insert((root.to_owned(), context_path), input);
+                    input
+                }
+            };
+            inputs.push(input);
+        }
+        let set_identity = (root.to_owned(), selection.to_owned());
+        match self.sets.get(&set_identity) {
+            Some(set) => {
+                if *set.files(&self.queries) != inputs {
+                    set.set_files(&mut self.queries).to(inputs);
+                }
+                *set
+            }
+            None => {
+                let set = FileSetInput::new(&self.queries, inputs);
+                self.sets.insert(set_identity, set);
+                set
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(size: u64, byte: u8) -> FileMaterial {
+        FileMaterial::File { mode: 0o644, size, blake3: [byte; 32] }
+    }
+
+    fn executed(database: &KeyDatabase, name: &str) -> usize {
+        database.execution_log().take().iter().filter(|entry| entry.contains(name)).count()
+    }
+
+    #[test]
+    fn a_changed_file_re_executes_only_what_reads_it() {
+        let mut database = KeyDatabase::new();
+        let root = Path::new("/ctx");
+        let base = database.step(b"scratch".to_vec(), None, None, Vec::new(), None);
+        let set_a = database.file_set(root, "a", vec![("x".into(), file(1, 1))]);
+        let set_b = database.file_set(root, "b", vec![("y".into(), file(1, 2))]);
+        let copy_a = database.step(b"copy a".to_vec(), Some(base), None, Vec::new(), Some(set_a));
+        let copy_b = database.step(b"copy b".to_vec(), Some(copy_a), None, Vec::new(), Some(set_b));
+        let other = database.step(b"copy b".to_vec(), Some(base), None, Vec::new(), Some(set_b));
+        let first = (database.key(copy_b), database.key(other));
+        assert_eq!(executed(&database, "step_key"), 4);
+
+        // The same declaration again: no new inputs, nothing executes.
+        assert_eq!(database.step(b"copy a".to_vec(), Some(base), None, Vec::new(), Some(set_a)), copy_a);
+        database.file_set(root, "a", vec![("x".into(), file(1, 1))]);
+        assert_eq!((database.key(copy_b), database.key(other)), first);
+        assert_eq!(executed(&database, "step_key"), 0);
+
+        // `x` changes: copy_a and copy_b re-execute; `other` does not depend on it.
+        database.file_set(root, "a", vec![("x".into(), file(1, 9))]);
+        let second = (database.key(copy_b), database.key(other));
+        assert_ne!(second.0, first.0);
+        assert_eq!(second.1, first.1);
+        let log = database.execution_log().take();
+        assert_eq!(log.iter().filter(|entry| entry.contains("step_key")).count(), 2, "{log:#?}");
+        assert_eq!(log.iter().filter(|entry| entry.contains("file_set_digest")).count(), 1, "{log:#?}");
+    }
+}
