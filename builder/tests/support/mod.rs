@@ -1,0 +1,448 @@
+//! The shared harness of the integration tests that check layerwright's output with real
+//! clients: docker, skopeo, umoci, oci-image-tool (Debian packages, installed by `.ci/run`).
+//!
+//! What it is: finding the tools, running them with a timeout, and turning what they print or
+//! unpack into something a test can compare (`tree_of` lists an unpacked rootfs in the format
+//! of `FsTree::listing()`). Every failed command panics with the command line, its exit code and
+//! its stderr.
+//!
+//! What it is not: a way to start daemons. dockerd is started by `cargo xtask test` (or
+//! `.ci/run`, which calls it) and found through `DOCKER_HOST`.
+//!
+//! Missing tools: a test that needs one calls `require_tool` (or `docker()`) and returns early on
+//! `None`. That happens only when `LAYERWRIGHT_SKIP_PRIVILEGED=1`; otherwise a missing tool is a
+//! test failure naming the Debian package to install, so that CI cannot pass by skipping.
+//!
+//! Use from a test file: `mod support;` (each test binary compiles its own copy, and uses only
+//! some of it, hence the `dead_code` allowance).
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+/// How long one client command may take before the test fails.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long `docker version` may take to answer before the engine counts as unreachable.
+const DOCKER_VERSION_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `LAYERWRIGHT_SKIP_PRIVILEGED=1`: tests needing root, daemons or missing tools skip instead of
+/// failing (for developer machines without them; CI never sets it).
+pub fn skip_privileged() -> bool {
+    std::env::var("LAYERWRIGHT_SKIP_PRIVILEGED").is_ok_and(|value| value == "1")
+}
+
+/// Skips (returning `None`, after saying why) when `skip_privileged()`, else fails the test.
+fn skip_or_panic<T>(reason: &str) -> Option<T> {
+    if skip_privileged() {
+        eprintln!("skipped: {reason} (LAYERWRIGHT_SKIP_PRIVILEGED=1)");
+        return None;
+    }
+    panic!("{reason}. (Set LAYERWRIGHT_SKIP_PRIVILEGED=1 to skip tests that need it.)");
+}
+
+/// The Debian package that provides a tool `require_tool` may be asked for.
+fn debian_package_of(tool: &str) -> &'static str {
+    match tool {
+        "skopeo" => "skopeo",
+        "umoci" => "umoci",
+        "oci-image-tool" => "oci-image-tool",
+        "docker" | "dockerd" => "docker.io",
+        "docker-registry" => "docker-registry",
+        "busybox" => "busybox-static",
+        "buildah" => "buildah",
+        _ => "the package that provides it",
+    }
+}
+
+/// The path of the executable `name`, looked up on `PATH` and in `/usr/sbin`, `/usr/bin`,
+/// `/sbin` and `/bin` (daemons live in sbin, which a non-root `PATH` often lacks). Missing:
+/// `None` under `skip_privileged()`, else a panic naming the Debian package.
+pub fn require_tool(name: &str) -> Option<PathBuf> {
+    if let Some(path) = find_executable(name) {
+        return Some(path);
+    }
+    let package = debian_package_of(name);
+    skip_or_panic(&format!(
+        "the test needs `{name}`, which is not installed: `apt-get install -y {package}`"
+    ))
+}
+
+fn find_executable(name: &str) -> Option<PathBuf> {
+    let is_executable = |path: &Path| {
+        fs::metadata(path)
+            .is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let path = PathBuf::from(name);
+        return is_executable(&path).then_some(path);
+    }
+    let path_variable = std::env::var_os("PATH").unwrap_or_default();
+    let fixed = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from);
+    std::env::split_paths(&path_variable)
+        .chain(fixed)
+        .map(|directory| directory.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running commands
+
+/// A command line as a shell would show it, for failure messages.
+fn describe(command: &Command) -> String {
+    let mut parts = vec![command.get_program().to_string_lossy().into_owned()];
+    parts.extend(
+        command
+            .get_args()
+            .map(|argument| argument.to_string_lossy().into_owned()),
+    );
+    parts.join(" ")
+}
+
+/// Runs `command` (stdin closed, output captured) for at most `timeout`; `Err` says why it
+/// could not finish (not started, timed out; a timed-out command is killed).
+fn try_run(command: &mut Command, timeout: Duration) -> Result<Output, String> {
+    let described = describe(command);
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("cannot start `{described}`: {error}"))?;
+    // Read both pipes on threads: a child blocked on a full pipe would never exit.
+    let stdout = drain(child.stdout.take().expect("stdout is piped"));
+    let stderr = drain(child.stderr.take().expect("stderr is piped"));
+    let status = match wait_until(&mut child, Instant::now() + timeout) {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = stderr.join().unwrap_or_default();
+            return Err(format!(
+                "`{described}` did not finish within {timeout:?}; stderr so far:\n{}",
+                String::from_utf8_lossy(&stderr)
+            ));
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+fn wait_until(child: &mut Child, deadline: Instant) -> Option<std::process::ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child process") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `command` with a timeout; panics if it cannot start or does not finish. The exit status
+/// is the caller's to judge.
+pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Output {
+    try_run(command, timeout).unwrap_or_else(|reason| panic!("{reason}"))
+}
+
+/// Runs `command` with a timeout and panics unless it exits 0, showing its exit code, stderr
+/// and stdout.
+pub fn run_checked(command: &mut Command, timeout: Duration) -> Output {
+    let described = describe(command);
+    let output = run_with_timeout(command, timeout);
+    if !output.status.success() {
+        panic!(
+            "`{described}` failed ({}):\nstderr:\n{}\nstdout:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    output
+}
+
+// ---------------------------------------------------------------------------------------------
+// Docker
+
+/// The docker engine the tests may use: `/usr/bin/docker` (the engine's own client) talking to
+/// `DOCKER_HOST`.
+#[derive(Debug, Clone)]
+pub struct DockerClient {
+    binary: PathBuf,
+    host: String,
+}
+
+/// The engine at `DOCKER_HOST`, if it answers `docker version` within 20 s. Otherwise `None`
+/// under `skip_privileged()`, else a panic saying how to get one.
+pub fn docker() -> Option<DockerClient> {
+    let binary = PathBuf::from("/usr/bin/docker");
+    if !binary.is_file() {
+        return skip_or_panic("the test needs /usr/bin/docker: `apt-get install -y docker.io`");
+    }
+    let how = "dockerd must be running and DOCKER_HOST point at it \
+               (run the tests through `cargo xtask test`, which starts one)";
+    let Some(host) = std::env::var("DOCKER_HOST")
+        .ok()
+        .filter(|host| !host.is_empty())
+    else {
+        return skip_or_panic(&format!("DOCKER_HOST is not set: {how}"));
+    };
+    let client = DockerClient { binary, host };
+    let answer = try_run(
+        client
+            .command()
+            .args(["version", "--format", "{{.Server.Version}}"]),
+        DOCKER_VERSION_TIMEOUT,
+    );
+    match answer {
+        Ok(output) if output.status.success() => Some(client),
+        Ok(output) => skip_or_panic(&format!(
+            "the docker engine at {} does not answer ({}): {}; {how}",
+            client.host,
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )),
+        Err(reason) => skip_or_panic(&format!(
+            "the docker engine at {} does not answer: {reason}; {how}",
+            client.host
+        )),
+    }
+}
+
+impl DockerClient {
+    /// A `docker` command aimed at this engine.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.env("DOCKER_HOST", &self.host);
+        command
+    }
+
+    /// `docker load -i archive`; returns what was loaded (`name:tag`, or the image id when the
+    /// archive names no tag).
+    pub fn load(&self, archive: &Path) -> String {
+        let output = run_checked(
+            self.command().arg("load").arg("-i").arg(archive),
+            COMMAND_TIMEOUT,
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let loaded = stdout.lines().rev().find_map(|line| {
+            line.strip_prefix("Loaded image: ")
+                .or_else(|| line.strip_prefix("Loaded image ID: "))
+        });
+        match loaded {
+            Some(name) => name.trim().to_owned(),
+            None => panic!(
+                "`docker load -i {}` did not say what it loaded:\n{stdout}",
+                archive.display()
+            ),
+        }
+    }
+
+    /// `docker run --rm --network none image args…`; the exit status is the caller's to judge.
+    pub fn run(&self, image: &str, args: &[&str]) -> Output {
+        let mut command = self.command();
+        command
+            .args(["run", "--rm", "--network", "none", image])
+            .args(args);
+        run_with_timeout(&mut command, COMMAND_TIMEOUT)
+    }
+
+    /// Whether the engine has an image of this name or id.
+    pub fn image_exists(&self, name: &str) -> bool {
+        let output = run_with_timeout(
+            self.command().args(["image", "inspect", name]),
+            COMMAND_TIMEOUT,
+        );
+        output.status.success()
+    }
+
+    /// `docker image inspect --format FORMAT name`, trimmed.
+    pub fn inspect_image(&self, name: &str, format: &str) -> String {
+        let output = run_checked(
+            self.command()
+                .args(["image", "inspect", "--format", format, name]),
+            COMMAND_TIMEOUT,
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// `docker rmi -f name`; an image that is already gone is fine.
+    pub fn remove_image(&self, name: &str) {
+        let mut command = self.command();
+        command.args(["rmi", "-f", name]);
+        let described = describe(&command);
+        let output = run_with_timeout(&mut command, COMMAND_TIMEOUT);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() && !stderr.contains("No such image") {
+            panic!("`{described}` failed ({}): {stderr}", output.status);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// OCI tools
+
+/// `oci-image-tool validate --type image DIR`: the tool detects a layout, and checks it, its
+/// index, and every manifest, config and layer descriptor (sizes and digests) of every ref.
+pub fn oci_image_tool_validate(layout_dir: &Path) {
+    let tool = require_tool("oci-image-tool").expect("callers check require_tool first");
+    let mut command = Command::new(tool);
+    command
+        .args(["validate", "--type", "image"])
+        .arg(layout_dir);
+    let described = describe(&command);
+    let output = run_checked(&mut command, COMMAND_TIMEOUT);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("imageLayout") && stdout.contains("Validation succeeded"),
+        "`{described}` did not validate an image layout:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `skopeo inspect REF` (e.g. `oci:DIR:TAG`, `docker-archive:FILE`), parsed.
+pub fn skopeo_inspect(transport_ref: &str) -> serde_json::Value {
+    let tool = require_tool("skopeo").expect("callers check require_tool first");
+    let output = run_checked(
+        Command::new(tool).args(["inspect", transport_ref]),
+        COMMAND_TIMEOUT,
+    );
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+        panic!(
+            "`skopeo inspect {transport_ref}` printed no JSON ({error}):\n{}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}
+
+/// `skopeo copy FROM TO`, without a signature policy (these are local test images).
+pub fn skopeo_copy(from: &str, to: &str) {
+    let tool = require_tool("skopeo").expect("callers check require_tool first");
+    run_checked(
+        Command::new(tool).args(["--insecure-policy", "copy", "--quiet", from, to]),
+        COMMAND_TIMEOUT,
+    );
+}
+
+/// `umoci unpack --image LAYOUT:TAG DEST` (`--rootless` when not root, which then cannot keep
+/// owners); returns the unpacked rootfs, `DEST/rootfs`. `dest` must not exist yet.
+pub fn umoci_unpack(layout_dir: &Path, tag: &str, dest: &Path) -> PathBuf {
+    let tool = require_tool("umoci").expect("callers check require_tool first");
+    let mut command = Command::new(tool);
+    command.arg("unpack");
+    if !rustix::process::geteuid().is_root() {
+        command.arg("--rootless");
+    }
+    command
+        .arg("--image")
+        .arg(format!("{}:{tag}", layout_dir.display()))
+        .arg(dest);
+    run_checked(&mut command, COMMAND_TIMEOUT);
+    dest.join("rootfs")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listing an unpacked rootfs
+
+/// Lists the tree below `rootfs` (not `rootfs` itself), one line per path, sorted by path, in
+/// the format of `FsTree::listing()`:
+///
+/// `TYPE MODE UID:GID SIZE DIGEST-OR-TARGET /PATH`
+///
+/// - TYPE: `d` directory, `f` regular file, `l` symlink, `c` char device, `b` block device,
+///   `p` fifo, `s` socket;
+/// - MODE: the permission bits incl. setuid/setgid/sticky as 4 octal digits (`4755`);
+/// - SIZE: the byte size of a regular file, `-` for anything else;
+/// - DIGEST-OR-TARGET: `sha256:<hex>` of a regular file's content, a symlink's target as
+///   written, `MAJOR:MINOR` of a device, `-` for anything else.
+///
+/// A hard link unpacks as one more regular file with the same content, and is listed as such.
+pub fn tree_of(rootfs: &Path) -> String {
+    let mut lines = BTreeMap::new();
+    list_directory(rootfs, rootfs, &mut lines);
+    lines.into_values().map(|line| line + "\n").collect()
+}
+
+fn list_directory(rootfs: &Path, directory: &Path, lines: &mut BTreeMap<String, String>) {
+    let entries = fs::read_dir(directory)
+        .unwrap_or_else(|error| panic!("cannot list {}: {error}", directory.display()));
+    for entry in entries {
+        let entry =
+            entry.unwrap_or_else(|error| panic!("cannot list {}: {error}", directory.display()));
+        let path = entry.path();
+        let metadata = fs::symlink_metadata(&path)
+            .unwrap_or_else(|error| panic!("cannot stat {}: {error}", path.display()));
+        let relative = path
+            .strip_prefix(rootfs)
+            .expect("listed below the rootfs")
+            .to_string_lossy()
+            .into_owned();
+        let file_type = metadata.file_type();
+        let (kind, size, detail) = if file_type.is_dir() {
+            ("d", "-".to_owned(), "-".to_owned())
+        } else if file_type.is_file() {
+            let content = fs::read(&path)
+                .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
+            (
+                "f",
+                metadata.len().to_string(),
+                format!("sha256:{}", hex::encode(Sha256::digest(&content))),
+            )
+        } else if file_type.is_symlink() {
+            let target = fs::read_link(&path)
+                .unwrap_or_else(|error| panic!("cannot read link {}: {error}", path.display()));
+            ("l", "-".to_owned(), target.to_string_lossy().into_owned())
+        } else if file_type.is_char_device() || file_type.is_block_device() {
+            let kind = if file_type.is_char_device() { "c" } else { "b" };
+            let device = metadata.rdev();
+            (
+                kind,
+                "-".to_owned(),
+                format!("{}:{}", device_major(device), device_minor(device)),
+            )
+        } else if file_type.is_fifo() {
+            ("p", "-".to_owned(), "-".to_owned())
+        } else {
+            ("s", "-".to_owned(), "-".to_owned())
+        };
+        let mode = metadata.mode() & 0o7777;
+        let line = format!(
+            "{kind} {mode:04o} {}:{} {size} {detail} /{relative}",
+            metadata.uid(),
+            metadata.gid()
+        );
+        lines.insert(relative, line);
+        if file_type.is_dir() {
+            list_directory(rootfs, &path, lines);
+        }
+    }
+}
+
+/// glibc's `gnu_dev_major`/`gnu_dev_minor` encoding of a Linux `dev_t`.
+fn device_major(device: u64) -> u64 {
+    ((device >> 32) & 0xffff_f000) | ((device >> 8) & 0x0000_0fff)
+}
+
+fn device_minor(device: u64) -> u64 {
+    ((device >> 12) & 0xffff_ff00) | (device & 0x0000_00ff)
+}
