@@ -14,6 +14,10 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rustix::fs::{FlockOperation, flock};
 use serde::{Deserialize, Serialize};
 use tempfile::NamedTempFile;
 use thiserror::Error;
@@ -28,6 +32,8 @@ pub enum StoreError {
     MissingBlob { digest: Digest, path: PathBuf },
     #[error("cache store: blob written as {expected} has digest {actual}")]
     DigestMismatch { expected: Digest, actual: Digest },
+    #[error("cache store {path} is in use by a running build")]
+    Busy { path: PathBuf },
     #[error("cache store: action record {path} is unreadable: {reason}")]
     CorruptRecord { path: PathBuf, reason: String },
 }
@@ -65,21 +71,55 @@ pub struct BlobInfo {
     pub path: PathBuf,
 }
 
-/// The store rooted at a cache directory. Cheap to clone.
+/// The store rooted at a cache directory. Cheap to clone; every clone shares one lock on the
+/// cache dir, released when the last clone (a builder, a built image) is dropped.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    _lock: Arc<File>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store under `root`.
+    /// Opens (creating if needed) the store under `root`, holding a shared lock on it so that
+    /// `prune` never removes what this process may still use. When no other process holds the
+    /// cache, temp files a crashed build left behind are removed first.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = root.into();
-        for sub in ["blobs/sha256", "actions", "indexes", "snapshots", "tmp"] {
+        for sub in ["blobs/sha256", "actions", "indexes", "provenance", "snapshots", "tmp"] {
             let path = root.join(sub);
             fs::create_dir_all(&path).map_err(StoreError::io("create directory", &path))?;
         }
-        Ok(Store { root })
+        let lock = open_lock_file(&root)?;
+        let lock_path = root.join("lock");
+        if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
+            remove_stale_temp_files(&root.join("tmp"));
+        }
+        flock(&lock, FlockOperation::LockShared).map_err(|error| {
+            eprintln!("layerwright: flock({}, LOCK_SH) failed: {error}", lock_path.display());
+            StoreError::Io { action: "lock", path: lock_path, source: error.into() }
+        })?;
+        Ok(Store { root, _lock: Arc::new(lock) })
+    }
+
+    /// Opens the store holding the lock exclusively (for `prune`): waits up to `timeout` for
+    /// running builds to finish, then gives up with [`StoreError::Busy`].
+    pub fn open_exclusive(root: impl Into<PathBuf>, timeout: Duration) -> Result<Store, StoreError> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(StoreError::io("create directory", &root))?;
+        let lock = open_lock_file(&root)?;
+        let deadline = Instant::now() + timeout;
+        while flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+            if Instant::now() >= deadline {
+                return Err(StoreError::Busy { path: root });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        remove_stale_temp_files(&root.join("tmp"));
+        for sub in ["blobs/sha256", "actions", "indexes", "provenance", "snapshots", "tmp"] {
+            let path = root.join(sub);
+            fs::create_dir_all(&path).map_err(StoreError::io("create directory", &path))?;
+        }
+        Ok(Store { root, _lock: Arc::new(lock) })
     }
 
     pub fn root(&self) -> &Path {
@@ -165,10 +205,23 @@ impl Store {
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StoreError::Io { action: "read action record", path, source }),
         };
-        let record: ActionRecord = serde_json::from_slice(&bytes)
-            .map_err(|error| StoreError::CorruptRecord { path: path.clone(), reason: error.to_string() })?;
+        let record: ActionRecord = match serde_json::from_slice(&bytes) {
+            Ok(record) => record,
+            Err(error) => {
+                // A torn or corrupted record is a miss, not a failed build: the step is rebuilt
+                // and its record rewritten.
+                eprintln!("layerwright: warning: ignoring unreadable action record {}: {error}", path.display());
+                return Ok(None);
+            }
+        };
         let complete = record.layers.iter().all(|layer| self.has_blob(&layer.digest))
             && record.config.as_ref().is_none_or(|config| self.has_blob(config));
+        if complete {
+            // The record's mtime is its last use, for least-recently-used pruning.
+            if let Ok(file) = File::options().write(true).open(&path) {
+                let _ = file.set_modified(SystemTime::now());
+            }
+        }
         Ok(complete.then_some(record))
     }
 
@@ -178,7 +231,7 @@ impl Store {
         let parent = path.parent().expect("action paths have a parent");
         fs::create_dir_all(parent).map_err(StoreError::io("create directory", parent))?;
         let bytes = serde_json::to_vec(record).expect("action records serialise");
-        self.write_atomically(&path, &bytes)
+        self.write_file_atomically(&path, &bytes)
     }
 
     fn index_path(&self, diff_id: &Digest) -> PathBuf {
@@ -197,10 +250,11 @@ impl Store {
 
     /// Saves the index bytes of the layer with `diff_id`.
     pub fn write_index(&self, diff_id: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
-        self.write_atomically(&self.index_path(diff_id), bytes)
+        self.write_file_atomically(&self.index_path(diff_id), bytes)
     }
 
-    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    /// Writes `bytes` to `path` (inside the cache dir) through a temp file and a rename.
+    pub fn write_file_atomically(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         let tmp = self.tmp_dir();
         let mut file = NamedTempFile::new_in(&tmp).map_err(StoreError::io("create temp file in", &tmp))?;
         file.write_all(bytes).map_err(StoreError::io("write temp file in", &tmp))?;
@@ -211,6 +265,27 @@ impl Store {
             source: error.error,
         })?;
         Ok(())
+    }
+}
+
+fn open_lock_file(root: &Path) -> Result<File, StoreError> {
+    let path = root.join("lock");
+    File::options().create(true).truncate(false).read(true).write(true).open(&path).map_err(|source| {
+        eprintln!("layerwright: open({}) failed: {source}", path.display());
+        StoreError::Io { action: "open lock file", path, source }
+    })
+}
+
+/// Removes what interrupted writers left in `tmp/`. Called only while holding the lock
+/// exclusively, so no running writer owns any of it.
+fn remove_stale_temp_files(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        if let Err(error) = removed {
+            eprintln!("layerwright: warning: cannot remove stale temp file {}: {error}", path.display());
+        }
     }
 }
 

@@ -1,0 +1,180 @@
+//! The persisted stat cache: a file's (size, mtime ns, ctime ns, inode, device) → its blake3
+//! digest, so that an unchanged context is stat'ed, never re-read.
+//!
+//! A file whose stat tuple matches its entry is taken as unchanged. ctime is part of the tuple
+//! because a write always moves it, even when a tool restores the mtime. The cache is a plain
+//! in-memory map loaded from `stat-cache` under the cache dir and written back atomically only
+//! when something changed, so a no-op rebuild writes nothing.
+//!
+//! It does not stat or read files itself: the builder passes the metadata it already has.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::{Store, StoreError};
+
+/// What identifies one version of a file on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileStat {
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+    pub inode: u64,
+    pub device: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    stat: FileStat,
+    blake3: [u8; 32],
+}
+
+const MAGIC: &[u8; 8] = b"lwstat01";
+const FILE_NAME: &str = "stat-cache";
+
+/// The stat cache of one cache directory.
+#[derive(Debug, Default)]
+pub struct StatCache {
+    entries: HashMap<PathBuf, Entry>,
+    dirty: bool,
+}
+
+impl StatCache {
+    /// Loads the stat cache of `store`; a missing or unreadable file gives an empty cache (it is
+    /// only an accelerator: the worst case is re-hashing).
+    pub fn load(store: &Store) -> StatCache {
+        let bytes = match std::fs::read(store.root().join(FILE_NAME)) {
+            Ok(bytes) => bytes,
+            Err(_) => return StatCache::default(),
+        };
+        decode(&bytes).map(|entries| StatCache { entries, dirty: false }).unwrap_or_default()
+    }
+
+    /// Writes the cache back if anything changed since it was loaded.
+    pub fn save(&mut self, store: &Store) -> Result<(), StoreError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        store.write_file_atomically(&store.root().join(FILE_NAME), &encode(&self.entries))?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// The digest recorded for `path` if its stat is unchanged.
+    pub fn lookup(&self, path: &Path, stat: &FileStat) -> Option<[u8; 32]> {
+        self.entries.get(path).filter(|entry| entry.stat == *stat).map(|entry| entry.blake3)
+    }
+
+    pub fn record(&mut self, path: PathBuf, stat: FileStat, blake3: [u8; 32]) {
+        let entry = Entry { stat, blake3 };
+        if self.entries.get(&path) != Some(&entry) {
+            self.entries.insert(path, entry);
+            self.dirty = true;
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+fn encode(entries: &HashMap<PathBuf, Entry>) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut sorted: Vec<(&PathBuf, &Entry)> = entries.iter().collect();
+    sorted.sort_by(|left, right| left.0.cmp(right.0));
+    let mut bytes = Vec::with_capacity(MAGIC.len() + sorted.len() * 128);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+    for (path, entry) in sorted {
+        let path = path.as_os_str().as_bytes();
+        bytes.extend_from_slice(&(path.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(path);
+        bytes.extend_from_slice(&entry.stat.size.to_le_bytes());
+        bytes.extend_from_slice(&entry.stat.mtime_ns.to_le_bytes());
+        bytes.extend_from_slice(&entry.stat.ctime_ns.to_le_bytes());
+        bytes.extend_from_slice(&entry.stat.inode.to_le_bytes());
+        bytes.extend_from_slice(&entry.stat.device.to_le_bytes());
+        bytes.extend_from_slice(&entry.blake3);
+    }
+    bytes
+}
+
+fn decode(bytes: &[u8]) -> io::Result<HashMap<PathBuf, Entry>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut reader = Reader { bytes, position: 0 };
+    if reader.take(MAGIC.len())? != MAGIC {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not a stat cache"));
+    }
+    let count = reader.u64()?;
+    let mut entries = HashMap::with_capacity(count.min(1 << 20) as usize);
+    for _ in 0..count {
+        let length = u32::from_le_bytes(reader.array()?) as usize;
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(reader.take(length)?));
+        let stat = FileStat {
+            size: reader.u64()?,
+            mtime_ns: i128::from_le_bytes(reader.array()?),
+            ctime_ns: i128::from_le_bytes(reader.array()?),
+            inode: reader.u64()?,
+            device: reader.u64()?,
+        };
+        entries.insert(path, Entry { stat, blake3: reader.array()? });
+    }
+    Ok(entries)
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    position: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, length: usize) -> io::Result<&'a [u8]> {
+        let end = self.position.checked_add(length).filter(|end| *end <= self.bytes.len());
+        let end = end.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "truncated stat cache"))?;
+        let slice = &self.bytes[self.position..end];
+        self.position = end;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> io::Result<[u8; N]> {
+        Ok(self.take(N)?.try_into().expect("take returns N bytes"))
+    }
+
+    fn u64(&mut self) -> io::Result<u64> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_only_writes_when_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let stat = FileStat { size: 3, mtime_ns: 1, ctime_ns: 2, inode: 4, device: 5 };
+        let mut cache = StatCache::load(&store);
+        assert!(cache.is_empty());
+        cache.record("/ctx/a".into(), stat, [7; 32]);
+        cache.save(&store).unwrap();
+        let path = store.root().join(FILE_NAME);
+        let written = std::fs::metadata(&path).unwrap().modified().unwrap();
+
+        let mut loaded = StatCache::load(&store);
+        assert_eq!(loaded.lookup(Path::new("/ctx/a"), &stat), Some([7; 32]));
+        assert_eq!(loaded.lookup(Path::new("/ctx/a"), &FileStat { ctime_ns: 9, ..stat }), None);
+        loaded.record("/ctx/a".into(), stat, [7; 32]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        loaded.save(&store).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), written, "unchanged: not rewritten");
+
+        std::fs::write(&path, b"garbage").unwrap();
+        assert!(StatCache::load(&store).is_empty());
+    }
+}
