@@ -54,6 +54,38 @@ pub struct StepInput {
     pub files: Option<FileSetInput>,
 }
 
+impl FileMaterial {
+    /// The canonical bytes of this material, fed to key hashes.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(48);
+        let text = |tag: u8, text: &str, bytes: &mut Vec<u8>| {
+            bytes.push(tag);
+            bytes.extend_from_slice(&(text.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(text.as_bytes());
+        };
+        match self {
+            FileMaterial::Directory { mode } => {
+                bytes.push(1);
+                bytes.extend_from_slice(&mode.to_le_bytes());
+            }
+            FileMaterial::File { mode, size, blake3 } => {
+                bytes.push(2);
+                bytes.extend_from_slice(&mode.to_le_bytes());
+                bytes.extend_from_slice(&size.to_le_bytes());
+                bytes.extend_from_slice(blake3);
+            }
+            FileMaterial::Symlink { target } => text(3, target, &mut bytes),
+            FileMaterial::HardLink { target } => text(4, target, &mut bytes),
+        }
+        bytes
+    }
+
+    /// A short hex digest of the material, for provenance records.
+    pub fn digest_hex(&self) -> String {
+        blake3::hash(&self.canonical_bytes()).to_hex()[..32].to_owned()
+    }
+}
+
 /// blake3 over the key material of a selection, in order.
 #[salsa::tracked(returns(copy))]
 pub fn file_set_digest(db: &dyn salsa::Database, set: FileSetInput) -> [u8; 32] {
@@ -64,28 +96,9 @@ pub fn file_set_digest(db: &dyn salsa::Database, set: FileSetInput) -> [u8; 32] 
         let relative = file.relative(db);
         hasher.update(&(relative.len() as u64).to_le_bytes());
         hasher.update(relative.as_bytes());
-        match file.material(db) {
-            FileMaterial::Directory { mode } => {
-                hasher.update(&[1]);
-                hasher.update(&mode.to_le_bytes());
-            }
-            FileMaterial::File { mode, size, blake3 } => {
-                hasher.update(&[2]);
-                hasher.update(&mode.to_le_bytes());
-                hasher.update(&size.to_le_bytes());
-                hasher.update(blake3);
-            }
-            FileMaterial::Symlink { target } => {
-                hasher.update(&[3]);
-                hasher.update(&(target.len() as u64).to_le_bytes());
-                hasher.update(target.as_bytes());
-            }
-            FileMaterial::HardLink { target } => {
-                hasher.update(&[4]);
-                hasher.update(&(target.len() as u64).to_le_bytes());
-                hasher.update(target.as_bytes());
-            }
-        }
+        let material = file.material(db).canonical_bytes();
+        hasher.update(&(material.len() as u64).to_le_bytes());
+        hasher.update(&material);
     }
     *hasher.finalize().as_bytes()
 }
