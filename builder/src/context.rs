@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cap_std::fs::{Dir, Metadata, MetadataExt};
+use layerwright_cache::{FileMaterial, FileStat, StatCache};
 use layerwright_dsl::{Context, DockerIgnore, DockerIgnoreError, ImagePathError, normalize_context_path};
 use thiserror::Error;
 
@@ -59,7 +60,10 @@ impl OpenedContext {
 }
 
 pub fn open_context(context: &Context) -> Result<OpenedContext, ContextError> {
-    let root = context.root().to_owned();
+    // The canonical path names the context in the stat cache and the key database, so the same
+    // directory reached by two spellings is one context.
+    let root = std::fs::canonicalize(context.root())
+        .map_err(|source| ContextError::Open { root: context.root().to_owned(), source })?;
     let dir = Dir::open_ambient_dir(&root, cap_std::ambient_authority())
         .map_err(|source| ContextError::Open { root: root.clone(), source })?;
     let ignore = match dir.read_to_string(".dockerignore") {
@@ -110,15 +114,16 @@ pub struct Selection {
     pub files: Vec<ContextFile>,
 }
 
-/// Resolves `source` inside the context and walks it.
-pub fn select(context: &OpenedContext, source: &str) -> Result<Selection, ContextError> {
+/// Resolves `source` inside the context and walks it. File digests come from `stat_cache` when
+/// a file's stat is unchanged, and are computed (and recorded) otherwise.
+pub fn select(context: &OpenedContext, source: &str, stat_cache: &mut StatCache) -> Result<Selection, ContextError> {
     let source = normalize_context_path(source)
         .map_err(|error| ContextError::Path { path: source.to_owned(), source: error })?;
     if !source.is_empty() && context.ignore.is_excluded(&source) {
         return Err(ContextError::Missing { root: context.root.clone(), path: source });
     }
     let metadata = resolve_metadata(context, &source)?;
-    let mut walker = Walker { context, hard_links: HashMap::new(), files: Vec::new() };
+    let mut walker = Walker { context, stat_cache, hard_links: HashMap::new(), files: Vec::new() };
     if metadata.is_dir() {
         let dir = if source.is_empty() {
             Arc::clone(&context.dir)
@@ -171,6 +176,7 @@ fn resolve_metadata(context: &OpenedContext, source: &str) -> Result<Metadata, C
 
 struct Walker<'a> {
     context: &'a OpenedContext,
+    stat_cache: &'a mut StatCache,
     /// (device, inode) of files with several links → the `relative` path first seen.
     hard_links: HashMap<(u64, u64), String>,
     files: Vec<ContextFile>,
@@ -274,6 +280,17 @@ impl Walker<'_> {
             }
             self.hard_links.insert(identity, relative.to_owned());
         }
+        let stat = FileStat {
+            size: metadata.len(),
+            mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
+            ctime_ns: i128::from(metadata.ctime()) * 1_000_000_000 + i128::from(metadata.ctime_nsec()),
+            inode: metadata.ino(),
+            device: metadata.dev(),
+        };
+        let absolute = self.context.root.join(context_path);
+        if let Some(blake3) = self.stat_cache.lookup(&absolute, &stat) {
+            return Ok(ContextKind::File { size: stat.size, blake3 });
+        }
         let mut file = dir.open(name).map_err(|error| self.read_error(context_path, error))?;
         let mut hasher = blake3::Hasher::new();
         let mut buffer = vec![0u8; 64 * 1024];
@@ -286,7 +303,26 @@ impl Walker<'_> {
             hasher.update(&buffer[..read]);
             size += read as u64;
         }
-        Ok(ContextKind::File { size, blake3: *hasher.finalize().as_bytes() })
+        let blake3 = *hasher.finalize().as_bytes();
+        // Record only what was read in one piece: a file that changed size while being read is
+        // hashed again next time.
+        if size == stat.size {
+            self.stat_cache.record(absolute, stat, blake3);
+        }
+        Ok(ContextKind::File { size, blake3 })
+    }
+}
+
+impl ContextFile {
+    /// What this file contributes to a step key; `mode` is left out when the step overrides it.
+    pub fn material(&self, keep_mode: bool) -> FileMaterial {
+        let mode = if keep_mode { self.mode } else { 0 };
+        match &self.kind {
+            ContextKind::Directory => FileMaterial::Directory { mode },
+            ContextKind::File { size, blake3 } => FileMaterial::File { mode, size: *size, blake3: *blake3 },
+            ContextKind::Symlink { target } => FileMaterial::Symlink { target: target.clone() },
+            ContextKind::HardLink { target } => FileMaterial::HardLink { target: target.clone() },
+        }
     }
 }
 
@@ -315,6 +351,37 @@ mod tests {
         (dir, opened)
     }
 
+    fn select_fresh(context: &OpenedContext, source: &str) -> Result<Selection, ContextError> {
+        select(context, source, &mut StatCache::default())
+    }
+
+    #[test]
+    fn the_stat_cache_spares_rereading_unchanged_files() {
+        let (dir, context) = context_with(&[("a", "one")], None);
+        let mut stat_cache = StatCache::default();
+        let first = select(&context, "a", &mut stat_cache).unwrap();
+        assert_eq!(stat_cache.len(), 1);
+        // Same stat, so the recorded digest is used: prove it by recording a different one.
+        let absolute = context.root().join("a");
+        let metadata = std::fs::metadata(&absolute).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        let stat = FileStat {
+            size: metadata.len(),
+            mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
+            ctime_ns: i128::from(metadata.ctime()) * 1_000_000_000 + i128::from(metadata.ctime_nsec()),
+            inode: metadata.ino(),
+            device: metadata.dev(),
+        };
+        stat_cache.record(absolute, stat, [9; 32]);
+        let cached = select(&context, "a", &mut stat_cache).unwrap();
+        assert_eq!(cached.files[0].kind, ContextKind::File { size: 3, blake3: [9; 32] });
+        // A write changes the stat: the file is hashed again.
+        fs::write(dir.path().join("a"), "two").unwrap();
+        let changed = select(&context, "a", &mut stat_cache).unwrap();
+        assert_ne!(changed.files[0].kind, cached.files[0].kind);
+        assert_ne!(changed.files[0].kind, first.files[0].kind);
+    }
+
     fn relatives(selection: &Selection) -> Vec<&str> {
         selection.files.iter().map(|file| file.relative.as_str()).collect()
     }
@@ -332,10 +399,10 @@ mod tests {
             ],
             Some("src/target\nsrc/*.log\n!src/keep.log\n"),
         );
-        let selection = select(&context, "src").unwrap();
+        let selection = select_fresh(&context, "src").unwrap();
         assert!(selection.source_is_directory);
         assert_eq!(relatives(&selection), ["", "a-b", "a-b/x", "a.rs", "b.rs", "keep.log"]);
-        let whole = select(&context, ".").unwrap();
+        let whole = select_fresh(&context, ".").unwrap();
         assert!(relatives(&whole).contains(&".dockerignore"));
     }
 
@@ -345,16 +412,16 @@ mod tests {
         symlink("/etc/passwd", dir.path().join("absolute")).unwrap();
         symlink("../../../../etc", dir.path().join("relative")).unwrap();
         symlink("a", dir.path().join("inside")).unwrap();
-        assert!(matches!(select(&context, "../a"), Err(ContextError::Path { .. })));
-        assert!(matches!(select(&context, "/etc/passwd"), Err(ContextError::Path { .. })));
+        assert!(matches!(select_fresh(&context, "../a"), Err(ContextError::Path { .. })));
+        assert!(matches!(select_fresh(&context, "/etc/passwd"), Err(ContextError::Path { .. })));
         assert!(
-            matches!(select(&context, "absolute"), Err(ContextError::Escapes { .. })),
+            matches!(select_fresh(&context, "absolute"), Err(ContextError::Escapes { .. })),
             "{:?}",
-            select(&context, "absolute")
+            select_fresh(&context, "absolute")
         );
-        assert!(matches!(select(&context, "relative"), Err(ContextError::Escapes { .. })));
-        assert!(matches!(select(&context, "missing"), Err(ContextError::Missing { .. })));
-        let inside = select(&context, "inside").unwrap();
+        assert!(matches!(select_fresh(&context, "relative"), Err(ContextError::Escapes { .. })));
+        assert!(matches!(select_fresh(&context, "missing"), Err(ContextError::Missing { .. })));
+        let inside = select_fresh(&context, "inside").unwrap();
         assert!(matches!(inside.files[0].kind, ContextKind::File { size: 1, .. }));
     }
 
@@ -364,7 +431,7 @@ mod tests {
         symlink("/etc/passwd", dir.path().join("d/link")).unwrap();
         fs::hard_link(dir.path().join("d/file"), dir.path().join("d/zhard")).unwrap();
         fs::set_permissions(dir.path().join("d/file"), fs::Permissions::from_mode(0o4755)).unwrap();
-        let selection = select(&context, "d").unwrap();
+        let selection = select_fresh(&context, "d").unwrap();
         let kinds: Vec<_> =
             selection.files.iter().map(|file| (file.relative.as_str(), file.kind.clone(), file.mode)).collect();
         assert_eq!(kinds[2], ("link", ContextKind::Symlink { target: "/etc/passwd".into() }, 0o777));

@@ -1,0 +1,432 @@
+//! Executing one step: what each kind of step puts in its layer, or changes in the config.
+//!
+//! Each function gets the finished states of the step's inputs and returns the step's own
+//! result. Layer steps compute their entries against the merged tree of the parent (so missing
+//! parents are created as Docker creates them, and existing ones are left as they are) and hand
+//! them to the layer writer. Nothing here decides what is cached: the solver looks the key up
+//! first and calls in here only on a miss.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use layerwright_cache::{ActionRecord, Digest, LayerRecord, StepKey, Store, StoreError};
+use layerwright_dsl::{
+    CopyFromStep, CopyStep, FileOptions, ImagePathError, MkdirStep, Owner, SymlinkStep, WriteFileStep,
+    normalize_image_path,
+};
+use serde_json::Value;
+
+use crate::build::StepError;
+use crate::context::{ContextKind, Selection};
+use crate::layer::{self, Content, EntryKind, LayerEntry, LayerOptions};
+use crate::tree::{FsTree, IndexEntry, IndexKind, LayerIndex, TreeError, TreeNode};
+
+/// The result of one node: everything the steps above it need.
+#[derive(Debug)]
+pub struct NodeState {
+    pub key: StepKey,
+    pub layers: Vec<LayerRecord>,
+    pub config: Value,
+    pub parent: Option<Arc<NodeState>>,
+    /// The merged tree, computed when a step above needs it.
+    tree: OnceLock<Arc<FsTree>>,
+}
+
+impl NodeState {
+    pub fn new(key: StepKey, layers: Vec<LayerRecord>, config: Value, parent: Option<Arc<NodeState>>) -> NodeState {
+        NodeState { key, layers, config, parent, tree: OnceLock::new() }
+    }
+}
+
+/// Layer indexes loaded during a build, shared by the workers.
+#[derive(Debug, Default)]
+pub struct IndexCache {
+    indexes: Mutex<HashMap<Digest, Arc<LayerIndex>>>,
+}
+
+impl IndexCache {
+    pub fn insert(&self, diff_id: Digest, index: LayerIndex) {
+        self.indexes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(diff_id, Arc::new(index));
+    }
+
+    fn get(&self, store: &Store, layer: &LayerRecord) -> Result<Arc<LayerIndex>, TreeError> {
+        if let Some(index) = self.indexes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&layer.diff_id) {
+            return Ok(Arc::clone(index));
+        }
+        let index = match LayerIndex::load(store, &layer.diff_id)? {
+            Some(index) => index,
+            None => crate::tree::index_layer(store, layer)?,
+        };
+        let index = Arc::new(index);
+        self.indexes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(layer.diff_id.clone(), Arc::clone(&index));
+        Ok(index)
+    }
+}
+
+/// What a step execution needs from the build.
+pub struct Execution<'a> {
+    pub store: &'a Store,
+    pub layer_options: LayerOptions,
+    pub indexes: &'a IndexCache,
+}
+
+/// A layer a step wrote.
+pub struct NewLayer {
+    pub record: LayerRecord,
+    pub blob_bytes_written: u64,
+}
+
+impl Execution<'_> {
+    /// The merged tree of `state`, built from the nearest ancestor whose tree is known.
+    pub fn tree(&self, state: &Arc<NodeState>) -> Result<Arc<FsTree>, TreeError> {
+        if let Some(tree) = state.tree.get() {
+            return Ok(Arc::clone(tree));
+        }
+        // Walk down to the nearest known tree without recursion (chains can be deep).
+        let mut pending = vec![Arc::clone(state)];
+        while let Some(parent) = pending.last().and_then(|node| node.parent.clone()) {
+            if parent.tree.get().is_some() {
+                pending.push(parent);
+                break;
+            }
+            pending.push(parent);
+        }
+        let mut tree: Option<Arc<FsTree>> = None;
+        while let Some(node) = pending.pop() {
+            if let Some(known) = node.tree.get() {
+                tree = Some(Arc::clone(known));
+                continue;
+            }
+            let mut next = tree.as_deref().cloned().unwrap_or_default();
+            let first_own_layer = match &tree {
+                Some(_) => node.parent.as_ref().map_or(0, |parent| parent.layers.len()),
+                None => 0,
+            };
+            for (position, layer) in node.layers.iter().enumerate().skip(first_own_layer) {
+                next.apply(position, &layer.digest, &self.indexes.get(self.store, layer)?)?;
+            }
+            let next = Arc::new(next);
+            let _ = node.tree.set(Arc::clone(&next));
+            tree = Some(next);
+        }
+        Ok(tree.expect("at least the node itself was processed"))
+    }
+
+    /// Writes `entries` as a layer and commits the record under `key`.
+    pub fn commit_layer(&self, key: &StepKey, entries: Vec<LayerEntry>) -> Result<NewLayer, StepError> {
+        let written = layer::write_layer(self.store, entries, &self.layer_options)?;
+        self.store.write_action(key, &ActionRecord { layers: vec![written.record.clone()], config: None })?;
+        self.indexes.insert(written.record.diff_id.clone(), written.index);
+        Ok(NewLayer { record: written.record, blob_bytes_written: written.blob_bytes_written })
+    }
+
+    pub fn read_config(&self, digest: &Digest) -> Result<Value, StepError> {
+        let path = self.store.blob_path(digest);
+        let bytes = std::fs::read(&path).map_err(|source| StoreError::Io { action: "read config blob", path, source })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|error| StepError::CorruptConfig { digest: digest.clone(), reason: error.to_string() })
+    }
+
+    pub fn copy_entries(
+        &self,
+        copy: &CopyStep,
+        selection: &Selection,
+        parent: &Arc<NodeState>,
+    ) -> Result<Vec<LayerEntry>, StepError> {
+        let tree = self.tree(parent)?;
+        let destination = image_path(&copy.destination)?;
+        let owner = copy.options.file.owner.unwrap_or(Owner::ROOT);
+        let root = if selection.source_is_directory {
+            destination
+        } else {
+            let name = copy.source.trim_end_matches('/').rsplit('/').next().unwrap_or_default().to_owned();
+            file_destination(&tree, &copy.destination, destination, &name)
+        };
+        let mut entries = parent_directories(&tree, &root)?;
+        let replace = copy.options.replace_directory && !root.is_empty() && tree_is_directory(&tree, &root);
+        if replace {
+            entries.push(entry(&root, EntryKind::OpaqueWhiteout, 0, Owner::ROOT));
+        }
+        for file in &selection.files {
+            let path = join(&root, &file.relative);
+            if path.is_empty() {
+                continue;
+            }
+            let is_source_directory = file.relative.is_empty() && selection.source_is_directory;
+            if is_source_directory && tree_is_directory(&tree, &path) && !replace {
+                // Copying into an existing directory merges, and leaves the directory as it is.
+                continue;
+            }
+            let kind = match &file.kind {
+                ContextKind::Directory => EntryKind::Directory,
+                ContextKind::File { size, .. } => EntryKind::File {
+                    content: Content::Context { dir: Arc::clone(&selection.dir), path: file.open_path.clone() },
+                    size: *size,
+                },
+                ContextKind::Symlink { target } => EntryKind::Symlink { target: target.clone() },
+                ContextKind::HardLink { target } => EntryKind::HardLink { target: join(&root, target) },
+            };
+            let mode = match kind {
+                EntryKind::Symlink { .. } => 0o777,
+                _ => copy.options.file.mode.unwrap_or(file.mode),
+            };
+            entries.push(entry(&path, kind, mode, owner));
+        }
+        Ok(entries)
+    }
+
+    /// The entries of a `copy_from`, and the spool directory their content was extracted to
+    /// (it must outlive the layer writer).
+    pub fn copy_from_entries(
+        &self,
+        copy: &CopyFromStep,
+        source: &Arc<NodeState>,
+        parent: &Arc<NodeState>,
+    ) -> Result<(Vec<LayerEntry>, tempfile::TempDir), StepError> {
+        let source_tree = self.tree(source)?;
+        let tree = self.tree(parent)?;
+        let source_path = resolve_symlinks(&source_tree, &image_path(&copy.source)?);
+        let source_node = if source_path.is_empty() {
+            root_node()
+        } else {
+            source_tree
+                .get(&source_path)
+                .cloned()
+                .ok_or_else(|| StepError::NotInSourceImage { path: copy.source.clone() })?
+        };
+        let source_is_directory = matches!(source_node.entry.kind, IndexKind::Directory);
+        let destination = image_path(&copy.destination)?;
+        let root = if source_is_directory {
+            destination
+        } else {
+            let name = source_path.rsplit('/').next().unwrap_or_default().to_owned();
+            file_destination(&tree, &copy.destination, destination, &name)
+        };
+        let mut selected: Vec<(String, TreeNode)> = Vec::new();
+        if source_is_directory {
+            if !source_path.is_empty() {
+                selected.push((String::new(), source_node.clone()));
+            }
+            let prefix = if source_path.is_empty() { String::new() } else { format!("{source_path}/") };
+            for (path, node) in source_tree.subtree(&source_path) {
+                if let Some(relative) = path.strip_prefix(&prefix).filter(|relative| !relative.is_empty()) {
+                    selected.push((relative.to_owned(), node.clone()));
+                }
+            }
+        } else {
+            selected.push((String::new(), source_node.clone()));
+        }
+
+        // Regular files (and hard links whose target is not copied along) need their bytes:
+        // spool them out of the source layers, reading each layer once.
+        let copied: BTreeSet<String> = selected.iter().map(|(relative, _)| join(&source_path, relative)).collect();
+        let mut wanted: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+        for (relative, node) in &selected {
+            match &node.entry.kind {
+                IndexKind::File { .. } => {
+                    wanted.entry(node.layer).or_default().insert(join(&source_path, relative));
+                }
+                IndexKind::HardLink { target } if !copied.contains(target) => {
+                    let target_node = source_tree
+                        .get(target)
+                        .ok_or_else(|| StepError::NotInSourceImage { path: format!("/{target}") })?;
+                    wanted.entry(target_node.layer).or_default().insert(target.clone());
+                }
+                _ => {}
+            }
+        }
+        let tmp = self.store.tmp_dir();
+        let spool = tempfile::tempdir_in(&tmp).map_err(|source| StepError::Spool { path: tmp, source })?;
+        let spooled = crate::tree::extract_files(self.store, &source.layers, &wanted, spool.path())?;
+
+        let mut entries = parent_directories(&tree, &root)?;
+        let replace = copy.options.replace_directory && !root.is_empty() && tree_is_directory(&tree, &root);
+        if replace {
+            entries.push(entry(&root, EntryKind::OpaqueWhiteout, 0, Owner::ROOT));
+        }
+        for (relative, node) in &selected {
+            let path = join(&root, relative);
+            if path.is_empty() {
+                continue;
+            }
+            if relative.is_empty() && source_is_directory && tree_is_directory(&tree, &path) && !replace {
+                continue;
+            }
+            let source_full = join(&source_path, relative);
+            let kind = match &node.entry.kind {
+                IndexKind::Directory => EntryKind::Directory,
+                IndexKind::File { size, .. } => {
+                    EntryKind::File { content: Content::HostFile(spooled_path(&spooled, &source_full)?), size: *size }
+                }
+                IndexKind::Symlink { target } => EntryKind::Symlink { target: target.clone() },
+                IndexKind::HardLink { target } if copied.contains(target) => {
+                    let target_relative = target.strip_prefix(&source_path).unwrap_or(target).trim_start_matches('/');
+                    EntryKind::HardLink { target: join(&root, target_relative) }
+                }
+                IndexKind::HardLink { target } => {
+                    let size = match source_tree.get(target).map(|node| &node.entry.kind) {
+                        Some(IndexKind::File { size, .. }) => *size,
+                        _ => return Err(StepError::NotInSourceImage { path: format!("/{target}") }),
+                    };
+                    EntryKind::File { content: Content::HostFile(spooled_path(&spooled, target)?), size }
+                }
+                IndexKind::CharDevice { major, minor } => EntryKind::CharDevice { major: *major, minor: *minor },
+                IndexKind::BlockDevice { major, minor } => EntryKind::BlockDevice { major: *major, minor: *minor },
+                IndexKind::Fifo => EntryKind::Fifo,
+                IndexKind::Whiteout | IndexKind::OpaqueWhiteout => continue,
+            };
+            let owner = copy.options.file.owner.unwrap_or(Owner { uid: node.entry.uid, gid: node.entry.gid });
+            let mode = match kind {
+                EntryKind::Symlink { .. } => 0o777,
+                _ => copy.options.file.mode.unwrap_or(node.entry.mode),
+            };
+            entries.push(entry(&path, kind, mode, owner));
+        }
+        Ok((entries, spool))
+    }
+
+    pub fn write_file_entries(&self, write: &WriteFileStep, parent: &Arc<NodeState>) -> Result<Vec<LayerEntry>, StepError> {
+        let tree = self.tree(parent)?;
+        let path = non_root_path(&write.path)?;
+        let mut entries = parent_directories(&tree, &path)?;
+        let content = Content::Inline(Arc::clone(&write.content));
+        let kind = EntryKind::File { content, size: write.content.len() as u64 };
+        entries.push(file_entry(&path, kind, write.options, 0o644));
+        Ok(entries)
+    }
+
+    pub fn mkdir_entries(&self, mkdir: &MkdirStep, parent: &Arc<NodeState>) -> Result<Vec<LayerEntry>, StepError> {
+        let tree = self.tree(parent)?;
+        let path = non_root_path(&mkdir.path)?;
+        let mut entries = parent_directories(&tree, &path)?;
+        entries.push(file_entry(&path, EntryKind::Directory, mkdir.options, 0o755));
+        Ok(entries)
+    }
+
+    pub fn symlink_entries(&self, symlink: &SymlinkStep, parent: &Arc<NodeState>) -> Result<Vec<LayerEntry>, StepError> {
+        let tree = self.tree(parent)?;
+        let path = non_root_path(&symlink.link_path)?;
+        let mut entries = parent_directories(&tree, &path)?;
+        let kind = EntryKind::Symlink { target: symlink.target.clone() };
+        entries.push(entry(&path, kind, 0o777, symlink.owner.unwrap_or(Owner::ROOT)));
+        Ok(entries)
+    }
+
+    pub fn remove_entries(&self, path: &str, parent: &Arc<NodeState>) -> Result<Vec<LayerEntry>, StepError> {
+        let tree = self.tree(parent)?;
+        let normalised = non_root_path(path)?;
+        if tree.get(&normalised).is_none() {
+            return Err(StepError::NotInImage { path: path.to_owned() });
+        }
+        Ok(vec![entry(&normalised, EntryKind::Whiteout, 0, Owner::ROOT)])
+    }
+}
+
+fn root_node() -> TreeNode {
+    TreeNode {
+        entry: IndexEntry { path: String::new(), kind: IndexKind::Directory, mode: 0o755, uid: 0, gid: 0 },
+        layer: 0,
+    }
+}
+
+pub fn image_path(path: &str) -> Result<String, StepError> {
+    normalize_image_path(path).map_err(|source| StepError::Path { path: path.to_owned(), source })
+}
+
+/// An image path that must not be the root itself.
+fn non_root_path(path: &str) -> Result<String, StepError> {
+    let normalised = image_path(path)?;
+    if normalised.is_empty() {
+        return Err(StepError::Path { path: path.to_owned(), source: ImagePathError::Empty });
+    }
+    Ok(normalised)
+}
+
+/// Where a single file lands: inside `destination` when it names a directory (a trailing `/`,
+/// or an existing directory), else at `destination` itself.
+fn file_destination(tree: &FsTree, declared: &str, destination: String, name: &str) -> String {
+    if declared.ends_with('/') || destination.is_empty() || tree_is_directory(tree, &destination) {
+        return join(&destination, name);
+    }
+    destination
+}
+
+fn tree_is_directory(tree: &FsTree, path: &str) -> bool {
+    path.is_empty() || tree.get(path).is_some_and(|node| matches!(node.entry.kind, IndexKind::Directory))
+}
+
+/// Entries for the missing parents of `path` (0755, root), as Docker creates them. Existing
+/// parents are left out so that their mode and owner stay as the lower layers have them.
+fn parent_directories(tree: &FsTree, path: &str) -> Result<Vec<LayerEntry>, StepError> {
+    let mut entries = Vec::new();
+    for (end, _) in path.match_indices('/') {
+        let parent = &path[..end];
+        match tree.get(parent).map(|node| &node.entry.kind) {
+            Some(IndexKind::Directory) => {}
+            Some(other) => {
+                return Err(StepError::ParentNotDirectory { path: parent.to_owned(), kind: kind_name(other) });
+            }
+            None => entries.push(entry(parent, EntryKind::Directory, 0o755, Owner::ROOT)),
+        }
+    }
+    Ok(entries)
+}
+
+fn kind_name(kind: &IndexKind) -> &'static str {
+    match kind {
+        IndexKind::Directory => "directory",
+        IndexKind::File { .. } | IndexKind::HardLink { .. } => "file",
+        IndexKind::Symlink { .. } => "symlink",
+        IndexKind::CharDevice { .. } | IndexKind::BlockDevice { .. } => "device",
+        IndexKind::Fifo => "fifo",
+        IndexKind::Whiteout | IndexKind::OpaqueWhiteout => "whiteout",
+    }
+}
+
+/// Follows symlinks of the final component of `path` inside `tree` (at most 40, like Linux).
+fn resolve_symlinks(tree: &FsTree, path: &str) -> String {
+    let mut current = path.to_owned();
+    for _ in 0..40 {
+        let Some(IndexKind::Symlink { target }) = tree.get(&current).map(|node| &node.entry.kind) else {
+            return current;
+        };
+        let base = match current.rsplit_once('/') {
+            Some((dir, _)) if !target.starts_with('/') => dir.to_owned(),
+            _ => String::new(),
+        };
+        let mut components: Vec<&str> = if base.is_empty() { Vec::new() } else { base.split('/').collect() };
+        for component in target.split('/') {
+            match component {
+                "" | "." => {}
+                ".." => {
+                    components.pop();
+                }
+                other => components.push(other),
+            }
+        }
+        current = components.join("/");
+    }
+    current
+}
+
+fn spooled_path(spooled: &BTreeMap<String, PathBuf>, path: &str) -> Result<PathBuf, StepError> {
+    spooled.get(path).cloned().ok_or_else(|| StepError::NotInSourceImage { path: format!("/{path}") })
+}
+
+pub fn join(parent: &str, child: &str) -> String {
+    match (parent.is_empty(), child.is_empty()) {
+        (true, _) => child.to_owned(),
+        (false, true) => parent.to_owned(),
+        (false, false) => format!("{parent}/{child}"),
+    }
+}
+
+fn entry(path: &str, kind: EntryKind, mode: u32, owner: Owner) -> LayerEntry {
+    LayerEntry { path: path.to_owned(), kind, mode, uid: owner.uid, gid: owner.gid, xattrs: Vec::new() }
+}
+
+fn file_entry(path: &str, kind: EntryKind, options: FileOptions, default_mode: u32) -> LayerEntry {
+    entry(path, kind, options.mode.unwrap_or(default_mode), options.owner.unwrap_or(Owner::ROOT))
+}
+
