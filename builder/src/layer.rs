@@ -671,7 +671,11 @@ fn truncate_path(path: &str, limit: usize) -> &str {
     if path.len() <= limit {
         return path;
     }
-    if let Some(slash) = path[..=limit].rfind('/').filter(|&slash| slash > 0) {
+    // Searched as bytes: `limit` need not be a char boundary, but a `/` always is one.
+    let slash = path.as_bytes()[..=limit]
+        .iter()
+        .rposition(|&byte| byte == b'/');
+    if let Some(slash) = slash.filter(|&slash| slash > 0) {
         return &path[..slash];
     }
     let mut end = limit;
@@ -1279,6 +1283,23 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
             ..planned
         };
         assert!(entry_headers(&small, 0).0.is_empty());
+    }
+
+    #[test]
+    fn header_copies_of_long_paths_keep_whole_components() {
+        fn check(path: &str, limit: usize, expected: &str) {
+            assert_eq!(truncate_path(path, limit), expected, "{path:?}");
+        }
+        check("short", 10, "short");
+        check("abc/..def/ghi", 7, "abc");
+        check("abc/..def/ghi", 10, "abc/..def");
+        check("abcdefghijkl", 5, "abcde");
+        // Multi-byte characters around the limit: never cut inside one.
+        check("\u{e9}\u{e9}\u{e9}/x", 2, "\u{e9}");
+        check("\u{e9}\u{e9}\u{e9}", 3, "\u{e9}");
+        check("ab/\u{e9}\u{e9}", 4, "ab");
+        let long = format!("{}/{}", "\u{e9}".repeat(60), "x".repeat(60));
+        assert!(truncate_path(&long, 100).len() <= 100);
     }
 
     #[test]

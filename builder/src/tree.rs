@@ -854,7 +854,8 @@ fn escape_for_listing(text: &str) -> String {
 /// (`000000`, `000001`, ...; numbers already taken in `spool_dir` are skipped), never by the
 /// image path. A path that a layer holds twice is taken from its last member; a path wanted
 /// from several layers maps to the file of the highest position. Each layer's diff id is
-/// verified while it is read.
+/// verified while it is read. Only regular-file members count: for a hard link, ask for the
+/// path and layer of [`FsTree::hard_link_target`] instead.
 pub fn extract_files(
     store: &Store,
     layers: &[LayerRecord],
@@ -935,5 +936,759 @@ fn create_spool_file(spool_dir: &Path, counter: &mut u64) -> Result<(PathBuf, Fi
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists => continue,
             Err(source) => return Err(TreeError::Write { path, source }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::layer::{Content, EntryKind, LayerEntry, LayerOptions, write_layer};
+
+    fn new_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    fn layer_digest(position: usize) -> Digest {
+        Digest::of_bytes(format!("layer {position}").as_bytes())
+    }
+
+    fn index_entry(path: &str, kind: IndexKind, mode: u32) -> IndexEntry {
+        IndexEntry {
+            path: path.to_owned(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    fn dir(path: &str) -> IndexEntry {
+        index_entry(path, IndexKind::Directory, 0o755)
+    }
+
+    fn file(path: &str, content: &str) -> IndexEntry {
+        let kind = IndexKind::File {
+            size: content.len() as u64,
+            sha256: Digest::of_bytes(content.as_bytes()),
+        };
+        index_entry(path, kind, 0o644)
+    }
+
+    fn symlink(path: &str, target: &str) -> IndexEntry {
+        let kind = IndexKind::Symlink {
+            target: target.to_owned(),
+        };
+        index_entry(path, kind, 0o777)
+    }
+
+    fn hard_link(path: &str, target: &str) -> IndexEntry {
+        let kind = IndexKind::HardLink {
+            target: target.to_owned(),
+        };
+        index_entry(path, kind, 0o644)
+    }
+
+    fn whiteout(path: &str) -> IndexEntry {
+        index_entry(path, IndexKind::Whiteout, 0)
+    }
+
+    fn opaque(path: &str) -> IndexEntry {
+        index_entry(path, IndexKind::OpaqueWhiteout, 0)
+    }
+
+    fn apply_all(layers: &[Vec<IndexEntry>]) -> Result<FsTree, TreeError> {
+        let mut tree = FsTree::default();
+        for (position, entries) in layers.iter().enumerate() {
+            let index = LayerIndex {
+                entries: entries.clone(),
+            };
+            tree.apply(position, &layer_digest(position), &index)?;
+        }
+        Ok(tree)
+    }
+
+    /// The listing with every sha256 shortened to 8 hex digits, for readable expectations.
+    fn short_listing(tree: &FsTree) -> String {
+        let listing = tree.listing();
+        let mut short = String::new();
+        let mut rest = listing.as_str();
+        while let Some(start) = rest.find("sha256:") {
+            let hex_start = start + "sha256:".len();
+            short.push_str(&rest[..hex_start + 8]);
+            rest = &rest[hex_start + 64..];
+        }
+        short.push_str(rest);
+        short
+    }
+
+    /// Applies `layers` bottom to top and compares the (shortened) listing.
+    fn check_listing(layers: &[Vec<IndexEntry>], expected: &str) {
+        let tree = apply_all(layers).unwrap();
+        let listing = short_listing(&tree);
+        assert_eq!(listing, expected, "\n{listing}");
+    }
+
+    /// Applies `layers` and expects an error whose message contains `expected`.
+    fn check_error(layers: &[Vec<IndexEntry>], expected: &str) {
+        let error = apply_all(layers).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains(expected),
+            "{text:?} does not contain {expected:?}"
+        );
+    }
+
+    // Short digests of the contents used below.
+    // hello: 2cf24dba, bye: b49f425a, new: 11507a0e, old: cba06b57, x: 2d711642
+
+    #[test]
+    fn listing_of_a_simple_stack() {
+        check_listing(
+            &[vec![
+                dir("etc"),
+                file("etc/passwd", "hello"),
+                symlink("bin", "usr/bin"),
+                // Parents `usr` and `usr/bin` are implied.
+                file("usr/bin/sh", "x"),
+                index_entry(
+                    "dev/null",
+                    IndexKind::CharDevice { major: 1, minor: 3 },
+                    0o666,
+                ),
+                index_entry(
+                    "dev/sda",
+                    IndexKind::BlockDevice { major: 8, minor: 0 },
+                    0o660,
+                ),
+                index_entry("run/fifo", IndexKind::Fifo, 0o600),
+                hard_link("usr/bin/bash", "usr/bin/sh"),
+                IndexEntry {
+                    uid: 1000,
+                    gid: 100,
+                    ..index_entry("home/user", IndexKind::Directory, 0o4750)
+                },
+                // One path, one line: spaces, backslashes, newlines, non-ASCII are escaped.
+                file("odd/a b\\c\nd\u{e9}", "x"),
+                symlink("odd/to space", "a b"),
+            ]],
+            "\
+symlink 0777 0:0 - -> usr/bin /bin
+dir 0755 0:0 - - /dev
+char 0666 0:0 - 1,3 /dev/null
+block 0660 0:0 - 8,0 /dev/sda
+dir 0755 0:0 - - /etc
+file 0644 0:0 5 sha256:2cf24dba /etc/passwd
+dir 0755 0:0 - - /home
+dir 4750 1000:100 - - /home/user
+dir 0755 0:0 - - /odd
+file 0644 0:0 1 sha256:2d711642 /odd/a\\u{20}b\\\\c\\nd\\u{e9}
+symlink 0777 0:0 - -> a\\u{20}b /odd/to\\u{20}space
+dir 0755 0:0 - - /run
+fifo 0600 0:0 - - /run/fifo
+dir 0755 0:0 - - /usr
+dir 0755 0:0 - - /usr/bin
+hardlink 0644 0:0 1 sha256:2d711642 => /usr/bin/sh /usr/bin/bash
+file 0644 0:0 1 sha256:2d711642 /usr/bin/sh
+",
+        );
+    }
+
+    #[test]
+    fn whiteouts_and_replacements_follow_oci_semantics() {
+        // A whiteout removes the path and everything below it.
+        check_listing(
+            &[
+                vec![
+                    dir("a"),
+                    file("a/x", "x"),
+                    file("a/y/z", "x"),
+                    file("keep", "x"),
+                ],
+                vec![whiteout("a"), whiteout("not-there")],
+            ],
+            "file 0644 0:0 1 sha256:2d711642 /keep\n",
+        );
+        // An opaque whiteout hides what lower layers put below the directory, but not what
+        // its own layer put there (here `a/-new` sorts before `.wh..wh..opq`).
+        check_listing(
+            &[
+                vec![
+                    dir("a"),
+                    file("a/old", "old"),
+                    file("a/-old", "old"),
+                    file("b", "old"),
+                ],
+                vec![file("a/-new", "new"), opaque("a"), file("a/new", "new")],
+            ],
+            "\
+dir 0755 0:0 - - /a
+file 0644 0:0 3 sha256:11507a0e /a/-new
+file 0644 0:0 3 sha256:11507a0e /a/new
+file 0644 0:0 3 sha256:cba06b57 /b
+",
+        );
+        // A lower directory that still holds entries of the whiting-out layer stays.
+        check_listing(
+            &[
+                vec![dir("a"), dir("a/-sub"), file("a/-sub/old", "old")],
+                vec![file("a/-sub/new", "new"), opaque("a")],
+            ],
+            "\
+dir 0755 0:0 - - /a
+dir 0755 0:0 - - /a/-sub
+file 0644 0:0 3 sha256:11507a0e /a/-sub/new
+",
+        );
+        // An opaque whiteout of the root hides every lower layer.
+        check_listing(
+            &[vec![file("a", "old")], vec![opaque(""), file("b", "new")]],
+            "file 0644 0:0 3 sha256:11507a0e /b\n",
+        );
+        // A whiteout in layer 1 never hides an entry of layer 1 itself.
+        check_listing(
+            &[vec![], vec![file("-x", "new"), whiteout("-x")]],
+            "file 0644 0:0 3 sha256:11507a0e /-x\n",
+        );
+        // A file replaces a directory (and its contents); a directory replaces a file; a
+        // directory over a directory keeps the children and takes the new metadata.
+        check_listing(
+            &[
+                vec![
+                    dir("x"),
+                    file("x/1", "old"),
+                    file("y", "old"),
+                    dir("z"),
+                    file("z/1", "old"),
+                ],
+                vec![
+                    file("x", "new"),
+                    dir("y"),
+                    file("y/2", "new"),
+                    index_entry("z", IndexKind::Directory, 0o700),
+                ],
+            ],
+            "\
+file 0644 0:0 3 sha256:11507a0e /x
+dir 0755 0:0 - - /y
+file 0644 0:0 3 sha256:11507a0e /y/2
+dir 0700 0:0 - - /z
+file 0644 0:0 3 sha256:cba06b57 /z/1
+",
+        );
+        // A hard link keeps the content it was made with when its target path changes later.
+        check_listing(
+            &[
+                vec![file("a", "hello"), hard_link("b", "a"), hard_link("c", "b")],
+                vec![file("a", "bye"), whiteout("b")],
+            ],
+            "\
+file 0644 0:0 3 sha256:b49f425a /a
+hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
+",
+        );
+    }
+
+    #[test]
+    fn layer_positions_are_tracked() {
+        let tree = apply_all(&[
+            vec![dir("a"), file("a/x", "x")],
+            vec![file("a/y", "x"), dir("a")],
+        ])
+        .unwrap();
+        let positions: Vec<(&str, usize)> = tree
+            .subtree("")
+            .map(|(path, node)| (path, node.layer))
+            .collect();
+        assert_eq!(positions, [("a", 1), ("a/x", 0), ("a/y", 1)]);
+        assert_eq!(tree.get("a/x").unwrap().entry, file("a/x", "x"));
+        assert!(tree.get("a/z").is_none());
+    }
+
+    #[test]
+    fn unsafe_entries_are_refused() {
+        // Writing through a symlink of a lower layer, of the same layer, deeper down.
+        check_error(
+            &[
+                vec![symlink("link", "/etc")],
+                vec![file("link/passwd", "x")],
+            ],
+            "entry \"link/passwd\" is written through the symlink \"link\"",
+        );
+        check_error(
+            &[vec![symlink("link", "/etc"), file("link/passwd", "x")]],
+            "through the symlink \"link\"",
+        );
+        check_error(
+            &[
+                vec![dir("a"), symlink("a/l", "/")],
+                vec![file("a/l/b/c", "x")],
+            ],
+            "through the symlink \"a/l\"",
+        );
+        check_error(
+            &[vec![symlink("link", "/etc")], vec![opaque("link")]],
+            "through the symlink \"link\"",
+        );
+        check_error(
+            &[vec![symlink("link", "/etc")], vec![whiteout("link/passwd")]],
+            "through the symlink \"link\"",
+        );
+        check_error(
+            &[
+                vec![symlink("link", "/etc")],
+                vec![hard_link("link/x", "y")],
+            ],
+            "through the symlink \"link\"",
+        );
+        // Replacing the symlink itself is fine.
+        check_listing(
+            &[
+                vec![symlink("link", "/etc")],
+                vec![dir("link"), file("link/x", "x")],
+            ],
+            "dir 0755 0:0 - - /link\nfile 0644 0:0 1 sha256:2d711642 /link/x\n",
+        );
+        // Paths that leave the root.
+        for path in ["../x", "a/../../x", "/abs", "", "a//b", "./a"] {
+            check_error(
+                &[vec![file(path, "x")]],
+                "would land outside the image root",
+            );
+        }
+        check_error(&[vec![whiteout("..")]], "would land outside the image root");
+        check_error(
+            &[vec![file("a", "x"), hard_link("b", "../a")]],
+            "would land outside the image root",
+        );
+        // Hard links need a non-directory target that is in the tree.
+        check_error(
+            &[vec![hard_link("b", "missing")]],
+            "hard link \"b\" points at \"missing\", which is not in the image",
+        );
+        check_error(
+            &[vec![dir("d"), hard_link("b", "d")]],
+            "which is not in the image",
+        );
+        check_error(
+            &[vec![file("b", "x"), hard_link("b", "b")]],
+            "which is not in the image",
+        );
+        check_error(
+            &[vec![dir("d"), file("d/f", "x"), hard_link("d", "d/f")]],
+            "which is not in the image",
+        );
+        // A parent that is a file.
+        check_error(
+            &[vec![file("a", "x")], vec![file("a/b", "x")]],
+            "entry \"a/b\" is below \"a\", which is not a directory",
+        );
+    }
+
+    #[test]
+    fn subtrees_are_contiguous_in_component_order() {
+        let tree = apply_all(&[vec![
+            file("ab", "x"),
+            file("a.b", "x"),
+            file("a-b", "x"),
+            file("a/c/d", "x"),
+            file("a/b", "x"),
+            dir("a"),
+        ]])
+        .unwrap();
+        fn check(tree: &FsTree, path: &str, expected: &[&str]) {
+            let paths: Vec<&str> = tree.subtree(path).map(|(path, _)| path).collect();
+            assert_eq!(paths, expected, "subtree({path:?})");
+        }
+        check(&tree, "", &["a", "a/b", "a/c", "a/c/d", "a-b", "a.b", "ab"]);
+        check(
+            &tree,
+            "/",
+            &["a", "a/b", "a/c", "a/c/d", "a-b", "a.b", "ab"],
+        );
+        check(&tree, "a", &["a", "a/b", "a/c", "a/c/d"]);
+        check(&tree, "/a/", &["a", "a/b", "a/c", "a/c/d"]);
+        check(&tree, "a/c", &["a/c", "a/c/d"]);
+        check(&tree, "a/b", &["a/b"]);
+        check(&tree, "a-b", &["a-b"]);
+        check(&tree, "a/", &["a", "a/b", "a/c", "a/c/d"]);
+        check(&tree, "missing", &[]);
+        check(&tree, "a/c/d/e", &[]);
+    }
+
+    /// A tar member written with raw header fields, so that names the tar crate's setters
+    /// refuse (`..`, absolute paths) can be crafted.
+    struct Member<'a> {
+        name: &'a str,
+        entry_type: tar::EntryType,
+        link: &'a str,
+        content: &'a [u8],
+    }
+
+    fn member<'a>(name: &'a str, entry_type: tar::EntryType) -> Member<'a> {
+        Member {
+            name,
+            entry_type,
+            link: "",
+            content: b"",
+        }
+    }
+
+    fn crafted_tar(members: &[Member<'_>]) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        for member in members {
+            let mut header = tar::Header::new_ustar();
+            let ustar = header.as_ustar_mut().unwrap();
+            ustar.name[..member.name.len()].copy_from_slice(member.name.as_bytes());
+            ustar.linkname[..member.link.len()].copy_from_slice(member.link.as_bytes());
+            header.set_entry_type(member.entry_type);
+            header.set_size(member.content.len() as u64);
+            header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            header.set_cksum();
+            builder.append(&header, member.content).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    /// Stores `bytes` as a layer blob with `media_type`; the diff id is of `tar`.
+    fn stored_layer(store: &Store, tar: &[u8], bytes: &[u8], media_type: &str) -> LayerRecord {
+        let blob = store.put_blob(bytes).unwrap();
+        LayerRecord {
+            diff_id: Digest::of_bytes(tar),
+            digest: blob.digest,
+            size: blob.size,
+            media_type: media_type.to_owned(),
+        }
+    }
+
+    const TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+    #[test]
+    fn index_layer_refuses_names_that_escape_the_root() {
+        use tar::EntryType::{Directory, Link, Regular};
+        fn check(members: &[Member<'_>]) {
+            let (_dir, store) = new_store();
+            let tar = crafted_tar(members);
+            let layer = stored_layer(&store, &tar, &tar, TAR);
+            let error = index_layer(&store, &layer).unwrap_err();
+            assert!(
+                matches!(error, TreeError::EscapesRoot { .. }),
+                "{:?}: {error}",
+                members.iter().map(|member| member.name).collect::<Vec<_>>()
+            );
+        }
+        for name in [
+            "../x",
+            "a/../../x",
+            "./../x",
+            "/abs",
+            "/",
+            "a/.wh..",
+            "a/.wh...",
+            ".wh..",
+        ] {
+            check(&[member(name, Regular)]);
+        }
+        check(&[member("./", Regular)]);
+        check(&[member("..", Directory)]);
+        for target in ["../etc/passwd", "/etc/passwd", "./"] {
+            let link = Member {
+                link: target,
+                ..member("x", Link)
+            };
+            check(&[member("etc/passwd", Regular), link]);
+        }
+    }
+
+    #[test]
+    fn index_layer_normalises_names_and_reads_whiteouts() {
+        use tar::EntryType::{Directory, Link, Regular, Symlink};
+        let (_dir, store) = new_store();
+        let tar = crafted_tar(&[
+            member("./", Directory),
+            member("./etc/", Directory),
+            Member {
+                content: b"hello",
+                ..member("./etc/passwd", Regular)
+            },
+            member("./etc/.wh.shadow", Regular),
+            member("var/.wh..wh..opq", Regular),
+            member(".wh..wh..opq", Regular),
+            member(".wh..wh.plnk", Regular),
+            Member {
+                link: "./etc/passwd",
+                ..member("./hl", Link)
+            },
+            Member {
+                link: "../../etc/passwd",
+                ..member("lnk", Symlink)
+            },
+            member("a//b/./c", Directory),
+        ]);
+        // A gzip blob under the Docker media type of an uncompressed layer: sniffed.
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(&tar).unwrap();
+        let gzip = gzip.finish().unwrap();
+        let layer = stored_layer(
+            &store,
+            &tar,
+            &gzip,
+            "application/vnd.docker.image.rootfs.diff.tar",
+        );
+        let index = index_layer(&store, &layer).unwrap();
+        let entry = |path: &str, kind| index_entry(path, kind, 0o644);
+        let expected = vec![
+            entry("etc", IndexKind::Directory),
+            entry(
+                "etc/passwd",
+                IndexKind::File {
+                    size: 5,
+                    sha256: Digest::of_bytes(b"hello"),
+                },
+            ),
+            entry("etc/shadow", IndexKind::Whiteout),
+            entry("var", IndexKind::OpaqueWhiteout),
+            entry("", IndexKind::OpaqueWhiteout),
+            entry(
+                "hl",
+                IndexKind::HardLink {
+                    target: "etc/passwd".into(),
+                },
+            ),
+            entry(
+                "lnk",
+                IndexKind::Symlink {
+                    target: "../../etc/passwd".into(),
+                },
+            ),
+            entry("a/b/c", IndexKind::Directory),
+        ];
+        assert_eq!(index.entries, expected);
+        assert_eq!(
+            LayerIndex::load(&store, &layer.diff_id).unwrap(),
+            Some(index)
+        );
+    }
+
+    #[test]
+    fn index_layer_checks_the_diff_id_and_media_type() {
+        let (_dir, store) = new_store();
+        let tar = crafted_tar(&[member("a", tar::EntryType::Regular)]);
+        let mut layer = stored_layer(&store, &tar, &tar, TAR);
+        layer.diff_id = Digest::of_bytes(b"something else");
+        let error = index_layer(&store, &layer).unwrap_err();
+        let TreeError::DiffIdMismatch {
+            expected, actual, ..
+        } = error
+        else {
+            panic!("{error}");
+        };
+        assert_eq!(expected, layer.diff_id);
+        assert_eq!(actual, Digest::of_bytes(&tar));
+        assert_eq!(LayerIndex::load(&store, &layer.diff_id).unwrap(), None);
+
+        // Trailing bytes after the end-of-archive blocks count for the diff id.
+        let mut padded = tar.clone();
+        padded.extend_from_slice(&[0; 512 * 16]);
+        let layer = stored_layer(&store, &tar, &padded, TAR);
+        assert!(matches!(
+            index_layer(&store, &layer),
+            Err(TreeError::DiffIdMismatch { .. })
+        ));
+        let layer = stored_layer(&store, &padded, &padded, TAR);
+        assert_eq!(index_layer(&store, &layer).unwrap().entries.len(), 1);
+
+        let layer = stored_layer(&store, &tar, &tar, "application/octet-stream");
+        assert!(matches!(
+            index_layer(&store, &layer),
+            Err(TreeError::UnsupportedMediaType { .. })
+        ));
+    }
+
+    fn inline_file(path: &str, content: &[u8]) -> LayerEntry {
+        LayerEntry {
+            path: path.to_owned(),
+            kind: EntryKind::File {
+                content: Content::Inline(Arc::from(content)),
+                size: content.len() as u64,
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            xattrs: Vec::new(),
+        }
+    }
+
+    fn layer_entry(path: &str, kind: EntryKind, mode: u32) -> LayerEntry {
+        LayerEntry {
+            path: path.to_owned(),
+            kind,
+            mode,
+            uid: 1,
+            gid: 2,
+            xattrs: vec![("user.k".into(), b"v".to_vec())],
+        }
+    }
+
+    #[test]
+    fn index_layer_reads_back_what_write_layer_wrote() {
+        let long_dir = "d".repeat(120);
+        let entries = vec![
+            layer_entry("usr", EntryKind::Directory, 0o755),
+            inline_file("usr/bin/su", b"su"),
+            inline_file(&format!("{long_dir}/{}", "f".repeat(150)), b"long"),
+            // 160 bytes in one component: PAX, with a header copy cut at a char boundary.
+            inline_file(&"\u{e9}".repeat(80), b"unicode"),
+            layer_entry(
+                "usr/bin/link",
+                EntryKind::HardLink {
+                    target: "usr/bin/su".into(),
+                },
+                0o644,
+            ),
+            layer_entry(
+                "sym",
+                EntryKind::Symlink {
+                    target: "../".repeat(50),
+                },
+                0o777,
+            ),
+            layer_entry(
+                "dev/null",
+                EntryKind::CharDevice { major: 1, minor: 3 },
+                0o666,
+            ),
+            layer_entry(
+                "dev/sda",
+                EntryKind::BlockDevice { major: 8, minor: 1 },
+                0o660,
+            ),
+            layer_entry("fifo", EntryKind::Fifo, 0o600),
+            layer_entry("gone", EntryKind::Whiteout, 0),
+            layer_entry("opaque", EntryKind::OpaqueWhiteout, 0),
+            layer_entry("", EntryKind::OpaqueWhiteout, 0),
+            LayerEntry {
+                uid: 5_000_000,
+                ..inline_file("big-uid", b"")
+            },
+        ];
+        for compression in [
+            crate::layer::Compression::Gzip,
+            crate::layer::Compression::Zstd,
+            crate::layer::Compression::None,
+        ] {
+            let (_dir, store) = new_store();
+            let options = LayerOptions {
+                compression,
+                mtime: 0,
+            };
+            let written = write_layer(&store, entries.clone(), &options).unwrap();
+            let indexed = index_layer(&store, &written.record).unwrap();
+            assert_eq!(indexed, written.index, "{compression:?}");
+            let mut tree = FsTree::default();
+            tree.apply(0, &written.record.digest, &indexed).unwrap();
+            assert!(tree.get("usr/bin/su").is_some());
+        }
+    }
+
+    #[test]
+    fn extract_files_spools_the_wanted_files() {
+        let (dir, store) = new_store();
+        let options = LayerOptions {
+            compression: crate::layer::Compression::Gzip,
+            mtime: 0,
+        };
+        let long_path = format!("{}/{}", "x".repeat(120), "y".repeat(120));
+        let bottom = write_layer(
+            &store,
+            vec![inline_file("a", b"bottom a"), inline_file("b", b"bottom b")],
+            &options,
+        )
+        .unwrap();
+        let top = write_layer(
+            &store,
+            vec![
+                inline_file("a", b"top a"),
+                inline_file("c/d", b"top c/d"),
+                inline_file(&long_path, b"long"),
+            ],
+            &options,
+        )
+        .unwrap();
+        let layers = [bottom.record, top.record];
+        let spool = dir.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        // A taken name is skipped, never overwritten.
+        std::fs::write(spool.join("000000"), b"taken").unwrap();
+
+        let wanted = |pairs: &[(usize, &str)]| {
+            let mut wanted: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+            for &(position, path) in pairs {
+                wanted.entry(position).or_default().insert(path.to_owned());
+            }
+            wanted
+        };
+        let extracted = extract_files(
+            &store,
+            &layers,
+            &wanted(&[(0, "b"), (1, "a"), (1, "c/d"), (1, &long_path)]),
+            &spool,
+        )
+        .unwrap();
+        let contents: BTreeMap<&str, Vec<u8>> = extracted
+            .iter()
+            .map(|(path, file)| {
+                assert_eq!(file.parent(), Some(spool.as_path()));
+                (path.as_str(), std::fs::read(file).unwrap())
+            })
+            .collect();
+        let expected: BTreeMap<&str, Vec<u8>> = [
+            ("a", b"top a".to_vec()),
+            ("b", b"bottom b".to_vec()),
+            ("c/d", b"top c/d".to_vec()),
+            (long_path.as_str(), b"long".to_vec()),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(contents, expected);
+        assert_eq!(std::fs::read(spool.join("000000")).unwrap(), b"taken");
+        assert_eq!(extracted["b"], spool.join("000001"));
+
+        let error = extract_files(&store, &layers, &wanted(&[(0, "c/d")]), &spool).unwrap_err();
+        assert!(
+            matches!(&error, TreeError::MissingFile { path, .. } if path == "c/d"),
+            "{error}"
+        );
+        let error = extract_files(&store, &layers, &wanted(&[(2, "a")]), &spool).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                TreeError::NoSuchLayer {
+                    position: 2,
+                    layers: 2
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unreadable_indexes_read_as_absent() {
+        let (_dir, store) = new_store();
+        let diff_id = Digest::of_bytes(b"layer");
+        assert_eq!(LayerIndex::load(&store, &diff_id).unwrap(), None);
+        let index = LayerIndex {
+            entries: vec![file("a", "x"), whiteout("b")],
+        };
+        index.save(&store, &diff_id).unwrap();
+        assert_eq!(LayerIndex::load(&store, &diff_id).unwrap(), Some(index));
+        store.write_index(&diff_id, b"{not json").unwrap();
+        assert_eq!(LayerIndex::load(&store, &diff_id).unwrap(), None);
     }
 }
