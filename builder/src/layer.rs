@@ -1,22 +1,73 @@
 //! The deterministic layer writer: entries in, one compressed tar blob (and its index) out.
 //!
-//! CONTRACT (stub, to be implemented): see `write_layer`.
+//! [`write_layer`] takes the entries of one layer in any order and streams them as a tar
+//! through a diff-id hasher and a compressor into a new blob of the [`Store`], building the
+//! layer's [`LayerIndex`] on the way. Nothing is held whole in memory: file contents are read
+//! from their sources while the tar is written.
 //!
-//! Reproducibility rules (DESIGN.md): entries sorted component-wise (a directory before its
-//! contents); every header written explicitly (mode incl. setuid/setgid/sticky and 0600,
-//! uid/gid, mtime = `LayerOptions::mtime`, empty uname/gname, ustar/GNU-free PAX where needed:
-//! long names, large sizes, xattrs); never `HeaderMode::Deterministic`. Gzip through flate2's
-//! pinned rust backend at a fixed level with no header timestamp; zstd at a fixed level with
-//! one fixed thread mode. Streaming: tar → diff-id hasher → compressor → blob writer; no layer
-//! is held whole in memory.
+//! Reproducibility rules (DESIGN.md), all enforced here:
+//! - Entries are sorted component-wise by tar path (`a` < `a/b` < `a-b`: a directory always
+//!   before its contents) and a path may appear only once.
+//! - Every header is a ustar header written explicitly: mode bits exactly as given (setuid,
+//!   setgid, sticky, 0600 included), uid/gid as given, empty uname/gname, mtime =
+//!   [`LayerOptions::mtime`]. Nothing is read from host metadata and
+//!   `HeaderMode::Deterministic` (which drops setuid and 0600) is never used.
+//! - Whatever ustar cannot hold (long names and link names, sizes of 8 GiB and more, ids that
+//!   need more than 7 octal digits, xattrs as `SCHILY.xattr.NAME`) goes into a PAX extended
+//!   header written by this module, never a GNU extension.
+//! - Gzip uses flate2's pinned pure-Rust backend at level [`GZIP_LEVEL`] with no file name,
+//!   mtime 0 and OS byte 255; zstd uses the bundled libzstd at level [`ZSTD_LEVEL`] in
+//!   single-threaded mode.
+//!
+//! Hard links: the tar format needs a link's target to come earlier in the stream, but sorting
+//! can put a link before its target. When that happens the first member of the link group (in
+//! tar order) carries the content and the target's metadata, and the others become links to
+//! it: the same files, the same inode, a different but equally valid tar.
+//!
+//! What this module deliberately does not do: walk directories, apply `.dockerignore`, decide
+//! modes or owners (the caller normalises them), or look at lower layers. A hard link whose
+//! target is not in this layer is written as given and checked when the layer is applied to a
+//! tree (`FsTree::apply`).
 
+#![allow(
+    dead_code,
+    reason = "the builder, importer and exporters that call this module are being written in \
+              parallel; remove once they are wired up"
+)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use layerwright_cache::{LayerRecord, Store};
+use layerwright_cache::{BlobWriter, Digest, LayerRecord, Sha256Writer, Store};
 use thiserror::Error;
 
-use crate::tree::LayerIndex;
+use crate::tree::{IndexEntry, IndexKind, LayerIndex, TreeError};
+
+/// The gzip level of every gzip layer. Changing it changes every layer digest.
+pub const GZIP_LEVEL: u32 = 6;
+
+/// The zstd level of every zstd layer. Changing it changes every layer digest.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// The name prefix of an OCI whiteout file (`dir/.wh.name` deletes `dir/name`).
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
+
+/// The name of an OCI opaque whiteout file (`dir/.wh..wh..opq` hides the lower `dir/*`).
+pub(crate) const OPAQUE_WHITEOUT_NAME: &str = ".wh..wh..opq";
+
+/// The ustar `name` field holds this many bytes.
+const USTAR_NAME_LENGTH: usize = 100;
+/// The ustar `prefix` field holds this many bytes.
+const USTAR_PREFIX_LENGTH: usize = 155;
+/// The ustar `linkname` field holds this many bytes.
+const USTAR_LINK_NAME_LENGTH: usize = 100;
+/// The largest size the 12-byte octal `size` field holds (11 octal digits, 8 GiB - 1).
+const USTAR_MAX_SIZE: u64 = 0o777_7777_7777;
+/// The largest id the 8-byte octal `uid`/`gid` fields hold (7 octal digits).
+const USTAR_MAX_ID: u64 = 0o777_7777;
 
 /// The compression of the layers a build writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -45,9 +96,13 @@ impl Compression {
             "application/vnd.oci.image.layer.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
             "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Some(Compression::Zstd),
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
+                Some(Compression::Zstd)
+            }
             "application/vnd.oci.image.layer.v1.tar"
             | "application/vnd.docker.image.rootfs.diff.tar"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
@@ -124,15 +179,37 @@ pub struct LayerEntry {
 #[derive(Debug, Error)]
 pub enum LayerError {
     #[error("cannot read {path}: {source}")]
-    ReadSource { path: String, source: std::io::Error },
-    #[error("{path} changed size while the layer was written (expected {expected} bytes, read {actual})")]
-    SizeChanged { path: String, expected: u64, actual: u64 },
+    ReadSource {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} changed size while the layer was written (expected {expected} bytes, read {actual})"
+    )]
+    SizeChanged {
+        path: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("layer entry {path} appears twice")]
     DuplicateEntry { path: String },
     #[error("cannot write layer entry {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    /// An entry the writer refuses: a path that is not normalised, a name that would read back
+    /// as a whiteout, a hard link to a directory, a child of a non-directory, a bad xattr name.
+    #[error("invalid layer entry {path}: {reason}")]
+    InvalidEntry { path: String, reason: String },
+    /// The tar or compressor stream could not be finished.
+    #[error("cannot finish the layer stream: {source}")]
+    Finish { source: std::io::Error },
     #[error(transparent)]
     Store(#[from] layerwright_cache::StoreError),
+    /// The layer blob was committed but its index could not be saved.
+    #[error(transparent)]
+    Index(#[from] TreeError),
 }
 
 /// A layer committed to the store: its record, its index, and how many blob bytes were written.
@@ -145,11 +222,1333 @@ pub struct WrittenLayer {
 
 /// Writes `entries` (any order; sorted here) as one layer blob into `store` and saves its
 /// index (`LayerIndex::save`). Returns the record (diff id, blob digest, size, media type).
+///
+/// The same entries (in any order) with the same options always give byte-identical tar and
+/// blob bytes. On error nothing is committed (the temporary blob file is deleted).
 pub fn write_layer(
     store: &Store,
     entries: Vec<LayerEntry>,
     options: &LayerOptions,
 ) -> Result<WrittenLayer, LayerError> {
-    let _ = (store, entries, options);
-    todo!("layer writer")
+    let planned = plan_entries(entries)?;
+
+    let compressor = Compressor::new(options.compression, store.blob_writer()?)
+        .map_err(|source| LayerError::Finish { source })?;
+    let mut tar = tar::Builder::new(Sha256Writer::new(compressor));
+    let mut index = LayerIndex::default();
+    for entry in &planned {
+        index
+            .entries
+            .push(write_entry(&mut tar, entry, options.mtime)?);
+    }
+
+    // `into_inner` writes the two zero blocks that end the archive; they are part of the diff id.
+    let diff_id_writer = tar
+        .into_inner()
+        .map_err(|source| LayerError::Finish { source })?;
+    let (diff_id, _tar_size, compressor) = diff_id_writer.finish();
+    let blob_writer = compressor
+        .finish()
+        .map_err(|source| LayerError::Finish { source })?;
+    let blob_bytes_written = blob_writer.written();
+    let blob = blob_writer.commit()?;
+
+    let record = LayerRecord {
+        diff_id,
+        digest: blob.digest,
+        size: blob.size,
+        media_type: options.compression.media_type().to_owned(),
+    };
+    index.save(store, &record.diff_id)?;
+    Ok(WrittenLayer {
+        record,
+        index,
+        blob_bytes_written,
+    })
+}
+
+/// An entry as it will be written: its tar path and what the tar header will say.
+#[derive(Debug, Clone)]
+struct PlannedEntry {
+    /// The path inside the tar without a trailing `/` (`dir/.wh.name` for a whiteout).
+    tar_path: String,
+    /// The path the index names (the deleted path for a whiteout, the dir for an opaque one).
+    image_path: String,
+    kind: EntryKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl PlannedEntry {
+    fn is_whiteout(&self) -> bool {
+        matches!(self.kind, EntryKind::Whiteout | EntryKind::OpaqueWhiteout)
+    }
+}
+
+/// Validates the entries, maps whiteouts to their tar names, sorts them component-wise,
+/// refuses duplicates, and puts every hard link after the member of its group that carries
+/// the content.
+fn plan_entries(entries: Vec<LayerEntry>) -> Result<Vec<PlannedEntry>, LayerError> {
+    let mut planned = Vec::with_capacity(entries.len());
+    for entry in entries {
+        planned.push(plan_entry(entry)?);
+    }
+    planned.sort_by(|left, right| compare_paths(&left.tar_path, &right.tar_path));
+    for pair in planned.windows(2) {
+        if pair[0].tar_path == pair[1].tar_path {
+            return Err(LayerError::DuplicateEntry {
+                path: pair[0].tar_path.clone(),
+            });
+        }
+    }
+    order_hard_links(&mut planned)?;
+    check_parents_are_directories(&planned)?;
+    Ok(planned)
+}
+
+fn plan_entry(entry: LayerEntry) -> Result<PlannedEntry, LayerError> {
+    let invalid = |reason: &str| LayerError::InvalidEntry {
+        path: entry.path.clone(),
+        reason: reason.to_owned(),
+    };
+    // An opaque whiteout of the root directory is `.wh..wh..opq` at the top of the tar.
+    let is_root_opaque = entry.path.is_empty() && matches!(entry.kind, EntryKind::OpaqueWhiteout);
+    if !is_root_opaque {
+        check_normalised(&entry.path).map_err(invalid)?;
+    }
+    let (parent, name) = split_parent(&entry.path);
+    let tar_path = match &entry.kind {
+        EntryKind::Whiteout => join_path(parent, &format!("{WHITEOUT_PREFIX}{name}")),
+        EntryKind::OpaqueWhiteout => join_path(&entry.path, OPAQUE_WHITEOUT_NAME),
+        _ => {
+            // A regular entry named `.wh.x` would read back as a whiteout of `x`.
+            if name.starts_with(WHITEOUT_PREFIX) {
+                return Err(invalid(
+                    "names starting with .wh. are reserved for whiteouts",
+                ));
+            }
+            entry.path.clone()
+        }
+    };
+    if let EntryKind::HardLink { target } = &entry.kind {
+        check_normalised(target)
+            .map_err(|reason| invalid(&format!("hard link target {target:?}: {reason}")))?;
+    }
+    if let EntryKind::Symlink { target } = &entry.kind
+        && target.contains('\0')
+    {
+        return Err(invalid("symlink target contains a NUL byte"));
+    }
+    let mut xattrs = entry.xattrs;
+    for (name, _) in &xattrs {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            return Err(invalid(&format!("xattr name {name:?} cannot be a PAX key")));
+        }
+    }
+    // Sorted so that the PAX records do not depend on the order the caller listed them in.
+    xattrs.sort();
+    if xattrs.windows(2).any(|pair| pair[0].0 == pair[1].0) {
+        return Err(invalid("an xattr is listed twice"));
+    }
+
+    let is_whiteout = matches!(entry.kind, EntryKind::Whiteout | EntryKind::OpaqueWhiteout);
+    Ok(PlannedEntry {
+        tar_path,
+        image_path: entry.path,
+        kind: entry.kind,
+        // Whiteout files are empty regular files owned by root with mode 0 (what every other
+        // tool writes); file-type bits in a caller's mode are dropped.
+        mode: if is_whiteout { 0 } else { entry.mode & 0o7777 },
+        uid: if is_whiteout { 0 } else { entry.uid },
+        gid: if is_whiteout { 0 } else { entry.gid },
+        xattrs: if is_whiteout { Vec::new() } else { xattrs },
+    })
+}
+
+/// `Ok` for a normalised image-relative path: non-empty, no leading or trailing `/`, no empty,
+/// `.` or `..` components, no NUL bytes.
+fn check_normalised(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() {
+        return Err("the path is empty");
+    }
+    if path.contains('\0') {
+        return Err("the path contains a NUL byte");
+    }
+    if path.starts_with('/') {
+        return Err("the path is absolute (image paths have no leading /)");
+    }
+    for component in path.split('/') {
+        match component {
+            "" => return Err("the path has an empty component"),
+            "." | ".." => return Err("the path has a . or .. component"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Component-wise order: `a` < `a/b` < `a-b`, so a directory always precedes its contents.
+pub(crate) fn compare_paths(left: &str, right: &str) -> std::cmp::Ordering {
+    left.split('/').cmp(right.split('/'))
+}
+
+/// `("dir/sub", "name")` for `dir/sub/name`, `("", "name")` for `name`.
+fn split_parent(path: &str) -> (&str, &str) {
+    match path.rsplit_once('/') {
+        Some((parent, name)) => (parent, name),
+        None => ("", path),
+    }
+}
+
+fn join_path(parent: &str, name: &str) -> String {
+    if parent.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+/// Makes every hard link point (directly) at the first member of its link group in tar order,
+/// moving the content there when the caller's target sorts after one of its links.
+fn order_hard_links(planned: &mut [PlannedEntry]) -> Result<(), LayerError> {
+    let position_of: HashMap<String, usize> = planned
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| !entry.is_whiteout())
+        .map(|(position, entry)| (entry.image_path.clone(), position))
+        .collect();
+
+    // Link group root (the entry that is not itself a link) → the links that end at it.
+    let mut groups: HashMap<usize, Vec<usize>> = HashMap::new();
+    // Links whose chain leaves this layer: rewritten to the last target of the chain.
+    let mut flattened = Vec::new();
+    for (position, entry) in planned.iter().enumerate() {
+        let EntryKind::HardLink { target } = &entry.kind else {
+            continue;
+        };
+        let mut target = target.clone();
+        let mut steps = 0;
+        // Follow link → link chains inside this layer to the entry that holds the content.
+        let root = loop {
+            let Some(&target_position) = position_of.get(&target) else {
+                break None; // A target in a lower layer: written as given.
+            };
+            match &planned[target_position].kind {
+                EntryKind::HardLink { target: next } => {
+                    steps += 1;
+                    if steps > planned.len() {
+                        return Err(LayerError::InvalidEntry {
+                            path: entry.image_path.clone(),
+                            reason: "hard links form a cycle".to_owned(),
+                        });
+                    }
+                    target = next.clone();
+                }
+                EntryKind::Directory => {
+                    return Err(LayerError::InvalidEntry {
+                        path: entry.image_path.clone(),
+                        reason: format!("hard link to the directory {target:?}"),
+                    });
+                }
+                _ => break Some(target_position),
+            }
+        };
+        match root {
+            Some(root) => groups.entry(root).or_default().push(position),
+            None => flattened.push((position, target)),
+        }
+    }
+    for (position, target) in flattened {
+        planned[position].kind = EntryKind::HardLink { target };
+    }
+
+    let mut roots: Vec<usize> = groups.keys().copied().collect();
+    roots.sort_unstable();
+    for root in roots {
+        let links = &groups[&root];
+        let first = links
+            .iter()
+            .copied()
+            .chain([root])
+            .min()
+            .expect("a link group has at least its root");
+        if first != root {
+            // The first member in tar order takes over the content and the file's metadata
+            // (a hard link shares its inode, so the target's metadata is the one that counts).
+            let content_holder = planned[root].clone();
+            let first_entry = &mut planned[first];
+            first_entry.kind = content_holder.kind;
+            first_entry.mode = content_holder.mode;
+            first_entry.uid = content_holder.uid;
+            first_entry.gid = content_holder.gid;
+            first_entry.xattrs = content_holder.xattrs;
+        }
+        let first_path = planned[first].image_path.clone();
+        for member in links.iter().copied().chain([root]) {
+            if member != first {
+                planned[member].kind = EntryKind::HardLink {
+                    target: first_path.clone(),
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an entry below a non-directory of the same layer (`a` a file or symlink and `a/b`):
+/// such a tar cannot be extracted, and through a symlink it would write outside the image.
+fn check_parents_are_directories(planned: &[PlannedEntry]) -> Result<(), LayerError> {
+    let is_directory: HashMap<&str, bool> = planned
+        .iter()
+        .filter(|entry| !entry.is_whiteout())
+        .map(|entry| {
+            let directory = matches!(entry.kind, EntryKind::Directory);
+            (entry.image_path.as_str(), directory)
+        })
+        .collect();
+    for entry in planned {
+        let mut parent = split_parent(&entry.tar_path).0;
+        while !parent.is_empty() {
+            if is_directory.get(parent) == Some(&false) {
+                return Err(LayerError::InvalidEntry {
+                    path: entry.image_path.clone(),
+                    reason: format!("its parent {parent:?} is not a directory in this layer"),
+                });
+            }
+            parent = split_parent(parent).0;
+        }
+    }
+    Ok(())
+}
+
+/// PAX extended header records (`"<length> <key>=<value>\n"`), in the order added.
+#[derive(Debug, Default)]
+struct PaxRecords {
+    bytes: Vec<u8>,
+}
+
+impl PaxRecords {
+    fn add(&mut self, key: &str, value: &[u8]) {
+        // The length counts the whole record including its own digits: find the digit count
+        // that is consistent with itself.
+        let rest = 1 + key.len() + 1 + value.len() + 1; // " key=value\n"
+        let mut digits = 1;
+        while (rest + digits).to_string().len() != digits {
+            digits += 1;
+        }
+        self.bytes
+            .extend_from_slice((rest + digits).to_string().as_bytes());
+        self.bytes.push(b' ');
+        self.bytes.extend_from_slice(key.as_bytes());
+        self.bytes.push(b'=');
+        self.bytes.extend_from_slice(value);
+        self.bytes.push(b'\n');
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+/// The headers of one entry: the PAX extended header data (if any is needed) and the ustar
+/// header (checksum set).
+fn entry_headers(entry: &PlannedEntry, mtime: u64) -> (PaxRecords, tar::Header) {
+    let mut pax = PaxRecords::default();
+    let mut header = tar::Header::new_ustar();
+
+    let name = match entry.kind {
+        EntryKind::Directory => format!("{}/", entry.tar_path),
+        _ => entry.tar_path.clone(),
+    };
+    set_ustar_name(&mut header, &name, &mut pax);
+
+    let (entry_type, size) = match &entry.kind {
+        EntryKind::Directory => (tar::EntryType::Directory, 0),
+        EntryKind::File { size, .. } => (tar::EntryType::Regular, *size),
+        EntryKind::Symlink { .. } => (tar::EntryType::Symlink, 0),
+        EntryKind::HardLink { .. } => (tar::EntryType::Link, 0),
+        EntryKind::CharDevice { .. } => (tar::EntryType::Char, 0),
+        EntryKind::BlockDevice { .. } => (tar::EntryType::Block, 0),
+        EntryKind::Fifo => (tar::EntryType::Fifo, 0),
+        EntryKind::Whiteout | EntryKind::OpaqueWhiteout => (tar::EntryType::Regular, 0),
+    };
+    header.set_entry_type(entry_type);
+
+    if let EntryKind::Symlink { target } | EntryKind::HardLink { target } = &entry.kind {
+        set_ustar_link_name(&mut header, target, &mut pax);
+    }
+    if size > USTAR_MAX_SIZE {
+        pax.add("size", size.to_string().as_bytes());
+    }
+    // `set_size`/`set_uid`/`set_gid` fall back to base-256 for what octal cannot hold, so a
+    // reader without PAX support still gets the right numbers.
+    header.set_size(size);
+    if u64::from(entry.uid) > USTAR_MAX_ID {
+        pax.add("uid", entry.uid.to_string().as_bytes());
+    }
+    if u64::from(entry.gid) > USTAR_MAX_ID {
+        pax.add("gid", entry.gid.to_string().as_bytes());
+    }
+    header.set_uid(u64::from(entry.uid));
+    header.set_gid(u64::from(entry.gid));
+    header.set_mode(entry.mode);
+    header.set_mtime(mtime);
+    if let EntryKind::CharDevice { major, minor } | EntryKind::BlockDevice { major, minor } =
+        &entry.kind
+    {
+        let ustar = header
+            .as_ustar_mut()
+            .expect("headers made by new_ustar are ustar headers");
+        ustar.set_device_major(*major);
+        ustar.set_device_minor(*minor);
+    }
+    for (name, value) in &entry.xattrs {
+        pax.add(&format!("SCHILY.xattr.{name}"), value);
+    }
+    header.set_cksum();
+    (pax, header)
+}
+
+/// Puts `name` (with its trailing `/` for a directory) into the ustar `name` field, or split
+/// into `prefix` and `name` at a `/`, or, when neither fits, into a PAX `path` record with a
+/// truncated copy in the header for readers that ignore PAX.
+fn set_ustar_name(header: &mut tar::Header, name: &str, pax: &mut PaxRecords) {
+    let ustar = header
+        .as_ustar_mut()
+        .expect("headers made by new_ustar are ustar headers");
+    let bytes = name.as_bytes();
+    if bytes.len() <= USTAR_NAME_LENGTH {
+        ustar.name[..bytes.len()].copy_from_slice(bytes);
+        return;
+    }
+    // Split at the last `/` that leaves a prefix that fits; the name part must be non-empty
+    // (the trailing `/` of a directory is not a split point) and fit too.
+    let split = bytes
+        .iter()
+        .enumerate()
+        .filter(|&(position, &byte)| {
+            byte == b'/'
+                && position > 0
+                && position <= USTAR_PREFIX_LENGTH
+                && position + 1 < bytes.len()
+                && bytes.len() - position - 1 <= USTAR_NAME_LENGTH
+        })
+        .map(|(position, _)| position)
+        .next_back();
+    if let Some(split) = split {
+        ustar.prefix[..split].copy_from_slice(&bytes[..split]);
+        let rest = &bytes[split + 1..];
+        ustar.name[..rest.len()].copy_from_slice(rest);
+        return;
+    }
+    pax.add("path", bytes);
+    let truncated = truncate_path(name, USTAR_NAME_LENGTH);
+    ustar.name[..truncated.len()].copy_from_slice(truncated.as_bytes());
+}
+
+/// Puts `target` into the ustar `linkname` field, or into a PAX `linkpath` record with a
+/// truncated copy in the header when it is too long.
+fn set_ustar_link_name(header: &mut tar::Header, target: &str, pax: &mut PaxRecords) {
+    let ustar = header
+        .as_ustar_mut()
+        .expect("headers made by new_ustar are ustar headers");
+    let bytes = target.as_bytes();
+    if bytes.len() <= USTAR_LINK_NAME_LENGTH {
+        ustar.linkname[..bytes.len()].copy_from_slice(bytes);
+        return;
+    }
+    pax.add("linkpath", bytes);
+    let truncated = truncate_path(target, USTAR_LINK_NAME_LENGTH);
+    ustar.linkname[..truncated.len()].copy_from_slice(truncated.as_bytes());
+}
+
+/// At most `limit` bytes of `path` for the header copy of a PAX-held path. Cut at a `/` when
+/// there is one, so that a PAX-unaware reader sees whole components (cutting `..x` to `..`
+/// would name a parent directory); a single over-long component is cut at a char boundary.
+fn truncate_path(path: &str, limit: usize) -> &str {
+    if path.len() <= limit {
+        return path;
+    }
+    // Searched as bytes: `limit` need not be a char boundary, but a `/` always is one.
+    let slash = path.as_bytes()[..=limit]
+        .iter()
+        .rposition(|&byte| byte == b'/');
+    if let Some(slash) = slash.filter(|&slash| slash > 0) {
+        return &path[..slash];
+    }
+    let mut end = limit;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}
+
+/// The ustar header of the PAX extended header that precedes `entry`.
+fn pax_header(entry: &PlannedEntry, records: &PaxRecords, mtime: u64) -> tar::Header {
+    let mut header = tar::Header::new_ustar();
+    // The name of a PAX header is ignored by readers that understand PAX; readers that do not
+    // extract it as a file, so it gets a harmless relative name (GNU tar and Go do the same).
+    let base = split_parent(&entry.tar_path).1;
+    let name = format!("PaxHeaders.0/{base}");
+    let name = truncate_path(&name, USTAR_NAME_LENGTH);
+    header
+        .as_ustar_mut()
+        .expect("headers made by new_ustar are ustar headers")
+        .name[..name.len()]
+        .copy_from_slice(name.as_bytes());
+    header.set_entry_type(tar::EntryType::XHeader);
+    header.set_size(records.bytes.len() as u64);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(mtime);
+    header.set_cksum();
+    header
+}
+
+/// Writes one entry (its PAX header, its header, its content) and returns its index entry.
+fn write_entry<W: Write>(
+    tar: &mut tar::Builder<W>,
+    entry: &PlannedEntry,
+    mtime: u64,
+) -> Result<IndexEntry, LayerError> {
+    let write_error = |source| LayerError::Write {
+        path: entry.tar_path.clone(),
+        source,
+    };
+    let (pax, header) = entry_headers(entry, mtime);
+    if !pax.is_empty() {
+        tar.append(&pax_header(entry, &pax, mtime), pax.bytes.as_slice())
+            .map_err(write_error)?;
+    }
+
+    let kind = match &entry.kind {
+        EntryKind::File { content, size } => {
+            let sha256 = write_file_content(tar, entry, &header, content, *size)?;
+            IndexKind::File {
+                size: *size,
+                sha256,
+            }
+        }
+        other => {
+            tar.append(&header, io::empty()).map_err(write_error)?;
+            match other {
+                EntryKind::Directory => IndexKind::Directory,
+                EntryKind::Symlink { target } => IndexKind::Symlink {
+                    target: target.clone(),
+                },
+                EntryKind::HardLink { target } => IndexKind::HardLink {
+                    target: target.clone(),
+                },
+                EntryKind::CharDevice { major, minor } => IndexKind::CharDevice {
+                    major: *major,
+                    minor: *minor,
+                },
+                EntryKind::BlockDevice { major, minor } => IndexKind::BlockDevice {
+                    major: *major,
+                    minor: *minor,
+                },
+                EntryKind::Fifo => IndexKind::Fifo,
+                EntryKind::Whiteout => IndexKind::Whiteout,
+                EntryKind::OpaqueWhiteout => IndexKind::OpaqueWhiteout,
+                EntryKind::File { .. } => unreachable!("files are handled above"),
+            }
+        }
+    };
+    Ok(IndexEntry {
+        path: entry.image_path.clone(),
+        kind,
+        mode: entry.mode,
+        uid: entry.uid,
+        gid: entry.gid,
+    })
+}
+
+/// Streams a file's content into the tar after `header`, hashing it on the way, and checks
+/// that the source holds exactly `size` bytes. Returns the content's sha256.
+fn write_file_content<W: Write>(
+    tar: &mut tar::Builder<W>,
+    entry: &PlannedEntry,
+    header: &tar::Header,
+    content: &Content,
+    size: u64,
+) -> Result<Digest, LayerError> {
+    let source_name = match content {
+        Content::Inline(_) => format!("inline content of /{}", entry.image_path),
+        Content::Context { path, .. } => {
+            format!("context file {path} (for /{})", entry.image_path)
+        }
+        Content::HostFile(path) => format!("{} (for /{})", path.display(), entry.image_path),
+    };
+    let read_error = |source| LayerError::ReadSource {
+        path: source_name.clone(),
+        source,
+    };
+    // Opened only now, so that a layer of many files never holds more than one open.
+    let source: Box<dyn Read + '_> = match content {
+        Content::Inline(bytes) => Box::new(&bytes[..]),
+        Content::Context { dir, path } => Box::new(dir.open(path).map_err(read_error)?),
+        Content::HostFile(path) => Box::new(File::open(path).map_err(read_error)?),
+    };
+
+    let mut reader = CheckedContentReader {
+        source,
+        remaining: size,
+        read: 0,
+        hasher: Sha256Writer::new(io::sink()),
+        failure: None,
+    };
+    let appended = tar.append(header, &mut reader);
+    match (appended, reader.failure.take()) {
+        (_, Some(ContentFailure::EndedEarly)) => {
+            return Err(LayerError::SizeChanged {
+                path: source_name,
+                expected: size,
+                actual: reader.read,
+            });
+        }
+        (_, Some(ContentFailure::Read(source))) => return Err(read_error(source)),
+        (Err(source), None) => {
+            return Err(LayerError::Write {
+                path: entry.tar_path.clone(),
+                source,
+            });
+        }
+        (Ok(()), None) => {}
+    }
+
+    // A source that grew: count what is left so the error says how long it is now.
+    let extra = io::copy(&mut reader.source, &mut io::sink()).map_err(read_error)?;
+    if extra > 0 {
+        return Err(LayerError::SizeChanged {
+            path: source_name,
+            expected: size,
+            actual: size + extra,
+        });
+    }
+    Ok(reader.hasher.finish().0)
+}
+
+enum ContentFailure {
+    EndedEarly,
+    Read(io::Error),
+}
+
+/// Reads at most `remaining` bytes from `source`, hashing them, and remembers why it failed
+/// (the source ended early, or could not be read) so that the caller can tell a source
+/// problem from a problem of the stream it writes to.
+struct CheckedContentReader<R> {
+    source: R,
+    remaining: u64,
+    read: u64,
+    hasher: Sha256Writer<io::Sink>,
+    failure: Option<ContentFailure>,
+}
+
+impl<R: Read> Read for CheckedContentReader<R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 || buffer.is_empty() {
+            return Ok(0);
+        }
+        let limit = usize::try_from(self.remaining)
+            .map_or(buffer.len(), |remaining| remaining.min(buffer.len()));
+        loop {
+            match self.source.read(&mut buffer[..limit]) {
+                Ok(0) => {
+                    self.failure = Some(ContentFailure::EndedEarly);
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the source ended before its declared size",
+                    ));
+                }
+                Ok(count) => {
+                    self.hasher
+                        .write_all(&buffer[..count])
+                        .expect("writing to a sink cannot fail");
+                    self.remaining -= count as u64;
+                    self.read += count as u64;
+                    return Ok(count);
+                }
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    let message = error.to_string();
+                    self.failure = Some(ContentFailure::Read(error));
+                    return Err(io::Error::other(message));
+                }
+            }
+        }
+    }
+}
+
+/// The compressor between the diff-id hasher and the blob writer.
+enum Compressor {
+    Gzip(flate2::write::GzEncoder<BlobWriter>),
+    /// Single-threaded on purpose: zstd's output differs between 0 workers and 1 or more, so
+    /// the mode is fixed (the workspace does not enable the `zstdmt` feature).
+    Zstd(zstd::stream::write::Encoder<'static, BlobWriter>),
+    None(BlobWriter),
+}
+
+impl Compressor {
+    fn new(compression: Compression, blob_writer: BlobWriter) -> io::Result<Compressor> {
+        Ok(match compression {
+            // No file name, mtime 0, OS byte 255 ("unknown"): nothing of the host leaks in.
+            Compression::Gzip => Compressor::Gzip(
+                flate2::GzBuilder::new()
+                    .mtime(0)
+                    .operating_system(255)
+                    .write(blob_writer, flate2::Compression::new(GZIP_LEVEL)),
+            ),
+            Compression::Zstd => {
+                Compressor::Zstd(zstd::stream::write::Encoder::new(blob_writer, ZSTD_LEVEL)?)
+            }
+            Compression::None => Compressor::None(blob_writer),
+        })
+    }
+
+    /// Writes the compressor's trailer and returns the blob writer.
+    fn finish(self) -> io::Result<BlobWriter> {
+        match self {
+            Compressor::Gzip(encoder) => encoder.finish(),
+            Compressor::Zstd(encoder) => encoder.finish(),
+            Compressor::None(blob_writer) => Ok(blob_writer),
+        }
+    }
+}
+
+impl Write for Compressor {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            Compressor::Gzip(encoder) => encoder.write(buffer),
+            Compressor::Zstd(encoder) => encoder.write(buffer),
+            Compressor::None(blob_writer) => blob_writer.write(buffer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Compressor::Gzip(encoder) => encoder.flush(),
+            Compressor::Zstd(encoder) => encoder.flush(),
+            Compressor::None(blob_writer) => blob_writer.flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Write as _;
+
+    use super::*;
+
+    const PLAIN: LayerOptions = LayerOptions {
+        compression: Compression::None,
+        mtime: 0,
+    };
+
+    fn new_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        (dir, store)
+    }
+
+    fn entry(path: &str, kind: EntryKind, mode: u32) -> LayerEntry {
+        LayerEntry {
+            path: path.to_owned(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            xattrs: Vec::new(),
+        }
+    }
+
+    fn file(path: &str, content: &[u8], mode: u32) -> LayerEntry {
+        let kind = EntryKind::File {
+            content: Content::Inline(Arc::from(content)),
+            size: content.len() as u64,
+        };
+        entry(path, kind, mode)
+    }
+
+    fn dir(path: &str) -> LayerEntry {
+        entry(path, EntryKind::Directory, 0o755)
+    }
+
+    fn owned(mut entry: LayerEntry, uid: u32, gid: u32) -> LayerEntry {
+        entry.uid = uid;
+        entry.gid = gid;
+        entry
+    }
+
+    /// The uncompressed tar of a written layer.
+    fn layer_tar(store: &Store, record: &LayerRecord) -> Vec<u8> {
+        let blob = std::fs::read(store.blob_path(&record.digest)).unwrap();
+        match Compression::from_media_type(&record.media_type).unwrap() {
+            Compression::Gzip => {
+                let mut tar = Vec::new();
+                flate2::read::GzDecoder::new(&blob[..])
+                    .read_to_end(&mut tar)
+                    .unwrap();
+                tar
+            }
+            Compression::Zstd => zstd::stream::decode_all(&blob[..]).unwrap(),
+            Compression::None => blob,
+        }
+    }
+
+    /// One line per tar member as the tar crate reads it (PAX applied):
+    /// `TYPE MODE UID:GID SIZE MTIME PATH [-> LINK] [CONTENT] [pax KEYS]`. Also asserts that
+    /// uname and gname are empty.
+    fn describe_tar(tar: &[u8]) -> String {
+        let mut text = String::new();
+        let mut archive = tar::Archive::new(tar);
+        for member in archive.entries().unwrap() {
+            let mut member = member.unwrap();
+            let header = member.header().clone();
+            assert_eq!(header.username_bytes(), Some(&b""[..]));
+            assert_eq!(header.groupname_bytes(), Some(&b""[..]));
+            let path = String::from_utf8(member.path_bytes().into_owned()).unwrap();
+            let link = member
+                .link_name_bytes()
+                .map(|link| format!(" -> {}", String::from_utf8_lossy(&link)))
+                .unwrap_or_default();
+            let pax_keys: Vec<String> = match member.pax_extensions().unwrap() {
+                Some(extensions) => extensions
+                    .map(|extension| {
+                        let extension = extension.unwrap();
+                        let key = extension.key().unwrap().to_owned();
+                        if key.starts_with("SCHILY.xattr.") {
+                            format!("{key}={}", String::from_utf8_lossy(extension.value_bytes()))
+                        } else {
+                            key
+                        }
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            let mut content = Vec::new();
+            member.read_to_end(&mut content).unwrap();
+            let _ = write!(
+                text,
+                "{:?} {:04o} {}:{} {} {} {}{}",
+                header.entry_type(),
+                header.mode().unwrap(),
+                header.uid().unwrap(),
+                header.gid().unwrap(),
+                member.size(),
+                header.mtime().unwrap(),
+                path,
+                link,
+            );
+            if !content.is_empty() {
+                let _ = write!(text, " {:?}", String::from_utf8_lossy(&content));
+            }
+            if !pax_keys.is_empty() {
+                let _ = write!(text, " pax[{}]", pax_keys.join(","));
+            }
+            text.push('\n');
+        }
+        text
+    }
+
+    /// Writes `entries` uncompressed and compares the tar, as read back, with `expected`.
+    fn check_tar(entries: Vec<LayerEntry>, options: &LayerOptions, expected: &str) {
+        let (_dir, store) = new_store();
+        let written = write_layer(&store, entries, options).unwrap();
+        let described = describe_tar(&layer_tar(&store, &written.record));
+        assert_eq!(described, expected, "\n{described}");
+    }
+
+    #[test]
+    fn entries_are_sorted_component_wise_and_output_is_reproducible() {
+        let entries = vec![
+            file("z", b"z", 0o644),
+            file("a-b", b"dash", 0o644),
+            dir("a"),
+            entry(
+                "a/l",
+                EntryKind::Symlink {
+                    target: "../z".into(),
+                },
+                0o777,
+            ),
+            file("a/c/d", b"deep", 0o644),
+            dir("a/c"),
+            file("a/b", b"b", 0o644),
+        ];
+        let orders = [
+            entries.clone(),
+            entries.iter().rev().cloned().collect(),
+            entries
+                .iter()
+                .skip(3)
+                .chain(entries.iter().take(3))
+                .cloned()
+                .collect::<Vec<_>>(),
+        ];
+        for compression in [Compression::Gzip, Compression::Zstd, Compression::None] {
+            let options = LayerOptions {
+                compression,
+                mtime: 1_700_000_000,
+            };
+            let mut outputs = Vec::new();
+            for order in &orders {
+                // A fresh store each time, so every blob is really written again.
+                let (_dir, store) = new_store();
+                let written = write_layer(&store, order.clone(), &options).unwrap();
+                let blob = std::fs::read(store.blob_path(&written.record.digest)).unwrap();
+                outputs.push((written.record, blob, written.index));
+            }
+            for output in &outputs[1..] {
+                assert_eq!(output, &outputs[0], "{compression:?}");
+            }
+        }
+        check_tar(
+            entries,
+            &PLAIN,
+            "\
+Directory 0755 0:0 0 0 a/
+Regular 0644 0:0 1 0 a/b \"b\"
+Directory 0755 0:0 0 0 a/c/
+Regular 0644 0:0 4 0 a/c/d \"deep\"
+Symlink 0777 0:0 0 0 a/l -> ../z
+Regular 0644 0:0 4 0 a-b \"dash\"
+Regular 0644 0:0 1 0 z \"z\"
+",
+        );
+    }
+
+    #[test]
+    fn headers_carry_modes_owners_devices_and_xattrs_exactly() {
+        let mut with_xattr = file("bin/ping", b"", 0o755);
+        with_xattr.xattrs = vec![
+            ("security.capability".into(), b"cap".to_vec()),
+            ("user.a".into(), b"1".to_vec()),
+        ];
+        check_tar(
+            vec![
+                owned(file("usr/bin/su", b"su", 0o4755), 0, 0),
+                owned(file("etc/shadow", b"x", 0o600), 0, 42),
+                owned(entry("srv", EntryKind::Directory, 0o2775), 1000, 1000),
+                with_xattr,
+                owned(file("home/big", b"", 0o644), 3_000_000, 70_000),
+                entry("tmp", EntryKind::Directory, 0o1777),
+                entry(
+                    "dev/null",
+                    EntryKind::CharDevice { major: 1, minor: 3 },
+                    0o666,
+                ),
+                entry(
+                    "dev/sda",
+                    EntryKind::BlockDevice { major: 8, minor: 0 },
+                    0o660,
+                ),
+                entry("run/pipe", EntryKind::Fifo, 0o644),
+                // File-type bits in a caller's mode are dropped.
+                entry("x", EntryKind::Directory, 0o040_700),
+            ],
+            &LayerOptions {
+                compression: Compression::None,
+                mtime: 1_234_567,
+            },
+            "\
+Regular 0755 0:0 0 1234567 bin/ping pax[SCHILY.xattr.security.capability=cap,SCHILY.xattr.user.a=1]
+Char 0666 0:0 0 1234567 dev/null
+Block 0660 0:0 0 1234567 dev/sda
+Regular 0600 0:42 1 1234567 etc/shadow \"x\"
+Regular 0644 3000000:70000 0 1234567 home/big pax[uid]
+Fifo 0644 0:0 0 1234567 run/pipe
+Directory 2775 1000:1000 0 1234567 srv/
+Directory 1777 0:0 0 1234567 tmp/
+Regular 4755 0:0 2 1234567 usr/bin/su \"su\"
+Directory 0700 0:0 0 1234567 x/
+",
+        );
+
+        // Device numbers are in the header.
+        let (_dir, store) = new_store();
+        let written = write_layer(
+            &store,
+            vec![entry(
+                "dev/null",
+                EntryKind::CharDevice { major: 1, minor: 3 },
+                0o666,
+            )],
+            &PLAIN,
+        )
+        .unwrap();
+        let tar = layer_tar(&store, &written.record);
+        let header = tar::Header::from_byte_slice(&tar[..512]);
+        assert_eq!(header.device_major().unwrap(), Some(1));
+        assert_eq!(header.device_minor().unwrap(), Some(3));
+    }
+
+    #[test]
+    fn long_names_whiteouts_and_hard_links_get_their_tar_names() {
+        let splittable = format!("{}/{}", "d".repeat(60), "e".repeat(89));
+        let one_long_component = "f".repeat(120);
+        let too_deep = format!("{}/{}", "g".repeat(160), "h".repeat(50));
+        let long_target = "t/".repeat(60);
+        assert_eq!(splittable.len(), 150);
+        check_tar(
+            vec![
+                file(&splittable, b"1", 0o644),
+                file(&one_long_component, b"2", 0o644),
+                file(&too_deep, b"3", 0o644),
+                entry(
+                    "link",
+                    EntryKind::Symlink {
+                        target: long_target.clone(),
+                    },
+                    0o777,
+                ),
+                owned(entry("dir/gone", EntryKind::Whiteout, 0o644), 5, 5),
+                entry("dir", EntryKind::OpaqueWhiteout, 0o755),
+                entry("", EntryKind::OpaqueWhiteout, 0o755),
+                // The target sorts after the link: the link gets the content.
+                file("b/target", b"shared", 0o640),
+                entry(
+                    "a/link",
+                    EntryKind::HardLink {
+                        target: "b/target".into(),
+                    },
+                    0o644,
+                ),
+                // A target in a lower layer is written as given.
+                entry(
+                    "c/lower",
+                    EntryKind::HardLink {
+                        target: "usr/lib/x".into(),
+                    },
+                    0o644,
+                ),
+            ],
+            &PLAIN,
+            &format!(
+                "\
+Regular 0000 0:0 0 0 .wh..wh..opq
+Regular 0640 0:0 6 0 a/link \"shared\"
+Link 0640 0:0 0 0 b/target -> a/link
+Link 0644 0:0 0 0 c/lower -> usr/lib/x
+Regular 0644 0:0 1 0 {splittable} \"1\"
+Regular 0000 0:0 0 0 dir/.wh..wh..opq
+Regular 0000 0:0 0 0 dir/.wh.gone
+Regular 0644 0:0 1 0 {one_long_component} \"2\" pax[path]
+Regular 0644 0:0 1 0 {too_deep} \"3\" pax[path]
+Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
+"
+            ),
+        );
+
+        // The 150-byte path fits the ustar prefix and name fields, with no PAX header.
+        let (_dir, store) = new_store();
+        let written = write_layer(&store, vec![file(&splittable, b"1", 0o644)], &PLAIN).unwrap();
+        let tar = layer_tar(&store, &written.record);
+        let header = tar::Header::from_byte_slice(&tar[..512]);
+        let ustar = header.as_ustar().unwrap();
+        assert_eq!(header.entry_type(), tar::EntryType::Regular);
+        assert_eq!(
+            &ustar.prefix[..61],
+            format!("{}\0", "d".repeat(60)).as_bytes()
+        );
+        assert_eq!(&ustar.name[..89], "e".repeat(89).as_bytes());
+    }
+
+    #[test]
+    fn sizes_of_8_gib_and_more_go_through_pax() {
+        let huge = 9 * 1024 * 1024 * 1024_u64;
+        let planned = PlannedEntry {
+            tar_path: "huge".into(),
+            image_path: "huge".into(),
+            kind: EntryKind::File {
+                content: Content::Inline(Arc::from(&b""[..])),
+                size: huge,
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            xattrs: Vec::new(),
+        };
+        let (pax, header) = entry_headers(&planned, 0);
+        assert_eq!(pax.bytes, b"19 size=9663676416\n");
+        assert_eq!(header.size().unwrap(), huge);
+
+        let small = PlannedEntry {
+            kind: EntryKind::File {
+                content: Content::Inline(Arc::from(&b""[..])),
+                size: USTAR_MAX_SIZE,
+            },
+            ..planned
+        };
+        assert!(entry_headers(&small, 0).0.is_empty());
+    }
+
+    #[test]
+    fn header_copies_of_long_paths_keep_whole_components() {
+        fn check(path: &str, limit: usize, expected: &str) {
+            assert_eq!(truncate_path(path, limit), expected, "{path:?}");
+        }
+        check("short", 10, "short");
+        check("abc/..def/ghi", 7, "abc");
+        check("abc/..def/ghi", 10, "abc/..def");
+        check("abcdefghijkl", 5, "abcde");
+        // Multi-byte characters around the limit: never cut inside one.
+        check("\u{e9}\u{e9}\u{e9}/x", 2, "\u{e9}");
+        check("\u{e9}\u{e9}\u{e9}", 3, "\u{e9}");
+        check("ab/\u{e9}\u{e9}", 4, "ab");
+        let long = format!("{}/{}", "\u{e9}".repeat(60), "x".repeat(60));
+        assert!(truncate_path(&long, 100).len() <= 100);
+    }
+
+    #[test]
+    fn pax_record_lengths_count_themselves() {
+        for value_length in 0..1100 {
+            let mut records = PaxRecords::default();
+            records.add("path", "a".repeat(value_length).as_bytes());
+            let text = String::from_utf8(records.bytes).unwrap();
+            let (length, _) = text.split_once(' ').unwrap();
+            assert_eq!(length.parse::<usize>().unwrap(), text.len(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn compressed_blobs_are_pinned_and_decompress_to_the_diff_id() {
+        fn check(compression: Compression, magic: &[u8]) {
+            let (_dir, store) = new_store();
+            let options = LayerOptions {
+                compression,
+                mtime: 0,
+            };
+            let written =
+                write_layer(&store, vec![file("hello", b"hello", 0o644)], &options).unwrap();
+            let record = &written.record;
+            let blob = std::fs::read(store.blob_path(&record.digest)).unwrap();
+            assert!(
+                blob.starts_with(magic),
+                "{compression:?}: {:x?}",
+                &blob[..8]
+            );
+            assert_eq!(Digest::of_bytes(&blob), record.digest);
+            assert_eq!(blob.len() as u64, record.size);
+            assert_eq!(written.blob_bytes_written, record.size);
+            assert_eq!(record.media_type, compression.media_type());
+            let tar = layer_tar(&store, record);
+            assert_eq!(Digest::of_bytes(&tar), record.diff_id);
+            assert_eq!(
+                tar.len(),
+                512 + 512 + 1024,
+                "header, one data block, end blocks"
+            );
+            if compression == Compression::Gzip {
+                assert_eq!(blob[3], 0, "no gzip flags: no file name, no comment");
+                assert_eq!(&blob[4..8], &[0, 0, 0, 0], "gzip mtime is 0");
+                assert_eq!(blob[9], 255, "gzip OS byte is 'unknown'");
+            }
+        }
+        check(Compression::Gzip, &[0x1f, 0x8b, 8]);
+        check(Compression::Zstd, &[0x28, 0xb5, 0x2f, 0xfd]);
+        check(Compression::None, b"hello\0");
+    }
+
+    #[test]
+    fn sources_must_hold_their_declared_size() {
+        fn check(actual_content: &[u8], declared: u64, expected: Option<(u64, u64)>) {
+            let (dir, store) = new_store();
+            let host_file = dir.path().join("source");
+            std::fs::write(&host_file, actual_content).unwrap();
+            let kind = EntryKind::File {
+                content: Content::HostFile(host_file),
+                size: declared,
+            };
+            let result = write_layer(&store, vec![entry("app/data", kind, 0o644)], &PLAIN);
+            match (result, expected) {
+                (Ok(written), None) => {
+                    let tar = layer_tar(&store, &written.record);
+                    assert!(describe_tar(&tar).contains("app/data"));
+                }
+                (
+                    Err(LayerError::SizeChanged {
+                        path,
+                        expected,
+                        actual,
+                    }),
+                    Some(sizes),
+                ) => {
+                    assert_eq!((expected, actual), sizes);
+                    assert!(path.contains("/app/data"), "{path}");
+                    let leftovers = std::fs::read_dir(store.tmp_dir()).unwrap().count();
+                    assert_eq!(leftovers, 0, "the temporary blob is deleted");
+                }
+                (other, expected) => panic!("{other:?}, expected {expected:?}"),
+            }
+        }
+        check(b"12345", 5, None);
+        check(b"12345", 10, Some((10, 5)));
+        check(b"12345", 3, Some((3, 5)));
+        check(b"", 1, Some((1, 0)));
+
+        let (dir, store) = new_store();
+        let kind = EntryKind::File {
+            content: Content::HostFile(dir.path().join("missing")),
+            size: 1,
+        };
+        let error = write_layer(&store, vec![entry("x", kind, 0o644)], &PLAIN).unwrap_err();
+        assert!(matches!(error, LayerError::ReadSource { .. }), "{error}");
+    }
+
+    #[test]
+    fn context_files_are_read_through_the_capability() {
+        let (dir, store) = new_store();
+        let context = dir.path().join("context");
+        std::fs::create_dir(&context).unwrap();
+        std::fs::write(context.join("inside.txt"), b"inside").unwrap();
+        std::fs::write(dir.path().join("outside.txt"), b"secret").unwrap();
+        let capability = Arc::new(
+            cap_std::fs::Dir::open_ambient_dir(&context, cap_std::ambient_authority()).unwrap(),
+        );
+        let from_context = |path: &str, size| {
+            let kind = EntryKind::File {
+                content: Content::Context {
+                    dir: capability.clone(),
+                    path: path.to_owned(),
+                },
+                size,
+            };
+            entry("app/file", kind, 0o644)
+        };
+
+        let written = write_layer(&store, vec![from_context("inside.txt", 6)], &PLAIN).unwrap();
+        let tar = layer_tar(&store, &written.record);
+        assert_eq!(
+            describe_tar(&tar),
+            "Regular 0644 0:0 6 0 app/file \"inside\"\n"
+        );
+
+        let error =
+            write_layer(&store, vec![from_context("../outside.txt", 6)], &PLAIN).unwrap_err();
+        assert!(matches!(error, LayerError::ReadSource { .. }), "{error}");
+    }
+
+    #[test]
+    fn the_index_lists_the_tar_and_is_saved() {
+        let (_dir, store) = new_store();
+        let written = write_layer(
+            &store,
+            vec![
+                file("etc/passwd", b"root", 0o644),
+                dir("etc"),
+                entry("etc/old", EntryKind::Whiteout, 0o644),
+                entry("var", EntryKind::OpaqueWhiteout, 0o755),
+                entry(
+                    "etc/link",
+                    EntryKind::HardLink {
+                        target: "etc/passwd".into(),
+                    },
+                    0o644,
+                ),
+            ],
+            &PLAIN,
+        )
+        .unwrap();
+        let index_entry = |path: &str, kind, mode| IndexEntry {
+            path: path.to_owned(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+        };
+        let expected = LayerIndex {
+            entries: vec![
+                index_entry("etc", IndexKind::Directory, 0o755),
+                index_entry("etc/old", IndexKind::Whiteout, 0),
+                // `etc/link` sorts before `etc/passwd`, so it carries the content.
+                index_entry(
+                    "etc/link",
+                    IndexKind::File {
+                        size: 4,
+                        sha256: Digest::of_bytes(b"root"),
+                    },
+                    0o644,
+                ),
+                index_entry(
+                    "etc/passwd",
+                    IndexKind::HardLink {
+                        target: "etc/link".into(),
+                    },
+                    0o644,
+                ),
+                index_entry("var", IndexKind::OpaqueWhiteout, 0),
+            ],
+        };
+        assert_eq!(written.index, expected);
+        let loaded = LayerIndex::load(&store, &written.record.diff_id).unwrap();
+        assert_eq!(loaded, Some(expected));
+    }
+
+    #[test]
+    fn invalid_entries_are_refused() {
+        fn check(entries: Vec<LayerEntry>, expected: &str) {
+            let (_dir, store) = new_store();
+            let error = write_layer(&store, entries, &PLAIN).unwrap_err();
+            let text = error.to_string();
+            assert!(
+                text.contains(expected),
+                "{text:?} does not contain {expected:?}"
+            );
+        }
+        check(
+            vec![file("a", b"1", 0o644), file("a", b"2", 0o644)],
+            "layer entry a appears twice",
+        );
+        for bad in ["/abs", "a/../b", "a//b", "a/", ".", "", "a/\0"] {
+            check(vec![file(bad, b"", 0o644)], "invalid layer entry");
+        }
+        check(vec![file("a/.wh.b", b"", 0o644)], "reserved for whiteouts");
+        check(
+            vec![file("a", b"", 0o644), file("a/b", b"", 0o644)],
+            "its parent \"a\" is not a directory",
+        );
+        check(
+            vec![
+                entry(
+                    "l",
+                    EntryKind::Symlink {
+                        target: "/etc".into(),
+                    },
+                    0o777,
+                ),
+                file("l/passwd", b"", 0o644),
+            ],
+            "its parent \"l\" is not a directory",
+        );
+        check(
+            vec![
+                dir("d"),
+                entry("l", EntryKind::HardLink { target: "d".into() }, 0o644),
+            ],
+            "hard link to the directory",
+        );
+        check(
+            vec![
+                entry("x", EntryKind::HardLink { target: "y".into() }, 0o644),
+                entry("y", EntryKind::HardLink { target: "x".into() }, 0o644),
+            ],
+            "cycle",
+        );
+        check(
+            vec![entry(
+                "x",
+                EntryKind::HardLink {
+                    target: "../y".into(),
+                },
+                0o644,
+            )],
+            "hard link target",
+        );
+        let mut bad_xattr = file("x", b"", 0o644);
+        bad_xattr.xattrs = vec![("a=b".into(), Vec::new())];
+        check(vec![bad_xattr], "cannot be a PAX key");
+    }
 }
