@@ -53,10 +53,6 @@ impl OpenedContext {
     pub fn root(&self) -> &Path {
         &self.root
     }
-
-    pub fn ignore(&self) -> &DockerIgnore {
-        &self.ignore
-    }
 }
 
 pub fn open_context(context: &Context) -> Result<OpenedContext, ContextError> {

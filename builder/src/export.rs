@@ -37,29 +37,17 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ExportError {
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("invalid tag {tag:?}: {reason}")]
     InvalidTag { tag: String, reason: String },
     #[error(transparent)]
     Store(#[from] layerwright_cache::StoreError),
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error(
         "cache blob {path} is corrupt: it should be {expected_size} bytes with digest {digest}, but is {actual_size} bytes with digest {actual}"
     )]
-    CorruptBlob {
-        path: PathBuf,
-        digest: Digest,
-        expected_size: u64,
-        actual: Digest,
-        actual_size: u64,
-    },
+    CorruptBlob { path: PathBuf, digest: Digest, expected_size: u64, actual: Digest, actual_size: u64 },
     #[error("{path} cannot be updated: {reason}")]
     ExistingIndex { path: PathBuf, reason: String },
 }
@@ -84,17 +72,12 @@ const CONTAINERD_NAME_ANNOTATION: &str = "io.containerd.image.name";
 pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<(), ExportError> {
     let reference = ImageReference::parse(tag)?;
     let blobs_dir = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs_dir).map_err(|source| ExportError::Write {
-        path: blobs_dir.clone(),
-        source,
-    })?;
+    fs::create_dir_all(&blobs_dir).map_err(|source| ExportError::Write { path: blobs_dir.clone(), source })?;
 
     let layout_file = dir.join("oci-layout");
     if fs::read(&layout_file).ok().as_deref() != Some(OCI_LAYOUT_CONTENT) {
         write_atomically(&layout_file, |writer| {
-            writer
-                .write_all(OCI_LAYOUT_CONTENT)
-                .map_err(write_error(&layout_file))
+            writer.write_all(OCI_LAYOUT_CONTENT).map_err(write_error(&layout_file))
         })?;
     }
     // Blobs first, index last: a layout interrupted half way names no missing blob.
@@ -107,27 +90,13 @@ pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<
         Ok(bytes) => Some(bytes),
         Err(error) if error.kind() == io::ErrorKind::NotFound => None,
         Err(source) => {
-            return Err(ExportError::Read {
-                path: index_path,
-                source,
-            });
+            return Err(ExportError::Read { path: index_path, source });
         }
     };
-    let index = merged_index(
-        existing.as_deref(),
-        manifest_descriptor(&parts, &reference),
-        &reference.tag,
-    )
-    .map_err(|reason| ExportError::ExistingIndex {
-        path: index_path.clone(),
-        reason,
-    })?;
+    let index = merged_index(existing.as_deref(), manifest_descriptor(&parts, &reference), &reference.tag)
+        .map_err(|reason| ExportError::ExistingIndex { path: index_path.clone(), reason })?;
     let index_bytes = canonical_json(&index);
-    write_atomically(&index_path, |writer| {
-        writer
-            .write_all(&index_bytes)
-            .map_err(write_error(&index_path))
-    })
+    write_atomically(&index_path, |writer| writer.write_all(&index_bytes).map_err(write_error(&index_path)))
 }
 
 /// Writes the OCI archive `file`: the image's OCI layout as a tar.
@@ -142,17 +111,9 @@ pub fn write_oci_archive(parts: ImageParts<'_>, file: &Path, tag: &str) -> Resul
 /// may be gzip-compressed (it is decompressed while loaded and checked against the config's
 /// diff ids), and the legacy `repositories` file is read only when `manifest.json` is absent,
 /// so it is not written.
-pub fn write_docker_archive(
-    parts: ImageParts<'_>,
-    file: &Path,
-    tag: &str,
-) -> Result<(), ExportError> {
+pub fn write_docker_archive(parts: ImageParts<'_>, file: &Path, tag: &str) -> Result<(), ExportError> {
     let reference = ImageReference::parse(tag)?;
-    let layer_members: Vec<String> = parts
-        .layers
-        .iter()
-        .map(|layer| blob_member(&layer.digest))
-        .collect();
+    let layer_members: Vec<String> = parts.layers.iter().map(|layer| blob_member(&layer.digest)).collect();
     let manifest = json!([{
         "Config": blob_member(parts.config),
         "RepoTags": [reference.full_name],
@@ -179,10 +140,7 @@ impl ImageReference {
     /// of lowercase components (`[a-z0-9]` separated by `.`, `_`, `-`), the tag of
     /// `[A-Za-z0-9_.-]` (at most 128, not starting with `.` or `-`).
     fn parse(reference: &str) -> Result<ImageReference, ExportError> {
-        let invalid = |reason: &str| ExportError::InvalidTag {
-            tag: reference.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let invalid = |reason: &str| ExportError::InvalidTag { tag: reference.to_owned(), reason: reason.to_owned() };
         if reference.is_empty() {
             return Err(invalid("it is empty"));
         }
@@ -190,9 +148,7 @@ impl ImageReference {
             return Err(invalid("it contains whitespace"));
         }
         if reference.contains('@') {
-            return Err(invalid(
-                "a digest cannot name an export; give a name and tag such as app:latest",
-            ));
+            return Err(invalid("a digest cannot name an export; give a name and tag such as app:latest"));
         }
         let last_slash = reference.rfind('/');
         let (name, tag) = match reference.rfind(':') {
@@ -202,37 +158,26 @@ impl ImageReference {
             _ => (reference, "latest"),
         };
         if !is_valid_tag(tag) {
-            return Err(invalid(
-                "the tag must be 1 to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'",
-            ));
+            return Err(invalid("the tag must be 1 to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'"));
         }
         if name.len() > 255 {
             return Err(invalid("the name is longer than 255 characters"));
         }
         let mut components: Vec<&str> = name.split('/').collect();
         let first = components[0];
-        let has_host = components.len() > 1
-            && (first.contains('.') || first.contains(':') || first == "localhost");
+        let has_host = components.len() > 1 && (first.contains('.') || first.contains(':') || first == "localhost");
         if has_host {
             if !is_valid_host(first) {
-                return Err(invalid(
-                    "the registry host must be host[:port] of [A-Za-z0-9.-]",
-                ));
+                return Err(invalid("the registry host must be host[:port] of [A-Za-z0-9.-]"));
             }
             components.remove(0);
         }
-        if !components
-            .iter()
-            .all(|component| is_valid_path_component(component))
-        {
+        if !components.iter().all(|component| is_valid_path_component(component)) {
             return Err(invalid(
                 "each name component must be lowercase [a-z0-9], separated inside by '.', '_' or '-' (e.g. team/app)",
             ));
         }
-        Ok(ImageReference {
-            full_name: format!("{name}:{tag}"),
-            tag: tag.to_owned(),
-        })
+        Ok(ImageReference { full_name: format!("{name}:{tag}"), tag: tag.to_owned() })
     }
 }
 
@@ -243,9 +188,7 @@ fn is_valid_tag(tag: &str) -> bool {
     };
     tag.len() <= 128
         && (first.is_ascii_alphanumeric() || first == '_')
-        && characters.all(|character| {
-            character.is_ascii_alphanumeric() || matches!(character, '_' | '.' | '-')
-        })
+        && characters.all(|character| character.is_ascii_alphanumeric() || matches!(character, '_' | '.' | '-'))
 }
 
 fn is_valid_host(host: &str) -> bool {
@@ -258,26 +201,20 @@ fn is_valid_host(host: &str) -> bool {
             !label.is_empty()
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|character| character.is_ascii_alphanumeric() || character == '-')
+                && label.chars().all(|character| character.is_ascii_alphanumeric() || character == '-')
         });
-    let port_is_valid = port.is_none_or(|port| {
-        !port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit())
-    });
+    let port_is_valid =
+        port.is_none_or(|port| !port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit()));
     name_is_valid && port_is_valid
 }
 
 fn is_valid_path_component(component: &str) -> bool {
-    let is_alphanumeric =
-        |character: char| character.is_ascii_lowercase() || character.is_ascii_digit();
+    let is_alphanumeric = |character: char| character.is_ascii_lowercase() || character.is_ascii_digit();
     let is_separator = |character: char| matches!(character, '.' | '_' | '-');
     !component.is_empty()
         && component.starts_with(is_alphanumeric)
         && component.ends_with(is_alphanumeric)
-        && component
-            .chars()
-            .all(|character| is_alphanumeric(character) || is_separator(character))
+        && component.chars().all(|character| is_alphanumeric(character) || is_separator(character))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -288,17 +225,9 @@ fn is_valid_path_component(component: &str) -> bool {
 fn blob_sizes(parts: &ImageParts<'_>) -> Result<BTreeMap<Digest, u64>, ExportError> {
     let config_path = parts.store.blob_path(parts.config);
     let config_file = parts.store.open_blob(parts.config)?;
-    let config_size = config_file
-        .metadata()
-        .map_err(|source| ExportError::Read {
-            path: config_path,
-            source,
-        })?
-        .len();
-    let mut sizes = BTreeMap::from([
-        (parts.manifest.clone(), parts.manifest_size),
-        (parts.config.clone(), config_size),
-    ]);
+    let config_size = config_file.metadata().map_err(|source| ExportError::Read { path: config_path, source })?.len();
+    let mut sizes =
+        BTreeMap::from([(parts.manifest.clone(), parts.manifest_size), (parts.config.clone(), config_size)]);
     for layer in parts.layers {
         sizes.insert(layer.digest.clone(), layer.size);
     }
@@ -324,11 +253,7 @@ fn manifest_descriptor(parts: &ImageParts<'_>, reference: &ImageReference) -> Va
 
 /// A fresh index holding `descriptor`, or the `existing` index with `descriptor` in place of
 /// the one with the same ref name (the others kept, in order). Errors are reasons.
-fn merged_index(
-    existing: Option<&[u8]>,
-    descriptor: Value,
-    ref_name: &str,
-) -> Result<Value, String> {
+fn merged_index(existing: Option<&[u8]>, descriptor: Value, ref_name: &str) -> Result<Value, String> {
     let mut index = match existing {
         None => serde_json::Map::new(),
         Some(bytes) => match serde_json::from_slice(bytes) {
@@ -348,8 +273,7 @@ fn merged_index(
             manifests[position] = descriptor;
             // An index should not name one ref twice; if it did, the first place is kept.
             let mut seen = false;
-            manifests
-                .retain(|manifest| !has_ref_name(manifest) || !std::mem::replace(&mut seen, true));
+            manifests.retain(|manifest| !has_ref_name(manifest) || !std::mem::replace(&mut seen, true));
         }
         None => manifests.push(descriptor),
     }
@@ -402,12 +326,7 @@ fn write_canonical_json(value: &Value, out: &mut Vec<u8>) {
 
 /// Copies one blob into a layout's `blobs/sha256`, unless a file of the right size is there.
 /// A file of another size is a leftover of something else and is replaced.
-fn copy_blob_into_layout(
-    store: &Store,
-    digest: &Digest,
-    size: u64,
-    blobs_dir: &Path,
-) -> Result<(), ExportError> {
+fn copy_blob_into_layout(store: &Store, digest: &Digest, size: u64, blobs_dir: &Path) -> Result<(), ExportError> {
     let destination = blobs_dir.join(digest.hex());
     if let Ok(metadata) = fs::metadata(&destination)
         && metadata.is_file()
@@ -452,10 +371,7 @@ impl VerifiedBlob {
     /// produced the recorded size and digest.
     fn check(&mut self, copied: io::Result<()>, destination: &Path) -> Result<(), ExportError> {
         if let Some(source) = self.read_failure.take() {
-            return Err(ExportError::Read {
-                path: self.path.clone(),
-                source,
-            });
+            return Err(ExportError::Read { path: self.path.clone(), source });
         }
         copied.map_err(write_error(destination))?;
         let hasher = std::mem::replace(&mut self.hasher, Sha256Writer::new(io::sink()));
@@ -480,18 +396,13 @@ impl Read for VerifiedBlob {
                 self.read_failure = Some(io::Error::new(error.kind(), error.to_string()));
             }
         })?;
-        self.hasher
-            .write_all(&buffer[..read])
-            .expect("hashing into a sink does not fail");
+        self.hasher.write_all(&buffer[..read]).expect("hashing into a sink does not fail");
         Ok(read)
     }
 }
 
 fn write_error(path: &Path) -> impl Fn(io::Error) -> ExportError + '_ {
-    move |source| ExportError::Write {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| ExportError::Write { path: path.to_owned(), source }
 }
 
 /// Writes `destination` through a temp file in its directory, fsynced and renamed into place,
@@ -517,14 +428,9 @@ fn write_atomically(
         fill(&mut writer)?;
         writer.flush().map_err(write_error(destination))?;
     }
-    temp.as_file()
-        .sync_all()
-        .map_err(write_error(destination))?;
+    temp.as_file().sync_all().map_err(write_error(destination))?;
     temp.persist(destination)
-        .map_err(|error| ExportError::Write {
-            path: destination.to_owned(),
-            source: error.error,
-        })?;
+        .map_err(|error| ExportError::Write { path: destination.to_owned(), source: error.error })?;
     Ok(())
 }
 
@@ -546,19 +452,13 @@ fn write_layout_tar(
     file: &Path,
     extra: BTreeMap<String, Vec<u8>>,
 ) -> Result<(), ExportError> {
-    let index = merged_index(None, manifest_descriptor(parts, reference), &reference.tag)
-        .expect("a fresh index merges");
+    let index =
+        merged_index(None, manifest_descriptor(parts, reference), &reference.tag).expect("a fresh index merges");
     let mut members: BTreeMap<String, TarMember> = BTreeMap::from([
         ("blobs/".to_owned(), TarMember::Directory),
         ("blobs/sha256/".to_owned(), TarMember::Directory),
-        (
-            "index.json".to_owned(),
-            TarMember::Document(canonical_json(&index)),
-        ),
-        (
-            "oci-layout".to_owned(),
-            TarMember::Document(OCI_LAYOUT_CONTENT.to_vec()),
-        ),
+        ("index.json".to_owned(), TarMember::Document(canonical_json(&index))),
+        ("oci-layout".to_owned(), TarMember::Document(OCI_LAYOUT_CONTENT.to_vec())),
     ]);
     for (digest, size) in blob_sizes(parts)? {
         members.insert(blob_member(&digest), TarMember::Blob { digest, size });
@@ -573,14 +473,11 @@ fn write_layout_tar(
             match member {
                 TarMember::Directory => {
                     let header = tar_header(name, tar::EntryType::Directory, 0o755, 0);
-                    tar.append(&header, io::empty())
-                        .map_err(write_error(file))?;
+                    tar.append(&header, io::empty()).map_err(write_error(file))?;
                 }
                 TarMember::Document(bytes) => {
-                    let header =
-                        tar_header(name, tar::EntryType::Regular, 0o644, bytes.len() as u64);
-                    tar.append(&header, bytes.as_slice())
-                        .map_err(write_error(file))?;
+                    let header = tar_header(name, tar::EntryType::Regular, 0o644, bytes.len() as u64);
+                    tar.append(&header, bytes.as_slice()).map_err(write_error(file))?;
                 }
                 TarMember::Blob { digest, size } => {
                     let mut blob = VerifiedBlob::open(parts.store, digest, *size)?;
@@ -602,10 +499,7 @@ fn write_layout_tar(
 fn tar_header(name: &str, entry_type: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     let mut header = tar::Header::new_ustar();
     let name_field = &mut header.as_old_mut().name;
-    assert!(
-        name.len() < name_field.len(),
-        "archive member names are short: {name}"
-    );
+    assert!(name.len() < name_field.len(), "archive member names are short: {name}");
     name_field[..name.len()].copy_from_slice(name.as_bytes());
     header.set_entry_type(entry_type);
     header.set_mode(mode);
@@ -643,9 +537,7 @@ mod tests {
             let mut header = tar::Header::new_gnu();
             header.set_size(6);
             header.set_mode(0o644);
-            builder
-                .append_data(&mut header, "hello.txt", &b"hello\n"[..])
-                .unwrap();
+            builder.append_data(&mut header, "hello.txt", &b"hello\n"[..]).unwrap();
             let layer = store.put_blob(&builder.into_inner().unwrap()).unwrap();
             let config_bytes = serde_json::to_vec(&json!({
                 "architecture": "amd64", "os": "linux",
@@ -752,32 +644,18 @@ mod tests {
         let layout = out.path().join("layout");
         write_oci_layout(image.parts(), &layout, "app").unwrap();
 
-        assert_eq!(
-            fs::read(layout.join("oci-layout")).unwrap(),
-            br#"{"imageLayoutVersion":"1.0.0"}"#
-        );
+        assert_eq!(fs::read(layout.join("oci-layout")).unwrap(), br#"{"imageLayoutVersion":"1.0.0"}"#);
         for digest in image.blob_digests() {
             let exported = fs::read(layout.join("blobs/sha256").join(digest.hex())).unwrap();
             assert_eq!(exported, fs::read(image.store.blob_path(digest)).unwrap());
-            let mode = fs::metadata(layout.join("blobs/sha256").join(digest.hex()))
-                .unwrap()
-                .mode();
+            let mode = fs::metadata(layout.join("blobs/sha256").join(digest.hex())).unwrap().mode();
             assert_eq!(mode & 0o044, 0o044, "blobs are readable by others");
         }
-        assert_eq!(
-            fs::read_dir(layout.join("blobs/sha256")).unwrap().count(),
-            3,
-            "no temp files are left"
-        );
-        assert_eq!(
-            read_json(&layout.join("index.json")),
-            expected_index(&image, "latest", "app:latest")
-        );
+        assert_eq!(fs::read_dir(layout.join("blobs/sha256")).unwrap().count(), 3, "no temp files are left");
+        assert_eq!(read_json(&layout.join("index.json")), expected_index(&image, "latest", "app:latest"));
         let index_text = fs::read_to_string(layout.join("index.json")).unwrap();
         assert!(
-            index_text.starts_with(
-                r#"{"manifests":[{"annotations":{"io.containerd.image.name":"app:latest","#
-            ),
+            index_text.starts_with(r#"{"manifests":[{"annotations":{"io.containerd.image.name":"app:latest","#),
             "{index_text}"
         );
         assert!(!index_text.contains(char::is_whitespace), "{index_text}");
@@ -803,13 +681,7 @@ mod tests {
                 )
             })
             .collect();
-        assert_eq!(
-            names,
-            [
-                ("1", "other:1"),
-                ("latest", "localhost:5000/team/app:latest")
-            ]
-        );
+        assert_eq!(names, [("1", "other:1"), ("latest", "localhost:5000/team/app:latest")]);
     }
 
     #[test]
@@ -818,14 +690,8 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         write_oci_layout(image.parts(), out.path(), "app:latest").unwrap();
         let stat = |digest: &Digest| {
-            let metadata =
-                fs::metadata(out.path().join("blobs/sha256").join(digest.hex())).unwrap();
-            (
-                metadata.ino(),
-                metadata.mtime(),
-                metadata.mtime_nsec(),
-                metadata.ctime_nsec(),
-            )
+            let metadata = fs::metadata(out.path().join("blobs/sha256").join(digest.hex())).unwrap();
+            (metadata.ino(), metadata.mtime(), metadata.mtime_nsec(), metadata.ctime_nsec())
         };
         let before: Vec<_> = image.blob_digests().into_iter().map(stat).collect();
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -838,17 +704,11 @@ mod tests {
     fn oci_layout_replaces_a_blob_of_the_wrong_size() {
         let image = TinyImage::new();
         let out = tempfile::tempdir().unwrap();
-        let layer_path = out
-            .path()
-            .join("blobs/sha256")
-            .join(image.layers[0].digest.hex());
+        let layer_path = out.path().join("blobs/sha256").join(image.layers[0].digest.hex());
         fs::create_dir_all(layer_path.parent().unwrap()).unwrap();
         fs::write(&layer_path, b"truncated").unwrap();
         write_oci_layout(image.parts(), out.path(), "app").unwrap();
-        assert_eq!(
-            fs::read(&layer_path).unwrap(),
-            fs::read(image.store.blob_path(&image.layers[0].digest)).unwrap()
-        );
+        assert_eq!(fs::read(&layer_path).unwrap(), fs::read(image.store.blob_path(&image.layers[0].digest)).unwrap());
     }
 
     #[test]
@@ -859,11 +719,7 @@ mod tests {
         let second = out.path().join("sub/second.tar");
         write_oci_archive(image.parts(), &first, "app:latest").unwrap();
         write_oci_archive(image.parts(), &second, "app:latest").unwrap();
-        assert_eq!(
-            fs::read(&first).unwrap(),
-            fs::read(&second).unwrap(),
-            "exports are byte-identical"
-        );
+        assert_eq!(fs::read(&first).unwrap(), fs::read(&second).unwrap(), "exports are byte-identical");
 
         let members = tar_members(&first);
         let names: Vec<&str> = members.iter().map(|member| member.name.as_str()).collect();
@@ -872,32 +728,17 @@ mod tests {
         expected_names.extend(["index.json".to_owned(), "oci-layout".to_owned()]);
         assert_eq!(names, expected_names);
         for member in &members {
-            let expected_mode = if member.entry_type.is_dir() {
-                0o755
-            } else {
-                0o644
-            };
+            let expected_mode = if member.entry_type.is_dir() { 0o755 } else { 0o644 };
             let header = (member.mode, member.uid, member.gid, member.mtime);
             assert_eq!(header, (expected_mode, 0, 0, 0), "{}", member.name);
-            if let Some(hex) = member
-                .name
-                .strip_prefix("blobs/sha256/")
-                .filter(|hex| !hex.is_empty())
-            {
+            if let Some(hex) = member.name.strip_prefix("blobs/sha256/").filter(|hex| !hex.is_empty()) {
                 assert_eq!(Digest::of_bytes(&member.content).hex(), hex);
             }
         }
-        let index_member = members
-            .iter()
-            .find(|member| member.name == "index.json")
-            .unwrap();
+        let index_member = members.iter().find(|member| member.name == "index.json").unwrap();
         let index: Value = serde_json::from_slice(&index_member.content).unwrap();
         assert_eq!(index, expected_index(&image, "latest", "app:latest"));
-        assert_eq!(
-            fs::read_dir(out.path()).unwrap().count(),
-            2,
-            "no temp files are left"
-        );
+        assert_eq!(fs::read_dir(out.path()).unwrap().count(), 2, "no temp files are left");
     }
 
     #[test]
@@ -908,21 +749,10 @@ mod tests {
         let second = out.path().join("second.tar");
         write_docker_archive(image.parts(), &first, "localhost:5000/app").unwrap();
         write_docker_archive(image.parts(), &second, "localhost:5000/app").unwrap();
-        assert_eq!(
-            fs::read(&first).unwrap(),
-            fs::read(&second).unwrap(),
-            "exports are byte-identical"
-        );
+        assert_eq!(fs::read(&first).unwrap(), fs::read(&second).unwrap(), "exports are byte-identical");
 
         let members = tar_members(&first);
-        let content_of = |name: &str| {
-            members
-                .iter()
-                .find(|member| member.name == name)
-                .unwrap()
-                .content
-                .clone()
-        };
+        let content_of = |name: &str| members.iter().find(|member| member.name == name).unwrap().content.clone();
         let manifest = String::from_utf8(content_of("manifest.json")).unwrap();
         let expected = format!(
             r#"[{{"Config":"blobs/sha256/{}","Layers":["blobs/sha256/{}"],"RepoTags":["localhost:5000/app:latest"]}}]"#,
@@ -932,10 +762,7 @@ mod tests {
         assert_eq!(manifest, expected);
         assert_eq!(content_of("oci-layout"), OCI_LAYOUT_CONTENT);
         let index: Value = serde_json::from_slice(&content_of("index.json")).unwrap();
-        assert_eq!(
-            index,
-            expected_index(&image, "latest", "localhost:5000/app:latest")
-        );
+        assert_eq!(index, expected_index(&image, "latest", "localhost:5000/app:latest"));
         assert!(!members.iter().any(|member| member.name == "repositories"));
     }
 
@@ -952,11 +779,7 @@ mod tests {
         let error = write_docker_archive(image.parts(), &archive, "app").unwrap_err();
         assert!(matches!(error, ExportError::CorruptBlob { .. }), "{error}");
         assert!(!archive.exists());
-        assert_eq!(
-            fs::read_dir(out.path()).unwrap().count(),
-            0,
-            "the temp file is removed"
-        );
+        assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0, "the temp file is removed");
 
         let error = write_oci_layout(image.parts(), &out.path().join("layout"), "app").unwrap_err();
         assert!(matches!(error, ExportError::CorruptBlob { .. }), "{error}");
@@ -969,10 +792,7 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         fs::write(out.path().join("index.json"), b"not json").unwrap();
         let error = write_oci_layout(image.parts(), out.path(), "app").unwrap_err();
-        assert!(
-            matches!(error, ExportError::ExistingIndex { .. }),
-            "{error}"
-        );
+        assert!(matches!(error, ExportError::ExistingIndex { .. }), "{error}");
     }
 
     #[test]
@@ -982,22 +802,13 @@ mod tests {
             (reference.full_name, reference.tag)
         };
         assert_eq!(normalised("app"), ("app:latest".into(), "latest".into()));
-        assert_eq!(
-            normalised("app:1.2_rc-1"),
-            ("app:1.2_rc-1".into(), "1.2_rc-1".into())
-        );
-        assert_eq!(
-            normalised("localhost:5000/app"),
-            ("localhost:5000/app:latest".into(), "latest".into())
-        );
+        assert_eq!(normalised("app:1.2_rc-1"), ("app:1.2_rc-1".into(), "1.2_rc-1".into()));
+        assert_eq!(normalised("localhost:5000/app"), ("localhost:5000/app:latest".into(), "latest".into()));
         assert_eq!(
             normalised("Registry.example.com/team/app:v1"),
             ("Registry.example.com/team/app:v1".into(), "v1".into())
         );
-        assert_eq!(
-            normalised("team/my_app.x-y:V2"),
-            ("team/my_app.x-y:V2".into(), "V2".into())
-        );
+        assert_eq!(normalised("team/my_app.x-y:V2"), ("team/my_app.x-y:V2".into(), "V2".into()));
 
         for bad in [
             "",
@@ -1014,15 +825,11 @@ mod tests {
             "host:port/app",
         ] {
             let error = ImageReference::parse(bad).unwrap_err();
-            assert!(
-                matches!(error, ExportError::InvalidTag { .. }),
-                "{bad:?}: {error}"
-            );
+            assert!(matches!(error, ExportError::InvalidTag { .. }), "{bad:?}: {error}");
         }
         let image = TinyImage::new();
         let out = tempfile::tempdir().unwrap();
-        let error =
-            write_oci_archive(image.parts(), &out.path().join("x.tar"), "bad tag").unwrap_err();
+        let error = write_oci_archive(image.parts(), &out.path().join("x.tar"), "bad tag").unwrap_err();
         assert!(error.to_string().contains("whitespace"), "{error}");
     }
 

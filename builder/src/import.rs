@@ -36,23 +36,11 @@ pub enum ImportError {
     #[error("base archive {archive}: {reason}")]
     Invalid { archive: PathBuf, reason: String },
     #[error("base archive {archive}: cannot open: {source}")]
-    Open {
-        archive: PathBuf,
-        source: std::io::Error,
-    },
+    Open { archive: PathBuf, source: std::io::Error },
     #[error("base archive {archive}: cannot read {entry}: {source}")]
-    Read {
-        archive: PathBuf,
-        entry: String,
-        source: std::io::Error,
-    },
+    Read { archive: PathBuf, entry: String, source: std::io::Error },
     #[error("base archive {archive}: blob {entry} has digest {actual}, but is named {expected}")]
-    DigestMismatch {
-        archive: PathBuf,
-        entry: String,
-        expected: String,
-        actual: String,
-    },
+    DigestMismatch { archive: PathBuf, entry: String, expected: String, actual: String },
     #[error("base archive {archive}: {source}")]
     Layer { archive: PathBuf, source: TreeError },
     #[error(transparent)]
@@ -74,10 +62,7 @@ pub struct BaseImage {
 /// indexes included) is hashed: the manifest names its config and layers by digest, so these
 /// few small files identify the whole image without reading a layer.
 pub fn archive_identity(path: &Path) -> Result<String, ImportError> {
-    let metadata = fs::metadata(path).map_err(|source| ImportError::Open {
-        archive: path.to_owned(),
-        source,
-    })?;
+    let metadata = fs::metadata(path).map_err(|source| ImportError::Open { archive: path.to_owned(), source })?;
     let mut hasher = Sha256Writer::new(io::sink());
     if metadata.is_dir() {
         let archive = Archive::open(path)?;
@@ -87,10 +72,7 @@ pub fn archive_identity(path: &Path) -> Result<String, ImportError> {
             io::Write::write_all(&mut hasher, document).expect("writing to a sink does not fail");
         }
     } else {
-        let mut file = File::open(path).map_err(|source| ImportError::Open {
-            archive: path.to_owned(),
-            source,
-        })?;
+        let mut file = File::open(path).map_err(|source| ImportError::Open { archive: path.to_owned(), source })?;
         io::copy(&mut file, &mut hasher).map_err(|source| ImportError::Read {
             archive: path.to_owned(),
             entry: "the archive file".into(),
@@ -105,11 +87,7 @@ pub fn archive_identity(path: &Path) -> Result<String, ImportError> {
 pub fn import_archive(store: &Store, path: &Path) -> Result<BaseImage, ImportError> {
     let fetched = fetch_base_image(store, path)?;
     let indexes = index_and_apply_layers(store, path, &fetched.layers)?;
-    Ok(BaseImage {
-        layers: fetched.layers,
-        indexes,
-        config: fetched.config,
-    })
+    Ok(BaseImage { layers: fetched.layers, indexes, config: fetched.config })
 }
 
 /// The blobs of an archive's image, copied into the store and verified, before indexing.
@@ -146,16 +124,12 @@ fn index_and_apply_layers(
     archive: &Path,
     layers: &[LayerRecord],
 ) -> Result<Vec<LayerIndex>, ImportError> {
-    let layer_error = |source| ImportError::Layer {
-        archive: archive.to_owned(),
-        source,
-    };
+    let layer_error = |source| ImportError::Layer { archive: archive.to_owned(), source };
     let mut tree = FsTree::default();
     let mut indexes = Vec::with_capacity(layers.len());
     for (position, layer) in layers.iter().enumerate() {
         let index = tree::index_layer(store, layer).map_err(layer_error)?;
-        tree.apply(position, &layer.digest, &index)
-            .map_err(layer_error)?;
+        tree.apply(position, &layer.digest, &index).map_err(layer_error)?;
         indexes.push(index);
     }
     Ok(indexes)
@@ -167,8 +141,7 @@ fn index_and_apply_layers(
 const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 const DOCKER_MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const OCI_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_MANIFEST_LIST_MEDIA_TYPE: &str =
-    "application/vnd.docker.distribution.manifest.list.v2+json";
+const DOCKER_MANIFEST_LIST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// How deep image indexes may nest before the archive is considered malformed.
 const MAX_INDEX_DEPTH: usize = 4;
@@ -213,9 +186,7 @@ struct SelectedManifest {
 
 impl SelectedManifest {
     fn manifest_bytes(&self) -> &[u8] {
-        self.documents
-            .last()
-            .expect("a selection ends with its manifest")
+        self.documents.last().expect("a selection ends with its manifest")
     }
 }
 
@@ -227,10 +198,7 @@ fn fetch_oci_image(store: &Store, archive: &Archive) -> Result<FetchedImage, Imp
         && media_type != OCI_MANIFEST_MEDIA_TYPE
         && media_type != DOCKER_MANIFEST_MEDIA_TYPE
     {
-        return Err(archive.invalid(format!(
-            "manifest {} has unsupported media type {media_type}",
-            selected.entry
-        )));
+        return Err(archive.invalid(format!("manifest {} has unsupported media type {media_type}", selected.entry)));
     }
 
     let config_digest = archive.parse_digest(&manifest.config.digest, &selected.entry)?;
@@ -257,9 +225,7 @@ fn fetch_oci_image(store: &Store, archive: &Archive) -> Result<FetchedImage, Imp
         // Docker media types are stored under their OCI names: the bytes are the same, and the
         // manifests the builder writes are OCI manifests.
         let Some(compression) = Compression::from_media_type(declared_media_type) else {
-            return Err(archive.invalid(format!(
-                "layer {entry} has unsupported media type {declared_media_type:?}"
-            )));
+            return Err(archive.invalid(format!("layer {entry} has unsupported media type {declared_media_type:?}")));
         };
         let stored = archive.import_member(store, &entry, &digest)?;
         layers.push(LayerRecord {
@@ -277,11 +243,7 @@ fn fetch_oci_image(store: &Store, archive: &Archive) -> Result<FetchedImage, Imp
 fn check_oci_layout_file(archive: &Archive) -> Result<(), ImportError> {
     let bytes = archive.read_document("oci-layout")?;
     let layout: serde_json::Value = archive.parse_json(&bytes, "oci-layout")?;
-    if layout
-        .get("imageLayoutVersion")
-        .and_then(serde_json::Value::as_str)
-        .is_none()
-    {
+    if layout.get("imageLayoutVersion").and_then(serde_json::Value::as_str).is_none() {
         return Err(archive.invalid("oci-layout does not name an imageLayoutVersion"));
     }
     Ok(())
@@ -303,9 +265,7 @@ fn select_oci_manifest(archive: &Archive) -> Result<SelectedManifest, ImportErro
             Some(OCI_INDEX_MEDIA_TYPE | DOCKER_MANIFEST_LIST_MEDIA_TYPE) => true,
             Some(OCI_MANIFEST_MEDIA_TYPE | DOCKER_MANIFEST_MEDIA_TYPE) => false,
             Some(other) => {
-                return Err(archive.invalid(format!(
-                    "{entry} names {child_entry} with unsupported media type {other}"
-                )));
+                return Err(archive.invalid(format!("{entry} names {child_entry} with unsupported media type {other}")));
             }
             // Descriptors without a media type are tolerated: the document itself says.
             None => {
@@ -315,16 +275,11 @@ fn select_oci_manifest(archive: &Archive) -> Result<SelectedManifest, ImportErro
         };
         documents.push(child_bytes);
         if !is_index {
-            return Ok(SelectedManifest {
-                entry: child_entry,
-                documents,
-            });
+            return Ok(SelectedManifest { entry: child_entry, documents });
         }
         entry = child_entry;
     }
-    Err(archive.invalid(format!(
-        "image indexes are nested more than {MAX_INDEX_DEPTH} deep"
-    )))
+    Err(archive.invalid(format!("image indexes are nested more than {MAX_INDEX_DEPTH} deep")))
 }
 
 /// One descriptor out of an index's list: the only image, or the first for this host.
@@ -337,29 +292,22 @@ fn choose_descriptor<'a>(
         return Err(archive.invalid(format!("{entry} lists no manifests")));
     };
     // Several tags of one image are several descriptors with the same digest.
-    if descriptors
-        .iter()
-        .all(|descriptor| descriptor.digest == first.digest)
-    {
+    if descriptors.iter().all(|descriptor| descriptor.digest == first.digest) {
         return Ok(first);
     }
     let (host_os, host_architecture) = host_platform();
     let for_host = descriptors.iter().find(|descriptor| {
-        descriptor.platform.as_ref().is_some_and(|platform| {
-            platform.os == host_os && platform.architecture == host_architecture
-        })
+        descriptor
+            .platform
+            .as_ref()
+            .is_some_and(|platform| platform.os == host_os && platform.architecture == host_architecture)
     });
     if let Some(descriptor) = for_host {
         return Ok(descriptor);
     }
     let names: Vec<&str> = descriptors
         .iter()
-        .filter_map(|descriptor| {
-            descriptor
-                .annotations
-                .get("org.opencontainers.image.ref.name")
-                .map(String::as_str)
-        })
+        .filter_map(|descriptor| descriptor.annotations.get("org.opencontainers.image.ref.name").map(String::as_str))
         .collect();
     Err(archive.invalid(format!(
         "{entry} lists {} different manifests and none is for {host_os}/{host_architecture} \
@@ -407,10 +355,7 @@ fn fetch_docker_image(store: &Store, archive: &Archive) -> Result<FetchedImage, 
         return Err(archive.invalid("manifest.json lists no image"));
     };
     if images.iter().any(|other| other.config != image.config) {
-        let tags: Vec<&String> = images
-            .iter()
-            .flat_map(|image| image.repo_tags.iter().flatten())
-            .collect();
+        let tags: Vec<&String> = images.iter().flat_map(|image| image.repo_tags.iter().flatten()).collect();
         return Err(archive.invalid(format!(
             "manifest.json lists {} different images (tags {tags:?}); layerwright imports an archive \
              holding one image, so `docker save` a single image",
@@ -456,8 +401,7 @@ fn import_docker_layer(
 ) -> Result<LayerRecord, ImportError> {
     let mut reader = archive.open_member(entry)?;
     let mut magic = [0u8; 4];
-    let magic_length =
-        read_up_to(&mut reader, &mut magic).map_err(|source| archive.read_error(entry, source))?;
+    let magic_length = read_up_to(&mut reader, &mut magic).map_err(|source| archive.read_error(entry, source))?;
     let compression = compression_of_magic(&magic[..magic_length]);
     let mut member = (&magic[..magic_length]).chain(reader);
 
@@ -487,9 +431,7 @@ fn compression_of_magic(magic: &[u8]) -> Compression {
 /// The digest a docker-archive member's name claims: `blobs/sha256/<hex>` (Docker ≥ 25) or
 /// `<hex>.json` (the config of older `docker save`). Other names claim nothing.
 fn digest_named_by(entry: &str) -> Option<Digest> {
-    let hex = entry
-        .strip_prefix("blobs/sha256/")
-        .or_else(|| entry.strip_suffix(".json"))?;
+    let hex = entry.strip_prefix("blobs/sha256/").or_else(|| entry.strip_suffix(".json"))?;
     Digest::from_hex(hex).ok()
 }
 
@@ -508,15 +450,8 @@ fn read_up_to(reader: &mut dyn Read, buffer: &mut [u8]) -> io::Result<usize> {
 }
 
 /// The config's `rootfs.diff_ids`, parsed.
-fn diff_ids_of(
-    archive: &Archive,
-    config: &serde_json::Value,
-    config_entry: &str,
-) -> Result<Vec<Digest>, ImportError> {
-    let Some(diff_ids) = config
-        .pointer("/rootfs/diff_ids")
-        .and_then(serde_json::Value::as_array)
-    else {
+fn diff_ids_of(archive: &Archive, config: &serde_json::Value, config_entry: &str) -> Result<Vec<Digest>, ImportError> {
+    let Some(diff_ids) = config.pointer("/rootfs/diff_ids").and_then(serde_json::Value::as_array) else {
         return Err(archive.invalid(format!("config {config_entry} has no rootfs.diff_ids list")));
     };
     diff_ids
@@ -548,9 +483,7 @@ enum Storage {
     /// `blobs/sha256/<validated hex>` are ever joined, so no name can leave the directory.
     Directory,
     /// A tar file: where each member's bytes are, from one scan of its headers.
-    Tar {
-        members: BTreeMap<String, TarMember>,
-    },
+    Tar { members: BTreeMap<String, TarMember> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -571,21 +504,12 @@ enum TarMember {
 
 impl Archive {
     fn open(path: &Path) -> Result<Archive, ImportError> {
-        let metadata = fs::metadata(path).map_err(|source| ImportError::Open {
-            archive: path.to_owned(),
-            source,
-        })?;
+        let metadata = fs::metadata(path).map_err(|source| ImportError::Open { archive: path.to_owned(), source })?;
         if metadata.is_dir() {
-            return Ok(Archive {
-                path: path.to_owned(),
-                storage: Storage::Directory,
-            });
+            return Ok(Archive { path: path.to_owned(), storage: Storage::Directory });
         }
         let members = scan_tar(path)?;
-        Ok(Archive {
-            path: path.to_owned(),
-            storage: Storage::Tar { members },
-        })
+        Ok(Archive { path: path.to_owned(), storage: Storage::Tar { members } })
     }
 
     fn is_tar(&self) -> bool {
@@ -604,25 +528,18 @@ impl Archive {
         let missing = || self.invalid(format!("it has no member {entry}"));
         match &self.storage {
             Storage::Directory => {
-                let file =
-                    File::open(self.path.join(entry)).map_err(|source| match source.kind() {
-                        io::ErrorKind::NotFound => missing(),
-                        _ => self.read_error(entry, source),
-                    })?;
+                let file = File::open(self.path.join(entry)).map_err(|source| match source.kind() {
+                    io::ErrorKind::NotFound => missing(),
+                    _ => self.read_error(entry, source),
+                })?;
                 Ok(Box::new(file))
             }
             Storage::Tar { members } => {
                 let (offset, size) = resolve_tar_member(members, entry).ok_or_else(missing)?;
-                let mut file = File::open(&self.path).map_err(|source| ImportError::Open {
-                    archive: self.path.clone(),
-                    source,
-                })?;
-                file.seek(SeekFrom::Start(offset))
-                    .map_err(|source| self.read_error(entry, source))?;
-                Ok(Box::new(BufReader::with_capacity(
-                    256 * 1024,
-                    file.take(size),
-                )))
+                let mut file = File::open(&self.path)
+                    .map_err(|source| ImportError::Open { archive: self.path.clone(), source })?;
+                file.seek(SeekFrom::Start(offset)).map_err(|source| self.read_error(entry, source))?;
+                Ok(Box::new(BufReader::with_capacity(256 * 1024, file.take(size))))
             }
         }
     }
@@ -635,9 +552,8 @@ impl Archive {
             .read_to_end(&mut bytes)
             .map_err(|source| self.read_error(entry, source))?;
         if bytes.len() as u64 > MAX_DOCUMENT_BYTES {
-            return Err(self.invalid(format!(
-                "{entry} is larger than {MAX_DOCUMENT_BYTES} bytes, too large for a JSON document"
-            )));
+            return Err(self
+                .invalid(format!("{entry} is larger than {MAX_DOCUMENT_BYTES} bytes, too large for a JSON document")));
         }
         Ok(bytes)
     }
@@ -673,10 +589,7 @@ impl Archive {
         reader: &mut dyn Read,
         expected: Option<&Digest>,
     ) -> Result<layerwright_cache::BlobInfo, ImportError> {
-        let mut watched = WatchedReader {
-            inner: reader,
-            failure: None,
-        };
+        let mut watched = WatchedReader { inner: reader, failure: None };
         let result = match expected {
             Some(expected) => store.import_blob(&mut watched, expected),
             None => store.blob_writer().and_then(|mut writer| {
@@ -694,44 +607,27 @@ impl Archive {
                 return self.read_error(entry, source);
             }
             match error {
-                StoreError::DigestMismatch { expected, actual } => {
-                    self.digest_mismatch(entry, &expected, &actual)
-                }
+                StoreError::DigestMismatch { expected, actual } => self.digest_mismatch(entry, &expected, &actual),
                 other => ImportError::Store(other),
             }
         })
     }
 
-    fn parse_json<T: serde::de::DeserializeOwned>(
-        &self,
-        bytes: &[u8],
-        entry: &str,
-    ) -> Result<T, ImportError> {
-        serde_json::from_slice(bytes)
-            .map_err(|error| self.invalid(format!("{entry} is not valid: {error}")))
+    fn parse_json<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], entry: &str) -> Result<T, ImportError> {
+        serde_json::from_slice(bytes).map_err(|error| self.invalid(format!("{entry} is not valid: {error}")))
     }
 
     fn parse_digest(&self, text: &str, entry: &str) -> Result<Digest, ImportError> {
-        Digest::parse(text).map_err(|error| {
-            self.invalid(format!(
-                "{entry}: {error} (only sha256 digests are supported)"
-            ))
-        })
+        Digest::parse(text)
+            .map_err(|error| self.invalid(format!("{entry}: {error} (only sha256 digests are supported)")))
     }
 
     fn invalid(&self, reason: impl Into<String>) -> ImportError {
-        ImportError::Invalid {
-            archive: self.path.clone(),
-            reason: reason.into(),
-        }
+        ImportError::Invalid { archive: self.path.clone(), reason: reason.into() }
     }
 
     fn read_error(&self, entry: &str, source: io::Error) -> ImportError {
-        ImportError::Read {
-            archive: self.path.clone(),
-            entry: entry.to_owned(),
-            source,
-        }
+        ImportError::Read { archive: self.path.clone(), entry: entry.to_owned(), source }
     }
 
     fn digest_mismatch(&self, entry: &str, expected: &Digest, actual: &Digest) -> ImportError {
@@ -765,14 +661,8 @@ impl Read for WatchedReader<'_> {
 /// bytes are. Names are normalised (`./a//b/` → `a/b`); a later member of the same name wins,
 /// as when a tar is extracted.
 fn scan_tar(path: &Path) -> Result<BTreeMap<String, TarMember>, ImportError> {
-    let invalid = |reason: String| ImportError::Invalid {
-        archive: path.to_owned(),
-        reason,
-    };
-    let open_error = |source| ImportError::Open {
-        archive: path.to_owned(),
-        source,
-    };
+    let invalid = |reason: String| ImportError::Invalid { archive: path.to_owned(), reason };
+    let open_error = |source| ImportError::Open { archive: path.to_owned(), source };
     let mut file = File::open(path).map_err(open_error)?;
     let mut magic = [0u8; 4];
     let magic_length = read_up_to(&mut file, &mut magic).map_err(open_error)?;
@@ -796,22 +686,15 @@ fn scan_tar(path: &Path) -> Result<BTreeMap<String, TarMember>, ImportError> {
     for entry in tar.entries_with_seek().map_err(not_a_tar)? {
         let entry = entry.map_err(not_a_tar)?;
         let name = normalise_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
-        let link_target = || {
-            entry
-                .link_name_bytes()
-                .map(|target| String::from_utf8_lossy(&target).into_owned())
-        };
+        let link_target = || entry.link_name_bytes().map(|target| String::from_utf8_lossy(&target).into_owned());
         let member = match entry.header().entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => TarMember::Data {
-                offset: entry.raw_file_position(),
-                size: entry.size(),
-            },
-            tar::EntryType::Symlink => TarMember::Symlink {
-                target: link_target().unwrap_or_default(),
-            },
-            tar::EntryType::Link => TarMember::HardLink {
-                target: normalise_member_name(&link_target().unwrap_or_default()),
-            },
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                TarMember::Data { offset: entry.raw_file_position(), size: entry.size() }
+            }
+            tar::EntryType::Symlink => TarMember::Symlink { target: link_target().unwrap_or_default() },
+            tar::EntryType::Link => {
+                TarMember::HardLink { target: normalise_member_name(&link_target().unwrap_or_default()) }
+            }
             // Directories and anything else hold no member bytes.
             _ => continue,
         };
@@ -830,13 +713,9 @@ fn resolve_tar_member(members: &BTreeMap<String, TarMember>, entry: &str) -> Opt
         current = match members.get(&current)? {
             TarMember::Data { offset, size } => return Some((*offset, *size)),
             TarMember::HardLink { target } => target.clone(),
-            TarMember::Symlink { target } if target.starts_with('/') => {
-                normalise_member_name(target)
-            }
+            TarMember::Symlink { target } if target.starts_with('/') => normalise_member_name(target),
             TarMember::Symlink { target } => {
-                let directory = current
-                    .rsplit_once('/')
-                    .map_or("", |(directory, _)| directory);
+                let directory = current.rsplit_once('/').map_or("", |(directory, _)| directory);
                 normalise_member_name(&format!("{directory}/{target}"))
             }
         };
@@ -906,15 +785,12 @@ mod tests {
     fn docker_archive(dir: &Path, layers: &[Vec<u8>], diff_ids: &[&Digest]) -> PathBuf {
         let config = config_for(diff_ids);
         let config_name = format!("{}.json", Digest::of_bytes(&config).hex());
-        let layer_names: Vec<String> = (0..layers.len())
-            .map(|index| format!("layer{index}id/layer.tar"))
-            .collect();
+        let layer_names: Vec<String> = (0..layers.len()).map(|index| format!("layer{index}id/layer.tar")).collect();
         let manifest = serde_json::to_vec(&serde_json::json!([
             {"Config": config_name, "RepoTags": ["base:latest"], "Layers": layer_names}
         ]))
         .unwrap();
-        let mut files: Vec<(&str, &[u8])> =
-            vec![("manifest.json", &manifest), (&config_name, &config)];
+        let mut files: Vec<(&str, &[u8])> = vec![("manifest.json", &manifest), (&config_name, &config)];
         for (name, bytes) in layer_names.iter().zip(layers) {
             files.push((name, bytes));
         }
@@ -953,10 +829,7 @@ mod tests {
         }))
         .unwrap();
         let mut files = vec![
-            (
-                "oci-layout".to_owned(),
-                br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
-            ),
+            ("oci-layout".to_owned(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
             ("index.json".to_owned(), index),
             (blob_entry(&manifest_digest), manifest),
             (blob_entry(&config_digest), config),
@@ -978,10 +851,8 @@ mod tests {
     }
 
     fn write_tar(dir: &Path, name: &str, files: &[(String, Vec<u8>)]) -> PathBuf {
-        let borrowed: Vec<(&str, &[u8])> = files
-            .iter()
-            .map(|(name, bytes)| (name.as_str(), bytes.as_slice()))
-            .collect();
+        let borrowed: Vec<(&str, &[u8])> =
+            files.iter().map(|(name, bytes)| (name.as_str(), bytes.as_slice())).collect();
         let path = dir.join(name);
         fs::write(&path, tar_of(&borrowed)).unwrap();
         path
@@ -1014,10 +885,7 @@ mod tests {
         assert_eq!(fs::read(store.blob_path(&diff_id)).unwrap(), layer);
         assert_eq!(fetched.config["config"]["Env"][0], "PATH=/bin");
         let config_digest = Digest::of_bytes(&config_for(&[&diff_id]));
-        assert!(
-            store.has_blob(&config_digest),
-            "the config is kept in the store"
-        );
+        assert!(store.has_blob(&config_digest), "the config is kept in the store");
     }
 
     #[test]
@@ -1034,14 +902,8 @@ mod tests {
         assert_eq!(record.diff_id, diff_id);
         assert_eq!(record.digest, Digest::of_bytes(&compressed));
         assert_eq!(record.size, compressed.len() as u64);
-        assert_eq!(
-            record.media_type,
-            "application/vnd.oci.image.layer.v1.tar+gzip"
-        );
-        assert_eq!(
-            fs::read(store.blob_path(&record.digest)).unwrap(),
-            compressed
-        );
+        assert_eq!(record.media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
+        assert_eq!(fs::read(store.blob_path(&record.digest)).unwrap(), compressed);
     }
 
     #[test]
@@ -1052,13 +914,7 @@ mod tests {
         let archive = docker_archive(dir.path(), &[layer_tar()], &[&claimed]);
 
         let error = fetch_base_image(&store, &archive).unwrap_err();
-        let ImportError::DigestMismatch {
-            archive: named_archive,
-            entry,
-            expected,
-            actual,
-        } = &error
-        else {
+        let ImportError::DigestMismatch { archive: named_archive, entry, expected, actual } = &error else {
             panic!("expected a digest mismatch, got {error}");
         };
         assert_eq!(named_archive, &archive);
@@ -1083,17 +939,10 @@ mod tests {
         let archive = write_tar(
             dir.path(),
             "docker.tar",
-            &[
-                ("manifest.json".into(), manifest),
-                (wrong_name.clone(), config),
-                ("l/layer.tar".into(), layer),
-            ],
+            &[("manifest.json".into(), manifest), (wrong_name.clone(), config), ("l/layer.tar".into(), layer)],
         );
         let error = fetch_base_image(&store_in(dir.path()), &archive).unwrap_err();
-        assert!(
-            matches!(&error, ImportError::DigestMismatch { entry, .. } if *entry == wrong_name),
-            "{error}"
-        );
+        assert!(matches!(&error, ImportError::DigestMismatch { entry, .. } if *entry == wrong_name), "{error}");
     }
 
     #[test]
@@ -1104,29 +953,21 @@ mod tests {
         let diff_id = Digest::of_bytes(&layer);
         let config = config_for(&[&diff_id]);
         let config_name = format!("{}.json", Digest::of_bytes(&config).hex());
-        let manifest = serde_json::to_vec(
-            &serde_json::json!([{"Config": config_name, "Layers": ["second/layer.tar"]}]),
-        )
-        .unwrap();
+        let manifest =
+            serde_json::to_vec(&serde_json::json!([{"Config": config_name, "Layers": ["second/layer.tar"]}])).unwrap();
         let mut builder = tar::Builder::new(Vec::new());
-        for (name, bytes) in [
-            ("manifest.json", &manifest),
-            (config_name.as_str(), &config),
-            ("first/layer.tar", &layer),
-        ] {
+        for (name, bytes) in
+            [("manifest.json", &manifest), (config_name.as_str(), &config), ("first/layer.tar", &layer)]
+        {
             let mut header = tar::Header::new_gnu();
             header.set_size(bytes.len() as u64);
             header.set_mode(0o644);
-            builder
-                .append_data(&mut header, name, bytes.as_slice())
-                .unwrap();
+            builder.append_data(&mut header, name, bytes.as_slice()).unwrap();
         }
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Symlink);
         header.set_size(0);
-        builder
-            .append_link(&mut header, "second/layer.tar", "../first/layer.tar")
-            .unwrap();
+        builder.append_link(&mut header, "second/layer.tar", "../first/layer.tar").unwrap();
         let path = dir.path().join("docker.tar");
         fs::write(&path, builder.into_inner().unwrap()).unwrap();
 
@@ -1155,11 +996,8 @@ mod tests {
         let compressed = gzip(&layer);
         let diff_id = Digest::of_bytes(&layer);
         // A Docker media type is recorded under its OCI name.
-        let files = oci_layout_files(&[(
-            compressed.clone(),
-            &diff_id,
-            "application/vnd.docker.image.rootfs.diff.tar.gzip",
-        )]);
+        let files =
+            oci_layout_files(&[(compressed.clone(), &diff_id, "application/vnd.docker.image.rootfs.diff.tar.gzip")]);
         let expected = vec![LayerRecord {
             diff_id: diff_id.clone(),
             digest: Digest::of_bytes(&compressed),
@@ -1176,10 +1014,7 @@ mod tests {
         let from_archive = fetch_base_image(&store, &archive).unwrap();
         assert_eq!(from_archive.layers, expected);
         assert_eq!(from_archive.config, from_layout.config);
-        assert_eq!(
-            fs::read(store.blob_path(&expected[0].digest)).unwrap(),
-            compressed
-        );
+        assert_eq!(fs::read(store.blob_path(&expected[0].digest)).unwrap(), compressed);
     }
 
     #[test]
@@ -1189,15 +1024,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layer = layer_tar();
         let diff_id = Digest::of_bytes(&layer);
-        let mut files = oci_layout_files(&[(
-            layer.clone(),
-            &diff_id,
-            "application/vnd.oci.image.layer.v1.tar",
-        )]);
-        files.push((
-            "manifest.json".into(),
-            b"[{\"Config\": \"missing.json\"}]".to_vec(),
-        ));
+        let mut files = oci_layout_files(&[(layer.clone(), &diff_id, "application/vnd.oci.image.layer.v1.tar")]);
+        files.push(("manifest.json".into(), b"[{\"Config\": \"missing.json\"}]".to_vec()));
         let archive = write_tar(dir.path(), "docker25.tar", &files);
         let fetched = fetch_base_image(&store_in(dir.path()), &archive).unwrap();
         assert_eq!(fetched.layers[0].digest, diff_id);
@@ -1208,24 +1036,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layer = layer_tar();
         let diff_id = Digest::of_bytes(&layer);
-        let mut files = oci_layout_files(&[(
-            layer.clone(),
-            &diff_id,
-            "application/vnd.oci.image.layer.v1.tar",
-        )]);
+        let mut files = oci_layout_files(&[(layer.clone(), &diff_id, "application/vnd.oci.image.layer.v1.tar")]);
         let layer_entry = blob_entry(&diff_id);
-        files
-            .iter_mut()
-            .find(|(name, _)| *name == layer_entry)
-            .unwrap()
-            .1 = b"tampered".to_vec();
+        files.iter_mut().find(|(name, _)| *name == layer_entry).unwrap().1 = b"tampered".to_vec();
         let layout = write_layout(dir.path(), &files);
 
         let error = fetch_base_image(&store_in(dir.path()), &layout).unwrap_err();
-        assert!(
-            matches!(&error, ImportError::DigestMismatch { entry, .. } if *entry == layer_entry),
-            "{error}"
-        );
+        assert!(matches!(&error, ImportError::DigestMismatch { entry, .. } if *entry == layer_entry), "{error}");
     }
 
     #[test]
@@ -1233,11 +1050,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layer = layer_tar();
         let diff_id = Digest::of_bytes(&layer);
-        let mut files = oci_layout_files(&[(
-            layer.clone(),
-            &diff_id,
-            "application/vnd.oci.image.layer.v1.tar",
-        )]);
+        let mut files = oci_layout_files(&[(layer.clone(), &diff_id, "application/vnd.oci.image.layer.v1.tar")]);
         let top_index: serde_json::Value = serde_json::from_slice(&files[1].1).unwrap();
         let host_manifest = top_index["manifests"][0].clone();
         let (os, architecture) = host_platform();
@@ -1270,62 +1083,27 @@ mod tests {
     fn archives_without_an_image_are_invalid() {
         let dir = tempfile::tempdir().unwrap();
         let store = store_in(dir.path());
-        let oci_layout_only = [(
-            "oci-layout".to_owned(),
-            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
-        )];
-        let manifest_without_config = [(
-            "manifest.json".to_owned(),
-            br#"[{"Config":"c.json","Layers":[]}]"#.to_vec(),
-        )];
+        let oci_layout_only = [("oci-layout".to_owned(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec())];
+        let manifest_without_config = [("manifest.json".to_owned(), br#"[{"Config":"c.json","Layers":[]}]"#.to_vec())];
         let gzipped = dir.path().join("gzipped.tar.gz");
         fs::write(&gzipped, gzip(&layer_tar())).unwrap();
         let text = dir.path().join("text.txt");
         fs::write(&text, b"just text, not a tar").unwrap();
         let cases = [
-            (
-                write_tar(
-                    dir.path(),
-                    "plain.tar",
-                    &[("README".into(), b"hi".to_vec())],
-                ),
-                "neither an oci-layout",
-            ),
+            (write_tar(dir.path(), "plain.tar", &[("README".into(), b"hi".to_vec())]), "neither an oci-layout"),
             (write_tar(dir.path(), "empty.tar", &[]), "empty tar"),
-            (
-                write_layout(
-                    &dir.path().join("d"),
-                    &[("index.json".into(), b"{}".to_vec())],
-                ),
-                "no oci-layout file",
-            ),
-            (
-                write_tar(dir.path(), "no-index.tar", &oci_layout_only),
-                "no member index.json",
-            ),
-            (
-                write_tar(dir.path(), "no-config.tar", &manifest_without_config),
-                "no member c.json",
-            ),
+            (write_layout(&dir.path().join("d"), &[("index.json".into(), b"{}".to_vec())]), "no oci-layout file"),
+            (write_tar(dir.path(), "no-index.tar", &oci_layout_only), "no member index.json"),
+            (write_tar(dir.path(), "no-config.tar", &manifest_without_config), "no member c.json"),
             (gzipped, "compressed"),
             (text, "nor a readable tar archive"),
         ];
         for (path, reason) in cases {
             let error = fetch_base_image(&store, &path).unwrap_err();
-            assert!(
-                matches!(error, ImportError::Invalid { .. }),
-                "{}: {error}",
-                path.display()
-            );
+            assert!(matches!(error, ImportError::Invalid { .. }), "{}: {error}", path.display());
             let message = error.to_string();
-            assert!(
-                message.contains(reason),
-                "{message:?} should say {reason:?}"
-            );
-            assert!(
-                message.contains(&path.display().to_string()),
-                "{message:?} should name the archive"
-            );
+            assert!(message.contains(reason), "{message:?} should say {reason:?}");
+            assert!(message.contains(&path.display().to_string()), "{message:?} should name the archive");
         }
         let missing = fetch_base_image(&store, &dir.path().join("missing.tar")).unwrap_err();
         assert!(matches!(missing, ImportError::Open { .. }), "{missing}");
@@ -1336,17 +1114,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layer = layer_tar();
         let diff_id = Digest::of_bytes(&layer);
-        let files = oci_layout_files(&[(
-            layer.clone(),
-            &diff_id,
-            "application/vnd.oci.image.layer.v1.tar",
-        )]);
+        let files = oci_layout_files(&[(layer.clone(), &diff_id, "application/vnd.oci.image.layer.v1.tar")]);
 
         let archive = write_tar(dir.path(), "oci.tar", &files);
-        assert_eq!(
-            archive_identity(&archive).unwrap(),
-            Digest::of_bytes(&fs::read(&archive).unwrap()).hex()
-        );
+        assert_eq!(archive_identity(&archive).unwrap(), Digest::of_bytes(&fs::read(&archive).unwrap()).hex());
 
         let layout = write_layout(dir.path(), &files);
         let index = &files[1].1;
@@ -1363,31 +1134,10 @@ mod tests {
         assert_eq!(normalise_member_name("./a//b/../c/"), "a/c");
         assert_eq!(normalise_member_name("../../x"), "x");
         let members = BTreeMap::from([
-            (
-                "data".to_owned(),
-                TarMember::Data {
-                    offset: 512,
-                    size: 3,
-                },
-            ),
-            (
-                "dir/hard".to_owned(),
-                TarMember::HardLink {
-                    target: "data".into(),
-                },
-            ),
-            (
-                "dir/soft".to_owned(),
-                TarMember::Symlink {
-                    target: "hard".into(),
-                },
-            ),
-            (
-                "loop".to_owned(),
-                TarMember::Symlink {
-                    target: "loop".into(),
-                },
-            ),
+            ("data".to_owned(), TarMember::Data { offset: 512, size: 3 }),
+            ("dir/hard".to_owned(), TarMember::HardLink { target: "data".into() }),
+            ("dir/soft".to_owned(), TarMember::Symlink { target: "hard".into() }),
+            ("loop".to_owned(), TarMember::Symlink { target: "loop".into() }),
         ]);
         assert_eq!(resolve_tar_member(&members, "./dir/soft"), Some((512, 3)));
         assert_eq!(resolve_tar_member(&members, "loop"), None);
@@ -1396,9 +1146,7 @@ mod tests {
 
     #[test]
     fn exported_archives_import_back() {
-        use crate::export::{
-            ImageParts, write_docker_archive, write_oci_archive, write_oci_layout,
-        };
+        use crate::export::{ImageParts, write_docker_archive, write_oci_archive, write_oci_layout};
         let dir = tempfile::tempdir().unwrap();
         let source = store_in(&dir.path().join("source"));
         let layer = layer_tar();
@@ -1441,12 +1189,9 @@ mod tests {
         }
         // The docker-archive alone (manifest.json only) reads the same: drop its OCI index.
         let archive = Archive::open(&docker_archive).unwrap();
-        let Storage::Tar { members } = &archive.storage else {
-            unreachable!()
-        };
+        let Storage::Tar { members } = &archive.storage else { unreachable!() };
         assert!(members.contains_key("manifest.json") && members.contains_key("index.json"));
-        let fetched =
-            fetch_docker_image(&store_in(&dir.path().join("docker-only")), &archive).unwrap();
+        let fetched = fetch_docker_image(&store_in(&dir.path().join("docker-only")), &archive).unwrap();
         assert_eq!(fetched.layers, layers);
     }
 
@@ -1470,11 +1215,7 @@ mod tests {
             let base = import_archive(&store, &archive).unwrap();
             assert_eq!(base.layers.len(), 1);
             assert_eq!(base.indexes.len(), 1);
-            let paths: Vec<&str> = base.indexes[0]
-                .entries
-                .iter()
-                .map(|entry| entry.path.as_str())
-                .collect();
+            let paths: Vec<&str> = base.indexes[0].entries.iter().map(|entry| entry.path.as_str()).collect();
             assert_eq!(paths, ["etc/hostname", "hello.txt"]);
         }
 
@@ -1486,20 +1227,8 @@ mod tests {
             let archive = docker_archive(dir.path(), &[gzip(&layer_tar())], &[&claimed]);
 
             let error = import_archive(&store, &archive).unwrap_err();
-            assert!(
-                matches!(
-                    &error,
-                    ImportError::Layer {
-                        source: TreeError::DiffIdMismatch { .. },
-                        ..
-                    }
-                ),
-                "{error}"
-            );
-            assert!(
-                error.to_string().contains(&archive.display().to_string()),
-                "{error}"
-            );
+            assert!(matches!(&error, ImportError::Layer { source: TreeError::DiffIdMismatch { .. }, .. }), "{error}");
+            assert!(error.to_string().contains(&archive.display().to_string()), "{error}");
         }
 
         #[test]
@@ -1519,16 +1248,7 @@ mod tests {
             let archive = docker_archive(dir.path(), &[layer], &[&diff_id]);
 
             let error = import_archive(&store, &archive).unwrap_err();
-            assert!(
-                matches!(
-                    &error,
-                    ImportError::Layer {
-                        source: TreeError::EscapesRoot { .. },
-                        ..
-                    }
-                ),
-                "{error}"
-            );
+            assert!(matches!(&error, ImportError::Layer { source: TreeError::EscapesRoot { .. }, .. }), "{error}");
         }
     }
 }

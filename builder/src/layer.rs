@@ -29,12 +29,6 @@
 //! target is not in this layer is written as given and checked when the layer is applied to a
 //! tree (`FsTree::apply`).
 
-#![allow(
-    dead_code,
-    reason = "the builder, importer and exporters that call this module are being written in \
-              parallel; remove once they are wired up"
-)]
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -96,13 +90,9 @@ impl Compression {
             "application/vnd.oci.image.layer.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
-                Some(Compression::Gzip)
-            }
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
             "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
-                Some(Compression::Zstd)
-            }
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Some(Compression::Zstd),
             "application/vnd.oci.image.layer.v1.tar"
             | "application/vnd.docker.image.rootfs.diff.tar"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Compression::None),
@@ -179,25 +169,13 @@ pub struct LayerEntry {
 #[derive(Debug, Error)]
 pub enum LayerError {
     #[error("cannot read {path}: {source}")]
-    ReadSource {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path} changed size while the layer was written (expected {expected} bytes, read {actual})"
-    )]
-    SizeChanged {
-        path: String,
-        expected: u64,
-        actual: u64,
-    },
+    ReadSource { path: String, source: std::io::Error },
+    #[error("{path} changed size while the layer was written (expected {expected} bytes, read {actual})")]
+    SizeChanged { path: String, expected: u64, actual: u64 },
     #[error("layer entry {path} appears twice")]
     DuplicateEntry { path: String },
     #[error("cannot write layer entry {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
     /// An entry the writer refuses: a path that is not normalised, a name that would read back
     /// as a whiteout, a hard link to a directory, a child of a non-directory, a bad xattr name.
     #[error("invalid layer entry {path}: {reason}")]
@@ -232,24 +210,18 @@ pub fn write_layer(
 ) -> Result<WrittenLayer, LayerError> {
     let planned = plan_entries(entries)?;
 
-    let compressor = Compressor::new(options.compression, store.blob_writer()?)
-        .map_err(|source| LayerError::Finish { source })?;
+    let compressor =
+        Compressor::new(options.compression, store.blob_writer()?).map_err(|source| LayerError::Finish { source })?;
     let mut tar = tar::Builder::new(Sha256Writer::new(compressor));
     let mut index = LayerIndex::default();
     for entry in &planned {
-        index
-            .entries
-            .push(write_entry(&mut tar, entry, options.mtime)?);
+        index.entries.push(write_entry(&mut tar, entry, options.mtime)?);
     }
 
     // `into_inner` writes the two zero blocks that end the archive; they are part of the diff id.
-    let diff_id_writer = tar
-        .into_inner()
-        .map_err(|source| LayerError::Finish { source })?;
+    let diff_id_writer = tar.into_inner().map_err(|source| LayerError::Finish { source })?;
     let (diff_id, _tar_size, compressor) = diff_id_writer.finish();
-    let blob_writer = compressor
-        .finish()
-        .map_err(|source| LayerError::Finish { source })?;
+    let blob_writer = compressor.finish().map_err(|source| LayerError::Finish { source })?;
     let blob_bytes_written = blob_writer.written();
     let blob = blob_writer.commit()?;
 
@@ -260,11 +232,7 @@ pub fn write_layer(
         media_type: options.compression.media_type().to_owned(),
     };
     index.save(store, &record.diff_id)?;
-    Ok(WrittenLayer {
-        record,
-        index,
-        blob_bytes_written,
-    })
+    Ok(WrittenLayer { record, index, blob_bytes_written })
 }
 
 /// An entry as it will be written: its tar path and what the tar header will say.
@@ -298,9 +266,7 @@ fn plan_entries(entries: Vec<LayerEntry>) -> Result<Vec<PlannedEntry>, LayerErro
     planned.sort_by(|left, right| compare_paths(&left.tar_path, &right.tar_path));
     for pair in planned.windows(2) {
         if pair[0].tar_path == pair[1].tar_path {
-            return Err(LayerError::DuplicateEntry {
-                path: pair[0].tar_path.clone(),
-            });
+            return Err(LayerError::DuplicateEntry { path: pair[0].tar_path.clone() });
         }
     }
     order_hard_links(&mut planned)?;
@@ -309,10 +275,7 @@ fn plan_entries(entries: Vec<LayerEntry>) -> Result<Vec<PlannedEntry>, LayerErro
 }
 
 fn plan_entry(entry: LayerEntry) -> Result<PlannedEntry, LayerError> {
-    let invalid = |reason: &str| LayerError::InvalidEntry {
-        path: entry.path.clone(),
-        reason: reason.to_owned(),
-    };
+    let invalid = |reason: &str| LayerError::InvalidEntry { path: entry.path.clone(), reason: reason.to_owned() };
     // An opaque whiteout of the root directory is `.wh..wh..opq` at the top of the tar.
     let is_root_opaque = entry.path.is_empty() && matches!(entry.kind, EntryKind::OpaqueWhiteout);
     if !is_root_opaque {
@@ -325,16 +288,13 @@ fn plan_entry(entry: LayerEntry) -> Result<PlannedEntry, LayerError> {
         _ => {
             // A regular entry named `.wh.x` would read back as a whiteout of `x`.
             if name.starts_with(WHITEOUT_PREFIX) {
-                return Err(invalid(
-                    "names starting with .wh. are reserved for whiteouts",
-                ));
+                return Err(invalid("names starting with .wh. are reserved for whiteouts"));
             }
             entry.path.clone()
         }
     };
     if let EntryKind::HardLink { target } = &entry.kind {
-        check_normalised(target)
-            .map_err(|reason| invalid(&format!("hard link target {target:?}: {reason}")))?;
+        check_normalised(target).map_err(|reason| invalid(&format!("hard link target {target:?}: {reason}")))?;
     }
     if let EntryKind::Symlink { target } = &entry.kind
         && target.contains('\0')
@@ -403,11 +363,7 @@ fn split_parent(path: &str) -> (&str, &str) {
 }
 
 fn join_path(parent: &str, name: &str) -> String {
-    if parent.is_empty() {
-        name.to_owned()
-    } else {
-        format!("{parent}/{name}")
-    }
+    if parent.is_empty() { name.to_owned() } else { format!("{parent}/{name}") }
 }
 
 /// Makes every hard link point (directly) at the first member of its link group in tar order,
@@ -468,12 +424,7 @@ fn order_hard_links(planned: &mut [PlannedEntry]) -> Result<(), LayerError> {
     roots.sort_unstable();
     for root in roots {
         let links = &groups[&root];
-        let first = links
-            .iter()
-            .copied()
-            .chain([root])
-            .min()
-            .expect("a link group has at least its root");
+        let first = links.iter().copied().chain([root]).min().expect("a link group has at least its root");
         if first != root {
             // The first member in tar order takes over the content and the file's metadata
             // (a hard link shares its inode, so the target's metadata is the one that counts).
@@ -488,9 +439,7 @@ fn order_hard_links(planned: &mut [PlannedEntry]) -> Result<(), LayerError> {
         let first_path = planned[first].image_path.clone();
         for member in links.iter().copied().chain([root]) {
             if member != first {
-                planned[member].kind = EntryKind::HardLink {
-                    target: first_path.clone(),
-                };
+                planned[member].kind = EntryKind::HardLink { target: first_path.clone() };
             }
         }
     }
@@ -538,8 +487,7 @@ impl PaxRecords {
         while (rest + digits).to_string().len() != digits {
             digits += 1;
         }
-        self.bytes
-            .extend_from_slice((rest + digits).to_string().as_bytes());
+        self.bytes.extend_from_slice((rest + digits).to_string().as_bytes());
         self.bytes.push(b' ');
         self.bytes.extend_from_slice(key.as_bytes());
         self.bytes.push(b'=');
@@ -595,12 +543,8 @@ fn entry_headers(entry: &PlannedEntry, mtime: u64) -> (PaxRecords, tar::Header) 
     header.set_gid(u64::from(entry.gid));
     header.set_mode(entry.mode);
     header.set_mtime(mtime);
-    if let EntryKind::CharDevice { major, minor } | EntryKind::BlockDevice { major, minor } =
-        &entry.kind
-    {
-        let ustar = header
-            .as_ustar_mut()
-            .expect("headers made by new_ustar are ustar headers");
+    if let EntryKind::CharDevice { major, minor } | EntryKind::BlockDevice { major, minor } = &entry.kind {
+        let ustar = header.as_ustar_mut().expect("headers made by new_ustar are ustar headers");
         ustar.set_device_major(*major);
         ustar.set_device_minor(*minor);
     }
@@ -615,9 +559,7 @@ fn entry_headers(entry: &PlannedEntry, mtime: u64) -> (PaxRecords, tar::Header) 
 /// into `prefix` and `name` at a `/`, or, when neither fits, into a PAX `path` record with a
 /// truncated copy in the header for readers that ignore PAX.
 fn set_ustar_name(header: &mut tar::Header, name: &str, pax: &mut PaxRecords) {
-    let ustar = header
-        .as_ustar_mut()
-        .expect("headers made by new_ustar are ustar headers");
+    let ustar = header.as_ustar_mut().expect("headers made by new_ustar are ustar headers");
     let bytes = name.as_bytes();
     if bytes.len() <= USTAR_NAME_LENGTH {
         ustar.name[..bytes.len()].copy_from_slice(bytes);
@@ -651,9 +593,7 @@ fn set_ustar_name(header: &mut tar::Header, name: &str, pax: &mut PaxRecords) {
 /// Puts `target` into the ustar `linkname` field, or into a PAX `linkpath` record with a
 /// truncated copy in the header when it is too long.
 fn set_ustar_link_name(header: &mut tar::Header, target: &str, pax: &mut PaxRecords) {
-    let ustar = header
-        .as_ustar_mut()
-        .expect("headers made by new_ustar are ustar headers");
+    let ustar = header.as_ustar_mut().expect("headers made by new_ustar are ustar headers");
     let bytes = target.as_bytes();
     if bytes.len() <= USTAR_LINK_NAME_LENGTH {
         ustar.linkname[..bytes.len()].copy_from_slice(bytes);
@@ -672,9 +612,7 @@ fn truncate_path(path: &str, limit: usize) -> &str {
         return path;
     }
     // Searched as bytes: `limit` need not be a char boundary, but a `/` always is one.
-    let slash = path.as_bytes()[..=limit]
-        .iter()
-        .rposition(|&byte| byte == b'/');
+    let slash = path.as_bytes()[..=limit].iter().rposition(|&byte| byte == b'/');
     if let Some(slash) = slash.filter(|&slash| slash > 0) {
         return &path[..slash];
     }
@@ -693,10 +631,7 @@ fn pax_header(entry: &PlannedEntry, records: &PaxRecords, mtime: u64) -> tar::He
     let base = split_parent(&entry.tar_path).1;
     let name = format!("PaxHeaders.0/{base}");
     let name = truncate_path(&name, USTAR_NAME_LENGTH);
-    header
-        .as_ustar_mut()
-        .expect("headers made by new_ustar are ustar headers")
-        .name[..name.len()]
+    header.as_ustar_mut().expect("headers made by new_ustar are ustar headers").name[..name.len()]
         .copy_from_slice(name.as_bytes());
     header.set_entry_type(tar::EntryType::XHeader);
     header.set_size(records.bytes.len() as u64);
@@ -714,42 +649,25 @@ fn write_entry<W: Write>(
     entry: &PlannedEntry,
     mtime: u64,
 ) -> Result<IndexEntry, LayerError> {
-    let write_error = |source| LayerError::Write {
-        path: entry.tar_path.clone(),
-        source,
-    };
+    let write_error = |source| LayerError::Write { path: entry.tar_path.clone(), source };
     let (pax, header) = entry_headers(entry, mtime);
     if !pax.is_empty() {
-        tar.append(&pax_header(entry, &pax, mtime), pax.bytes.as_slice())
-            .map_err(write_error)?;
+        tar.append(&pax_header(entry, &pax, mtime), pax.bytes.as_slice()).map_err(write_error)?;
     }
 
     let kind = match &entry.kind {
         EntryKind::File { content, size } => {
             let sha256 = write_file_content(tar, entry, &header, content, *size)?;
-            IndexKind::File {
-                size: *size,
-                sha256,
-            }
+            IndexKind::File { size: *size, sha256 }
         }
         other => {
             tar.append(&header, io::empty()).map_err(write_error)?;
             match other {
                 EntryKind::Directory => IndexKind::Directory,
-                EntryKind::Symlink { target } => IndexKind::Symlink {
-                    target: target.clone(),
-                },
-                EntryKind::HardLink { target } => IndexKind::HardLink {
-                    target: target.clone(),
-                },
-                EntryKind::CharDevice { major, minor } => IndexKind::CharDevice {
-                    major: *major,
-                    minor: *minor,
-                },
-                EntryKind::BlockDevice { major, minor } => IndexKind::BlockDevice {
-                    major: *major,
-                    minor: *minor,
-                },
+                EntryKind::Symlink { target } => IndexKind::Symlink { target: target.clone() },
+                EntryKind::HardLink { target } => IndexKind::HardLink { target: target.clone() },
+                EntryKind::CharDevice { major, minor } => IndexKind::CharDevice { major: *major, minor: *minor },
+                EntryKind::BlockDevice { major, minor } => IndexKind::BlockDevice { major: *major, minor: *minor },
                 EntryKind::Fifo => IndexKind::Fifo,
                 EntryKind::Whiteout => IndexKind::Whiteout,
                 EntryKind::OpaqueWhiteout => IndexKind::OpaqueWhiteout,
@@ -757,13 +675,7 @@ fn write_entry<W: Write>(
             }
         }
     };
-    Ok(IndexEntry {
-        path: entry.image_path.clone(),
-        kind,
-        mode: entry.mode,
-        uid: entry.uid,
-        gid: entry.gid,
-    })
+    Ok(IndexEntry { path: entry.image_path.clone(), kind, mode: entry.mode, uid: entry.uid, gid: entry.gid })
 }
 
 /// Streams a file's content into the tar after `header`, hashing it on the way, and checks
@@ -782,10 +694,7 @@ fn write_file_content<W: Write>(
         }
         Content::HostFile(path) => format!("{} (for /{})", path.display(), entry.image_path),
     };
-    let read_error = |source| LayerError::ReadSource {
-        path: source_name.clone(),
-        source,
-    };
+    let read_error = |source| LayerError::ReadSource { path: source_name.clone(), source };
     // Opened only now, so that a layer of many files never holds more than one open.
     let source: Box<dyn Read + '_> = match content {
         Content::Inline(bytes) => Box::new(&bytes[..]),
@@ -793,28 +702,16 @@ fn write_file_content<W: Write>(
         Content::HostFile(path) => Box::new(File::open(path).map_err(read_error)?),
     };
 
-    let mut reader = CheckedContentReader {
-        source,
-        remaining: size,
-        read: 0,
-        hasher: Sha256Writer::new(io::sink()),
-        failure: None,
-    };
+    let mut reader =
+        CheckedContentReader { source, remaining: size, read: 0, hasher: Sha256Writer::new(io::sink()), failure: None };
     let appended = tar.append(header, &mut reader);
     match (appended, reader.failure.take()) {
         (_, Some(ContentFailure::EndedEarly)) => {
-            return Err(LayerError::SizeChanged {
-                path: source_name,
-                expected: size,
-                actual: reader.read,
-            });
+            return Err(LayerError::SizeChanged { path: source_name, expected: size, actual: reader.read });
         }
         (_, Some(ContentFailure::Read(source))) => return Err(read_error(source)),
         (Err(source), None) => {
-            return Err(LayerError::Write {
-                path: entry.tar_path.clone(),
-                source,
-            });
+            return Err(LayerError::Write { path: entry.tar_path.clone(), source });
         }
         (Ok(()), None) => {}
     }
@@ -822,11 +719,7 @@ fn write_file_content<W: Write>(
     // A source that grew: count what is left so the error says how long it is now.
     let extra = io::copy(&mut reader.source, &mut io::sink()).map_err(read_error)?;
     if extra > 0 {
-        return Err(LayerError::SizeChanged {
-            path: source_name,
-            expected: size,
-            actual: size + extra,
-        });
+        return Err(LayerError::SizeChanged { path: source_name, expected: size, actual: size + extra });
     }
     Ok(reader.hasher.finish().0)
 }
@@ -852,8 +745,7 @@ impl<R: Read> Read for CheckedContentReader<R> {
         if self.remaining == 0 || buffer.is_empty() {
             return Ok(0);
         }
-        let limit = usize::try_from(self.remaining)
-            .map_or(buffer.len(), |remaining| remaining.min(buffer.len()));
+        let limit = usize::try_from(self.remaining).map_or(buffer.len(), |remaining| remaining.min(buffer.len()));
         loop {
             match self.source.read(&mut buffer[..limit]) {
                 Ok(0) => {
@@ -864,9 +756,7 @@ impl<R: Read> Read for CheckedContentReader<R> {
                     ));
                 }
                 Ok(count) => {
-                    self.hasher
-                        .write_all(&buffer[..count])
-                        .expect("writing to a sink cannot fail");
+                    self.hasher.write_all(&buffer[..count]).expect("writing to a sink cannot fail");
                     self.remaining -= count as u64;
                     self.read += count as u64;
                     return Ok(count);
@@ -901,9 +791,7 @@ impl Compressor {
                     .operating_system(255)
                     .write(blob_writer, flate2::Compression::new(GZIP_LEVEL)),
             ),
-            Compression::Zstd => {
-                Compressor::Zstd(zstd::stream::write::Encoder::new(blob_writer, ZSTD_LEVEL)?)
-            }
+            Compression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(blob_writer, ZSTD_LEVEL)?),
             Compression::None => Compressor::None(blob_writer),
         })
     }
@@ -942,10 +830,7 @@ mod tests {
 
     use super::*;
 
-    const PLAIN: LayerOptions = LayerOptions {
-        compression: Compression::None,
-        mtime: 0,
-    };
+    const PLAIN: LayerOptions = LayerOptions { compression: Compression::None, mtime: 0 };
 
     fn new_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
@@ -954,21 +839,11 @@ mod tests {
     }
 
     fn entry(path: &str, kind: EntryKind, mode: u32) -> LayerEntry {
-        LayerEntry {
-            path: path.to_owned(),
-            kind,
-            mode,
-            uid: 0,
-            gid: 0,
-            xattrs: Vec::new(),
-        }
+        LayerEntry { path: path.to_owned(), kind, mode, uid: 0, gid: 0, xattrs: Vec::new() }
     }
 
     fn file(path: &str, content: &[u8], mode: u32) -> LayerEntry {
-        let kind = EntryKind::File {
-            content: Content::Inline(Arc::from(content)),
-            size: content.len() as u64,
-        };
+        let kind = EntryKind::File { content: Content::Inline(Arc::from(content)), size: content.len() as u64 };
         entry(path, kind, mode)
     }
 
@@ -988,9 +863,7 @@ mod tests {
         match Compression::from_media_type(&record.media_type).unwrap() {
             Compression::Gzip => {
                 let mut tar = Vec::new();
-                flate2::read::GzDecoder::new(&blob[..])
-                    .read_to_end(&mut tar)
-                    .unwrap();
+                flate2::read::GzDecoder::new(&blob[..]).read_to_end(&mut tar).unwrap();
                 tar
             }
             Compression::Zstd => zstd::stream::decode_all(&blob[..]).unwrap(),
@@ -1067,13 +940,7 @@ mod tests {
             file("z", b"z", 0o644),
             file("a-b", b"dash", 0o644),
             dir("a"),
-            entry(
-                "a/l",
-                EntryKind::Symlink {
-                    target: "../z".into(),
-                },
-                0o777,
-            ),
+            entry("a/l", EntryKind::Symlink { target: "../z".into() }, 0o777),
             file("a/c/d", b"deep", 0o644),
             dir("a/c"),
             file("a/b", b"b", 0o644),
@@ -1081,18 +948,10 @@ mod tests {
         let orders = [
             entries.clone(),
             entries.iter().rev().cloned().collect(),
-            entries
-                .iter()
-                .skip(3)
-                .chain(entries.iter().take(3))
-                .cloned()
-                .collect::<Vec<_>>(),
+            entries.iter().skip(3).chain(entries.iter().take(3)).cloned().collect::<Vec<_>>(),
         ];
         for compression in [Compression::Gzip, Compression::Zstd, Compression::None] {
-            let options = LayerOptions {
-                compression,
-                mtime: 1_700_000_000,
-            };
+            let options = LayerOptions { compression, mtime: 1_700_000_000 };
             let mut outputs = Vec::new();
             for order in &orders {
                 // A fresh store each time, so every blob is really written again.
@@ -1123,10 +982,7 @@ Regular 0644 0:0 1 0 z \"z\"
     #[test]
     fn headers_carry_modes_owners_devices_and_xattrs_exactly() {
         let mut with_xattr = file("bin/ping", b"", 0o755);
-        with_xattr.xattrs = vec![
-            ("security.capability".into(), b"cap".to_vec()),
-            ("user.a".into(), b"1".to_vec()),
-        ];
+        with_xattr.xattrs = vec![("security.capability".into(), b"cap".to_vec()), ("user.a".into(), b"1".to_vec())];
         check_tar(
             vec![
                 owned(file("usr/bin/su", b"su", 0o4755), 0, 0),
@@ -1135,24 +991,13 @@ Regular 0644 0:0 1 0 z \"z\"
                 with_xattr,
                 owned(file("home/big", b"", 0o644), 3_000_000, 70_000),
                 entry("tmp", EntryKind::Directory, 0o1777),
-                entry(
-                    "dev/null",
-                    EntryKind::CharDevice { major: 1, minor: 3 },
-                    0o666,
-                ),
-                entry(
-                    "dev/sda",
-                    EntryKind::BlockDevice { major: 8, minor: 0 },
-                    0o660,
-                ),
+                entry("dev/null", EntryKind::CharDevice { major: 1, minor: 3 }, 0o666),
+                entry("dev/sda", EntryKind::BlockDevice { major: 8, minor: 0 }, 0o660),
                 entry("run/pipe", EntryKind::Fifo, 0o644),
                 // File-type bits in a caller's mode are dropped.
                 entry("x", EntryKind::Directory, 0o040_700),
             ],
-            &LayerOptions {
-                compression: Compression::None,
-                mtime: 1_234_567,
-            },
+            &LayerOptions { compression: Compression::None, mtime: 1_234_567 },
             "\
 Regular 0755 0:0 0 1234567 bin/ping pax[SCHILY.xattr.security.capability=cap,SCHILY.xattr.user.a=1]
 Char 0666 0:0 0 1234567 dev/null
@@ -1169,16 +1014,9 @@ Directory 0700 0:0 0 1234567 x/
 
         // Device numbers are in the header.
         let (_dir, store) = new_store();
-        let written = write_layer(
-            &store,
-            vec![entry(
-                "dev/null",
-                EntryKind::CharDevice { major: 1, minor: 3 },
-                0o666,
-            )],
-            &PLAIN,
-        )
-        .unwrap();
+        let written =
+            write_layer(&store, vec![entry("dev/null", EntryKind::CharDevice { major: 1, minor: 3 }, 0o666)], &PLAIN)
+                .unwrap();
         let tar = layer_tar(&store, &written.record);
         let header = tar::Header::from_byte_slice(&tar[..512]);
         assert_eq!(header.device_major().unwrap(), Some(1));
@@ -1197,33 +1035,15 @@ Directory 0700 0:0 0 1234567 x/
                 file(&splittable, b"1", 0o644),
                 file(&one_long_component, b"2", 0o644),
                 file(&too_deep, b"3", 0o644),
-                entry(
-                    "link",
-                    EntryKind::Symlink {
-                        target: long_target.clone(),
-                    },
-                    0o777,
-                ),
+                entry("link", EntryKind::Symlink { target: long_target.clone() }, 0o777),
                 owned(entry("dir/gone", EntryKind::Whiteout, 0o644), 5, 5),
                 entry("dir", EntryKind::OpaqueWhiteout, 0o755),
                 entry("", EntryKind::OpaqueWhiteout, 0o755),
                 // The target sorts after the link: the link gets the content.
                 file("b/target", b"shared", 0o640),
-                entry(
-                    "a/link",
-                    EntryKind::HardLink {
-                        target: "b/target".into(),
-                    },
-                    0o644,
-                ),
+                entry("a/link", EntryKind::HardLink { target: "b/target".into() }, 0o644),
                 // A target in a lower layer is written as given.
-                entry(
-                    "c/lower",
-                    EntryKind::HardLink {
-                        target: "usr/lib/x".into(),
-                    },
-                    0o644,
-                ),
+                entry("c/lower", EntryKind::HardLink { target: "usr/lib/x".into() }, 0o644),
             ],
             &PLAIN,
             &format!(
@@ -1249,10 +1069,7 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
         let header = tar::Header::from_byte_slice(&tar[..512]);
         let ustar = header.as_ustar().unwrap();
         assert_eq!(header.entry_type(), tar::EntryType::Regular);
-        assert_eq!(
-            &ustar.prefix[..61],
-            format!("{}\0", "d".repeat(60)).as_bytes()
-        );
+        assert_eq!(&ustar.prefix[..61], format!("{}\0", "d".repeat(60)).as_bytes());
         assert_eq!(&ustar.name[..89], "e".repeat(89).as_bytes());
     }
 
@@ -1262,10 +1079,7 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
         let planned = PlannedEntry {
             tar_path: "huge".into(),
             image_path: "huge".into(),
-            kind: EntryKind::File {
-                content: Content::Inline(Arc::from(&b""[..])),
-                size: huge,
-            },
+            kind: EntryKind::File { content: Content::Inline(Arc::from(&b""[..])), size: huge },
             mode: 0o644,
             uid: 0,
             gid: 0,
@@ -1276,10 +1090,7 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
         assert_eq!(header.size().unwrap(), huge);
 
         let small = PlannedEntry {
-            kind: EntryKind::File {
-                content: Content::Inline(Arc::from(&b""[..])),
-                size: USTAR_MAX_SIZE,
-            },
+            kind: EntryKind::File { content: Content::Inline(Arc::from(&b""[..])), size: USTAR_MAX_SIZE },
             ..planned
         };
         assert!(entry_headers(&small, 0).0.is_empty());
@@ -1317,30 +1128,18 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
     fn compressed_blobs_are_pinned_and_decompress_to_the_diff_id() {
         fn check(compression: Compression, magic: &[u8]) {
             let (_dir, store) = new_store();
-            let options = LayerOptions {
-                compression,
-                mtime: 0,
-            };
-            let written =
-                write_layer(&store, vec![file("hello", b"hello", 0o644)], &options).unwrap();
+            let options = LayerOptions { compression, mtime: 0 };
+            let written = write_layer(&store, vec![file("hello", b"hello", 0o644)], &options).unwrap();
             let record = &written.record;
             let blob = std::fs::read(store.blob_path(&record.digest)).unwrap();
-            assert!(
-                blob.starts_with(magic),
-                "{compression:?}: {:x?}",
-                &blob[..8]
-            );
+            assert!(blob.starts_with(magic), "{compression:?}: {:x?}", &blob[..8]);
             assert_eq!(Digest::of_bytes(&blob), record.digest);
             assert_eq!(blob.len() as u64, record.size);
             assert_eq!(written.blob_bytes_written, record.size);
             assert_eq!(record.media_type, compression.media_type());
             let tar = layer_tar(&store, record);
             assert_eq!(Digest::of_bytes(&tar), record.diff_id);
-            assert_eq!(
-                tar.len(),
-                512 + 512 + 1024,
-                "header, one data block, end blocks"
-            );
+            assert_eq!(tar.len(), 512 + 512 + 1024, "header, one data block, end blocks");
             if compression == Compression::Gzip {
                 assert_eq!(blob[3], 0, "no gzip flags: no file name, no comment");
                 assert_eq!(&blob[4..8], &[0, 0, 0, 0], "gzip mtime is 0");
@@ -1358,24 +1157,14 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
             let (dir, store) = new_store();
             let host_file = dir.path().join("source");
             std::fs::write(&host_file, actual_content).unwrap();
-            let kind = EntryKind::File {
-                content: Content::HostFile(host_file),
-                size: declared,
-            };
+            let kind = EntryKind::File { content: Content::HostFile(host_file), size: declared };
             let result = write_layer(&store, vec![entry("app/data", kind, 0o644)], &PLAIN);
             match (result, expected) {
                 (Ok(written), None) => {
                     let tar = layer_tar(&store, &written.record);
                     assert!(describe_tar(&tar).contains("app/data"));
                 }
-                (
-                    Err(LayerError::SizeChanged {
-                        path,
-                        expected,
-                        actual,
-                    }),
-                    Some(sizes),
-                ) => {
+                (Err(LayerError::SizeChanged { path, expected, actual }), Some(sizes)) => {
                     assert_eq!((expected, actual), sizes);
                     assert!(path.contains("/app/data"), "{path}");
                     let leftovers = std::fs::read_dir(store.tmp_dir()).unwrap().count();
@@ -1390,10 +1179,7 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
         check(b"", 1, Some((1, 0)));
 
         let (dir, store) = new_store();
-        let kind = EntryKind::File {
-            content: Content::HostFile(dir.path().join("missing")),
-            size: 1,
-        };
+        let kind = EntryKind::File { content: Content::HostFile(dir.path().join("missing")), size: 1 };
         let error = write_layer(&store, vec![entry("x", kind, 0o644)], &PLAIN).unwrap_err();
         assert!(matches!(error, LayerError::ReadSource { .. }), "{error}");
     }
@@ -1405,29 +1191,18 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
         std::fs::create_dir(&context).unwrap();
         std::fs::write(context.join("inside.txt"), b"inside").unwrap();
         std::fs::write(dir.path().join("outside.txt"), b"secret").unwrap();
-        let capability = Arc::new(
-            cap_std::fs::Dir::open_ambient_dir(&context, cap_std::ambient_authority()).unwrap(),
-        );
+        let capability = Arc::new(cap_std::fs::Dir::open_ambient_dir(&context, cap_std::ambient_authority()).unwrap());
         let from_context = |path: &str, size| {
-            let kind = EntryKind::File {
-                content: Content::Context {
-                    dir: capability.clone(),
-                    path: path.to_owned(),
-                },
-                size,
-            };
+            let kind =
+                EntryKind::File { content: Content::Context { dir: capability.clone(), path: path.to_owned() }, size };
             entry("app/file", kind, 0o644)
         };
 
         let written = write_layer(&store, vec![from_context("inside.txt", 6)], &PLAIN).unwrap();
         let tar = layer_tar(&store, &written.record);
-        assert_eq!(
-            describe_tar(&tar),
-            "Regular 0644 0:0 6 0 app/file \"inside\"\n"
-        );
+        assert_eq!(describe_tar(&tar), "Regular 0644 0:0 6 0 app/file \"inside\"\n");
 
-        let error =
-            write_layer(&store, vec![from_context("../outside.txt", 6)], &PLAIN).unwrap_err();
+        let error = write_layer(&store, vec![from_context("../outside.txt", 6)], &PLAIN).unwrap_err();
         assert!(matches!(error, LayerError::ReadSource { .. }), "{error}");
     }
 
@@ -1441,44 +1216,19 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
                 dir("etc"),
                 entry("etc/old", EntryKind::Whiteout, 0o644),
                 entry("var", EntryKind::OpaqueWhiteout, 0o755),
-                entry(
-                    "etc/link",
-                    EntryKind::HardLink {
-                        target: "etc/passwd".into(),
-                    },
-                    0o644,
-                ),
+                entry("etc/link", EntryKind::HardLink { target: "etc/passwd".into() }, 0o644),
             ],
             &PLAIN,
         )
         .unwrap();
-        let index_entry = |path: &str, kind, mode| IndexEntry {
-            path: path.to_owned(),
-            kind,
-            mode,
-            uid: 0,
-            gid: 0,
-        };
+        let index_entry = |path: &str, kind, mode| IndexEntry { path: path.to_owned(), kind, mode, uid: 0, gid: 0 };
         let expected = LayerIndex {
             entries: vec![
                 index_entry("etc", IndexKind::Directory, 0o755),
                 index_entry("etc/old", IndexKind::Whiteout, 0),
                 // `etc/link` sorts before `etc/passwd`, so it carries the content.
-                index_entry(
-                    "etc/link",
-                    IndexKind::File {
-                        size: 4,
-                        sha256: Digest::of_bytes(b"root"),
-                    },
-                    0o644,
-                ),
-                index_entry(
-                    "etc/passwd",
-                    IndexKind::HardLink {
-                        target: "etc/link".into(),
-                    },
-                    0o644,
-                ),
+                index_entry("etc/link", IndexKind::File { size: 4, sha256: Digest::of_bytes(b"root") }, 0o644),
+                index_entry("etc/passwd", IndexKind::HardLink { target: "etc/link".into() }, 0o644),
                 index_entry("var", IndexKind::OpaqueWhiteout, 0),
             ],
         };
@@ -1493,41 +1243,20 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
             let (_dir, store) = new_store();
             let error = write_layer(&store, entries, &PLAIN).unwrap_err();
             let text = error.to_string();
-            assert!(
-                text.contains(expected),
-                "{text:?} does not contain {expected:?}"
-            );
+            assert!(text.contains(expected), "{text:?} does not contain {expected:?}");
         }
-        check(
-            vec![file("a", b"1", 0o644), file("a", b"2", 0o644)],
-            "layer entry a appears twice",
-        );
+        check(vec![file("a", b"1", 0o644), file("a", b"2", 0o644)], "layer entry a appears twice");
         for bad in ["/abs", "a/../b", "a//b", "a/", ".", "", "a/\0"] {
             check(vec![file(bad, b"", 0o644)], "invalid layer entry");
         }
         check(vec![file("a/.wh.b", b"", 0o644)], "reserved for whiteouts");
+        check(vec![file("a", b"", 0o644), file("a/b", b"", 0o644)], "its parent \"a\" is not a directory");
         check(
-            vec![file("a", b"", 0o644), file("a/b", b"", 0o644)],
-            "its parent \"a\" is not a directory",
-        );
-        check(
-            vec![
-                entry(
-                    "l",
-                    EntryKind::Symlink {
-                        target: "/etc".into(),
-                    },
-                    0o777,
-                ),
-                file("l/passwd", b"", 0o644),
-            ],
+            vec![entry("l", EntryKind::Symlink { target: "/etc".into() }, 0o777), file("l/passwd", b"", 0o644)],
             "its parent \"l\" is not a directory",
         );
         check(
-            vec![
-                dir("d"),
-                entry("l", EntryKind::HardLink { target: "d".into() }, 0o644),
-            ],
+            vec![dir("d"), entry("l", EntryKind::HardLink { target: "d".into() }, 0o644)],
             "hard link to the directory",
         );
         check(
@@ -1537,16 +1266,7 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
             ],
             "cycle",
         );
-        check(
-            vec![entry(
-                "x",
-                EntryKind::HardLink {
-                    target: "../y".into(),
-                },
-                0o644,
-            )],
-            "hard link target",
-        );
+        check(vec![entry("x", EntryKind::HardLink { target: "../y".into() }, 0o644)], "hard link target");
         let mut bad_xattr = file("x", b"", 0o644);
         bad_xattr.xattrs = vec![("a=b".into(), Vec::new())];
         check(vec![bad_xattr], "cannot be a PAX key");

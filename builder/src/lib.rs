@@ -31,6 +31,8 @@ mod export;
 pub mod host;
 mod import;
 mod layer;
+mod solver;
+mod steps;
 mod tree;
 
 pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, ProgressEvent, ProgressSink, StepError, StepReport};

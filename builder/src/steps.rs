@@ -25,7 +25,6 @@ use crate::tree::{FsTree, IndexEntry, IndexKind, LayerIndex, TreeError, TreeNode
 /// The result of one node: everything the steps above it need.
 #[derive(Debug)]
 pub struct NodeState {
-    pub key: StepKey,
     pub layers: Vec<LayerRecord>,
     pub config: Value,
     pub parent: Option<Arc<NodeState>>,
@@ -34,8 +33,8 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    pub fn new(key: StepKey, layers: Vec<LayerRecord>, config: Value, parent: Option<Arc<NodeState>>) -> NodeState {
-        NodeState { key, layers, config, parent, tree: OnceLock::new() }
+    pub fn new(layers: Vec<LayerRecord>, config: Value, parent: Option<Arc<NodeState>>) -> NodeState {
+        NodeState { layers, config, parent, tree: OnceLock::new() }
     }
 }
 
@@ -59,7 +58,10 @@ impl IndexCache {
             None => crate::tree::index_layer(store, layer)?,
         };
         let index = Arc::new(index);
-        self.indexes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(layer.diff_id.clone(), Arc::clone(&index));
+        self.indexes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(layer.diff_id.clone(), Arc::clone(&index));
         Ok(index)
     }
 }
@@ -104,7 +106,7 @@ impl Execution<'_> {
                 None => 0,
             };
             for (position, layer) in node.layers.iter().enumerate().skip(first_own_layer) {
-                next.apply(position, &layer.digest, &self.indexes.get(self.store, layer)?)?;
+                next.apply(position, &layer.digest, &*self.indexes.get(self.store, layer)?)?;
             }
             let next = Arc::new(next);
             let _ = node.tree.set(Arc::clone(&next));
@@ -123,7 +125,8 @@ impl Execution<'_> {
 
     pub fn read_config(&self, digest: &Digest) -> Result<Value, StepError> {
         let path = self.store.blob_path(digest);
-        let bytes = std::fs::read(&path).map_err(|source| StoreError::Io { action: "read config blob", path, source })?;
+        let bytes =
+            std::fs::read(&path).map_err(|source| StoreError::Io { action: "read config blob", path, source })?;
         serde_json::from_slice(&bytes)
             .map_err(|error| StepError::CorruptConfig { digest: digest.clone(), reason: error.to_string() })
     }
@@ -228,10 +231,13 @@ impl Execution<'_> {
                     wanted.entry(node.layer).or_default().insert(join(&source_path, relative));
                 }
                 IndexKind::HardLink { target } if !copied.contains(target) => {
+                    // The bytes are where the link's target was when the link was made, even if
+                    // a later layer replaced that path.
+                    let source_full = join(&source_path, relative);
                     let target_node = source_tree
-                        .get(target)
+                        .hard_link_target(&source_full)
                         .ok_or_else(|| StepError::NotInSourceImage { path: format!("/{target}") })?;
-                    wanted.entry(target_node.layer).or_default().insert(target.clone());
+                    wanted.entry(target_node.layer).or_default().insert(target_node.entry.path.clone());
                 }
                 _ => {}
             }
@@ -265,11 +271,14 @@ impl Execution<'_> {
                     EntryKind::HardLink { target: join(&root, target_relative) }
                 }
                 IndexKind::HardLink { target } => {
-                    let size = match source_tree.get(target).map(|node| &node.entry.kind) {
-                        Some(IndexKind::File { size, .. }) => *size,
-                        _ => return Err(StepError::NotInSourceImage { path: format!("/{target}") }),
+                    let Some(target_node) = source_tree.hard_link_target(&source_full) else {
+                        return Err(StepError::NotInSourceImage { path: format!("/{target}") });
                     };
-                    EntryKind::File { content: Content::HostFile(spooled_path(&spooled, target)?), size }
+                    let IndexKind::File { size, .. } = target_node.entry.kind else {
+                        return Err(StepError::NotInSourceImage { path: format!("/{target}") });
+                    };
+                    let content = Content::HostFile(spooled_path(&spooled, &target_node.entry.path)?);
+                    EntryKind::File { content, size }
                 }
                 IndexKind::CharDevice { major, minor } => EntryKind::CharDevice { major: *major, minor: *minor },
                 IndexKind::BlockDevice { major, minor } => EntryKind::BlockDevice { major: *major, minor: *minor },
@@ -286,7 +295,11 @@ impl Execution<'_> {
         Ok((entries, spool))
     }
 
-    pub fn write_file_entries(&self, write: &WriteFileStep, parent: &Arc<NodeState>) -> Result<Vec<LayerEntry>, StepError> {
+    pub fn write_file_entries(
+        &self,
+        write: &WriteFileStep,
+        parent: &Arc<NodeState>,
+    ) -> Result<Vec<LayerEntry>, StepError> {
         let tree = self.tree(parent)?;
         let path = non_root_path(&write.path)?;
         let mut entries = parent_directories(&tree, &path)?;
@@ -304,7 +317,11 @@ impl Execution<'_> {
         Ok(entries)
     }
 
-    pub fn symlink_entries(&self, symlink: &SymlinkStep, parent: &Arc<NodeState>) -> Result<Vec<LayerEntry>, StepError> {
+    pub fn symlink_entries(
+        &self,
+        symlink: &SymlinkStep,
+        parent: &Arc<NodeState>,
+    ) -> Result<Vec<LayerEntry>, StepError> {
         let tree = self.tree(parent)?;
         let path = non_root_path(&symlink.link_path)?;
         let mut entries = parent_directories(&tree, &path)?;
@@ -429,4 +446,3 @@ fn entry(path: &str, kind: EntryKind, mode: u32, owner: Owner) -> LayerEntry {
 fn file_entry(path: &str, kind: EntryKind, options: FileOptions, default_mode: u32) -> LayerEntry {
     entry(path, kind, options.mode.unwrap_or(default_mode), options.owner.unwrap_or(Owner::ROOT))
 }
-

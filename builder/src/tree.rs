@@ -21,12 +21,6 @@
 //! does, and must keep its own guards), resolve symlinks (their targets are kept verbatim: they
 //! are only ever resolved inside a running container), or keep file contents (only digests).
 
-#![allow(
-    dead_code,
-    reason = "the builder, importer and exporters that call this module are being written in \
-              parallel; remove once they are wired up"
-)]
-
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -89,37 +83,17 @@ pub enum TreeError {
     #[error("layer {layer}: entry {entry:?} would land outside the image root")]
     EscapesRoot { layer: Digest, entry: String },
     #[error("layer {layer}: entry {entry:?} is written through the symlink {symlink:?}")]
-    ThroughSymlink {
-        layer: Digest,
-        entry: String,
-        symlink: String,
-    },
+    ThroughSymlink { layer: Digest, entry: String, symlink: String },
     #[error("layer {layer}: hard link {entry:?} points at {target:?}, which is not in the image")]
-    DanglingHardLink {
-        layer: Digest,
-        entry: String,
-        target: String,
-    },
-    #[error(
-        "layer {layer}: uncompressed content has digest {actual}, but the image names diff id {expected}"
-    )]
-    DiffIdMismatch {
-        layer: Digest,
-        expected: Digest,
-        actual: Digest,
-    },
+    DanglingHardLink { layer: Digest, entry: String, target: String },
+    #[error("layer {layer}: uncompressed content has digest {actual}, but the image names diff id {expected}")]
+    DiffIdMismatch { layer: Digest, expected: Digest, actual: Digest },
     #[error("layer {layer}: unsupported media type {media_type}")]
     UnsupportedMediaType { layer: Digest, media_type: String },
     #[error("layer {layer}: cannot read: {source}")]
-    Read {
-        layer: Digest,
-        source: std::io::Error,
-    },
+    Read { layer: Digest, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] layerwright_cache::StoreError),
     /// A member name or link target that is not UTF-8 (image paths are strings here).
@@ -127,18 +101,10 @@ pub enum TreeError {
     NotUtf8 { layer: Digest, entry: String },
     /// A tar member type an image layer cannot hold (a GNU volume label, say).
     #[error("layer {layer}: entry {entry:?} has the unsupported tar type {entry_type:?}")]
-    UnsupportedEntry {
-        layer: Digest,
-        entry: String,
-        entry_type: char,
-    },
+    UnsupportedEntry { layer: Digest, entry: String, entry_type: char },
     /// An entry below something that exists but is neither a directory nor a symlink.
     #[error("layer {layer}: entry {entry:?} is below {parent:?}, which is not a directory")]
-    ParentNotDirectory {
-        layer: Digest,
-        entry: String,
-        parent: String,
-    },
+    ParentNotDirectory { layer: Digest, entry: String, parent: String },
     /// `extract_files` was asked for a path that the layer holds no regular file at.
     #[error("layer {layer}: holds no regular file at {path:?}")]
     MissingFile { layer: Digest, path: String },
@@ -180,10 +146,7 @@ impl LayerIndex {
 /// skipped. Symlink targets are kept verbatim; hard link targets are normalised like names.
 pub fn index_layer(store: &Store, layer: &LayerRecord) -> Result<LayerIndex, TreeError> {
     let layer_digest = &layer.digest;
-    let read_error = |source| TreeError::Read {
-        layer: layer_digest.clone(),
-        source,
-    };
+    let read_error = |source| TreeError::Read { layer: layer_digest.clone(), source };
     let mut archive = tar::Archive::new(open_layer_stream(store, layer)?);
     archive.set_ignore_zeros(false);
 
@@ -238,28 +201,16 @@ fn member_name<R: Read>(member: &tar::Entry<'_, R>, layer: &Digest) -> Result<St
     let bytes = member.path_bytes();
     match std::str::from_utf8(&bytes) {
         Ok(name) => Ok(name.to_owned()),
-        Err(_) => Err(TreeError::NotUtf8 {
-            layer: layer.clone(),
-            entry: String::from_utf8_lossy(&bytes).into_owned(),
-        }),
+        Err(_) => Err(TreeError::NotUtf8 { layer: layer.clone(), entry: String::from_utf8_lossy(&bytes).into_owned() }),
     }
 }
 
 /// The index entry of one tar member, `None` for members that are not image entries (the root
 /// directory, PAX global headers, aufs metadata).
-fn index_member<R: Read>(
-    member: &mut tar::Entry<'_, R>,
-    layer: &Digest,
-) -> Result<Option<IndexEntry>, TreeError> {
-    let read_error = |source| TreeError::Read {
-        layer: layer.clone(),
-        source,
-    };
+fn index_member<R: Read>(member: &mut tar::Entry<'_, R>, layer: &Digest) -> Result<Option<IndexEntry>, TreeError> {
+    let read_error = |source| TreeError::Read { layer: layer.clone(), source };
     let name = member_name(member, layer)?;
-    let escapes = || TreeError::EscapesRoot {
-        layer: layer.clone(),
-        entry: name.clone(),
-    };
+    let escapes = || TreeError::EscapesRoot { layer: layer.clone(), entry: name.clone() };
     let header = member.header();
     let entry_type = header.entry_type();
     if entry_type.is_pax_global_extensions() {
@@ -289,13 +240,7 @@ fn index_member<R: Read>(
         None => ("", path.as_str()),
     };
     if base == OPAQUE_WHITEOUT_NAME {
-        return Ok(Some(IndexEntry {
-            path: parent.to_owned(),
-            kind: IndexKind::OpaqueWhiteout,
-            mode,
-            uid,
-            gid,
-        }));
+        return Ok(Some(IndexEntry { path: parent.to_owned(), kind: IndexKind::OpaqueWhiteout, mode, uid, gid }));
     }
     if base.starts_with(".wh..wh.") {
         return Ok(None); // aufs metadata (`.wh..wh.plnk`, ...): never part of the image.
@@ -304,18 +249,8 @@ fn index_member<R: Read>(
         if deleted.is_empty() || deleted == "." || deleted == ".." {
             return Err(escapes());
         }
-        let deleted_path = if parent.is_empty() {
-            deleted.to_owned()
-        } else {
-            format!("{parent}/{deleted}")
-        };
-        return Ok(Some(IndexEntry {
-            path: deleted_path,
-            kind: IndexKind::Whiteout,
-            mode,
-            uid,
-            gid,
-        }));
+        let deleted_path = if parent.is_empty() { deleted.to_owned() } else { format!("{parent}/{deleted}") };
+        return Ok(Some(IndexEntry { path: deleted_path, kind: IndexKind::Whiteout, mode, uid, gid }));
     }
 
     let link_name = || -> Result<String, TreeError> {
@@ -328,30 +263,21 @@ fn index_member<R: Read>(
             }),
         }
     };
-    let device = |number: io::Result<Option<u32>>| -> Result<u32, TreeError> {
-        Ok(number.map_err(read_error)?.unwrap_or(0))
-    };
+    let device =
+        |number: io::Result<Option<u32>>| -> Result<u32, TreeError> { Ok(number.map_err(read_error)?.unwrap_or(0)) };
     let kind = if entry_type.is_dir() {
         IndexKind::Directory
     } else if entry_type.is_symlink() {
-        IndexKind::Symlink {
-            target: link_name()?,
-        }
+        IndexKind::Symlink { target: link_name()? }
     } else if entry_type.is_hard_link() {
         match normalise_member_path(&link_name()?) {
             MemberPath::Inside(target) => IndexKind::HardLink { target },
             MemberPath::Root | MemberPath::Escapes => return Err(escapes()),
         }
     } else if entry_type.is_character_special() {
-        IndexKind::CharDevice {
-            major: device(header.device_major())?,
-            minor: device(header.device_minor())?,
-        }
+        IndexKind::CharDevice { major: device(header.device_major())?, minor: device(header.device_minor())? }
     } else if entry_type.is_block_special() {
-        IndexKind::BlockDevice {
-            major: device(header.device_major())?,
-            minor: device(header.device_minor())?,
-        }
+        IndexKind::BlockDevice { major: device(header.device_major())?, minor: device(header.device_minor())? }
     } else if entry_type.is_fifo() {
         IndexKind::Fifo
     } else if is_regular_file(entry_type) {
@@ -366,13 +292,7 @@ fn index_member<R: Read>(
             entry_type: char::from(entry_type.as_byte()),
         });
     };
-    Ok(Some(IndexEntry {
-        path,
-        kind,
-        mode,
-        uid,
-        gid,
-    }))
+    Ok(Some(IndexEntry { path, kind, mode, uid, gid }))
 }
 
 /// Passes bytes through while hashing them: the diff id of the uncompressed stream.
@@ -384,27 +304,17 @@ struct HashingReader<R> {
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
         let count = self.inner.read(buffer)?;
-        self.hasher
-            .write_all(&buffer[..count])
-            .expect("writing to a sink cannot fail");
+        self.hasher.write_all(&buffer[..count]).expect("writing to a sink cannot fail");
         Ok(count)
     }
 }
 
 /// The uncompressed tar stream of a stored layer blob, hashed as it is read.
-fn open_layer_stream(
-    store: &Store,
-    layer: &LayerRecord,
-) -> Result<HashingReader<Box<dyn Read>>, TreeError> {
-    let read_error = |source| TreeError::Read {
+fn open_layer_stream(store: &Store, layer: &LayerRecord) -> Result<HashingReader<Box<dyn Read>>, TreeError> {
+    let read_error = |source| TreeError::Read { layer: layer.digest.clone(), source };
+    let declared = Compression::from_media_type(&layer.media_type).ok_or_else(|| TreeError::UnsupportedMediaType {
         layer: layer.digest.clone(),
-        source,
-    };
-    let declared = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
-        TreeError::UnsupportedMediaType {
-            layer: layer.digest.clone(),
-            media_type: layer.media_type.clone(),
-        }
+        media_type: layer.media_type.clone(),
     })?;
     let mut blob = BufReader::with_capacity(256 * 1024, store.open_blob(&layer.digest)?);
     let magic = blob.fill_buf().map_err(read_error)?;
@@ -419,34 +329,19 @@ fn open_layer_stream(
     let inner: Box<dyn Read> = match compression {
         // Multi-member: pigz and concatenating tools write several gzip members.
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(blob)),
-        Compression::Zstd => {
-            Box::new(zstd::stream::read::Decoder::with_buffer(blob).map_err(read_error)?)
-        }
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(blob).map_err(read_error)?),
         Compression::None => Box::new(blob),
     };
-    Ok(HashingReader {
-        inner,
-        hasher: Sha256Writer::new(io::sink()),
-    })
+    Ok(HashingReader { inner, hasher: Sha256Writer::new(io::sink()) })
 }
 
 /// Reads the rest of the stream (the end-of-archive blocks and any record padding count for
 /// the diff id) and compares the digest of everything read with the layer's diff id.
-fn verify_diff_id(
-    mut stream: HashingReader<Box<dyn Read>>,
-    layer: &LayerRecord,
-) -> Result<(), TreeError> {
-    io::copy(&mut stream, &mut io::sink()).map_err(|source| TreeError::Read {
-        layer: layer.digest.clone(),
-        source,
-    })?;
+fn verify_diff_id(mut stream: HashingReader<Box<dyn Read>>, layer: &LayerRecord) -> Result<(), TreeError> {
+    io::copy(&mut stream, &mut io::sink()).map_err(|source| TreeError::Read { layer: layer.digest.clone(), source })?;
     let (actual, _, _) = stream.hasher.finish();
     if actual != layer.diff_id {
-        return Err(TreeError::DiffIdMismatch {
-            layer: layer.digest.clone(),
-            expected: layer.diff_id.clone(),
-            actual,
-        });
+        return Err(TreeError::DiffIdMismatch { layer: layer.digest.clone(), expected: layer.diff_id.clone(), actual });
     }
     Ok(())
 }
@@ -480,8 +375,7 @@ fn tree_key(path: &str) -> String {
 
 /// The proper parents of `path`, top down: `a`, `a/b` for `a/b/c`.
 fn proper_parents(path: &str) -> impl Iterator<Item = &str> {
-    path.match_indices('/')
-        .map(move |(slash, _)| &path[..slash])
+    path.match_indices('/').map(move |(slash, _)| &path[..slash])
 }
 
 /// `Ok` when `path` is a normalised image path (non-empty, no empty, `.` or `..` components,
@@ -489,9 +383,7 @@ fn proper_parents(path: &str) -> impl Iterator<Item = &str> {
 /// hand is checked again here.
 fn is_normalised(path: &str) -> bool {
     !path.is_empty()
-        && path
-            .split('/')
-            .all(|component| !matches!(component, "" | "." | "..") && !component.contains('\0'))
+        && path.split('/').all(|component| !matches!(component, "" | "." | "..") && !component.contains('\0'))
 }
 
 impl FsTree {
@@ -504,31 +396,18 @@ impl FsTree {
     /// ones implied, then replaces what is at its path (a directory over a directory only
     /// updates the metadata and keeps the children). On error the tree is left partly updated
     /// and should be discarded.
-    pub fn apply(
-        &mut self,
-        layer: usize,
-        digest: &Digest,
-        index: &LayerIndex,
-    ) -> Result<(), TreeError> {
+    pub fn apply(&mut self, layer: usize, digest: &Digest, index: &LayerIndex) -> Result<(), TreeError> {
         for entry in &index.entries {
             self.apply_entry(layer, digest, entry)?;
         }
         Ok(())
     }
 
-    fn apply_entry(
-        &mut self,
-        layer: usize,
-        digest: &Digest,
-        entry: &IndexEntry,
-    ) -> Result<(), TreeError> {
+    fn apply_entry(&mut self, layer: usize, digest: &Digest, entry: &IndexEntry) -> Result<(), TreeError> {
         let path = entry.path.as_str();
         let is_root_opaque = path.is_empty() && entry.kind == IndexKind::OpaqueWhiteout;
         if !is_root_opaque && !is_normalised(path) {
-            return Err(TreeError::EscapesRoot {
-                layer: digest.clone(),
-                entry: path.to_owned(),
-            });
+            return Err(TreeError::EscapesRoot { layer: digest.clone(), entry: path.to_owned() });
         }
         match &entry.kind {
             IndexKind::Whiteout => {
@@ -547,20 +426,12 @@ impl FsTree {
                 self.ensure_directories(proper_parents(path), path, layer, digest)?;
                 let key = tree_key(path);
                 let resolved_link = match kind {
-                    IndexKind::HardLink { target } => {
-                        Some(self.resolve_hard_link(path, &key, target, digest)?)
-                    }
+                    IndexKind::HardLink { target } => Some(self.resolve_hard_link(path, &key, target, digest)?),
                     _ => None,
                 };
-                let node = TreeNode {
-                    entry: entry.clone(),
-                    layer,
-                };
+                let node = TreeNode { entry: entry.clone(), layer };
                 let directory_over_directory = *kind == IndexKind::Directory
-                    && self
-                        .nodes
-                        .get(&key)
-                        .is_some_and(|old| old.entry.kind == IndexKind::Directory);
+                    && self.nodes.get(&key).is_some_and(|old| old.entry.kind == IndexKind::Directory);
                 if !directory_over_directory {
                     self.remove_all(path, true);
                 }
@@ -575,23 +446,11 @@ impl FsTree {
 
     /// The node a new hard link at `path` to `target` stands for; refuses a target that is not
     /// in the tree, is a directory, or would be removed by placing the link.
-    fn resolve_hard_link(
-        &self,
-        path: &str,
-        key: &str,
-        target: &str,
-        digest: &Digest,
-    ) -> Result<TreeNode, TreeError> {
-        let dangling = || TreeError::DanglingHardLink {
-            layer: digest.clone(),
-            entry: path.to_owned(),
-            target: target.to_owned(),
-        };
+    fn resolve_hard_link(&self, path: &str, key: &str, target: &str, digest: &Digest) -> Result<TreeNode, TreeError> {
+        let dangling =
+            || TreeError::DanglingHardLink { layer: digest.clone(), entry: path.to_owned(), target: target.to_owned() };
         if !is_normalised(target) {
-            return Err(TreeError::EscapesRoot {
-                layer: digest.clone(),
-                entry: format!("{path} => {target}"),
-            });
+            return Err(TreeError::EscapesRoot { layer: digest.clone(), entry: format!("{path} => {target}") });
         }
         let target_key = tree_key(target);
         // A link to itself or into the directory it replaces would point at what it removes.
@@ -603,22 +462,15 @@ impl FsTree {
         };
         match target_node.entry.kind {
             IndexKind::Directory => Err(dangling()),
-            IndexKind::HardLink { .. } => Ok(self
-                .hard_links
-                .get(&target_key)
-                .expect("every hard link node has a resolved target")
-                .clone()),
+            IndexKind::HardLink { .. } => {
+                Ok(self.hard_links.get(&target_key).expect("every hard link node has a resolved target").clone())
+            }
             _ => Ok(target_node.clone()),
         }
     }
 
     /// Refuses `path` when one of its proper parents is a symlink in the tree.
-    fn check_no_symlink_parent(
-        &self,
-        path: &str,
-        entry: &str,
-        digest: &Digest,
-    ) -> Result<(), TreeError> {
+    fn check_no_symlink_parent(&self, path: &str, entry: &str, digest: &Digest) -> Result<(), TreeError> {
         for parent in proper_parents(path) {
             if let Some(node) = self.nodes.get(&tree_key(parent))
                 && matches!(node.entry.kind, IndexKind::Symlink { .. })
@@ -669,13 +521,7 @@ impl FsTree {
                         uid: 0,
                         gid: 0,
                     };
-                    self.nodes.insert(
-                        key,
-                        TreeNode {
-                            entry: implicit,
-                            layer,
-                        },
-                    );
+                    self.nodes.insert(key, TreeNode { entry: implicit, layer });
                 }
             }
         }
@@ -745,18 +591,13 @@ impl FsTree {
     ///
     /// Sorted component-wise (`a`, `a/b`, `a-b`), so the subtree of `a` never includes `a-b`.
     /// `path == ""` is the whole tree; leading and trailing `/` are ignored.
-    pub fn subtree<'a>(
-        &'a self,
-        path: &'a str,
-    ) -> impl Iterator<Item = (&'a str, &'a TreeNode)> + 'a {
+    pub fn subtree<'a>(&'a self, path: &'a str) -> impl Iterator<Item = (&'a str, &'a TreeNode)> + 'a {
         let path = path.trim_matches('/');
         let key = tree_key(path);
         let below = format!("{key}\0");
         self.nodes
             .range::<str, _>((Bound::Included(key.as_str()), Bound::Unbounded))
-            .take_while(move |(node_key, _)| {
-                path.is_empty() || **node_key == key || node_key.starts_with(&below)
-            })
+            .take_while(move |(node_key, _)| path.is_empty() || **node_key == key || node_key.starts_with(&below))
             .map(|(_, node)| (node.entry.path.as_str(), node))
     }
 
@@ -788,32 +629,20 @@ impl FsTree {
             let (kind, size, what) = match &entry.kind {
                 IndexKind::Directory => ("dir", "-".to_owned(), "-".to_owned()),
                 IndexKind::File { size, sha256 } => ("file", size.to_string(), sha256.to_string()),
-                IndexKind::Symlink { target } => (
-                    "symlink",
-                    "-".to_owned(),
-                    format!("-> {}", escape_for_listing(target)),
-                ),
+                IndexKind::Symlink { target } => {
+                    ("symlink", "-".to_owned(), format!("-> {}", escape_for_listing(target)))
+                }
                 IndexKind::HardLink { target } => {
                     let target_text = format!("=> /{}", escape_for_listing(target));
-                    match self
-                        .hard_links
-                        .get(key)
-                        .map(|resolved| &resolved.entry.kind)
-                    {
-                        Some(IndexKind::File { size, sha256 }) => (
-                            "hardlink",
-                            size.to_string(),
-                            format!("{sha256} {target_text}"),
-                        ),
+                    match self.hard_links.get(key).map(|resolved| &resolved.entry.kind) {
+                        Some(IndexKind::File { size, sha256 }) => {
+                            ("hardlink", size.to_string(), format!("{sha256} {target_text}"))
+                        }
                         _ => ("hardlink", "-".to_owned(), target_text),
                     }
                 }
-                IndexKind::CharDevice { major, minor } => {
-                    ("char", "-".to_owned(), format!("{major},{minor}"))
-                }
-                IndexKind::BlockDevice { major, minor } => {
-                    ("block", "-".to_owned(), format!("{major},{minor}"))
-                }
+                IndexKind::CharDevice { major, minor } => ("char", "-".to_owned(), format!("{major},{minor}")),
+                IndexKind::BlockDevice { major, minor } => ("block", "-".to_owned(), format!("{major},{minor}")),
                 IndexKind::Fifo => ("fifo", "-".to_owned(), "-".to_owned()),
                 IndexKind::Whiteout | IndexKind::OpaqueWhiteout => {
                     unreachable!("whiteouts are applied, never stored in the tree")
@@ -869,15 +698,9 @@ pub fn extract_files(
             continue;
         }
         let Some(layer) = layers.get(position) else {
-            return Err(TreeError::NoSuchLayer {
-                position,
-                layers: layers.len(),
-            });
+            return Err(TreeError::NoSuchLayer { position, layers: layers.len() });
         };
-        let read_error = |source| TreeError::Read {
-            layer: layer.digest.clone(),
-            source,
-        };
+        let read_error = |source| TreeError::Read { layer: layer.digest.clone(), source };
         let mut archive = tar::Archive::new(open_layer_stream(store, layer)?);
         archive.set_ignore_zeros(false);
         let mut found = BTreeSet::new();
@@ -886,19 +709,14 @@ pub fn extract_files(
             if !is_regular_file(member.header().entry_type()) {
                 continue;
             }
-            let MemberPath::Inside(path) =
-                normalise_member_path(&member_name(&member, &layer.digest)?)
-            else {
+            let MemberPath::Inside(path) = normalise_member_path(&member_name(&member, &layer.digest)?) else {
                 continue;
             };
             if !paths.contains(&path) {
                 continue;
             }
             let (spool_path, mut file) = create_spool_file(spool_dir, &mut counter)?;
-            let write_error = |source| TreeError::Write {
-                path: spool_path.clone(),
-                source,
-            };
+            let write_error = |source| TreeError::Write { path: spool_path.clone(), source };
             // Reading the member and writing the spool file fail differently; copy by hand
             // so each error names the right side.
             let mut buffer = vec![0u8; 64 * 1024];
@@ -917,10 +735,7 @@ pub fn extract_files(
         }
         verify_diff_id(archive.into_inner(), layer)?;
         if let Some(missing) = paths.difference(&found).next() {
-            return Err(TreeError::MissingFile {
-                layer: layer.digest.clone(),
-                path: missing.clone(),
-            });
+            return Err(TreeError::MissingFile { layer: layer.digest.clone(), path: missing.clone() });
         }
     }
     Ok(spooled)
@@ -957,13 +772,7 @@ mod tests {
     }
 
     fn index_entry(path: &str, kind: IndexKind, mode: u32) -> IndexEntry {
-        IndexEntry {
-            path: path.to_owned(),
-            kind,
-            mode,
-            uid: 0,
-            gid: 0,
-        }
+        IndexEntry { path: path.to_owned(), kind, mode, uid: 0, gid: 0 }
     }
 
     fn dir(path: &str) -> IndexEntry {
@@ -971,24 +780,17 @@ mod tests {
     }
 
     fn file(path: &str, content: &str) -> IndexEntry {
-        let kind = IndexKind::File {
-            size: content.len() as u64,
-            sha256: Digest::of_bytes(content.as_bytes()),
-        };
+        let kind = IndexKind::File { size: content.len() as u64, sha256: Digest::of_bytes(content.as_bytes()) };
         index_entry(path, kind, 0o644)
     }
 
     fn symlink(path: &str, target: &str) -> IndexEntry {
-        let kind = IndexKind::Symlink {
-            target: target.to_owned(),
-        };
+        let kind = IndexKind::Symlink { target: target.to_owned() };
         index_entry(path, kind, 0o777)
     }
 
     fn hard_link(path: &str, target: &str) -> IndexEntry {
-        let kind = IndexKind::HardLink {
-            target: target.to_owned(),
-        };
+        let kind = IndexKind::HardLink { target: target.to_owned() };
         index_entry(path, kind, 0o644)
     }
 
@@ -1003,9 +805,7 @@ mod tests {
     fn apply_all(layers: &[Vec<IndexEntry>]) -> Result<FsTree, TreeError> {
         let mut tree = FsTree::default();
         for (position, entries) in layers.iter().enumerate() {
-            let index = LayerIndex {
-                entries: entries.clone(),
-            };
+            let index = LayerIndex { entries: entries.clone() };
             tree.apply(position, &layer_digest(position), &index)?;
         }
         Ok(tree)
@@ -1036,10 +836,7 @@ mod tests {
     fn check_error(layers: &[Vec<IndexEntry>], expected: &str) {
         let error = apply_all(layers).unwrap_err();
         let text = error.to_string();
-        assert!(
-            text.contains(expected),
-            "{text:?} does not contain {expected:?}"
-        );
+        assert!(text.contains(expected), "{text:?} does not contain {expected:?}");
     }
 
     // Short digests of the contents used below.
@@ -1054,23 +851,11 @@ mod tests {
                 symlink("bin", "usr/bin"),
                 // Parents `usr` and `usr/bin` are implied.
                 file("usr/bin/sh", "x"),
-                index_entry(
-                    "dev/null",
-                    IndexKind::CharDevice { major: 1, minor: 3 },
-                    0o666,
-                ),
-                index_entry(
-                    "dev/sda",
-                    IndexKind::BlockDevice { major: 8, minor: 0 },
-                    0o660,
-                ),
+                index_entry("dev/null", IndexKind::CharDevice { major: 1, minor: 3 }, 0o666),
+                index_entry("dev/sda", IndexKind::BlockDevice { major: 8, minor: 0 }, 0o660),
                 index_entry("run/fifo", IndexKind::Fifo, 0o600),
                 hard_link("usr/bin/bash", "usr/bin/sh"),
-                IndexEntry {
-                    uid: 1000,
-                    gid: 100,
-                    ..index_entry("home/user", IndexKind::Directory, 0o4750)
-                },
+                IndexEntry { uid: 1000, gid: 100, ..index_entry("home/user", IndexKind::Directory, 0o4750) },
                 // One path, one line: spaces, backslashes, newlines, non-ASCII are escaped.
                 file("odd/a b\\c\nd\u{e9}", "x"),
                 symlink("odd/to space", "a b"),
@@ -1102,12 +887,7 @@ file 0644 0:0 1 sha256:2d711642 /usr/bin/sh
         // A whiteout removes the path and everything below it.
         check_listing(
             &[
-                vec![
-                    dir("a"),
-                    file("a/x", "x"),
-                    file("a/y/z", "x"),
-                    file("keep", "x"),
-                ],
+                vec![dir("a"), file("a/x", "x"), file("a/y/z", "x"), file("keep", "x")],
                 vec![whiteout("a"), whiteout("not-there")],
             ],
             "file 0644 0:0 1 sha256:2d711642 /keep\n",
@@ -1116,12 +896,7 @@ file 0644 0:0 1 sha256:2d711642 /usr/bin/sh
         // its own layer put there (here `a/-new` sorts before `.wh..wh..opq`).
         check_listing(
             &[
-                vec![
-                    dir("a"),
-                    file("a/old", "old"),
-                    file("a/-old", "old"),
-                    file("b", "old"),
-                ],
+                vec![dir("a"), file("a/old", "old"), file("a/-old", "old"), file("b", "old")],
                 vec![file("a/-new", "new"), opaque("a"), file("a/new", "new")],
             ],
             "\
@@ -1133,10 +908,7 @@ file 0644 0:0 3 sha256:cba06b57 /b
         );
         // A lower directory that still holds entries of the whiting-out layer stays.
         check_listing(
-            &[
-                vec![dir("a"), dir("a/-sub"), file("a/-sub/old", "old")],
-                vec![file("a/-sub/new", "new"), opaque("a")],
-            ],
+            &[vec![dir("a"), dir("a/-sub"), file("a/-sub/old", "old")], vec![file("a/-sub/new", "new"), opaque("a")]],
             "\
 dir 0755 0:0 - - /a
 dir 0755 0:0 - - /a/-sub
@@ -1149,27 +921,13 @@ file 0644 0:0 3 sha256:11507a0e /a/-sub/new
             "file 0644 0:0 3 sha256:11507a0e /b\n",
         );
         // A whiteout in layer 1 never hides an entry of layer 1 itself.
-        check_listing(
-            &[vec![], vec![file("-x", "new"), whiteout("-x")]],
-            "file 0644 0:0 3 sha256:11507a0e /-x\n",
-        );
+        check_listing(&[vec![], vec![file("-x", "new"), whiteout("-x")]], "file 0644 0:0 3 sha256:11507a0e /-x\n");
         // A file replaces a directory (and its contents); a directory replaces a file; a
         // directory over a directory keeps the children and takes the new metadata.
         check_listing(
             &[
-                vec![
-                    dir("x"),
-                    file("x/1", "old"),
-                    file("y", "old"),
-                    dir("z"),
-                    file("z/1", "old"),
-                ],
-                vec![
-                    file("x", "new"),
-                    dir("y"),
-                    file("y/2", "new"),
-                    index_entry("z", IndexKind::Directory, 0o700),
-                ],
+                vec![dir("x"), file("x/1", "old"), file("y", "old"), dir("z"), file("z/1", "old")],
+                vec![file("x", "new"), dir("y"), file("y/2", "new"), index_entry("z", IndexKind::Directory, 0o700)],
             ],
             "\
 file 0644 0:0 3 sha256:11507a0e /x
@@ -1194,15 +952,8 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
 
     #[test]
     fn layer_positions_are_tracked() {
-        let tree = apply_all(&[
-            vec![dir("a"), file("a/x", "x")],
-            vec![file("a/y", "x"), dir("a")],
-        ])
-        .unwrap();
-        let positions: Vec<(&str, usize)> = tree
-            .subtree("")
-            .map(|(path, node)| (path, node.layer))
-            .collect();
+        let tree = apply_all(&[vec![dir("a"), file("a/x", "x")], vec![file("a/y", "x"), dir("a")]]).unwrap();
+        let positions: Vec<(&str, usize)> = tree.subtree("").map(|(path, node)| (path, node.layer)).collect();
         assert_eq!(positions, [("a", 1), ("a/x", 0), ("a/y", 1)]);
         assert_eq!(tree.get("a/x").unwrap().entry, file("a/x", "x"));
         assert!(tree.get("a/z").is_none());
@@ -1212,75 +963,33 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
     fn unsafe_entries_are_refused() {
         // Writing through a symlink of a lower layer, of the same layer, deeper down.
         check_error(
-            &[
-                vec![symlink("link", "/etc")],
-                vec![file("link/passwd", "x")],
-            ],
+            &[vec![symlink("link", "/etc")], vec![file("link/passwd", "x")]],
             "entry \"link/passwd\" is written through the symlink \"link\"",
         );
-        check_error(
-            &[vec![symlink("link", "/etc"), file("link/passwd", "x")]],
-            "through the symlink \"link\"",
-        );
-        check_error(
-            &[
-                vec![dir("a"), symlink("a/l", "/")],
-                vec![file("a/l/b/c", "x")],
-            ],
-            "through the symlink \"a/l\"",
-        );
-        check_error(
-            &[vec![symlink("link", "/etc")], vec![opaque("link")]],
-            "through the symlink \"link\"",
-        );
-        check_error(
-            &[vec![symlink("link", "/etc")], vec![whiteout("link/passwd")]],
-            "through the symlink \"link\"",
-        );
-        check_error(
-            &[
-                vec![symlink("link", "/etc")],
-                vec![hard_link("link/x", "y")],
-            ],
-            "through the symlink \"link\"",
-        );
+        check_error(&[vec![symlink("link", "/etc"), file("link/passwd", "x")]], "through the symlink \"link\"");
+        check_error(&[vec![dir("a"), symlink("a/l", "/")], vec![file("a/l/b/c", "x")]], "through the symlink \"a/l\"");
+        check_error(&[vec![symlink("link", "/etc")], vec![opaque("link")]], "through the symlink \"link\"");
+        check_error(&[vec![symlink("link", "/etc")], vec![whiteout("link/passwd")]], "through the symlink \"link\"");
+        check_error(&[vec![symlink("link", "/etc")], vec![hard_link("link/x", "y")]], "through the symlink \"link\"");
         // Replacing the symlink itself is fine.
         check_listing(
-            &[
-                vec![symlink("link", "/etc")],
-                vec![dir("link"), file("link/x", "x")],
-            ],
+            &[vec![symlink("link", "/etc")], vec![dir("link"), file("link/x", "x")]],
             "dir 0755 0:0 - - /link\nfile 0644 0:0 1 sha256:2d711642 /link/x\n",
         );
         // Paths that leave the root.
         for path in ["../x", "a/../../x", "/abs", "", "a//b", "./a"] {
-            check_error(
-                &[vec![file(path, "x")]],
-                "would land outside the image root",
-            );
+            check_error(&[vec![file(path, "x")]], "would land outside the image root");
         }
         check_error(&[vec![whiteout("..")]], "would land outside the image root");
-        check_error(
-            &[vec![file("a", "x"), hard_link("b", "../a")]],
-            "would land outside the image root",
-        );
+        check_error(&[vec![file("a", "x"), hard_link("b", "../a")]], "would land outside the image root");
         // Hard links need a non-directory target that is in the tree.
         check_error(
             &[vec![hard_link("b", "missing")]],
             "hard link \"b\" points at \"missing\", which is not in the image",
         );
-        check_error(
-            &[vec![dir("d"), hard_link("b", "d")]],
-            "which is not in the image",
-        );
-        check_error(
-            &[vec![file("b", "x"), hard_link("b", "b")]],
-            "which is not in the image",
-        );
-        check_error(
-            &[vec![dir("d"), file("d/f", "x"), hard_link("d", "d/f")]],
-            "which is not in the image",
-        );
+        check_error(&[vec![dir("d"), hard_link("b", "d")]], "which is not in the image");
+        check_error(&[vec![file("b", "x"), hard_link("b", "b")]], "which is not in the image");
+        check_error(&[vec![dir("d"), file("d/f", "x"), hard_link("d", "d/f")]], "which is not in the image");
         // A parent that is a file.
         check_error(
             &[vec![file("a", "x")], vec![file("a/b", "x")]],
@@ -1304,11 +1013,7 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
             assert_eq!(paths, expected, "subtree({path:?})");
         }
         check(&tree, "", &["a", "a/b", "a/c", "a/c/d", "a-b", "a.b", "ab"]);
-        check(
-            &tree,
-            "/",
-            &["a", "a/b", "a/c", "a/c/d", "a-b", "a.b", "ab"],
-        );
+        check(&tree, "/", &["a", "a/b", "a/c", "a/c/d", "a-b", "a.b", "ab"]);
         check(&tree, "a", &["a", "a/b", "a/c", "a/c/d"]);
         check(&tree, "/a/", &["a", "a/b", "a/c", "a/c/d"]);
         check(&tree, "a/c", &["a/c", "a/c/d"]);
@@ -1329,12 +1034,7 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
     }
 
     fn member<'a>(name: &'a str, entry_type: tar::EntryType) -> Member<'a> {
-        Member {
-            name,
-            entry_type,
-            link: "",
-            content: b"",
-        }
+        Member { name, entry_type, link: "", content: b"" }
     }
 
     fn crafted_tar(members: &[Member<'_>]) -> Vec<u8> {
@@ -1383,25 +1083,13 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
                 members.iter().map(|member| member.name).collect::<Vec<_>>()
             );
         }
-        for name in [
-            "../x",
-            "a/../../x",
-            "./../x",
-            "/abs",
-            "/",
-            "a/.wh..",
-            "a/.wh...",
-            ".wh..",
-        ] {
+        for name in ["../x", "a/../../x", "./../x", "/abs", "/", "a/.wh..", "a/.wh...", ".wh.."] {
             check(&[member(name, Regular)]);
         }
         check(&[member("./", Regular)]);
         check(&[member("..", Directory)]);
         for target in ["../etc/passwd", "/etc/passwd", "./"] {
-            let link = Member {
-                link: target,
-                ..member("x", Link)
-            };
+            let link = Member { link: target, ..member("x", Link) };
             check(&[member("etc/passwd", Regular), link]);
         }
     }
@@ -1413,67 +1101,34 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
         let tar = crafted_tar(&[
             member("./", Directory),
             member("./etc/", Directory),
-            Member {
-                content: b"hello",
-                ..member("./etc/passwd", Regular)
-            },
+            Member { content: b"hello", ..member("./etc/passwd", Regular) },
             member("./etc/.wh.shadow", Regular),
             member("var/.wh..wh..opq", Regular),
             member(".wh..wh..opq", Regular),
             member(".wh..wh.plnk", Regular),
-            Member {
-                link: "./etc/passwd",
-                ..member("./hl", Link)
-            },
-            Member {
-                link: "../../etc/passwd",
-                ..member("lnk", Symlink)
-            },
+            Member { link: "./etc/passwd", ..member("./hl", Link) },
+            Member { link: "../../etc/passwd", ..member("lnk", Symlink) },
             member("a//b/./c", Directory),
         ]);
         // A gzip blob under the Docker media type of an uncompressed layer: sniffed.
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gzip.write_all(&tar).unwrap();
         let gzip = gzip.finish().unwrap();
-        let layer = stored_layer(
-            &store,
-            &tar,
-            &gzip,
-            "application/vnd.docker.image.rootfs.diff.tar",
-        );
+        let layer = stored_layer(&store, &tar, &gzip, "application/vnd.docker.image.rootfs.diff.tar");
         let index = index_layer(&store, &layer).unwrap();
         let entry = |path: &str, kind| index_entry(path, kind, 0o644);
         let expected = vec![
             entry("etc", IndexKind::Directory),
-            entry(
-                "etc/passwd",
-                IndexKind::File {
-                    size: 5,
-                    sha256: Digest::of_bytes(b"hello"),
-                },
-            ),
+            entry("etc/passwd", IndexKind::File { size: 5, sha256: Digest::of_bytes(b"hello") }),
             entry("etc/shadow", IndexKind::Whiteout),
             entry("var", IndexKind::OpaqueWhiteout),
             entry("", IndexKind::OpaqueWhiteout),
-            entry(
-                "hl",
-                IndexKind::HardLink {
-                    target: "etc/passwd".into(),
-                },
-            ),
-            entry(
-                "lnk",
-                IndexKind::Symlink {
-                    target: "../../etc/passwd".into(),
-                },
-            ),
+            entry("hl", IndexKind::HardLink { target: "etc/passwd".into() }),
+            entry("lnk", IndexKind::Symlink { target: "../../etc/passwd".into() }),
             entry("a/b/c", IndexKind::Directory),
         ];
         assert_eq!(index.entries, expected);
-        assert_eq!(
-            LayerIndex::load(&store, &layer.diff_id).unwrap(),
-            Some(index)
-        );
+        assert_eq!(LayerIndex::load(&store, &layer.diff_id).unwrap(), Some(index));
     }
 
     #[test]
@@ -1483,10 +1138,7 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
         let mut layer = stored_layer(&store, &tar, &tar, TAR);
         layer.diff_id = Digest::of_bytes(b"something else");
         let error = index_layer(&store, &layer).unwrap_err();
-        let TreeError::DiffIdMismatch {
-            expected, actual, ..
-        } = error
-        else {
+        let TreeError::DiffIdMismatch { expected, actual, .. } = error else {
             panic!("{error}");
         };
         assert_eq!(expected, layer.diff_id);
@@ -1497,27 +1149,18 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
         let mut padded = tar.clone();
         padded.extend_from_slice(&[0; 512 * 16]);
         let layer = stored_layer(&store, &tar, &padded, TAR);
-        assert!(matches!(
-            index_layer(&store, &layer),
-            Err(TreeError::DiffIdMismatch { .. })
-        ));
+        assert!(matches!(index_layer(&store, &layer), Err(TreeError::DiffIdMismatch { .. })));
         let layer = stored_layer(&store, &padded, &padded, TAR);
         assert_eq!(index_layer(&store, &layer).unwrap().entries.len(), 1);
 
         let layer = stored_layer(&store, &tar, &tar, "application/octet-stream");
-        assert!(matches!(
-            index_layer(&store, &layer),
-            Err(TreeError::UnsupportedMediaType { .. })
-        ));
+        assert!(matches!(index_layer(&store, &layer), Err(TreeError::UnsupportedMediaType { .. })));
     }
 
     fn inline_file(path: &str, content: &[u8]) -> LayerEntry {
         LayerEntry {
             path: path.to_owned(),
-            kind: EntryKind::File {
-                content: Content::Inline(Arc::from(content)),
-                size: content.len() as u64,
-            },
+            kind: EntryKind::File { content: Content::Inline(Arc::from(content)), size: content.len() as u64 },
             mode: 0o644,
             uid: 0,
             gid: 0,
@@ -1526,14 +1169,7 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
     }
 
     fn layer_entry(path: &str, kind: EntryKind, mode: u32) -> LayerEntry {
-        LayerEntry {
-            path: path.to_owned(),
-            kind,
-            mode,
-            uid: 1,
-            gid: 2,
-            xattrs: vec![("user.k".into(), b"v".to_vec())],
-        }
+        LayerEntry { path: path.to_owned(), kind, mode, uid: 1, gid: 2, xattrs: vec![("user.k".into(), b"v".to_vec())] }
     }
 
     #[test]
@@ -1545,49 +1181,21 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
             inline_file(&format!("{long_dir}/{}", "f".repeat(150)), b"long"),
             // 160 bytes in one component: PAX, with a header copy cut at a char boundary.
             inline_file(&"\u{e9}".repeat(80), b"unicode"),
-            layer_entry(
-                "usr/bin/link",
-                EntryKind::HardLink {
-                    target: "usr/bin/su".into(),
-                },
-                0o644,
-            ),
-            layer_entry(
-                "sym",
-                EntryKind::Symlink {
-                    target: "../".repeat(50),
-                },
-                0o777,
-            ),
-            layer_entry(
-                "dev/null",
-                EntryKind::CharDevice { major: 1, minor: 3 },
-                0o666,
-            ),
-            layer_entry(
-                "dev/sda",
-                EntryKind::BlockDevice { major: 8, minor: 1 },
-                0o660,
-            ),
+            layer_entry("usr/bin/link", EntryKind::HardLink { target: "usr/bin/su".into() }, 0o644),
+            layer_entry("sym", EntryKind::Symlink { target: "../".repeat(50) }, 0o777),
+            layer_entry("dev/null", EntryKind::CharDevice { major: 1, minor: 3 }, 0o666),
+            layer_entry("dev/sda", EntryKind::BlockDevice { major: 8, minor: 1 }, 0o660),
             layer_entry("fifo", EntryKind::Fifo, 0o600),
             layer_entry("gone", EntryKind::Whiteout, 0),
             layer_entry("opaque", EntryKind::OpaqueWhiteout, 0),
             layer_entry("", EntryKind::OpaqueWhiteout, 0),
-            LayerEntry {
-                uid: 5_000_000,
-                ..inline_file("big-uid", b"")
-            },
+            LayerEntry { uid: 5_000_000, ..inline_file("big-uid", b"") },
         ];
-        for compression in [
-            crate::layer::Compression::Gzip,
-            crate::layer::Compression::Zstd,
-            crate::layer::Compression::None,
-        ] {
+        for compression in
+            [crate::layer::Compression::Gzip, crate::layer::Compression::Zstd, crate::layer::Compression::None]
+        {
             let (_dir, store) = new_store();
-            let options = LayerOptions {
-                compression,
-                mtime: 0,
-            };
+            let options = LayerOptions { compression, mtime: 0 };
             let written = write_layer(&store, entries.clone(), &options).unwrap();
             let indexed = index_layer(&store, &written.record).unwrap();
             assert_eq!(indexed, written.index, "{compression:?}");
@@ -1600,24 +1208,13 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
     #[test]
     fn extract_files_spools_the_wanted_files() {
         let (dir, store) = new_store();
-        let options = LayerOptions {
-            compression: crate::layer::Compression::Gzip,
-            mtime: 0,
-        };
+        let options = LayerOptions { compression: crate::layer::Compression::Gzip, mtime: 0 };
         let long_path = format!("{}/{}", "x".repeat(120), "y".repeat(120));
-        let bottom = write_layer(
-            &store,
-            vec![inline_file("a", b"bottom a"), inline_file("b", b"bottom b")],
-            &options,
-        )
-        .unwrap();
+        let bottom =
+            write_layer(&store, vec![inline_file("a", b"bottom a"), inline_file("b", b"bottom b")], &options).unwrap();
         let top = write_layer(
             &store,
-            vec![
-                inline_file("a", b"top a"),
-                inline_file("c/d", b"top c/d"),
-                inline_file(&long_path, b"long"),
-            ],
+            vec![inline_file("a", b"top a"), inline_file("c/d", b"top c/d"), inline_file(&long_path, b"long")],
             &options,
         )
         .unwrap();
@@ -1634,13 +1231,9 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
             }
             wanted
         };
-        let extracted = extract_files(
-            &store,
-            &layers,
-            &wanted(&[(0, "b"), (1, "a"), (1, "c/d"), (1, &long_path)]),
-            &spool,
-        )
-        .unwrap();
+        let extracted =
+            extract_files(&store, &layers, &wanted(&[(0, "b"), (1, "a"), (1, "c/d"), (1, &long_path)]), &spool)
+                .unwrap();
         let contents: BTreeMap<&str, Vec<u8>> = extracted
             .iter()
             .map(|(path, file)| {
@@ -1661,21 +1254,9 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
         assert_eq!(extracted["b"], spool.join("000001"));
 
         let error = extract_files(&store, &layers, &wanted(&[(0, "c/d")]), &spool).unwrap_err();
-        assert!(
-            matches!(&error, TreeError::MissingFile { path, .. } if path == "c/d"),
-            "{error}"
-        );
+        assert!(matches!(&error, TreeError::MissingFile { path, .. } if path == "c/d"), "{error}");
         let error = extract_files(&store, &layers, &wanted(&[(2, "a")]), &spool).unwrap_err();
-        assert!(
-            matches!(
-                error,
-                TreeError::NoSuchLayer {
-                    position: 2,
-                    layers: 2
-                }
-            ),
-            "{error}"
-        );
+        assert!(matches!(error, TreeError::NoSuchLayer { position: 2, layers: 2 }), "{error}");
     }
 
     #[test]
@@ -1683,9 +1264,7 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
         let (_dir, store) = new_store();
         let diff_id = Digest::of_bytes(b"layer");
         assert_eq!(LayerIndex::load(&store, &diff_id).unwrap(), None);
-        let index = LayerIndex {
-            entries: vec![file("a", "x"), whiteout("b")],
-        };
+        let index = LayerIndex { entries: vec![file("a", "x"), whiteout("b")] };
         index.save(&store, &diff_id).unwrap();
         assert_eq!(LayerIndex::load(&store, &diff_id).unwrap(), Some(index));
         store.write_index(&diff_id, b"{not json").unwrap();

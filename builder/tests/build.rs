@@ -209,6 +209,9 @@ fn docker_archive(path: &Path, entries: &[(&str, &[u8])], tamper_layer: bool) {
         let mut header = tar::Header::new_gnu();
         header.set_size(content.len() as u64);
         header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
         header.set_entry_type(tar::EntryType::Regular);
         // Bypass the tar crate's own `..` checks: write the raw name bytes.
         let name_bytes = name.as_bytes();

@@ -75,43 +75,11 @@ fn hand_made_image() -> HandMadeImage {
     let mut builder = tar::Builder::new(Vec::new());
     append_entry(&mut builder, "app/", Directory, 0o755, 0, None, b"");
     append_entry(&mut builder, "app/bin/", Directory, 0o755, 0, None, b"");
-    append_entry(
-        &mut builder,
-        "app/bin/tool",
-        Regular,
-        0o4755,
-        0,
-        None,
-        TOOL_CONTENT,
-    );
-    append_entry(
-        &mut builder,
-        "app/current",
-        Symlink,
-        0o777,
-        0,
-        Some("bin/tool"),
-        b"",
-    );
+    append_entry(&mut builder, "app/bin/tool", Regular, 0o4755, 0, None, TOOL_CONTENT);
+    append_entry(&mut builder, "app/current", Symlink, 0o777, 0, Some("bin/tool"), b"");
     append_entry(&mut builder, "home/", Directory, 0o755, 0, None, b"");
-    append_entry(
-        &mut builder,
-        "home/user/",
-        Directory,
-        0o700,
-        1000,
-        None,
-        b"",
-    );
-    append_entry(
-        &mut builder,
-        "home/user/secret",
-        Regular,
-        0o600,
-        1000,
-        None,
-        SECRET_CONTENT,
-    );
+    append_entry(&mut builder, "home/user/", Directory, 0o700, 1000, None, b"");
+    append_entry(&mut builder, "home/user/secret", Regular, 0o600, 1000, None, SECRET_CONTENT);
     let layer_tar = builder.into_inner().unwrap();
     let diff_id = Digest::of_bytes(&layer_tar);
     let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -180,19 +148,11 @@ fn expected_tree() -> String {
     [
         "d 0755 0:0 - - /app".to_owned(),
         "d 0755 0:0 - - /app/bin".to_owned(),
-        format!(
-            "f 4755 0:0 {} {} /app/bin/tool",
-            TOOL_CONTENT.len(),
-            sha256_of(TOOL_CONTENT)
-        ),
+        format!("f 4755 0:0 {} {} /app/bin/tool", TOOL_CONTENT.len(), sha256_of(TOOL_CONTENT)),
         "l 0777 0:0 - bin/tool /app/current".to_owned(),
         "d 0755 0:0 - - /home".to_owned(),
         "d 0700 1000:1000 - - /home/user".to_owned(),
-        format!(
-            "f 0600 1000:1000 {} {} /home/user/secret",
-            SECRET_CONTENT.len(),
-            sha256_of(SECRET_CONTENT)
-        ),
+        format!("f 0600 1000:1000 {} {} /home/user/secret", SECRET_CONTENT.len(), sha256_of(SECRET_CONTENT)),
     ]
     .map(|line| line + "\n")
     .concat()
@@ -205,11 +165,9 @@ fn test_tag() -> String {
 
 #[test]
 fn oci_layout_is_accepted_by_oci_image_tool_skopeo_and_umoci() {
-    let (Some(_), Some(_), Some(_)) = (
-        support::require_tool("oci-image-tool"),
-        support::require_tool("skopeo"),
-        support::require_tool("umoci"),
-    ) else {
+    let (Some(_), Some(_), Some(_)) =
+        (support::require_tool("oci-image-tool"), support::require_tool("skopeo"), support::require_tool("umoci"))
+    else {
         return;
     };
     let image = hand_made_image();
@@ -222,21 +180,9 @@ fn oci_layout_is_accepted_by_oci_image_tool_skopeo_and_umoci() {
     support::oci_image_tool_validate(&layout);
 
     let inspected = support::skopeo_inspect(&format!("oci:{}:latest", layout.display()));
-    assert_eq!(
-        inspected["Digest"],
-        image.manifest.to_string(),
-        "{inspected:#}"
-    );
-    assert_eq!(
-        inspected["Layers"],
-        json!([image.layers[0].digest.to_string()]),
-        "{inspected:#}"
-    );
-    assert_eq!(
-        inspected["Architecture"],
-        host_architecture(),
-        "{inspected:#}"
-    );
+    assert_eq!(inspected["Digest"], image.manifest.to_string(), "{inspected:#}");
+    assert_eq!(inspected["Layers"], json!([image.layers[0].digest.to_string()]), "{inspected:#}");
+    assert_eq!(inspected["Architecture"], host_architecture(), "{inspected:#}");
 
     let copied = out.path().join("copied-docker.tar");
     support::skopeo_copy(
@@ -244,11 +190,7 @@ fn oci_layout_is_accepted_by_oci_image_tool_skopeo_and_umoci() {
         &format!("docker-archive:{}:app:v1", copied.display()),
     );
     let copied_inspected = support::skopeo_inspect(&format!("docker-archive:{}", copied.display()));
-    assert_eq!(
-        copied_inspected["Env"],
-        json!(["PATH=/app/bin"]),
-        "{copied_inspected:#}"
-    );
+    assert_eq!(copied_inspected["Env"], json!(["PATH=/app/bin"]), "{copied_inspected:#}");
 
     let rootfs = support::umoci_unpack(&layout, "latest", &out.path().join("bundle"));
     assert_eq!(support::tree_of(&rootfs), expected_tree());
@@ -256,10 +198,7 @@ fn oci_layout_is_accepted_by_oci_image_tool_skopeo_and_umoci() {
 
 #[test]
 fn oci_archive_is_read_by_skopeo_and_unpacks_the_same_tree() {
-    let (Some(_), Some(_)) = (
-        support::require_tool("skopeo"),
-        support::require_tool("umoci"),
-    ) else {
+    let (Some(_), Some(_)) = (support::require_tool("skopeo"), support::require_tool("umoci")) else {
         return;
     };
     let image = hand_made_image();
@@ -268,11 +207,7 @@ fn oci_archive_is_read_by_skopeo_and_unpacks_the_same_tree() {
     export::write_oci_archive(image.parts(), &archive, "app:latest").unwrap();
 
     let inspected = support::skopeo_inspect(&format!("oci-archive:{}:latest", archive.display()));
-    assert_eq!(
-        inspected["Digest"],
-        image.manifest.to_string(),
-        "{inspected:#}"
-    );
+    assert_eq!(inspected["Digest"], image.manifest.to_string(), "{inspected:#}");
 
     // skopeo re-reads the archive and writes a layout of its own, which umoci then unpacks.
     let layout = out.path().join("via-skopeo");
@@ -298,22 +233,11 @@ fn docker_archive_is_read_by_skopeo_and_loaded_by_docker() {
     let inspected = support::skopeo_inspect(&format!("docker-archive:{}", archive.display()));
     // skopeo reads docker-archives through manifest.json and the config: it names layers by
     // their diff ids, and reports no RepoTags for them.
-    assert_eq!(
-        inspected["Layers"],
-        json!([image.layers[0].diff_id.to_string()]),
-        "{inspected:#}"
-    );
-    assert_eq!(
-        inspected["Architecture"],
-        host_architecture(),
-        "{inspected:#}"
-    );
+    assert_eq!(inspected["Layers"], json!([image.layers[0].diff_id.to_string()]), "{inspected:#}");
+    assert_eq!(inspected["Architecture"], host_architecture(), "{inspected:#}");
     // It is an OCI archive as well.
-    let as_oci = support::skopeo_inspect(&format!(
-        "oci-archive:{}:{}",
-        archive.display(),
-        tag.rsplit(':').next().unwrap()
-    ));
+    let as_oci =
+        support::skopeo_inspect(&format!("oci-archive:{}:{}", archive.display(), tag.rsplit(':').next().unwrap()));
     assert_eq!(as_oci["Digest"], image.manifest.to_string(), "{as_oci:#}");
 
     let Some(docker) = support::docker() else {
@@ -325,14 +249,8 @@ fn docker_archive_is_read_by_skopeo_and_loaded_by_docker() {
     assert!(docker.image_exists(&tag));
     // docker decompressed the gzip layer and found the config's diff id.
     let diff_ids = docker.inspect_image(&tag, "{{json .RootFS.Layers}}");
-    assert_eq!(
-        diff_ids,
-        json!([image.layers[0].diff_id.to_string()]).to_string()
-    );
-    assert_eq!(
-        docker.inspect_image(&tag, "{{.Id}}"),
-        image.config.to_string()
-    );
+    assert_eq!(diff_ids, json!([image.layers[0].diff_id.to_string()]).to_string());
+    assert_eq!(docker.inspect_image(&tag, "{{.Id}}"), image.config.to_string());
     docker.remove_image(&tag);
 }
 

@@ -67,7 +67,9 @@ impl fmt::Display for MissReason {
                 list(formatter, "added", added)?;
                 list(formatter, "removed", removed)
             }
-            MissReason::ResultMissing => formatter.write_str("same inputs, but the cached result was pruned or corrupt"),
+            MissReason::ResultMissing => {
+                formatter.write_str("same inputs, but the cached result was pruned or corrupt")
+            }
         }
     }
 }
@@ -99,7 +101,8 @@ impl Provenance {
                 .map(|(path, _)| path.to_string())
                 .collect();
             let added = after.keys().filter(|path| !before.contains_key(*path)).map(|path| path.to_string()).collect();
-            let removed = before.keys().filter(|path| !after.contains_key(*path)).map(|path| path.to_string()).collect();
+            let removed =
+                before.keys().filter(|path| !after.contains_key(*path)).map(|path| path.to_string()).collect();
             return MissReason::FilesChanged { changed, added, removed };
         }
         MissReason::ResultMissing

@@ -130,7 +130,13 @@ impl Store {
         Ok(report)
     }
 
-    fn remove_blob(&self, digest: &Digest, size: u64, report: &mut PruneReport, total: &mut u64) -> Result<(), StoreError> {
+    fn remove_blob(
+        &self,
+        digest: &Digest,
+        size: u64,
+        report: &mut PruneReport,
+        total: &mut u64,
+    ) -> Result<(), StoreError> {
         remove_file(&self.blob_path(digest))?;
         report.removed_blobs += 1;
         report.freed_bytes += size;
@@ -141,9 +147,12 @@ impl Store {
     fn all_blobs(&self) -> Result<BTreeMap<Digest, (u64, SystemTime)>, StoreError> {
         let dir = self.root().join("blobs/sha256");
         let mut blobs = BTreeMap::new();
-        let entries = fs::read_dir(&dir).map_err(|source| StoreError::Io { action: "list", path: dir.clone(), source })?;
+        let entries =
+            fs::read_dir(&dir).map_err(|source| StoreError::Io { action: "list", path: dir.clone(), source })?;
         for entry in entries.flatten() {
-            let Some(digest) = entry.file_name().to_str().and_then(|name| Digest::from_hex(name).ok()) else { continue };
+            let Some(digest) = entry.file_name().to_str().and_then(|name| Digest::from_hex(name).ok()) else {
+                continue;
+            };
             let Ok(metadata) = entry.metadata() else { continue };
             blobs.insert(digest, (metadata.len(), metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
         }
@@ -153,7 +162,8 @@ impl Store {
     fn all_records(&self) -> Result<Vec<StoredRecord>, StoreError> {
         let dir = self.root().join("actions");
         let mut records = Vec::new();
-        let shards = fs::read_dir(&dir).map_err(|source| StoreError::Io { action: "list", path: dir.clone(), source })?;
+        let shards =
+            fs::read_dir(&dir).map_err(|source| StoreError::Io { action: "list", path: dir.clone(), source })?;
         for shard in shards.flatten() {
             let Ok(entries) = fs::read_dir(shard.path()) else { continue };
             for entry in entries.flatten() {

@@ -38,10 +38,13 @@ mod key;
 mod stat_cache;
 mod store;
 
-pub use db::{ContextFileInput, ExecutionLog, FileMaterial, FileSetInput, KeyDatabase, KeyQueries, StepInput, file_set_digest, step_key};
+pub use db::{
+    ContextFileInput, ExecutionLog, FileMaterial, FileSetInput, KeyDatabase, KeyQueries, StepInput, file_set_digest,
+    step_key,
+};
+pub use digest::{Digest, DigestError, Sha256Writer};
 pub use explain::{MissReason, Provenance};
 pub use gc::{DiskUsage, PruneReport};
-pub use digest::{Digest, DigestError, Sha256Writer};
 pub use key::{StepKey, StepKeyBuilder};
 pub use stat_cache::{FileStat, StatCache};
 pub use store::{ActionRecord, BlobInfo, BlobWriter, LayerRecord, Store, StoreError};

@@ -179,10 +179,17 @@ impl Store {
     }
 
     /// Copies a blob from `reader`, refusing it unless it hashes to `expected`.
+    /// The bytes are verified even when the store already holds the blob, so that a corrupt
+    /// source is reported rather than silently replaced by the good copy.
     pub fn import_blob(&self, reader: &mut dyn Read, expected: &Digest) -> Result<BlobInfo, StoreError> {
         if self.has_blob(expected) {
             let path = self.blob_path(expected);
-            let size = fs::metadata(&path).map_err(StoreError::io("stat", &path))?.len();
+            let mut hasher = Sha256Writer::new(io::sink());
+            io::copy(reader, &mut hasher).map_err(StoreError::io("read blob for", &path))?;
+            let (actual, size, _) = hasher.finish();
+            if actual != *expected {
+                return Err(StoreError::DigestMismatch { expected: expected.clone(), actual });
+            }
             return Ok(BlobInfo { digest: expected.clone(), size, path });
         }
         let mut writer = self.blob_writer()?;

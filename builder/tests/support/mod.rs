@@ -71,15 +71,12 @@ pub fn require_tool(name: &str) -> Option<PathBuf> {
         return Some(path);
     }
     let package = debian_package_of(name);
-    skip_or_panic(&format!(
-        "the test needs `{name}`, which is not installed: `apt-get install -y {package}`"
-    ))
+    skip_or_panic(&format!("the test needs `{name}`, which is not installed: `apt-get install -y {package}`"))
 }
 
 fn find_executable(name: &str) -> Option<PathBuf> {
     let is_executable = |path: &Path| {
-        fs::metadata(path)
-            .is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
+        fs::metadata(path).is_ok_and(|metadata| metadata.is_file() && metadata.permissions().mode() & 0o111 != 0)
     };
     if name.contains('/') {
         let path = PathBuf::from(name);
@@ -99,11 +96,7 @@ fn find_executable(name: &str) -> Option<PathBuf> {
 /// A command line as a shell would show it, for failure messages.
 fn describe(command: &Command) -> String {
     let mut parts = vec![command.get_program().to_string_lossy().into_owned()];
-    parts.extend(
-        command
-            .get_args()
-            .map(|argument| argument.to_string_lossy().into_owned()),
-    );
+    parts.extend(command.get_args().map(|argument| argument.to_string_lossy().into_owned()));
     parts.join(" ")
 }
 
@@ -132,11 +125,7 @@ fn try_run(command: &mut Command, timeout: Duration) -> Result<Output, String> {
             ));
         }
     };
-    Ok(Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    })
+    Ok(Output { status, stdout: stdout.join().unwrap_or_default(), stderr: stderr.join().unwrap_or_default() })
 }
 
 fn drain(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<Vec<u8>> {
@@ -201,19 +190,11 @@ pub fn docker() -> Option<DockerClient> {
     }
     let how = "dockerd must be running and DOCKER_HOST point at it \
                (run the tests through `cargo xtask test`, which starts one)";
-    let Some(host) = std::env::var("DOCKER_HOST")
-        .ok()
-        .filter(|host| !host.is_empty())
-    else {
+    let Some(host) = std::env::var("DOCKER_HOST").ok().filter(|host| !host.is_empty()) else {
         return skip_or_panic(&format!("DOCKER_HOST is not set: {how}"));
     };
     let client = DockerClient { binary, host };
-    let answer = try_run(
-        client
-            .command()
-            .args(["version", "--format", "{{.Server.Version}}"]),
-        DOCKER_VERSION_TIMEOUT,
-    );
+    let answer = try_run(client.command().args(["version", "--format", "{{.Server.Version}}"]), DOCKER_VERSION_TIMEOUT);
     match answer {
         Ok(output) if output.status.success() => Some(client),
         Ok(output) => skip_or_panic(&format!(
@@ -222,10 +203,7 @@ pub fn docker() -> Option<DockerClient> {
             output.status,
             String::from_utf8_lossy(&output.stderr).trim()
         )),
-        Err(reason) => skip_or_panic(&format!(
-            "the docker engine at {} does not answer: {reason}; {how}",
-            client.host
-        )),
+        Err(reason) => skip_or_panic(&format!("the docker engine at {} does not answer: {reason}; {how}", client.host)),
     }
 }
 
@@ -240,49 +218,34 @@ impl DockerClient {
     /// `docker load -i archive`; returns what was loaded (`name:tag`, or the image id when the
     /// archive names no tag).
     pub fn load(&self, archive: &Path) -> String {
-        let output = run_checked(
-            self.command().arg("load").arg("-i").arg(archive),
-            COMMAND_TIMEOUT,
-        );
+        let output = run_checked(self.command().arg("load").arg("-i").arg(archive), COMMAND_TIMEOUT);
         let stdout = String::from_utf8_lossy(&output.stdout);
-        let loaded = stdout.lines().rev().find_map(|line| {
-            line.strip_prefix("Loaded image: ")
-                .or_else(|| line.strip_prefix("Loaded image ID: "))
-        });
+        let loaded = stdout
+            .lines()
+            .rev()
+            .find_map(|line| line.strip_prefix("Loaded image: ").or_else(|| line.strip_prefix("Loaded image ID: ")));
         match loaded {
             Some(name) => name.trim().to_owned(),
-            None => panic!(
-                "`docker load -i {}` did not say what it loaded:\n{stdout}",
-                archive.display()
-            ),
+            None => panic!("`docker load -i {}` did not say what it loaded:\n{stdout}", archive.display()),
         }
     }
 
     /// `docker run --rm --network none image args…`; the exit status is the caller's to judge.
     pub fn run(&self, image: &str, args: &[&str]) -> Output {
         let mut command = self.command();
-        command
-            .args(["run", "--rm", "--network", "none", image])
-            .args(args);
+        command.args(["run", "--rm", "--network", "none", image]).args(args);
         run_with_timeout(&mut command, COMMAND_TIMEOUT)
     }
 
     /// Whether the engine has an image of this name or id.
     pub fn image_exists(&self, name: &str) -> bool {
-        let output = run_with_timeout(
-            self.command().args(["image", "inspect", name]),
-            COMMAND_TIMEOUT,
-        );
+        let output = run_with_timeout(self.command().args(["image", "inspect", name]), COMMAND_TIMEOUT);
         output.status.success()
     }
 
     /// `docker image inspect --format FORMAT name`, trimmed.
     pub fn inspect_image(&self, name: &str, format: &str) -> String {
-        let output = run_checked(
-            self.command()
-                .args(["image", "inspect", "--format", format, name]),
-            COMMAND_TIMEOUT,
-        );
+        let output = run_checked(self.command().args(["image", "inspect", "--format", format, name]), COMMAND_TIMEOUT);
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
@@ -307,9 +270,7 @@ impl DockerClient {
 pub fn oci_image_tool_validate(layout_dir: &Path) {
     let tool = require_tool("oci-image-tool").expect("callers check require_tool first");
     let mut command = Command::new(tool);
-    command
-        .args(["validate", "--type", "image"])
-        .arg(layout_dir);
+    command.args(["validate", "--type", "image"]).arg(layout_dir);
     let described = describe(&command);
     let output = run_checked(&mut command, COMMAND_TIMEOUT);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -323,10 +284,7 @@ pub fn oci_image_tool_validate(layout_dir: &Path) {
 /// `skopeo inspect REF` (e.g. `oci:DIR:TAG`, `docker-archive:FILE`), parsed.
 pub fn skopeo_inspect(transport_ref: &str) -> serde_json::Value {
     let tool = require_tool("skopeo").expect("callers check require_tool first");
-    let output = run_checked(
-        Command::new(tool).args(["inspect", transport_ref]),
-        COMMAND_TIMEOUT,
-    );
+    let output = run_checked(Command::new(tool).args(["inspect", transport_ref]), COMMAND_TIMEOUT);
     serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
         panic!(
             "`skopeo inspect {transport_ref}` printed no JSON ({error}):\n{}",
@@ -338,10 +296,7 @@ pub fn skopeo_inspect(transport_ref: &str) -> serde_json::Value {
 /// `skopeo copy FROM TO`, without a signature policy (these are local test images).
 pub fn skopeo_copy(from: &str, to: &str) {
     let tool = require_tool("skopeo").expect("callers check require_tool first");
-    run_checked(
-        Command::new(tool).args(["--insecure-policy", "copy", "--quiet", from, to]),
-        COMMAND_TIMEOUT,
-    );
+    run_checked(Command::new(tool).args(["--insecure-policy", "copy", "--quiet", from, to]), COMMAND_TIMEOUT);
 }
 
 /// `umoci unpack --image LAYOUT:TAG DEST` (`--rootless` when not root, which then cannot keep
@@ -353,10 +308,7 @@ pub fn umoci_unpack(layout_dir: &Path, tag: &str, dest: &Path) -> PathBuf {
     if !rustix::process::geteuid().is_root() {
         command.arg("--rootless");
     }
-    command
-        .arg("--image")
-        .arg(format!("{}:{tag}", layout_dir.display()))
-        .arg(dest);
+    command.arg("--image").arg(format!("{}:{tag}", layout_dir.display())).arg(dest);
     run_checked(&mut command, COMMAND_TIMEOUT);
     dest.join("rootfs")
 }
@@ -384,53 +336,35 @@ pub fn tree_of(rootfs: &Path) -> String {
 }
 
 fn list_directory(rootfs: &Path, directory: &Path, lines: &mut BTreeMap<String, String>) {
-    let entries = fs::read_dir(directory)
-        .unwrap_or_else(|error| panic!("cannot list {}: {error}", directory.display()));
+    let entries =
+        fs::read_dir(directory).unwrap_or_else(|error| panic!("cannot list {}: {error}", directory.display()));
     for entry in entries {
-        let entry =
-            entry.unwrap_or_else(|error| panic!("cannot list {}: {error}", directory.display()));
+        let entry = entry.unwrap_or_else(|error| panic!("cannot list {}: {error}", directory.display()));
         let path = entry.path();
-        let metadata = fs::symlink_metadata(&path)
-            .unwrap_or_else(|error| panic!("cannot stat {}: {error}", path.display()));
-        let relative = path
-            .strip_prefix(rootfs)
-            .expect("listed below the rootfs")
-            .to_string_lossy()
-            .into_owned();
+        let metadata =
+            fs::symlink_metadata(&path).unwrap_or_else(|error| panic!("cannot stat {}: {error}", path.display()));
+        let relative = path.strip_prefix(rootfs).expect("listed below the rootfs").to_string_lossy().into_owned();
         let file_type = metadata.file_type();
         let (kind, size, detail) = if file_type.is_dir() {
             ("d", "-".to_owned(), "-".to_owned())
         } else if file_type.is_file() {
-            let content = fs::read(&path)
-                .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
-            (
-                "f",
-                metadata.len().to_string(),
-                format!("sha256:{}", hex::encode(Sha256::digest(&content))),
-            )
+            let content = fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
+            ("f", metadata.len().to_string(), format!("sha256:{}", hex::encode(Sha256::digest(&content))))
         } else if file_type.is_symlink() {
-            let target = fs::read_link(&path)
-                .unwrap_or_else(|error| panic!("cannot read link {}: {error}", path.display()));
+            let target =
+                fs::read_link(&path).unwrap_or_else(|error| panic!("cannot read link {}: {error}", path.display()));
             ("l", "-".to_owned(), target.to_string_lossy().into_owned())
         } else if file_type.is_char_device() || file_type.is_block_device() {
             let kind = if file_type.is_char_device() { "c" } else { "b" };
             let device = metadata.rdev();
-            (
-                kind,
-                "-".to_owned(),
-                format!("{}:{}", device_major(device), device_minor(device)),
-            )
+            (kind, "-".to_owned(), format!("{}:{}", device_major(device), device_minor(device)))
         } else if file_type.is_fifo() {
             ("p", "-".to_owned(), "-".to_owned())
         } else {
             ("s", "-".to_owned(), "-".to_owned())
         };
         let mode = metadata.mode() & 0o7777;
-        let line = format!(
-            "{kind} {mode:04o} {}:{} {size} {detail} /{relative}",
-            metadata.uid(),
-            metadata.gid()
-        );
+        let line = format!("{kind} {mode:04o} {}:{} {size} {detail} /{relative}", metadata.uid(), metadata.gid());
         lines.insert(relative, line);
         if file_type.is_dir() {
             list_directory(rootfs, &path, lines);

@@ -1,0 +1,526 @@
+//! The solver: plan the graph, key every step, then execute the misses in parallel.
+//!
+//! 1. **Plan** (sequential, under the builder's state lock): collect every node the requested
+//!    images reach (parents and `copy_from` sources) in dependency order, shared nodes once.
+//!    Walk the contexts of `copy` steps (digests through the stat cache) and find each step's
+//!    salsa input in the long-lived key database.
+//! 2. **Key**: the tracked `step_key` query for every node, in parallel with one clone of the
+//!    query storage per rayon worker (`map_with`). Unchanged inputs re-execute nothing.
+//! 3. **Execute**: a rayon-parallel walk of the DAG in which a node starts as soon as its inputs
+//!    are done. A node whose key has a committed action record is a hit; a miss executes, and
+//!    its record is committed last. After the first failure no new step starts; the error of the
+//!    earliest failed step in plan order is returned.
+//! 4. **Finish**: the config and manifest of each requested image go into the store.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use layerwright_cache::{
+    ActionRecord, FileMaterial, FileSetInput, FileStat, MissReason, Provenance, StepInput, StepKey, Store,
+};
+use layerwright_dsl::{ConfigChange, Image, Step};
+use rayon::prelude::*;
+
+use crate::build::{BuildError, Builder, BuiltImage, BuiltInner, ProgressEvent, StepError, StepReport};
+use crate::config;
+use crate::context::{self, OpenedContext, Selection};
+use crate::import;
+use crate::layer::{LayerEntry, LayerOptions};
+use crate::steps::{Execution, IndexCache, NodeState};
+
+/// One node of the plan.
+struct PlannedNode {
+    image: Image,
+    label: String,
+    parent: Option<usize>,
+    source: Option<usize>,
+    /// `parent` and `source`, for the dependency counts.
+    inputs: Vec<usize>,
+    input: StepInput,
+    /// A position-based identity that survives changes of the step's inputs (for miss reasons).
+    slot: StepKey,
+    selection: Option<Selection>,
+    /// Provenance without the keys, which are known only after the key phase.
+    definition: String,
+    extra: Vec<u8>,
+    files: Vec<(String, String)>,
+}
+
+pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<BuiltImage>, BuildError> {
+    let epoch = builder.options.source_date_epoch.or_else(source_date_epoch_from_env).unwrap_or(0);
+    let order = collect(images);
+    let plan = {
+        let mut state = builder.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let plan = plan(&order, &mut state)?;
+        if let Err(error) = state.stat_cache.save(&builder.store) {
+            // Only an accelerator: the next build re-hashes what it cannot find.
+            eprintln!("layerwright: warning: cannot save the stat cache: {error}");
+        }
+        let queries = state.keys.queries().clone();
+        let keys: Vec<StepKey> = builder
+            .workers
+            .install(|| plan.par_iter().map_with(queries, |queries, node| queries.key(node.input)).collect());
+        (plan, keys)
+    };
+    let (plan, keys) = plan;
+    let walk = Walk {
+        store: &builder.store,
+        plan: &plan,
+        keys: &keys,
+        created: config::rfc3339(epoch),
+        layer_options: LayerOptions { compression: builder.options.compression, mtime: epoch },
+        indexes: IndexCache::default(),
+        remaining: plan.iter().map(|node| AtomicUsize::new(node.inputs.len())).collect(),
+        dependents: dependents(&plan),
+        results: plan.iter().map(|_| OnceLock::new()).collect(),
+        failed: AtomicBool::new(false),
+        errors: Mutex::new(Vec::new()),
+        bytes_written: AtomicU64::new(0),
+        builder,
+    };
+    builder.workers.scope(|scope| {
+        for (index, node) in plan.iter().enumerate() {
+            if node.inputs.is_empty() {
+                let walk = &walk;
+                scope.spawn(move |scope| walk.run(index, scope));
+            }
+        }
+    });
+    let mut errors = walk.errors.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    errors.sort_by_key(|(index, _)| *index);
+    if let Some((_, error)) = errors.into_iter().next() {
+        return Err(error);
+    }
+    let outcomes: Vec<(Arc<NodeState>, StepReport)> = walk
+        .results
+        .into_iter()
+        .map(|result| {
+            result.into_inner().and_then(Result::ok).expect("every node succeeded when no error was recorded")
+        })
+        .collect();
+    let bytes_written = walk.bytes_written.load(Ordering::Relaxed);
+    let positions: HashMap<usize, usize> =
+        plan.iter().enumerate().map(|(index, node)| (node.image.node_id(), index)).collect();
+    images
+        .iter()
+        .map(|image| {
+            let top = positions[&image.node_id()];
+            let steps = reports_of(&plan, &outcomes, top);
+            finish(&builder.store, &outcomes[top].0, &walk.created, steps, bytes_written)
+                .map_err(|source| BuildError::Step { step: "write manifest".into(), source })
+        })
+        .collect()
+}
+
+fn source_date_epoch_from_env() -> Option<u64> {
+    std::env::var("SOURCE_DATE_EPOCH").ok()?.trim().parse().ok()
+}
+
+/// Every node reachable from `images`, inputs before the nodes that use them, each once.
+fn collect(images: &[&Image]) -> Vec<Image> {
+    let mut order = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    // An explicit stack of (node, inputs pushed?) keeps deep chains off the call stack.
+    let mut stack: Vec<(Image, bool)> = images.iter().rev().map(|image| ((*image).clone(), false)).collect();
+    while let Some((image, expanded)) = stack.pop() {
+        if seen.contains(&image.node_id()) {
+            continue;
+        }
+        if expanded {
+            seen.insert(image.node_id());
+            order.push(image);
+            continue;
+        }
+        let inputs = image.inputs();
+        stack.push((image, true));
+        for input in inputs.into_iter().rev() {
+            if !seen.contains(&input.node_id()) {
+                stack.push((input, false));
+            }
+        }
+    }
+    order
+}
+
+fn dependents(plan: &[PlannedNode]) -> Vec<Vec<usize>> {
+    let mut dependents = vec![Vec::new(); plan.len()];
+    for (index, node) in plan.iter().enumerate() {
+        for input in &node.inputs {
+            dependents[*input].push(index);
+        }
+    }
+    dependents
+}
+
+fn plan(order: &[Image], state: &mut crate::build::BuilderState) -> Result<Vec<PlannedNode>, BuildError> {
+    let mut positions: HashMap<usize, usize> = HashMap::new();
+    let mut contexts: HashMap<PathBuf, OpenedContext> = HashMap::new();
+    let mut plan: Vec<PlannedNode> = Vec::with_capacity(order.len());
+    for image in order {
+        let step = image.step();
+        let label = step.label();
+        let step_error = |source: StepError| BuildError::Step { step: label.clone(), source };
+        let parent = image.parent().map(|parent| positions[&parent.node_id()]);
+        let source = match step {
+            Step::CopyFrom(copy) => Some(positions[&copy.image.node_id()]),
+            _ => None,
+        };
+        let encoding = step.encode();
+        let mut extra = Vec::new();
+        let mut files = Vec::new();
+        let mut file_set: Option<FileSetInput> = None;
+        let mut selection = None;
+        match step {
+            Step::Copy(copy) => {
+                let root = copy.context.root().to_owned();
+                let opened = match contexts.get(&root) {
+                    Some(opened) => opened.clone(),
+                    None => {
+                        let opened = context::open_context(&copy.context).map_err(|error| step_error(error.into()))?;
+                        contexts.insert(root, opened.clone());
+                        opened
+                    }
+                };
+                let selected = context::select(&opened, &copy.source, &mut state.stat_cache)
+                    .map_err(|error| step_error(error.into()))?;
+                // A mode the step overrides does not enter the key: only what the layer carries.
+                let keep_mode = copy.options.file.mode.is_none();
+                let materials: Vec<(String, FileMaterial)> =
+                    selected.files.iter().map(|file| (file.relative.clone(), file.material(keep_mode))).collect();
+                files = materials.iter().map(|(path, material)| (path.clone(), material.digest_hex())).collect();
+                let set_identity = format!("{}\0{}\0{}", copy.source, keep_mode, selected.source_is_directory);
+                file_set = Some(state.keys.file_set(opened.root(), &set_identity, materials));
+                selection = Some(selected);
+            }
+            Step::FromArchive { path } => {
+                extra = archive_identity(path, &mut state.stat_cache).map_err(|error| step_error(error.into()))?;
+            }
+            _ => {}
+        }
+        let parent_input = parent.map(|index| plan[index].input);
+        let source_input = source.map(|index| plan[index].input);
+        let slot = slot_of(step, parent.map(|index| &plan[index].slot), source.map(|index| &plan[index].slot));
+        let input = state.keys.step(encoding.clone(), parent_input, source_input, extra.clone(), file_set);
+        let inputs = parent.into_iter().chain(source).collect();
+        positions.insert(image.node_id(), plan.len());
+        plan.push(PlannedNode {
+            image: image.clone(),
+            label,
+            parent,
+            source,
+            inputs,
+            input,
+            slot,
+            selection,
+            definition: blake3::hash(&encoding).to_hex()[..32].to_owned(),
+            extra,
+            files,
+        });
+    }
+    Ok(plan)
+}
+
+/// The identity of a base archive's content, through the stat cache so that an unchanged
+/// archive is not re-hashed.
+fn archive_identity(
+    path: &Path,
+    stat_cache: &mut layerwright_cache::StatCache,
+) -> Result<Vec<u8>, import::ImportError> {
+    use std::os::unix::fs::MetadataExt;
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    // A layout directory is identified through its index.json; a tar through itself.
+    let stat_path = if canonical.is_dir() { canonical.join("index.json") } else { canonical.clone() };
+    let stat = std::fs::metadata(&stat_path).ok().map(|metadata| FileStat {
+        size: metadata.size(),
+        mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
+        ctime_ns: i128::from(metadata.ctime()) * 1_000_000_000 + i128::from(metadata.ctime_nsec()),
+        inode: metadata.ino(),
+        device: metadata.dev(),
+    });
+    if let Some(stat) = &stat
+        && let Some(digest) = stat_cache.lookup(&stat_path, stat)
+    {
+        return Ok(digest.to_vec());
+    }
+    let identity = import::archive_identity(path)?;
+    let digest: [u8; 32] = *blake3::hash(identity.as_bytes()).as_bytes();
+    if let Some(stat) = stat {
+        stat_cache.record(stat_path, stat, digest);
+    }
+    Ok(digest.to_vec())
+}
+
+/// A step's slot: its kind and where it writes, on top of its parent's slot.
+fn slot_of(step: &Step, parent: Option<&StepKey>, source: Option<&StepKey>) -> StepKey {
+    let (kind, detail): (u64, String) = match step {
+        Step::Scratch => (1, String::new()),
+        Step::FromArchive { path } => (2, path.display().to_string()),
+        Step::Pull { reference } => (3, reference.clone()),
+        Step::Copy(copy) => (4, copy.destination.clone()),
+        Step::CopyFrom(copy) => (5, copy.destination.clone()),
+        Step::WriteFile(write) => (6, write.path.clone()),
+        Step::Mkdir(mkdir) => (7, mkdir.path.clone()),
+        Step::Symlink(symlink) => (8, symlink.link_path.clone()),
+        Step::Remove { path } => (9, path.clone()),
+        Step::Run(_) => (10, String::new()),
+        Step::Config(_) => (11, String::new()),
+    };
+    StepKey::builder().str("slot").optional_key(parent).optional_key(source).u64(kind).str(&detail).finish()
+}
+
+struct Walk<'a> {
+    builder: &'a Builder,
+    store: &'a Store,
+    plan: &'a [PlannedNode],
+    keys: &'a [StepKey],
+    created: String,
+    layer_options: LayerOptions,
+    indexes: IndexCache,
+    remaining: Vec<AtomicUsize>,
+    dependents: Vec<Vec<usize>>,
+    results: Vec<OnceLock<Result<(Arc<NodeState>, StepReport), ()>>>,
+    failed: AtomicBool,
+    errors: Mutex<Vec<(usize, BuildError)>>,
+    bytes_written: AtomicU64,
+}
+
+/// How a step was satisfied.
+struct Outcome {
+    layers: Vec<layerwright_cache::LayerRecord>,
+    config: serde_json::Value,
+    cached: bool,
+    layer: Option<String>,
+    miss: Option<MissReason>,
+}
+
+impl<'a> Walk<'a> {
+    fn run<'scope>(&'scope self, index: usize, scope: &rayon::Scope<'scope>)
+    where
+        'a: 'scope,
+    {
+        let node = &self.plan[index];
+        let inputs_ok = node.inputs.iter().all(|input| matches!(self.results[*input].get(), Some(Ok(_))));
+        let result = if inputs_ok && !self.failed.load(Ordering::Relaxed) {
+            match self.execute(index) {
+                Ok(done) => Ok(done),
+                Err(source) => {
+                    self.failed.store(true, Ordering::Relaxed);
+                    let error = BuildError::Step { step: node.label.clone(), source };
+                    self.errors.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((index, error));
+                    Err(())
+                }
+            }
+        } else {
+            Err(())
+        };
+        let _ = self.results[index].set(result);
+        for dependent in &self.dependents[index] {
+            if self.remaining[*dependent].fetch_sub(1, Ordering::AcqRel) == 1 {
+                let dependent = *dependent;
+                scope.spawn(move |scope| self.run(dependent, scope));
+            }
+        }
+    }
+
+    fn state(&self, index: Option<usize>) -> Option<Arc<NodeState>> {
+        index.and_then(|index| match self.results[index].get() {
+            Some(Ok((state, _))) => Some(Arc::clone(state)),
+            _ => None,
+        })
+    }
+
+    fn execute(&self, index: usize) -> Result<(Arc<NodeState>, StepReport), StepError> {
+        let node = &self.plan[index];
+        let key = self.keys[index];
+        if let Some(progress) = &self.builder.options.progress {
+            progress(&ProgressEvent::Started { label: node.label.clone() });
+        }
+        let started = Instant::now();
+        let parent = self.state(node.parent);
+        let source = self.state(node.source);
+        let outcome = self.outcome(index, key, parent.as_ref(), source.as_ref())?;
+        let report = StepReport {
+            label: node.label.clone(),
+            cached: outcome.cached,
+            duration: started.elapsed(),
+            layer: outcome.layer,
+            miss: outcome.miss,
+        };
+        if let Some(progress) = &self.builder.options.progress {
+            progress(&ProgressEvent::Finished(report.clone()));
+        }
+        Ok((Arc::new(NodeState::new(outcome.layers, outcome.config, parent)), report))
+    }
+
+    fn execution(&self) -> Execution<'_> {
+        Execution { store: self.store, layer_options: self.layer_options, indexes: &self.indexes }
+    }
+
+    fn provenance(&self, index: usize) -> Provenance {
+        let node = &self.plan[index];
+        Provenance {
+            key: self.keys[index].to_hex(),
+            definition: node.definition.clone(),
+            parent: node.parent.map(|parent| self.keys[parent].to_hex()),
+            source: node.source.map(|source| self.keys[source].to_hex()),
+            extra: hex::encode(&node.extra),
+            files: node.files.clone(),
+        }
+    }
+
+    /// Why the step at `index` missed; records what it was built from for the next miss.
+    fn explain_miss(&self, index: usize) -> MissReason {
+        let provenance = self.provenance(index);
+        let slot = &self.plan[index].slot;
+        let reason = provenance.explain(self.store.read_provenance(slot).as_ref());
+        if let Err(error) = self.store.write_provenance(slot, &provenance) {
+            eprintln!("layerwright: warning: cannot record why step {} was built: {error}", self.plan[index].label);
+        }
+        reason
+    }
+
+    fn outcome(
+        &self,
+        index: usize,
+        key: StepKey,
+        parent: Option<&Arc<NodeState>>,
+        source: Option<&Arc<NodeState>>,
+    ) -> Result<Outcome, StepError> {
+        let node = &self.plan[index];
+        let step = node.image.step();
+        let execution = self.execution();
+        let (parent, step) = match (parent, step) {
+            (_, Step::Scratch) => {
+                let config = config::scratch_config(&self.created);
+                return Ok(Outcome { layers: Vec::new(), config, cached: true, layer: None, miss: None });
+            }
+            (_, Step::FromArchive { path }) => return self.from_archive(index, key, path),
+            (_, Step::Pull { .. }) => {
+                return Err(StepError::Unsupported { what: "pulling a base image from a registry" });
+            }
+            (_, Step::Run(_)) => return Err(StepError::Unsupported { what: "a RUN step (the overlay runner)" }),
+            (Some(parent), step) => (parent, step),
+            (None, _) => unreachable!("only base steps lack a parent, and Image::with_step refuses bases"),
+        };
+        if let Step::Config(change) = step {
+            return Ok(config_outcome(parent, change, &node.label, &self.created));
+        }
+        if let Some(record) = self.store.read_action(&key)?
+            && let Some(layer) = record.layers.into_iter().next()
+        {
+            return Ok(layer_outcome(parent, layer, &node.label, &self.created, true, None));
+        }
+        let miss = self.explain_miss(index);
+        if let Some(hook) = &self.builder.options.before_execute {
+            hook(&node.label);
+        }
+        let entries: Vec<LayerEntry>;
+        let mut _spool = None;
+        match step {
+            Step::Copy(copy) => {
+                let selection = node.selection.as_ref().expect("copy steps are planned with their selection");
+                entries = execution.copy_entries(copy, selection, parent)?;
+            }
+            Step::CopyFrom(copy) => {
+                let source = source.expect("copy_from steps run after their source");
+                let (copied, spool) = execution.copy_from_entries(copy, source, parent)?;
+                entries = copied;
+                _spool = Some(spool);
+            }
+            Step::WriteFile(write) => entries = execution.write_file_entries(write, parent)?,
+            Step::Mkdir(mkdir) => entries = execution.mkdir_entries(mkdir, parent)?,
+            Step::Symlink(symlink) => entries = execution.symlink_entries(symlink, parent)?,
+            Step::Remove { path } => entries = execution.remove_entries(path, parent)?,
+            Step::Scratch | Step::FromArchive { .. } | Step::Pull { .. } | Step::Run(_) | Step::Config(_) => {
+                unreachable!("handled above")
+            }
+        }
+        let written = execution.commit_layer(&key, entries)?;
+        self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
+        Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)))
+    }
+
+    fn from_archive(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {
+        let execution = self.execution();
+        if let Some(record) = self.store.read_action(&key)?
+            && let Some(config_digest) = &record.config
+        {
+            let config = execution.read_config(config_digest)?;
+            return Ok(Outcome { layers: record.layers, config, cached: true, layer: None, miss: None });
+        }
+        let miss = self.explain_miss(index);
+        let base = import::import_archive(self.store, path)?;
+        let config_blob = self.store.put_blob(&config::to_bytes(&base.config))?;
+        for (layer, index) in base.layers.iter().zip(base.indexes) {
+            self.indexes.insert(layer.diff_id.clone(), index);
+        }
+        let record = ActionRecord { layers: base.layers.clone(), config: Some(config_blob.digest) };
+        self.store.write_action(&key, &record)?;
+        Ok(Outcome { layers: base.layers, config: base.config, cached: false, layer: None, miss: Some(miss) })
+    }
+}
+
+fn config_outcome(parent: &NodeState, change: &ConfigChange, label: &str, created: &str) -> Outcome {
+    let mut config = parent.config.clone();
+    config::apply_change(&mut config, change, label, created);
+    Outcome { layers: parent.layers.clone(), config, cached: true, layer: None, miss: None }
+}
+
+fn layer_outcome(
+    parent: &NodeState,
+    layer: layerwright_cache::LayerRecord,
+    label: &str,
+    created: &str,
+    cached: bool,
+    miss: Option<MissReason>,
+) -> Outcome {
+    let mut config = parent.config.clone();
+    config::push_layer(&mut config, &layer, label, created);
+    let mut layers = parent.layers.clone();
+    let digest = layer.digest.to_string();
+    layers.push(layer);
+    Outcome { layers, config, cached, layer: Some(digest), miss }
+}
+
+/// The reports of the nodes `top` depends on (itself included), in plan order.
+fn reports_of(plan: &[PlannedNode], outcomes: &[(Arc<NodeState>, StepReport)], top: usize) -> Vec<StepReport> {
+    let mut needed = vec![false; plan.len()];
+    needed[top] = true;
+    for index in (0..=top).rev() {
+        if needed[index] {
+            for input in &plan[index].inputs {
+                needed[*input] = true;
+            }
+        }
+    }
+    (0..=top).filter(|index| needed[*index]).map(|index| outcomes[index].1.clone()).collect()
+}
+
+/// Stores the config and manifest of a built node.
+fn finish(
+    store: &Store,
+    state: &NodeState,
+    created: &str,
+    steps: Vec<StepReport>,
+    blob_bytes_written: u64,
+) -> Result<BuiltImage, StepError> {
+    let mut config = state.config.clone();
+    config::set_created(&mut config, created);
+    let config_blob = store.put_blob(&config::to_bytes(&config))?;
+    let manifest = config::manifest(&config_blob.digest, config_blob.size, &state.layers);
+    let manifest_blob = store.put_blob(&config::to_bytes(&manifest))?;
+    Ok(BuiltImage {
+        inner: Arc::new(BuiltInner {
+            store: store.clone(),
+            manifest: manifest_blob.digest,
+            manifest_size: manifest_blob.size,
+            config: config_blob.digest,
+            layers: state.layers.clone(),
+            steps,
+            blob_bytes_written,
+        }),
+    })
+}
