@@ -121,23 +121,36 @@ pub fn find_busybox() -> Result<PathBuf, HostError> {
         .ok_or(HostError::Missing { path: PathBuf::from("/bin/busybox"), hint: "install Debian's busybox-static" })
 }
 
-/// Writes a build context at `dir` holding `bin/<applet>` symlinks to `busybox` for every applet
-/// of the host's busybox (replacing what a previous call wrote), so that one `copy` step adds
-/// them all as one layer.
-pub fn write_busybox_links_context(busybox: &Path, dir: &Path) -> Result<Vec<String>, HostError> {
+/// Writes (once) a build context holding `bin/<applet>` symlinks to `busybox` for every applet
+/// of the host's busybox, so that one `copy` step adds them all as one layer, and returns its
+/// directory: `parent/busybox-links-<hash of the applet list>`. The directory is built aside and
+/// renamed into place, so concurrent callers (parallel tests) never see a half-written one.
+pub fn write_busybox_links_context(busybox: &Path, parent: &Path) -> Result<PathBuf, HostError> {
     let applets = busybox_applets(busybox)?;
-    let io_error = |path: &Path| {
+    let write_error = |path: &Path| {
         let path = path.to_owned();
         move |source| HostError::Write { path, source }
     };
-    let bin = dir.join("bin");
-    if bin.exists() {
-        std::fs::remove_dir_all(&bin).map_err(io_error(&bin))?;
+    let hash = blake3::hash(applets.join("\n").as_bytes()).to_hex();
+    let dir = parent.join(format!("busybox-links-{}", &hash[..16]));
+    if dir.is_dir() {
+        return Ok(dir);
     }
-    std::fs::create_dir_all(&bin).map_err(io_error(&bin))?;
+    std::fs::create_dir_all(parent).map_err(write_error(parent))?;
+    let aside = tempfile::tempdir_in(parent).map_err(write_error(parent))?;
+    let bin = aside.path().join("bin");
+    std::fs::create_dir(&bin).map_err(write_error(&bin))?;
     for applet in applets.iter().filter(|applet| applet.as_str() != "busybox") {
         let link = bin.join(applet);
-        std::os::unix::fs::symlink("busybox", &link).map_err(io_error(&link))?;
+        std::os::unix::fs::symlink("busybox", &link).map_err(write_error(&link))?;
     }
-    Ok(applets)
+    let aside = aside.keep();
+    if let Err(error) = std::fs::rename(&aside, &dir) {
+        // Another caller renamed its copy into place first; theirs is the same.
+        let _ = std::fs::remove_dir_all(&aside);
+        if !dir.is_dir() {
+            return Err(HostError::Write { path: dir, source: error });
+        }
+    }
+    Ok(dir)
 }

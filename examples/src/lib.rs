@@ -97,8 +97,7 @@ pub fn hello(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
 /// A minimal shell base: busybox and a symlink per applet in `/bin`, `/etc/passwd`, `/tmp`.
 pub fn busybox(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
     let binary = host::find_busybox().map_err(|source| ExampleError::Host { example: "busybox", source })?;
-    let links_dir = environment.work_dir.join("busybox-links");
-    host::write_busybox_links_context(&binary, &links_dir)
+    let links_dir = host::write_busybox_links_context(&binary, &environment.work_dir)
         .map_err(|source| ExampleError::Host { example: "busybox", source })?;
     let binary_dir = context_of("busybox", binary.parent().expect("a binary lives in a directory"))?;
     let links = context_of("busybox", &links_dir)?;

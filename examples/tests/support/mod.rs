@@ -316,22 +316,23 @@ pub fn umoci_unpack(layout_dir: &Path, tag: &str, dest: &Path) -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // Listing an unpacked rootfs
 
-/// Lists the tree below `rootfs` (not `rootfs` itself), one line per path, sorted by path, in
+/// Lists the tree below `rootfs` (not `rootfs` itself), one line per path, sorted component-wise, in
 /// the format of `FsTree::listing()`:
 ///
 /// `TYPE MODE UID:GID SIZE DIGEST-OR-TARGET /PATH`
 ///
-/// - TYPE: `d` directory, `f` regular file, `l` symlink, `c` char device, `b` block device,
-///   `p` fifo, `s` socket;
+/// - TYPE: `dir`, `file`, `symlink`, `char`, `block`, `fifo` (or `socket`, which no layer
+///   holds);
 /// - MODE: the permission bits incl. setuid/setgid/sticky as 4 octal digits (`4755`);
 /// - SIZE: the byte size of a regular file, `-` for anything else;
-/// - DIGEST-OR-TARGET: `sha256:<hex>` of a regular file's content, a symlink's target as
-///   written, `MAJOR:MINOR` of a device, `-` for anything else.
+/// - DIGEST-OR-TARGET: `sha256:<hex>` of a regular file's content, `-> TARGET` for a symlink,
+///   `MAJOR,MINOR` of a device, `-` for anything else.
 ///
 /// A hard link unpacks as one more regular file with the same content, and is listed as such.
 pub fn tree_of(rootfs: &Path) -> String {
     let mut lines = BTreeMap::new();
     list_directory(rootfs, rootfs, &mut lines);
+    // Keyed with `/` as NUL so that the order is component-wise, as `FsTree::listing` sorts.
     lines.into_values().map(|line| line + "\n").collect()
 }
 
@@ -346,26 +347,26 @@ fn list_directory(rootfs: &Path, directory: &Path, lines: &mut BTreeMap<String, 
         let relative = path.strip_prefix(rootfs).expect("listed below the rootfs").to_string_lossy().into_owned();
         let file_type = metadata.file_type();
         let (kind, size, detail) = if file_type.is_dir() {
-            ("d", "-".to_owned(), "-".to_owned())
+            ("dir", "-".to_owned(), "-".to_owned())
         } else if file_type.is_file() {
             let content = fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
-            ("f", metadata.len().to_string(), format!("sha256:{}", hex::encode(Sha256::digest(&content))))
+            ("file", metadata.len().to_string(), format!("sha256:{}", hex::encode(Sha256::digest(&content))))
         } else if file_type.is_symlink() {
             let target =
                 fs::read_link(&path).unwrap_or_else(|error| panic!("cannot read link {}: {error}", path.display()));
-            ("l", "-".to_owned(), target.to_string_lossy().into_owned())
+            ("symlink", "-".to_owned(), format!("-> {}", target.to_string_lossy()))
         } else if file_type.is_char_device() || file_type.is_block_device() {
-            let kind = if file_type.is_char_device() { "c" } else { "b" };
+            let kind = if file_type.is_char_device() { "char" } else { "block" };
             let device = metadata.rdev();
-            (kind, "-".to_owned(), format!("{}:{}", device_major(device), device_minor(device)))
+            (kind, "-".to_owned(), format!("{},{}", device_major(device), device_minor(device)))
         } else if file_type.is_fifo() {
-            ("p", "-".to_owned(), "-".to_owned())
+            ("fifo", "-".to_owned(), "-".to_owned())
         } else {
-            ("s", "-".to_owned(), "-".to_owned())
+            ("socket", "-".to_owned(), "-".to_owned())
         };
         let mode = metadata.mode() & 0o7777;
         let line = format!("{kind} {mode:04o} {}:{} {size} {detail} /{relative}", metadata.uid(), metadata.gid());
-        lines.insert(relative, line);
+        lines.insert(relative.replace('/', "\0"), line);
         if file_type.is_dir() {
             list_directory(rootfs, &path, lines);
         }
