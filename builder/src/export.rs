@@ -96,6 +96,10 @@ pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<
     let index = merged_index(existing.as_deref(), manifest_descriptor(&parts, &reference), &reference.tag)
         .map_err(|reason| ExportError::ExistingIndex { path: index_path.clone(), reason })?;
     let index_bytes = canonical_json(&index);
+    if existing.as_deref() == Some(index_bytes.as_slice()) {
+        // The layout already names this image under this tag: leave it untouched.
+        return Ok(());
+    }
     write_atomically(&index_path, |writer| writer.write_all(&index_bytes).map_err(write_error(&index_path)))
 }
 
@@ -467,6 +471,9 @@ fn write_layout_tar(
         members.insert(name, TarMember::Document(bytes));
     }
 
+    if archive_already_holds(file, &members) {
+        return Ok(());
+    }
     write_atomically(file, |writer| {
         let mut tar = tar::Builder::new(writer);
         for (name, member) in &members {
@@ -491,6 +498,38 @@ fn write_layout_tar(
         }
         tar.finish().map_err(write_error(file))
     })
+}
+
+/// Whether `file` is already the archive `members` describe: the same member names and sizes
+/// in the same order, and the same documents (index, manifest) byte for byte. Blobs are named
+/// by their digest, so equal names and sizes mean the archive holds this image, and a no-op
+/// rebuild need not rewrite (or re-read) gigabytes. Reads headers only, seeking past content.
+fn archive_already_holds(file: &Path, members: &BTreeMap<String, TarMember>) -> bool {
+    let Ok(opened) = fs::File::open(file) else { return false };
+    let mut archive = tar::Archive::new(opened);
+    let Ok(entries) = archive.entries_with_seek() else { return false };
+    let mut expected = members.iter();
+    for entry in entries {
+        let Ok(mut entry) = entry else { return false };
+        let Some((name, member)) = expected.next() else { return false };
+        let same_name = entry.path_bytes().as_ref() == name.trim_end_matches('/').as_bytes()
+            || entry.path_bytes().as_ref() == name.as_bytes();
+        if !same_name {
+            return false;
+        }
+        let matches = match member {
+            TarMember::Directory => entry.header().entry_type().is_dir(),
+            TarMember::Blob { size, .. } => entry.size() == *size,
+            TarMember::Document(bytes) => {
+                let mut content = Vec::new();
+                entry.size() == bytes.len() as u64 && entry.read_to_end(&mut content).is_ok() && content == *bytes
+            }
+        };
+        if !matches {
+            return false;
+        }
+    }
+    expected.next().is_none()
 }
 
 /// A ustar header with every field set explicitly. The name is written into the header's
