@@ -27,7 +27,7 @@ pub enum BuildError {
     #[error("cache directory {path}: {source}")]
     Cache { path: PathBuf, source: StoreError },
     #[error("step `{step}`: {source}")]
-    Step { step: String, source: StepError },
+    Step { step: String, source: Box<StepError> },
     #[error("cannot start the build's worker threads: {0}")]
     Workers(String),
     #[error("listing the image: {0}")]
@@ -74,6 +74,9 @@ pub enum ProgressEvent {
 /// the build's worker threads.
 pub type ProgressSink = Arc<dyn Fn(&ProgressEvent) + Send + Sync>;
 
+/// Called with a step's label (see [`BuilderOptions::before_execute`]).
+pub type StepHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// Options of a [`Builder`].
 #[derive(Clone, Default)]
 pub struct BuilderOptions {
@@ -88,7 +91,7 @@ pub struct BuilderOptions {
     /// Called with a step's label just before the step executes (cache misses only). For tests
     /// that need a slow step.
     #[doc(hidden)]
-    pub before_execute: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    pub before_execute: Option<StepHook>,
 }
 
 impl fmt::Debug for BuilderOptions {

@@ -137,9 +137,12 @@ pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary
     })
 }
 
+/// A step being built and its spinner.
+type RunningStep = (String, ProgressBar);
+
 /// Progress lines: spinners on a terminal, plain lines elsewhere.
 struct ProgressDisplay {
-    terminal: Option<(MultiProgress, Mutex<Vec<(String, ProgressBar)>>)>,
+    terminal: Option<(MultiProgress, Mutex<Vec<RunningStep>>)>,
 }
 
 impl ProgressDisplay {

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use cap_std::fs::{Dir, Metadata, MetadataExt};
@@ -47,12 +47,6 @@ pub struct OpenedContext {
     root: PathBuf,
     dir: Arc<Dir>,
     ignore: Arc<DockerIgnore>,
-}
-
-impl OpenedContext {
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
 }
 
 pub fn open_context(context: &Context) -> Result<OpenedContext, ContextError> {
@@ -103,6 +97,8 @@ pub struct ContextFile {
 /// What a `copy` step selected: a directory (its contents) or a single file.
 #[derive(Debug, Clone)]
 pub struct Selection {
+    /// The canonical root of the context it was selected from.
+    pub root: PathBuf,
     /// The handle `open_path`s are relative to.
     pub dir: Arc<Dir>,
     pub source_is_directory: bool,
@@ -110,9 +106,34 @@ pub struct Selection {
     pub files: Vec<ContextFile>,
 }
 
-/// Resolves `source` inside the context and walks it. File digests come from `stat_cache` when
-/// a file's stat is unchanged, and are computed (and recorded) otherwise.
-pub fn select(context: &OpenedContext, source: &str, stat_cache: &mut StatCache) -> Result<Selection, ContextError> {
+/// The stat cache as a walk sees it: read-only lookups, and the digests it had to compute, to be
+/// recorded afterwards. Several walks can then share one cache from different threads.
+pub struct StatLookup<'a> {
+    cache: &'a StatCache,
+    pub computed: Vec<(PathBuf, FileStat, [u8; 32])>,
+}
+
+impl<'a> StatLookup<'a> {
+    pub fn new(cache: &'a StatCache) -> StatLookup<'a> {
+        StatLookup { cache, computed: Vec::new() }
+    }
+
+    /// Records what the walk computed into `cache`.
+    pub fn record_into(computed: Vec<(PathBuf, FileStat, [u8; 32])>, cache: &mut StatCache) {
+        for (path, stat, blake3) in computed {
+            cache.record(path, stat, blake3);
+        }
+    }
+}
+
+/// Resolves `source` inside the context and walks it. File digests come from the stat cache
+/// when a file's stat is unchanged, and are computed (and collected in `stat_cache.computed`)
+/// otherwise.
+pub fn select(
+    context: &OpenedContext,
+    source: &str,
+    stat_cache: &mut StatLookup<'_>,
+) -> Result<Selection, ContextError> {
     let source = normalize_context_path(source)
         .map_err(|error| ContextError::Path { path: source.to_owned(), source: error })?;
     if !source.is_empty() && context.ignore.is_excluded(&source) {
@@ -134,7 +155,7 @@ pub fn select(context: &OpenedContext, source: &str, stat_cache: &mut StatCache)
             mode: metadata.mode() & 0o7777,
         });
         walker.walk_directory(&dir, &source, "")?;
-        return Ok(Selection { dir, source_is_directory: true, files: walker.files });
+        return Ok(Selection { root: context.root.clone(), dir, source_is_directory: true, files: walker.files });
     }
     let kind = walker.classify(&context.dir, &source, &source, "", &metadata)?;
     walker.files.push(ContextFile {
@@ -143,7 +164,12 @@ pub fn select(context: &OpenedContext, source: &str, stat_cache: &mut StatCache)
         kind,
         mode: metadata.mode() & 0o7777,
     });
-    Ok(Selection { dir: Arc::clone(&context.dir), source_is_directory: false, files: walker.files })
+    Ok(Selection {
+        root: context.root.clone(),
+        dir: Arc::clone(&context.dir),
+        source_is_directory: false,
+        files: walker.files,
+    })
 }
 
 /// The metadata of the selected source, following a symlink only inside the context.
@@ -170,15 +196,15 @@ fn resolve_metadata(context: &OpenedContext, source: &str) -> Result<Metadata, C
     })
 }
 
-struct Walker<'a> {
+struct Walker<'a, 'b> {
     context: &'a OpenedContext,
-    stat_cache: &'a mut StatCache,
+    stat_cache: &'a mut StatLookup<'b>,
     /// (device, inode) of files with several links → the `relative` path first seen.
     hard_links: HashMap<(u64, u64), String>,
     files: Vec<ContextFile>,
 }
 
-impl Walker<'_> {
+impl Walker<'_, '_> {
     fn read_error(&self, path: &str, source: io::Error) -> ContextError {
         ContextError::Read { root: self.context.root.clone(), path: path.to_owned(), source }
     }
@@ -284,7 +310,7 @@ impl Walker<'_> {
             device: metadata.dev(),
         };
         let absolute = self.context.root.join(context_path);
-        if let Some(blake3) = self.stat_cache.lookup(&absolute, &stat) {
+        if let Some(blake3) = self.stat_cache.cache.lookup(&absolute, &stat) {
             return Ok(ContextKind::File { size: stat.size, blake3 });
         }
         let mut file = dir.open(name).map_err(|error| self.read_error(context_path, error))?;
@@ -303,7 +329,7 @@ impl Walker<'_> {
         // Record only what was read in one piece: a file that changed size while being read is
         // hashed again next time.
         if size == stat.size {
-            self.stat_cache.record(absolute, stat, blake3);
+            self.stat_cache.computed.push((absolute, stat, blake3));
         }
         Ok(ContextKind::File { size, blake3 })
     }
@@ -348,17 +374,20 @@ mod tests {
     }
 
     fn select_fresh(context: &OpenedContext, source: &str) -> Result<Selection, ContextError> {
-        select(context, source, &mut StatCache::default())
+        select(context, source, &mut StatLookup::new(&StatCache::default()))
     }
 
     #[test]
     fn the_stat_cache_spares_rereading_unchanged_files() {
         let (dir, context) = context_with(&[("a", "one")], None);
         let mut stat_cache = StatCache::default();
-        let first = select(&context, "a", &mut stat_cache).unwrap();
+        let mut lookup = StatLookup::new(&stat_cache);
+        let first = select(&context, "a", &mut lookup).unwrap();
+        let computed = lookup.computed;
+        StatLookup::record_into(computed, &mut stat_cache);
         assert_eq!(stat_cache.len(), 1);
         // Same stat, so the recorded digest is used: prove it by recording a different one.
-        let absolute = context.root().join("a");
+        let absolute = context.root.join("a");
         let metadata = std::fs::metadata(&absolute).unwrap();
         use std::os::unix::fs::MetadataExt as _;
         let stat = FileStat {
@@ -369,11 +398,11 @@ mod tests {
             device: metadata.dev(),
         };
         stat_cache.record(absolute, stat, [9; 32]);
-        let cached = select(&context, "a", &mut stat_cache).unwrap();
+        let cached = select(&context, "a", &mut StatLookup::new(&stat_cache)).unwrap();
         assert_eq!(cached.files[0].kind, ContextKind::File { size: 3, blake3: [9; 32] });
         // A write changes the stat: the file is hashed again.
         fs::write(dir.path().join("a"), "two").unwrap();
-        let changed = select(&context, "a", &mut stat_cache).unwrap();
+        let changed = select(&context, "a", &mut StatLookup::new(&stat_cache)).unwrap();
         assert_ne!(changed.files[0].kind, cached.files[0].kind);
         assert_ne!(changed.files[0].kind, first.files[0].kind);
     }

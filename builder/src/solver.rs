@@ -26,7 +26,7 @@ use rayon::prelude::*;
 
 use crate::build::{BuildError, Builder, BuiltImage, BuiltInner, ProgressEvent, StepError, StepReport};
 use crate::config;
-use crate::context::{self, OpenedContext, Selection};
+use crate::context::{self, OpenedContext, Selection, StatLookup};
 use crate::import;
 use crate::layer::{LayerEntry, LayerOptions};
 use crate::steps::{Execution, IndexCache, NodeState};
@@ -46,7 +46,8 @@ struct PlannedNode {
     /// Provenance without the keys, which are known only after the key phase.
     definition: String,
     extra: Vec<u8>,
-    files: Vec<(String, String)>,
+    /// Whether the step's mode override keeps the context files' modes out of the key.
+    keep_mode: bool,
 }
 
 pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<BuiltImage>, BuildError> {
@@ -54,7 +55,7 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
     let order = collect(images);
     let plan = {
         let mut state = builder.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let plan = plan(&order, &mut state)?;
+        let plan = plan(&order, &mut state, &builder.workers)?;
         if let Err(error) = state.stat_cache.save(&builder.store) {
             // Only an accelerator: the next build re-hashes what it cannot find.
             eprintln!("layerwright: warning: cannot save the stat cache: {error}");
@@ -110,7 +111,7 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
             let top = positions[&image.node_id()];
             let steps = reports_of(&plan, &outcomes, top);
             finish(&builder.store, &outcomes[top].0, &walk.created, steps, bytes_written)
-                .map_err(|source| BuildError::Step { step: "write manifest".into(), source })
+                .map_err(|source| BuildError::Step { step: "write manifest".into(), source: Box::new(source) })
         })
         .collect()
 }
@@ -155,14 +156,71 @@ fn dependents(plan: &[PlannedNode]) -> Vec<Vec<usize>> {
     dependents
 }
 
-fn plan(order: &[Image], state: &mut crate::build::BuilderState) -> Result<Vec<PlannedNode>, BuildError> {
-    let mut positions: HashMap<usize, usize> = HashMap::new();
+/// Walks the contexts of every `copy` step, in parallel (each walk is mostly `stat` calls, and
+/// the steps of a graph usually copy different trees). Indexed like `order`.
+fn select_contexts(
+    order: &[Image],
+    state: &mut crate::build::BuilderState,
+    workers: &rayon::ThreadPool,
+) -> Result<Vec<Option<Selection>>, BuildError> {
     let mut contexts: HashMap<PathBuf, OpenedContext> = HashMap::new();
-    let mut plan: Vec<PlannedNode> = Vec::with_capacity(order.len());
+    let mut opened: Vec<Option<OpenedContext>> = Vec::with_capacity(order.len());
     for image in order {
+        let Step::Copy(copy) = image.step() else {
+            opened.push(None);
+            continue;
+        };
+        let root = copy.context.root().to_owned();
+        let context = match contexts.get(&root) {
+            Some(context) => context.clone(),
+            None => {
+                let context = context::open_context(&copy.context)
+                    .map_err(|error| BuildError::Step { step: image.step().label(), source: Box::new(error.into()) })?;
+                contexts.insert(root, context.clone());
+                context
+            }
+        };
+        opened.push(Some(context));
+    }
+    let stat_cache = &state.stat_cache;
+    let walked: Vec<Result<Option<(Selection, Vec<_>)>, BuildError>> = workers.install(|| {
+        order
+            .par_iter()
+            .zip(opened.par_iter())
+            .map(|(image, context)| {
+                let (Step::Copy(copy), Some(context)) = (image.step(), context) else { return Ok(None) };
+                let mut lookup = StatLookup::new(stat_cache);
+                let selection = context::select(context, &copy.source, &mut lookup)
+                    .map_err(|error| BuildError::Step { step: image.step().label(), source: Box::new(error.into()) })?;
+                Ok(Some((selection, lookup.computed)))
+            })
+            .collect()
+    });
+    let mut selections = Vec::with_capacity(order.len());
+    for result in walked {
+        match result? {
+            Some((selection, computed)) => {
+                StatLookup::record_into(computed, &mut state.stat_cache);
+                selections.push(Some(selection));
+            }
+            None => selections.push(None),
+        }
+    }
+    Ok(selections)
+}
+
+fn plan(
+    order: &[Image],
+    state: &mut crate::build::BuilderState,
+    workers: &rayon::ThreadPool,
+) -> Result<Vec<PlannedNode>, BuildError> {
+    let mut selections = select_contexts(order, state, workers)?;
+    let mut positions: HashMap<usize, usize> = HashMap::new();
+    let mut plan: Vec<PlannedNode> = Vec::with_capacity(order.len());
+    for (position, image) in order.iter().enumerate() {
         let step = image.step();
         let label = step.label();
-        let step_error = |source: StepError| BuildError::Step { step: label.clone(), source };
+        let step_error = |source: StepError| BuildError::Step { step: label.clone(), source: Box::new(source) };
         let parent = image.parent().map(|parent| positions[&parent.node_id()]);
         let source = match step {
             Step::CopyFrom(copy) => Some(positions[&copy.image.node_id()]),
@@ -170,29 +228,18 @@ fn plan(order: &[Image], state: &mut crate::build::BuilderState) -> Result<Vec<P
         };
         let encoding = step.encode();
         let mut extra = Vec::new();
-        let mut files = Vec::new();
+        let mut keep_mode = true;
         let mut file_set: Option<FileSetInput> = None;
         let mut selection = None;
         match step {
             Step::Copy(copy) => {
-                let root = copy.context.root().to_owned();
-                let opened = match contexts.get(&root) {
-                    Some(opened) => opened.clone(),
-                    None => {
-                        let opened = context::open_context(&copy.context).map_err(|error| step_error(error.into()))?;
-                        contexts.insert(root, opened.clone());
-                        opened
-                    }
-                };
-                let selected = context::select(&opened, &copy.source, &mut state.stat_cache)
-                    .map_err(|error| step_error(error.into()))?;
+                let selected = selections[position].take().expect("copy steps were walked");
                 // A mode the step overrides does not enter the key: only what the layer carries.
-                let keep_mode = copy.options.file.mode.is_none();
+                keep_mode = copy.options.file.mode.is_none();
                 let materials: Vec<(String, FileMaterial)> =
                     selected.files.iter().map(|file| (file.relative.clone(), file.material(keep_mode))).collect();
-                files = materials.iter().map(|(path, material)| (path.clone(), material.digest_hex())).collect();
                 let set_identity = format!("{}\0{}\0{}", copy.source, keep_mode, selected.source_is_directory);
-                file_set = Some(state.keys.file_set(opened.root(), &set_identity, materials));
+                file_set = Some(state.keys.file_set(&selected.root, &set_identity, materials));
                 selection = Some(selected);
             }
             Step::FromArchive { path } => {
@@ -217,7 +264,7 @@ fn plan(order: &[Image], state: &mut crate::build::BuilderState) -> Result<Vec<P
             selection,
             definition: blake3::hash(&encoding).to_hex()[..32].to_owned(),
             extra,
-            files,
+            keep_mode,
         });
     }
     Ok(plan)
@@ -271,6 +318,9 @@ fn slot_of(step: &Step, parent: Option<&StepKey>, source: Option<&StepKey>) -> S
     StepKey::builder().str("slot").optional_key(parent).optional_key(source).u64(kind).str(&detail).finish()
 }
 
+/// A finished node: its state and its report.
+type Finished = (Arc<NodeState>, StepReport);
+
 struct Walk<'a> {
     builder: &'a Builder,
     store: &'a Store,
@@ -281,7 +331,8 @@ struct Walk<'a> {
     indexes: IndexCache,
     remaining: Vec<AtomicUsize>,
     dependents: Vec<Vec<usize>>,
-    results: Vec<OnceLock<Result<(Arc<NodeState>, StepReport), ()>>>,
+    /// `Err(())` marks a node that failed or was skipped; the error itself is in `errors`.
+    results: Vec<OnceLock<Result<Finished, ()>>>,
     failed: AtomicBool,
     errors: Mutex<Vec<(usize, BuildError)>>,
     bytes_written: AtomicU64,
@@ -308,7 +359,7 @@ impl<'a> Walk<'a> {
                 Ok(done) => Ok(done),
                 Err(source) => {
                     self.failed.store(true, Ordering::Relaxed);
-                    let error = BuildError::Step { step: node.label.clone(), source };
+                    let error = BuildError::Step { step: node.label.clone(), source: Box::new(source) };
                     self.errors.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((index, error));
                     Err(())
                 }
@@ -367,7 +418,13 @@ impl<'a> Walk<'a> {
             parent: node.parent.map(|parent| self.keys[parent].to_hex()),
             source: node.source.map(|source| self.keys[source].to_hex()),
             extra: hex::encode(&node.extra),
-            files: node.files.clone(),
+            // Hashed only here, on a miss: a no-op rebuild never pays for it.
+            files: node
+                .selection
+                .iter()
+                .flat_map(|selection| &selection.files)
+                .map(|file| (file.relative.clone(), file.material(node.keep_mode).digest_hex()))
+                .collect(),
         }
     }
 
@@ -397,7 +454,7 @@ impl<'a> Walk<'a> {
                 let config = config::scratch_config(&self.created);
                 return Ok(Outcome { layers: Vec::new(), config, cached: true, layer: None, miss: None });
             }
-            (_, Step::FromArchive { path }) => return self.from_archive(index, key, path),
+            (_, Step::FromArchive { path }) => return self.import_base(index, key, path),
             (_, Step::Pull { .. }) => {
                 return Err(StepError::Unsupported { what: "pulling a base image from a registry" });
             }
@@ -443,7 +500,7 @@ impl<'a> Walk<'a> {
         Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)))
     }
 
-    fn from_archive(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {
+    fn import_base(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {
         let execution = self.execution();
         if let Some(record) = self.store.read_action(&key)?
             && let Some(config_digest) = &record.config

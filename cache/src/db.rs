@@ -166,8 +166,7 @@ pub struct KeyDatabase {
     queries: KeyQueries,
     log: ExecutionLog,
     steps: HashMap<StepIdentity, StepInput>,
-    files: HashMap<(PathBuf, String), ContextFileInput>,
-    sets: HashMap<(PathBuf, String), FileSetInput>,
+    sets: HashMap<(PathBuf, String), KnownSet>,
 }
 
 impl Default for KeyDatabase {
@@ -186,7 +185,7 @@ impl KeyDatabase {
             }
         };
         let queries = KeyQueries { storage: salsa::Storage::new(Some(Box::new(callback))) };
-        KeyDatabase { queries, log, steps: HashMap::new(), files: HashMap::new(), sets: HashMap::new() }
+        KeyDatabase { queries, log, steps: HashMap::new(), sets: HashMap::new() }
     }
 
     /// The queries that executed since the last call.
@@ -232,10 +231,11 @@ impl KeyDatabase {
     /// example the source path and options), updated to `files`. Only the inputs whose material
     /// changed are set, so unchanged files start no new revision.
     pub fn file_set(&mut self, root: &Path, selection: &str, files: Vec<(String, FileMaterial)>) -> FileSetInput {
+        let set_identity = (root.to_owned(), selection.to_owned());
+        let known = self.sets.entry(set_identity).or_default();
         let mut inputs = Vec::with_capacity(files.len());
         for (relative, material) in files {
-            let context_path = if selection.is_empty() { relative.clone() } else { format!("{selection}\0{relative}") };
-            let input = match self.files.get(&(root.to_owned(), context_path.clone())) {
+            let input = match known.files.get(relative.as_str()) {
                 Some(input) => {
                     if *input.material(&self.queries) != material {
                         input.set_material(&mut self.queries).to(material);
@@ -243,28 +243,34 @@ impl KeyDatabase {
                     *input
                 }
                 None => {
-                    let input = ContextFileInput::new(&self.queries, relative, material);
-                    self.files.insert((root.to_owned(), context_path), input);
+                    let input = ContextFileInput::new(&self.queries, relative.clone(), material);
+                    known.files.insert(relative, input);
                     input
                 }
             };
             inputs.push(input);
         }
-        let set_identity = (root.to_owned(), selection.to_owned());
-        match self.sets.get(&set_identity) {
+        match known.set {
             Some(set) => {
                 if *set.files(&self.queries) != inputs {
                     set.set_files(&mut self.queries).to(inputs);
                 }
-                *set
+                set
             }
             None => {
                 let set = FileSetInput::new(&self.queries, inputs);
-                self.sets.insert(set_identity, set);
+                known.set = Some(set);
                 set
             }
         }
     }
+}
+
+/// The inputs of one selection: its set and its files by relative path.
+#[derive(Default)]
+struct KnownSet {
+    set: Option<FileSetInput>,
+    files: HashMap<String, ContextFileInput>,
 }
 
 #[cfg(test)]

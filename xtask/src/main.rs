@@ -5,6 +5,8 @@
 //! - `cargo xtask build-image NAME [--output SPEC]... [--tag REF] [--cache DIR] [--compression C]`
 //! - `cargo xtask list`
 //! - `cargo xtask test [-- CARGO TEST ARGS]`
+//! - `cargo xtask bench [-- FILTER]`
+//! - `cargo xtask cache du`, `cargo xtask cache prune --keep-bytes N`
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+use layerwright::cache::Store;
 use layerwright::cli::{self, BuildCommand, OutputSpec};
 use layerwright_examples::{EXAMPLES, ExampleEnvironment};
 
@@ -44,11 +47,38 @@ enum Commands {
     },
     /// List the example images.
     List,
+    /// Run the criterion benchmarks (no-op rebuilds, cold build) and print their medians.
+    Bench {
+        /// Arguments passed on to the benchmark harness (a name filter, `--quick`).
+        #[arg(last = true)]
+        arguments: Vec<String>,
+    },
+    /// Inspect or shrink the build cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+        /// The cache directory. Default: target/layerwright
+        #[arg(long, global = true)]
+        cache: Option<PathBuf>,
+    },
     /// Run the workspace tests, with a Docker engine started for the real-client tests.
     Test {
         /// Arguments passed on to `cargo test`.
         #[arg(last = true)]
         cargo_arguments: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// How much the cache holds, by kind.
+    Du,
+    /// Remove least recently used entries until the cache holds at most N bytes. Waits up to a
+    /// minute for running builds to finish (they hold the cache's lock), never removing what
+    /// they use.
+    Prune {
+        #[arg(long = "keep-bytes")]
+        keep_bytes: u64,
     },
 }
 
@@ -67,6 +97,21 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Test { cargo_arguments } => test(&workspace, &cargo_arguments),
+        Commands::Bench { arguments } => {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .current_dir(&workspace)
+                .args(["bench", "--package", "layerwright", "--"])
+                .args(&arguments)
+                .status()
+                .context("running cargo bench")?;
+            Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Commands::Cache { command, cache } => {
+            let cache = cache.unwrap_or_else(|| workspace.join("target/layerwright"));
+            cache_command(&cache, command)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -108,6 +153,32 @@ fn build_image(
     };
     let summary = cli::build_image(&image, &command).with_context(|| format!("building image {name}"))?;
     println!("{summary}");
+    Ok(())
+}
+
+fn cache_command(cache: &Path, command: CacheCommand) -> Result<()> {
+    match command {
+        CacheCommand::Du => {
+            let store = Store::open(cache).with_context(|| format!("opening the cache {}", cache.display()))?;
+            let usage = store.disk_usage();
+            println!("cache    {}", cache.display());
+            println!("blobs    {:>14} bytes in {} blobs", usage.blobs, usage.blob_count);
+            println!("records  {:>14} bytes in {} action records", usage.records, usage.record_count);
+            println!("indexes  {:>14} bytes", usage.indexes);
+            println!("snapshots{:>14} bytes", usage.snapshots);
+            println!("other    {:>14} bytes", usage.other);
+            println!("total    {:>14} bytes", usage.total());
+        }
+        CacheCommand::Prune { keep_bytes } => {
+            let store = Store::open_exclusive(cache, Duration::from_secs(60))
+                .with_context(|| format!("locking the cache {} for pruning", cache.display()))?;
+            let report = store.prune(keep_bytes).context("pruning the cache")?;
+            println!(
+                "removed {} records and {} blobs, freed {} bytes; {} bytes remain",
+                report.removed_records, report.removed_blobs, report.freed_bytes, report.remaining_bytes
+            );
+        }
+    }
     Ok(())
 }
 
