@@ -302,13 +302,13 @@ impl Walker<'_, '_> {
             }
             self.hard_links.insert(identity, relative.to_owned());
         }
-        let stat = FileStat {
-            size: metadata.len(),
-            mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
-            ctime_ns: i128::from(metadata.ctime()) * 1_000_000_000 + i128::from(metadata.ctime_nsec()),
-            inode: metadata.ino(),
-            device: metadata.dev(),
-        };
+        let stat = FileStat::from_unix(
+            metadata.len(),
+            (metadata.mtime(), metadata.mtime_nsec()),
+            (metadata.ctime(), metadata.ctime_nsec()),
+            metadata.ino(),
+            metadata.dev(),
+        );
         let absolute = self.context.root.join(context_path);
         if let Some(blake3) = self.stat_cache.cache.lookup(&absolute, &stat) {
             return Ok(ContextKind::File { size: stat.size, blake3 });
@@ -390,13 +390,13 @@ mod tests {
         let absolute = context.root.join("a");
         let metadata = std::fs::metadata(&absolute).unwrap();
         use std::os::unix::fs::MetadataExt as _;
-        let stat = FileStat {
-            size: metadata.len(),
-            mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
-            ctime_ns: i128::from(metadata.ctime()) * 1_000_000_000 + i128::from(metadata.ctime_nsec()),
-            inode: metadata.ino(),
-            device: metadata.dev(),
-        };
+        let stat = FileStat::from_unix(
+            metadata.len(),
+            (metadata.mtime(), metadata.mtime_nsec()),
+            (metadata.ctime(), metadata.ctime_nsec()),
+            metadata.ino(),
+            metadata.dev(),
+        );
         stat_cache.record(absolute, stat, [9; 32]);
         let cached = select(&context, "a", &mut StatLookup::new(&stat_cache)).unwrap();
         assert_eq!(cached.files[0].kind, ContextKind::File { size: 3, blake3: [9; 32] });

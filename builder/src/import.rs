@@ -726,17 +726,7 @@ fn resolve_tar_member(members: &BTreeMap<String, TarMember>, entry: &str) -> Opt
 /// `./a//b/../c/` → `a/c`. Only used as a lookup key among the tar's own members, never as a
 /// filesystem path, so resolving `..` lexically is safe.
 fn normalise_member_name(name: &str) -> String {
-    let mut components: Vec<&str> = Vec::new();
-    for component in name.split('/') {
-        match component {
-            "" | "." => {}
-            ".." => {
-                components.pop();
-            }
-            other => components.push(other),
-        }
-    }
-    components.join("/")
+    layerwright_dsl::clean_lexically(name)
 }
 
 #[cfg(test)]

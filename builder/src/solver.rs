@@ -280,12 +280,10 @@ fn archive_identity(
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
     // A layout directory is identified through its index.json; a tar through itself.
     let stat_path = if canonical.is_dir() { canonical.join("index.json") } else { canonical.clone() };
-    let stat = std::fs::metadata(&stat_path).ok().map(|metadata| FileStat {
-        size: metadata.size(),
-        mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000 + i128::from(metadata.mtime_nsec()),
-        ctime_ns: i128::from(metadata.ctime()) * 1_000_000_000 + i128::from(metadata.ctime_nsec()),
-        inode: metadata.ino(),
-        device: metadata.dev(),
+    let stat = std::fs::metadata(&stat_path).ok().map(|metadata| {
+        let mtime = (metadata.mtime(), metadata.mtime_nsec());
+        let ctime = (metadata.ctime(), metadata.ctime_nsec());
+        FileStat::from_unix(metadata.size(), mtime, ctime, metadata.ino(), metadata.dev())
     });
     if let Some(stat) = &stat
         && let Some(digest) = stat_cache.lookup(&stat_path, stat)

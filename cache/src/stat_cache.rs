@@ -24,6 +24,15 @@ pub struct FileStat {
     pub device: u64,
 }
 
+impl FileStat {
+    /// From the fields of a unix `stat` (seconds and nanoseconds of mtime and ctime).
+    pub fn from_unix(size: u64, mtime: (i64, i64), ctime: (i64, i64), inode: u64, device: u64) -> FileStat {
+        let nanoseconds =
+            |(seconds, nanoseconds): (i64, i64)| i128::from(seconds) * 1_000_000_000 + i128::from(nanoseconds);
+        FileStat { size, mtime_ns: nanoseconds(mtime), ctime_ns: nanoseconds(ctime), inode, device }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     stat: FileStat,

@@ -49,7 +49,8 @@ impl DockerIgnore {
                 Some(rest) => (true, rest.trim()),
                 None => (false, line),
             };
-            let cleaned = clean(pattern);
+            // Docker cleans each pattern like Go's `filepath.Clean` and drops a leading `/`.
+            let cleaned = crate::clean_lexically(pattern);
             if cleaned.is_empty() {
                 continue;
             }
@@ -102,21 +103,6 @@ fn matches_path_or_parent(matcher: &GlobMatcher, path: &str) -> bool {
         return true;
     }
     path.match_indices('/').any(|(end, _)| matcher.is_match(&path[..end]))
-}
-
-/// Docker cleans each pattern like Go's `filepath.Clean` and drops a leading `/`.
-fn clean(pattern: &str) -> String {
-    let mut components: Vec<&str> = Vec::new();
-    for component in pattern.split('/') {
-        match component {
-            "" | "." => {}
-            ".." => {
-                components.pop();
-            }
-            other => components.push(other),
-        }
-    }
-    components.join("/")
 }
 
 #[cfg(test)]

@@ -59,6 +59,24 @@ fn normalize_components(path: &str) -> Result<String, ImagePathError> {
     Ok(components.join("/"))
 }
 
+/// Resolves `.`, `..` and repeated `/` lexically, as Go's `filepath.Clean` does (`./a//b/../c/`
+/// becomes `a/c`; `..` above the start is dropped). For matching names against each other only
+/// (patterns, archive member names), never for reaching the disk: `..` through a symlink means
+/// something else there.
+pub fn clean_lexically(path: &str) -> String {
+    let mut components: Vec<&str> = Vec::new();
+    for component in path.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => {
+                components.pop();
+            }
+            other => components.push(other),
+        }
+    }
+    components.join("/")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +97,13 @@ mod tests {
         check_image("/a/../b", Err(ImagePathError::ParentComponent { path: "/a/../b".into() }));
         check_image("", Err(ImagePathError::Empty));
         check_image("/a\0", Err(ImagePathError::NulByte { path: "/a\0".into() }));
+    }
+
+    #[test]
+    fn lexical_cleaning() {
+        assert_eq!(clean_lexically("./a//b/../c/"), "a/c");
+        assert_eq!(clean_lexically("../../x"), "x");
+        assert_eq!(clean_lexically("/"), "");
     }
 
     #[test]

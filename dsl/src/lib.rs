@@ -36,7 +36,7 @@ pub use context::Context;
 pub use dockerignore::{DockerIgnore, DockerIgnoreError};
 pub use encode::ENCODING_VERSION;
 pub use image::{ExposedPort, Image};
-pub use image_path::{ImagePathError, normalize_context_path, normalize_image_path};
+pub use image_path::{ImagePathError, clean_lexically, normalize_context_path, normalize_image_path};
 pub use step::{
     ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Owner, Run, RunCommand, Step,
     SymlinkStep, WriteFileStep,
