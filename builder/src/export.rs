@@ -45,7 +45,7 @@ pub enum ExportError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error(
-        "cache blob {path} is corrupt: it should be {expected_size} bytes with digest {digest}, but is {actual_size} bytes with digest {actual}"
+        "cache blob {path} is corrupt: it should be {expected_size} bytes with digest {digest}, but is {actual_size} bytes with digest {actual}; it was removed from the cache, so building again rebuilds it"
     )]
     CorruptBlob { path: PathBuf, digest: Digest, expected_size: u64, actual: Digest, actual_size: u64 },
     #[error("{path} cannot be updated: {reason}")]
@@ -381,6 +381,11 @@ impl VerifiedBlob {
         let hasher = std::mem::replace(&mut self.hasher, Sha256Writer::new(io::sink()));
         let (actual, actual_size, _) = hasher.finish();
         if actual != self.digest || actual_size != self.size {
+            // Never serve it again: without the blob, the action records naming it read as
+            // misses, and the next build rebuilds the layer.
+            if let Err(error) = fs::remove_file(&self.path) {
+                eprintln!("layerwright: warning: cannot remove corrupt blob {}: {error}", self.path.display());
+            }
             return Err(ExportError::CorruptBlob {
                 path: self.path.clone(),
                 digest: self.digest.clone(),
@@ -820,8 +825,9 @@ mod tests {
         assert!(!archive.exists());
         assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0, "the temp file is removed");
 
+        assert!(!layer_path.exists(), "the corrupt blob is removed from the store, never served again");
         let error = write_oci_layout(image.parts(), &out.path().join("layout"), "app").unwrap_err();
-        assert!(matches!(error, ExportError::CorruptBlob { .. }), "{error}");
+        assert!(matches!(error, ExportError::Store(_)), "{error}");
         assert!(!out.path().join("layout/index.json").exists());
     }
 

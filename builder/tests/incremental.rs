@@ -182,6 +182,31 @@ fn exporting_an_unchanged_image_again_leaves_the_outputs_untouched() {
 }
 
 #[test]
+fn a_corrupt_cached_blob_is_never_exported_and_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let context = dir.path().join("ctx");
+    make_context(&context);
+    let cache = dir.path().join("cache");
+    let first = build(&Builder::new(&cache).unwrap(), &context);
+    let layer = first.layers()[1].digest.clone();
+    let blob = cache.join("blobs/sha256").join(layer.hex());
+    let mut bytes = fs::read(&blob).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    fs::write(&blob, bytes).unwrap();
+
+    let error = first.write_docker_archive(dir.path().join("out.tar"), "app:1").unwrap_err();
+    assert!(error.to_string().contains("is corrupt"), "{error}");
+    assert!(!dir.path().join("out.tar").exists());
+
+    let again = build(&Builder::new(&cache).unwrap(), &context);
+    assert_eq!(rebuilt(&again), ["COPY assets /srv/assets"]);
+    assert_eq!(*miss_of(&again, "COPY assets /srv/assets"), MissReason::ResultMissing);
+    assert_eq!(again.manifest_digest(), first.manifest_digest());
+    again.write_docker_archive(dir.path().join("out.tar"), "app:1").unwrap();
+}
+
+#[test]
 fn independent_stages_build_at_the_same_time() {
     let dir = tempfile::tempdir().unwrap();
     let options = BuilderOptions {

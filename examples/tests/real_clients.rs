@@ -112,3 +112,45 @@ fn docker_loads_and_runs_the_images() {
         "600 1000:1000 /srv/data/secret\n4755 0:0 /usr/local/bin/setuid-tool\ndata\n1000\n"
     );
 }
+
+#[test]
+fn images_saved_by_docker_and_copied_by_skopeo_are_bases_to_build_on() {
+    let Some(docker) = support::docker() else { return };
+    if !tools_present(&["skopeo"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let busybox = build_example("busybox", &cache);
+    let tag = format!("layerwright-test-base:{}", std::process::id());
+    let archive = dir.path().join("busybox.tar");
+    busybox.write_docker_archive(&archive, &tag).unwrap();
+    docker.load(&archive);
+
+    // `docker save` writes the engine's own archive format; skopeo writes an OCI layout.
+    let saved = dir.path().join("saved.tar");
+    support::run_checked(
+        docker.command().args(["save", "-o"]).arg(&saved).arg(&tag),
+        std::time::Duration::from_secs(120),
+    );
+    docker.remove_image(&tag);
+    let layout = dir.path().join("layout");
+    support::skopeo_copy(&format!("docker-archive:{}", saved.display()), &format!("oci:{}:base", layout.display()));
+
+    for base in [layerwright::Image::from_archive(&saved), layerwright::Image::from_archive(&layout)] {
+        let image = base.write_file("/etc/motd", "built on a saved base\n").remove("/etc/group").cmd([
+            "/bin/sh",
+            "-c",
+            "cat /etc/motd; test ! -e /etc/group && echo group-removed",
+        ]);
+        let built = Builder::new(&cache).unwrap().build(&image).unwrap();
+        let built_tag = format!("layerwright-test-derived:{}", std::process::id());
+        let built_archive = dir.path().join("derived.tar");
+        built.write_docker_archive(&built_archive, &built_tag).unwrap();
+        docker.load(&built_archive);
+        let output = docker.run(&built_tag, &[]);
+        docker.remove_image(&built_tag);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "built on a saved base\ngroup-removed\n");
+    }
+}
