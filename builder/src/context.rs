@@ -31,6 +31,8 @@ pub enum ContextError {
     Path { path: String, source: ImagePathError },
     #[error("{path:?} is not in the build context {root} (or is excluded by its .dockerignore)")]
     Missing { root: PathBuf, path: String },
+    #[error("{path:?} in the build context {root} is a symlink loop")]
+    SymlinkLoop { root: PathBuf, path: String },
     #[error("{path:?} in the build context {root} is a symlink that leads outside the context: {source}")]
     Escapes { root: PathBuf, path: String, source: io::Error },
     #[error("cannot read {path:?} in the build context {root}: {source}")]
@@ -192,6 +194,9 @@ fn resolve_metadata(context: &OpenedContext, source: &str) -> Result<Metadata, C
     // or enough `..` to climb above the root).
     context.dir.metadata(source).map_err(|error| match error.kind() {
         io::ErrorKind::NotFound => ContextError::Missing { root: context.root.clone(), path: source.to_owned() },
+        _ if error.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            ContextError::SymlinkLoop { root: context.root.clone(), path: source.to_owned() }
+        }
         _ => ContextError::Escapes { root: context.root.clone(), path: source.to_owned(), source: error },
     })
 }

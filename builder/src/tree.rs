@@ -270,9 +270,12 @@ fn index_member<R: Read>(member: &mut tar::Entry<'_, R>, layer: &Digest) -> Resu
     } else if entry_type.is_symlink() {
         IndexKind::Symlink { target: link_name()? }
     } else if entry_type.is_hard_link() {
-        match normalise_member_path(&link_name()?) {
+        let target = link_name()?;
+        match normalise_member_path(&target) {
             MemberPath::Inside(target) => IndexKind::HardLink { target },
-            MemberPath::Root | MemberPath::Escapes => return Err(escapes()),
+            MemberPath::Root | MemberPath::Escapes => {
+                return Err(TreeError::EscapesRoot { layer: layer.clone(), entry: format!("{name} => {target}") });
+            }
         }
     } else if entry_type.is_character_special() {
         IndexKind::CharDevice { major: device(header.device_major())?, minor: device(header.device_minor())? }
