@@ -154,3 +154,55 @@ pub fn write_busybox_links_context(busybox: &Path, parent: &Path) -> Result<Path
     }
     Ok(dir)
 }
+
+/// Lists the tree below `root` (not `root` itself) as it is on disk, in the format of
+/// `BuiltImage::listing()` (one line per path, sorted component-wise, the same escaping), so that
+/// an image unpacked by a real client (`umoci unpack`, `docker export`) can be compared with the
+/// image's own listing. Hard links on disk are listed as plain files; sockets as `socket`.
+pub fn directory_listing(root: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    use sha2::Digest as _;
+
+    let mut lines = std::collections::BTreeMap::new();
+    let mut pending = vec![root.to_owned()];
+    while let Some(directory) = pending.pop() {
+        for entry in std::fs::read_dir(&directory)? {
+            let path = entry?.path();
+            let metadata = std::fs::symlink_metadata(&path)?;
+            let relative = path.strip_prefix(root).expect("listed below the root").to_string_lossy().into_owned();
+            let file_type = metadata.file_type();
+            let (kind, size, what) = if file_type.is_dir() {
+                pending.push(path.clone());
+                ("dir", "-".to_owned(), "-".to_owned())
+            } else if file_type.is_file() {
+                let mut hasher = sha2::Sha256::new();
+                std::io::copy(&mut std::fs::File::open(&path)?, &mut hasher)?;
+                ("file", metadata.len().to_string(), format!("sha256:{}", hex::encode(hasher.finalize())))
+            } else if file_type.is_symlink() {
+                let target = std::fs::read_link(&path)?.to_string_lossy().into_owned();
+                ("symlink", "-".to_owned(), format!("-> {}", crate::tree::escape_for_listing(&target)))
+            } else if file_type.is_char_device() || file_type.is_block_device() {
+                let kind = if file_type.is_char_device() { "char" } else { "block" };
+                let device = metadata.rdev();
+                let major = ((device >> 32) & 0xffff_f000) | ((device >> 8) & 0x0000_0fff);
+                let minor = ((device >> 12) & 0xffff_ff00) | (device & 0x0000_00ff);
+                (kind, "-".to_owned(), format!("{major},{minor}"))
+            } else if file_type.is_fifo() {
+                ("fifo", "-".to_owned(), "-".to_owned())
+            } else {
+                ("socket", "-".to_owned(), "-".to_owned())
+            };
+            let line = format!(
+                "{kind} {:04o} {}:{} {size} {what} /{}",
+                metadata.mode() & 0o7777,
+                metadata.uid(),
+                metadata.gid(),
+                crate::tree::escape_for_listing(&relative)
+            );
+            // Keyed with `/` as NUL so that the order is component-wise, as the image listing.
+            lines.insert(relative.replace('/', "\0"), line);
+        }
+    }
+    Ok(lines.into_values().map(|line| line + "\n").collect())
+}

@@ -665,7 +665,7 @@ impl FsTree {
 }
 
 /// Escapes a space, a backslash and everything that is not printable ASCII.
-fn escape_for_listing(text: &str) -> String {
+pub(crate) fn escape_for_listing(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for character in text.chars() {
         match character {

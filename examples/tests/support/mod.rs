@@ -18,16 +18,13 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
-
-use sha2::{Digest as _, Sha256};
 
 /// How long one client command may take before the test fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -316,68 +313,9 @@ pub fn umoci_unpack(layout_dir: &Path, tag: &str, dest: &Path) -> PathBuf {
 // ---------------------------------------------------------------------------------------------
 // Listing an unpacked rootfs
 
-/// Lists the tree below `rootfs` (not `rootfs` itself), one line per path, sorted component-wise, in
-/// the format of `FsTree::listing()`:
-///
-/// `TYPE MODE UID:GID SIZE DIGEST-OR-TARGET /PATH`
-///
-/// - TYPE: `dir`, `file`, `symlink`, `char`, `block`, `fifo` (or `socket`, which no layer
-///   holds);
-/// - MODE: the permission bits incl. setuid/setgid/sticky as 4 octal digits (`4755`);
-/// - SIZE: the byte size of a regular file, `-` for anything else;
-/// - DIGEST-OR-TARGET: `sha256:<hex>` of a regular file's content, `-> TARGET` for a symlink,
-///   `MAJOR,MINOR` of a device, `-` for anything else.
-///
-/// A hard link unpacks as one more regular file with the same content, and is listed as such.
+/// Lists the tree below `rootfs` in the format of `BuiltImage::listing()` (see
+/// `layerwright::host::directory_listing`).
 pub fn tree_of(rootfs: &Path) -> String {
-    let mut lines = BTreeMap::new();
-    list_directory(rootfs, rootfs, &mut lines);
-    // Keyed with `/` as NUL so that the order is component-wise, as `FsTree::listing` sorts.
-    lines.into_values().map(|line| line + "\n").collect()
-}
-
-fn list_directory(rootfs: &Path, directory: &Path, lines: &mut BTreeMap<String, String>) {
-    let entries =
-        fs::read_dir(directory).unwrap_or_else(|error| panic!("cannot list {}: {error}", directory.display()));
-    for entry in entries {
-        let entry = entry.unwrap_or_else(|error| panic!("cannot list {}: {error}", directory.display()));
-        let path = entry.path();
-        let metadata =
-            fs::symlink_metadata(&path).unwrap_or_else(|error| panic!("cannot stat {}: {error}", path.display()));
-        let relative = path.strip_prefix(rootfs).expect("listed below the rootfs").to_string_lossy().into_owned();
-        let file_type = metadata.file_type();
-        let (kind, size, detail) = if file_type.is_dir() {
-            ("dir", "-".to_owned(), "-".to_owned())
-        } else if file_type.is_file() {
-            let content = fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
-            ("file", metadata.len().to_string(), format!("sha256:{}", hex::encode(Sha256::digest(&content))))
-        } else if file_type.is_symlink() {
-            let target =
-                fs::read_link(&path).unwrap_or_else(|error| panic!("cannot read link {}: {error}", path.display()));
-            ("symlink", "-".to_owned(), format!("-> {}", target.to_string_lossy()))
-        } else if file_type.is_char_device() || file_type.is_block_device() {
-            let kind = if file_type.is_char_device() { "char" } else { "block" };
-            let device = metadata.rdev();
-            (kind, "-".to_owned(), format!("{},{}", device_major(device), device_minor(device)))
-        } else if file_type.is_fifo() {
-            ("fifo", "-".to_owned(), "-".to_owned())
-        } else {
-            ("socket", "-".to_owned(), "-".to_owned())
-        };
-        let mode = metadata.mode() & 0o7777;
-        let line = format!("{kind} {mode:04o} {}:{} {size} {detail} /{relative}", metadata.uid(), metadata.gid());
-        lines.insert(relative.replace('/', "\0"), line);
-        if file_type.is_dir() {
-            list_directory(rootfs, &path, lines);
-        }
-    }
-}
-
-/// glibc's `gnu_dev_major`/`gnu_dev_minor` encoding of a Linux `dev_t`.
-fn device_major(device: u64) -> u64 {
-    ((device >> 32) & 0xffff_f000) | ((device >> 8) & 0x0000_0fff)
-}
-
-fn device_minor(device: u64) -> u64 {
-    ((device >> 12) & 0xffff_ff00) | (device & 0x0000_00ff)
+    layerwright::host::directory_listing(rootfs)
+        .unwrap_or_else(|error| panic!("cannot list {}: {error}", rootfs.display()))
 }
