@@ -18,6 +18,7 @@ use layerwright::cache::Store;
 use layerwright::cli::{self, BuildCommand, OutputSpec};
 use layerwright_examples::{EXAMPLES, ExampleEnvironment};
 
+mod bench;
 mod docker;
 
 use docker::DockerEngine;
@@ -51,9 +52,19 @@ enum Commands {
     },
     /// List the example images.
     List,
-    /// Run the criterion benchmarks (no-op rebuilds, cold build) and print their medians.
+    /// Build the benchmark workloads with layerwright, BuildKit and buildah, side by side
+    /// (needs root, dockerd and buildah); `--micro` runs the criterion micro-benchmarks instead.
     Bench {
-        /// Arguments passed on to the benchmark harness (a name filter, `--quick`).
+        /// Fewer runs, for a quick look.
+        #[arg(long)]
+        quick: bool,
+        /// Only the workloads whose name contains this (w1, w2, w3).
+        #[arg(long)]
+        only: Option<String>,
+        /// Run the criterion micro-benchmarks (`cargo bench -p layerwright`).
+        #[arg(long)]
+        micro: bool,
+        /// Arguments passed on to the criterion harness with --micro (a name filter).
         #[arg(last = true)]
         arguments: Vec<String>,
     },
@@ -101,7 +112,11 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Test { cargo_arguments } => test(&workspace, &cargo_arguments),
-        Commands::Bench { arguments } => {
+        Commands::Bench { quick, only, micro: false, .. } => {
+            bench::run(&workspace, &bench::BenchOptions { quick, only })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Bench { arguments, micro: true, .. } => {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let status = Command::new(cargo)
                 .current_dir(&workspace)

@@ -1,0 +1,576 @@
+//! `cargo xtask bench`: the same images built by layerwright, by BuildKit (`docker build` with
+//! `DOCKER_BUILDKIT=1`, against a private `dockerd`) and by buildah (`buildah bud --layers
+//! --isolation chroot`, in a private storage root), run by run alternating the tools, reported
+//! as medians and ratios layerwright / BuildKit (markdown on stdout and in
+//! `target/bench/report.md`, JSON in `target/bench/report.json`).
+//!
+//! Workloads (generated deterministically under `target/bench/`):
+//! - W1: the busybox base; a COPY of 2,000 × 4 KiB files; three independent stages, each
+//!   `sleep 1` and writing a file; a RUN over the copied tree; `copy_from` of the three stages; a
+//!   RUN that deletes one file; ENV; CMD. Scenarios: cold, no-op rebuild, one context file changed.
+//! - W2: a 1 GiB context (256 incompressible 4 MiB files) copied in one step; cold build to a
+//!   loadable archive (`docker build` + `docker save`, `buildah bud` + `buildah push
+//!   docker-archive:`); and layerwright's peak RSS.
+//! - W3: twenty small independent stages merged into one image: cold and no-op.
+//!
+//! Every tool starts from the same base image (the `busybox` example, loaded into each), and
+//! after the timed runs the three results are unpacked and their file trees compared.
+//! layerwright is timed as a whole process (the `layerwright-bench` binary), as the others are.
+//! It deliberately measures whole builds, not parts: the criterion micro-benchmarks of the hot
+//! paths are `cargo xtask bench --micro`.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use layerwright::Builder;
+use layerwright_examples::ExampleEnvironment;
+
+use crate::docker::DockerEngine;
+
+const BASE_TAG: &str = "localhost/lw-bench-base:1";
+
+/// What `cargo xtask bench` runs.
+pub struct BenchOptions {
+    /// Fewer runs (3, and 1 for W2) for a quick look.
+    pub quick: bool,
+    /// Only the workloads whose name contains this (`w1`, `w2`, `w3`).
+    pub only: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tool {
+    Layerwright,
+    BuildKit,
+    Buildah,
+}
+
+impl Tool {
+    const ALL: [Tool; 3] = [Tool::Layerwright, Tool::BuildKit, Tool::Buildah];
+
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Layerwright => "layerwright",
+            Tool::BuildKit => "BuildKit",
+            Tool::Buildah => "buildah",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scenario {
+    Cold,
+    NoOp,
+    OneFile,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Cold => "cold",
+            Scenario::NoOp => "no-op",
+            Scenario::OneFile => "one file changed",
+        }
+    }
+}
+
+struct Workload {
+    name: &'static str,
+    scenarios: &'static [Scenario],
+    /// Whether the result is exported to a loadable archive inside the timed run (W2).
+    archive: bool,
+    /// The ratio layerwright / BuildKit the issue sets as the target, per scenario.
+    targets: &'static [(Scenario, f64)],
+}
+
+const WORKLOADS: [Workload; 3] = [
+    Workload {
+        name: "w1",
+        scenarios: &[Scenario::Cold, Scenario::NoOp, Scenario::OneFile],
+        archive: false,
+        targets: &[(Scenario::Cold, 0.8), (Scenario::NoOp, 0.1), (Scenario::OneFile, 0.3)],
+    },
+    Workload { name: "w2", scenarios: &[Scenario::Cold], archive: true, targets: &[(Scenario::Cold, 0.2)] },
+    Workload {
+        name: "w3",
+        scenarios: &[Scenario::Cold, Scenario::NoOp],
+        archive: false,
+        targets: &[(Scenario::NoOp, 0.1)],
+    },
+];
+
+/// One measured scenario.
+struct Measured {
+    workload: &'static str,
+    scenario: Scenario,
+    /// Per tool, the durations of the runs.
+    durations: Vec<(Tool, Vec<Duration>)>,
+    target: Option<f64>,
+    peak_rss_kib: Option<u64>,
+}
+
+fn median(durations: &[Duration]) -> Duration {
+    let mut sorted = durations.to_vec();
+    sorted.sort();
+    sorted[sorted.len() / 2]
+}
+
+/// The bench's directories and clients.
+struct Bench {
+    workspace: PathBuf,
+    dir: PathBuf,
+    layerwright: PathBuf,
+    docker_host: String,
+    buildah_root: PathBuf,
+    buildah_runroot: PathBuf,
+    one_file_round: u32,
+}
+
+pub fn run(workspace: &Path, options: &BenchOptions) -> Result<()> {
+    let dir = workspace.join("target/bench");
+    fs::create_dir_all(&dir)?;
+    eprintln!("bench: building the layerwright-bench binary (release)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args(["build", "--release", "--quiet", "--package", "layerwright-bench"])
+        .status()?;
+    if !status.success() {
+        bail!("building layerwright-bench failed");
+    }
+    let (engine, docker_host) = match std::env::var("DOCKER_HOST") {
+        Ok(host) => (None, host),
+        Err(_) => {
+            let engine = DockerEngine::start()?.context("the BuildKit comparison needs root and dockerd")?;
+            let host = engine.host();
+            (Some(engine), host)
+        }
+    };
+    let mut bench = Bench {
+        workspace: workspace.to_owned(),
+        layerwright: workspace.join("target/release/layerwright-bench"),
+        docker_host,
+        buildah_root: dir.join("buildah/root"),
+        buildah_runroot: dir.join("buildah/runroot"),
+        dir,
+        one_file_round: 0,
+    };
+    bench.prepare_base()?;
+    let runs = if options.quick { 3 } else { 5 };
+    let mut measured = Vec::new();
+    for workload in &WORKLOADS {
+        if options.only.as_deref().is_some_and(|only| !workload.name.contains(only)) {
+            continue;
+        }
+        bench.generate(workload.name)?;
+        let workload_runs = if workload.name == "w2" { if options.quick { 1 } else { 3 } } else { runs };
+        for scenario in workload.scenarios {
+            measured.push(bench.measure(workload, *scenario, workload_runs)?);
+        }
+        bench.compare_trees(workload.name)?;
+    }
+    let report = report(&measured);
+    println!("{report}");
+    fs::write(bench.dir.join("report.md"), &report)?;
+    fs::write(bench.dir.join("report.json"), serde_json_report(&measured))?;
+    drop(engine);
+    Ok(())
+}
+
+impl Bench {
+    fn docker(&self) -> Command {
+        let mut command = Command::new("/usr/bin/docker");
+        command.env("DOCKER_HOST", &self.docker_host).env("DOCKER_BUILDKIT", "1");
+        command
+    }
+
+    fn buildah(&self) -> Command {
+        let mut command = Command::new("buildah");
+        command.arg("--root").arg(&self.buildah_root).arg("--runroot").arg(&self.buildah_runroot);
+        command.args(["--storage-driver", "overlay"]);
+        command
+    }
+
+    /// The busybox example as a docker-archive, loaded into the engine and buildah's storage.
+    fn prepare_base(&self) -> Result<()> {
+        let archive = self.dir.join("base.tar");
+        let environment = ExampleEnvironment::for_workspace(&self.workspace);
+        let image = layerwright_examples::busybox(&environment)?;
+        let built = Builder::new(self.dir.join("base-cache"))?.build(&image)?;
+        built.write_docker_archive(&archive, BASE_TAG)?;
+        run_quiet(self.docker().arg("load").arg("-i").arg(&archive))?;
+        self.pull_base_into_buildah()
+    }
+
+    fn pull_base_into_buildah(&self) -> Result<()> {
+        let archive = self.dir.join("base.tar");
+        let output =
+            run_quiet(self.buildah().args(["pull", "--quiet"]).arg(format!("docker-archive:{}", archive.display())))?;
+        let id = output.trim().lines().last().unwrap_or_default().to_owned();
+        run_quiet(self.buildah().args(["tag", &id, BASE_TAG]))?;
+        Ok(())
+    }
+
+    /// Writes the workload's context and Dockerfile (once; they are deterministic).
+    fn generate(&self, workload: &str) -> Result<()> {
+        let root = self.dir.join(workload);
+        let context = root.join("context");
+        let marker = root.join(".generated");
+        if !marker.exists() {
+            if root.exists() {
+                fs::remove_dir_all(&root)?;
+            }
+            fs::create_dir_all(&context)?;
+            match workload {
+                "w1" => {
+                    for index in 0..2000u64 {
+                        let path = context.join(format!("files/d{:02}/f{index:04}", index / 100));
+                        fs::create_dir_all(path.parent().expect("a parent"))?;
+                        fs::write(path, noise(4096, index + 1))?;
+                    }
+                }
+                "w2" => {
+                    fs::create_dir_all(context.join("blobs"))?;
+                    for index in 0..256u64 {
+                        fs::write(context.join(format!("blobs/b{index:03}")), noise(4 << 20, 1000 + index))?;
+                    }
+                }
+                _ => {
+                    for index in 0..20 {
+                        fs::write(context.join(format!("s{index:02}.txt")), format!("stage {index}\n"))?;
+                    }
+                }
+            }
+            fs::write(&marker, "")?;
+        }
+        fs::write(root.join("Dockerfile"), dockerfile(workload))?;
+        Ok(())
+    }
+
+    fn measure(&mut self, workload: &Workload, scenario: Scenario, runs: usize) -> Result<Measured> {
+        let mut durations: Vec<(Tool, Vec<Duration>)> = Tool::ALL.iter().map(|tool| (*tool, Vec::new())).collect();
+        let mut peak_rss_kib = None;
+        for run in 0..runs {
+            // Alternate the order run by run, so that no tool always runs on a warm page cache.
+            for offset in 0..Tool::ALL.len() {
+                let tool = Tool::ALL[(run + offset) % Tool::ALL.len()];
+                self.prepare(tool, workload, scenario)?;
+                let (elapsed, rss) = self.timed_build(tool, workload)?;
+                eprintln!(
+                    "bench: {} {} {}: {:.3} s",
+                    workload.name,
+                    scenario.name(),
+                    tool.name(),
+                    elapsed.as_secs_f64()
+                );
+                if let Some(rss) = rss {
+                    peak_rss_kib = Some(peak_rss_kib.unwrap_or(0).max(rss));
+                }
+                durations.iter_mut().find(|(entry, _)| *entry == tool).expect("every tool").1.push(elapsed);
+            }
+        }
+        let target = workload.targets.iter().find(|(entry, _)| *entry == scenario).map(|(_, target)| *target);
+        Ok(Measured { workload: workload.name, scenario, durations, target, peak_rss_kib })
+    }
+
+    /// Puts the tool's cache in the state the scenario starts from (untimed).
+    fn prepare(&mut self, tool: Tool, workload: &Workload, scenario: Scenario) -> Result<()> {
+        match scenario {
+            Scenario::Cold => self.clear(tool, workload.name),
+            Scenario::NoOp => {
+                self.timed_build(tool, workload)?;
+                Ok(())
+            }
+            Scenario::OneFile => {
+                self.timed_build(tool, workload)?;
+                self.one_file_round += 1;
+                let path = self.dir.join(workload.name).join("context/files/d10/f1000");
+                fs::write(path, format!("changed in round {}\n", self.one_file_round))?;
+                Ok(())
+            }
+        }
+    }
+
+    fn clear(&self, tool: Tool, workload: &str) -> Result<()> {
+        match tool {
+            Tool::Layerwright => {
+                for path in [self.dir.join(format!("lw-cache-{workload}")), self.dir.join(format!("lw-out-{workload}"))]
+                {
+                    if path.exists() {
+                        fs::remove_dir_all(path)?;
+                    }
+                }
+                let _ = fs::remove_file(self.dir.join(format!("lw-out-{workload}.tar")));
+            }
+            Tool::BuildKit => {
+                let _ = run_quiet(self.docker().args(["rmi", "-f", &format!("{workload}:bench")]));
+                run_quiet(self.docker().args(["builder", "prune", "--all", "--force"]))?;
+            }
+            Tool::Buildah => {
+                run_quiet(self.buildah().args(["rmi", "--all", "--force"]))?;
+                self.pull_base_into_buildah()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One build (and, for W2, export to a loadable archive), timed as whole processes.
+    fn timed_build(&self, tool: Tool, workload: &Workload) -> Result<(Duration, Option<u64>)> {
+        let name = workload.name;
+        let root = self.dir.join(name);
+        let dockerfile = root.join("Dockerfile");
+        let context = root.join("context");
+        let tag = format!("{name}:bench");
+        let archive = self.dir.join(format!("{}-{name}.tar", tool.name()));
+        let started = Instant::now();
+        let mut rss = None;
+        match tool {
+            Tool::Layerwright => {
+                let output = if workload.archive {
+                    format!("docker-archive:{}", self.dir.join(format!("lw-out-{name}.tar")).display())
+                } else {
+                    format!("oci:{}", self.dir.join(format!("lw-out-{name}")).display())
+                };
+                let stdout = run_quiet(
+                    Command::new(&self.layerwright)
+                        .arg(name)
+                        .arg(&self.dir)
+                        .arg(self.dir.join(format!("lw-cache-{name}")))
+                        .arg(output),
+                )?;
+                rss =
+                    stdout.lines().find_map(|line| line.strip_prefix("peak-rss-kib ")).and_then(|kib| kib.parse().ok());
+            }
+            Tool::BuildKit => {
+                run_quiet(
+                    self.docker()
+                        .args(["build", "--network=none", "--quiet", "-f"])
+                        .arg(&dockerfile)
+                        .args(["-t", &tag])
+                        .arg(&context),
+                )?;
+                if workload.archive {
+                    run_quiet(self.docker().args(["save", "-o"]).arg(&archive).arg(&tag))?;
+                }
+            }
+            Tool::Buildah => {
+                run_quiet(
+                    self.buildah()
+                        .args(["bud", "--layers", "--isolation", "chroot", "--quiet", "-f"])
+                        .arg(&dockerfile)
+                        .args(["-t", &tag])
+                        .arg(&context),
+                )?;
+                if workload.archive {
+                    let _ = fs::remove_file(&archive);
+                    run_quiet(
+                        self.buildah()
+                            .args(["push", "--quiet", &tag])
+                            .arg(format!("docker-archive:{}:{tag}", archive.display())),
+                    )?;
+                }
+            }
+        }
+        Ok((started.elapsed(), rss))
+    }
+
+    /// Unpacks each tool's last result and compares the file trees.
+    fn compare_trees(&self, workload: &str) -> Result<()> {
+        let compare = self.dir.join(format!("compare-{workload}"));
+        if compare.exists() {
+            fs::remove_dir_all(&compare)?;
+        }
+        fs::create_dir_all(&compare)?;
+        let tag = format!("{workload}:bench");
+        let layerwright_layout = compare.join("layerwright");
+        let built = self.dir.join(format!("lw-out-{workload}"));
+        if built.is_dir() {
+            copy_dir(&built, &layerwright_layout)?;
+        } else {
+            run_quiet(
+                Command::new("skopeo")
+                    .args(["copy", "--quiet"])
+                    .arg(format!("docker-archive:{}", self.dir.join(format!("lw-out-{workload}.tar")).display()))
+                    .arg(format!("oci:{}:latest", layerwright_layout.display())),
+            )?;
+        }
+        let docker_archive = compare.join("buildkit.tar");
+        run_quiet(self.docker().args(["save", "-o"]).arg(&docker_archive).arg(&tag))?;
+        run_quiet(
+            Command::new("skopeo")
+                .args(["copy", "--quiet"])
+                .arg(format!("docker-archive:{}", docker_archive.display()))
+                .arg(format!("oci:{}:latest", compare.join("buildkit").display())),
+        )?;
+        run_quiet(
+            self.buildah()
+                .args(["push", "--quiet", &tag])
+                .arg(format!("oci:{}:latest", compare.join("buildah").display())),
+        )?;
+        let mut listings = Vec::new();
+        for (tool, layout, reference) in [
+            ("layerwright", compare.join("layerwright"), "latest".to_owned()),
+            ("BuildKit", compare.join("buildkit"), "latest".to_owned()),
+            ("buildah", compare.join("buildah"), "latest".to_owned()),
+        ] {
+            let bundle = compare.join(format!("{tool}-bundle"));
+            run_quiet(
+                Command::new("umoci")
+                    .args(["unpack", "--image"])
+                    .arg(format!("{}:{reference}", layout.display()))
+                    .arg(&bundle),
+            )?;
+            listings.push((tool, layerwright::host::directory_listing(&bundle.join("rootfs"))?));
+        }
+        for (tool, listing) in &listings[1..] {
+            if *listing == listings[0].1 {
+                eprintln!("bench: {workload}: {tool} built the same file tree as layerwright");
+                continue;
+            }
+            let ours: std::collections::BTreeSet<&str> = listings[0].1.lines().collect();
+            let theirs: std::collections::BTreeSet<&str> = listing.lines().collect();
+            eprintln!("bench: {workload}: {tool}'s file tree differs from layerwright's:");
+            for line in ours.difference(&theirs).take(10) {
+                eprintln!("  only layerwright: {line}");
+            }
+            for line in theirs.difference(&ours).take(10) {
+                eprintln!("  only {tool}: {line}");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    let status = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    if !status.success() {
+        bail!("cp -a {} {} failed", from.display(), to.display());
+    }
+    Ok(())
+}
+
+/// Runs a command, returning its stdout; a failure is an error with its stderr.
+fn run_quiet(command: &mut Command) -> Result<String> {
+    let described = format!("{command:?}");
+    let output = command.stdin(Stdio::null()).output().with_context(|| format!("running {described}"))?;
+    if !output.status.success() {
+        bail!("{described} failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Incompressible bytes from a fixed seed (xorshift64).
+fn noise(length: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut bytes = Vec::with_capacity(length + 8);
+    while bytes.len() < length {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes.truncate(length);
+    bytes
+}
+
+/// The Dockerfile of a workload: the same steps as `bench/src/main.rs` declares.
+fn dockerfile(workload: &str) -> String {
+    let mut text = String::new();
+    match workload {
+        "w1" => {
+            for stage in 0..3 {
+                let _ = writeln!(
+                    text,
+                    "FROM {BASE_TAG} AS stage{stage}\nRUN sleep 1 && echo stage {stage} > /stage-{stage}\n"
+                );
+            }
+            let _ = writeln!(text, "FROM {BASE_TAG}\nCOPY files /data");
+            text.push_str("RUN find /data -type f | wc -l > /file-count && cat /data/d00/* | md5sum > /d00.md5\n");
+            for stage in 0..3 {
+                let _ = writeln!(text, "COPY --from=stage{stage} /stage-{stage} /stages/");
+            }
+            text.push_str("RUN rm /data/d00/f0000\nENV W1=done\nCMD [\"/bin/sh\"]\n");
+        }
+        "w2" => {
+            let _ = writeln!(text, "FROM {BASE_TAG}\nCOPY blobs /blobs\nCMD [\"/bin/sh\"]");
+        }
+        _ => {
+            for stage in 0..20 {
+                let _ = writeln!(text, "FROM {BASE_TAG} AS s{stage:02}\nCOPY s{stage:02}.txt /s{stage:02}.txt\n");
+            }
+            let _ = writeln!(text, "FROM {BASE_TAG}");
+            for stage in 0..20 {
+                let _ = writeln!(text, "COPY --from=s{stage:02} /s{stage:02}.txt /out/");
+            }
+            text.push_str("CMD [\"/bin/sh\"]\n");
+        }
+    }
+    text
+}
+
+fn report(measured: &[Measured]) -> String {
+    let mut text = String::from(
+        "| workload | scenario | layerwright | BuildKit | buildah | layerwright / BuildKit | target | layerwright / buildah |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for entry in measured {
+        let median_of =
+            |tool: Tool| median(&entry.durations.iter().find(|(each, _)| *each == tool).expect("every tool").1);
+        let (ours, buildkit, buildah) =
+            (median_of(Tool::Layerwright), median_of(Tool::BuildKit), median_of(Tool::Buildah));
+        let ratio = ours.as_secs_f64() / buildkit.as_secs_f64();
+        let target = match entry.target {
+            Some(target) if ratio <= target => format!("≤ {target} met"),
+            Some(target) => format!("≤ {target} MISSED"),
+            None => "-".to_owned(),
+        };
+        let _ = writeln!(
+            text,
+            "| {} | {} | {:.3} s | {:.3} s | {:.3} s | {ratio:.3} | {target} | {:.3} |",
+            entry.workload,
+            entry.scenario.name(),
+            ours.as_secs_f64(),
+            buildkit.as_secs_f64(),
+            buildah.as_secs_f64(),
+            ours.as_secs_f64() / buildah.as_secs_f64()
+        );
+    }
+    for entry in measured {
+        if let Some(kib) = entry.peak_rss_kib {
+            let _ = writeln!(
+                text,
+                "\n{} {}: layerwright peak RSS {} MiB",
+                entry.workload,
+                entry.scenario.name(),
+                kib / 1024
+            );
+        }
+    }
+    text
+}
+
+fn serde_json_report(measured: &[Measured]) -> String {
+    let entries: Vec<serde_json::Value> = measured
+        .iter()
+        .map(|entry| {
+            let tools: serde_json::Map<String, serde_json::Value> = entry
+                .durations
+                .iter()
+                .map(|(tool, durations)| {
+                    let seconds: Vec<f64> = durations.iter().map(Duration::as_secs_f64).collect();
+                    (tool.name().to_owned(), serde_json::json!({ "runs_seconds": seconds, "median_seconds": median(durations).as_secs_f64() }))
+                })
+                .collect();
+            serde_json::json!({
+                "workload": entry.workload,
+                "scenario": entry.scenario.name(),
+                "tools": tools,
+                "target_ratio_vs_buildkit": entry.target,
+                "layerwright_peak_rss_kib": entry.peak_rss_kib,
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&entries).expect("JSON values serialise")
+}
