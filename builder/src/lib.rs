@@ -40,3 +40,11 @@ pub use export::ExportError;
 pub use layer::Compression;
 pub use layerwright_cache as cache;
 pub use layerwright_dsl::*;
+
+/// The building blocks of a build, exposed for the criterion micro-benchmarks of the hot paths
+/// (context hashing, tar writing and compression). Not a stable API.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::context::{StatLookup, open_context, select};
+    pub use crate::layer::{Content, EntryKind, LayerEntry, LayerOptions, write_layer};
+}
