@@ -42,9 +42,12 @@ pub use layerwright_cache as cache;
 pub use layerwright_dsl::*;
 
 /// The building blocks of a build, exposed for the criterion micro-benchmarks of the hot paths
-/// (context hashing, tar writing and compression). Not a stable API.
+/// (context hashing, tar writing and compression) and the fuzz targets (base layer and archive
+/// import). Not a stable API.
 #[doc(hidden)]
 pub mod internals {
     pub use crate::context::{StatLookup, open_context, select};
+    pub use crate::import::import_archive;
     pub use crate::layer::{Content, EntryKind, LayerEntry, LayerOptions, write_layer};
+    pub use crate::tree::{FsTree, index_layer};
 }

@@ -5,7 +5,8 @@
 //! - `cargo xtask build-image NAME [--output SPEC]... [--tag REF] [--cache DIR] [--compression C]`
 //! - `cargo xtask list`
 //! - `cargo xtask test [-- CARGO TEST ARGS]`
-//! - `cargo xtask bench [-- FILTER]`
+//! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`
+//! - `cargo xtask fuzz [--seconds N] [TARGET]`
 //! - `cargo xtask cache du`, `cargo xtask cache prune --keep-bytes N`
 
 use std::path::{Path, PathBuf};
@@ -68,6 +69,15 @@ enum Commands {
         #[arg(last = true)]
         arguments: Vec<String>,
     },
+    /// Fuzz `.dockerignore` parsing and base layer / archive import for a bounded time
+    /// (needs `cargo install cargo-fuzz`; runs on the stable toolchain).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (dockerignore, base_layer, base_archive).
+        target: Option<String>,
+    },
     /// Inspect or shrink the build cache.
     Cache {
         #[command(subcommand)]
@@ -126,6 +136,7 @@ fn main() -> Result<ExitCode> {
                 .context("running cargo bench")?;
             Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Commands::Fuzz { seconds, target } => fuzz(&workspace, seconds, target.as_deref()),
         Commands::Cache { command, cache } => {
             let cache = cache.unwrap_or_else(|| workspace.join("target/layerwright"));
             cache_command(&cache, command)?;
@@ -199,6 +210,32 @@ fn cache_command(cache: &Path, command: CacheCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs each fuzz target for `seconds`. cargo-fuzz needs nightly flags; `RUSTC_BOOTSTRAP=1`
+/// lets the machine's stable toolchain accept them.
+fn fuzz(workspace: &Path, seconds: u64, only: Option<&str>) -> Result<ExitCode> {
+    let targets = ["dockerignore", "base_layer", "base_archive"];
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let has_cargo_fuzz =
+        Command::new(&cargo).args(["fuzz", "--version"]).output().is_ok_and(|output| output.status.success());
+    if !has_cargo_fuzz {
+        bail!("cargo-fuzz is not installed: `cargo install cargo-fuzz`");
+    }
+    for target in targets.iter().filter(|target| only.is_none_or(|only| only == **target)) {
+        eprintln!("xtask fuzz: {target} for {seconds} s");
+        let status = Command::new(&cargo)
+            .current_dir(workspace.join("fuzz"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", target, "--", &format!("-max_total_time={seconds}")])
+            .status()
+            .context("running cargo fuzz")?;
+        if !status.success() {
+            eprintln!("xtask fuzz: {target} found a failure; see fuzz/artifacts/{target}/");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs `cargo test --workspace`, with `DOCKER_HOST` pointing at a Docker engine: the one
