@@ -29,6 +29,7 @@ use crate::config;
 use crate::context::{self, OpenedContext, Selection, StatLookup};
 use crate::import;
 use crate::layer::{LayerEntry, LayerOptions};
+use crate::run::{self, RunRequest};
 use crate::steps::{Execution, IndexCache, NodeState};
 
 /// One node of the plan.
@@ -456,7 +457,22 @@ impl<'a> Walk<'a> {
             (_, Step::Pull { .. }) => {
                 return Err(StepError::Unsupported { what: "pulling a base image from a registry" });
             }
-            (_, Step::Run(_)) => return Err(StepError::Unsupported { what: "a RUN step (the overlay runner)" }),
+            (Some(parent), Step::Run(run)) => {
+                if let Some(record) = self.store.read_action(&key)?
+                    && let Some(layer) = record.layers.into_iter().next()
+                {
+                    return Ok(layer_outcome(parent, layer, &node.label, &self.created, true, None));
+                }
+                let miss = self.explain_miss(index);
+                if let Some(hook) = &self.builder.options.before_execute {
+                    hook(&node.label);
+                }
+                let progress = self.builder.options.progress.as_ref();
+                let request = RunRequest { key: &key, label: &node.label, run, parent, progress };
+                let written = run::execute_run(&execution, &request)?;
+                self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
+                return Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)));
+            }
             (Some(parent), step) => (parent, step),
             (None, _) => unreachable!("only base steps lack a parent, and Image::with_step refuses bases"),
         };
