@@ -39,6 +39,6 @@ mod tree;
 pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, ProgressEvent, ProgressSink, StepError, StepReport};
 pub use export::ExportError;
 pub use layer::Compression;
-pub use run::RunError;
 pub use layerwright_cache as cache;
 pub use layerwright_dsl::*;
+pub use run::RunError;

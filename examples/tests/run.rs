@@ -31,7 +31,8 @@ fn environment() -> ExampleEnvironment {
     let mut environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
     if !is_root() {
         let work_dir = WORK_DIR.get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("layerwright-run-tests-{}", rustix::process::getuid().as_raw()));
+            let dir =
+                std::env::temp_dir().join(format!("layerwright-run-tests-{}", rustix::process::getuid().as_raw()));
             fs::create_dir_all(&dir).unwrap();
             dir
         });
@@ -87,11 +88,7 @@ fn top_layer_members(builder: &Builder, built: &BuiltImage) -> Vec<String> {
     let layer = built.layers().last().expect("the image has layers");
     let blob = builder.store().open_blob(&layer.digest).unwrap();
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(blob));
-    archive
-        .entries()
-        .unwrap()
-        .map(|member| member.unwrap().path().unwrap().to_string_lossy().into_owned())
-        .collect()
+    archive.entries().unwrap().map(|member| member.unwrap().path().unwrap().to_string_lossy().into_owned()).collect()
 }
 
 const CHANGES: &str = "echo new > /srv/overwrite && rm /srv/delete && rm -rf /srv/dir && mkdir /srv/dir \
@@ -152,8 +149,10 @@ fn a_run_that_creates_overwrites_deletes_and_replaces_is_one_layer_that_umoci_an
             assert_eq!(unpacked, listing, "umoci unpacked something other than the image's listing");
         }
         assert!(!rootfs.join("srv/delete").exists());
-        let replaced: Vec<String> =
-            fs::read_dir(rootfs.join("srv/dir")).unwrap().map(|entry| entry.unwrap().file_name().into_string().unwrap()).collect();
+        let replaced: Vec<String> = fs::read_dir(rootfs.join("srv/dir"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
         assert_eq!(replaced, ["only"]);
     }
 
@@ -164,11 +163,18 @@ fn a_run_that_creates_overwrites_deletes_and_replaces_is_one_layer_that_umoci_an
     docker.load(&archive);
     let output = docker.run(
         &tag,
-        &["/bin/sh", "-c", "ls -A /srv; ls -A /srv/dir; cat /srv/overwrite /srv/dir/only; test ! -e /srv/delete && echo deleted"],
+        &[
+            "/bin/sh",
+            "-c",
+            "ls -A /srv; ls -A /srv/dir; cat /srv/overwrite /srv/dir/only; test ! -e /srv/delete && echo deleted",
+        ],
     );
     docker.remove_image(&tag);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(String::from_utf8_lossy(&output.stdout), "created\ndir\nkeep\nlink\noverwrite\nonly\nnew\nnew\ndeleted\n");
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "created\ndir\nkeep\nlink\noverwrite\nonly\nnew\nnew\ndeleted\n"
+    );
 }
 
 #[test]
@@ -249,7 +255,9 @@ echo isolated"#,
     // With the network enabled, the host's interfaces are there.
     let host_interfaces = fs::read_dir("/sys/class/net").map(|entries| entries.count()).unwrap_or(0);
     if host_interfaces > 1 {
-        let image = busybox().run(Run::shell("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | grep -vx lo | head -1").network(true));
+        let image = busybox().run(
+            Run::shell("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | grep -vx lo | head -1").network(true),
+        );
         let Some((_, lines)) = build_with_output(&dir.path().join("cache"), &image) else { return };
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert_ne!(lines[0], "");
@@ -259,10 +267,11 @@ echo isolated"#,
 #[test]
 fn the_command_runs_with_the_configs_and_the_steps_env_workdir_and_user() {
     let dir = tempfile::tempdir().unwrap();
-    let image = busybox()
-        .env("FROM_CONFIG", "config")
-        .workdir("/srv")
-        .run(Run::shell("echo \"$FROM_CONFIG $FROM_STEP $HOME $(pwd) $(id -u):$(id -g)\"").env("FROM_STEP", "step").workdir("app/dir"));
+    let image = busybox().env("FROM_CONFIG", "config").workdir("/srv").run(
+        Run::shell("echo \"$FROM_CONFIG $FROM_STEP $HOME $(pwd) $(id -u):$(id -g)\"")
+            .env("FROM_STEP", "step")
+            .workdir("app/dir"),
+    );
     let Some((built, lines)) = build_with_output(&dir.path().join("cache"), &image) else { return };
     assert_eq!(lines, ["config step /root /srv/app/dir 0:0"]);
     // The missing working directory was created, as Docker does, and is part of the layer.
@@ -347,4 +356,120 @@ fn copy_from_reads_the_files_a_run_step_made_multi_stage() {
             format!("file 0644 0:0 6 {} /app/file", sha256("built\n")),
         ]
     );
+}
+
+/// The command lines (NULs as spaces) of the processes whose command line contains `marker`.
+fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else { return found };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().bytes().all(|byte| byte.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(bytes) = fs::read(entry.path().join("cmdline")) else { continue };
+        let command_line = String::from_utf8_lossy(&bytes).replace('\0', " ");
+        if command_line.contains(marker) {
+            found.push(command_line);
+        }
+    }
+    found
+}
+
+/// Waits up to `timeout` for `condition`.
+fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    condition()
+}
+
+/// The lines of `/proc/self/mountinfo` that mention `path` or an overlay of ours.
+fn our_mounts(path: &Path) -> Vec<String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = path.display().to_string();
+    mountinfo.lines().filter(|line| line.contains(&path) || line.contains(" layerwright ")).map(str::to_owned).collect()
+}
+
+#[test]
+fn a_panic_while_the_command_runs_kills_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let image = busybox().run("echo started; sleep 987");
+    let options = BuilderOptions {
+        progress: Some(Arc::new(|event: &ProgressEvent| {
+            if let ProgressEvent::Output { line, .. } = event {
+                panic!("the progress sink panics on {line:?}");
+            }
+        })),
+        ..BuilderOptions::default()
+    };
+    let builder = Builder::with_options(&cache, options).unwrap();
+    let started = Instant::now();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.build(&image))) {
+        Err(_) => {}
+        Ok(Err(error)) if sandbox_unavailable(&error) => {
+            build(&builder, &image); // Fails or skips saying why.
+            return;
+        }
+        Ok(other) => panic!("the build did not panic: {:?}", other.map(|built| built.manifest_digest())),
+    }
+    assert!(started.elapsed() < Duration::from_secs(60), "the panic waited for the command");
+    assert!(
+        eventually(Duration::from_secs(5), || processes_with("sleep 987").is_empty()),
+        "{:?}",
+        processes_with("sleep 987")
+    );
+    assert_eq!(our_mounts(&cache), Vec::<String>::new());
+}
+
+#[test]
+fn ctrl_c_kills_the_command_and_leaves_no_mount() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "helper_a_build_whose_command_sleeps", "--nocapture"])
+        .env("LAYERWRIGHT_RUN_HELPER_CACHE", &cache)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let running = eventually(Duration::from_secs(120), || {
+        !processes_with("sleep 986").is_empty() || helper.try_wait().unwrap().is_some()
+    });
+    if !running || helper.try_wait().unwrap().is_some() {
+        let _ = helper.kill();
+        let output = helper.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if stderr.contains("RUN steps cannot run here") && support::skip_privileged() {
+            eprintln!("skipped: {stderr}");
+            return;
+        }
+        panic!("the helper build never ran its command:\n{stderr}");
+    }
+    // What a terminal's Ctrl-C sends; the builder has no handler, so it dies at once.
+    rustix::process::kill_process(rustix::process::Pid::from_child(&helper), rustix::process::Signal::INT).unwrap();
+    let status = helper.wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        eventually(Duration::from_secs(5), || processes_with("sleep 986").is_empty()),
+        "{:?}",
+        processes_with("sleep 986")
+    );
+    assert_eq!(our_mounts(&cache), Vec::<String>::new());
+    // The run directory the killed build left in the cache's tmp/ goes when the cache is next
+    // opened by a builder alone.
+    let builder = Builder::new(&cache).unwrap();
+    assert_eq!(fs::read_dir(builder.store().tmp_dir()).unwrap().count(), 0);
+}
+
+#[test]
+#[ignore = "run by ctrl_c_kills_the_command_and_leaves_no_mount in a process of its own"]
+fn helper_a_build_whose_command_sleeps() {
+    let Some(cache) = std::env::var_os("LAYERWRIGHT_RUN_HELPER_CACHE") else { return };
+    let builder = Builder::new(PathBuf::from(cache)).unwrap();
+    build(&builder, &busybox().run("sleep 986"));
 }

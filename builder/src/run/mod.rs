@@ -176,7 +176,8 @@ fn execute_run_with(
         .map_err(|source| RunError::Spec { step: step.clone(), source })?;
 
     let tmp = store.tmp_dir();
-    let run_dir = tempfile::Builder::new().prefix("run-").tempdir_in(&tmp).map_err(io_error("create a directory in", &tmp))?;
+    let run_dir =
+        tempfile::Builder::new().prefix("run-").tempdir_in(&tmp).map_err(io_error("create a directory in", &tmp))?;
     let run_dir = RunDirectory(Some(run_dir));
     let upper = run_dir.path().join("upper");
     let work = run_dir.path().join("work");
@@ -222,7 +223,8 @@ fn execute_run_with(
     let mut collector = OutputCollector::new(request.label, request.progress, log);
     let ended = sandbox.run(&plan, &mut |chunk| collector.push(chunk));
     let last_lines = collector.finish();
-    let termination = ended.map_err(|source| RunError::Sandbox { step: step.clone(), command: command.clone(), source })?;
+    let termination =
+        ended.map_err(|source| RunError::Sandbox { step: step.clone(), command: command.clone(), source })?;
     match termination {
         Termination::Exited(0) => {}
         Termination::Exited(code) => {
@@ -234,8 +236,11 @@ fn execute_run_with(
     }
 
     let options = UpperOptions { root_ids: identity.rootless, created: mountpoints.created };
-    let entries = upper::upper_entries(&upper, &options)
-        .map_err(|source| RunError::Upper { step: step.clone(), command: command.clone(), source })?;
+    let entries = upper::upper_entries(&upper, &options).map_err(|source| RunError::Upper {
+        step: step.clone(),
+        command: command.clone(),
+        source,
+    })?;
     // The entries read the upper directory's files while the layer is written: the run
     // directory goes only after the commit.
     let written = execution.commit_layer(request.key, entries)?;
@@ -273,10 +278,8 @@ fn lower_snapshots(
     layers: &[LayerRecord],
     flavour: SnapshotFlavour,
 ) -> Result<(Vec<PathBuf>, Vec<PathBuf>), SnapshotError> {
-    let by_position: Vec<PathBuf> = layers
-        .par_iter()
-        .map(|layer| snapshot::ensure_snapshot(store, layer, flavour))
-        .collect::<Result<_, _>>()?;
+    let by_position: Vec<PathBuf> =
+        layers.par_iter().map(|layer| snapshot::ensure_snapshot(store, layer, flavour)).collect::<Result<_, _>>()?;
     let mut seen = HashSet::new();
     let mut lowers = Vec::new();
     for path in by_position.iter().rev() {
@@ -340,7 +343,9 @@ fn plan_mountpoints(tree: &FsTree, privileged: bool) -> MountpointPlan {
         for (end, _) in path.match_indices('/') {
             let parent = &path[..end];
             match tree.get(parent).map(|node| &node.entry) {
-                None => needed.push(CreatedPath { path: parent.to_owned(), directory: true, mode: 0o755, uid: 0, gid: 0 }),
+                None => {
+                    needed.push(CreatedPath { path: parent.to_owned(), directory: true, mode: 0o755, uid: 0, gid: 0 })
+                }
                 Some(entry) if entry.kind == IndexKind::Directory => needed.push(CreatedPath {
                     path: parent.to_owned(),
                     directory: true,
@@ -399,11 +404,7 @@ fn hosts_file() -> String {
 /// With the network on, the host's resolver configuration (the command shares the host's
 /// network namespace); with it off there is nothing to resolve with.
 fn resolv_conf_file(network: bool) -> Vec<u8> {
-    if network {
-        fs::read("/etc/resolv.conf").unwrap_or_default()
-    } else {
-        Vec::new()
-    }
+    if network { fs::read("/etc/resolv.conf").unwrap_or_default() } else { Vec::new() }
 }
 
 /// Splits the command's output into lines: each goes to the progress sink; everything goes to

@@ -99,6 +99,8 @@ impl OverlayMount {
 
     /// Makes the mount and attaches it at the target. Runs in the sandbox child with the store
     /// root as working directory: raw syscalls only, no allocation.
+    // The failure is returned by value: the child must not allocate a Box.
+    #[allow(clippy::result_large_err)]
     pub fn mount(&self) -> Result<(), Failure> {
         let filesystem = rustix::mount::fsopen(c"overlay", FsOpenFlags::FSOPEN_CLOEXEC)
             .map_err(|error| Failure::new(Stage::OverlayOpen, 0, error))?;
@@ -178,19 +180,27 @@ mod tests {
             "source=layerwright,lowerdir+=snapshots/top,lowerdir+=snapshots/bottom,upperdir=tmp/run-1/upper,\
              workdir=tmp/run-1/work,redirect_dir=nofollow,metacopy=off,index=off,userxattr"
         );
-        assert_eq!(mount.describe(Stage::OverlayOption, 2), r#"fsconfig(FSCONFIG_SET_STRING, "lowerdir+", "snapshots/bottom")"#);
+        assert_eq!(
+            mount.describe(Stage::OverlayOption, 2),
+            r#"fsconfig(FSCONFIG_SET_STRING, "lowerdir+", "snapshots/bottom")"#
+        );
         assert_eq!(mount.describe(Stage::OverlayAttach, 0), r#"move_mount(overlay, "tmp/run-1/merged")"#);
     }
 
     #[test]
     fn paths_fsconfig_cannot_take_and_stacks_overlayfs_cannot_mount_are_refused() {
         let long = PathBuf::from(format!("/elsewhere/{}", "x".repeat(300)));
-        let error = OverlayMount::new(Path::new("/cache"), &[long], Path::new("u"), Path::new("w"), Path::new("m"), false)
-            .unwrap_err();
+        let error =
+            OverlayMount::new(Path::new("/cache"), &[long], Path::new("u"), Path::new("w"), Path::new("m"), false)
+                .unwrap_err();
         assert!(error.to_string().contains("longer than the 255 bytes fsconfig accepts"), "{error}");
         let lowers = vec![PathBuf::from("/cache/snapshots/x"); MAX_LOWER_LAYERS + 1];
-        let error = OverlayMount::new(Path::new("/cache"), &lowers, Path::new("u"), Path::new("w"), Path::new("m"), false)
-            .unwrap_err();
-        assert_eq!(error.to_string(), "the image has 501 non-empty layers below the RUN step; overlayfs stacks at most 500");
+        let error =
+            OverlayMount::new(Path::new("/cache"), &lowers, Path::new("u"), Path::new("w"), Path::new("m"), false)
+                .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "the image has 501 non-empty layers below the RUN step; overlayfs stacks at most 500"
+        );
     }
 }

@@ -13,12 +13,14 @@
 //!    output pipe;
 //! 2. (rootless) maps root to the caller in `/proc/self/{setgroups,uid_map,gid_map}`;
 //! 3. makes every mount private (nothing propagates back to the host), sets the hostname;
-//! 4. mounts the overlay ([`OverlayMount`]) and opens detached bind mounts of the host files it
-//!    needs (`/dev/null` & co., the generated `hosts` and `resolv.conf`);
+//! 4. mounts the overlay ([`OverlayMount`]), opens detached bind mounts of the host files it
+//!    needs (`/dev/null` & co., the generated `hosts` and `resolv.conf`), and mounts a new
+//!    `/proc` on the merged tree (before the host's proc goes out of sight: a user namespace may
+//!    mount proc only while one is fully visible);
 //! 5. `pivot_root`s into the merged tree and detaches the old root: from here no host path is
 //!    reachable;
-//! 6. mounts `/proc`, a tmpfs `/dev` with the device binds, `pts`, `shm` and the usual links, and
-//!    the `hosts`/`resolv.conf` binds;
+//! 6. mounts a tmpfs `/dev` with the device binds, `pts`, `shm` and the usual links, and the
+//!    `hosts`/`resolv.conf` binds;
 //! 7. creates and enters the working directory, drops the capabilities Docker does not grant,
 //!    switches to the step's user and groups, marks every inherited descriptor close-on-exec;
 //! 8. `execve`s the command (trying each `PATH` candidate, as `execvp` does).
@@ -46,7 +48,10 @@ use std::path::PathBuf;
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use rustix::fs::{Mode, OFlags};
 use rustix::io::Errno;
-use rustix::mount::{MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags};
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags,
+    UnmountFlags,
+};
 use rustix::process::{Pid, Signal, WaitOptions};
 use rustix::thread::CapabilitySet;
 use thiserror::Error;
@@ -435,15 +440,24 @@ impl<'a> ChildProgram<'a> {
             Stage::PivotRoot => format!("pivot_root into {:?}", self.plan.merged),
             Stage::DetachOldRoot => "umount2(old root, MNT_DETACH)".to_owned(),
             Stage::ChdirRoot => "chdir(\"/\") in the new root".to_owned(),
-            Stage::MountProc => "mount(\"proc\", \"/proc\", \"proc\")".to_owned(),
+            Stage::MountProc => {
+                let call = [
+                    "open(merged/proc, O_PATH | O_NOFOLLOW)",
+                    "fsopen(\"proc\")",
+                    "fsconfig(FSCONFIG_CMD_CREATE)",
+                    "fsmount(proc)",
+                    "move_mount(proc, merged/proc)",
+                ];
+                format!("{} for /proc", call.get(detail).unwrap_or(&"mounting proc"))
+            }
             Stage::MountDev => "mount(\"tmpfs\", \"/dev\", \"tmpfs\", \"mode=755,size=65536k\")".to_owned(),
             Stage::DevMountpoint => format!("creating the mountpoint of the bind {}", bind(detail)),
             Stage::AttachBind => format!("move_mount for the bind {}", bind(detail)),
             Stage::MountDevPts => format!("mount(\"devpts\", \"/dev/pts\", {:?})", self.devpts_options),
             Stage::MountShm => "mount(\"tmpfs\", \"/dev/shm\", \"mode=1777,size=65536k\")".to_owned(),
-            Stage::DevLink => {
-                DEV_LINKS.get(detail).map_or_else(|| "a /dev link".to_owned(), |(target, link)| format!("symlink({target:?}, {link:?})"))
-            }
+            Stage::DevLink => DEV_LINKS
+                .get(detail)
+                .map_or_else(|| "a /dev link".to_owned(), |(target, link)| format!("symlink({target:?}, {link:?})")),
             Stage::Workdir => format!(
                 "mkdir({:?}) for the working directory",
                 self.workdir_prefixes.get(detail).map(|prefix| prefix.to_string_lossy().into_owned())
@@ -465,7 +479,9 @@ fn hint(stage: Stage, errno: Errno, rootless: bool) -> Option<&'static str> {
         (Stage::SetgroupsDeny | Stage::UidMap | Stage::GidMap, _, _) => {
             Some("the kernel refused to map root to the calling user in a new user namespace")
         }
-        (Stage::OverlayOption, Errno::INVAL, _) => Some("this kernel's overlayfs may lack `lowerdir+` (Linux 6.8 or newer)"),
+        (Stage::OverlayOption, Errno::INVAL, _) => {
+            Some("this kernel's overlayfs may lack `lowerdir+` (Linux 6.8 or newer)")
+        }
         (Stage::OverlayOpen | Stage::OverlayCreate | Stage::OverlayMount, Errno::PERM, true) => {
             Some("mounting overlayfs in a user namespace needs Linux 5.11 or newer")
         }
@@ -606,7 +622,10 @@ impl Sandbox for NamespaceSandbox {
         if let Some(signal) = status.terminating_signal() {
             return Ok(Termination::Signaled(signal));
         }
-        Err(SandboxError::Io { action: "understand the command's wait status", source: io::Error::other(format!("{status:?}")) })
+        Err(SandboxError::Io {
+            action: "understand the command's wait status",
+            source: io::Error::other(format!("{status:?}")),
+        })
     }
 }
 
@@ -642,7 +661,12 @@ fn failure_error(program: &ChildProgram<'_>, failure: &Failure) -> SandboxError 
             source,
         };
     }
-    SandboxError::Setup { action, source, kernel_message, hint: hint(failure.stage, errno, program.plan.rootless.is_some()) }
+    SandboxError::Setup {
+        action,
+        source,
+        kernel_message,
+        hint: hint(failure.stage, errno, program.plan.rootless.is_some()),
+    }
 }
 
 fn describe_clone_flags(flags: libc::c_int) -> String {
@@ -676,6 +700,8 @@ fn child_main(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> ! {
     unsafe { libc::_exit(if failure.stage == Stage::Exec { 127 } else { 125 }) }
 }
 
+// The failure is returned by value: the child must not allocate a Box.
+#[allow(clippy::result_large_err)]
 fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Result<Infallible, Failure> {
     let plan = program.plan;
     let fail = |stage: Stage, detail: usize| move |error: Errno| Failure::new(stage, detail as u32, error);
@@ -689,13 +715,15 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
         let alive = unsafe { BorrowedFd::borrow_raw(descriptors.alive_read) };
         let mut poll = [rustix::event::PollFd::new(&alive, rustix::event::PollFlags::IN)];
         let now = rustix::time::Timespec { tv_sec: 0, tv_nsec: 0 };
-        if rustix::event::poll(&mut poll, Some(&now)).is_ok() && poll[0].revents().contains(rustix::event::PollFlags::HUP)
+        if rustix::event::poll(&mut poll, Some(&now)).is_ok()
+            && poll[0].revents().contains(rustix::event::PollFlags::HUP)
         {
             return Err(Failure::new(Stage::ParentGone, 0, Errno::SRCH));
         }
     }
     reset_signals();
-    let null = rustix::fs::open(c"/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(fail(Stage::Stdio, 0))?;
+    let null =
+        rustix::fs::open(c"/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(fail(Stage::Stdio, 0))?;
     // SAFETY: open in this process until it exits.
     let output = unsafe { BorrowedFd::borrow_raw(descriptors.output) };
     rustix::stdio::dup2_stdin(&null).map_err(fail(Stage::Stdio, 0))?;
@@ -728,17 +756,21 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
         bind_mounts[index] = Some(clone);
     }
 
+    // `/proc` before the host's root goes: in a user namespace the kernel mounts a new proc only
+    // while one is fully visible in the mount namespace. It is mounted through a descriptor of
+    // the directory, opened without following symlinks (the runner checked that the image has a
+    // directory there, or made one).
+    if plan.mounts.proc {
+        mount_proc(program.merged.as_c_str())?;
+    }
+
     // 5. Into the merged tree; the host's root is detached.
     rustix::process::chdir(program.merged.as_c_str()).map_err(fail(Stage::ChdirMerged, 0))?;
     rustix::process::pivot_root(c".", c".").map_err(fail(Stage::PivotRoot, 0))?;
     rustix::mount::unmount(c".", UnmountFlags::DETACH).map_err(fail(Stage::DetachOldRoot, 0))?;
     rustix::process::chdir(c"/").map_err(fail(Stage::ChdirRoot, 0))?;
 
-    // 6. The runner's own mounts.
-    if plan.mounts.proc {
-        rustix::mount::mount(c"proc", c"/proc", c"proc", MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC, None)
-            .map_err(fail(Stage::MountProc, 0))?;
-    }
+    // 6. The runner's other mounts.
     if plan.mounts.dev {
         rustix::mount::mount(
             c"tmpfs",
@@ -752,16 +784,29 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     for (index, bind) in program.binds.iter().enumerate() {
         if bind.device {
             let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            rustix::fs::open(bind.target, flags, Mode::from_raw_mode(0o666)).map_err(fail(Stage::DevMountpoint, index))?;
+            rustix::fs::open(bind.target, flags, Mode::from_raw_mode(0o666))
+                .map_err(fail(Stage::DevMountpoint, index))?;
         }
         let Some(clone) = &bind_mounts[index] else { continue };
-        rustix::mount::move_mount(clone.as_fd(), c"", rustix::fs::CWD, bind.target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-            .map_err(fail(Stage::AttachBind, index))?;
+        rustix::mount::move_mount(
+            clone.as_fd(),
+            c"",
+            rustix::fs::CWD,
+            bind.target,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(fail(Stage::AttachBind, index))?;
     }
     if plan.mounts.dev {
         rustix::fs::mkdir(c"/dev/pts", Mode::from_raw_mode(0o755)).map_err(fail(Stage::MountDevPts, 0))?;
-        rustix::mount::mount(c"devpts", c"/dev/pts", c"devpts", MountFlags::NOSUID | MountFlags::NOEXEC, Some(program.devpts_options))
-            .map_err(fail(Stage::MountDevPts, 0))?;
+        rustix::mount::mount(
+            c"devpts",
+            c"/dev/pts",
+            c"devpts",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            Some(program.devpts_options),
+        )
+        .map_err(fail(Stage::MountDevPts, 0))?;
         rustix::fs::mkdir(c"/dev/shm", Mode::from_raw_mode(0o1777)).map_err(fail(Stage::MountShm, 0))?;
         rustix::mount::mount(
             c"shm",
@@ -828,6 +873,31 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     }
     let (index, errno) = reported.unwrap_or((0, Errno::NOENT));
     Err(Failure::new(Stage::Exec, index as u32, errno))
+}
+
+/// Mounts a new proc (of the child's pid namespace) on `merged/proc`. Raw syscalls only.
+// The failure is returned by value: the child must not allocate a Box.
+#[allow(clippy::result_large_err)]
+fn mount_proc(merged: &CStr) -> Result<(), Failure> {
+    let fail = |detail: u32| move |error: Errno| Failure::new(Stage::MountProc, detail, error);
+    let path_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let merged = rustix::fs::open(merged, path_flags, Mode::empty()).map_err(fail(0))?;
+    let directory =
+        rustix::fs::openat(&merged, c"proc", path_flags | OFlags::NOFOLLOW, Mode::empty()).map_err(fail(0))?;
+    let filesystem = rustix::mount::fsopen(c"proc", FsOpenFlags::FSOPEN_CLOEXEC).map_err(fail(1))?;
+    rustix::mount::fsconfig_create(&filesystem).map_err(|error| fail(2)(error).with_log(&filesystem))?;
+    let attributes =
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    let mount = rustix::mount::fsmount(&filesystem, FsMountFlags::FSMOUNT_CLOEXEC, attributes)
+        .map_err(|error| fail(3)(error).with_log(&filesystem))?;
+    rustix::mount::move_mount(
+        mount.as_fd(),
+        c"",
+        directory.as_fd(),
+        c"",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(fail(4))
 }
 
 fn last_errno() -> Errno {

@@ -126,13 +126,21 @@ struct DirectoryMetadata {
 }
 
 /// Unpacks the layer blob of `layer` into the empty directory `root`.
-pub fn unpack_layer(store: &Store, layer: &LayerRecord, root: &Path, flavour: SnapshotFlavour) -> Result<(), SnapshotError> {
+pub fn unpack_layer(
+    store: &Store,
+    layer: &LayerRecord,
+    root: &Path,
+    flavour: SnapshotFlavour,
+) -> Result<(), SnapshotError> {
     let root_fd = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|error| SnapshotError::Io { action: "open", path: root.to_owned(), source: error.into() })?;
     // The root of the merged tree takes the upper directory's metadata; the lower roots only
     // need to be searchable.
-    rustix::fs::fchmod(&root_fd, Mode::from_raw_mode(0o755))
-        .map_err(|error| SnapshotError::Io { action: "chmod", path: root.to_owned(), source: error.into() })?;
+    rustix::fs::fchmod(&root_fd, Mode::from_raw_mode(0o755)).map_err(|error| SnapshotError::Io {
+        action: "chmod",
+        path: root.to_owned(),
+        source: error.into(),
+    })?;
     let mut unpacker = Unpacker {
         layer: layer.digest.clone(),
         root: root_fd,
@@ -227,8 +235,14 @@ impl Unpacker {
             if rustix::fs::statat(&parent_fd, deleted, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
                 return Ok(());
             }
-            rustix::fs::mknodat(&parent_fd, deleted, FileType::CharacterDevice, Mode::empty(), rustix::fs::makedev(0, 0))
-                .map_err(self.write_error(&path, "create the overlay whiteout"))?;
+            rustix::fs::mknodat(
+                &parent_fd,
+                deleted,
+                FileType::CharacterDevice,
+                Mode::empty(),
+                rustix::fs::makedev(0, 0),
+            )
+            .map_err(self.write_error(&path, "create the overlay whiteout"))?;
             return Ok(());
         }
 
@@ -317,8 +331,14 @@ impl Unpacker {
             }
             let major = header.device_major().map_err(read_error)?.unwrap_or(0);
             let minor = header.device_minor().map_err(read_error)?.unwrap_or(0);
-            rustix::fs::mknodat(&parent_fd, base, file_type, Mode::from_raw_mode(0o600), rustix::fs::makedev(major, minor))
-                .map_err(self.write_error(&path, "create the node"))?;
+            rustix::fs::mknodat(
+                &parent_fd,
+                base,
+                file_type,
+                Mode::from_raw_mode(0o600),
+                rustix::fs::makedev(major, minor),
+            )
+            .map_err(self.write_error(&path, "create the node"))?;
             if self.privileged {
                 rustix::fs::chownat(
                     &parent_fd,
@@ -344,7 +364,8 @@ impl Unpacker {
     }
 
     fn make_directory(&self, parent: &OwnedFd, base: &str, path: &str) -> Result<(), SnapshotError> {
-        rustix::fs::mkdirat(parent, base, Mode::from_raw_mode(0o755)).map_err(self.write_error(path, "create the directory"))
+        rustix::fs::mkdirat(parent, base, Mode::from_raw_mode(0o755))
+            .map_err(self.write_error(path, "create the directory"))
     }
 
     /// Owner (when privileged), then mode (a chown clears setuid bits), then xattrs.
@@ -391,7 +412,8 @@ impl Unpacker {
     /// Missing components are created as implied `0755` directories when `create`, else the
     /// answer is `None`.
     fn open_directory(&mut self, directory: &str, entry: &str, create: bool) -> Result<Option<OwnedFd>, SnapshotError> {
-        let mut current = rustix::io::dup(&self.root).map_err(self.write_error(entry, "duplicate a directory descriptor"))?;
+        let mut current =
+            rustix::io::dup(&self.root).map_err(self.write_error(entry, "duplicate a directory descriptor"))?;
         if directory.is_empty() {
             return Ok(Some(current));
         }
@@ -439,7 +461,7 @@ impl Unpacker {
     fn finish_directories(mut self) -> Result<(), SnapshotError> {
         self.last_parent = None;
         let mut directories: Vec<DirectoryMetadata> = std::mem::take(&mut self.directories).into_values().collect();
-        directories.sort_by(|left, right| right.path.split('/').count().cmp(&left.path.split('/').count()));
+        directories.sort_by_key(|directory| std::cmp::Reverse(directory.path.split('/').count()));
         for directory in directories {
             let Some(fd) = self.open_directory(&directory.path, &directory.path, false)? else {
                 continue; // Replaced by a non-directory later in the layer.
@@ -461,7 +483,10 @@ fn link_name<R: Read>(member: &tar::Entry<'_, R>, layer: &Digest, name: &str) ->
     let bytes = member.link_name_bytes().unwrap_or_default();
     match std::str::from_utf8(&bytes) {
         Ok(target) => Ok(target.to_owned()),
-        Err(_) => Err(TreeError::NotUtf8 { layer: layer.clone(), entry: format!("{name} -> {}", String::from_utf8_lossy(&bytes)) }),
+        Err(_) => Err(TreeError::NotUtf8 {
+            layer: layer.clone(),
+            entry: format!("{name} -> {}", String::from_utf8_lossy(&bytes)),
+        }),
     }
 }
 
@@ -607,7 +632,12 @@ mod tests {
         let bytes = builder.into_inner().unwrap();
         let digest = Digest::of_bytes(&bytes);
         store.import_blob(&mut &bytes[..], &digest).unwrap();
-        LayerRecord { diff_id: digest.clone(), digest, size: bytes.len() as u64, media_type: Compression::None.media_type().into() }
+        LayerRecord {
+            diff_id: digest.clone(),
+            digest,
+            size: bytes.len() as u64,
+            media_type: Compression::None.media_type().into(),
+        }
     }
 
     fn kind_at(root: &Path, path: &str) -> String {
@@ -643,7 +673,8 @@ mod tests {
                 file("srv/replaced/new", "new", 0o600),
             ],
         );
-        let flavour = if rustix::process::geteuid().is_root() { SnapshotFlavour::Privileged } else { SnapshotFlavour::Rootless };
+        let flavour =
+            if rustix::process::geteuid().is_root() { SnapshotFlavour::Privileged } else { SnapshotFlavour::Rootless };
         let snapshot = ensure_snapshot(&store, &layer, flavour).unwrap();
         assert_eq!(snapshot.parent().unwrap(), store.snapshots_dir());
         let expectations = [
@@ -662,10 +693,11 @@ mod tests {
         let tool = std::fs::metadata(snapshot.join("usr/bin/tool")).unwrap();
         assert_eq!(tool.nlink(), 2, "the hard link shares the inode");
         let mut opaque = [0u8; 4];
-        let length = rustix::fs::lgetxattr(snapshot.join("srv/replaced"), flavour.opaque_xattr(), &mut opaque[..]).unwrap();
+        let length =
+            rustix::fs::lgetxattr(snapshot.join("srv/replaced"), flavour.opaque_xattr(), &mut opaque[..]).unwrap();
         assert_eq!(&opaque[..length], b"y");
-        assert_eq!(read_lower_file(&[snapshot.clone()], "etc/passwd").unwrap(), b"root\n");
-        assert_eq!(read_lower_file(&[snapshot.clone()], "usr/bin/link"), None, "symlinks are not followed");
+        assert_eq!(read_lower_file(std::slice::from_ref(&snapshot), "etc/passwd").unwrap(), b"root\n");
+        assert_eq!(read_lower_file(std::slice::from_ref(&snapshot), "usr/bin/link"), None, "symlinks are not followed");
 
         // A second call reuses the snapshot; the temp dir is gone.
         std::fs::write(snapshot.join("marker"), "").unwrap();
@@ -677,7 +709,8 @@ mod tests {
     #[test]
     fn entries_that_would_write_outside_the_snapshot_are_refused() {
         let (_dir, store) = new_store();
-        let cases: Vec<(Vec<(&str, tar::EntryType, &str)>, &str)> = vec![
+        type Members<'a> = Vec<(&'a str, tar::EntryType, &'a str)>;
+        let cases: Vec<(Members<'_>, &str)> = vec![
             (vec![("../escape", tar::EntryType::Regular, "")], "would land outside the image root"),
             (vec![("/abs", tar::EntryType::Regular, "")], "would land outside the image root"),
             (vec![("a/.wh...", tar::EntryType::Regular, "")], "would land outside the image root"),

@@ -71,7 +71,12 @@ fn passwd_entries(passwd: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
         if fields.len() < 7 || line.starts_with('#') {
             return None;
         }
-        Some(PasswdEntry { name: fields[0], uid: fields[2].parse().ok()?, gid: fields[3].parse().ok()?, home: fields[5] })
+        Some(PasswdEntry {
+            name: fields[0],
+            uid: fields[2].parse().ok()?,
+            gid: fields[3].parse().ok()?,
+            home: fields[5],
+        })
     })
 }
 
@@ -270,7 +275,8 @@ mod tests {
     /// (step, image config `config` object, expected argv, env, workdir, uid, gid, groups).
     #[test]
     fn commands_resolve_like_docker() {
-        type Case = (Run, Value, &'static [&'static str], &'static [&'static str], &'static str, u32, u32, &'static [u32]);
+        type Case =
+            (Run, Value, &'static [&'static str], &'static [&'static str], &'static str, u32, u32, &'static [u32]);
         let cases: Vec<Case> = vec![
             // A bare image: sh -c, Docker's PATH, root's HOME, /, root.
             (

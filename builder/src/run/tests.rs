@@ -11,10 +11,13 @@ use crate::layer::{Compression, Content, EntryKind, LayerEntry, LayerOptions};
 use crate::steps::IndexCache;
 use crate::tree::{IndexEntry, LayerIndex};
 
+/// What a fake sandbox does with the plan and the output callback.
+type Script = Box<dyn Fn(&SandboxPlan, &mut dyn FnMut(&[u8])) -> Termination + Sync>;
+
 /// A sandbox that records the plan and plays a script against the upper directory.
 struct FakeSandbox {
     plans: Mutex<Vec<SandboxPlan>>,
-    script: Box<dyn Fn(&SandboxPlan, &mut dyn FnMut(&[u8])) -> Termination + Sync>,
+    script: Script,
 }
 
 impl Sandbox for FakeSandbox {
@@ -198,7 +201,10 @@ fn a_failed_command_shows_its_exit_code_command_last_20_lines_and_log_and_commit
 
     let killed = fake(|_, _| Termination::Signaled(9));
     let error = error_of(fixture.run(&Run::argv(["sleep", "1"]), &killed, None)).to_string();
-    assert!(error.starts_with("`[\"sleep\", \"1\"]` was killed by signal 9; it printed nothing\nfull log: "), "{error}");
+    assert!(
+        error.starts_with("`[\"sleep\", \"1\"]` was killed by signal 9; it printed nothing\nfull log: "),
+        "{error}"
+    );
 }
 
 #[test]
@@ -214,7 +220,13 @@ fn tree_of(entries: &[(&str, IndexKind, u32, u32)]) -> FsTree {
     let index = LayerIndex {
         entries: entries
             .iter()
-            .map(|(path, kind, mode, uid)| IndexEntry { path: (*path).to_owned(), kind: kind.clone(), mode: *mode, uid: *uid, gid: *uid })
+            .map(|(path, kind, mode, uid)| IndexEntry {
+                path: (*path).to_owned(),
+                kind: kind.clone(),
+                mode: *mode,
+                uid: *uid,
+                gid: *uid,
+            })
             .collect(),
     };
     let mut tree = FsTree::default();
@@ -226,7 +238,13 @@ fn tree_of(entries: &[(&str, IndexKind, u32, u32)]) -> FsTree {
 fn mountpoints_are_mounted_over_made_or_skipped_by_what_the_image_has_there() {
     let file_kind = IndexKind::File { size: 0, sha256: layerwright_cache::Digest::of_bytes(b"") };
     let symlink = |target: &str| IndexKind::Symlink { target: target.to_owned() };
-    let made = |path: &str, directory: bool, mode: u32, uid: u32| CreatedPath { path: path.to_owned(), directory, mode, uid, gid: uid };
+    let made = |path: &str, directory: bool, mode: u32, uid: u32| CreatedPath {
+        path: path.to_owned(),
+        directory,
+        mode,
+        uid,
+        gid: uid,
+    };
 
     // An image with all of them: nothing is created.
     let tree = tree_of(&[

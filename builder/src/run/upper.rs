@@ -293,8 +293,7 @@ mod tests {
         symlink("../srv/new", upper.join("srv/sym")).unwrap();
         // Unprivileged users may create whiteouts (Linux ≥ 5.8).
         whiteout(&upper.join("srv/deleted"));
-        rustix::fs::mkfifoat(rustix::fs::CWD, upper.join("srv/fifo"), rustix::fs::Mode::from_raw_mode(0o600))
-            .unwrap();
+        rustix::fs::mkfifoat(rustix::fs::CWD, upper.join("srv/fifo"), rustix::fs::Mode::from_raw_mode(0o600)).unwrap();
         // An empty file with the xwhiteout xattr is a whiteout too; other user xattrs are kept.
         fs::write(upper.join("srv/xwhiteout"), "").unwrap();
         let user_xattrs = set_xattr(&upper.join("srv/xwhiteout"), "user.overlay.whiteout", b"")
