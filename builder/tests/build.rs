@@ -203,10 +203,7 @@ fn bad_copy_sources_are_errors_naming_the_step_and_path() {
     // that instead; the RUN tests in `examples/tests/run.rs` insist on a working sandbox.)
     let message = build_error(&cache, &base.run("true"));
     assert!(message.starts_with("step `RUN true`: "), "{message}");
-    assert!(
-        message.contains("cannot execute \"/bin/sh\" in the image") || message.contains("namespace"),
-        "{message}"
-    );
+    assert!(message.contains("cannot execute \"/bin/sh\" in the image") || message.contains("namespace"), "{message}");
 }
 
 /// A docker-archive (`docker save` format) with one uncompressed layer holding `entries`.

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use layerwright::{BuildError, Builder, BuilderOptions, BuiltImage, Image, ProgressEvent, Run, RunError, StepError};
+use layerwright::{
+    BuildError, Builder, BuilderOptions, BuiltImage, FileOptions, Image, ProgressEvent, Run, RunError, StepError,
+};
 use layerwright_examples::ExampleEnvironment;
 use sha2::{Digest as _, Sha256};
 
@@ -174,6 +176,28 @@ fn a_run_that_creates_overwrites_deletes_and_replaces_is_one_layer_that_umoci_an
     assert_eq!(
         String::from_utf8_lossy(&output.stdout),
         "created\ndir\nkeep\nlink\noverwrite\nonly\nnew\nnew\ndeleted\n"
+    );
+}
+
+#[test]
+fn what_a_run_copies_up_keeps_its_owner_and_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let owned = FileOptions::mode(0o640).with_owner(1000, 1000);
+    let image = busybox()
+        .mkdir_with("/srv/data", FileOptions::mode(0o750).with_owner(1000, 1000))
+        .write_file_with("/srv/data/config", "a\n", owned)
+        .write_file_with("/srv/data/untouched", "u\n", owned)
+        .run("echo b >> /srv/data/config && echo new > /srv/data/new");
+    let Some(built) = build(&Builder::new(dir.path().join("cache")).unwrap(), &image) else { return };
+    let listing = built.listing().unwrap();
+    assert_eq!(
+        lines_below(&listing, "/srv/data"),
+        [
+            "dir 0750 1000:1000 - - /srv/data".to_owned(),
+            format!("file 0640 1000:1000 4 {} /srv/data/config", sha256("a\nb\n")),
+            format!("file 0644 0:0 4 {} /srv/data/new", sha256("new\n")),
+            format!("file 0640 1000:1000 2 {} /srv/data/untouched", sha256("u\n")),
+        ]
     );
 }
 

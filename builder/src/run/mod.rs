@@ -8,7 +8,8 @@
 //! 2. what the command runs as is resolved from the image config and the step ([`spec`]);
 //! 3. a run directory under the store's `tmp/` gets the upper, work and merged directories and
 //!    the generated `/etc/hosts` and `/etc/resolv.conf`; mountpoints the image lacks (`/proc`,
-//!    `/dev`, ...) are made in the upper and remembered;
+//!    `/dev`, ...) and directories whose metadata a snapshot would get wrong (see
+//!    [`implied_directory_fixes`]) are made in the upper and remembered;
 //! 4. the [`sandbox`] mounts the overlay ([`overlay`]) in fresh namespaces and runs the command,
 //!    whose output goes to the progress sink line by line and to `logs/<step key>.log`;
 //! 5. on exit code 0 the upper directory becomes the layer ([`upper`]), which is written and
@@ -21,8 +22,10 @@
 //!
 //! Rootless: when not root, the sandbox adds a user namespace mapping root to the caller and
 //! mounts overlayfs with `userxattr`; snapshots are unpacked in their rootless flavour. Only
-//! root exists in such a run (a step with another user fails with a clear error), and owners
-//! other than root recorded in lower layers are seen as root by the command.
+//! root exists in such a run (a step with another user fails with a clear error). Owners other
+//! than root in lower layers are seen as root by the command, but an entry it copies up keeps
+//! its owner in the layer (recorded in an xattr of the snapshot); a `chown` the command makes to
+//! root of such an entry is lost.
 //!
 //! What this module deliberately does not do: decide whether the step runs (the solver looks its
 //! key up first), or keep anything of a failed run but its log.
@@ -33,7 +36,7 @@ mod snapshot;
 mod spec;
 mod upper;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -46,8 +49,9 @@ use rayon::prelude::*;
 use thiserror::Error;
 
 use crate::build::{ProgressEvent, ProgressSink, StepError};
+use crate::layer::compare_paths;
 use crate::steps::{Execution, NewLayer, NodeState};
-use crate::tree::{FsTree, IndexKind};
+use crate::tree::{FsTree, IndexKind, LayerIndex};
 
 pub use overlay::OverlayError;
 pub use sandbox::SandboxError;
@@ -187,8 +191,14 @@ fn execute_run_with(
         // The root of the merged tree takes the upper directory's mode.
         fs::set_permissions(directory, fs::Permissions::from_mode(0o755)).map_err(io_error("chmod", directory))?;
     }
-    let mountpoints = plan_mountpoints(&tree, identity.rootless.is_none());
-    create_mountpoints(&upper, &mountpoints.created, identity.rootless.is_none()).map_err(|(path, source)| {
+    let mountpoints = plan_mountpoints(&tree);
+    let indexes =
+        parent.layers.iter().map(|layer| execution.indexes.get(store, layer)).collect::<Result<Vec<_>, _>>()?;
+    let mut created = mountpoints.created.clone();
+    created.extend(implied_directory_fixes(&tree, &indexes));
+    created.sort_by(|left, right| compare_paths(&left.path, &right.path));
+    created.dedup_by(|later, earlier| later.path == earlier.path);
+    create_in_upper(&upper, &created, identity.rootless.is_none()).map_err(|(path, source)| {
         eprintln!("layerwright: {step}: cannot create the mountpoint {}: {source}", path.display());
         RunError::Io { step: step.clone(), action: "create the mountpoint", path, source }
     })?;
@@ -235,7 +245,7 @@ fn execute_run_with(
         }
     }
 
-    let options = UpperOptions { root_ids: identity.rootless, created: mountpoints.created };
+    let options = UpperOptions { root_ids: identity.rootless, created };
     let entries = upper::upper_entries(&upper, &options).map_err(|source| RunError::Upper {
         step: step.clone(),
         command: command.clone(),
@@ -336,7 +346,7 @@ struct MountpointPlan {
 /// existing parent directories copied up with their metadata, as overlayfs would); one whose
 /// path holds something else, or passes through a symlink, is not mounted at all (the command
 /// then sees what the image has there).
-fn plan_mountpoints(tree: &FsTree, privileged: bool) -> MountpointPlan {
+fn plan_mountpoints(tree: &FsTree) -> MountpointPlan {
     let mut created: Vec<CreatedPath> = Vec::new();
     let mut place = |path: &str, directory: bool| -> bool {
         let mut needed = Vec::new();
@@ -350,8 +360,8 @@ fn plan_mountpoints(tree: &FsTree, privileged: bool) -> MountpointPlan {
                     path: parent.to_owned(),
                     directory: true,
                     mode: entry.mode,
-                    uid: if privileged { entry.uid } else { 0 },
-                    gid: if privileged { entry.gid } else { 0 },
+                    uid: entry.uid,
+                    gid: entry.gid,
                 }),
                 Some(_) => return false,
             }
@@ -379,15 +389,75 @@ fn plan_mountpoints(tree: &FsTree, privileged: bool) -> MountpointPlan {
     MountpointPlan { proc, dev, hosts, resolv_conf, created }
 }
 
-/// Creates the planned mountpoints in the fresh upper directory. Modes are set children first,
-/// so that a read-only parent copied from the image does not stop its children being made.
-fn create_mountpoints(upper: &Path, created: &[CreatedPath], privileged: bool) -> Result<(), (PathBuf, io::Error)> {
+/// Directories whose mode and owner the overlay would take from a snapshot that only implies
+/// them, with their parents: to be made in the upper with the image's metadata.
+///
+/// A layer of a file step holds only the directories it creates; an existing parent of what it
+/// writes is implied, and an implied directory changes nothing (OCI). Its snapshot must still
+/// hold a real directory there (`0755 0:0`), and overlayfs takes a merged directory's metadata
+/// from the topmost layer that has it: `/tmp` (1777) under a layer that wrote `/tmp/x` would
+/// read as 0755, and a command writing into it would put that into its layer. A directory in
+/// the upper is above every layer; like the runner's mountpoints it is left out of the layer
+/// while the command leaves it as it was.
+fn implied_directory_fixes(tree: &FsTree, indexes: &[Arc<LayerIndex>]) -> Vec<CreatedPath> {
+    // The topmost stack position whose snapshot has each directory.
+    let mut topmost: HashMap<&str, usize> = HashMap::new();
+    for (position, index) in indexes.iter().enumerate() {
+        for entry in &index.entries {
+            let path = entry.path.as_str();
+            for (end, _) in path.match_indices('/') {
+                topmost.insert(&path[..end], position);
+            }
+            if matches!(entry.kind, IndexKind::Directory | IndexKind::OpaqueWhiteout) && !path.is_empty() {
+                topmost.insert(path, position);
+            }
+        }
+    }
+    let as_created = |path: &str| -> Option<CreatedPath> {
+        let entry = &tree.get(path)?.entry;
+        (entry.kind == IndexKind::Directory).then(|| CreatedPath {
+            path: path.to_owned(),
+            directory: true,
+            mode: entry.mode,
+            uid: entry.uid,
+            gid: entry.gid,
+        })
+    };
+    let mut fixes: Vec<CreatedPath> = Vec::new();
+    for (path, top) in topmost {
+        let Some(node) = tree.get(path) else { continue };
+        let entry = &node.entry;
+        // The topmost snapshot with the directory holds the image's own entry for it, or it
+        // implies it and the image's directory is an implied one too.
+        if entry.kind != IndexKind::Directory
+            || top <= node.layer
+            || (entry.mode, entry.uid, entry.gid) == (0o755, 0, 0)
+        {
+            continue;
+        }
+        let parents = path.match_indices('/').map(|(end, _)| &path[..end]);
+        fixes.extend(parents.chain([path]).filter_map(as_created));
+    }
+    fixes.sort_by(|left, right| compare_paths(&left.path, &right.path));
+    fixes.dedup_by(|later, earlier| later.path == earlier.path);
+    fixes
+}
+
+/// Creates the planned directories and files in the fresh upper directory. Modes are set
+/// children first, so that a read-only parent copied from the image does not stop its children
+/// being made.
+fn create_in_upper(upper: &Path, created: &[CreatedPath], privileged: bool) -> Result<(), (PathBuf, io::Error)> {
     for made in created {
         let path = upper.join(&made.path);
         let result = if made.directory { fs::create_dir(&path) } else { File::create(&path).map(drop) };
         result.map_err(|error| (path.clone(), error))?;
         if privileged {
             std::os::unix::fs::lchown(&path, Some(made.uid), Some(made.gid)).map_err(|error| (path.clone(), error))?;
+        } else if (made.uid, made.gid) != (0, 0) {
+            // As a rootless snapshot records an owner it cannot set (see `snapshot::OWNER_XATTR`).
+            let owner = format!("{}:{}", made.uid, made.gid);
+            rustix::fs::lsetxattr(&path, snapshot::OWNER_XATTR, owner.as_bytes(), rustix::fs::XattrFlags::empty())
+                .map_err(|error| (path.clone(), io::Error::from(error)))?;
         }
     }
     for made in created.iter().rev() {

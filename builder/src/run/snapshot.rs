@@ -16,7 +16,8 @@
 //! layer that overlayfs would interpret (`*.overlay.*`) are dropped.
 //!
 //! Rootless (not root): owners cannot be set and device nodes cannot be made, so files keep
-//! the caller's ids (root inside the run's user namespace) and device nodes are left out.
+//! the caller's ids (root inside the run's user namespace; the image's owner is recorded in
+//! [`OWNER_XATTR`] for the layer) and device nodes are left out.
 //!
 //! What this module deliberately does not do: mount, merge layers (overlayfs does), or delete
 //! snapshots (a snapshot is as reusable as its layer; `cache prune` may remove the directory).
@@ -35,6 +36,12 @@ use thiserror::Error;
 
 use crate::layer::{OPAQUE_WHITEOUT_NAME, WHITEOUT_PREFIX};
 use crate::tree::{self, MemberPath, TreeError};
+
+/// In a rootless snapshot, the owner (`uid:gid`) the layer gives a file or directory that is not
+/// root's: the caller cannot chown, so the entry belongs to the caller (root inside the run).
+/// Overlayfs copies this xattr up with the entry, and the upper walk gives a copied-up entry
+/// its owner back from it; it never reaches a layer.
+pub const OWNER_XATTR: &str = "user.layerwright.owner";
 
 /// How a snapshot marks opaque directories: the overlay mount reads `trusted.overlay.*` when
 /// mounted by real root and `user.overlay.*` with `userxattr` (rootless).
@@ -381,6 +388,11 @@ impl Unpacker {
         if self.privileged {
             rustix::fs::fchown(&fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))
                 .map_err(self.write_error(path, "chown"))?;
+        } else if (uid, gid) != (0, 0) {
+            // Kept for the layer of a RUN step that copies this entry up (see `OWNER_XATTR`).
+            let owner = format!("{uid}:{gid}");
+            rustix::fs::fsetxattr(&fd, OWNER_XATTR, owner.as_bytes(), rustix::fs::XattrFlags::empty())
+                .map_err(self.write_error(path, "record the owner of"))?;
         }
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(self.write_error(path, "chmod"))?;
         for (name, value) in xattrs {
@@ -500,7 +512,7 @@ fn pax_xattrs<R: Read>(member: &mut tar::Entry<'_, R>) -> io::Result<Vec<(String
         let extension = extension?;
         let Ok(key) = extension.key() else { continue };
         let Some(name) = key.strip_prefix("SCHILY.xattr.") else { continue };
-        if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+        if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") || name == OWNER_XATTR {
             continue;
         }
         xattrs.push((name.to_owned(), extension.value_bytes().to_vec()));

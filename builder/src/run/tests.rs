@@ -253,13 +253,13 @@ fn mountpoints_are_mounted_over_made_or_skipped_by_what_the_image_has_there() {
         ("etc/hosts", file_kind.clone(), 0o644, 0),
         ("etc/resolv.conf", file_kind.clone(), 0o644, 0),
     ]);
-    let plan = plan_mountpoints(&tree, true);
+    let plan = plan_mountpoints(&tree);
     assert_eq!((plan.proc, plan.dev, plan.hosts, plan.resolv_conf), (true, true, true, true));
     assert_eq!(plan.created, []);
 
     // `/etc` exists (0750 1000:1000): copied up with its metadata, the files created.
     let tree = tree_of(&[("etc", IndexKind::Directory, 0o750, 1000)]);
-    let plan = plan_mountpoints(&tree, true);
+    let plan = plan_mountpoints(&tree);
     assert_eq!(
         plan.created,
         [
@@ -270,8 +270,6 @@ fn mountpoints_are_mounted_over_made_or_skipped_by_what_the_image_has_there() {
             made("etc/resolv.conf", false, 0o644, 0),
         ]
     );
-    // Rootless: the layer records root for what the runner made.
-    assert_eq!(plan_mountpoints(&tree, false).created[2], made("etc", true, 0o750, 0));
 
     // Symlinks and other types are never mounted over or written through.
     let tree = tree_of(&[
@@ -279,11 +277,11 @@ fn mountpoints_are_mounted_over_made_or_skipped_by_what_the_image_has_there() {
         ("dev", symlink("/host-dev"), 0o777, 0),
         ("etc", symlink("/usr/etc"), 0o777, 0),
     ]);
-    let plan = plan_mountpoints(&tree, true);
+    let plan = plan_mountpoints(&tree);
     assert_eq!((plan.proc, plan.dev, plan.hosts, plan.resolv_conf), (false, false, false, false));
     assert_eq!(plan.created, []);
     let tree = tree_of(&[("etc/resolv.conf", symlink("../run/resolv.conf"), 0o777, 0)]);
-    let plan = plan_mountpoints(&tree, true);
+    let plan = plan_mountpoints(&tree);
     assert_eq!((plan.hosts, plan.resolv_conf), (true, false));
 }
 
@@ -297,4 +295,50 @@ fn output_is_split_into_lines_however_it_arrives() {
     }
     assert_eq!(collector.finish(), ["ab", "c", "", "\u{fffd}de"]);
     assert_eq!(fs::read(dir.path().join("log")).unwrap(), b"ab\r\nc\n\n\xffde");
+}
+
+#[test]
+fn directories_only_implied_by_a_higher_layer_are_made_in_the_upper_with_their_metadata() {
+    let file_kind = IndexKind::File { size: 0, sha256: layerwright_cache::Digest::of_bytes(b"") };
+    let entry = |path: &str, kind: IndexKind, mode: u32, uid: u32| IndexEntry {
+        path: path.to_owned(),
+        kind,
+        mode,
+        uid,
+        gid: uid,
+    };
+    let layers = vec![
+        // 0: /tmp 1777, /srv/data 0750 1000, /opt 0700 (all explicit), /usr/bin default.
+        LayerIndex {
+            entries: vec![
+                entry("tmp", IndexKind::Directory, 0o1777, 0),
+                entry("srv/data", IndexKind::Directory, 0o750, 1000),
+                entry("opt", IndexKind::Directory, 0o700, 0),
+                entry("usr/bin/tool", file_kind.clone(), 0o755, 0),
+            ],
+        },
+        // 1: files below /tmp, /srv/data and /usr/bin: those directories are only implied.
+        LayerIndex {
+            entries: vec![
+                entry("tmp/x", file_kind.clone(), 0o644, 0),
+                entry("srv/data/config", file_kind.clone(), 0o640, 1000),
+                entry("usr/bin/other", file_kind.clone(), 0o755, 0),
+            ],
+        },
+        // 2: /opt again, explicitly: its own entry wins.
+        LayerIndex { entries: vec![entry("opt", IndexKind::Directory, 0o711, 0), entry("opt/y", file_kind, 0o644, 0)] },
+    ];
+    let mut tree = FsTree::default();
+    for (position, index) in layers.iter().enumerate() {
+        tree.apply(position, &layerwright_cache::Digest::of_bytes(&[position as u8]), index).unwrap();
+    }
+    let indexes: Vec<Arc<LayerIndex>> = layers.into_iter().map(Arc::new).collect();
+    let fixes: Vec<(String, u32, u32)> =
+        implied_directory_fixes(&tree, &indexes).into_iter().map(|made| (made.path, made.mode, made.uid)).collect();
+    // `/srv` is there as the parent of `/srv/data` (an upper directory needs its parents);
+    // `/usr/bin` is 0755 0:0 either way; `/opt` is right in its topmost layer.
+    assert_eq!(
+        fixes,
+        [("srv".to_owned(), 0o755, 0), ("srv/data".to_owned(), 0o750, 1000), ("tmp".to_owned(), 0o1777, 0)]
+    );
 }

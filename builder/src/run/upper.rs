@@ -9,7 +9,8 @@
 //! - regular files are read when the tar is written ([`Content::HostFile`]); files that share
 //!   an inode become one file and hard links to it;
 //! - modes, owners and xattrs are kept, except overlay's own (`trusted.overlay.*`,
-//!   `user.overlay.*`); in a rootless run the caller's ids are root's.
+//!   `user.overlay.*`); in a rootless run the caller's ids are root's, and an entry copied up
+//!   from a lower layer gets back the owner the rootless snapshot recorded for it.
 //!
 //! The mountpoints the runner created in the upper for itself (`proc`, `dev`, `etc/hosts` and
 //! the like, when the image lacks them) are left out, but only while they are still exactly as
@@ -28,6 +29,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::layer::{Content, EntryKind, LayerEntry};
+use crate::run::snapshot::OWNER_XATTR;
 
 /// Prefixes of the xattrs overlayfs keeps for itself (`trusted.` when mounted by root, `user.`
 /// with `userxattr`).
@@ -75,8 +77,20 @@ pub fn upper_entries(upper: &Path, options: &UpperOptions) -> Result<Vec<LayerEn
         let read_error = |source| UpperError::Read { path: path.clone(), source };
         let metadata = fs::symlink_metadata(&path).map_err(read_error)?;
         let file_type = metadata.file_type();
-        let (uid, gid) = map_ids(metadata.uid(), metadata.gid(), options.root_ids);
+        let (mut uid, mut gid) = map_ids(metadata.uid(), metadata.gid(), options.root_ids);
         let mode = metadata.mode() & 0o7777;
+        if file_type.is_char_device() && metadata.rdev() == 0 {
+            entries.push(LayerEntry { path: relative, kind: EntryKind::Whiteout, mode, uid, gid, xattrs: Vec::new() });
+            continue;
+        }
+        let Xattrs { kept: xattrs, overlay: overlay_xattrs, owner } = read_xattrs(&path)?;
+        // A copied-up entry of a rootless snapshot that the command did not chown (it could only
+        // chown to root, which it already is) gets its owner in the image back.
+        if let (Some(owner), Some((root_uid, _))) = (owner, options.root_ids)
+            && metadata.uid() == root_uid
+        {
+            (uid, gid) = owner;
+        }
         let entry = |kind: EntryKind, xattrs: Vec<(String, Vec<u8>)>| LayerEntry {
             path: relative.clone(),
             kind,
@@ -85,11 +99,6 @@ pub fn upper_entries(upper: &Path, options: &UpperOptions) -> Result<Vec<LayerEn
             gid,
             xattrs,
         };
-        if file_type.is_char_device() && metadata.rdev() == 0 {
-            entries.push(entry(EntryKind::Whiteout, Vec::new()));
-            continue;
-        }
-        let (xattrs, overlay_xattrs) = read_xattrs(&path)?;
         if file_type.is_dir() {
             let opaque = overlay_xattrs.iter().any(|(name, value)| name.ends_with(".opaque") && value == b"y");
             entries.push(entry(EntryKind::Directory, xattrs));
@@ -157,25 +166,33 @@ fn map_ids(uid: u32, gid: u32, root_ids: Option<(u32, u32)>) -> (u32, u32) {
     }
 }
 
-/// The xattrs of `path` (not following a symlink): the ones to keep, and overlay's own.
-type Xattrs = Vec<(String, Vec<u8>)>;
+/// The xattrs of an upper entry.
+#[derive(Default)]
+struct Xattrs {
+    /// For the layer.
+    kept: Vec<(String, Vec<u8>)>,
+    /// Overlayfs's own.
+    overlay: Vec<(String, Vec<u8>)>,
+    /// The image's owner of a copied-up entry of a rootless snapshot ([`OWNER_XATTR`]).
+    owner: Option<(u32, u32)>,
+}
 
-fn read_xattrs(path: &Path) -> Result<(Xattrs, Xattrs), UpperError> {
+/// The xattrs of `path`, not following a symlink.
+fn read_xattrs(path: &Path) -> Result<Xattrs, UpperError> {
     let read_error = |source: rustix::io::Errno| UpperError::Read { path: path.to_owned(), source: source.into() };
     let length = match rustix::fs::llistxattr_query(path) {
         Ok(length) => length,
         // A filesystem without xattrs has none to keep.
-        Err(rustix::io::Errno::NOTSUP) => return Ok((Vec::new(), Vec::new())),
+        Err(rustix::io::Errno::NOTSUP) => return Ok(Xattrs::default()),
         Err(error) => return Err(read_error(error)),
     };
     if length == 0 {
-        return Ok((Vec::new(), Vec::new()));
+        return Ok(Xattrs::default());
     }
     let mut names = vec![0u8; length];
     let length = rustix::fs::llistxattr(path, &mut names[..]).map_err(read_error)?;
     names.truncate(length);
-    let mut kept = Vec::new();
-    let mut overlay = Vec::new();
+    let mut xattrs = Xattrs::default();
     for name in names.split(|byte| *byte == 0).filter(|name| !name.is_empty()) {
         let Ok(name) = std::str::from_utf8(name) else {
             continue; // Not representable as a PAX key; no tool writes such names.
@@ -189,13 +206,16 @@ fn read_xattrs(path: &Path) -> Result<(Xattrs, Xattrs), UpperError> {
         let mut value = vec![0u8; size];
         let size = rustix::fs::lgetxattr(path, name, &mut value[..]).map_err(read_error)?;
         value.truncate(size);
-        if OVERLAY_XATTR_PREFIXES.iter().any(|prefix| name.starts_with(prefix)) {
-            overlay.push((name.to_owned(), value));
+        if name == OWNER_XATTR {
+            let text = String::from_utf8_lossy(&value);
+            xattrs.owner = text.split_once(':').and_then(|(uid, gid)| Some((uid.parse().ok()?, gid.parse().ok()?)));
+        } else if OVERLAY_XATTR_PREFIXES.iter().any(|prefix| name.starts_with(prefix)) {
+            xattrs.overlay.push((name.to_owned(), value));
         } else {
-            kept.push((name.to_owned(), value));
+            xattrs.kept.push((name.to_owned(), value));
         }
     }
-    Ok((kept, overlay))
+    Ok(xattrs)
 }
 
 /// Removes the runner's own mountpoints that are still exactly as it created them, deepest
@@ -319,6 +339,25 @@ mod tests {
                 "srv/z-link 0640 hardlink => srv/a-link",
             ]
         );
+    }
+
+    #[test]
+    fn rootless_copies_up_get_the_owner_their_snapshot_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path();
+        fs::create_dir(upper.join("data")).unwrap();
+        mode(&upper.join("data"), 0o750);
+        fs::write(upper.join("data/config"), "x").unwrap();
+        mode(&upper.join("data/config"), 0o640);
+        fs::write(upper.join("data/new"), "x").unwrap();
+        mode(&upper.join("data/new"), 0o644);
+        assert!(set_xattr(&upper.join("data"), OWNER_XATTR, b"1000:1000"));
+        assert!(set_xattr(&upper.join("data/config"), OWNER_XATTR, b"1000:50"));
+        let ids = (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw());
+        let entries = upper_entries(upper, &UpperOptions { root_ids: Some(ids), created: Vec::new() }).unwrap();
+        let owners: Vec<(&str, u32, u32, usize)> =
+            entries.iter().map(|entry| (entry.path.as_str(), entry.uid, entry.gid, entry.xattrs.len())).collect();
+        assert_eq!(owners, [("data", 1000, 1000, 0), ("data/config", 1000, 50, 0), ("data/new", 0, 0, 0)]);
     }
 
     #[test]
