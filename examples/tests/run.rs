@@ -202,6 +202,33 @@ fn what_a_run_copies_up_keeps_its_owner_and_mode() {
 }
 
 #[test]
+fn renames_hard_links_and_mode_changes_of_lower_files_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox()
+        .write_file("/srv/old-dir/inner/file", "inner\n")
+        .write_file("/srv/linked", "linked\n")
+        .write_file("/srv/script", "#!/bin/sh\n")
+        // A rename of a lower directory (overlayfs refuses it with EXDEV; mv copies), a hard
+        // link to a lower file, a mode change, a write into the sticky /tmp.
+        .run("mv /srv/old-dir /srv/new-dir && ln /srv/linked /srv/hard && chmod 4755 /srv/script && echo t > /tmp/t");
+    let Some(built) = build(&Builder::new(dir.path().join("cache")).unwrap(), &image) else { return };
+    let listing = built.listing().unwrap();
+    assert_eq!(
+        lines_below(&listing, "/srv"),
+        [
+            "dir 0755 0:0 - - /srv".to_owned(),
+            format!("file 0644 0:0 7 {} /srv/hard", sha256("linked\n")),
+            format!("hardlink 0644 0:0 7 {} => /srv/hard /srv/linked", sha256("linked\n")),
+            "dir 0755 0:0 - - /srv/new-dir".to_owned(),
+            "dir 0755 0:0 - - /srv/new-dir/inner".to_owned(),
+            format!("file 0644 0:0 6 {} /srv/new-dir/inner/file", sha256("inner\n")),
+            format!("file 4755 0:0 10 {} /srv/script", sha256("#!/bin/sh\n")),
+        ]
+    );
+    assert!(listing.contains("dir 1777 0:0 - - /tmp\n"), "{listing}");
+}
+
+#[test]
 fn a_chain_of_200_run_steps_mounts_runs_and_rebuilds_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
@@ -300,6 +327,17 @@ fn the_command_runs_with_the_configs_and_the_steps_env_workdir_and_user() {
     assert_eq!(lines, ["config step /root /srv/app/dir 0:0"]);
     // The missing working directory was created, as Docker does, and is part of the layer.
     assert!(built.listing().unwrap().contains("dir 0755 0:0 - - /srv/app/dir\n"));
+
+    // An argv runs as given, its program found through PATH; a missing one is a clear error.
+    let argv = busybox().run(Run::argv(["echo", "argv", "$HOME"]));
+    let Some((_, lines)) = build_with_output(&dir.path().join("cache"), &argv) else { return };
+    assert_eq!(lines, ["argv $HOME"]);
+    let missing = busybox().run(Run::argv(["no-such-program"]));
+    let error = Builder::new(dir.path().join("cache")).unwrap().build(&missing).unwrap_err().to_string();
+    assert!(
+        error.contains("cannot execute \"no-such-program\" in the image (tried /usr/local/sbin/no-such-program, "),
+        "{error}"
+    );
 
     let as_nobody = busybox().run(Run::shell("id -u; id -g; touch /tmp/by-nobody").user("nobody"));
     if is_root() {

@@ -199,8 +199,8 @@ fn execute_run_with(
     created.sort_by(|left, right| compare_paths(&left.path, &right.path));
     created.dedup_by(|later, earlier| later.path == earlier.path);
     create_in_upper(&upper, &created, identity.rootless.is_none()).map_err(|(path, source)| {
-        eprintln!("layerwright: {step}: cannot create the mountpoint {}: {source}", path.display());
-        RunError::Io { step: step.clone(), action: "create the mountpoint", path, source }
+        eprintln!("layerwright: {step}: cannot prepare {} in the upper directory: {source}", path.display());
+        RunError::Io { step: step.clone(), action: "prepare in the upper directory", path, source }
     })?;
     let hosts = run_dir.path().join("hosts");
     fs::write(&hosts, hosts_file()).map_err(io_error("write", &hosts))?;

@@ -421,11 +421,15 @@ impl<'a> ChildProgram<'a> {
             Stage::SetgroupsDeny => "write(/proc/self/setgroups, \"deny\")".to_owned(),
             Stage::UidMap => format!(
                 "write(/proc/self/uid_map, {:?})",
-                self.id_maps.as_ref().map(|(uid_map, _)| String::from_utf8_lossy(uid_map).into_owned())
+                self.id_maps
+                    .as_ref()
+                    .map_or_else(String::new, |(uid_map, _)| String::from_utf8_lossy(uid_map).into_owned())
             ),
             Stage::GidMap => format!(
                 "write(/proc/self/gid_map, {:?})",
-                self.id_maps.as_ref().map(|(_, gid_map)| String::from_utf8_lossy(gid_map).into_owned())
+                self.id_maps
+                    .as_ref()
+                    .map_or_else(String::new, |(_, gid_map)| String::from_utf8_lossy(gid_map).into_owned())
             ),
             Stage::MakePrivate => "mount(\"/\", MS_REC | MS_PRIVATE)".to_owned(),
             Stage::Hostname => format!("sethostname({:?})", self.plan.hostname),
@@ -460,7 +464,9 @@ impl<'a> ChildProgram<'a> {
                 .map_or_else(|| "a /dev link".to_owned(), |(target, link)| format!("symlink({target:?}, {link:?})")),
             Stage::Workdir => format!(
                 "mkdir({:?}) for the working directory",
-                self.workdir_prefixes.get(detail).map(|prefix| prefix.to_string_lossy().into_owned())
+                self.workdir_prefixes
+                    .get(detail)
+                    .map_or_else(String::new, |prefix| prefix.to_string_lossy().into_owned())
             ),
             Stage::ChdirWorkdir => format!("chdir({:?})", process.workdir),
             Stage::DropCapabilities => format!("prctl(PR_CAPBSET_DROP, {detail})"),
@@ -468,7 +474,7 @@ impl<'a> ChildProgram<'a> {
             Stage::SetGid => format!("setgid({})", process.gid),
             Stage::SetUid => format!("setuid({})", process.uid),
             Stage::CloseDescriptors => "close_range(3, ~0, CLOSE_RANGE_CLOEXEC)".to_owned(),
-            Stage::Exec => format!("execve({:?})", process.exec_candidates.get(detail)),
+            Stage::Exec => format!("execve({:?})", process.exec_candidates.get(detail).map_or("", String::as_str)),
         }
     }
 }
@@ -541,9 +547,7 @@ struct ChildDescriptors {
 impl Sandbox for NamespaceSandbox {
     fn run(&self, plan: &SandboxPlan, output: &mut dyn FnMut(&[u8])) -> Result<Termination, SandboxError> {
         let program = ChildProgram::new(plan)?;
-        if program.binds.len() > MAX_BINDS {
-            unreachable!("at most the devices, hosts and resolv.conf are bound");
-        }
+        debug_assert!(program.binds.len() <= MAX_BINDS, "at most the devices, hosts and resolv.conf are bound");
         let (output_read, output_write) = pipe()?;
         let (failure_read, failure_write) = pipe()?;
         // The parent holds the write end for as long as it waits: a child that finds it closed
