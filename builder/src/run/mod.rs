@@ -59,7 +59,7 @@ pub use snapshot::SnapshotError;
 pub use spec::SpecError;
 pub use upper::UpperError;
 
-use overlay::OverlayMount;
+use overlay::{OverlayMount, OverlayPaths};
 use sandbox::{NamespaceSandbox, Sandbox, SandboxMounts, SandboxPlan, Termination};
 use snapshot::SnapshotFlavour;
 use upper::{CreatedPath, UpperOptions};
@@ -121,19 +121,20 @@ pub fn execute_run(execution: &Execution<'_>, request: &RunRequest<'_>) -> Resul
     execute_run_with(execution, request, &NamespaceSandbox, Identity::of_process())
 }
 
-/// Who runs the build: real root, or a user who needs a user namespace.
+/// Who runs the build (real root, or a user who needs a user namespace), and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Identity {
     /// `Some((uid, gid))` of the caller when not root.
     rootless: Option<(u32, u32)>,
+    /// Mount the overlay the way kernels before 6.8 need (for tests of that path).
+    classic_overlay: bool,
 }
 
 impl Identity {
     fn of_process() -> Identity {
-        if rustix::process::geteuid().is_root() {
-            return Identity { rootless: None };
-        }
-        Identity { rootless: Some((rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw())) }
+        let rootless = (!rustix::process::geteuid().is_root())
+            .then(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()));
+        Identity { rootless, classic_overlay: false }
     }
 
     fn flavour(self) -> SnapshotFlavour {
@@ -207,7 +208,22 @@ fn execute_run_with(
     let resolv_conf = run_dir.path().join("resolv.conf");
     fs::write(&resolv_conf, resolv_conf_file(request.run.network)).map_err(io_error("write", &resolv_conf))?;
 
-    let overlay = OverlayMount::new(store.root(), &lowers, &upper, &work, &merged, identity.rootless.is_some())
+    // Short names of the layers, for kernels whose overlayfs lacks `lowerdir+`.
+    let short_lowers = run_dir.path().join("lowers");
+    fs::create_dir(&short_lowers).map_err(io_error("create", &short_lowers))?;
+    for (index, lower) in lowers.iter().enumerate() {
+        let link = short_lowers.join(index.to_string());
+        std::os::unix::fs::symlink(lower, &link).map_err(io_error("create the symlink", &link))?;
+    }
+    let paths = OverlayPaths {
+        base_dir: store.root(),
+        lowers: &lowers,
+        upper: &upper,
+        work: &work,
+        target: &merged,
+        short_lowers: &short_lowers,
+    };
+    let overlay = OverlayMount::new(&paths, identity.rootless.is_some(), identity.classic_overlay)
         .map_err(|source| RunError::Overlay { step: step.clone(), source })?;
     let plan = SandboxPlan {
         base_dir: store.root().to_owned(),

@@ -14,6 +14,10 @@
 //! Docker); `index=off`; `userxattr` in a user namespace (rootless), where overlay keeps its
 //! xattrs under `user.overlay.*`.
 //!
+//! Kernels before 6.8 lack `lowerdir+` (and before 5.2 the new API): there the same overlay is
+//! mounted with `mount(2)` and the classic option string, whose page-size limit is kept by naming
+//! the layers through a directory of short symlinks (`0`, `1`, ...), as Docker's overlay2 does.
+//!
 //! What this module deliberately is not: the sandbox (namespaces, pivot_root, exec), or a way
 //! to mount anything in the calling process's own mount namespace.
 
@@ -21,13 +25,18 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 use rustix::fd::AsFd;
-use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags};
 use thiserror::Error;
 
 use crate::run::sandbox::{Failure, Stage};
 
 /// The longest string `fsconfig(FSCONFIG_SET_STRING)` accepts.
 const FSCONFIG_STRING_LIMIT: usize = 255;
+
+/// The longest option string `mount(2)` passes (a page, with its NUL).
+const CLASSIC_DATA_LIMIT: usize = 4096;
 
 /// The deepest stack of lower directories overlayfs mounts (`OVL_MAX_STACK`).
 pub const MAX_LOWER_LAYERS: usize = 500;
@@ -47,30 +56,91 @@ struct ConfigOption {
     value: Option<CString>,
 }
 
+/// The paths of an overlay mount.
+#[derive(Debug, Clone, Copy)]
+pub struct OverlayPaths<'a> {
+    /// The directory the child mounts from (the store root): paths below it are passed relative.
+    pub base_dir: &'a Path,
+    /// Top first.
+    pub lowers: &'a [PathBuf],
+    pub upper: &'a Path,
+    pub work: &'a Path,
+    pub target: &'a Path,
+    /// A directory of symlinks `0`, `1`, ... to `lowers`, beside `upper`, `work` and `target`:
+    /// the short names the classic option string needs.
+    pub short_lowers: &'a Path,
+}
+
+/// The classic `mount(2)` of the same overlay, for kernels without `lowerdir+` (before 6.8):
+/// one option string of at most a page, made from the directory of short lower links.
+#[derive(Debug, Clone)]
+struct ClassicOverlay {
+    /// The directory of short links (relative to the store root).
+    directory: CString,
+    /// `lowerdir=0:1:...,upperdir=../upper,...`
+    data: CString,
+    /// The target relative to `directory`.
+    target: CString,
+}
+
+impl ClassicOverlay {
+    /// `None` when the option string would not fit a page.
+    fn new(
+        paths: &OverlayPaths<'_>,
+        userxattr: bool,
+        relative: &dyn Fn(&Path) -> Result<CString, OverlayError>,
+    ) -> Result<Option<ClassicOverlay>, OverlayError> {
+        // `../name` for a sibling of the links directory, else the absolute path.
+        let from_links = |path: &Path| -> String {
+            match (path.parent(), path.file_name()) {
+                (Some(parent), Some(name)) if Some(parent) == paths.short_lowers.parent() => {
+                    format!("../{}", name.to_string_lossy())
+                }
+                _ => path.display().to_string(),
+            }
+        };
+        let lowers: Vec<String> = (0..paths.lowers.len()).map(|index| index.to_string()).collect();
+        let mut data = format!(
+            "lowerdir={},upperdir={},workdir={},redirect_dir=nofollow,metacopy=off,index=off",
+            lowers.join(":"),
+            from_links(paths.upper),
+            from_links(paths.work)
+        );
+        if userxattr {
+            data.push_str(",userxattr");
+        }
+        if data.len() >= CLASSIC_DATA_LIMIT || data.contains(['\0', ' ']) {
+            return Ok(None);
+        }
+        Ok(Some(ClassicOverlay {
+            directory: relative(paths.short_lowers)?,
+            data: CString::new(data).expect("checked for NUL bytes above"),
+            target: CString::new(from_links(paths.target))
+                .map_err(|_| OverlayError::PathTooLong { path: paths.target.to_owned() })?,
+        }))
+    }
+}
+
 /// An overlay mount, ready to be made by the sandbox child.
 #[derive(Debug, Clone)]
 pub struct OverlayMount {
     options: Vec<ConfigOption>,
     /// Where the mount is attached (relative to the store root).
     target: CString,
+    classic: Option<ClassicOverlay>,
+    prefer_classic: bool,
 }
 
 impl OverlayMount {
-    /// The overlay of `lowers` (top first) with `upper` and `work`, to be attached at `target`;
-    /// every path below `base_dir` is given relative to it.
-    pub fn new(
-        base_dir: &Path,
-        lowers: &[PathBuf],
-        upper: &Path,
-        work: &Path,
-        target: &Path,
-        userxattr: bool,
-    ) -> Result<OverlayMount, OverlayError> {
-        if lowers.len() > MAX_LOWER_LAYERS {
-            return Err(OverlayError::TooManyLayers { layers: lowers.len() });
+    /// The overlay of `paths.lowers` (top first) with `paths.upper` and `paths.work`, to be
+    /// attached at `paths.target`; every path below `paths.base_dir` is given relative to it.
+    /// `prefer_classic` skips the new API (for tests of the fallback).
+    pub fn new(paths: &OverlayPaths<'_>, userxattr: bool, prefer_classic: bool) -> Result<OverlayMount, OverlayError> {
+        if paths.lowers.len() > MAX_LOWER_LAYERS {
+            return Err(OverlayError::TooManyLayers { layers: paths.lowers.len() });
         }
         let relative = |path: &Path| -> Result<CString, OverlayError> {
-            let shown = path.strip_prefix(base_dir).unwrap_or(path);
+            let shown = path.strip_prefix(paths.base_dir).unwrap_or(path);
             let text = shown.as_os_str().as_encoded_bytes();
             if text.len() > FSCONFIG_STRING_LIMIT || text.contains(&0) {
                 return Err(OverlayError::PathTooLong { path: path.to_owned() });
@@ -83,18 +153,23 @@ impl OverlayMount {
         };
         let literal = |key: &str, value: &str| string(key, CString::new(value).expect("option values have no NUL"));
         let mut options = vec![literal("source", "layerwright")];
-        for lower in lowers {
+        for lower in paths.lowers {
             options.push(string("lowerdir+", relative(lower)?));
         }
-        options.push(string("upperdir", relative(upper)?));
-        options.push(string("workdir", relative(work)?));
+        options.push(string("upperdir", relative(paths.upper)?));
+        options.push(string("workdir", relative(paths.work)?));
         options.push(literal("redirect_dir", "nofollow"));
         options.push(literal("metacopy", "off"));
         options.push(literal("index", "off"));
         if userxattr {
             options.push(ConfigOption { key: CString::new("userxattr").expect("no NUL"), value: None });
         }
-        Ok(OverlayMount { options, target: relative(target)? })
+        Ok(OverlayMount {
+            options,
+            target: relative(paths.target)?,
+            classic: ClassicOverlay::new(paths, userxattr, &relative)?,
+            prefer_classic,
+        })
     }
 
     /// Makes the mount and attaches it at the target. Runs in the sandbox child with the store
@@ -102,14 +177,29 @@ impl OverlayMount {
     // The failure is returned by value: the child must not allocate a Box.
     #[allow(clippy::result_large_err)]
     pub fn mount(&self) -> Result<(), Failure> {
-        let filesystem = rustix::mount::fsopen(c"overlay", FsOpenFlags::FSOPEN_CLOEXEC)
-            .map_err(|error| Failure::new(Stage::OverlayOpen, 0, error))?;
+        if self.prefer_classic {
+            return self.mount_classic();
+        }
+        let filesystem = match rustix::mount::fsopen(c"overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
+            Ok(filesystem) => filesystem,
+            // Before Linux 5.2 there is no new mount API at all.
+            Err(Errno::NOSYS) => return self.mount_classic(),
+            Err(error) => return Err(Failure::new(Stage::OverlayOpen, 0, error)),
+        };
         for (index, option) in self.options.iter().enumerate() {
             let result = match &option.value {
                 Some(value) => rustix::mount::fsconfig_set_string(&filesystem, option.key.as_c_str(), value.as_c_str()),
                 None => rustix::mount::fsconfig_set_flag(&filesystem, option.key.as_c_str()),
             };
-            result.map_err(|error| Failure::new(Stage::OverlayOption, index as u32, error).with_log(&filesystem))?;
+            match result {
+                Ok(()) => {}
+                // Before Linux 6.8 overlayfs does not know `lowerdir+` (the first layer is
+                // option 1, after `source`).
+                Err(Errno::INVAL) if index == 1 && option.key.as_bytes() == b"lowerdir+" => {
+                    return self.mount_classic();
+                }
+                Err(error) => return Err(Failure::new(Stage::OverlayOption, index as u32, error).with_log(&filesystem)),
+            }
         }
         rustix::mount::fsconfig_create(&filesystem)
             .map_err(|error| Failure::new(Stage::OverlayCreate, 0, error).with_log(&filesystem))?;
@@ -126,6 +216,28 @@ impl OverlayMount {
         Ok(())
     }
 
+    /// `mount(2)` with the classic option string, from the directory of short lower links.
+    // The failure is returned by value: the child must not allocate a Box.
+    #[allow(clippy::result_large_err)]
+    fn mount_classic(&self) -> Result<(), Failure> {
+        let fail = |detail: u32| move |error: Errno| Failure::new(Stage::OverlayClassic, detail, error);
+        let Some(classic) = &self.classic else {
+            return Err(Failure::new(Stage::OverlayClassic, 0, Errno::TOOBIG));
+        };
+        let base = rustix::fs::open(c".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(fail(1))?;
+        rustix::process::chdir(classic.directory.as_c_str()).map_err(fail(1))?;
+        let mounted = rustix::mount::mount(
+            c"layerwright",
+            classic.target.as_c_str(),
+            c"overlay",
+            MountFlags::empty(),
+            Some(classic.data.as_c_str()),
+        );
+        rustix::process::fchdir(&base).map_err(fail(1))?;
+        mounted.map_err(fail(2))
+    }
+
     /// The call a failure of [`OverlayMount::mount`] is about, with its arguments.
     pub fn describe(&self, stage: Stage, detail: u32) -> String {
         match stage {
@@ -140,6 +252,15 @@ impl OverlayMount {
             Stage::OverlayCreate => format!("fsconfig(FSCONFIG_CMD_CREATE) of the overlay [{}]", self.summary()),
             Stage::OverlayMount => "fsmount(overlay)".to_owned(),
             Stage::OverlayAttach => format!("move_mount(overlay, {:?})", self.target),
+            Stage::OverlayClassic => match &self.classic {
+                Some(classic) => format!(
+                    "mount(\"overlay\", {:?}, {:?}) from {:?} (this kernel's overlayfs lacks `lowerdir+`)",
+                    classic.target, classic.data, classic.directory
+                ),
+                None => "the classic overlay mount (this kernel's overlayfs lacks `lowerdir+`, and the layers do not \
+                         fit its option string)"
+                    .to_owned(),
+            },
             other => format!("{other:?}"),
         }
     }
@@ -162,19 +283,21 @@ impl OverlayMount {
 mod tests {
     use super::*;
 
+    fn paths<'a>(lowers: &'a [PathBuf]) -> OverlayPaths<'a> {
+        OverlayPaths {
+            base_dir: Path::new("/cache"),
+            lowers,
+            upper: Path::new("/cache/tmp/run-1/upper"),
+            work: Path::new("/cache/tmp/run-1/work"),
+            target: Path::new("/cache/tmp/run-1/merged"),
+            short_lowers: Path::new("/cache/tmp/run-1/lowers"),
+        }
+    }
+
     #[test]
     fn options_are_relative_to_the_store_root_and_layers_are_added_top_first() {
-        let base = Path::new("/cache");
         let lowers = [PathBuf::from("/cache/snapshots/top"), PathBuf::from("/cache/snapshots/bottom")];
-        let mount = OverlayMount::new(
-            base,
-            &lowers,
-            Path::new("/cache/tmp/run-1/upper"),
-            Path::new("/cache/tmp/run-1/work"),
-            Path::new("/cache/tmp/run-1/merged"),
-            true,
-        )
-        .unwrap();
+        let mount = OverlayMount::new(&paths(&lowers), true, false).unwrap();
         assert_eq!(
             mount.summary(),
             "source=layerwright,lowerdir+=snapshots/top,lowerdir+=snapshots/bottom,upperdir=tmp/run-1/upper,\
@@ -185,22 +308,26 @@ mod tests {
             r#"fsconfig(FSCONFIG_SET_STRING, "lowerdir+", "snapshots/bottom")"#
         );
         assert_eq!(mount.describe(Stage::OverlayAttach, 0), r#"move_mount(overlay, "tmp/run-1/merged")"#);
+        // The classic form names the layers by their short links, from the links directory.
+        assert_eq!(
+            mount.describe(Stage::OverlayClassic, 2),
+            r#"mount("overlay", "../merged", "lowerdir=0:1,upperdir=../upper,workdir=../work,redirect_dir=nofollow,metacopy=off,index=off,userxattr") from "tmp/run-1/lowers" (this kernel's overlayfs lacks `lowerdir+`)"#
+        );
     }
 
     #[test]
     fn paths_fsconfig_cannot_take_and_stacks_overlayfs_cannot_mount_are_refused() {
-        let long = PathBuf::from(format!("/elsewhere/{}", "x".repeat(300)));
-        let error =
-            OverlayMount::new(Path::new("/cache"), &[long], Path::new("u"), Path::new("w"), Path::new("m"), false)
-                .unwrap_err();
+        let long = [PathBuf::from(format!("/elsewhere/{}", "x".repeat(300)))];
+        let error = OverlayMount::new(&paths(&long), false, false).unwrap_err();
         assert!(error.to_string().contains("longer than the 255 bytes fsconfig accepts"), "{error}");
         let lowers = vec![PathBuf::from("/cache/snapshots/x"); MAX_LOWER_LAYERS + 1];
-        let error =
-            OverlayMount::new(Path::new("/cache"), &lowers, Path::new("u"), Path::new("w"), Path::new("m"), false)
-                .unwrap_err();
+        let error = OverlayMount::new(&paths(&lowers), false, false).unwrap_err();
         assert_eq!(
             error.to_string(),
             "the image has 501 non-empty layers below the RUN step; overlayfs stacks at most 500"
         );
+        // 500 layers still fit the classic option string through their short names.
+        let lowers = vec![PathBuf::from("/cache/snapshots/x"); MAX_LOWER_LAYERS];
+        assert!(OverlayMount::new(&paths(&lowers), false, false).unwrap().classic.is_some());
     }
 }

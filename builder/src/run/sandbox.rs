@@ -143,6 +143,7 @@ pub enum Stage {
     OverlayCreate,
     OverlayMount,
     OverlayAttach,
+    OverlayClassic,
     OpenBind,
     ChdirMerged,
     PivotRoot,
@@ -166,7 +167,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    const ALL: [Stage; 34] = [
+    const ALL: [Stage; 35] = [
         Stage::ParentGone,
         Stage::ParentDeathSignal,
         Stage::Stdio,
@@ -181,6 +182,7 @@ impl Stage {
         Stage::OverlayCreate,
         Stage::OverlayMount,
         Stage::OverlayAttach,
+        Stage::OverlayClassic,
         Stage::OpenBind,
         Stage::ChdirMerged,
         Stage::PivotRoot,
@@ -438,7 +440,8 @@ impl<'a> ChildProgram<'a> {
             | Stage::OverlayOption
             | Stage::OverlayCreate
             | Stage::OverlayMount
-            | Stage::OverlayAttach => self.plan.overlay.describe(failure.stage, failure.detail),
+            | Stage::OverlayAttach
+            | Stage::OverlayClassic => self.plan.overlay.describe(failure.stage, failure.detail),
             Stage::OpenBind => format!("open_tree(OPEN_TREE_CLONE) for the bind {}", bind(detail)),
             Stage::ChdirMerged => format!("chdir({:?})", self.plan.merged),
             Stage::PivotRoot => format!("pivot_root into {:?}", self.plan.merged),

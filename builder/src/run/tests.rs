@@ -342,3 +342,77 @@ fn directories_only_implied_by_a_higher_layer_are_made_in_the_upper_with_their_m
         [("srv".to_owned(), 0o755, 0), ("srv/data".to_owned(), 0o750, 1000), ("tmp".to_owned(), 0o1777, 0)]
     );
 }
+
+/// `LAYERWRIGHT_SKIP_PRIVILEGED=1`: tests that need a working sandbox may skip.
+fn skip_privileged() -> bool {
+    std::env::var("LAYERWRIGHT_SKIP_PRIVILEGED").is_ok_and(|value| value == "1")
+}
+
+#[test]
+fn the_real_sandbox_runs_with_the_new_mount_api_and_with_the_classic_fallback() {
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().map(PathBuf::from).find(|path| path.is_file());
+    let Some(busybox) = busybox else {
+        assert!(skip_privileged(), "the test needs /bin/busybox: `apt-get install -y busybox-static`");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("cache")).unwrap();
+    let size = fs::metadata(&busybox).unwrap().len();
+    let mut entries = vec![LayerEntry {
+        path: "bin/busybox".into(),
+        kind: EntryKind::File { content: Content::HostFile(busybox), size },
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        xattrs: Vec::new(),
+    }];
+    for applet in ["sh", "echo", "mkdir", "cat", "rm"] {
+        entries.push(LayerEntry {
+            path: format!("bin/{applet}"),
+            kind: EntryKind::Symlink { target: "busybox".into() },
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+            xattrs: Vec::new(),
+        });
+    }
+    entries.push(file("srv/old", "old\n"));
+    let base = crate::layer::write_layer(&store, entries, &layer_options()).unwrap();
+    let parent = Arc::new(NodeState::new(vec![base.record], json!({ "config": {} }), None));
+    let indexes = IndexCache::default();
+    let execution = Execution { store: &store, layer_options: layer_options(), indexes: &indexes };
+    for classic_overlay in [false, true] {
+        let run = Run::shell(format!(
+            "mkdir /out && echo classic={classic_overlay} > /out/x && rm /srv/old && cat /out/x && echo pid=$$"
+        ));
+        let key = StepKey::builder().str(&format!("{run:?}")).finish();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&lines);
+        let progress: ProgressSink = Arc::new(move |event: &ProgressEvent| {
+            if let ProgressEvent::Output { line, .. } = event {
+                seen.lock().unwrap().push(line.clone());
+            }
+        });
+        let request =
+            RunRequest { key: &key, label: "RUN test", run: &run, parent: &parent, progress: Some(&progress) };
+        let identity = Identity { classic_overlay, ..Identity::of_process() };
+        let written = match execute_run_with(&execution, &request, &NamespaceSandbox, identity) {
+            Ok(written) => written,
+            Err(error @ StepError::Run(RunError::Sandbox { .. })) if skip_privileged() => {
+                eprintln!("skipped: the sandbox cannot run here: {error}");
+                return;
+            }
+            Err(error) => panic!("classic overlay {classic_overlay}: {error}"),
+        };
+        assert_eq!(*lines.lock().unwrap(), [format!("classic={classic_overlay}"), "pid=1".to_owned()]);
+        let index = LayerIndex::load(&store, &written.record.diff_id).unwrap().unwrap();
+        let paths: Vec<(&str, &IndexKind)> =
+            index.entries.iter().map(|entry| (entry.path.as_str(), &entry.kind)).collect();
+        assert_eq!(paths.len(), 4, "{paths:?}");
+        assert_eq!(paths[0], ("out", &IndexKind::Directory));
+        assert_eq!(paths[1].0, "out/x");
+        assert_eq!(paths[2], ("srv", &IndexKind::Directory));
+        assert_eq!(paths[3], ("srv/old", &IndexKind::Whiteout));
+    }
+    assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+}
