@@ -126,7 +126,8 @@ pub fn execute_run(execution: &Execution<'_>, request: &RunRequest<'_>) -> Resul
 struct Identity {
     /// `Some((uid, gid))` of the caller when not root.
     rootless: Option<(u32, u32)>,
-    /// Mount the overlay the way kernels before 6.8 need (for tests of that path).
+    /// Mount the overlay the way kernels before 6.8 need: their overlayfs lacks `lowerdir+`
+    /// (before 6.5 it even accepts it into a legacy option string and fails only at the end).
     classic_overlay: bool,
 }
 
@@ -134,11 +135,25 @@ impl Identity {
     fn of_process() -> Identity {
         let rootless = (!rustix::process::geteuid().is_root())
             .then(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()));
-        Identity { rootless, classic_overlay: false }
+        let release = rustix::system::uname().release().to_string_lossy().into_owned();
+        Identity { rootless, classic_overlay: !kernel_at_least(&release, (6, 8)) }
     }
 
     fn flavour(self) -> SnapshotFlavour {
         if self.rootless.is_some() { SnapshotFlavour::Rootless } else { SnapshotFlavour::Privileged }
+    }
+}
+
+/// Whether a kernel release (`6.18.44-fc`, `5.15.0-91-generic`) is at least `major.minor`. An
+/// unreadable release counts as new.
+fn kernel_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut numbers = release.split(['.', '-']).map(|part| {
+        let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().ok()
+    });
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(release_major), Some(release_minor)) => (release_major, release_minor) >= (major, minor),
+        _ => true,
     }
 }
 

@@ -14,8 +14,9 @@
 //! Docker); `index=off`; `userxattr` in a user namespace (rootless), where overlay keeps its
 //! xattrs under `user.overlay.*`.
 //!
-//! Kernels before 6.8 lack `lowerdir+` (and before 5.2 the new API): there the same overlay is
-//! mounted with `mount(2)` and the classic option string, whose page-size limit is kept by naming
+//! Kernels before 6.8 lack `lowerdir+` (and before 5.2 the new API): there (as the kernel
+//! release says, or as the kernel answers the first `lowerdir+`) the same overlay is mounted
+//! with `mount(2)` and the classic option string, whose page-size limit is kept by naming
 //! the layers through a directory of short symlinks (`0`, `1`, ...), as Docker's overlay2 does.
 //!
 //! What this module deliberately is not: the sandbox (namespaces, pivot_root, exec), or a way

@@ -416,3 +416,17 @@ fn the_real_sandbox_runs_with_the_new_mount_api_and_with_the_classic_fallback() 
     }
     assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
 }
+
+#[test]
+fn kernel_releases_are_compared_by_major_and_minor() {
+    for (release, expected) in [
+        ("6.18.44-fc-v669", true),
+        ("6.8.0", true),
+        ("6.7.12-arch1", false),
+        ("5.15.0-91-generic", false),
+        ("7.0", true),
+        ("weird", true),
+    ] {
+        assert_eq!(kernel_at_least(release, (6, 8)), expected, "{release}");
+    }
+}
