@@ -584,9 +584,9 @@ impl Sandbox for NamespaceSandbox {
             eprintln!("layerwright: clone({flags}) failed: {source}");
             let hint = match plan.rootless {
                 Some(_) => Some(
-                    "user namespaces are refused: check /proc/sys/user/max_user_namespaces, \
-                     kernel.unprivileged_userns_clone and kernel.apparmor_restrict_unprivileged_userns, \
-                     or run as root",
+                    "RUN steps need root or a user namespace, and user namespaces are refused here: check \
+                     /proc/sys/user/max_user_namespaces, kernel.unprivileged_userns_clone and \
+                     kernel.apparmor_restrict_unprivileged_userns (a chroot refuses them too), or run as root",
                 ),
                 None if source.raw_os_error() == Some(libc::EPERM) => Some("the sandbox needs CAP_SYS_ADMIN"),
                 None => None,
