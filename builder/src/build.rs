@@ -61,13 +61,22 @@ pub enum StepError {
     CorruptConfig { digest: Digest, reason: String },
     #[error("{what} is not supported yet")]
     Unsupported { what: &'static str },
+    #[error(transparent)]
+    Run(#[from] crate::run::RunError),
 }
 
-/// One line of progress: a step started or finished.
+/// One line of progress: a step started or finished, or a RUN step's command printed a line.
 #[derive(Debug, Clone)]
 pub enum ProgressEvent {
-    Started { label: String },
+    Started {
+        label: String,
+    },
     Finished(StepReport),
+    /// A line of a RUN command's output (stdout and stderr interleaved), as it comes.
+    Output {
+        label: String,
+        line: String,
+    },
 }
 
 /// Receives progress events (the xtask draws them; a library user may log them). Called from

@@ -153,9 +153,13 @@ impl ProgressDisplay {
 
     fn show(&self, event: &ProgressEvent) {
         let Some((multi, bars)) = &self.terminal else {
-            if let ProgressEvent::Finished(report) = event {
-                let state = if report.cached { "cached" } else { "built " };
-                eprintln!("{state} {:>8.2?}  {}", report.duration, report.label);
+            match event {
+                ProgressEvent::Finished(report) => {
+                    let state = if report.cached { "cached" } else { "built " };
+                    eprintln!("{state} {:>8.2?}  {}", report.duration, report.label);
+                }
+                ProgressEvent::Output { line, .. } => eprintln!("  | {line}"),
+                ProgressEvent::Started { .. } => {}
             }
             return;
         };
@@ -176,6 +180,10 @@ impl ProgressDisplay {
                 let state = if report.cached { "cached" } else { "built " };
                 bar.set_style(ProgressStyle::with_template("{msg}").expect("a valid template"));
                 bar.finish_with_message(format!("✓ {state} {:>8.2?}  {}", report.duration, report.label));
+            }
+            ProgressEvent::Output { line, .. } => {
+                // Above the spinners, which keep spinning below.
+                let _ = multi.println(format!("  | {line}"));
             }
         }
     }

@@ -31,6 +31,7 @@ mod export;
 pub mod host;
 mod import;
 mod layer;
+mod run;
 mod solver;
 mod steps;
 mod tree;
@@ -40,6 +41,7 @@ pub use export::ExportError;
 pub use layer::Compression;
 pub use layerwright_cache as cache;
 pub use layerwright_dsl::*;
+pub use run::RunError;
 
 /// The building blocks of a build, exposed for the criterion micro-benchmarks of the hot paths
 /// (context hashing, tar writing and compression) and the fuzz targets (base layer and archive

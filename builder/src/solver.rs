@@ -5,7 +5,8 @@
 //!    Walk the contexts of `copy` steps (digests through the stat cache) and find each step's
 //!    salsa input in the long-lived key database.
 //! 2. **Key**: the tracked `step_key` query for every node, in parallel with one clone of the
-//!    query storage per rayon worker (`map_with`). Unchanged inputs re-execute nothing.
+//!    query storage per rayon worker (`map_with`), one depth level of the graph at a time (so
+//!    that no query recurses down a deep chain). Unchanged inputs re-execute nothing.
 //! 3. **Execute**: a rayon-parallel walk of the DAG in which a node starts as soon as its inputs
 //!    are done. A node whose key has a committed action record is a hit; a miss executes, and
 //!    its record is committed last. After the first failure no new step starts; the error of the
@@ -29,6 +30,7 @@ use crate::config;
 use crate::context::{self, OpenedContext, Selection, StatLookup};
 use crate::import;
 use crate::layer::{LayerEntry, LayerOptions};
+use crate::run::{self, RunRequest};
 use crate::steps::{Execution, IndexCache, NodeState};
 
 /// One node of the plan.
@@ -60,10 +62,7 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
             // Only an accelerator: the next build re-hashes what it cannot find.
             eprintln!("layerwright: warning: cannot save the stat cache: {error}");
         }
-        let queries = state.keys.queries().clone();
-        let keys: Vec<StepKey> = builder
-            .workers
-            .install(|| plan.par_iter().map_with(queries, |queries, node| queries.key(node.input)).collect());
+        let keys = key_by_depth(&plan, state.keys.queries(), &builder.workers);
         (plan, keys)
     };
     let (plan, keys) = plan;
@@ -114,6 +113,44 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
                 .map_err(|source| BuildError::Step { step: "write manifest".into(), source: Box::new(source) })
         })
         .collect()
+}
+
+/// The key of every planned node, one depth level at a time (in parallel within a level).
+///
+/// A step's key query asks for its parent's key, so a query started at the top of a deep chain
+/// recurses down the whole chain inside salsa, whose frames are large: a chain of 200 steps can
+/// overflow a worker's stack. Level by level, every query finds the keys of its inputs already
+/// memoized and recurses one level at most.
+fn key_by_depth(
+    plan: &[PlannedNode],
+    queries: &layerwright_cache::KeyQueries,
+    workers: &rayon::ThreadPool,
+) -> Vec<StepKey> {
+    let mut depths = vec![0usize; plan.len()];
+    let mut levels: Vec<Vec<usize>> = Vec::new();
+    for (index, node) in plan.iter().enumerate() {
+        // Inputs come before the nodes that use them in the plan.
+        let depth = node.inputs.iter().map(|input| depths[*input] + 1).max().unwrap_or(0);
+        depths[index] = depth;
+        if levels.len() <= depth {
+            levels.resize_with(depth + 1, Vec::new);
+        }
+        levels[depth].push(index);
+    }
+    let mut keys: Vec<Option<StepKey>> = vec![None; plan.len()];
+    for level in levels {
+        let level_queries = queries.clone();
+        let level_keys: Vec<(usize, StepKey)> = workers.install(|| {
+            level
+                .par_iter()
+                .map_with(level_queries, |queries, &index| (index, queries.key(plan[index].input)))
+                .collect()
+        });
+        for (index, key) in level_keys {
+            keys[index] = Some(key);
+        }
+    }
+    keys.into_iter().map(|key| key.expect("every node is on a level")).collect()
 }
 
 fn source_date_epoch_from_env() -> Option<u64> {
@@ -456,7 +493,22 @@ impl<'a> Walk<'a> {
             (_, Step::Pull { .. }) => {
                 return Err(StepError::Unsupported { what: "pulling a base image from a registry" });
             }
-            (_, Step::Run(_)) => return Err(StepError::Unsupported { what: "a RUN step (the overlay runner)" }),
+            (Some(parent), Step::Run(run)) => {
+                if let Some(record) = self.store.read_action(&key)?
+                    && let Some(layer) = record.layers.into_iter().next()
+                {
+                    return Ok(layer_outcome(parent, layer, &node.label, &self.created, true, None));
+                }
+                let miss = self.explain_miss(index);
+                if let Some(hook) = &self.builder.options.before_execute {
+                    hook(&node.label);
+                }
+                let progress = self.builder.options.progress.as_ref();
+                let request = RunRequest { key: &key, label: &node.label, run, parent, progress };
+                let written = run::execute_run(&execution, &request)?;
+                self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
+                return Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)));
+            }
             (Some(parent), step) => (parent, step),
             (None, _) => unreachable!("only base steps lack a parent, and Image::with_step refuses bases"),
         };

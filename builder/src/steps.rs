@@ -49,7 +49,7 @@ impl IndexCache {
         self.indexes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(diff_id, Arc::new(index));
     }
 
-    fn get(&self, store: &Store, layer: &LayerRecord) -> Result<Arc<LayerIndex>, TreeError> {
+    pub fn get(&self, store: &Store, layer: &LayerRecord) -> Result<Arc<LayerIndex>, TreeError> {
         if let Some(index) = self.indexes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&layer.diff_id) {
             return Ok(Arc::clone(index));
         }

@@ -163,7 +163,7 @@ pub fn index_layer(store: &Store, layer: &LayerRecord) -> Result<LayerIndex, Tre
 }
 
 /// Where a tar member name lands in the image.
-enum MemberPath {
+pub(crate) enum MemberPath {
     /// The root directory itself (`./`, `.`).
     Root,
     Inside(String),
@@ -172,7 +172,7 @@ enum MemberPath {
 
 /// Normalises a tar member name: no leading `/`, one leading `./` stripped, empty and `.`
 /// components dropped, `..` refused.
-fn normalise_member_path(name: &str) -> MemberPath {
+pub(crate) fn normalise_member_path(name: &str) -> MemberPath {
     if name.is_empty() || name.starts_with('/') {
         return MemberPath::Escapes;
     }
@@ -193,11 +193,11 @@ fn normalise_member_path(name: &str) -> MemberPath {
 
 /// A regular file's tar types: regular (`0` and the old `\0`), contiguous, and GNU sparse
 /// (whose holes the tar crate fills in when the content is read).
-fn is_regular_file(entry_type: tar::EntryType) -> bool {
+pub(crate) fn is_regular_file(entry_type: tar::EntryType) -> bool {
     entry_type.is_file() || entry_type.is_contiguous() || entry_type.is_gnu_sparse()
 }
 
-fn member_name<R: Read>(member: &tar::Entry<'_, R>, layer: &Digest) -> Result<String, TreeError> {
+pub(crate) fn member_name<R: Read>(member: &tar::Entry<'_, R>, layer: &Digest) -> Result<String, TreeError> {
     let bytes = member.path_bytes();
     match std::str::from_utf8(&bytes) {
         Ok(name) => Ok(name.to_owned()),
@@ -299,7 +299,7 @@ fn index_member<R: Read>(member: &mut tar::Entry<'_, R>, layer: &Digest) -> Resu
 }
 
 /// Passes bytes through while hashing them: the diff id of the uncompressed stream.
-struct HashingReader<R> {
+pub(crate) struct HashingReader<R> {
     inner: R,
     hasher: Sha256Writer<io::Sink>,
 }
@@ -313,7 +313,7 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// The uncompressed tar stream of a stored layer blob, hashed as it is read.
-fn open_layer_stream(store: &Store, layer: &LayerRecord) -> Result<HashingReader<Box<dyn Read>>, TreeError> {
+pub(crate) fn open_layer_stream(store: &Store, layer: &LayerRecord) -> Result<HashingReader<Box<dyn Read>>, TreeError> {
     let read_error = |source| TreeError::Read { layer: layer.digest.clone(), source };
     let declared = Compression::from_media_type(&layer.media_type).ok_or_else(|| TreeError::UnsupportedMediaType {
         layer: layer.digest.clone(),
@@ -340,7 +340,7 @@ fn open_layer_stream(store: &Store, layer: &LayerRecord) -> Result<HashingReader
 
 /// Reads the rest of the stream (the end-of-archive blocks and any record padding count for
 /// the diff id) and compares the digest of everything read with the layer's diff id.
-fn verify_diff_id(mut stream: HashingReader<Box<dyn Read>>, layer: &LayerRecord) -> Result<(), TreeError> {
+pub(crate) fn verify_diff_id(mut stream: HashingReader<Box<dyn Read>>, layer: &LayerRecord) -> Result<(), TreeError> {
     io::copy(&mut stream, &mut io::sink()).map_err(|source| TreeError::Read { layer: layer.digest.clone(), source })?;
     let (actual, _, _) = stream.hasher.finish();
     if actual != layer.diff_id {

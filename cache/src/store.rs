@@ -289,9 +289,31 @@ fn remove_stale_temp_files(tmp: &Path) {
     let Ok(entries) = fs::read_dir(tmp) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
-        let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path).or_else(|_| {
+                // A RUN step's overlay work directory holds a directory the kernel made with
+                // mode 000, which only root can enter: open up what we own, then retry.
+                make_directories_searchable(&path);
+                fs::remove_dir_all(&path)
+            })
+        } else {
+            fs::remove_file(&path)
+        };
         if let Err(error) = removed {
             eprintln!("layerwright: warning: cannot remove stale temp file {}: {error}", path.display());
+        }
+    }
+}
+
+/// Gives every directory below `path` (itself included) mode 0700, not following symlinks;
+/// errors are left for the removal that follows to report.
+fn make_directories_searchable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
+    let Ok(entries) = fs::read_dir(path) else { return };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|file_type| file_type.is_dir()) {
+            make_directories_searchable(&entry.path());
         }
     }
 }

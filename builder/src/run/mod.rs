@@ -1,0 +1,566 @@
+//! RUN steps: run a command against the image as it stands and record what it changed as a new
+//! layer, the way Docker's copy-on-write storage does (the lower layers stay read-only, every
+//! write lands in the overlay's upper directory, and that directory is the layer).
+//!
+//! [`execute_run`] is the whole of one RUN step on a cache miss:
+//! 1. every layer of the parent is unpacked once into the cache ([`snapshot`]) and used as an
+//!    overlay lower directory, top first;
+//! 2. what the command runs as is resolved from the image config and the step ([`spec`]);
+//! 3. a run directory under the store's `tmp/` gets the upper, work and merged directories and
+//!    the generated `/etc/hosts` and `/etc/resolv.conf`; mountpoints the image lacks (`/proc`,
+//!    `/dev`, ...) and directories whose metadata a snapshot would get wrong (see
+//!    [`implied_directory_fixes`]) are made in the upper and remembered;
+//! 4. the [`sandbox`] mounts the overlay ([`overlay`]) in fresh namespaces and runs the command,
+//!    whose output goes to the progress sink line by line and to `logs/<step key>.log`;
+//! 5. on exit code 0 the upper directory becomes the layer ([`upper`]), which is written and
+//!    committed under the step's key; on anything else nothing is committed and the error shows
+//!    the exit code, the command, the last 20 lines of output and the log's path.
+//!
+//! The run directory is removed in every case (a crash leaves it in `tmp/`, which the store
+//! clears). Mounts and processes need no cleanup here: they live in namespaces that die with the
+//! command (see `sandbox`).
+//!
+//! Rootless: when not root, the sandbox adds a user namespace mapping root to the caller and
+//! mounts overlayfs with `userxattr`; snapshots are unpacked in their rootless flavour. Only
+//! root exists in such a run (a step with another user fails with a clear error). Owners other
+//! than root in lower layers are seen as root by the command, but an entry it copies up keeps
+//! its owner in the layer (recorded in an xattr of the snapshot); a `chown` the command makes to
+//! root of such an entry is lost.
+//!
+//! What this module deliberately does not do: decide whether the step runs (the solver looks its
+//! key up first), or keep anything of a failed run but its log.
+
+mod overlay;
+mod sandbox;
+mod snapshot;
+mod spec;
+mod upper;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use layerwright_cache::{LayerRecord, StepKey, Store};
+use layerwright_dsl::{Run, RunCommand};
+use rayon::prelude::*;
+use thiserror::Error;
+
+use crate::build::{ProgressEvent, ProgressSink, StepError};
+use crate::layer::compare_paths;
+use crate::steps::{Execution, NewLayer, NodeState};
+use crate::tree::{FsTree, IndexKind, LayerIndex};
+
+pub use overlay::OverlayError;
+pub use sandbox::SandboxError;
+pub use snapshot::SnapshotError;
+pub use spec::SpecError;
+pub use upper::UpperError;
+
+use overlay::{OverlayMount, OverlayPaths};
+use sandbox::{NamespaceSandbox, Sandbox, SandboxMounts, SandboxPlan, Termination};
+use snapshot::SnapshotFlavour;
+use upper::{CreatedPath, UpperOptions};
+
+/// How many lines of a failed command's output its error shows.
+pub const ERROR_OUTPUT_LINES: usize = 20;
+
+/// The hostname inside a RUN step.
+const HOSTNAME: &str = "layerwright";
+
+/// Why a RUN step failed. The step label is carried for callers that match on the error; the
+/// message leaves it out because the build error around it already names the step.
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("{}", failure_message(command, &format!("exited with code {code}"), last_lines, log))]
+    Failed { step: String, command: String, code: i32, last_lines: Vec<String>, log: PathBuf },
+    #[error("{}", failure_message(command, &format!("was killed by signal {signal}"), last_lines, log))]
+    Killed { step: String, command: String, signal: i32, last_lines: Vec<String>, log: PathBuf },
+    #[error("{source}")]
+    Spec { step: String, source: SpecError },
+    #[error("preparing a lower layer: {source}")]
+    Snapshot { step: String, source: SnapshotError },
+    #[error("{source}")]
+    Overlay { step: String, source: OverlayError },
+    #[error("running `{command}`: {source}")]
+    Sandbox { step: String, command: String, source: SandboxError },
+    #[error("reading what `{command}` changed: {source}")]
+    Upper { step: String, command: String, source: UpperError },
+    #[error("cannot {action} {path}: {source}")]
+    Io { step: String, action: &'static str, path: PathBuf, source: io::Error },
+}
+
+fn failure_message(command: &str, how: &str, last_lines: &[String], log: &Path) -> String {
+    let mut message = format!("`{command}` {how}");
+    if last_lines.is_empty() {
+        message.push_str("; it printed nothing");
+    } else {
+        message.push_str(&format!("; the last {} lines of its output:", last_lines.len()));
+        for line in last_lines {
+            message.push_str("\n  | ");
+            message.push_str(line);
+        }
+    }
+    message.push_str(&format!("\nfull log: {}", log.display()));
+    message
+}
+
+/// A RUN step to execute.
+pub struct RunRequest<'a> {
+    pub key: &'a StepKey,
+    pub label: &'a str,
+    pub run: &'a Run,
+    pub parent: &'a Arc<NodeState>,
+    pub progress: Option<&'a ProgressSink>,
+}
+
+/// Runs the step and commits its layer under its key; nothing is committed on failure.
+pub fn execute_run(execution: &Execution<'_>, request: &RunRequest<'_>) -> Result<NewLayer, StepError> {
+    execute_run_with(execution, request, &NamespaceSandbox, Identity::of_process())
+}
+
+/// Who runs the build (real root, or a user who needs a user namespace), and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    /// `Some((uid, gid))` of the caller when not root.
+    rootless: Option<(u32, u32)>,
+    /// Mount the overlay the way kernels before 6.8 need: their overlayfs lacks `lowerdir+`
+    /// (before 6.5 it even accepts it into a legacy option string and fails only at the end).
+    classic_overlay: bool,
+}
+
+impl Identity {
+    fn of_process() -> Identity {
+        let rootless = (!rustix::process::geteuid().is_root())
+            .then(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()));
+        let release = rustix::system::uname().release().to_string_lossy().into_owned();
+        Identity { rootless, classic_overlay: !kernel_at_least(&release, (6, 8)) }
+    }
+
+    fn flavour(self) -> SnapshotFlavour {
+        if self.rootless.is_some() { SnapshotFlavour::Rootless } else { SnapshotFlavour::Privileged }
+    }
+}
+
+/// Whether a kernel release (`6.18.44-fc`, `5.15.0-91-generic`) is at least `major.minor`. An
+/// unreadable release counts as new.
+fn kernel_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut numbers = release.split(['.', '-']).map(|part| {
+        let digits: String = part.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().ok()
+    });
+    match (numbers.next().flatten(), numbers.next().flatten()) {
+        (Some(release_major), Some(release_minor)) => (release_major, release_minor) >= (major, minor),
+        _ => true,
+    }
+}
+
+/// The command as its error messages show it.
+fn command_text(run: &Run) -> String {
+    match &run.command {
+        RunCommand::Shell(command) => command.clone(),
+        RunCommand::Argv(argv) => {
+            let quoted: Vec<String> = argv.iter().map(|argument| format!("{argument:?}")).collect();
+            format!("[{}]", quoted.join(", "))
+        }
+    }
+}
+
+fn execute_run_with(
+    execution: &Execution<'_>,
+    request: &RunRequest<'_>,
+    sandbox: &dyn Sandbox,
+    identity: Identity,
+) -> Result<NewLayer, StepError> {
+    let step = request.label.to_owned();
+    let command = command_text(request.run);
+    let store = execution.store;
+    let io_error = |action: &'static str, path: &Path| {
+        let step = step.clone();
+        let path = path.to_owned();
+        move |source: io::Error| {
+            eprintln!("layerwright: {step}: cannot {action} {}: {source}", path.display());
+            RunError::Io { step, action, path, source }
+        }
+    };
+
+    let parent = request.parent;
+    let (by_position, lowers) = lower_snapshots(store, &parent.layers, identity.flavour())
+        .map_err(|source| RunError::Snapshot { step: step.clone(), source })?;
+    let tree = execution.tree(parent)?;
+    let passwd = image_file(&tree, &by_position, "etc/passwd");
+    let group = image_file(&tree, &by_position, "etc/group");
+    let process = spec::resolve(request.run, &parent.config, passwd.as_deref(), group.as_deref())
+        .map_err(|source| RunError::Spec { step: step.clone(), source })?;
+
+    let tmp = store.tmp_dir();
+    let run_dir =
+        tempfile::Builder::new().prefix("run-").tempdir_in(&tmp).map_err(io_error("create a directory in", &tmp))?;
+    let run_dir = RunDirectory(Some(run_dir));
+    let upper = run_dir.path().join("upper");
+    let work = run_dir.path().join("work");
+    let merged = run_dir.path().join("merged");
+    for directory in [&upper, &work, &merged] {
+        fs::create_dir(directory).map_err(io_error("create", directory))?;
+        // The root of the merged tree takes the upper directory's mode.
+        fs::set_permissions(directory, fs::Permissions::from_mode(0o755)).map_err(io_error("chmod", directory))?;
+    }
+    let mountpoints = plan_mountpoints(&tree);
+    let indexes =
+        parent.layers.iter().map(|layer| execution.indexes.get(store, layer)).collect::<Result<Vec<_>, _>>()?;
+    let mut created = mountpoints.created.clone();
+    created.extend(implied_directory_fixes(&tree, &indexes));
+    created.sort_by(|left, right| compare_paths(&left.path, &right.path));
+    created.dedup_by(|later, earlier| later.path == earlier.path);
+    create_in_upper(&upper, &created, identity.rootless.is_none()).map_err(|(path, source)| {
+        eprintln!("layerwright: {step}: cannot prepare {} in the upper directory: {source}", path.display());
+        RunError::Io { step: step.clone(), action: "prepare in the upper directory", path, source }
+    })?;
+    let hosts = run_dir.path().join("hosts");
+    fs::write(&hosts, hosts_file()).map_err(io_error("write", &hosts))?;
+    let resolv_conf = run_dir.path().join("resolv.conf");
+    fs::write(&resolv_conf, resolv_conf_file(request.run.network)).map_err(io_error("write", &resolv_conf))?;
+
+    // Short names of the layers, for kernels whose overlayfs lacks `lowerdir+`.
+    let short_lowers = run_dir.path().join("lowers");
+    fs::create_dir(&short_lowers).map_err(io_error("create", &short_lowers))?;
+    for (index, lower) in lowers.iter().enumerate() {
+        let link = short_lowers.join(index.to_string());
+        std::os::unix::fs::symlink(lower, &link).map_err(io_error("create the symlink", &link))?;
+    }
+    let paths = OverlayPaths {
+        base_dir: store.root(),
+        lowers: &lowers,
+        upper: &upper,
+        work: &work,
+        target: &merged,
+        short_lowers: &short_lowers,
+    };
+    let overlay = OverlayMount::new(&paths, identity.rootless.is_some(), identity.classic_overlay)
+        .map_err(|source| RunError::Overlay { step: step.clone(), source })?;
+    let plan = SandboxPlan {
+        base_dir: store.root().to_owned(),
+        overlay,
+        upper: upper.clone(),
+        merged,
+        rootless: identity.rootless,
+        network: request.run.network,
+        mounts: SandboxMounts {
+            proc: mountpoints.proc,
+            dev: mountpoints.dev,
+            hosts: mountpoints.hosts.then(|| hosts.clone()),
+            resolv_conf: mountpoints.resolv_conf.then(|| resolv_conf.clone()),
+        },
+        hostname: HOSTNAME.to_owned(),
+        process,
+    };
+
+    let logs = store.root().join("logs");
+    fs::create_dir_all(&logs).map_err(io_error("create", &logs))?;
+    let log_path = logs.join(format!("{}.log", request.key.to_hex()));
+    let log = File::create(&log_path).map_err(io_error("create", &log_path))?;
+    let mut collector = OutputCollector::new(request.label, request.progress, log);
+    let ended = sandbox.run(&plan, &mut |chunk| collector.push(chunk));
+    let last_lines = collector.finish();
+    let termination =
+        ended.map_err(|source| RunError::Sandbox { step: step.clone(), command: command.clone(), source })?;
+    match termination {
+        Termination::Exited(0) => {}
+        Termination::Exited(code) => {
+            return Err(RunError::Failed { step, command, code, last_lines, log: log_path }.into());
+        }
+        Termination::Signaled(signal) => {
+            return Err(RunError::Killed { step, command, signal, last_lines, log: log_path }.into());
+        }
+    }
+
+    let options = UpperOptions { root_ids: identity.rootless, created };
+    let entries = upper::upper_entries(&upper, &options).map_err(|source| RunError::Upper {
+        step: step.clone(),
+        command: command.clone(),
+        source,
+    })?;
+    // The entries read the upper directory's files while the layer is written: the run
+    // directory goes only after the commit.
+    let written = execution.commit_layer(request.key, entries)?;
+    drop(run_dir);
+    Ok(written)
+}
+
+/// The run directory; removed on drop, including overlay's work directory, which the kernel
+/// leaves without permissions.
+struct RunDirectory(Option<tempfile::TempDir>);
+
+impl RunDirectory {
+    fn path(&self) -> &Path {
+        self.0.as_ref().expect("present until dropped").path()
+    }
+}
+
+impl Drop for RunDirectory {
+    fn drop(&mut self) {
+        let Some(directory) = self.0.take() else { return };
+        let inner_work = directory.path().join("work/work");
+        let _ = fs::set_permissions(&inner_work, fs::Permissions::from_mode(0o700));
+        let path = directory.path().to_owned();
+        if let Err(error) = directory.close() {
+            eprintln!("layerwright: warning: cannot remove the RUN directory {}: {error}", path.display());
+        }
+    }
+}
+
+/// The snapshot of every layer by stack position, and the overlay's lower directories: top
+/// first, each layer once (a layer repeated lower in the stack adds nothing its top copy does
+/// not), empty ones left out, and an empty directory when nothing is left (overlayfs needs one).
+fn lower_snapshots(
+    store: &Store,
+    layers: &[LayerRecord],
+    flavour: SnapshotFlavour,
+) -> Result<(Vec<PathBuf>, Vec<PathBuf>), SnapshotError> {
+    let by_position: Vec<PathBuf> =
+        layers.par_iter().map(|layer| snapshot::ensure_snapshot(store, layer, flavour)).collect::<Result<_, _>>()?;
+    let mut seen = HashSet::new();
+    let mut lowers = Vec::new();
+    for path in by_position.iter().rev() {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        let empty = fs::read_dir(path)
+            .map_err(|source| SnapshotError::Io { action: "list", path: path.clone(), source })?
+            .next()
+            .is_none();
+        if !empty {
+            lowers.push(path.clone());
+        }
+    }
+    if lowers.is_empty() {
+        let empty = store.snapshots_dir().join("empty");
+        match fs::create_dir(&empty) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(source) => return Err(SnapshotError::Io { action: "create", path: empty, source }),
+        }
+        lowers.push(empty);
+    }
+    Ok((by_position, lowers))
+}
+
+/// The text of a regular file of the image (following a hard link to where its bytes are),
+/// read from the snapshot of the layer that holds it.
+fn image_file(tree: &FsTree, by_position: &[PathBuf], path: &str) -> Option<String> {
+    let node = tree.get(path)?;
+    let holder = match node.entry.kind {
+        IndexKind::File { .. } => node,
+        IndexKind::HardLink { .. } => tree.hard_link_target(path)?,
+        _ => return None,
+    };
+    let snapshot = by_position.get(holder.layer)?;
+    let bytes = snapshot::read_lower_file(std::slice::from_ref(snapshot), &holder.entry.path)?;
+    String::from_utf8(bytes).ok()
+}
+
+/// Which of the runner's mounts can be made, and what must be created in the upper for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MountpointPlan {
+    proc: bool,
+    dev: bool,
+    hosts: bool,
+    resolv_conf: bool,
+    /// Parents before children.
+    created: Vec<CreatedPath>,
+}
+
+/// Decides the runner's mountpoints from the parent's tree. A mountpoint that exists with the
+/// right type is mounted over; a missing one is created in the upper (with missing parents, and
+/// existing parent directories copied up with their metadata, as overlayfs would); one whose
+/// path holds something else, or passes through a symlink, is not mounted at all (the command
+/// then sees what the image has there).
+fn plan_mountpoints(tree: &FsTree) -> MountpointPlan {
+    let mut created: Vec<CreatedPath> = Vec::new();
+    let mut place = |path: &str, directory: bool| -> bool {
+        let mut needed = Vec::new();
+        for (end, _) in path.match_indices('/') {
+            let parent = &path[..end];
+            match tree.get(parent).map(|node| &node.entry) {
+                None => {
+                    needed.push(CreatedPath { path: parent.to_owned(), directory: true, mode: 0o755, uid: 0, gid: 0 })
+                }
+                Some(entry) if entry.kind == IndexKind::Directory => needed.push(CreatedPath {
+                    path: parent.to_owned(),
+                    directory: true,
+                    mode: entry.mode,
+                    uid: entry.uid,
+                    gid: entry.gid,
+                }),
+                Some(_) => return false,
+            }
+        }
+        match tree.get(path).map(|node| &node.entry.kind) {
+            Some(IndexKind::Directory) if directory => true,
+            Some(IndexKind::File { .. } | IndexKind::HardLink { .. }) if !directory => true,
+            Some(_) => false,
+            None => {
+                let mode = if directory { 0o755 } else { 0o644 };
+                needed.push(CreatedPath { path: path.to_owned(), directory, mode, uid: 0, gid: 0 });
+                for made in needed {
+                    if !created.iter().any(|existing| existing.path == made.path) {
+                        created.push(made);
+                    }
+                }
+                true
+            }
+        }
+    };
+    let proc = place("proc", true);
+    let dev = place("dev", true);
+    let hosts = place("etc/hosts", false);
+    let resolv_conf = place("etc/resolv.conf", false);
+    MountpointPlan { proc, dev, hosts, resolv_conf, created }
+}
+
+/// Directories whose mode and owner the overlay would take from a snapshot that only implies
+/// them, with their parents: to be made in the upper with the image's metadata.
+///
+/// A layer of a file step holds only the directories it creates; an existing parent of what it
+/// writes is implied, and an implied directory changes nothing (OCI). Its snapshot must still
+/// hold a real directory there (`0755 0:0`), and overlayfs takes a merged directory's metadata
+/// from the topmost layer that has it: `/tmp` (1777) under a layer that wrote `/tmp/x` would
+/// read as 0755, and a command writing into it would put that into its layer. A directory in
+/// the upper is above every layer; like the runner's mountpoints it is left out of the layer
+/// while the command leaves it as it was.
+fn implied_directory_fixes(tree: &FsTree, indexes: &[Arc<LayerIndex>]) -> Vec<CreatedPath> {
+    // The topmost stack position whose snapshot has each directory.
+    let mut topmost: HashMap<&str, usize> = HashMap::new();
+    for (position, index) in indexes.iter().enumerate() {
+        for entry in &index.entries {
+            let path = entry.path.as_str();
+            for (end, _) in path.match_indices('/') {
+                topmost.insert(&path[..end], position);
+            }
+            if matches!(entry.kind, IndexKind::Directory | IndexKind::OpaqueWhiteout) && !path.is_empty() {
+                topmost.insert(path, position);
+            }
+        }
+    }
+    let as_created = |path: &str| -> Option<CreatedPath> {
+        let entry = &tree.get(path)?.entry;
+        (entry.kind == IndexKind::Directory).then(|| CreatedPath {
+            path: path.to_owned(),
+            directory: true,
+            mode: entry.mode,
+            uid: entry.uid,
+            gid: entry.gid,
+        })
+    };
+    let mut fixes: Vec<CreatedPath> = Vec::new();
+    for (path, top) in topmost {
+        let Some(node) = tree.get(path) else { continue };
+        let entry = &node.entry;
+        // The topmost snapshot with the directory holds the image's own entry for it, or it
+        // implies it and the image's directory is an implied one too.
+        if entry.kind != IndexKind::Directory
+            || top <= node.layer
+            || (entry.mode, entry.uid, entry.gid) == (0o755, 0, 0)
+        {
+            continue;
+        }
+        let parents = path.match_indices('/').map(|(end, _)| &path[..end]);
+        fixes.extend(parents.chain([path]).filter_map(as_created));
+    }
+    fixes.sort_by(|left, right| compare_paths(&left.path, &right.path));
+    fixes.dedup_by(|later, earlier| later.path == earlier.path);
+    fixes
+}
+
+/// Creates the planned directories and files in the fresh upper directory. Modes are set
+/// children first, so that a read-only parent copied from the image does not stop its children
+/// being made.
+fn create_in_upper(upper: &Path, created: &[CreatedPath], privileged: bool) -> Result<(), (PathBuf, io::Error)> {
+    for made in created {
+        let path = upper.join(&made.path);
+        let result = if made.directory { fs::create_dir(&path) } else { File::create(&path).map(drop) };
+        result.map_err(|error| (path.clone(), error))?;
+        if privileged {
+            std::os::unix::fs::lchown(&path, Some(made.uid), Some(made.gid)).map_err(|error| (path.clone(), error))?;
+        } else if (made.uid, made.gid) != (0, 0) {
+            // As a rootless snapshot records an owner it cannot set (see `snapshot::OWNER_XATTR`).
+            let owner = format!("{}:{}", made.uid, made.gid);
+            rustix::fs::lsetxattr(&path, snapshot::OWNER_XATTR, owner.as_bytes(), rustix::fs::XattrFlags::empty())
+                .map_err(|error| (path.clone(), io::Error::from(error)))?;
+        }
+    }
+    for made in created.iter().rev() {
+        let path = upper.join(&made.path);
+        fs::set_permissions(&path, fs::Permissions::from_mode(made.mode)).map_err(|error| (path.clone(), error))?;
+    }
+    Ok(())
+}
+
+fn hosts_file() -> String {
+    format!("127.0.0.1\tlocalhost {HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+}
+
+/// With the network on, the host's resolver configuration (the command shares the host's
+/// network namespace); with it off there is nothing to resolve with.
+fn resolv_conf_file(network: bool) -> Vec<u8> {
+    if network { fs::read("/etc/resolv.conf").unwrap_or_default() } else { Vec::new() }
+}
+
+/// Splits the command's output into lines: each goes to the progress sink; everything goes to
+/// the log; the last [`ERROR_OUTPUT_LINES`] are kept for an error message.
+struct OutputCollector<'a> {
+    label: &'a str,
+    progress: Option<&'a ProgressSink>,
+    log: Option<File>,
+    partial: Vec<u8>,
+    last_lines: VecDeque<String>,
+}
+
+impl<'a> OutputCollector<'a> {
+    fn new(label: &'a str, progress: Option<&'a ProgressSink>, log: File) -> OutputCollector<'a> {
+        OutputCollector { label, progress, log: Some(log), partial: Vec::new(), last_lines: VecDeque::new() }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        if let Some(log) = &mut self.log
+            && let Err(error) = log.write_all(chunk)
+        {
+            // The build goes on; only the log is incomplete.
+            eprintln!("layerwright: warning: {}: cannot write the RUN log: {error}", self.label);
+            self.log = None;
+        }
+        self.partial.extend_from_slice(chunk);
+        while let Some(end) = self.partial.iter().position(|byte| *byte == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            self.line(&line[..line.len() - 1]);
+        }
+    }
+
+    fn line(&mut self, bytes: &[u8]) {
+        let line = String::from_utf8_lossy(bytes).trim_end_matches('\r').to_owned();
+        if let Some(progress) = self.progress {
+            progress(&ProgressEvent::Output { label: self.label.to_owned(), line: line.clone() });
+        }
+        if self.last_lines.len() == ERROR_OUTPUT_LINES {
+            self.last_lines.pop_front();
+        }
+        self.last_lines.push_back(line);
+    }
+
+    /// The last lines, a final unterminated one included.
+    fn finish(mut self) -> Vec<String> {
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            self.line(&rest);
+        }
+        if let Some(log) = &mut self.log {
+            let _ = log.flush();
+        }
+        self.last_lines.into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
