@@ -24,6 +24,7 @@
 //! ```
 
 mod build;
+pub mod build_rs;
 pub mod cli;
 mod config;
 mod context;
@@ -31,8 +32,14 @@ mod export;
 pub mod host;
 mod import;
 mod layer;
+mod pull;
+mod recompress;
+#[cfg(feature = "registry")]
+pub mod registry;
 mod solver;
 mod steps;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tree;
 
 pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, ProgressEvent, ProgressSink, StepError, StepReport};
@@ -40,3 +47,5 @@ pub use export::ExportError;
 pub use layer::Compression;
 pub use layerwright_cache as cache;
 pub use layerwright_dsl::*;
+#[cfg(feature = "registry")]
+pub use registry::{PushOptions, PushReport, RegistryError};
