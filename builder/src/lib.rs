@@ -5,6 +5,11 @@
 //! (solver, cache lookups, layer writing), base image import, and the exporters of a
 //! [`BuiltImage`] (OCI layout, OCI archive, docker-archive).
 //!
+//! Features: `registry` (default) adds pushing to and pulling from registries
+//! (`BuiltImage::push`, `Image::pull`; see `registry`), which brings tokio and TLS; a build
+//! script that only writes images ([`build_rs`]) leaves it out. `testing` adds listings and
+//! diffs of images for insta snapshot tests (`testing`).
+//!
 //! What it deliberately is not: a Dockerfile parser, a container runtime, or a daemon. Images
 //! are Rust values; the output is files a real client (`docker load`, `skopeo`, `umoci`) reads.
 //!
