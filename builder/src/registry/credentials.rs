@@ -91,8 +91,11 @@ pub struct CredentialStore {
 impl CredentialStore {
     /// The configuration this process's Docker client would read.
     pub fn from_environment() -> Result<CredentialStore, RegistryError> {
-        let dir = config_dir(|name| std::env::var_os(name));
-        CredentialStore::load(&dir.unwrap_or_default().join("config.json"), None)
+        match config_dir(|name| std::env::var_os(name)) {
+            Some(dir) => CredentialStore::load(&dir.join("config.json"), None),
+            // Neither DOCKER_CONFIG nor HOME: no configuration, so anonymous access.
+            None => Ok(CredentialStore { path: PathBuf::new(), config: DockerConfig::default(), helper_path: None }),
+        }
     }
 
     /// The configuration in `path` (missing: no credentials), with helpers found on

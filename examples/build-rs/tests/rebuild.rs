@@ -2,9 +2,9 @@
 //! touching a file the image reads does; touching the crate's own code does not.
 //!
 //! Runs a nested `cargo check` (which runs build scripts but compiles the rest of the crate only
-//! as far as checking it) in a target directory of its own under the workspace's `target/`, so
-//! that it never waits for the lock of the cargo running this test, and keeps its build across
-//! test runs. The first run compiles layerwright without its `registry` feature for the build
+//! as far as checking it) in a target directory of its own under the running cargo's target
+//! directory (`CARGO_TARGET_TMPDIR`), so that it never waits for the lock of the cargo running
+//! this test, starts clean with a clean target directory, and keeps its build across test runs. The first run compiles layerwright without its `registry` feature for the build
 //! script: this is also the check that the build script's dependencies stay light.
 
 use std::path::{Path, PathBuf};
@@ -55,7 +55,7 @@ fn touch(path: &Path) {
 
 #[test]
 fn the_build_script_runs_again_only_when_the_image_inputs_change() {
-    let target_dir = workspace().join("target/layerwright-examples/build-rs-target");
+    let target_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("build-rs-target");
     cargo_check(&target_dir);
 
     let unchanged = cargo_check(&target_dir);
