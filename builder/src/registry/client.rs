@@ -32,6 +32,9 @@ impl RegistryClient {
             // The platform is chosen by `pull` itself, from the raw index.
             platform_resolver: None,
             connect_timeout: Some(std::time::Duration::from_secs(30)),
+            // A registry that stops answering mid-transfer fails the operation instead of
+            // hanging it; a slow but moving transfer is never cut.
+            read_timeout: Some(std::time::Duration::from_secs(120)),
             user_agent: concat!("layerwright/", env!("CARGO_PKG_VERSION")),
             ..ClientConfig::default()
         };

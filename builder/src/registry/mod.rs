@@ -4,14 +4,14 @@
 //! operation runs a current-thread runtime on a thread of its own, so callers (the rayon
 //! solver, a build script, an async program) never see it and never nest runtimes.
 //!
-//! - **Push** ([`push`], `BuiltImage::push`): asks the registry which blobs it already has
+//! - **Push** (`BuiltImage::push`): asks the registry which blobs it already has
 //!   (`HEAD /v2/<name>/blobs/<digest>`) and uploads only the others, each streamed from the store
 //!   in 4 MiB chunks (`POST` an upload, `PATCH` each chunk with its `Content-Range`, `PUT
 //!   ?digest=`), so no layer is ever whole in memory; then the manifest, unless the tag already
 //!   names it. A [`PushReport`] counts what was uploaded and what was skipped.
 //! - **Pull** (`Image::pull`, through the solver): the plan phase resolves a tag to the digest of
-//!   what it names ([`resolve`]), so a step's key follows the digest and a moved tag is noticed;
-//!   the execute phase ([`pull_image`]) fetches that manifest by digest (choosing this host's
+//!   what it names, so a step's key follows the digest and a moved tag is noticed;
+//!   the execute phase fetches that manifest by digest (choosing this host's
 //!   platform from an index), streams each blob the store lacks into it, verifying its digest,
 //!   then checks every layer as an imported archive's layers are checked (diff ids, entries that
 //!   would escape the root, writes through symlinks).
