@@ -63,6 +63,13 @@ pub enum StepError {
     Unsupported { what: &'static str },
     #[error(transparent)]
     Run(#[from] crate::run::RunError),
+    #[cfg(feature = "registry")]
+    #[error(transparent)]
+    Registry(Box<crate::registry::RegistryError>),
+    #[error("pulling {reference} needs the `registry` feature of layerwright, which this build of it leaves out")]
+    RegistryDisabled { reference: String },
+    #[error("recompressing layer {layer}: {source}")]
+    Recompress { layer: Digest, source: std::io::Error },
 }
 
 /// One line of progress: a step started or finished, or a RUN step's command printed a line.
@@ -272,6 +279,23 @@ impl BuiltImage {
     /// Writes a tar that `docker load -i` reads, tagged `tag`.
     pub fn write_docker_archive(&self, file: impl AsRef<Path>, tag: &str) -> Result<(), ExportError> {
         crate::export::write_docker_archive(self.parts(), file.as_ref(), tag)
+    }
+
+    /// Pushes the image to a registry (`registry/repository[:tag]`) over the OCI distribution
+    /// API, uploading only the blobs the registry lacks. See [`crate::registry`].
+    #[cfg(feature = "registry")]
+    pub fn push(&self, reference: &str) -> Result<crate::registry::PushReport, crate::registry::RegistryError> {
+        self.push_with(reference, &crate::registry::PushOptions::default())
+    }
+
+    /// [`BuiltImage::push`] with options (`insecure`: plain HTTP to a non-local registry).
+    #[cfg(feature = "registry")]
+    pub fn push_with(
+        &self,
+        reference: &str,
+        options: &crate::registry::PushOptions,
+    ) -> Result<crate::registry::PushReport, crate::registry::RegistryError> {
+        crate::registry::push(self.parts(), reference, options)
     }
 
     /// A stable text listing of the final filesystem, one line per path, for insta (format:

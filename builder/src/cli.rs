@@ -27,6 +27,11 @@ pub enum CliError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Export(#[from] ExportError),
+    #[cfg(feature = "registry")]
+    #[error(transparent)]
+    Push(#[from] crate::registry::RegistryError),
+    #[error("pushing to {reference} needs the `registry` feature of layerwright, which this build of it leaves out")]
+    RegistryDisabled { reference: String },
 }
 
 /// Where a built image goes.
@@ -81,6 +86,10 @@ pub struct BuildCommand {
     pub outputs: Vec<OutputSpec>,
     pub tag: String,
     pub compression: Compression,
+    /// A registry reference to push the image to (`registry/repository:tag`).
+    pub push: Option<String>,
+    /// Plain HTTP for a push to a registry that is not on this machine.
+    pub insecure: bool,
 }
 
 /// What a build did, printed at the end.
@@ -93,6 +102,8 @@ pub struct BuildSummary {
     pub steps_built: usize,
     pub elapsed: Duration,
     pub outputs: Vec<OutputSpec>,
+    /// What the push did, as a line (`pushed REF@DIGEST: …`).
+    pub pushed: Option<String>,
 }
 
 impl fmt::Display for BuildSummary {
@@ -103,6 +114,9 @@ impl fmt::Display for BuildSummary {
         writeln!(formatter, "steps   {} cached, {} built", self.steps_cached, self.steps_built)?;
         for output in &self.outputs {
             writeln!(formatter, "output  {output}")?;
+        }
+        if let Some(pushed) = &self.pushed {
+            writeln!(formatter, "push    {pushed}")?;
         }
         write!(formatter, "time    {:.2?}", self.elapsed)
     }
@@ -125,6 +139,10 @@ pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary
             OutputSpec::DockerArchive(file) => built.write_docker_archive(file, &command.tag)?,
         }
     }
+    let pushed = match &command.push {
+        Some(reference) => Some(push(&built, reference, command.insecure)?),
+        None => None,
+    };
     let steps_cached = built.steps().iter().filter(|step| step.cached).count();
     Ok(BuildSummary {
         tag: command.tag.clone(),
@@ -134,7 +152,19 @@ pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary
         steps_built: built.steps().len() - steps_cached,
         elapsed: started.elapsed(),
         outputs: command.outputs.clone(),
+        pushed,
     })
+}
+
+#[cfg(feature = "registry")]
+fn push(built: &crate::BuiltImage, reference: &str, insecure: bool) -> Result<String, CliError> {
+    let report = built.push_with(reference, &crate::registry::PushOptions { insecure })?;
+    Ok(report.to_string())
+}
+
+#[cfg(not(feature = "registry"))]
+fn push(_built: &crate::BuiltImage, reference: &str, _insecure: bool) -> Result<String, CliError> {
+    Err(CliError::RegistryDisabled { reference: reference.to_owned() })
 }
 
 /// A step being built and its spinner.

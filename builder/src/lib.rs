@@ -5,6 +5,11 @@
 //! (solver, cache lookups, layer writing), base image import, and the exporters of a
 //! [`BuiltImage`] (OCI layout, OCI archive, docker-archive).
 //!
+//! Features: `registry` (default) adds pushing to and pulling from registries
+//! (`BuiltImage::push`, `Image::pull`; see `registry`), which brings tokio and TLS; a build
+//! script that only writes images ([`build_rs`]) leaves it out. `testing` adds listings and
+//! diffs of images for insta snapshot tests (`testing`).
+//!
 //! What it deliberately is not: a Dockerfile parser, a container runtime, or a daemon. Images
 //! are Rust values; the output is files a real client (`docker load`, `skopeo`, `umoci`) reads.
 //!
@@ -24,6 +29,7 @@
 //! ```
 
 mod build;
+pub mod build_rs;
 pub mod cli;
 mod config;
 mod context;
@@ -31,9 +37,15 @@ mod export;
 pub mod host;
 mod import;
 mod layer;
+mod pull;
+mod recompress;
+#[cfg(feature = "registry")]
+pub mod registry;
 mod run;
 mod solver;
 mod steps;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tree;
 
 pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, ProgressEvent, ProgressSink, StepError, StepReport};
@@ -53,3 +65,5 @@ pub mod internals {
     pub use crate::layer::{Content, EntryKind, LayerEntry, LayerOptions, write_layer};
     pub use crate::tree::{FsTree, index_layer};
 }
+#[cfg(feature = "registry")]
+pub use registry::{PushOptions, PushReport, RegistryError};

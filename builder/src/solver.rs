@@ -282,6 +282,8 @@ fn plan(
             Step::FromArchive { path } => {
                 extra = archive_identity(path, &mut state.stat_cache).map_err(|error| step_error(error.into()))?;
             }
+            // The digest the reference names now: the key follows it, so a moved tag is a miss.
+            Step::Pull { reference } => extra = crate::pull::identity(reference).map_err(step_error)?,
             _ => {}
         }
         let parent_input = parent.map(|index| plan[index].input);
@@ -490,25 +492,7 @@ impl<'a> Walk<'a> {
                 return Ok(Outcome { layers: Vec::new(), config, cached: true, layer: None, miss: None });
             }
             (_, Step::FromArchive { path }) => return self.import_base(index, key, path),
-            (_, Step::Pull { .. }) => {
-                return Err(StepError::Unsupported { what: "pulling a base image from a registry" });
-            }
-            (Some(parent), Step::Run(run)) => {
-                if let Some(record) = self.store.read_action(&key)?
-                    && let Some(layer) = record.layers.into_iter().next()
-                {
-                    return Ok(layer_outcome(parent, layer, &node.label, &self.created, true, None));
-                }
-                let miss = self.explain_miss(index);
-                if let Some(hook) = &self.builder.options.before_execute {
-                    hook(&node.label);
-                }
-                let progress = self.builder.options.progress.as_ref();
-                let request = RunRequest { key: &key, label: &node.label, run, parent, progress };
-                let written = run::execute_run(&execution, &request)?;
-                self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
-                return Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)));
-            }
+            (_, Step::Pull { reference }) => return self.pull_base(index, key, reference),
             (Some(parent), step) => (parent, step),
             (None, _) => unreachable!("only base steps lack a parent, and Image::with_step refuses bases"),
         };
@@ -518,6 +502,10 @@ impl<'a> Walk<'a> {
         if let Some(record) = self.store.read_action(&key)?
             && let Some(layer) = record.layers.into_iter().next()
         {
+            // The key leaves the compression out: a hit may need its layer recompressed.
+            let (layer, written) =
+                crate::recompress::in_compression(self.store, layer, self.layer_options.compression)?;
+            self.bytes_written.fetch_add(written, Ordering::Relaxed);
             return Ok(layer_outcome(parent, layer, &node.label, &self.created, true, None));
         }
         let miss = self.explain_miss(index);
@@ -527,6 +515,13 @@ impl<'a> Walk<'a> {
         let entries: Vec<LayerEntry>;
         let mut _spool = None;
         match step {
+            Step::Run(run) => {
+                let progress = self.builder.options.progress.as_ref();
+                let request = RunRequest { key: &key, label: &node.label, run, parent, progress };
+                let written = run::execute_run(&execution, &request)?;
+                self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
+                return Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)));
+            }
             Step::Copy(copy) => {
                 let selection = node.selection.as_ref().expect("copy steps are planned with their selection");
                 entries = execution.copy_entries(copy, selection, parent)?;
@@ -541,7 +536,7 @@ impl<'a> Walk<'a> {
             Step::Mkdir(mkdir) => entries = execution.mkdir_entries(mkdir, parent)?,
             Step::Symlink(symlink) => entries = execution.symlink_entries(symlink, parent)?,
             Step::Remove { path } => entries = execution.remove_entries(path, parent)?,
-            Step::Scratch | Step::FromArchive { .. } | Step::Pull { .. } | Step::Run(_) | Step::Config(_) => {
+            Step::Scratch | Step::FromArchive { .. } | Step::Pull { .. } | Step::Config(_) => {
                 unreachable!("handled above")
             }
         }
@@ -560,6 +555,27 @@ impl<'a> Walk<'a> {
         }
         let miss = self.explain_miss(index);
         let base = import::import_archive(self.store, path)?;
+        let config_blob = self.store.put_blob(&config::to_bytes(&base.config))?;
+        for (layer, index) in base.layers.iter().zip(base.indexes) {
+            self.indexes.insert(layer.diff_id.clone(), index);
+        }
+        let record = ActionRecord { layers: base.layers.clone(), config: Some(config_blob.digest) };
+        self.store.write_action(&key, &record)?;
+        Ok(Outcome { layers: base.layers, config: base.config, cached: false, layer: None, miss: Some(miss) })
+    }
+
+    /// As `import_base`, for a base from a registry: the plan phase resolved the reference to
+    /// the digest in the node's `extra`, and that image is what is fetched.
+    fn pull_base(&self, index: usize, key: StepKey, reference: &str) -> Result<Outcome, StepError> {
+        let execution = self.execution();
+        if let Some(record) = self.store.read_action(&key)?
+            && let Some(config_digest) = &record.config
+        {
+            let config = execution.read_config(config_digest)?;
+            return Ok(Outcome { layers: record.layers, config, cached: true, layer: None, miss: None });
+        }
+        let miss = self.explain_miss(index);
+        let base = crate::pull::fetch(self.store, reference, &self.plan[index].extra)?;
         let config_blob = self.store.put_blob(&config::to_bytes(&base.config))?;
         for (layer, index) in base.layers.iter().zip(base.indexes) {
             self.indexes.insert(layer.diff_id.clone(), index);

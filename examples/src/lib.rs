@@ -71,6 +71,11 @@ pub const EXAMPLES: &[Example] = &[
         description: "file steps on the busybox base: modes, owners, symlinks, a removed file",
         declare: files,
     },
+    Example {
+        name: "multi-stage",
+        description: "a build stage on busybox and a slim final image that takes only its output (copy_from)",
+        declare: multi_stage,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Example> {
@@ -80,14 +85,7 @@ pub fn find(name: &str) -> Option<&'static Example> {
 /// FROM scratch: the `hello` binary of `examples/hello-bin`, statically linked, as the
 /// entrypoint.
 pub fn hello(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
-    let binary = host::build_static_rust_binary(&StaticBinaryOptions {
-        workspace: environment.workspace.clone(),
-        package: "hello-bin".into(),
-        binary: "hello".into(),
-        target_dir: environment.work_dir.join("static-target"),
-    })
-    .map_err(|source| ExampleError::Host { example: "hello", source })?;
-    let binary_dir = context_of("hello", binary.parent().expect("a binary lives in a directory"))?;
+    let binary_dir = hello_binary_dir("hello", environment)?;
     Ok(Image::scratch()
         .copy(&binary_dir, "hello", "/usr/local/bin/hello")
         .label("org.opencontainers.image.title", "hello")
@@ -132,6 +130,43 @@ pub fn files(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
         .workdir("/srv")
         .user("1000:1000")
         .cmd(["/bin/sh", "-c", "ls -ln /srv/data; test ! -e /tmp/scratch && echo removed"]))
+}
+
+/// Multi-stage: a build stage on the busybox base assembles the application under `/out` (the
+/// static `hello` binary, its config, a state directory owned by `nobody`) next to files only
+/// the build needs; the final image starts from scratch and takes only `/out` and the account
+/// it runs as, through `copy_from`. Nothing of busybox reaches it.
+pub fn multi_stage(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
+    let binary_dir = hello_binary_dir("multi-stage", environment)?;
+    let build = busybox(environment)?
+        .copy_with(
+            &binary_dir,
+            "hello",
+            "/out/usr/local/bin/hello",
+            layerwright::CopyOptions { file: FileOptions::mode(0o755), ..Default::default() },
+        )
+        .write_file("/out/etc/hello.conf", "greeting=hello\n")
+        .mkdir_with("/out/var/lib/hello", FileOptions::mode(0o750).with_owner(65534, 65534))
+        .write_file("/build/cache/notes.txt", "build-only files stay in the build stage\n");
+    Ok(Image::scratch()
+        .copy_from(&build, "/out", "/")
+        .copy_from(&build, "/etc/passwd", "/etc/passwd")
+        .copy_from(&build, "/etc/group", "/etc/group")
+        .user("65534:65534")
+        .label("org.opencontainers.image.title", "multi-stage")
+        .entrypoint(["/usr/local/bin/hello"]))
+}
+
+/// The directory holding the static `hello` binary of `examples/hello-bin`, as a context.
+fn hello_binary_dir(example: &'static str, environment: &ExampleEnvironment) -> Result<Context, ExampleError> {
+    let binary = host::build_static_rust_binary(&StaticBinaryOptions {
+        workspace: environment.workspace.clone(),
+        package: "hello-bin".into(),
+        binary: "hello".into(),
+        target_dir: environment.work_dir.join("static-target"),
+    })
+    .map_err(|source| ExampleError::Host { example, source })?;
+    context_of(example, binary.parent().expect("a binary lives in a directory"))
 }
 
 fn context_of(example: &'static str, dir: &Path) -> Result<Context, ExampleError> {

@@ -42,8 +42,13 @@ fn files() {
 }
 
 #[test]
+fn multi_stage() {
+    check("multi-stage");
+}
+
+#[test]
 fn every_example_has_a_snapshot_test() {
-    let tested = ["hello", "busybox", "files"];
+    let tested = ["hello", "busybox", "files", "multi-stage"];
     for example in EXAMPLES {
         assert!(tested.contains(&example.name), "example {} has no snapshot test", example.name);
     }

@@ -2,7 +2,8 @@
 //! images of `layerwright-examples`, plus the chores that need a process around the tests
 //! (starting a Docker engine for the real-client tests).
 //!
-//! - `cargo xtask build-image NAME [--output SPEC]... [--tag REF] [--cache DIR] [--compression C]`
+//! - `cargo xtask build-image NAME [--output SPEC]... [--tag REF] [--cache DIR] [--compression C]
+//!   [--push REF [--insecure]]`
 //! - `cargo xtask list`
 //! - `cargo xtask test [-- CARGO TEST ARGS]`
 //! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`
@@ -50,6 +51,14 @@ enum Commands {
         /// gzip, zstd or none.
         #[arg(long, default_value = "gzip")]
         compression: String,
+        /// Also push the image to a registry: registry/repository[:tag]. Registries on
+        /// localhost or 127.0.0.1 are spoken to in plain HTTP; credentials come from
+        /// ~/.docker/config.json.
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+        /// Plain HTTP for a --push to a registry that is not on this machine.
+        #[arg(long, requires = "push")]
+        insecure: bool,
     },
     /// List the example images.
     List,
@@ -111,8 +120,9 @@ fn main() -> Result<ExitCode> {
     let arguments = Arguments::parse();
     let workspace = workspace_root();
     match arguments.command {
-        Commands::BuildImage { name, outputs, tag, cache, compression } => {
-            build_image(&workspace, &name, &outputs, tag, cache, &compression)?;
+        Commands::BuildImage { name, outputs, tag, cache, compression, push, insecure } => {
+            let push = push.map(|reference| (reference, insecure));
+            build_image(&workspace, &name, &outputs, tag, cache, &compression, push)?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::List => {
@@ -156,6 +166,7 @@ fn build_image(
     tag: Option<String>,
     cache: Option<PathBuf>,
     compression: &str,
+    push: Option<(String, bool)>,
 ) -> Result<()> {
     let Some(example) = layerwright_examples::find(name) else {
         let known: Vec<&str> = EXAMPLES.iter().map(|example| example.name).collect();
@@ -180,6 +191,8 @@ fn build_image(
         outputs,
         tag: tag.unwrap_or_else(|| format!("{name}:latest")),
         compression: cli::parse_compression(compression)?,
+        insecure: push.as_ref().is_some_and(|(_, insecure)| *insecure),
+        push: push.map(|(reference, _)| reference),
     };
     let summary = cli::build_image(&image, &command).with_context(|| format!("building image {name}"))?;
     println!("{summary}");

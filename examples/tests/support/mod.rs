@@ -319,3 +319,104 @@ pub fn tree_of(rootfs: &Path) -> String {
     layerwright::host::directory_listing(rootfs)
         .unwrap_or_else(|error| panic!("cannot list {}: {error}", rootfs.display()))
 }
+
+// ---------------------------------------------------------------------------------------------
+// A local registry
+
+/// How long a started registry may take to answer `GET /v2/`.
+const REGISTRY_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A `docker-registry` (distribution) serving on `127.0.0.1:PORT` from a temp storage
+/// directory. Killed, and its storage removed, when dropped (so also when a test panics).
+pub struct LocalRegistry {
+    child: Child,
+    port: u16,
+    /// Holds the config and the storage; removed after the child is gone.
+    _dir: tempfile::TempDir,
+}
+
+/// Starts a registry on a free port and waits until `GET /v2/` answers. Missing
+/// `docker-registry`: `None` under `skip_privileged()`, else a panic naming the package.
+pub fn registry() -> Option<LocalRegistry> {
+    let binary = require_tool("docker-registry")?;
+    let dir = tempfile::tempdir().expect("a temp dir for the registry");
+    let storage = dir.path().join("storage");
+    fs::create_dir(&storage).expect("creating the registry storage");
+    // A port the kernel just handed out, released for the registry to bind; nothing else on
+    // this machine picks ports from that range on purpose.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port();
+    let config = dir.path().join("config.yml");
+    fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    \
+             enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        ),
+    )
+    .expect("writing the registry config");
+    let log = fs::File::create(dir.path().join("registry.log")).expect("creating the registry log");
+    let child = Command::new(&binary)
+        .arg("serve")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("a second handle on the log"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
+    let mut registry = LocalRegistry { child, port, _dir: dir };
+    let deadline = Instant::now() + REGISTRY_START_TIMEOUT;
+    loop {
+        if let Ok(response) = registry.request("GET", "/v2/", &[], b"")
+            && response.starts_with("HTTP/1.1 200")
+        {
+            return Some(registry);
+        }
+        if let Some(status) = registry.child.try_wait().expect("waiting for the registry") {
+            panic!("docker-registry exited ({status}) before answering:\n{}", registry.log());
+        }
+        if Instant::now() >= deadline {
+            panic!("docker-registry did not answer GET /v2/ within {REGISTRY_START_TIMEOUT:?}:\n{}", registry.log());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl LocalRegistry {
+    /// `127.0.0.1:PORT`.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// What the registry logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self._dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// One plain HTTP/1.1 request (`Connection: close`); the whole response as text.
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<String> {
+        use std::io::Write as _;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.address());
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+        stream.write_all(request.as_bytes())?;
+        stream.write_all(body)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        Ok(String::from_utf8_lossy(&response).into_owned())
+    }
+}
+
+impl Drop for LocalRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,157 @@
+//! Layers in the compression a build asks for, without re-running the steps that made them.
+//!
+//! An action record keeps the layer a step wrote, in the compression of the build that wrote it.
+//! The step's key does not include the compression (the layer's content, its diff id, does not
+//! depend on it), so a build with another [`Compression`] hits the same record. Here such a hit
+//! gets its layer in the requested compression: the stored blob is decompressed and compressed
+//! again, streamed (blob → decoder → diff-id hasher → compressor → new blob), and the result is
+//! remembered in `recompressed/<diff id hex>.<compression>.json` (a [`LayerRecord`]), so the next
+//! build with that compression costs one small file read, and a no-op rebuild writes nothing.
+//!
+//! The compressors are configured exactly as the layer writer's ([`crate::layer::GZIP_LEVEL`],
+//! [`crate::layer::ZSTD_LEVEL`], gzip without name or mtime and OS byte 255, single-threaded
+//! zstd), and deflate and zstd streams do not depend on how their input is split into writes:
+//! a recompressed layer is byte-identical to the one a fresh build in that compression writes,
+//! so the manifest digest of an image does not depend on the cache's history.
+//!
+//! What it deliberately does not do: recompress base image layers (imported or pulled layers are
+//! kept as their image had them, as Docker does), or remove the record's original blob.
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+
+use layerwright_cache::{BlobWriter, Digest, LayerRecord, Sha256Writer, Store};
+
+use crate::build::StepError;
+use crate::layer::{Compression, GZIP_LEVEL, ZSTD_LEVEL};
+use crate::tree::TreeError;
+
+/// `layer` in `compression`, and the blob bytes written to get it (0 when nothing was).
+pub(crate) fn in_compression(
+    store: &Store,
+    layer: LayerRecord,
+    compression: Compression,
+) -> Result<(LayerRecord, u64), StepError> {
+    if Compression::from_media_type(&layer.media_type) == Some(compression) {
+        return Ok((layer, 0));
+    }
+    let mapping = mapping_path(store, &layer.diff_id, compression);
+    if let Some(known) = read_mapping(&mapping)
+        && known.diff_id == layer.diff_id
+        && known.media_type == compression.media_type()
+        && store.has_blob(&known.digest)
+    {
+        return Ok((known, 0));
+    }
+    let (record, written) = recompress(store, &layer, compression)?;
+    if let Some(parent) = mapping.parent() {
+        fs::create_dir_all(parent).map_err(|source| layerwright_cache::StoreError::Io {
+            action: "create directory",
+            path: parent.to_owned(),
+            source,
+        })?;
+    }
+    let bytes = serde_json::to_vec(&record).expect("layer records serialise");
+    store.write_file_atomically(&mapping, &bytes)?;
+    Ok((record, written))
+}
+
+fn mapping_path(store: &Store, diff_id: &Digest, compression: Compression) -> PathBuf {
+    let name = match compression {
+        Compression::Gzip => "gzip",
+        Compression::Zstd => "zstd",
+        Compression::None => "none",
+    };
+    store.root().join("recompressed").join(format!("{}.{name}.json", diff_id.hex()))
+}
+
+/// The remembered record, if there is a readable one (a torn or edited file is a miss).
+fn read_mapping(path: &std::path::Path) -> Option<LayerRecord> {
+    serde_json::from_slice(&fs::read(path).ok()?).ok()
+}
+
+fn recompress(store: &Store, layer: &LayerRecord, compression: Compression) -> Result<(LayerRecord, u64), StepError> {
+    let io_error = |source: io::Error| StepError::Recompress { layer: layer.digest.clone(), source };
+    let mut source = BufReader::with_capacity(256 * 1024, store.open_blob(&layer.digest)?);
+    let magic = source.fill_buf().map_err(io_error)?;
+    // As when indexing: the magic number decides, the media type only when there is none.
+    let mut decoder: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(source))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(source).map_err(io_error)?)
+    } else {
+        Box::new(source)
+    };
+    let compressor = Compressor::new(compression, store.blob_writer()?).map_err(io_error)?;
+    let mut diff_id_writer = Sha256Writer::new(compressor);
+    io::copy(&mut decoder, &mut diff_id_writer).map_err(io_error)?;
+    let (diff_id, _, compressor) = diff_id_writer.finish();
+    if diff_id != layer.diff_id {
+        // Never served again: without the blob, the record naming it reads as a miss and the
+        // step is rebuilt.
+        let path = store.blob_path(&layer.digest);
+        if let Err(error) = fs::remove_file(&path) {
+            eprintln!("layerwright: warning: cannot remove corrupt blob {}: {error}", path.display());
+        }
+        return Err(StepError::Tree(TreeError::DiffIdMismatch {
+            layer: layer.digest.clone(),
+            expected: layer.diff_id.clone(),
+            actual: diff_id,
+        }));
+    }
+    let blob_writer = compressor.finish().map_err(io_error)?;
+    let written = blob_writer.written();
+    let blob = blob_writer.commit()?;
+    let record =
+        LayerRecord { diff_id, digest: blob.digest, size: blob.size, media_type: compression.media_type().to_owned() };
+    Ok((record, written))
+}
+
+/// The layer writer's compressors, set up the same way (see the module docs).
+enum Compressor {
+    Gzip(flate2::write::GzEncoder<BlobWriter>),
+    Zstd(zstd::stream::write::Encoder<'static, BlobWriter>),
+    None(BlobWriter),
+}
+
+impl Compressor {
+    fn new(compression: Compression, blob_writer: BlobWriter) -> io::Result<Compressor> {
+        Ok(match compression {
+            Compression::Gzip => Compressor::Gzip(
+                flate2::GzBuilder::new()
+                    .mtime(0)
+                    .operating_system(255)
+                    .write(blob_writer, flate2::Compression::new(GZIP_LEVEL)),
+            ),
+            Compression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(blob_writer, ZSTD_LEVEL)?),
+            Compression::None => Compressor::None(blob_writer),
+        })
+    }
+
+    fn finish(self) -> io::Result<BlobWriter> {
+        match self {
+            Compressor::Gzip(encoder) => encoder.finish(),
+            Compressor::Zstd(encoder) => encoder.finish(),
+            Compressor::None(blob_writer) => Ok(blob_writer),
+        }
+    }
+}
+
+impl Write for Compressor {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            Compressor::Gzip(encoder) => encoder.write(buffer),
+            Compressor::Zstd(encoder) => encoder.write(buffer),
+            Compressor::None(blob_writer) => blob_writer.write(buffer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Compressor::Gzip(encoder) => encoder.flush(),
+            Compressor::Zstd(encoder) => encoder.flush(),
+            Compressor::None(blob_writer) => blob_writer.flush(),
+        }
+    }
+}

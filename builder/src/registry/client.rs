@@ -1,0 +1,197 @@
+//! The one place tokio and `oci-client` are set up: a client for one image reference (its
+//! transport and credentials), a runtime to drive it, and the translation of its errors into
+//! [`RegistryError`]s that name the registry, the repository and the HTTP status.
+
+use std::future::Future;
+use std::sync::Once;
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, RegistryOperation};
+
+use super::RegistryError;
+use super::credentials::{Credential, CredentialStore};
+use super::reference::RegistryReference;
+
+/// A client bound to one reference's registry and repository.
+pub(crate) struct RegistryClient {
+    pub client: Client,
+    pub reference: RegistryReference,
+    pub auth: RegistryAuth,
+}
+
+impl RegistryClient {
+    /// A client for `reference`, with the Docker configuration's credentials for its registry.
+    /// `insecure` means plain HTTP even for a registry that is not on this machine.
+    pub fn new(reference: &RegistryReference, insecure: bool) -> Result<RegistryClient, RegistryError> {
+        install_crypto_provider();
+        let protocol = if reference.uses_plain_http(insecure) { ClientProtocol::Http } else { ClientProtocol::Https };
+        let config = ClientConfig {
+            protocol,
+            // The platform is chosen by `pull` itself, from the raw index.
+            platform_resolver: None,
+            connect_timeout: Some(std::time::Duration::from_secs(30)),
+            // A registry that stops answering mid-transfer fails the operation instead of
+            // hanging it; a slow but moving transfer is never cut.
+            read_timeout: Some(std::time::Duration::from_secs(120)),
+            user_agent: concat!("layerwright/", env!("CARGO_PKG_VERSION")),
+            ..ClientConfig::default()
+        };
+        let credentials = CredentialStore::from_environment()?;
+        let auth = match credentials.credential_for(reference.resolved_registry())? {
+            Credential::Anonymous => RegistryAuth::Anonymous,
+            Credential::Basic { username, password } => RegistryAuth::Basic(username, password),
+        };
+        Ok(RegistryClient { client: Client::new(config), reference: reference.clone(), auth })
+    }
+
+    /// Stores the credentials and, when the registry asks for bearer tokens, fetches one for
+    /// `operation`, so that a refused login fails here rather than on the first blob.
+    pub async fn authenticate(&self, operation: RegistryOperation) -> Result<(), RegistryError> {
+        let action = match operation {
+            RegistryOperation::Push => "authenticating to push",
+            RegistryOperation::Pull => "authenticating to pull",
+        };
+        self.client
+            .auth(&self.reference.inner, &self.auth, operation)
+            .await
+            .map_err(|error| self.error(action, error))?;
+        Ok(())
+    }
+
+    /// The error of `action` on this client's registry and repository.
+    pub fn error(&self, action: impl Into<String>, error: OciDistributionError) -> RegistryError {
+        let (status, detail) = status_and_detail(&error);
+        RegistryError::Request {
+            registry: self.reference.registry().to_owned(),
+            repository: self.reference.repository().to_owned(),
+            action: action.into(),
+            status,
+            detail,
+        }
+    }
+
+    pub fn unusable(&self, reason: impl Into<String>) -> RegistryError {
+        RegistryError::Unusable {
+            registry: self.reference.registry().to_owned(),
+            repository: self.reference.repository().to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// rustls needs one crypto provider per process; `ring` is the one this crate builds with. A
+/// provider installed earlier by the embedding program is kept.
+fn install_crypto_provider() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// Runs `work` (which drives futures with [`block_on`]) on a thread of its own, so that a caller
+/// inside an async runtime (or a rayon worker) never has a runtime nested in its thread.
+pub(crate) fn on_own_thread<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        let worker = std::thread::Builder::new()
+            .name("layerwright-registry".into())
+            .spawn_scoped(scope, work)
+            .expect("spawning a thread (the OS refused: out of memory or threads)");
+        match worker.join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Drives `future` to completion on a current-thread runtime: the registry work is IO-bound
+/// and a handful of concurrent requests need no more than one thread.
+pub(crate) fn block_on<F: Future>(future: F) -> Result<F::Output, RegistryError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| RegistryError::Client { reason: format!("cannot start a tokio runtime: {error}") })?;
+    Ok(runtime.block_on(future))
+}
+
+/// The HTTP status of a failed request, when there was one, and what else is known.
+fn status_and_detail(error: &OciDistributionError) -> (Option<u16>, String) {
+    match error {
+        OciDistributionError::ServerError { code, message, url } => {
+            let message = message.trim();
+            let message = if message.is_empty() { "(empty body)" } else { message };
+            (Some(*code), format!("{message} ({url})"))
+        }
+        OciDistributionError::UnauthorizedError { url } => {
+            (Some(401), format!("unauthorized ({url}); check `docker login` for this registry"))
+        }
+        OciDistributionError::RegistryError { envelope, url } => {
+            // oci-client keeps only the error envelope of a 4xx answer; the distribution spec
+            // fixes the status of each code, so the first code's status is the answer's.
+            let status = envelope.errors.first().and_then(|error| status_of_code(&error.code));
+            let codes: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|error| {
+                    let code = match &error.code {
+                        OciErrorCode::Other(code) => code.clone(),
+                        known => serde_json::to_value(known)
+                            .ok()
+                            .and_then(|value| value.as_str().map(str::to_owned))
+                            .unwrap_or_else(|| format!("{known:?}")),
+                    };
+                    if error.message.is_empty() { code } else { format!("{code}: {}", error.message) }
+                })
+                .collect();
+            (status, format!("{} ({url})", codes.join("; ")))
+        }
+        OciDistributionError::RequestError(request_error) => {
+            let status = request_error.status().map(|status| status.as_u16());
+            (status, describe_chain(request_error))
+        }
+        OciDistributionError::AuthenticationFailure(reason) => {
+            (None, format!("the token service refused the credentials: {}", reason.trim()))
+        }
+        other => (None, describe_chain(other)),
+    }
+}
+
+/// An error with its sources ("error sending request: connection refused").
+fn describe_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The HTTP status the distribution spec gives each error code.
+fn status_of_code(code: &OciErrorCode) -> Option<u16> {
+    Some(match code {
+        OciErrorCode::BlobUnknown
+        | OciErrorCode::BlobUploadUnknown
+        | OciErrorCode::ManifestBlobUnknown
+        | OciErrorCode::ManifestUnknown
+        | OciErrorCode::NameUnknown
+        | OciErrorCode::NotFound => 404,
+        OciErrorCode::BlobUploadInvalid
+        | OciErrorCode::DigestInvalid
+        | OciErrorCode::ManifestInvalid
+        | OciErrorCode::ManifestUnverified
+        | OciErrorCode::NameInvalid
+        | OciErrorCode::SizeInvalid
+        | OciErrorCode::TagInvalid => 400,
+        OciErrorCode::Unauthorized => 401,
+        OciErrorCode::Denied => 403,
+        OciErrorCode::Unsupported => 405,
+        OciErrorCode::Toomanyrequests => 429,
+        OciErrorCode::Other(_) => return None,
+    })
+}

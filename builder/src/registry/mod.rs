@@ -1,0 +1,113 @@
+//! Registries: pushing a built image and pulling a base image over the OCI distribution API.
+//!
+//! What it is: a blocking front over the `oci-client` crate. Tokio lives only in here: every
+//! operation runs a current-thread runtime on a thread of its own, so callers (the rayon
+//! solver, a build script, an async program) never see it and never nest runtimes.
+//!
+//! - **Push** (`BuiltImage::push`): asks the registry which blobs it already has
+//!   (`HEAD /v2/<name>/blobs/<digest>`) and uploads only the others, each streamed from the store
+//!   in 4 MiB chunks (`POST` an upload, `PATCH` each chunk with its `Content-Range`, `PUT
+//!   ?digest=`), so no layer is ever whole in memory; then the manifest, unless the tag already
+//!   names it. A [`PushReport`] counts what was uploaded and what was skipped.
+//! - **Pull** (`Image::pull`, through the solver): the plan phase resolves a tag to the digest of
+//!   what it names, so a step's key follows the digest and a moved tag is noticed;
+//!   the execute phase fetches that manifest by digest (choosing this host's
+//!   platform from an index), streams each blob the store lacks into it, verifying its digest,
+//!   then checks every layer as an imported archive's layers are checked (diff ids, entries that
+//!   would escape the root, writes through symlinks).
+//! - **Transport**: registries on `localhost`, `127.0.0.0/8` or `::1` are spoken to in plain
+//!   HTTP, as Docker does; every other registry over HTTPS (the platform's root certificates),
+//!   unless [`PushOptions::insecure`] (or, for pulls, `LAYERWRIGHT_INSECURE_REGISTRIES`, a
+//!   comma-separated list of `host[:port]`) says plain HTTP.
+//! - **Credentials**: Docker's `config.json` (`$DOCKER_CONFIG` or `~/.docker`): a registry's
+//!   `credHelpers` entry, then `credsStore`, then the base64 `auth` of `auths`; see
+//!   [`credentials`]. Without an entry, requests are anonymous (bearer tokens are still fetched
+//!   when the registry asks for them).
+//!
+//! What it deliberately is not: a registry mirror or a general OCI client. It pushes one
+//! image manifest per call (no indexes, no cross-repository mounts, no signatures) and pulls only
+//! image manifests (OCI or Docker schema 2, possibly through an index); Docker schema 1 and
+//! foreign layers are refused. Identity tokens (OAuth refresh tokens) in the Docker config are
+//! not exchanged: such a registry is reported as needing a `docker login` with a password.
+//!
+//! Errors name the registry, the repository and, when the registry answered, the HTTP status.
+//! `oci-client` reports some refusals only by their distribution error code (`BLOB_UNKNOWN`,
+//! `DENIED`); their status is then the one the distribution spec fixes for that code.
+
+mod client;
+pub mod credentials;
+mod pull;
+mod push;
+mod reference;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use layerwright_cache::{Digest, StoreError};
+use thiserror::Error;
+
+use crate::tree::TreeError;
+
+pub use pull::PulledImage;
+pub(crate) use pull::{pull_image, resolve};
+pub(crate) use push::push;
+pub use push::{PushOptions, PushReport};
+pub use reference::RegistryReference;
+
+/// What went wrong talking to a registry. Every variant names the registry; those about an
+/// image also name the repository.
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("invalid image reference {reference:?}: {reason}")]
+    InvalidReference { reference: String, reason: String },
+    /// A request failed: refused by the registry (with its status) or not answered at all.
+    #[error("registry {registry}, repository {repository}: {action}: {}", describe_failure(*status, detail))]
+    Request { registry: String, repository: String, action: String, status: Option<u16>, detail: String },
+    #[error("registry {registry}: credentials from {origin}: {reason}")]
+    Credentials { registry: String, origin: String, reason: String },
+    /// The registry answered with something layerwright cannot use (an unknown media type, an
+    /// index without this platform, a document that is not what its digest says).
+    #[error("registry {registry}, repository {repository}: {reason}")]
+    Unusable { registry: String, repository: String, reason: String },
+    #[error("registry {registry}, repository {repository}: blob {digest}: {source}")]
+    Store { registry: String, repository: String, digest: Digest, source: Box<StoreError> },
+    #[error("registry {registry}, repository {repository}: {source}")]
+    Layer { registry: String, repository: String, source: Box<TreeError> },
+    #[error("registry {registry}, repository {repository}: cannot read blob {path} to upload it: {source}")]
+    ReadBlob { registry: String, repository: String, path: PathBuf, source: Box<std::io::Error> },
+    #[error("cannot start the registry client: {reason}")]
+    Client { reason: String },
+}
+
+fn describe_failure(status: Option<u16>, detail: &str) -> String {
+    match status {
+        Some(status) => format!("HTTP {status}: {detail}"),
+        None => format!("no HTTP answer: {detail}"),
+    }
+}
+
+/// The media types of the manifests layerwright reads and writes.
+pub(crate) mod media_types {
+    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+    /// What a pull accepts, most preferred first.
+    pub const ACCEPTED_MANIFESTS: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST];
+}
+
+impl fmt::Display for PushReport {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            formatter,
+            "pushed {}@{}: {} blobs uploaded ({} bytes), {} already there, manifest {}",
+            self.reference,
+            self.manifest_digest,
+            self.blobs_uploaded,
+            self.bytes_uploaded,
+            self.blobs_skipped,
+            if self.manifest_uploaded { "uploaded" } else { "already tagged" }
+        )
+    }
+}
