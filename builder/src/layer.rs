@@ -15,9 +15,10 @@
 //! - Whatever ustar cannot hold (long names and link names, sizes of 8 GiB and more, ids that
 //!   need more than 7 octal digits, xattrs as `SCHILY.xattr.NAME`) goes into a PAX extended
 //!   header written by this module, never a GNU extension.
-//! - Gzip uses flate2's pinned pure-Rust backend at level [`GZIP_LEVEL`] with no file name,
-//!   mtime 0 and OS byte 255; zstd uses the bundled libzstd at level [`ZSTD_LEVEL`] in
-//!   single-threaded mode.
+//! - Gzip uses flate2 with its pinned zlib-rs backend (pure Rust) at level [`GZIP_LEVEL`] with no
+//!   file name, mtime 0 and OS byte 255; zstd uses the bundled libzstd at level [`ZSTD_LEVEL`]
+//!   in single-threaded mode. Both see their input in fixed chunks (`COMPRESSION_CHUNK`), so
+//!   the compressed bytes depend only on the tar stream.
 //!
 //! Hard links: the tar format needs a link's target to come earlier in the stream, but sorting
 //! can put a link before its target. When that happens the first member of the link group (in
@@ -772,8 +773,20 @@ impl<R: Read> Read for CheckedContentReader<R> {
     }
 }
 
-/// The compressor between the diff-id hasher and the blob writer.
-enum Compressor {
+/// Bytes handed to the compression backend at a time. Deflate backends (zlib-rs among them)
+/// may choose different block boundaries for different input chunkings, so the encoder always
+/// sees whole chunks of this size: the compressed bytes then depend only on the uncompressed
+/// stream, never on how upstream writers happened to buffer it.
+const COMPRESSION_CHUNK: usize = 128 * 1024;
+
+/// The compressor between the diff-id hasher and the blob writer (also used to recompress a
+/// cached layer, which must come out byte for byte as a fresh build's).
+pub(crate) struct Compressor {
+    encoder: Encoder,
+    pending: Vec<u8>,
+}
+
+enum Encoder {
     Gzip(flate2::write::GzEncoder<BlobWriter>),
     /// Single-threaded on purpose: zstd's output differs between 0 workers and 1 or more, so
     /// the mode is fixed (the workspace does not enable the `zstdmt` feature).
@@ -782,45 +795,58 @@ enum Compressor {
 }
 
 impl Compressor {
-    fn new(compression: Compression, blob_writer: BlobWriter) -> io::Result<Compressor> {
-        Ok(match compression {
+    pub(crate) fn new(compression: Compression, blob_writer: BlobWriter) -> io::Result<Compressor> {
+        let encoder = match compression {
             // No file name, mtime 0, OS byte 255 ("unknown"): nothing of the host leaks in.
-            Compression::Gzip => Compressor::Gzip(
+            Compression::Gzip => Encoder::Gzip(
                 flate2::GzBuilder::new()
                     .mtime(0)
                     .operating_system(255)
                     .write(blob_writer, flate2::Compression::new(GZIP_LEVEL)),
             ),
-            Compression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(blob_writer, ZSTD_LEVEL)?),
-            Compression::None => Compressor::None(blob_writer),
-        })
+            Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(blob_writer, ZSTD_LEVEL)?),
+            Compression::None => Encoder::None(blob_writer),
+        };
+        Ok(Compressor { encoder, pending: Vec::with_capacity(COMPRESSION_CHUNK) })
     }
 
-    /// Writes the compressor's trailer and returns the blob writer.
-    fn finish(self) -> io::Result<BlobWriter> {
-        match self {
-            Compressor::Gzip(encoder) => encoder.finish(),
-            Compressor::Zstd(encoder) => encoder.finish(),
-            Compressor::None(blob_writer) => Ok(blob_writer),
+    fn write_chunk(&mut self) -> io::Result<()> {
+        let chunk = &self.pending[..];
+        match &mut self.encoder {
+            Encoder::Gzip(encoder) => encoder.write_all(chunk)?,
+            Encoder::Zstd(encoder) => encoder.write_all(chunk)?,
+            Encoder::None(blob_writer) => blob_writer.write_all(chunk)?,
+        }
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// Writes what is pending and the compressor's trailer, and returns the blob writer.
+    pub(crate) fn finish(mut self) -> io::Result<BlobWriter> {
+        self.write_chunk()?;
+        match self.encoder {
+            Encoder::Gzip(encoder) => encoder.finish(),
+            Encoder::Zstd(encoder) => encoder.finish(),
+            Encoder::None(blob_writer) => Ok(blob_writer),
         }
     }
 }
 
 impl Write for Compressor {
     fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
-        match self {
-            Compressor::Gzip(encoder) => encoder.write(buffer),
-            Compressor::Zstd(encoder) => encoder.write(buffer),
-            Compressor::None(blob_writer) => blob_writer.write(buffer),
+        let room = COMPRESSION_CHUNK - self.pending.len();
+        let taken = room.min(buffer.len());
+        self.pending.extend_from_slice(&buffer[..taken]);
+        if self.pending.len() == COMPRESSION_CHUNK {
+            self.write_chunk()?;
         }
+        Ok(taken)
     }
 
+    /// Deliberately a no-op: flushing an encoder ends a deflate block early, which would make
+    /// the output depend on when callers flush. Everything is written by `finish`.
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Compressor::Gzip(encoder) => encoder.flush(),
-            Compressor::Zstd(encoder) => encoder.flush(),
-            Compressor::None(blob_writer) => blob_writer.flush(),
-        }
+        Ok(())
     }
 }
 

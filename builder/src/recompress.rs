@@ -8,9 +8,8 @@
 //! remembered in `recompressed/<diff id hex>.<compression>.json` (a [`LayerRecord`]), so the next
 //! build with that compression costs one small file read, and a no-op rebuild writes nothing.
 //!
-//! The compressors are configured exactly as the layer writer's ([`crate::layer::GZIP_LEVEL`],
-//! [`crate::layer::ZSTD_LEVEL`], gzip without name or mtime and OS byte 255, single-threaded
-//! zstd), and deflate and zstd streams do not depend on how their input is split into writes:
+//! The compressor is the layer writer's own (`layer::Compressor`), which feeds its backend in
+//! fixed chunks, so the compressed stream depends only on the uncompressed one:
 //! a recompressed layer is byte-identical to the one a fresh build in that compression writes,
 //! so the manifest digest of an image does not depend on the cache's history.
 //!
@@ -18,13 +17,13 @@
 //! kept as their image had them, as Docker does), or remove the record's original blob.
 
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::PathBuf;
 
-use layerwright_cache::{BlobWriter, Digest, LayerRecord, Sha256Writer, Store};
+use layerwright_cache::{Digest, LayerRecord, Sha256Writer, Store};
 
 use crate::build::StepError;
-use crate::layer::{Compression, GZIP_LEVEL, ZSTD_LEVEL};
+use crate::layer::{Compression, Compressor};
 use crate::tree::TreeError;
 
 /// `layer` in `compression`, and the blob bytes written to get it (0 when nothing was).
@@ -106,52 +105,4 @@ fn recompress(store: &Store, layer: &LayerRecord, compression: Compression) -> R
     let record =
         LayerRecord { diff_id, digest: blob.digest, size: blob.size, media_type: compression.media_type().to_owned() };
     Ok((record, written))
-}
-
-/// The layer writer's compressors, set up the same way (see the module docs).
-enum Compressor {
-    Gzip(flate2::write::GzEncoder<BlobWriter>),
-    Zstd(zstd::stream::write::Encoder<'static, BlobWriter>),
-    None(BlobWriter),
-}
-
-impl Compressor {
-    fn new(compression: Compression, blob_writer: BlobWriter) -> io::Result<Compressor> {
-        Ok(match compression {
-            Compression::Gzip => Compressor::Gzip(
-                flate2::GzBuilder::new()
-                    .mtime(0)
-                    .operating_system(255)
-                    .write(blob_writer, flate2::Compression::new(GZIP_LEVEL)),
-            ),
-            Compression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(blob_writer, ZSTD_LEVEL)?),
-            Compression::None => Compressor::None(blob_writer),
-        })
-    }
-
-    fn finish(self) -> io::Result<BlobWriter> {
-        match self {
-            Compressor::Gzip(encoder) => encoder.finish(),
-            Compressor::Zstd(encoder) => encoder.finish(),
-            Compressor::None(blob_writer) => Ok(blob_writer),
-        }
-    }
-}
-
-impl Write for Compressor {
-    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
-        match self {
-            Compressor::Gzip(encoder) => encoder.write(buffer),
-            Compressor::Zstd(encoder) => encoder.write(buffer),
-            Compressor::None(blob_writer) => blob_writer.write(buffer),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Compressor::Gzip(encoder) => encoder.flush(),
-            Compressor::Zstd(encoder) => encoder.flush(),
-            Compressor::None(blob_writer) => blob_writer.flush(),
-        }
-    }
 }
