@@ -95,6 +95,12 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let built_steps = built.steps().iter().filter(|step| !step.cached).count();
+    if std::env::var_os("LAYERWRIGHT_BENCH_STEPS").is_some() {
+        for step in built.steps() {
+            let state = if step.cached { "cached" } else { "built " };
+            eprintln!("{state} {:>9.3?} {}", step.duration, step.label);
+        }
+    }
     println!("digest {}", built.manifest_digest());
     println!("steps-built {built_steps}");
     println!("peak-rss-kib {}", peak_rss_kib());

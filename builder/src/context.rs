@@ -331,9 +331,11 @@ impl Walker<'_, '_> {
             size += read as u64;
         }
         let blake3 = *hasher.finalize().as_bytes();
-        // Record only what was read in one piece: a file that changed size while being read is
-        // hashed again next time.
-        if size == stat.size {
+        // Record only what was read in one piece (a file that changed size while being read is
+        // hashed again next time), and only files whose last change is safely in the past: a
+        // file rewritten within the filesystem's timestamp granularity keeps its mtime, ctime
+        // and size, and would be served its old digest ("racily clean", as git calls it).
+        if size == stat.size && changed_long_enough_ago(&stat) {
             self.stat_cache.computed.push((absolute, stat, blake3));
         }
         Ok(ContextKind::File { size, blake3 })
@@ -351,6 +353,17 @@ impl ContextFile {
             ContextKind::HardLink { target } => FileMaterial::HardLink { target: target.clone() },
         }
     }
+}
+
+/// How long after its last change a file's stat is trusted to identify its content. Kernel
+/// timestamps advance in clock ticks (milliseconds), so two writes in one tick look the same.
+const RACY_WINDOW_NANOSECONDS: i128 = 2_000_000_000;
+
+fn changed_long_enough_ago(stat: &FileStat) -> bool {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since_epoch| since_epoch.as_nanos() as i128);
+    now - stat.mtime_ns.max(stat.ctime_ns) > RACY_WINDOW_NANOSECONDS
 }
 
 fn join(parent: &str, name: &str) -> String {
@@ -386,6 +399,12 @@ mod tests {
     fn the_stat_cache_spares_rereading_unchanged_files() {
         let (dir, context) = context_with(&[("a", "one")], None);
         let mut stat_cache = StatCache::default();
+        // A file changed a moment ago is not trusted by its stat: it could change again within
+        // the same timestamp tick.
+        let mut lookup = StatLookup::new(&stat_cache);
+        select(&context, "a", &mut lookup).unwrap();
+        assert!(lookup.computed.is_empty(), "a racily clean file is not recorded");
+        std::thread::sleep(std::time::Duration::from_nanos(RACY_WINDOW_NANOSECONDS as u64 + 100_000_000));
         let mut lookup = StatLookup::new(&stat_cache);
         let first = select(&context, "a", &mut lookup).unwrap();
         let computed = lookup.computed;
