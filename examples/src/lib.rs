@@ -72,6 +72,11 @@ pub const EXAMPLES: &[Example] = &[
         declare: files,
     },
     Example {
+        name: "busybox-tools",
+        description: "RUN steps on the busybox base: a user, a generated index, a tool script (needs root)",
+        declare: busybox_tools,
+    },
+    Example {
         name: "multi-stage",
         description: "a build stage on busybox and a slim final image that takes only its output (copy_from)",
         declare: multi_stage,
@@ -155,6 +160,22 @@ pub fn multi_stage(environment: &ExampleEnvironment) -> Result<Image, ExampleErr
         .user("65534:65534")
         .label("org.opencontainers.image.title", "multi-stage")
         .entrypoint(["/usr/local/bin/hello"]))
+}
+
+/// RUN steps on the busybox base, the way a real image is put together: add a user, generate
+/// files with the image's own tools, delete what the build needed. Needs root (or user
+/// namespaces) to build.
+pub fn busybox_tools(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {
+    Ok(busybox(environment)?
+        .run("echo 'app:x:1000:1000:app:/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:1000:' >> /etc/group && mkdir -p /home/app")
+        .run("mkdir -p /srv/www && for page in index about contact; do echo \"<h1>$page</h1>\" > /srv/www/$page.html; done")
+        .run("cd /srv/www && ls | sort > /srv/www/MANIFEST && rm /srv/www/contact.html")
+        .write_file_with("/usr/local/bin/serve", "#!/bin/sh\nexec httpd -f -p 8080 -h /srv/www\n", FileOptions::mode(0o755))
+        .run(layerwright::Run::shell("chown -R app:app /srv/www && touch /home/app/.ready").env("LANG", "C"))
+        .user("app")
+        .workdir("/srv/www")
+        .expose(8080)
+        .cmd(["/usr/local/bin/serve"]))
 }
 
 /// The directory holding the static `hello` binary of `examples/hello-bin`, as a context.

@@ -41,6 +41,17 @@ fn files() {
     check("files");
 }
 
+/// RUN steps need root (or user namespaces): without them this fails with the runner's message
+/// naming what is missing, unless `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
+#[test]
+fn busybox_tools() {
+    let root = rustix::process::geteuid().is_root();
+    if !root && std::env::var("LAYERWRIGHT_SKIP_PRIVILEGED").is_ok_and(|value| value == "1") {
+        return;
+    }
+    check("busybox-tools");
+}
+
 #[test]
 fn multi_stage() {
     check("multi-stage");
@@ -48,7 +59,7 @@ fn multi_stage() {
 
 #[test]
 fn every_example_has_a_snapshot_test() {
-    let tested = ["hello", "busybox", "files", "multi-stage"];
+    let tested = ["hello", "busybox", "busybox-tools", "files", "multi-stage"];
     for example in EXAMPLES {
         assert!(tested.contains(&example.name), "example {} has no snapshot test", example.name);
     }

@@ -319,8 +319,29 @@ impl Bench {
         Ok(())
     }
 
-    /// One build (and, for W2, export to a loadable archive), timed as whole processes.
+    /// One build, retried up to twice when the tool fails (buildah's chroot isolation fails
+    /// now and then with "sealing memfd copy: Device or resource busy"); the retry is what is
+    /// timed, and the failure is said.
     fn timed_build(&self, tool: Tool, workload: &Workload) -> Result<(Duration, Option<u64>)> {
+        let mut attempt = 1;
+        loop {
+            match self.timed_build_once(tool, workload) {
+                Ok(result) => return Ok(result),
+                Err(error) if attempt < 3 => {
+                    eprintln!(
+                        "bench: {} {} failed (attempt {attempt}), retrying: {error:#}",
+                        workload.name,
+                        tool.name()
+                    );
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// One build (and, for W2, export to a loadable archive), timed as whole processes.
+    fn timed_build_once(&self, tool: Tool, workload: &Workload) -> Result<(Duration, Option<u64>)> {
         let name = workload.name;
         let root = self.dir.join(name);
         let dockerfile = root.join("Dockerfile");
