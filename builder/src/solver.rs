@@ -546,36 +546,31 @@ impl<'a> Walk<'a> {
     }
 
     fn import_base(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {
-        let execution = self.execution();
-        if let Some(record) = self.store.read_action(&key)?
-            && let Some(config_digest) = &record.config
-        {
-            let config = execution.read_config(config_digest)?;
-            return Ok(Outcome { layers: record.layers, config, cached: true, layer: None, miss: None });
-        }
-        let miss = self.explain_miss(index);
-        let base = import::import_archive(self.store, path)?;
-        let config_blob = self.store.put_blob(&config::to_bytes(&base.config))?;
-        for (layer, index) in base.layers.iter().zip(base.indexes) {
-            self.indexes.insert(layer.diff_id.clone(), index);
-        }
-        let record = ActionRecord { layers: base.layers.clone(), config: Some(config_blob.digest) };
-        self.store.write_action(&key, &record)?;
-        Ok(Outcome { layers: base.layers, config: base.config, cached: false, layer: None, miss: Some(miss) })
+        self.base_outcome(index, key, || Ok(import::import_archive(self.store, path)?))
     }
 
     /// As `import_base`, for a base from a registry: the plan phase resolved the reference to
     /// the digest in the node's `extra`, and that image is what is fetched.
     fn pull_base(&self, index: usize, key: StepKey, reference: &str) -> Result<Outcome, StepError> {
-        let execution = self.execution();
+        self.base_outcome(index, key, || crate::pull::fetch(self.store, reference, &self.plan[index].extra))
+    }
+
+    /// A base image: its record on a hit; on a miss, what `fetch` brings in (verified and
+    /// indexed), recorded with its config.
+    fn base_outcome(
+        &self,
+        index: usize,
+        key: StepKey,
+        fetch: impl FnOnce() -> Result<import::BaseImage, StepError>,
+    ) -> Result<Outcome, StepError> {
         if let Some(record) = self.store.read_action(&key)?
             && let Some(config_digest) = &record.config
         {
-            let config = execution.read_config(config_digest)?;
+            let config = self.execution().read_config(config_digest)?;
             return Ok(Outcome { layers: record.layers, config, cached: true, layer: None, miss: None });
         }
         let miss = self.explain_miss(index);
-        let base = crate::pull::fetch(self.store, reference, &self.plan[index].extra)?;
+        let base = fetch()?;
         let config_blob = self.store.put_blob(&config::to_bytes(&base.config))?;
         for (layer, index) in base.layers.iter().zip(base.indexes) {
             self.indexes.insert(layer.diff_id.clone(), index);

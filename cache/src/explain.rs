@@ -37,7 +37,7 @@ pub enum MissReason {
     ParentChanged,
     /// The `copy_from` source image changed.
     SourceChanged,
-    /// The base archive's content changed.
+    /// The base image changed: the archive's content, or the digest a pulled tag names.
     ArchiveChanged,
     /// Context files it selects changed, were added or removed.
     FilesChanged { changed: Vec<String>, added: Vec<String>, removed: Vec<String> },
@@ -60,7 +60,9 @@ impl fmt::Display for MissReason {
             MissReason::DefinitionChanged => formatter.write_str("the step's definition changed"),
             MissReason::ParentChanged => formatter.write_str("a step below it changed"),
             MissReason::SourceChanged => formatter.write_str("the copy_from source image changed"),
-            MissReason::ArchiveChanged => formatter.write_str("the base archive changed"),
+            MissReason::ArchiveChanged => {
+                formatter.write_str("the base image changed (its archive, or the digest its tag names)")
+            }
             MissReason::FilesChanged { changed, added, removed } => {
                 formatter.write_str("context files changed:")?;
                 list(formatter, "changed", changed)?;
