@@ -169,7 +169,7 @@ pub fn busybox_tools(environment: &ExampleEnvironment) -> Result<Image, ExampleE
     Ok(busybox(environment)?
         .run("echo 'app:x:1000:1000:app:/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:1000:' >> /etc/group && mkdir -p /home/app")
         .run("mkdir -p /srv/www && for page in index about contact; do echo \"<h1>$page</h1>\" > /srv/www/$page.html; done")
-        .run("cd /srv/www && ls | sort > /srv/www/MANIFEST && rm /srv/www/contact.html")
+        .run("cd /srv/www && ls *.html | sort > MANIFEST && rm contact.html")
         .write_file_with("/usr/local/bin/serve", "#!/bin/sh\nexec httpd -f -p 8080 -h /srv/www\n", FileOptions::mode(0o755))
         .run(layerwright::Run::shell("chown -R app:app /srv/www && touch /home/app/.ready").env("LANG", "C"))
         .user("app")
