@@ -206,3 +206,18 @@ pub fn directory_listing(root: &Path) -> std::io::Result<String> {
     }
     Ok(lines.into_values().map(|line| line + "\n").collect())
 }
+
+/// `length` incompressible bytes from `seed` (xorshift64), the same on every machine: test and
+/// benchmark contexts that must cost real compression and hashing time.
+pub fn incompressible_bytes(length: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut bytes = Vec::with_capacity(length + 8);
+    while bytes.len() < length {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        bytes.extend_from_slice(&state.to_le_bytes());
+    }
+    bytes.truncate(length);
+    bytes
+}

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use crate::layer::Compression;
-use crate::tree::{self, FsTree, LayerIndex, TreeError};
+use crate::tree::{self, LayerIndex, TreeError};
 
 #[derive(Debug, Error)]
 pub enum ImportError {
@@ -117,22 +117,14 @@ fn fetch_base_image(store: &Store, path: &Path) -> Result<FetchedImage, ImportEr
     Err(archive.invalid(reason))
 }
 
-/// Indexes each layer (which verifies diff ids and refuses entries escaping the root) and
-/// applies it to one tree (which refuses writes through symlinks), bottom layer first.
+/// `tree::index_and_apply_layers`, its errors naming the archive.
 fn index_and_apply_layers(
     store: &Store,
     archive: &Path,
     layers: &[LayerRecord],
 ) -> Result<Vec<LayerIndex>, ImportError> {
-    let layer_error = |source| ImportError::Layer { archive: archive.to_owned(), source };
-    let mut tree = FsTree::default();
-    let mut indexes = Vec::with_capacity(layers.len());
-    for (position, layer) in layers.iter().enumerate() {
-        let index = tree::index_layer(store, layer).map_err(layer_error)?;
-        tree.apply(position, &layer.digest, &index).map_err(layer_error)?;
-        indexes.push(index);
-    }
-    Ok(indexes)
+    tree::index_and_apply_layers(store, layers)
+        .map_err(|source| ImportError::Layer { archive: archive.to_owned(), source })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1190,8 +1182,8 @@ mod tests {
 
     // -- tests that go through `tree::index_layer` and `FsTree::apply` ---------------------
     //
-    // These pass only once the tree module is implemented (it is a `todo!()` stub on the
-    // branch this was written on). Skip them there with `-- --skip needs_tree`.
+    // The whole import path: every layer indexed (diff ids verified, entry names checked) and
+    // applied to one tree.
 
     mod needs_tree {
         use super::*;

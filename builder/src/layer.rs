@@ -213,7 +213,7 @@ pub fn write_layer(
 
     let compressor =
         Compressor::new(options.compression, store.blob_writer()?).map_err(|source| LayerError::Finish { source })?;
-    let mut tar = tar::Builder::new(Sha256Writer::new(compressor));
+    let mut tar = tar::Builder::new(DiffIdWriter::new(options.compression, compressor));
     let mut index = LayerIndex::default();
     for entry in &planned {
         index.entries.push(write_entry(&mut tar, entry, options.mtime)?);
@@ -221,10 +221,12 @@ pub fn write_layer(
 
     // `into_inner` writes the two zero blocks that end the archive; they are part of the diff id.
     let diff_id_writer = tar.into_inner().map_err(|source| LayerError::Finish { source })?;
-    let (diff_id, _tar_size, compressor) = diff_id_writer.finish();
+    let (diff_id, compressor) = diff_id_writer.finish();
     let blob_writer = compressor.finish().map_err(|source| LayerError::Finish { source })?;
     let blob_bytes_written = blob_writer.written();
     let blob = blob_writer.commit()?;
+    // An uncompressed blob is the tar itself: its digest is the diff id.
+    let diff_id = diff_id.unwrap_or_else(|| blob.digest.clone());
 
     let record = LayerRecord {
         diff_id,
@@ -769,6 +771,50 @@ impl<R: Read> Read for CheckedContentReader<R> {
                     return Err(io::Error::other(message));
                 }
             }
+        }
+    }
+}
+
+/// Hashes the uncompressed tar stream for the diff id, except when the blob is the tar itself
+/// (no compression): the blob writer hashes those very bytes already, so its digest is the diff
+/// id and a second sha256 pass over the layer would be wasted.
+enum DiffIdWriter {
+    Hashing(Sha256Writer<Compressor>),
+    SameAsBlob(Compressor),
+}
+
+impl DiffIdWriter {
+    fn new(compression: Compression, compressor: Compressor) -> DiffIdWriter {
+        match compression {
+            Compression::None => DiffIdWriter::SameAsBlob(compressor),
+            Compression::Gzip | Compression::Zstd => DiffIdWriter::Hashing(Sha256Writer::new(compressor)),
+        }
+    }
+
+    /// The diff id when it differs from the blob digest, and the compressor.
+    fn finish(self) -> (Option<Digest>, Compressor) {
+        match self {
+            DiffIdWriter::Hashing(writer) => {
+                let (diff_id, _size, compressor) = writer.finish();
+                (Some(diff_id), compressor)
+            }
+            DiffIdWriter::SameAsBlob(compressor) => (None, compressor),
+        }
+    }
+}
+
+impl Write for DiffIdWriter {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            DiffIdWriter::Hashing(writer) => writer.write(buffer),
+            DiffIdWriter::SameAsBlob(compressor) => compressor.write(buffer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            DiffIdWriter::Hashing(writer) => writer.flush(),
+            DiffIdWriter::SameAsBlob(compressor) => compressor.flush(),
         }
     }
 }

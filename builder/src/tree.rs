@@ -205,6 +205,22 @@ pub(crate) fn member_name<R: Read>(member: &tar::Entry<'_, R>, layer: &Digest) -
     }
 }
 
+/// A member's link target (PAX and GNU long names included), which must be UTF-8.
+pub(crate) fn member_link_name<R: Read>(
+    member: &tar::Entry<'_, R>,
+    layer: &Digest,
+    name: &str,
+) -> Result<String, TreeError> {
+    let bytes = member.link_name_bytes().unwrap_or_default();
+    match std::str::from_utf8(&bytes) {
+        Ok(target) => Ok(target.to_owned()),
+        Err(_) => Err(TreeError::NotUtf8 {
+            layer: layer.clone(),
+            entry: format!("{name} -> {}", String::from_utf8_lossy(&bytes)),
+        }),
+    }
+}
+
 /// The index entry of one tar member, `None` for members that are not image entries (the root
 /// directory, PAX global headers, aufs metadata).
 fn index_member<R: Read>(member: &mut tar::Entry<'_, R>, layer: &Digest) -> Result<Option<IndexEntry>, TreeError> {
@@ -253,16 +269,7 @@ fn index_member<R: Read>(member: &mut tar::Entry<'_, R>, layer: &Digest) -> Resu
         return Ok(Some(IndexEntry { path: deleted_path, kind: IndexKind::Whiteout, mode, uid, gid }));
     }
 
-    let link_name = || -> Result<String, TreeError> {
-        let bytes = member.link_name_bytes().unwrap_or_default();
-        match std::str::from_utf8(&bytes) {
-            Ok(target) => Ok(target.to_owned()),
-            Err(_) => Err(TreeError::NotUtf8 {
-                layer: layer.clone(),
-                entry: format!("{name} -> {}", String::from_utf8_lossy(&bytes)),
-            }),
-        }
-    };
+    let link_name = || member_link_name(member, layer, &name);
     let device =
         |number: io::Result<Option<u32>>| -> Result<u32, TreeError> { Ok(number.map_err(read_error)?.unwrap_or(0)) };
     let kind = if entry_type.is_dir() {
@@ -347,6 +354,21 @@ pub(crate) fn verify_diff_id(mut stream: HashingReader<Box<dyn Read>>, layer: &L
         return Err(TreeError::DiffIdMismatch { layer: layer.digest.clone(), expected: layer.diff_id.clone(), actual });
     }
     Ok(())
+}
+
+/// Indexes each layer of a base image (which verifies its diff id and refuses entries escaping
+/// the root) and applies it to one tree (which refuses writes through symlinks), bottom layer
+/// first. Every layer is indexed afresh, even when an index of its diff id exists: indexing is
+/// what checks that the blob really is the layer the config names.
+pub fn index_and_apply_layers(store: &Store, layers: &[LayerRecord]) -> Result<Vec<LayerIndex>, TreeError> {
+    let mut tree = FsTree::default();
+    let mut indexes = Vec::with_capacity(layers.len());
+    for (position, layer) in layers.iter().enumerate() {
+        let index = index_layer(store, layer)?;
+        tree.apply(position, &layer.digest, &index)?;
+        indexes.push(index);
+    }
+    Ok(indexes)
 }
 
 /// A node of the merged tree: the entry as it stands and the position of the layer it is from.

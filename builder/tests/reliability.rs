@@ -14,26 +14,13 @@ use std::time::{Duration, Instant};
 use layerwright::cache::Store;
 use layerwright::{Builder, BuilderOptions, Compression, Context, Image};
 
-/// Incompressible bytes from a fixed seed (xorshift), so the layers take real time to compress.
-fn noise(length: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut bytes = Vec::with_capacity(length);
-    while bytes.len() < length {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        bytes.extend_from_slice(&state.to_le_bytes());
-    }
-    bytes.truncate(length);
-    bytes
-}
-
 /// A context with a few large files and many small ones.
 fn make_context(root: &Path) {
     fs::create_dir_all(root.join("big")).unwrap();
     fs::create_dir_all(root.join("small")).unwrap();
     for index in 0..4 {
-        fs::write(root.join(format!("big/blob{index}")), noise(8 << 20, index)).unwrap();
+        fs::write(root.join(format!("big/blob{index}")), layerwright::host::incompressible_bytes(8 << 20, index))
+            .unwrap();
     }
     for index in 0..500 {
         fs::write(root.join(format!("small/file{index:04}")), format!("small file {index}\n")).unwrap();
@@ -198,7 +185,7 @@ fn a_full_disk_during_a_commit_is_a_clear_error_and_the_cache_stays_consistent()
     let result = std::panic::catch_unwind(|| {
         let context = dir.path().join("ctx");
         fs::create_dir_all(&context).unwrap();
-        fs::write(context.join("big"), noise(16 << 20, 7)).unwrap();
+        fs::write(context.join("big"), layerwright::host::incompressible_bytes(16 << 20, 7)).unwrap();
         fs::write(context.join("small"), "fits\n").unwrap();
         let context = Context::dir(&context).unwrap();
         let options = BuilderOptions { compression: Compression::None, ..Default::default() };

@@ -63,6 +63,10 @@ pub struct ActionRecord {
     pub config: Option<Digest>,
 }
 
+/// How stale a record's last-use time may get before a hit refreshes it (LRU pruning needs no
+/// finer clock than this).
+const RECORD_USE_GRANULARITY: Duration = Duration::from_secs(60);
+
 /// A committed blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobInfo {
@@ -207,11 +211,13 @@ impl Store {
     /// absent, so the step is rebuilt rather than exported with a hole.
     pub fn read_action(&self, key: &StepKey) -> Result<Option<ActionRecord>, StoreError> {
         let path = self.action_path(key);
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StoreError::Io { action: "read action record", path, source }),
+            Err(source) => return Err(StoreError::Io { action: "open action record", path, source }),
         };
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(StoreError::io("read action record", &path))?;
         let record: ActionRecord = match serde_json::from_slice(&bytes) {
             Ok(record) => record,
             Err(error) => {
@@ -224,9 +230,16 @@ impl Store {
         let complete = record.layers.iter().all(|layer| self.has_blob(&layer.digest))
             && record.config.as_ref().is_none_or(|config| self.has_blob(config));
         if complete {
-            // The record's mtime is its last use, for least-recently-used pruning.
-            if let Ok(file) = File::options().write(true).open(&path) {
-                let _ = file.set_modified(SystemTime::now());
+            // The record's mtime is its last use, for least-recently-used pruning. Refreshed
+            // through the descriptor already open, and at most once a minute, so that repeated
+            // no-op rebuilds do not write an inode per step.
+            let now = SystemTime::now();
+            let stale = file
+                .metadata()
+                .and_then(|metadata| metadata.modified())
+                .is_ok_and(|used| now.duration_since(used).is_ok_and(|age| age > RECORD_USE_GRANULARITY));
+            if stale {
+                let _ = file.set_modified(now);
             }
         }
         Ok(complete.then_some(record))

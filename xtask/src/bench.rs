@@ -229,13 +229,16 @@ impl Bench {
                     for index in 0..2000u64 {
                         let path = context.join(format!("files/d{:02}/f{index:04}", index / 100));
                         fs::create_dir_all(path.parent().expect("a parent"))?;
-                        fs::write(path, noise(4096, index + 1))?;
+                        fs::write(path, layerwright::host::incompressible_bytes(4096, index + 1))?;
                     }
                 }
                 "w2" => {
                     fs::create_dir_all(context.join("blobs"))?;
                     for index in 0..256u64 {
-                        fs::write(context.join(format!("blobs/b{index:03}")), noise(4 << 20, 1000 + index))?;
+                        fs::write(
+                            context.join(format!("blobs/b{index:03}")),
+                            layerwright::host::incompressible_bytes(4 << 20, 1000 + index),
+                        )?;
                     }
                 }
                 _ => {
@@ -508,20 +511,6 @@ fn run_quiet(command: &mut Command) -> Result<String> {
         bail!("{described} failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// Incompressible bytes from a fixed seed (xorshift64).
-fn noise(length: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut bytes = Vec::with_capacity(length + 8);
-    while bytes.len() < length {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        bytes.extend_from_slice(&state.to_le_bytes());
-    }
-    bytes.truncate(length);
-    bytes
 }
 
 /// The Dockerfile of a workload: the same steps as `bench/src/main.rs` declares.

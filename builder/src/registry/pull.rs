@@ -14,7 +14,7 @@ use super::client::{self, RegistryClient};
 use super::reference::RegistryReference;
 use super::{RegistryError, media_types};
 use crate::layer::Compression;
-use crate::tree::{self, FsTree, LayerIndex};
+use crate::tree::{self, LayerIndex};
 
 /// How many blobs are downloaded at once.
 const PARALLEL_DOWNLOADS: usize = 3;
@@ -297,29 +297,18 @@ async fn fetch_blob(client: &RegistryClient, store: &Store, digest: &Digest, siz
     Ok(true)
 }
 
-/// Indexes each layer (which verifies diff ids and refuses entries escaping the root) and
-/// applies it to one tree (which refuses writes through symlinks), bottom layer first, as an
-/// imported archive's layers are.
+/// `tree::index_and_apply_layers` (as for an imported archive), its errors naming the
+/// registry and repository.
 fn index_and_apply_layers(
     client: &RegistryClient,
     store: &Store,
     layers: &[LayerRecord],
 ) -> Result<Vec<LayerIndex>, RegistryError> {
-    let layer_error = |source| RegistryError::Layer {
+    tree::index_and_apply_layers(store, layers).map_err(|source| RegistryError::Layer {
         registry: client.reference.registry().to_owned(),
         repository: client.reference.repository().to_owned(),
         source: Box::new(source),
-    };
-    let mut tree = FsTree::default();
-    let mut indexes = Vec::with_capacity(layers.len());
-    for (position, layer) in layers.iter().enumerate() {
-        // Always re-indexed, even when an index of this diff id exists: indexing is what checks
-        // that the downloaded blob really is the layer the config says.
-        let index = tree::index_layer(store, layer).map_err(layer_error)?;
-        tree.apply(position, &layer.digest, &index).map_err(layer_error)?;
-        indexes.push(index);
-    }
-    Ok(indexes)
+    })
 }
 
 fn parse_digest(reference: &RegistryReference, digest: &str) -> Result<Digest, RegistryError> {

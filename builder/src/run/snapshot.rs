@@ -184,6 +184,17 @@ fn split_parent(path: &str) -> (&str, &str) {
 }
 
 impl Unpacker {
+    /// Gives the entry `base` of `parent` (a symlink or node, not followed) its owner; only real
+    /// root can, and a rootless snapshot keeps the caller's.
+    fn chown_at(&self, parent: &OwnedFd, base: &str, path: &str, (uid, gid): (u32, u32)) -> Result<(), SnapshotError> {
+        if !self.privileged {
+            return Ok(());
+        }
+        let (uid, gid) = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
+        rustix::fs::chownat(parent, base, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(self.write_error(path, "chown"))
+    }
+
     fn write_error<'a>(&'a self, entry: &'a str, action: &'static str) -> impl Fn(Errno) -> SnapshotError + 'a {
         move |error| SnapshotError::Write {
             layer: self.layer.clone(),
@@ -290,23 +301,14 @@ impl Unpacker {
             self.set_metadata(&file, &path, mode, uid, gid, &xattrs)?;
             rustix::fs::futimens(&file, &times).map_err(self.write_error(&path, "set the mtime of"))?;
         } else if entry_type.is_symlink() {
-            let target = link_name(member, &self.layer, &name)?;
+            let target = tree::member_link_name(member, &self.layer, &name)?;
             rustix::fs::symlinkat(target.as_str(), &parent_fd, base)
                 .map_err(self.write_error(&path, "create the symlink"))?;
-            if self.privileged {
-                rustix::fs::chownat(
-                    &parent_fd,
-                    base,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(self.write_error(&path, "chown"))?;
-            }
+            self.chown_at(&parent_fd, base, &path, (uid, gid))?;
             rustix::fs::utimensat(&parent_fd, base, &times, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(self.write_error(&path, "set the mtime of"))?;
         } else if entry_type.is_hard_link() {
-            let target = match tree::normalise_member_path(&link_name(member, &self.layer, &name)?) {
+            let target = match tree::normalise_member_path(&tree::member_link_name(member, &self.layer, &name)?) {
                 MemberPath::Inside(target) => target,
                 MemberPath::Root | MemberPath::Escapes => {
                     return Err(TreeError::EscapesRoot { layer: self.layer.clone(), entry: name }.into());
@@ -346,16 +348,7 @@ impl Unpacker {
                 rustix::fs::makedev(major, minor),
             )
             .map_err(self.write_error(&path, "create the node"))?;
-            if self.privileged {
-                rustix::fs::chownat(
-                    &parent_fd,
-                    base,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(self.write_error(&path, "chown"))?;
-            }
+            self.chown_at(&parent_fd, base, &path, (uid, gid))?;
             // The node was just made in this private directory, so the name still is it.
             rustix::fs::chmodat(&parent_fd, base, Mode::from_raw_mode(mode), AtFlags::empty())
                 .map_err(self.write_error(&path, "chmod"))?;
@@ -489,17 +482,6 @@ impl Unpacker {
 fn timestamps(mtime: u64) -> Timestamps {
     let time = rustix::fs::Timespec { tv_sec: i64::try_from(mtime).unwrap_or(i64::MAX), tv_nsec: 0 };
     Timestamps { last_access: time, last_modification: time }
-}
-
-fn link_name<R: Read>(member: &tar::Entry<'_, R>, layer: &Digest, name: &str) -> Result<String, TreeError> {
-    let bytes = member.link_name_bytes().unwrap_or_default();
-    match std::str::from_utf8(&bytes) {
-        Ok(target) => Ok(target.to_owned()),
-        Err(_) => Err(TreeError::NotUtf8 {
-            layer: layer.clone(),
-            entry: format!("{name} -> {}", String::from_utf8_lossy(&bytes)),
-        }),
-    }
 }
 
 /// The `SCHILY.xattr.` records of a member, except the ones overlayfs would interpret.
