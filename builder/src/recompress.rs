@@ -5,7 +5,7 @@
 //! depend on it), so a build with another [`Compression`] hits the same record. Here such a hit
 //! gets its layer in the requested compression: the stored blob is decompressed and compressed
 //! again, streamed (blob → decoder → diff-id hasher → compressor → new blob), and the result is
-//! remembered in `recompressed/<diff id hex>.<compression>.json` (a [`LayerRecord`]), so the next
+//! remembered in `recompressed/<diff id hex>.<compression>.v<format version>.json` (a [`LayerRecord`]), so the next
 //! build with that compression costs one small file read, and a no-op rebuild writes nothing.
 //!
 //! The compressor is the layer writer's own (`layer::Compressor`), which feeds its backend in
@@ -62,7 +62,10 @@ fn mapping_path(store: &Store, diff_id: &Digest, compression: Compression) -> Pa
         Compression::Zstd => "zstd",
         Compression::None => "none",
     };
-    store.root().join("recompressed").join(format!("{}.{name}.json", diff_id.hex()))
+    // The format version is in the name for the same reason it is in every step key: a layer
+    // recompressed by an older layerwright may not be what this one writes.
+    let version = layerwright_cache::KEY_FORMAT_VERSION;
+    store.root().join("recompressed").join(format!("{}.{name}.v{version}.json", diff_id.hex()))
 }
 
 /// The remembered record, if there is a readable one (a torn or edited file is a miss).

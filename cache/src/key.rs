@@ -7,8 +7,14 @@
 
 use std::fmt;
 
-/// Version of the key layout; bump to invalidate every record at once.
-pub const KEY_FORMAT_VERSION: u32 = 1;
+/// Version of the key layout *and of the bytes a step's result is made of* (tar headers,
+/// compressor backend and settings): bump it whenever either changes, so that a cache filled by
+/// an older layerwright is not served as if a new one had produced it. A hit must be
+/// byte-identical to what a fresh build writes, or the same declaration would give different
+/// digests on machines with different cache histories.
+///
+/// 2: gzip through flate2's zlib-rs backend, fed in fixed 128 KiB chunks.
+pub const KEY_FORMAT_VERSION: u32 = 2;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StepKey([u8; 32]);

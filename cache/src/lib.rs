@@ -45,6 +45,6 @@ pub use db::{
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use explain::{MissReason, Provenance};
 pub use gc::{DiskUsage, PruneReport};
-pub use key::{StepKey, StepKeyBuilder};
+pub use key::{KEY_FORMAT_VERSION, StepKey, StepKeyBuilder};
 pub use stat_cache::{FileStat, StatCache};
 pub use store::{ActionRecord, BlobInfo, BlobWriter, LayerRecord, Store, StoreError};
