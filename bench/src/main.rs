@@ -1,50 +1,18 @@
 //! The benchmark workloads of `cargo xtask bench`, declared with layerwright, as a binary so
 //! that layerwright is timed as a whole process, exactly like `docker build` and `buildah bud`.
 //!
-//! `layerwright-bench WORKLOAD WORKDIR CACHE OUTPUT`: WORKLOAD is `w1`, `w2` or `w3`; WORKDIR
-//! holds what `cargo xtask bench` generated (`base.tar`, the base image every tool starts from,
-//! and `WORKLOAD/context/`); OUTPUT is `oci:DIR` or `docker-archive:FILE`. Prints the manifest
-//! digest, the steps built, and the process's peak RSS.
-//!
-//! Each declaration mirrors the `Dockerfile` that `xtask/src/bench.rs` writes for the same
-//! workload, step for step; change them together.
+//! `layerwright-bench WORKLOAD WORKDIR CACHE OUTPUT [--cache-from REF]... [--cache-to REF]`:
+//! WORKLOAD is `w1`, `w2` or `w3` (declared in `layerwright_examples::workloads`, beside their
+//! Dockerfiles); WORKDIR holds what `cargo xtask bench` generated (`base.tar`, the base image
+//! every tool starts from, and `WORKLOAD/context/`); OUTPUT is `oci:DIR` or
+//! `docker-archive:FILE`; the cache flags name remote caches in a registry. Prints the manifest
+//! digest, the steps built, the process's peak RSS and what the remote caches did.
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use layerwright::{Builder, BuilderOptions, Compression, Context, Image};
-
-fn w1(workdir: &Path) -> Image {
-    let base = Image::from_archive(workdir.join("base.tar"));
-    let context = Context::dir(workdir.join("w1/context")).expect("a context path");
-    let stages: Vec<Image> =
-        (0..3).map(|stage| base.run(format!("sleep 1 && echo stage {stage} > /stage-{stage}").as_str())).collect();
-    let mut image = base
-        .copy(&context, "files", "/data")
-        .run("find /data -type f | wc -l > /file-count && cat /data/d00/* | md5sum > /d00.md5");
-    for (stage, source) in stages.iter().enumerate() {
-        image = image.copy_from(source, &format!("/stage-{stage}"), "/stages/");
-    }
-    image.run("rm /data/d00/f0000").env("W1", "done").cmd(["/bin/sh"])
-}
-
-fn w2(workdir: &Path) -> Image {
-    let base = Image::from_archive(workdir.join("base.tar"));
-    let context = Context::dir(workdir.join("w2/context")).expect("a context path");
-    base.copy(&context, "blobs", "/blobs").cmd(["/bin/sh"])
-}
-
-fn w3(workdir: &Path) -> Image {
-    let base = Image::from_archive(workdir.join("base.tar"));
-    let context = Context::dir(workdir.join("w3/context")).expect("a context path");
-    let stages: Vec<Image> =
-        (0..20).map(|stage| base.copy(&context, &format!("s{stage:02}.txt"), &format!("/s{stage:02}.txt"))).collect();
-    let mut image = base;
-    for (stage, source) in stages.iter().enumerate() {
-        image = image.copy_from(source, &format!("/s{stage:02}.txt"), "/out/");
-    }
-    image.cmd(["/bin/sh"])
-}
+use layerwright::{Builder, BuilderOptions, Compression};
+use layerwright_examples::workloads;
 
 fn peak_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -56,25 +24,43 @@ fn peak_rss_kib() -> u64 {
 }
 
 fn main() -> ExitCode {
-    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    let mut arguments: Vec<String> = std::env::args().skip(1).collect();
+    let mut cache_from = Vec::new();
+    let mut cache_to = None;
+    while let Some(position) = arguments.iter().position(|argument| argument.starts_with("--cache-")) {
+        let flag = arguments.remove(position);
+        if position >= arguments.len() {
+            eprintln!("{flag} needs a value");
+            return ExitCode::from(2);
+        }
+        let value = arguments.remove(position);
+        match flag.as_str() {
+            "--cache-from" => cache_from.push(value),
+            "--cache-to" => cache_to = Some(value),
+            _ => {
+                eprintln!("unknown flag {flag}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let [workload, workdir, cache, output] = arguments.as_slice() else {
-        eprintln!("usage: layerwright-bench w1|w2|w3 WORKDIR CACHE oci:DIR|docker-archive:FILE");
+        eprintln!(
+            "usage: layerwright-bench w1|w2|w3 WORKDIR CACHE oci:DIR|docker-archive:FILE [--cache-from REF]... \\
+             [--cache-to REF]"
+        );
         return ExitCode::from(2);
     };
-    let workdir = Path::new(workdir);
-    let image = match workload.as_str() {
-        "w1" => w1(workdir),
-        "w2" => w2(workdir),
-        "w3" => w3(workdir),
-        other => {
-            eprintln!("unknown workload {other}");
+    let image = match workloads::declare(workload, Path::new(workdir)) {
+        Ok(image) => image,
+        Err(error) => {
+            eprintln!("layerwright-bench: {error}");
             return ExitCode::from(2);
         }
     };
     // W2 ends in a loadable archive of 1 GiB of incompressible files: like `docker save`, which
     // it is compared with, write the layer uncompressed (gzip would only burn CPU on noise).
     let compression = if workload == "w2" { Compression::None } else { Compression::Gzip };
-    let options = BuilderOptions { compression, ..BuilderOptions::default() };
+    let options = BuilderOptions { compression, cache_from, cache_to, ..BuilderOptions::default() };
     let built = match Builder::with_options(cache, options).and_then(|builder| builder.build(&image)) {
         Ok(built) => built,
         Err(error) => {
@@ -104,5 +90,16 @@ fn main() -> ExitCode {
     println!("digest {}", built.manifest_digest());
     println!("steps-built {built_steps}");
     println!("peak-rss-kib {}", peak_rss_kib());
+    if let Some(remote) = built.remote_cache() {
+        let steps_remote = built.steps().iter().filter(|step| step.remote).count();
+        println!("steps-remote {steps_remote}");
+        println!("blobs-downloaded {} ({} bytes)", remote.blobs_downloaded, remote.bytes_downloaded);
+        if let Some(export) = &remote.export {
+            println!(
+                "exported {} records, {} blobs uploaded ({} bytes)",
+                export.records, export.blobs_uploaded, export.bytes_uploaded
+            );
+        }
+    }
     ExitCode::SUCCESS
 }

@@ -19,6 +19,7 @@ use crate::context::ContextError;
 use crate::export::{ExportError, ImageParts};
 use crate::import::ImportError;
 use crate::layer::{Compression, LayerError};
+use crate::remote::RemoteCacheReport;
 use crate::tree::{FsTree, LayerIndex, TreeError};
 
 /// Why a build failed: which step, and what about it.
@@ -68,6 +69,8 @@ pub enum StepError {
     Registry(Box<crate::registry::RegistryError>),
     #[error("pulling {reference} needs the `registry` feature of layerwright, which this build of it leaves out")]
     RegistryDisabled { reference: String },
+    #[error("its input `{input}` was not built: its cache record vanished during the build; build again")]
+    InputNotBuilt { input: String },
     #[error("recompressing layer {layer}: {source}")]
     Recompress { layer: Digest, source: std::io::Error },
 }
@@ -108,6 +111,11 @@ pub struct BuilderOptions {
     /// that need a slow step.
     #[doc(hidden)]
     pub before_execute: Option<StepHook>,
+    /// Remote caches (registry references `registry/repository:tag`) asked for a step that
+    /// misses locally, in order; see [`Builder::remote_cache`].
+    pub cache_from: Vec<String>,
+    /// The remote cache this build's records are exported to after it succeeds.
+    pub cache_to: Option<String>,
 }
 
 impl fmt::Debug for BuilderOptions {
@@ -118,6 +126,8 @@ impl fmt::Debug for BuilderOptions {
             .field("source_date_epoch", &self.source_date_epoch)
             .field("progress", &self.progress.is_some())
             .field("jobs", &self.jobs)
+            .field("cache_from", &self.cache_from)
+            .field("cache_to", &self.cache_to)
             .finish_non_exhaustive()
     }
 }
@@ -129,6 +139,8 @@ pub struct StepReport {
     /// True when the step's result came from the cache (config steps, which build nothing,
     /// count as cached).
     pub cached: bool,
+    /// True when the result came from a remote cache (then `cached` is true as well).
+    pub remote: bool,
     pub duration: Duration,
     /// The digest of the layer the step added, for steps that add one.
     pub layer: Option<String>,
@@ -182,6 +194,17 @@ impl Builder {
         &self.store
     }
 
+    /// Shares this builder's cache through a registry: a step that misses locally is looked
+    /// up in the cache at `reference` (`registry/repository:tag`) before it executes, and after
+    /// a successful build the records of every step (not only the final image's) are exported
+    /// there, uploading only the blobs the registry lacks. An unreachable, slow or corrupt
+    /// remote cache costs a warning, never the build. See [`crate::registry`] for the format.
+    pub fn remote_cache(mut self, reference: &str) -> Builder {
+        self.options.cache_from.push(reference.to_owned());
+        self.options.cache_to = Some(reference.to_owned());
+        self
+    }
+
     /// Builds `image`: unchanged steps come from the cache, independent ones run at once.
     pub fn build(&self, image: &Image) -> Result<BuiltImage, BuildError> {
         let mut built = self.build_all(&[image])?;
@@ -200,7 +223,7 @@ impl Builder {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct BuiltInner {
     pub store: Store,
     pub manifest: Digest,
@@ -209,6 +232,8 @@ pub(crate) struct BuiltInner {
     pub layers: Vec<LayerRecord>,
     pub steps: Vec<StepReport>,
     pub blob_bytes_written: u64,
+    /// What the build did with remote caches, when it had any.
+    pub remote_cache: Option<Arc<RemoteCacheReport>>,
 }
 
 /// A built image: its manifest, config and layers are in the cache store. Outlives the
@@ -254,6 +279,18 @@ impl BuiltImage {
     /// Layer blob bytes this build wrote (0 for a fully cached rebuild).
     pub fn blob_bytes_written(&self) -> u64 {
         self.inner.blob_bytes_written
+    }
+
+    /// What the build did with remote caches (`None` when it had none): steps served, blobs
+    /// downloaded, warnings, and the export.
+    pub fn remote_cache(&self) -> Option<&RemoteCacheReport> {
+        self.inner.remote_cache.as_deref()
+    }
+
+    pub(crate) fn with_remote_cache(self, report: Option<Arc<RemoteCacheReport>>) -> BuiltImage {
+        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| (*shared).clone());
+        inner.remote_cache = report;
+        BuiltImage { inner: Arc::new(inner) }
     }
 
     fn parts(&self) -> ImageParts<'_> {

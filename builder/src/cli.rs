@@ -90,6 +90,10 @@ pub struct BuildCommand {
     pub push: Option<String>,
     /// Plain HTTP for a push to a registry that is not on this machine.
     pub insecure: bool,
+    /// Remote caches to take steps from, and the one to export to (see
+    /// [`crate::Builder::remote_cache`]).
+    pub cache_from: Vec<String>,
+    pub cache_to: Option<String>,
 }
 
 /// What a build did, printed at the end.
@@ -104,6 +108,8 @@ pub struct BuildSummary {
     pub outputs: Vec<OutputSpec>,
     /// What the push did, as a line (`pushed REF@DIGEST: …`).
     pub pushed: Option<String>,
+    /// What the remote caches did, as a line.
+    pub remote_cache: Option<String>,
 }
 
 impl fmt::Display for BuildSummary {
@@ -118,6 +124,9 @@ impl fmt::Display for BuildSummary {
         if let Some(pushed) = &self.pushed {
             writeln!(formatter, "push    {pushed}")?;
         }
+        if let Some(remote_cache) = &self.remote_cache {
+            writeln!(formatter, "cache   {remote_cache}")?;
+        }
         write!(formatter, "time    {:.2?}", self.elapsed)
     }
 }
@@ -129,6 +138,8 @@ pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary
     let options = BuilderOptions {
         compression: command.compression,
         progress: Some(Arc::new(move |event: &ProgressEvent| display.show(event))),
+        cache_from: command.cache_from.clone(),
+        cache_to: command.cache_to.clone(),
         ..BuilderOptions::default()
     };
     let built = Builder::with_options(&command.cache_dir, options)?.build(image)?;
@@ -153,7 +164,30 @@ pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary
         elapsed: started.elapsed(),
         outputs: command.outputs.clone(),
         pushed,
+        remote_cache: built.remote_cache().map(describe_remote_cache),
     })
+}
+
+/// One line on what the remote caches did.
+fn describe_remote_cache(report: &crate::RemoteCacheReport) -> String {
+    let mut line = if report.consulted {
+        format!(
+            "{} steps from remote ({} blobs, {} bytes downloaded)",
+            report.steps_served, report.blobs_downloaded, report.bytes_downloaded
+        )
+    } else {
+        "not consulted (every step hit locally)".to_owned()
+    };
+    if let Some(export) = &report.export {
+        line.push_str(&format!(
+            "; exported {} records to {} ({} blobs uploaded, {} bytes)",
+            export.records, export.reference, export.blobs_uploaded, export.bytes_uploaded
+        ));
+    }
+    if !report.warnings.is_empty() {
+        line.push_str(&format!("; {} warnings", report.warnings.len()));
+    }
+    line
 }
 
 #[cfg(feature = "registry")]

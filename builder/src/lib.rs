@@ -41,6 +41,7 @@ mod pull;
 mod recompress;
 #[cfg(feature = "registry")]
 pub mod registry;
+mod remote;
 mod run;
 mod solver;
 mod steps;
@@ -53,6 +54,7 @@ pub use export::ExportError;
 pub use layer::Compression;
 pub use layerwright_cache as cache;
 pub use layerwright_dsl::*;
+pub use remote::{CacheExportReport, RemoteCacheReport};
 pub use run::RunError;
 
 /// The building blocks of a build, exposed for the criterion micro-benchmarks of the hot paths

@@ -12,6 +12,10 @@
 //!    its record is committed last. After the first failure no new step starts; the error of the
 //!    earliest failed step in plan order is returned.
 //! 4. **Finish**: the config and manifest of each requested image go into the store.
+//!
+//! With remote caches (`cache_from`), `remote::prepare` runs between 2 and 3: it classifies
+//! every node, downloads the blobs the build needs and hands the walk the records it may use
+//! without their content. After 4, the records of every step go to `cache_to`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +34,7 @@ use crate::config;
 use crate::context::{self, OpenedContext, Selection, StatLookup};
 use crate::import;
 use crate::layer::{LayerEntry, LayerOptions};
+use crate::remote::{self, Decision, NodeShape, Served};
 use crate::run::{self, RunRequest};
 use crate::steps::{Execution, IndexCache, NodeState};
 
@@ -66,6 +71,20 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
         (plan, keys)
     };
     let (plan, keys) = plan;
+    let positions: HashMap<usize, usize> =
+        plan.iter().enumerate().map(|(index, node)| (node.image.node_id(), index)).collect();
+    let tops: Vec<usize> = images.iter().map(|image| positions[&image.node_id()]).collect();
+    let shapes: Vec<NodeShape> = plan
+        .iter()
+        .map(|node| NodeShape {
+            parent: node.parent,
+            source: node.source,
+            recorded: !matches!(node.image.step(), Step::Scratch | Step::Config(_)),
+        })
+        .collect();
+    let mut local_records = read_local_records(&builder.store, &plan, &keys, &shapes)?;
+    let mut remote =
+        remote::prepare(&builder.store, &builder.options.cache_from, &shapes, &keys, &tops, &mut local_records);
     let walk = Walk {
         store: &builder.store,
         plan: &plan,
@@ -79,6 +98,10 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
         failed: AtomicBool::new(false),
         errors: Mutex::new(Vec::new()),
         bytes_written: AtomicU64::new(0),
+        local_records,
+        remote_records: std::mem::take(&mut remote.remote_records),
+        decision: &remote.decision,
+        records: plan.iter().map(|_| OnceLock::new()).collect(),
         builder,
     };
     builder.workers.scope(|scope| {
@@ -94,25 +117,38 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
     if let Some((_, error)) = errors.into_iter().next() {
         return Err(error);
     }
-    let outcomes: Vec<(Arc<NodeState>, StepReport)> = walk
+    // `None` for the nodes the build did not need.
+    let outcomes: Vec<Option<Finished>> = walk
         .results
         .into_iter()
-        .map(|result| {
-            result.into_inner().and_then(Result::ok).expect("every node succeeded when no error was recorded")
+        .map(|result| match result.into_inner() {
+            Some(NodeResult::Done(finished)) => Some(finished),
+            Some(NodeResult::NotNeeded) => None,
+            Some(NodeResult::Failed) | None => unreachable!("every node succeeded when no error was recorded"),
         })
         .collect();
     let bytes_written = walk.bytes_written.load(Ordering::Relaxed);
-    let positions: HashMap<usize, usize> =
-        plan.iter().enumerate().map(|(index, node)| (node.image.node_id(), index)).collect();
-    images
+    let records: Vec<(StepKey, ActionRecord)> = walk
+        .records
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, record)| Some((keys[index], record.into_inner()?)))
+        .collect();
+    let built: Vec<BuiltImage> = tops
         .iter()
-        .map(|image| {
-            let top = positions[&image.node_id()];
-            let steps = reports_of(&plan, &outcomes, top);
-            finish(&builder.store, &outcomes[top].0, &walk.created, steps, bytes_written)
+        .map(|top| {
+            let steps = reports_of(&plan, &outcomes, *top);
+            let (top_state, _) = outcomes[*top].as_ref().expect("requested images are required");
+            finish(&builder.store, top_state, &walk.created, steps, bytes_written)
                 .map_err(|source| BuildError::Step { step: "write manifest".into(), source: Box::new(source) })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    if let Some(cache_to) = &builder.options.cache_to {
+        remote::export(&builder.store, cache_to, records, &mut remote);
+    }
+    let uses_remote = !builder.options.cache_from.is_empty() || builder.options.cache_to.is_some();
+    let report = uses_remote.then(|| Arc::new(remote.report));
+    Ok(built.into_iter().map(|image| image.with_remote_cache(report.clone())).collect())
 }
 
 /// The key of every planned node, one depth level at a time (in parallel within a level).
@@ -309,6 +345,27 @@ fn plan(
     Ok(plan)
 }
 
+/// The local store's record of every recorded node (scratch and config changes have none).
+fn read_local_records(
+    store: &Store,
+    plan: &[PlannedNode],
+    keys: &[StepKey],
+    shapes: &[NodeShape],
+) -> Result<Vec<Option<ActionRecord>>, BuildError> {
+    plan.iter()
+        .zip(keys)
+        .zip(shapes)
+        .map(|((node, key), shape)| {
+            if !shape.recorded {
+                return Ok(None);
+            }
+            store
+                .read_action(key)
+                .map_err(|error| BuildError::Step { step: node.label.clone(), source: Box::new(error.into()) })
+        })
+        .collect()
+}
+
 /// The identity of a base archive's content, through the stat cache so that an unchanged
 /// archive is not re-hashed.
 fn archive_identity(
@@ -368,11 +425,29 @@ struct Walk<'a> {
     indexes: IndexCache,
     remaining: Vec<AtomicUsize>,
     dependents: Vec<Vec<usize>>,
-    /// `Err(())` marks a node that failed or was skipped; the error itself is in `errors`.
-    results: Vec<OnceLock<Result<Finished, ()>>>,
+    results: Vec<OnceLock<NodeResult>>,
     failed: AtomicBool,
     errors: Mutex<Vec<(usize, BuildError)>>,
     bytes_written: AtomicU64,
+    /// The local store's record of each node, read once before the walk.
+    local_records: Vec<Option<ActionRecord>>,
+    /// The records remote caches serve without their content (see `remote`), by node.
+    remote_records: Vec<Option<ActionRecord>>,
+    /// How each node is served and which the build needs.
+    decision: &'a Decision,
+    /// The record each recorded node ended with, for the export to a remote cache.
+    records: Vec<OnceLock<ActionRecord>>,
+}
+
+/// What became of a node in the walk.
+enum NodeResult {
+    Done(Finished),
+    /// Nothing the build needs reads this node and nothing has its result (a stage whose
+    /// `copy_from` is a hit): it was not built.
+    NotNeeded,
+    /// It failed, or it was not started because an input failed or the build is stopping; the
+    /// error is in `errors`.
+    Failed,
 }
 
 /// How a step was satisfied.
@@ -382,6 +457,8 @@ struct Outcome {
     cached: bool,
     layer: Option<String>,
     miss: Option<MissReason>,
+    /// The step's action record (layer and base steps).
+    record: Option<ActionRecord>,
 }
 
 impl<'a> Walk<'a> {
@@ -390,19 +467,26 @@ impl<'a> Walk<'a> {
         'a: 'scope,
     {
         let node = &self.plan[index];
-        let inputs_ok = node.inputs.iter().all(|input| matches!(self.results[*input].get(), Some(Ok(_))));
-        let result = if inputs_ok && !self.failed.load(Ordering::Relaxed) {
+        let input_is = |wanted: fn(&NodeResult) -> bool| {
+            node.inputs.iter().any(|input| self.results[*input].get().is_some_and(wanted))
+        };
+        let not_needed = !self.decision.required[index]
+            && (self.decision.served[index] == Served::Execute
+                || input_is(|result| matches!(result, NodeResult::NotNeeded)));
+        let result = if input_is(|result| matches!(result, NodeResult::Failed)) || self.failed.load(Ordering::Relaxed) {
+            NodeResult::Failed
+        } else if not_needed {
+            NodeResult::NotNeeded
+        } else {
             match self.execute(index) {
-                Ok(done) => Ok(done),
+                Ok(done) => NodeResult::Done(done),
                 Err(source) => {
                     self.failed.store(true, Ordering::Relaxed);
                     let error = BuildError::Step { step: node.label.clone(), source: Box::new(source) };
                     self.errors.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((index, error));
-                    Err(())
+                    NodeResult::Failed
                 }
             }
-        } else {
-            Err(())
         };
         let _ = self.results[index].set(result);
         for dependent in &self.dependents[index] {
@@ -415,7 +499,7 @@ impl<'a> Walk<'a> {
 
     fn state(&self, index: Option<usize>) -> Option<Arc<NodeState>> {
         index.and_then(|index| match self.results[index].get() {
-            Some(Ok((state, _))) => Some(Arc::clone(state)),
+            Some(NodeResult::Done((state, _))) => Some(Arc::clone(state)),
             _ => None,
         })
     }
@@ -430,9 +514,13 @@ impl<'a> Walk<'a> {
         let parent = self.state(node.parent);
         let source = self.state(node.source);
         let outcome = self.outcome(index, key, parent.as_ref(), source.as_ref())?;
+        if let Some(record) = outcome.record {
+            let _ = self.records[index].set(record);
+        }
         let report = StepReport {
             label: node.label.clone(),
             cached: outcome.cached,
+            remote: self.decision.served[index] == Served::Remote,
             duration: started.elapsed(),
             layer: outcome.layer,
             miss: outcome.miss,
@@ -489,7 +577,7 @@ impl<'a> Walk<'a> {
         let (parent, step) = match (parent, step) {
             (_, Step::Scratch) => {
                 let config = config::scratch_config(&self.created);
-                return Ok(Outcome { layers: Vec::new(), config, cached: true, layer: None, miss: None });
+                return Ok(Outcome { layers: Vec::new(), config, cached: true, layer: None, miss: None, record: None });
             }
             (_, Step::FromArchive { path }) => return self.import_base(index, key, path),
             (_, Step::Pull { reference }) => return self.pull_base(index, key, reference),
@@ -499,7 +587,7 @@ impl<'a> Walk<'a> {
         if let Step::Config(change) = step {
             return Ok(config_outcome(parent, change, &node.label, &self.created));
         }
-        if let Some(record) = self.store.read_action(&key)?
+        if let Some(record) = self.local_records[index].clone()
             && let Some(layer) = record.layers.into_iter().next()
         {
             // The key leaves the compression out: a hit may need its layer recompressed.
@@ -507,6 +595,13 @@ impl<'a> Walk<'a> {
                 crate::recompress::in_compression(self.store, layer, self.layer_options.compression)?;
             self.bytes_written.fetch_add(written, Ordering::Relaxed);
             return Ok(layer_outcome(parent, layer, &node.label, &self.created, true, None));
+        }
+        // Served by a remote cache without its content, which nothing in this build reads: the
+        // layer stays as the remote has it.
+        if let Some(record) = &self.remote_records[index]
+            && let Some(layer) = record.layers.first()
+        {
+            return Ok(layer_outcome(parent, layer.clone(), &node.label, &self.created, true, None));
         }
         let miss = self.explain_miss(index);
         if let Some(hook) = &self.builder.options.before_execute {
@@ -527,7 +622,10 @@ impl<'a> Walk<'a> {
                 entries = execution.copy_entries(copy, selection, parent)?;
             }
             Step::CopyFrom(copy) => {
-                let source = source.expect("copy_from steps run after their source");
+                // A required copy_from that executes has its source required too; only a
+                // record that vanished since the plan could leave it unbuilt.
+                let source = source
+                    .ok_or(StepError::InputNotBuilt { input: self.plan[node.source.unwrap_or(index)].label.clone() })?;
                 let (copied, spool) = execution.copy_from_entries(copy, source, parent)?;
                 entries = copied;
                 _spool = Some(spool);
@@ -563,11 +661,13 @@ impl<'a> Walk<'a> {
         key: StepKey,
         fetch: impl FnOnce() -> Result<import::BaseImage, StepError>,
     ) -> Result<Outcome, StepError> {
-        if let Some(record) = self.store.read_action(&key)?
+        let found = self.local_records[index].clone().or_else(|| self.remote_records[index].clone());
+        if let Some(record) = found
             && let Some(config_digest) = &record.config
         {
             let config = self.execution().read_config(config_digest)?;
-            return Ok(Outcome { layers: record.layers, config, cached: true, layer: None, miss: None });
+            let layers = record.layers.clone();
+            return Ok(Outcome { layers, config, cached: true, layer: None, miss: None, record: Some(record) });
         }
         let miss = self.explain_miss(index);
         let base = fetch()?;
@@ -577,14 +677,15 @@ impl<'a> Walk<'a> {
         }
         let record = ActionRecord { layers: base.layers.clone(), config: Some(config_blob.digest) };
         self.store.write_action(&key, &record)?;
-        Ok(Outcome { layers: base.layers, config: base.config, cached: false, layer: None, miss: Some(miss) })
+        let (layers, config) = (base.layers, base.config);
+        Ok(Outcome { layers, config, cached: false, layer: None, miss: Some(miss), record: Some(record) })
     }
 }
 
 fn config_outcome(parent: &NodeState, change: &ConfigChange, label: &str, created: &str) -> Outcome {
     let mut config = parent.config.clone();
     config::apply_change(&mut config, change, label, created);
-    Outcome { layers: parent.layers.clone(), config, cached: true, layer: None, miss: None }
+    Outcome { layers: parent.layers.clone(), config, cached: true, layer: None, miss: None, record: None }
 }
 
 fn layer_outcome(
@@ -599,12 +700,13 @@ fn layer_outcome(
     config::push_layer(&mut config, &layer, label, created);
     let mut layers = parent.layers.clone();
     let digest = layer.digest.to_string();
+    let record = ActionRecord { layers: vec![layer.clone()], config: None };
     layers.push(layer);
-    Outcome { layers, config, cached, layer: Some(digest), miss }
+    Outcome { layers, config, cached, layer: Some(digest), miss, record: Some(record) }
 }
 
 /// The reports of the nodes `top` depends on (itself included), in plan order.
-fn reports_of(plan: &[PlannedNode], outcomes: &[(Arc<NodeState>, StepReport)], top: usize) -> Vec<StepReport> {
+fn reports_of(plan: &[PlannedNode], outcomes: &[Option<Finished>], top: usize) -> Vec<StepReport> {
     let mut needed = vec![false; plan.len()];
     needed[top] = true;
     for index in (0..=top).rev() {
@@ -614,7 +716,10 @@ fn reports_of(plan: &[PlannedNode], outcomes: &[(Arc<NodeState>, StepReport)], t
             }
         }
     }
-    (0..=top).filter(|index| needed[*index]).map(|index| outcomes[index].1.clone()).collect()
+    (0..=top)
+        .filter(|index| needed[*index])
+        .filter_map(|index| outcomes[index].as_ref().map(|(_, report)| report.clone()))
+        .collect()
 }
 
 /// Stores the config and manifest of a built node.
@@ -639,6 +744,7 @@ fn finish(
             layers: state.layers.clone(),
             steps,
             blob_bytes_written,
+            remote_cache: None,
         }),
     })
 }

@@ -34,6 +34,17 @@ impl StepKey {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+
+    /// The key written as [`StepKey::to_hex`] writes it (64 lowercase hex digits); `None` for
+    /// anything else, such as a record from a remote cache that is not a key.
+    pub fn from_hex(text: &str) -> Option<StepKey> {
+        if text.len() != 64 || text.bytes().any(|byte| byte.is_ascii_uppercase()) {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).ok()?;
+        Some(StepKey(bytes))
+    }
 }
 
 impl fmt::Display for StepKey {
@@ -97,5 +108,14 @@ mod tests {
         assert_ne!(ab_c, a_bc);
         assert_eq!(ab_c, StepKey::builder().str("ab").str("c").finish());
         assert_ne!(StepKey::builder().optional_key(None).finish(), StepKey::builder().finish());
+    }
+
+    #[test]
+    fn keys_round_trip_through_hex_and_nothing_else_parses() {
+        let key = StepKey::builder().str("x").finish();
+        assert_eq!(StepKey::from_hex(&key.to_hex()), Some(key));
+        for bad in ["", "00", &key.to_hex().to_uppercase(), &format!("{}0", key.to_hex()), &"zz".repeat(32)] {
+            assert_eq!(StepKey::from_hex(bad), None, "{bad:?}");
+        }
     }
 }

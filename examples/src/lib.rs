@@ -19,6 +19,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod workloads;
+
 use layerwright::host::{self, HostError, StaticBinaryOptions};
 use layerwright::{Context, FileOptions, Image, ImagePathError};
 use thiserror::Error;

@@ -26,12 +26,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use layerwright::Builder;
 use layerwright_examples::ExampleEnvironment;
+use layerwright_examples::workloads::{self, BASE_TAG};
 
 use crate::docker::DockerEngine;
-
-const BASE_TAG: &str = "localhost/lw-bench-base:1";
 
 /// What `cargo xtask bench` runs.
 pub struct BenchOptions {
@@ -165,7 +163,7 @@ pub fn run(workspace: &Path, options: &BenchOptions) -> Result<()> {
         if options.only.as_deref().is_some_and(|only| !workload.name.contains(only)) {
             continue;
         }
-        bench.generate(workload.name)?;
+        workloads::generate(workload.name, &bench.dir)?;
         let workload_runs = if workload.name == "w2" { if options.quick { 1 } else { 3 } } else { runs };
         for scenario in workload.scenarios {
             measured.push(bench.measure(workload, *scenario, workload_runs)?);
@@ -196,11 +194,8 @@ impl Bench {
 
     /// The busybox example as a docker-archive, loaded into the engine and buildah's storage.
     fn prepare_base(&self) -> Result<()> {
-        let archive = self.dir.join("base.tar");
         let environment = ExampleEnvironment::for_workspace(&self.workspace);
-        let image = layerwright_examples::busybox(&environment)?;
-        let built = Builder::new(self.dir.join("base-cache"))?.build(&image)?;
-        built.write_docker_archive(&archive, BASE_TAG)?;
+        let archive = workloads::write_base_archive(&environment, &self.dir)?;
         run_quiet(self.docker().arg("load").arg("-i").arg(&archive))?;
         self.pull_base_into_buildah()
     }
@@ -211,45 +206,6 @@ impl Bench {
             run_quiet(self.buildah().args(["pull", "--quiet"]).arg(format!("docker-archive:{}", archive.display())))?;
         let id = output.trim().lines().last().unwrap_or_default().to_owned();
         run_quiet(self.buildah().args(["tag", &id, BASE_TAG]))?;
-        Ok(())
-    }
-
-    /// Writes the workload's context and Dockerfile (once; they are deterministic).
-    fn generate(&self, workload: &str) -> Result<()> {
-        let root = self.dir.join(workload);
-        let context = root.join("context");
-        let marker = root.join(".generated");
-        if !marker.exists() {
-            if root.exists() {
-                fs::remove_dir_all(&root)?;
-            }
-            fs::create_dir_all(&context)?;
-            match workload {
-                "w1" => {
-                    for index in 0..2000u64 {
-                        let path = context.join(format!("files/d{:02}/f{index:04}", index / 100));
-                        fs::create_dir_all(path.parent().expect("a parent"))?;
-                        fs::write(path, layerwright::host::incompressible_bytes(4096, index + 1))?;
-                    }
-                }
-                "w2" => {
-                    fs::create_dir_all(context.join("blobs"))?;
-                    for index in 0..256u64 {
-                        fs::write(
-                            context.join(format!("blobs/b{index:03}")),
-                            layerwright::host::incompressible_bytes(4 << 20, 1000 + index),
-                        )?;
-                    }
-                }
-                _ => {
-                    for index in 0..20 {
-                        fs::write(context.join(format!("s{index:02}.txt")), format!("stage {index}\n"))?;
-                    }
-                }
-            }
-            fs::write(&marker, "")?;
-        }
-        fs::write(root.join("Dockerfile"), dockerfile(workload))?;
         Ok(())
     }
 
@@ -511,41 +467,6 @@ fn run_quiet(command: &mut Command) -> Result<String> {
         bail!("{described} failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// The Dockerfile of a workload: the same steps as `bench/src/main.rs` declares.
-fn dockerfile(workload: &str) -> String {
-    let mut text = String::new();
-    match workload {
-        "w1" => {
-            for stage in 0..3 {
-                let _ = writeln!(
-                    text,
-                    "FROM {BASE_TAG} AS stage{stage}\nRUN sleep 1 && echo stage {stage} > /stage-{stage}\n"
-                );
-            }
-            let _ = writeln!(text, "FROM {BASE_TAG}\nCOPY files /data");
-            text.push_str("RUN find /data -type f | wc -l > /file-count && cat /data/d00/* | md5sum > /d00.md5\n");
-            for stage in 0..3 {
-                let _ = writeln!(text, "COPY --from=stage{stage} /stage-{stage} /stages/");
-            }
-            text.push_str("RUN rm /data/d00/f0000\nENV W1=done\nCMD [\"/bin/sh\"]\n");
-        }
-        "w2" => {
-            let _ = writeln!(text, "FROM {BASE_TAG}\nCOPY blobs /blobs\nCMD [\"/bin/sh\"]");
-        }
-        _ => {
-            for stage in 0..20 {
-                let _ = writeln!(text, "FROM {BASE_TAG} AS s{stage:02}\nCOPY s{stage:02}.txt /s{stage:02}.txt\n");
-            }
-            let _ = writeln!(text, "FROM {BASE_TAG}");
-            for stage in 0..20 {
-                let _ = writeln!(text, "COPY --from=s{stage:02} /s{stage:02}.txt /out/");
-            }
-            text.push_str("CMD [\"/bin/sh\"]\n");
-        }
-    }
-    text
 }
 
 fn report(measured: &[Measured]) -> String {

@@ -3,7 +3,7 @@
 //! (starting a Docker engine for the real-client tests).
 //!
 //! - `cargo xtask build-image NAME [--output SPEC]... [--tag REF] [--cache DIR] [--compression C]
-//!   [--push REF [--insecure]]`
+//!   [--push REF [--insecure]] [--cache-from REF]... [--cache-to REF]`
 //! - `cargo xtask list`
 //! - `cargo xtask test [-- CARGO TEST ARGS]`
 //! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`
@@ -32,34 +32,45 @@ struct Arguments {
     command: Commands,
 }
 
+#[derive(clap::Args)]
+struct BuildImageArguments {
+    /// The example's name (`cargo xtask list` shows them).
+    name: String,
+    /// oci:DIR, oci-archive:FILE or docker-archive:FILE; may be repeated. Default:
+    /// docker-archive:target/images/NAME.tar
+    #[arg(long = "output")]
+    outputs: Vec<String>,
+    /// The tag written into the outputs. Default: NAME:latest
+    #[arg(long)]
+    tag: Option<String>,
+    /// The cache directory. Default: target/layerwright
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// gzip, zstd or none.
+    #[arg(long, default_value = "gzip")]
+    compression: String,
+    /// Also push the image to a registry: registry/repository[:tag]. Registries on
+    /// localhost or 127.0.0.1 are spoken to in plain HTTP; credentials come from
+    /// ~/.docker/config.json.
+    #[arg(long, value_name = "REF")]
+    push: Option<String>,
+    /// Plain HTTP for a --push to a registry that is not on this machine.
+    #[arg(long, requires = "push")]
+    insecure: bool,
+    /// A remote cache in a registry (registry/repository:tag) to take steps from when they
+    /// miss locally; may be repeated (asked in order).
+    #[arg(long = "cache-from", value_name = "REF")]
+    cache_from: Vec<String>,
+    /// A remote cache to export every step's record to after the build (uploading only the
+    /// blobs the registry lacks). An unreachable cache is a warning, never a failed build.
+    #[arg(long = "cache-to", value_name = "REF")]
+    cache_to: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Commands {
     /// Build one of the example images and write it out.
-    BuildImage {
-        /// The example's name (`cargo xtask list` shows them).
-        name: String,
-        /// oci:DIR, oci-archive:FILE or docker-archive:FILE; may be repeated. Default:
-        /// docker-archive:target/images/NAME.tar
-        #[arg(long = "output")]
-        outputs: Vec<String>,
-        /// The tag written into the outputs. Default: NAME:latest
-        #[arg(long)]
-        tag: Option<String>,
-        /// The cache directory. Default: target/layerwright
-        #[arg(long)]
-        cache: Option<PathBuf>,
-        /// gzip, zstd or none.
-        #[arg(long, default_value = "gzip")]
-        compression: String,
-        /// Also push the image to a registry: registry/repository[:tag]. Registries on
-        /// localhost or 127.0.0.1 are spoken to in plain HTTP; credentials come from
-        /// ~/.docker/config.json.
-        #[arg(long, value_name = "REF")]
-        push: Option<String>,
-        /// Plain HTTP for a --push to a registry that is not on this machine.
-        #[arg(long, requires = "push")]
-        insecure: bool,
-    },
+    BuildImage(BuildImageArguments),
     /// List the example images.
     List,
     /// Build the benchmark workloads with layerwright, BuildKit and buildah, side by side
@@ -120,9 +131,8 @@ fn main() -> Result<ExitCode> {
     let arguments = Arguments::parse();
     let workspace = workspace_root();
     match arguments.command {
-        Commands::BuildImage { name, outputs, tag, cache, compression, push, insecure } => {
-            let push = push.map(|reference| (reference, insecure));
-            build_image(&workspace, &name, &outputs, tag, cache, &compression, push)?;
+        Commands::BuildImage(arguments) => {
+            build_image(&workspace, arguments)?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::List => {
@@ -159,15 +169,10 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 
-fn build_image(
-    workspace: &Path,
-    name: &str,
-    outputs: &[String],
-    tag: Option<String>,
-    cache: Option<PathBuf>,
-    compression: &str,
-    push: Option<(String, bool)>,
-) -> Result<()> {
+fn build_image(workspace: &Path, arguments: BuildImageArguments) -> Result<()> {
+    let BuildImageArguments { name, outputs, tag, cache, compression, push, insecure, cache_from, cache_to } =
+        arguments;
+    let name = name.as_str();
     let Some(example) = layerwright_examples::find(name) else {
         let known: Vec<&str> = EXAMPLES.iter().map(|example| example.name).collect();
         bail!("unknown image {name:?}; the known images are: {}", known.join(", "));
@@ -190,9 +195,11 @@ fn build_image(
         cache_dir: cache.unwrap_or_else(|| workspace.join("target/layerwright")),
         outputs,
         tag: tag.unwrap_or_else(|| format!("{name}:latest")),
-        compression: cli::parse_compression(compression)?,
-        insecure: push.as_ref().is_some_and(|(_, insecure)| *insecure),
-        push: push.map(|(reference, _)| reference),
+        compression: cli::parse_compression(&compression)?,
+        push,
+        insecure,
+        cache_from,
+        cache_to,
     };
     let summary = cli::build_image(&image, &command).with_context(|| format!("building image {name}"))?;
     println!("{summary}");

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::sync::Once;
+use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
@@ -13,6 +14,21 @@ use oci_client::{Client, RegistryOperation};
 use super::RegistryError;
 use super::credentials::{Credential, CredentialStore};
 use super::reference::RegistryReference;
+
+/// How long a client waits for a connection, and for the next bytes of an answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+}
+
+impl Timeouts {
+    /// Pushes and pulls of images: the user asked for this transfer, so be patient.
+    pub const TRANSFER: Timeouts = Timeouts { connect: Duration::from_secs(30), read: Duration::from_secs(120) };
+    /// The remote cache: only an accelerator, so a registry that stalls is given up on soon and
+    /// the build goes on locally.
+    pub const CACHE: Timeouts = Timeouts { connect: Duration::from_secs(5), read: Duration::from_secs(20) };
+}
 
 /// A client bound to one reference's registry and repository.
 pub(crate) struct RegistryClient {
@@ -25,16 +41,25 @@ impl RegistryClient {
     /// A client for `reference`, with the Docker configuration's credentials for its registry.
     /// `insecure` means plain HTTP even for a registry that is not on this machine.
     pub fn new(reference: &RegistryReference, insecure: bool) -> Result<RegistryClient, RegistryError> {
+        RegistryClient::with_timeouts(reference, insecure, Timeouts::TRANSFER)
+    }
+
+    /// As [`RegistryClient::new`], with the given patience.
+    pub fn with_timeouts(
+        reference: &RegistryReference,
+        insecure: bool,
+        timeouts: Timeouts,
+    ) -> Result<RegistryClient, RegistryError> {
         install_crypto_provider();
         let protocol = if reference.uses_plain_http(insecure) { ClientProtocol::Http } else { ClientProtocol::Https };
         let config = ClientConfig {
             protocol,
             // The platform is chosen by `pull` itself, from the raw index.
             platform_resolver: None,
-            connect_timeout: Some(std::time::Duration::from_secs(30)),
+            connect_timeout: Some(timeouts.connect),
             // A registry that stops answering mid-transfer fails the operation instead of
             // hanging it; a slow but moving transfer is never cut.
-            read_timeout: Some(std::time::Duration::from_secs(120)),
+            read_timeout: Some(timeouts.read),
             user_agent: concat!("layerwright/", env!("CARGO_PKG_VERSION")),
             ..ClientConfig::default()
         };

@@ -34,6 +34,7 @@
 //! `oci-client` reports some refusals only by their distribution error code (`BLOB_UNKNOWN`,
 //! `DENIED`); their status is then the one the distribution spec fixes for that code.
 
+pub(crate) mod cache;
 mod client;
 pub mod credentials;
 mod pull;

@@ -261,7 +261,12 @@ fn host_platform() -> (&'static str, &'static str, Option<&'static str>) {
 
 /// Streams blob `digest` into the store unless it is there; true when it was downloaded. The
 /// store refuses (and deletes) a download whose digest is not `digest`.
-async fn fetch_blob(client: &RegistryClient, store: &Store, digest: &Digest, size: u64) -> Result<bool, RegistryError> {
+pub(super) async fn fetch_blob(
+    client: &RegistryClient,
+    store: &Store,
+    digest: &Digest,
+    size: u64,
+) -> Result<bool, RegistryError> {
     if store.has_blob(digest) {
         return Ok(false);
     }
@@ -311,7 +316,7 @@ fn index_and_apply_layers(
     })
 }
 
-fn parse_digest(reference: &RegistryReference, digest: &str) -> Result<Digest, RegistryError> {
+pub(super) fn parse_digest(reference: &RegistryReference, digest: &str) -> Result<Digest, RegistryError> {
     Digest::parse(digest).map_err(|error| RegistryError::Unusable {
         registry: reference.registry().to_owned(),
         repository: reference.repository().to_owned(),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt, stream};
-use layerwright_cache::{Digest, Sha256Writer, Store};
+use layerwright_cache::{Digest, Sha256Writer, Store, StoreError};
 use oci_client::RegistryOperation;
 use oci_client::errors::OciDistributionError;
 
@@ -88,37 +88,15 @@ async fn push_async(
     manifest: Vec<u8>,
 ) -> Result<PushReport, RegistryError> {
     client.authenticate(RegistryOperation::Push).await?;
-    let uploaded = AtomicUsize::new(0);
-    let skipped = AtomicUsize::new(0);
-    let bytes_uploaded = AtomicU64::new(0);
-    stream::iter(blobs)
-        .map(|(digest, size)| {
-            let (uploaded, skipped, bytes_uploaded) = (&uploaded, &skipped, &bytes_uploaded);
-            async move {
-                let digest_text = digest.to_string();
-                let exists = client
-                    .client
-                    .blob_exists(&client.reference.inner, &digest_text)
-                    .await
-                    .map_err(|error| client.error(format!("asking whether blob {digest} exists"), error))?;
-                if exists {
-                    skipped.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
-                }
-                let chunks = blob_chunks(client, store, digest, *size)?;
-                client
-                    .client
-                    .push_blob_stream(&client.reference.inner, chunks, &digest_text, Some(*size))
-                    .await
-                    .map_err(|error| client.error(format!("uploading blob {digest} ({size} bytes)"), error))?;
-                uploaded.fetch_add(1, Ordering::Relaxed);
-                bytes_uploaded.fetch_add(*size, Ordering::Relaxed);
-                Ok::<(), RegistryError>(())
-            }
-        })
-        .buffer_unordered(PARALLEL_UPLOADS)
-        .try_collect::<Vec<()>>()
-        .await?;
+    let transfer = upload_missing_blobs(client, store, blobs).await?;
+    if let Some(digest) = transfer.unavailable.first() {
+        return Err(RegistryError::Store {
+            registry: client.reference.registry().to_owned(),
+            repository: client.reference.repository().to_owned(),
+            digest: digest.clone(),
+            source: Box::new(StoreError::MissingBlob { digest: digest.clone(), path: store.blob_path(digest) }),
+        });
+    }
 
     // The manifest is written only when the tag does not name it already, so that pushing an
     // unchanged image changes nothing in the registry.
@@ -135,10 +113,69 @@ async fn push_async(
     Ok(PushReport {
         reference: client.reference.whole(),
         manifest_digest: manifest_digest.to_string(),
-        blobs_uploaded: uploaded.into_inner(),
-        blobs_skipped: skipped.into_inner(),
-        bytes_uploaded: bytes_uploaded.into_inner(),
+        blobs_uploaded: transfer.uploaded,
+        blobs_skipped: transfer.skipped,
+        bytes_uploaded: transfer.bytes_uploaded,
         manifest_uploaded,
+    })
+}
+
+/// What [`upload_missing_blobs`] did.
+#[derive(Debug, Default)]
+pub(super) struct BlobTransfer {
+    pub uploaded: usize,
+    pub skipped: usize,
+    pub bytes_uploaded: u64,
+    /// Blobs neither the registry nor the store has (the caller decides whether that is fatal).
+    pub unavailable: Vec<Digest>,
+}
+
+/// Uploads each of `blobs` the registry lacks (asking with `HEAD` first), streamed from the
+/// store, a few at once.
+pub(super) async fn upload_missing_blobs(
+    client: &RegistryClient,
+    store: &Store,
+    blobs: &[(Digest, u64)],
+) -> Result<BlobTransfer, RegistryError> {
+    let uploaded = AtomicUsize::new(0);
+    let skipped = AtomicUsize::new(0);
+    let bytes_uploaded = AtomicU64::new(0);
+    let unavailable: Vec<Option<Digest>> = stream::iter(blobs)
+        .map(|(digest, size)| {
+            let (uploaded, skipped, bytes_uploaded) = (&uploaded, &skipped, &bytes_uploaded);
+            async move {
+                let digest_text = digest.to_string();
+                let exists = client
+                    .client
+                    .blob_exists(&client.reference.inner, &digest_text)
+                    .await
+                    .map_err(|error| client.error(format!("asking whether blob {digest} exists"), error))?;
+                if exists {
+                    skipped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                if !store.has_blob(digest) {
+                    return Ok(Some(digest.clone()));
+                }
+                let chunks = blob_chunks(client, store, digest, *size)?;
+                client
+                    .client
+                    .push_blob_stream(&client.reference.inner, chunks, &digest_text, Some(*size))
+                    .await
+                    .map_err(|error| client.error(format!("uploading blob {digest} ({size} bytes)"), error))?;
+                uploaded.fetch_add(1, Ordering::Relaxed);
+                bytes_uploaded.fetch_add(*size, Ordering::Relaxed);
+                Ok::<Option<Digest>, RegistryError>(None)
+            }
+        })
+        .buffer_unordered(PARALLEL_UPLOADS)
+        .try_collect()
+        .await?;
+    Ok(BlobTransfer {
+        uploaded: uploaded.into_inner(),
+        skipped: skipped.into_inner(),
+        bytes_uploaded: bytes_uploaded.into_inner(),
+        unavailable: unavailable.into_iter().flatten().collect(),
     })
 }
 

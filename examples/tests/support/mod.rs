@@ -414,6 +414,96 @@ impl LocalRegistry {
     }
 }
 
+impl LocalRegistry {
+    /// Kills the registry (SIGKILL) as a crash would: connections drop, nothing answers.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// A TCP proxy on `127.0.0.1:PORT` in front of a local registry that SIGKILLs the registry
+/// once it has passed `kill_after_bytes` bytes of answers: a registry dying in the middle of a
+/// transfer, at a point the test chooses. Stops accepting when dropped.
+pub struct KillingProxy {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the registry was killed.
+    pub killed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KillingProxy {
+    pub fn start(registry: &LocalRegistry, kill_after_bytes: u64) -> KillingProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port for the proxy");
+        listener.set_nonblocking(true).expect("a non-blocking listener");
+        let port = listener.local_addr().expect("the proxy's address").port();
+        let (stop, killed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let passed = Arc::new(AtomicU64::new(0));
+        let (upstream_port, registry_pid) = (registry.port, registry.pid());
+        let (stop_flag, killed_flag) = (stop.clone(), killed.clone());
+        thread::spawn(move || {
+            while !stop_flag.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", upstream_port)) else { continue };
+                let (mut client_reader, mut upstream_writer) =
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut client_reader, &mut upstream_writer);
+                    let _ = upstream_writer.shutdown(std::net::Shutdown::Write);
+                });
+                let (passed, killed) = (passed.clone(), killed_flag.clone());
+                let (mut upstream_reader, mut client_writer) = (upstream, client);
+                thread::spawn(move || {
+                    use std::io::Write as _;
+                    let mut buffer = vec![0u8; 16 * 1024];
+                    loop {
+                        let read = match upstream_reader.read(&mut buffer) {
+                            Ok(0) | Err(_) => break,
+                            Ok(read) => read,
+                        };
+                        if client_writer.write_all(&buffer[..read]).is_err() {
+                            break;
+                        }
+                        let total = passed.fetch_add(read as u64, Ordering::Relaxed) + read as u64;
+                        if total >= kill_after_bytes && !killed.swap(true, Ordering::Relaxed) {
+                            let pid = rustix::process::Pid::from_raw(registry_pid as i32).expect("a pid");
+                            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                            break;
+                        }
+                    }
+                    let _ = client_writer.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        KillingProxy { port, stop, killed }
+    }
+
+    /// `127.0.0.1:PORT` of the proxy.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for KillingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Drop for LocalRegistry {
     fn drop(&mut self) {
         let _ = self.child.kill();

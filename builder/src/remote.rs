@@ -1,0 +1,554 @@
+//! The remote cache in a build: which steps a cache held in a registry serves, what has to be
+//! downloaded for that, and the export of a build's records afterwards.
+//!
+//! Between keying and executing every node is classified (with `cache_from` references, the
+//! caches are asked only when a step the build needs misses locally: a fully cached rebuild
+//! makes no request at all):
+//! - **computed** (scratch, config changes): nothing to fetch or run;
+//! - **local**: the local store has its record and blobs;
+//! - **remote**: a remote cache has a record for its key;
+//! - **execute**: nobody has it.
+//!
+//! A node is *required* when the build reads its result: the parent chains of the requested
+//! images (their layers are exported) and the parent and `copy_from` source chains of every
+//! required step that executes (its tree is built on them). A node nobody requires (a stage
+//! whose `copy_from` is a hit) is not built at all. The content of a required remote hit (the
+//! blobs of the layers its record names) is downloaded, verified by digest and size; every
+//! other remote hit is used as a record alone (a base's small config blob is always fetched,
+//! since the image config is built from it). A remote hit whose blobs did not arrive (the registry died mid-import) executes
+//! instead, which may make more content needed; the classification is repeated until nothing
+//! changes, so whatever the registry delivered is used and the build is still correct.
+//!
+//! A remote cache that is unreachable, slow or corrupt never fails a build: it costs one
+//! warning per reference and the build goes on locally. The transfers themselves are in
+//! `registry::cache`; this module decides and reports.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use layerwright_cache::{ActionRecord, Digest, StepKey, Store};
+
+/// The records remote caches hold for a build's keys, merged over the references (the first
+/// reference that has a key serves it).
+#[derive(Debug, Default)]
+pub(crate) struct RemoteRecords {
+    pub records: HashMap<StepKey, ActionRecord>,
+    /// The size of every blob the caches' manifests name (downloads check it).
+    pub blob_sizes: HashMap<Digest, u64>,
+    /// Writers read.
+    pub writers: usize,
+    /// Writers skipped because their manifest or batch was unusable, each with why.
+    pub problems: Vec<String>,
+}
+
+/// What a build did with remote caches; see [`crate::BuiltImage::remote_cache`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteCacheReport {
+    /// Whether any remote cache was asked (one is asked only when a step misses locally).
+    pub consulted: bool,
+    /// Writers whose records were read, and the records they offered.
+    pub writers: usize,
+    pub records_available: usize,
+    /// Steps whose result came from a remote cache.
+    pub steps_served: usize,
+    pub blobs_downloaded: usize,
+    pub bytes_downloaded: u64,
+    /// What went wrong with a remote cache (each was also printed once, as a warning).
+    pub warnings: Vec<String>,
+    /// What the export to `cache_to` did, when it succeeded.
+    pub export: Option<CacheExportReport>,
+}
+
+/// What an export to a remote cache did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheExportReport {
+    /// The writer tag written (`registry/repository:TAG--lw-WRITER`).
+    pub reference: String,
+    /// Records in the writer's batch after the merge, and how many of them this build offered.
+    pub records: usize,
+    pub records_new: usize,
+    /// Records left out because a blob they name is neither in the local cache nor the registry.
+    pub records_dropped: usize,
+    pub blobs_uploaded: usize,
+    pub bytes_uploaded: u64,
+    pub blobs_skipped: usize,
+    /// False when the writer tag already named an identical manifest.
+    pub manifest_uploaded: bool,
+    /// Why the index at the cache's own tag could not be rewritten (the records are exported
+    /// regardless: readers find them through the tag list).
+    pub index_problem: Option<String>,
+}
+
+/// The shape of one planned node, as far as the remote cache cares.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NodeShape {
+    pub parent: Option<usize>,
+    pub source: Option<usize>,
+    /// Whether the node's result is an action record (layer and base steps); scratch and
+    /// config changes are computed.
+    pub recorded: bool,
+}
+
+/// How a node will be satisfied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Served {
+    Computed,
+    Local,
+    Remote,
+    Execute,
+}
+
+/// The classification of every node, and which nodes the build needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Decision {
+    pub served: Vec<Served>,
+    /// The nodes whose result, and so whose content, the build needs: the requested images'
+    /// parent chains, and the parent and source chains of every required step that executes.
+    /// Any other node need not be built at all (a stage whose `copy_from` is a hit).
+    pub required: Vec<bool>,
+}
+
+fn required_of(record: &ActionRecord, content: bool) -> impl Iterator<Item = &Digest> {
+    let layers = content.then_some(&record.layers).into_iter().flatten().map(|layer| &layer.digest);
+    layers.chain(record.config.as_ref())
+}
+
+/// Classifies every node (see the module doc). `local[i]`: the local store serves node `i`;
+/// `remote[i]`: a remote record for its key; `requested`: the nodes whose images are built;
+/// `present`: whether a blob is in the local store (or, to plan downloads, will be).
+pub(crate) fn decide(
+    shapes: &[NodeShape],
+    local: &[bool],
+    remote: &[Option<&ActionRecord>],
+    requested: &[usize],
+    present: impl Fn(&Digest) -> bool,
+) -> Decision {
+    let mut demoted = vec![false; shapes.len()];
+    loop {
+        let served: Vec<Served> = shapes
+            .iter()
+            .enumerate()
+            .map(|(index, shape)| match () {
+                _ if !shape.recorded => Served::Computed,
+                _ if local[index] => Served::Local,
+                _ if remote[index].is_some() && !demoted[index] => Served::Remote,
+                _ => Served::Execute,
+            })
+            .collect();
+        // Inputs come before the nodes that use them, so walking backwards every node is
+        // final before its inputs are visited.
+        let mut required = vec![false; shapes.len()];
+        for top in requested {
+            required[*top] = true;
+        }
+        for index in (0..shapes.len()).rev() {
+            if !required[index] {
+                continue;
+            }
+            if let Some(parent) = shapes[index].parent {
+                required[parent] = true;
+            }
+            if served[index] == Served::Execute
+                && let Some(source) = shapes[index].source
+            {
+                required[source] = true;
+            }
+        }
+        let mut changed = false;
+        for index in 0..shapes.len() {
+            let (Served::Remote, Some(record)) = (served[index], remote[index]) else { continue };
+            if !required_of(record, required[index]).all(&present) {
+                demoted[index] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Decision { served, required };
+        }
+    }
+}
+
+/// How one build's nodes will be satisfied, decided before anything executes.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub decision: Decision,
+    /// For each node a remote cache serves without its content: the record to use (nodes whose
+    /// content was downloaded have had their record committed to the local store instead).
+    pub remote_records: Vec<Option<ActionRecord>>,
+    pub report: RemoteCacheReport,
+    /// References that failed; an export to one of them is not tried (one warning is enough).
+    pub failed: Vec<String>,
+}
+
+/// Prints a remote cache's problem once, as a warning, and keeps it for the report.
+fn warn(report: &mut RemoteCacheReport, reference: &str, problem: &str) {
+    let warning = format!("remote cache {reference}: {problem}");
+    eprintln!("layerwright: warning: {warning}");
+    report.warnings.push(warning);
+}
+
+/// Decides how each node is satisfied. `local_records` holds the local store's record of each
+/// node; when a required node misses locally, the `cache_from` caches are asked, the blobs the
+/// build needs are downloaded from them, and the records of the remote hits whose content
+/// arrived are committed (and added to `local_records`).
+pub(crate) fn prepare(
+    store: &Store,
+    cache_from: &[String],
+    shapes: &[NodeShape],
+    keys: &[StepKey],
+    requested: &[usize],
+    local_records: &mut [Option<ActionRecord>],
+) -> Prepared {
+    let local: Vec<bool> = local_records.iter().map(Option::is_some).collect();
+    let no_remote = vec![None; shapes.len()];
+    let local_only = decide(shapes, &local, &no_remote, requested, |_| true);
+    let mut prepared = Prepared {
+        remote_records: vec![None; shapes.len()],
+        report: RemoteCacheReport::default(),
+        failed: Vec::new(),
+        decision: local_only,
+    };
+    let executes = |decision: &Decision| {
+        decision.served.iter().zip(&decision.required).any(|(served, required)| *required && *served == Served::Execute)
+    };
+    if cache_from.is_empty() || !executes(&prepared.decision) {
+        return prepared;
+    }
+    prepared.report.consulted = true;
+    let mut sources: Vec<(&str, RemoteRecords)> = Vec::new();
+    for reference in cache_from {
+        match transport::fetch_records(reference) {
+            Ok(records) => {
+                if !records.problems.is_empty() {
+                    let problem = format!("skipped unusable writers: {}", records.problems.join("; "));
+                    warn(&mut prepared.report, reference, &problem);
+                }
+                prepared.report.writers += records.writers;
+                prepared.report.records_available += records.records.len();
+                sources.push((reference, records));
+            }
+            Err(error) => {
+                warn(&mut prepared.report, reference, &format!("{error}; building without it"));
+                prepared.failed.push(reference.clone());
+            }
+        }
+    }
+    // For each node that misses locally: which cache serves it, and its record there.
+    let remote_of: Vec<Option<(usize, &ActionRecord)>> = keys
+        .iter()
+        .enumerate()
+        .map(|(index, key)| {
+            if !shapes[index].recorded || local[index] {
+                return None;
+            }
+            sources.iter().enumerate().find_map(|(source, (_, records))| Some((source, records.records.get(key)?)))
+        })
+        .collect();
+    let remote: Vec<Option<&ActionRecord>> = remote_of.iter().map(|entry| entry.map(|(_, record)| record)).collect();
+
+    let planned = decide(shapes, &local, &remote, requested, |_| true);
+    let mut wanted_total: Vec<Digest> = Vec::new();
+    for (source, (reference, records)) in sources.iter().enumerate() {
+        let mut wanted: Vec<(Digest, u64)> = Vec::new();
+        for (index, served) in planned.served.iter().enumerate() {
+            let (Served::Remote, Some((from, record))) = (served, remote_of[index]) else { continue };
+            if from != source {
+                continue;
+            }
+            for digest in required_of(record, planned.required[index]) {
+                let layer_size = record.layers.iter().find(|layer| layer.digest == *digest).map(|layer| layer.size);
+                let Some(size) = records.blob_sizes.get(digest).copied().or(layer_size) else { continue };
+                if !store.has_blob(digest) && !wanted.iter().any(|(known, _)| known == digest) {
+                    wanted.push((digest.clone(), size));
+                }
+            }
+        }
+        if wanted.is_empty() {
+            continue;
+        }
+        wanted_total.extend(wanted.iter().map(|(digest, _)| digest.clone()));
+        if let Err(error) = transport::download_blobs(reference, store, &wanted) {
+            warn(&mut prepared.report, reference, &format!("{error}; building what did not arrive locally"));
+            prepared.failed.push((*reference).to_owned());
+        }
+    }
+    // Counted from what is there now, so that a download cut short counts what it delivered.
+    for digest in wanted_total.iter().filter(|digest| store.has_blob(digest)) {
+        prepared.report.blobs_downloaded += 1;
+        prepared.report.bytes_downloaded += std::fs::metadata(store.blob_path(digest)).map_or(0, |meta| meta.len());
+    }
+
+    let decision = decide(shapes, &local, &remote, requested, |digest| store.has_blob(digest));
+    for (index, served) in decision.served.iter().enumerate() {
+        let (Served::Remote, Some(record)) = (served, remote[index]) else { continue };
+        prepared.report.steps_served += 1;
+        // With its content here the record is as good as one built locally: committed, the
+        // walk (and every later build) finds it in the local store.
+        if decision.required[index] && store.write_action(&keys[index], record).is_ok() {
+            local_records[index] = Some(record.clone());
+        } else {
+            prepared.remote_records[index] = Some(record.clone());
+        }
+    }
+    prepared.decision = decision;
+    prepared
+}
+
+/// Exports this build's records to `cache_to` (see `registry::cache`); a failure is a warning.
+pub(crate) fn export(store: &Store, cache_to: &str, records: Vec<(StepKey, ActionRecord)>, prepared: &mut Prepared) {
+    if prepared.failed.iter().any(|failed| failed == cache_to) {
+        return;
+    }
+    let _lock = match lock_exports(store.root()) {
+        Ok(lock) => lock,
+        Err(error) => {
+            warn(&mut prepared.report, cache_to, &format!("cannot lock the cache directory to export: {error}"));
+            return;
+        }
+    };
+    let writer = writer_name(store);
+    match transport::export_records(cache_to, store, &writer, records) {
+        Ok(export) => {
+            if let Some(problem) = &export.index_problem {
+                warn(
+                    &mut prepared.report,
+                    cache_to,
+                    &format!("records exported, but the index was not rewritten: {problem}"),
+                );
+            }
+            prepared.report.export = Some(export);
+        }
+        Err(error) => warn(&mut prepared.report, cache_to, &format!("{error}; this build's records were not exported")),
+    }
+}
+
+/// The registry transfers, or their absence in a build without the `registry` feature.
+#[cfg(feature = "registry")]
+mod transport {
+    use layerwright_cache::{ActionRecord, Digest, StepKey, Store};
+
+    use super::{CacheExportReport, RemoteRecords};
+    use crate::registry::cache;
+
+    pub(super) fn fetch_records(reference: &str) -> Result<RemoteRecords, String> {
+        cache::fetch_records(reference).map_err(|error| error.to_string())
+    }
+
+    pub(super) fn download_blobs(reference: &str, store: &Store, blobs: &[(Digest, u64)]) -> Result<(), String> {
+        cache::download_blobs(reference, store, blobs).map(|_| ()).map_err(|error| error.to_string())
+    }
+
+    pub(super) fn export_records(
+        reference: &str,
+        store: &Store,
+        writer: &str,
+        records: Vec<(StepKey, ActionRecord)>,
+    ) -> Result<CacheExportReport, String> {
+        cache::export_records(reference, store, writer, records).map_err(|error| error.to_string())
+    }
+}
+
+#[cfg(not(feature = "registry"))]
+mod transport {
+    use layerwright_cache::{ActionRecord, Digest, StepKey, Store};
+
+    use super::{CacheExportReport, RemoteRecords};
+
+    const DISABLED: &str = "a remote cache needs the `registry` feature of layerwright, which this build leaves out";
+
+    pub(super) fn fetch_records(_reference: &str) -> Result<RemoteRecords, String> {
+        Err(DISABLED.into())
+    }
+
+    pub(super) fn download_blobs(_reference: &str, _store: &Store, _blobs: &[(Digest, u64)]) -> Result<(), String> {
+        Err(DISABLED.into())
+    }
+
+    pub(super) fn export_records(
+        _reference: &str,
+        _store: &Store,
+        _writer: &str,
+        _records: Vec<(StepKey, ActionRecord)>,
+    ) -> Result<CacheExportReport, String> {
+        Err(DISABLED.into())
+    }
+}
+
+/// The name this cache directory exports under: `LAYERWRIGHT_CACHE_WRITER` when set (CI
+/// runners with throwaway cache directories should set it, to one name per pipeline or
+/// runner), else a random name kept in the cache directory.
+pub(crate) fn writer_name(store: &Store) -> String {
+    if let Ok(name) = std::env::var("LAYERWRIGHT_CACHE_WRITER")
+        && !name.trim().is_empty()
+    {
+        return name.trim().to_owned();
+    }
+    let path = store.root().join("remote-cache-writer");
+    if let Ok(name) = std::fs::read_to_string(&path)
+        && !name.trim().is_empty()
+    {
+        return name.trim().to_owned();
+    }
+    let name = random_name();
+    // Written aside and renamed, so that two first exports agree on whichever lands last and
+    // nobody reads half a name.
+    let aside = store.tmp_dir().join(format!("remote-cache-writer.{}", std::process::id()));
+    if std::fs::write(&aside, &name).and_then(|()| std::fs::rename(&aside, &path)).is_err() {
+        eprintln!("layerwright: warning: cannot record the cache writer name in {}", path.display());
+    }
+    std::fs::read_to_string(&path).map(|name| name.trim().to_owned()).unwrap_or(name)
+}
+
+fn random_name() -> String {
+    let mut bytes = [0u8; 8];
+    if File::open("/dev/urandom").and_then(|mut urandom| urandom.read_exact(&mut bytes)).is_err() {
+        // Unique enough to tell writers apart: this process, now.
+        let seed = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
+        bytes.copy_from_slice(&blake3::hash(seed.as_bytes()).as_bytes()[..8]);
+    }
+    hex::encode(bytes)
+}
+
+/// Holds the cache directory's export lock: two builds sharing a cache directory write the
+/// same writer tag, so their read-merge-write of it must not interleave.
+pub(crate) fn lock_exports(root: &Path) -> std::io::Result<File> {
+    let path = root.join("remote-export.lock");
+    let file = File::options().create(true).truncate(false).write(true).open(&path)?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|error| {
+        eprintln!("layerwright: flock({}, LOCK_EX) failed: {error}", path.display());
+        std::io::Error::from(error)
+    })?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use layerwright_cache::LayerRecord;
+
+    fn record(name: &str, config: bool) -> ActionRecord {
+        let digest = Digest::of_bytes(name.as_bytes());
+        let layer = LayerRecord { diff_id: digest.clone(), digest, size: 1, media_type: "gzip".into() };
+        ActionRecord {
+            layers: vec![layer],
+            config: config.then(|| Digest::of_bytes(format!("{name} config").as_bytes())),
+        }
+    }
+
+    /// A node of a test graph: its parent, its source, and how the caches know it.
+    struct Node {
+        parent: Option<usize>,
+        source: Option<usize>,
+        recorded: bool,
+        local: bool,
+        remote: Option<ActionRecord>,
+    }
+
+    fn node(parent: Option<usize>, known: &str) -> Node {
+        Node {
+            parent,
+            source: None,
+            recorded: known != "computed",
+            local: known == "local",
+            remote: known.starts_with("remote").then(|| record(known, parent.is_none())),
+        }
+    }
+
+    /// Decides over `nodes`, with the blobs in `missing` unobtainable, and returns the
+    /// classification and which nodes' content is needed, as letters (C L R E, and `*`).
+    fn check(nodes: &[Node], requested: &[usize], missing: &[&str], expected: &str) {
+        let shapes: Vec<NodeShape> = nodes
+            .iter()
+            .map(|node| NodeShape { parent: node.parent, source: node.source, recorded: node.recorded })
+            .collect();
+        let local: Vec<bool> = nodes.iter().map(|node| node.local).collect();
+        let remote: Vec<Option<&ActionRecord>> = nodes.iter().map(|node| node.remote.as_ref()).collect();
+        let missing: Vec<Digest> = missing.iter().map(|name| Digest::of_bytes(name.as_bytes())).collect();
+        let decision = decide(&shapes, &local, &remote, requested, |digest| !missing.contains(digest));
+        let actual: Vec<String> = decision
+            .served
+            .iter()
+            .zip(&decision.required)
+            .map(|(served, needed)| {
+                let letter = match served {
+                    Served::Computed => "C",
+                    Served::Local => "L",
+                    Served::Remote => "R",
+                    Served::Execute => "E",
+                };
+                format!("{letter}{}", if *needed { "*" } else { "" })
+            })
+            .collect();
+        assert_eq!(actual.join(" "), expected);
+    }
+
+    #[test]
+    fn only_the_requested_images_content_is_needed_when_everything_is_remote() {
+        // 0 base, 1 copy, 2 stage on the base (a RUN), 3 copy_from the stage, 4 config.
+        let mut nodes = vec![
+            node(None, "remote base"),
+            node(Some(0), "remote copy"),
+            node(Some(0), "remote stage"),
+            node(Some(1), "remote copy_from"),
+            node(Some(3), "computed"),
+        ];
+        nodes[3].source = Some(2);
+        check(&nodes, &[4], &[], "R* R* R R* C*");
+    }
+
+    #[test]
+    fn a_step_that_executes_needs_its_parent_and_source_chains() {
+        let mut nodes = vec![
+            node(None, "remote base"),
+            node(Some(0), "remote copy"),
+            node(Some(0), "remote stage"),
+            node(Some(1), "nobody"),
+            node(Some(3), "computed"),
+        ];
+        nodes[3].source = Some(2);
+        check(&nodes, &[4], &[], "R* R* R* E* C*");
+    }
+
+    #[test]
+    fn a_remote_hit_whose_blobs_did_not_arrive_executes_and_pulls_in_its_inputs() {
+        let mut nodes = vec![
+            node(None, "remote base"),
+            node(Some(0), "remote copy"),
+            node(Some(0), "remote stage"),
+            node(Some(1), "remote copy_from"),
+            node(Some(3), "computed"),
+        ];
+        nodes[3].source = Some(2);
+        // The copy_from layer never arrived: it executes, so the stage's content is needed too.
+        check(&nodes, &[4], &["remote copy_from"], "R* R* R* E* C*");
+        // Then the stage's layer is missing as well: it executes on the base.
+        check(&nodes, &[4], &["remote copy_from", "remote stage"], "R* R* E* E* C*");
+        // Without its config the base is imported again; what stands on it is still served.
+        check(&nodes, &[4], &["remote base config"], "E* R* R R* C*");
+    }
+
+    #[test]
+    fn a_stage_whose_copy_from_is_a_hit_is_not_required_and_its_inputs_neither() {
+        // 0 base, 1 stage tool (nobody has it), 2 stage output (nobody), 3 copy_from (local).
+        let mut nodes = vec![
+            node(None, "local"),
+            node(Some(0), "nobody"),
+            node(Some(1), "nobody"),
+            node(Some(0), "local"),
+            node(Some(3), "computed"),
+        ];
+        nodes[3].source = Some(2);
+        check(&nodes, &[4], &[], "L* E E L* C*");
+        // Once the copy_from itself misses, the whole stage is required.
+        nodes[3].local = false;
+        check(&nodes, &[4], &[], "L* E* E* E* C*");
+    }
+
+    #[test]
+    fn local_hits_are_never_asked_for() {
+        let nodes = vec![node(None, "local"), node(Some(0), "remote copy"), node(Some(1), "computed")];
+        check(&nodes, &[2], &[], "L* R* C*");
+    }
+}

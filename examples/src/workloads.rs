@@ -1,0 +1,166 @@
+//! The benchmark workloads (W1, W2, W3 of `cargo xtask bench`): their generated inputs, their
+//! layerwright declarations and the equivalent Dockerfiles, kept side by side so that they
+//! change together. The bench binary, the xtask and the remote-cache tests share them.
+//!
+//! A workload directory holds `base.tar` (the busybox example as a docker-archive, the base
+//! every tool starts from) and `WORKLOAD/context/` (generated deterministically, once).
+//! What this module is not: the measuring, which is `xtask/src/bench.rs`.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use layerwright::{BuildError, Builder, Context, ExportError, Image, ImagePathError};
+use thiserror::Error;
+
+use crate::{ExampleEnvironment, ExampleError};
+
+/// The tag of the base image, in `base.tar` and in the Dockerfiles.
+pub const BASE_TAG: &str = "localhost/lw-bench-base:1";
+
+/// The workloads, by name.
+pub const WORKLOADS: [&str; 3] = ["w1", "w2", "w3"];
+
+#[derive(Debug, Error)]
+pub enum WorkloadError {
+    #[error("unknown workload {name:?} (expected w1, w2 or w3)")]
+    Unknown { name: String },
+    #[error("workload {workload}: cannot write {path}: {source}")]
+    Io { workload: String, path: PathBuf, source: io::Error },
+    #[error("workload base: {0}")]
+    Example(#[from] ExampleError),
+    #[error("workload base: {0}")]
+    Build(#[from] BuildError),
+    #[error("workload base: {0}")]
+    Export(#[from] ExportError),
+    #[error("workload {workload}: {source}")]
+    Context { workload: String, source: ImagePathError },
+}
+
+/// Writes `workdir/base.tar`: the busybox example as a docker-archive tagged [`BASE_TAG`],
+/// built with its own cache in `workdir/base-cache`.
+pub fn write_base_archive(environment: &ExampleEnvironment, workdir: &Path) -> Result<PathBuf, WorkloadError> {
+    let archive = workdir.join("base.tar");
+    let image = crate::busybox(environment)?;
+    let built = Builder::new(workdir.join("base-cache"))?.build(&image)?;
+    built.write_docker_archive(&archive, BASE_TAG)?;
+    Ok(archive)
+}
+
+/// Writes the workload's context (once: it is deterministic) and its Dockerfile under
+/// `workdir/WORKLOAD/`.
+pub fn generate(workload: &str, workdir: &Path) -> Result<(), WorkloadError> {
+    if !WORKLOADS.contains(&workload) {
+        return Err(WorkloadError::Unknown { name: workload.to_owned() });
+    }
+    let root = workdir.join(workload);
+    let context = root.join("context");
+    let marker = root.join(".generated");
+    let io_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| WorkloadError::Io { workload: workload.to_owned(), path, source }
+    };
+    let write = |path: &Path, bytes: &[u8]| -> Result<(), WorkloadError> {
+        fs::create_dir_all(path.parent().expect("a file has a parent")).map_err(io_error(path))?;
+        fs::write(path, bytes).map_err(io_error(path))
+    };
+    if !marker.exists() {
+        if root.exists() {
+            fs::remove_dir_all(&root).map_err(io_error(&root))?;
+        }
+        match workload {
+            "w1" => {
+                for index in 0..2000u64 {
+                    let path = context.join(format!("files/d{:02}/f{index:04}", index / 100));
+                    write(&path, &layerwright::host::incompressible_bytes(4096, index + 1))?;
+                }
+            }
+            "w2" => {
+                for index in 0..256u64 {
+                    let path = context.join(format!("blobs/b{index:03}"));
+                    write(&path, &layerwright::host::incompressible_bytes(4 << 20, 1000 + index))?;
+                }
+            }
+            _ => {
+                for index in 0..20 {
+                    write(&context.join(format!("s{index:02}.txt")), format!("stage {index}\n").as_bytes())?;
+                }
+            }
+        }
+        write(&marker, b"")?;
+    }
+    write(&root.join("Dockerfile"), dockerfile(workload).as_bytes())
+}
+
+/// The workload's image, declared with layerwright (the same steps as [`dockerfile`]).
+pub fn declare(workload: &str, workdir: &Path) -> Result<Image, WorkloadError> {
+    let context = |workload: &str| {
+        Context::dir(workdir.join(workload).join("context"))
+            .map_err(|source| WorkloadError::Context { workload: workload.to_owned(), source })
+    };
+    let base = Image::from_archive(workdir.join("base.tar"));
+    match workload {
+        "w1" => {
+            let context = context(workload)?;
+            let stages: Vec<Image> = (0..3)
+                .map(|stage| base.run(format!("sleep 1 && echo stage {stage} > /stage-{stage}").as_str()))
+                .collect();
+            let mut image = base
+                .copy(&context, "files", "/data")
+                .run("find /data -type f | wc -l > /file-count && cat /data/d00/* | md5sum > /d00.md5");
+            for (stage, source) in stages.iter().enumerate() {
+                image = image.copy_from(source, &format!("/stage-{stage}"), "/stages/");
+            }
+            Ok(image.run("rm /data/d00/f0000").env("W1", "done").cmd(["/bin/sh"]))
+        }
+        "w2" => Ok(base.copy(&context(workload)?, "blobs", "/blobs").cmd(["/bin/sh"])),
+        "w3" => {
+            let context = context(workload)?;
+            let stages: Vec<Image> = (0..20)
+                .map(|stage| base.copy(&context, &format!("s{stage:02}.txt"), &format!("/s{stage:02}.txt")))
+                .collect();
+            let mut image = base;
+            for (stage, source) in stages.iter().enumerate() {
+                image = image.copy_from(source, &format!("/s{stage:02}.txt"), "/out/");
+            }
+            Ok(image.cmd(["/bin/sh"]))
+        }
+        other => Err(WorkloadError::Unknown { name: other.to_owned() }),
+    }
+}
+
+/// The Dockerfile of a workload: the same steps as [`declare`].
+pub fn dockerfile(workload: &str) -> String {
+    let mut text = String::new();
+    match workload {
+        "w1" => {
+            for stage in 0..3 {
+                let _ = writeln!(
+                    text,
+                    "FROM {BASE_TAG} AS stage{stage}\nRUN sleep 1 && echo stage {stage} > /stage-{stage}\n"
+                );
+            }
+            let _ = writeln!(text, "FROM {BASE_TAG}\nCOPY files /data");
+            text.push_str("RUN find /data -type f | wc -l > /file-count && cat /data/d00/* | md5sum > /d00.md5\n");
+            for stage in 0..3 {
+                let _ = writeln!(text, "COPY --from=stage{stage} /stage-{stage} /stages/");
+            }
+            text.push_str("RUN rm /data/d00/f0000\nENV W1=done\nCMD [\"/bin/sh\"]\n");
+        }
+        "w2" => {
+            let _ = writeln!(text, "FROM {BASE_TAG}\nCOPY blobs /blobs\nCMD [\"/bin/sh\"]");
+        }
+        _ => {
+            for stage in 0..20 {
+                let _ = writeln!(text, "FROM {BASE_TAG} AS s{stage:02}\nCOPY s{stage:02}.txt /s{stage:02}.txt\n");
+            }
+            let _ = writeln!(text, "FROM {BASE_TAG}");
+            for stage in 0..20 {
+                let _ = writeln!(text, "COPY --from=s{stage:02} /s{stage:02}.txt /out/");
+            }
+            text.push_str("CMD [\"/bin/sh\"]\n");
+        }
+    }
+    text
+}

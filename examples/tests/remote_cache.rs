@@ -1,0 +1,324 @@
+//! The remote cache through a real `docker-registry` on 127.0.0.1, with separate cache
+//! directories standing for separate machines.
+//!
+//! - Machine A builds W1 (the benchmark workload: a base, a 2,000-file COPY, three RUN stages,
+//!   RUNs and `copy_from`s) and exports; machine B, with an empty cache, builds W1 executing no
+//!   step, gets the same digest, and downloads only the final image's blobs.
+//! - The registry is SIGKILLed in the middle of B's import: B's build is still correct.
+//! - Two machines export into one cache at the same time: a third finds both.
+//! - An unreachable or corrupt remote cache costs one warning and never the build.
+//!
+//! W1 runs RUN steps: those tests need root (or user namespaces), like `run.rs`.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use layerwright::{BuildError, Builder, BuilderOptions, BuiltImage, Image, RunError, StepError};
+use layerwright_examples::{ExampleEnvironment, workloads};
+
+/// A generated W1 workload directory, shared by the tests of this binary.
+fn w1_workdir() -> PathBuf {
+    static WORKDIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    WORKDIR
+        .get_or_init(|| {
+            let environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
+            let workdir = environment.work_dir.join("remote-cache-w1");
+            std::fs::create_dir_all(&workdir).unwrap();
+            workloads::write_base_archive(&environment, &workdir).unwrap_or_else(|error| panic!("{error}"));
+            workloads::generate("w1", &workdir).unwrap_or_else(|error| panic!("{error}"));
+            workdir
+        })
+        .clone()
+}
+
+fn w1() -> Image {
+    workloads::declare("w1", &w1_workdir()).unwrap()
+}
+
+/// A builder on `cache` that counts the steps it executes, with the given remote caches.
+fn machine(cache: &Path, cache_from: &[String], cache_to: Option<&str>) -> (Builder, Arc<AtomicUsize>) {
+    let executed = Arc::new(AtomicUsize::new(0));
+    let counter = executed.clone();
+    let options = BuilderOptions {
+        cache_from: cache_from.to_vec(),
+        cache_to: cache_to.map(str::to_owned),
+        before_execute: Some(Arc::new(move |_label: &str| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        })),
+        ..BuilderOptions::default()
+    };
+    (Builder::with_options(cache, options).unwrap(), executed)
+}
+
+/// Builds `image`; `None` (after saying why) when RUN steps cannot run here and
+/// `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
+fn build(builder: &Builder, image: &Image) -> Option<BuiltImage> {
+    match builder.build(image) {
+        Ok(built) => Some(built),
+        Err(error) if sandbox_unavailable(&error) => {
+            let reason = format!("RUN steps cannot run here: {error}");
+            if support::skip_privileged() {
+                eprintln!("skipped: {reason} (LAYERWRIGHT_SKIP_PRIVILEGED=1)");
+                return None;
+            }
+            panic!("{reason}. (Set LAYERWRIGHT_SKIP_PRIVILEGED=1 to skip tests that need it.)");
+        }
+        Err(error) => panic!("build failed: {error}"),
+    }
+}
+
+/// Whether a build failed because this machine cannot make the RUN sandbox at all.
+fn sandbox_unavailable(error: &BuildError) -> bool {
+    let BuildError::Step { source, .. } = error else { return false };
+    matches!(source.as_ref(), StepError::Run(RunError::Sandbox { .. }))
+}
+
+/// The digests of the blobs in a cache directory's store.
+fn stored_blobs(cache: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(cache.join("blobs/sha256"))
+        .unwrap()
+        .map(|entry| format!("sha256:{}", entry.unwrap().file_name().to_string_lossy()))
+        .collect()
+}
+
+/// What the final image of `built` is made of: its layers, its config and its manifest.
+fn final_image_blobs(built: &BuiltImage) -> BTreeSet<String> {
+    built
+        .layers()
+        .iter()
+        .map(|layer| layer.digest.to_string())
+        .chain([built.config_digest(), built.manifest_digest()])
+        .collect()
+}
+
+#[test]
+fn machine_b_builds_w1_from_machine_a_s_export_executing_nothing_and_downloading_only_the_final_image() {
+    let Some(registry) = support::registry() else { return };
+    let reference = format!("{}/team/w1-cache:main", registry.address());
+    let machines = tempfile::tempdir().unwrap();
+
+    let (machine_a, executed_a) = machine(&machines.path().join("a"), &[], Some(&reference));
+    let Some(built_a) = build(&machine_a, &w1()) else { return };
+    let report_a = built_a.remote_cache().expect("a build with a remote cache reports on it");
+    assert!(report_a.warnings.is_empty(), "{:?}", report_a.warnings);
+    let export_a = report_a.export.as_ref().expect("A exported");
+    let layered_steps = built_a.steps().iter().filter(|step| step.layer.is_some()).count();
+    assert!(executed_a.load(Ordering::Relaxed) >= 9, "A built W1 from nothing");
+    assert!(export_a.records > layered_steps && export_a.records_new == export_a.records, "{export_a:?}");
+    assert!(export_a.blobs_uploaded > 0 && export_a.records_dropped == 0, "{export_a:?}");
+    // Every step's record (BuildKit's mode=max): the three stages' layers are exported too,
+    // although the final image does not contain them.
+    let stage_layers: BTreeSet<String> = built_a
+        .steps()
+        .iter()
+        .filter(|step| step.label.contains("sleep 1"))
+        .filter_map(|step| step.layer.clone())
+        .collect();
+    assert_eq!(stage_layers.len(), 3, "{:#?}", built_a.steps());
+    assert!(stage_layers.is_disjoint(&final_image_blobs(&built_a)));
+
+    // Exporting again uploads nothing: the registry has every blob and the same manifest.
+    let (machine_a_again, _) = machine(&machines.path().join("a"), &[], Some(&reference));
+    let again = build(&machine_a_again, &w1()).unwrap();
+    let export_again = again.remote_cache().unwrap().export.clone().expect("A exported again");
+    assert_eq!((export_again.blobs_uploaded, export_again.manifest_uploaded), (0, false), "{export_again:?}");
+
+    let cache_b = machines.path().join("b");
+    let (machine_b, executed_b) = machine(&cache_b, std::slice::from_ref(&reference), None);
+    let built_b = build(&machine_b, &w1()).unwrap();
+    assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
+    assert_eq!(executed_b.load(Ordering::Relaxed), 0, "B executed steps: {:#?}", built_b.steps());
+    let report_b = built_b.remote_cache().unwrap();
+    assert!(report_b.consulted && report_b.warnings.is_empty(), "{report_b:?}");
+    let layered_steps = built_b.steps().iter().filter(|step| step.layer.is_some()).count();
+    assert!(built_b.steps().iter().all(|step| step.cached), "{:#?}", built_b.steps());
+    assert!(report_b.steps_served > layered_steps, "{report_b:?}");
+
+    // Only what the final image needs came down: its layers and the base's config (from which
+    // the image config is built); B wrote the config and manifest itself. No stage layer.
+    let base_config = built_b.config().unwrap();
+    let stored = stored_blobs(&cache_b);
+    let final_blobs = final_image_blobs(&built_b);
+    let extra: Vec<&String> = stored.difference(&final_blobs).collect();
+    assert_eq!(extra.len(), 1, "B downloaded more than the final image and the base config: {extra:?}");
+    assert!(stored.is_disjoint(&stage_layers), "B downloaded a stage's layer");
+    let distinct_layers: BTreeSet<_> = built_b.layers().iter().map(|layer| &layer.digest).collect();
+    assert_eq!(report_b.blobs_downloaded, distinct_layers.len() + 1, "{report_b:?}");
+    assert!(base_config["rootfs"].is_object());
+
+    // The image B got is whole: its tree is A's, and it is exportable.
+    assert_eq!(built_b.listing().unwrap(), built_a.listing().unwrap());
+    built_b.write_oci_layout(machines.path().join("layout-b"), "w1:b").unwrap();
+
+    // B's next build is a local no-op that asks the registry nothing.
+    let (machine_b_again, executed_b_again) = machine(&cache_b, std::slice::from_ref(&reference), None);
+    let rebuilt_b = build(&machine_b_again, &w1()).unwrap();
+    assert_eq!(rebuilt_b.manifest_digest(), built_a.manifest_digest());
+    assert_eq!(executed_b_again.load(Ordering::Relaxed), 0);
+    assert!(!rebuilt_b.remote_cache().unwrap().consulted);
+}
+
+#[test]
+fn killing_the_registry_in_the_middle_of_an_import_leaves_a_correct_build() {
+    let Some(mut registry) = support::registry() else { return };
+    let machines = tempfile::tempdir().unwrap();
+    let (machine_a, _) = machine(&machines.path().join("a"), &[], Some(&format!("{}/w1:main", registry.address())));
+    let Some(built_a) = build(&machine_a, &w1()) else { return };
+    assert!(built_a.remote_cache().unwrap().export.is_some());
+
+    // B reaches the registry through a proxy that kills it after 3 MiB of answers: the record
+    // batch has arrived by then, and the layers (the COPY's alone is 8 MiB) have not.
+    let proxy = support::KillingProxy::start(&registry, 3 << 20);
+    let through_proxy = format!("{}/w1:main", proxy.address());
+    let cache_b = machines.path().join("b");
+    let (machine_b, executed_b) = machine(&cache_b, std::slice::from_ref(&through_proxy), Some(&through_proxy));
+    let built_b = build(&machine_b, &w1()).unwrap();
+    assert!(proxy.killed.load(Ordering::Relaxed), "the registry was not killed mid-import");
+    assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
+    let report_b = built_b.remote_cache().unwrap();
+    assert_eq!(report_b.warnings.len(), 1, "one warning, not {:?}", report_b.warnings);
+    assert!(report_b.export.is_none(), "nothing can be exported to a dead registry");
+    assert!(executed_b.load(Ordering::Relaxed) > 0, "the steps that did not arrive were built");
+    assert_eq!(built_b.listing().unwrap(), built_a.listing().unwrap());
+    registry.kill();
+
+    // What B's store holds is consistent: a local rebuild agrees and builds nothing.
+    let (machine_b_again, executed_again) = machine(&cache_b, &[], None);
+    let rebuilt = build(&machine_b_again, &w1()).unwrap();
+    assert_eq!(rebuilt.manifest_digest(), built_a.manifest_digest());
+    assert_eq!(executed_again.load(Ordering::Relaxed), 0, "{:#?}", rebuilt.steps());
+}
+
+/// A small image of file steps (no RUN: these tests need no root), different per `name`.
+fn small_image(name: &str) -> Image {
+    Image::scratch()
+        .write_file("/etc/shared.conf", "shared\n")
+        .write_file(format!("/srv/{name}/data").as_str(), format!("{name}\n").repeat(1000).as_str())
+        .symlink(format!("/srv/{name}/current").as_str(), "data")
+        .cmd(["/srv/run"])
+}
+
+#[test]
+fn two_machines_exporting_into_one_cache_at_once_lose_nothing() {
+    let Some(registry) = support::registry() else { return };
+    let reference = format!("{}/shared-cache:main", registry.address());
+    let machines = tempfile::tempdir().unwrap();
+    for round in 0..3 {
+        let images: Vec<Image> = ["left", "right"].iter().map(|side| small_image(&format!("{side}-{round}"))).collect();
+        let digests: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = images
+                .iter()
+                .zip(["left", "right"])
+                .map(|(image, side)| {
+                    let cache = machines.path().join(side);
+                    let reference = reference.clone();
+                    scope.spawn(move || {
+                        let (builder, _) = machine(&cache, &[], Some(&reference));
+                        let built = builder.build(image).unwrap();
+                        let report = built.remote_cache().unwrap();
+                        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+                        built.manifest_digest()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|handle| handle.join().unwrap()).collect()
+        });
+
+        // A third machine finds every round's images of both writers so far.
+        let third = tempfile::tempdir().unwrap();
+        let (builder, executed) = machine(third.path(), std::slice::from_ref(&reference), None);
+        for earlier in 0..=round {
+            for side in ["left", "right"] {
+                let built = builder.build(&small_image(&format!("{side}-{earlier}"))).unwrap();
+                assert!(built.remote_cache().unwrap().warnings.is_empty());
+                if earlier == round {
+                    assert!(digests.contains(&built.manifest_digest()));
+                }
+            }
+        }
+        assert_eq!(executed.load(Ordering::Relaxed), 0, "round {round}: a writer's records were lost");
+    }
+    // The index at the cache's tag names both writers' manifests.
+    let index = registry
+        .request(
+            "GET",
+            "/v2/shared-cache/manifests/main",
+            &[("Accept", "application/vnd.oci.image.index.v1+json")],
+            b"",
+        )
+        .unwrap();
+    assert_eq!(index.matches("application/vnd.layerwright.cache.v1").count(), 2, "{index}");
+}
+
+#[test]
+fn an_unreachable_remote_cache_costs_one_warning_and_not_the_build() {
+    // A port that was free a moment ago: nothing answers there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let reference = format!("127.0.0.1:{port}/nowhere:main");
+    let cache = tempfile::tempdir().unwrap();
+    let (builder, executed) = machine(cache.path(), std::slice::from_ref(&reference), Some(&reference));
+    let built = builder.build(&small_image("alone")).unwrap();
+    let report = built.remote_cache().unwrap();
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(report.warnings[0].contains(&reference), "{:?}", report.warnings);
+    assert!(executed.load(Ordering::Relaxed) > 0 && report.export.is_none());
+}
+
+#[test]
+fn a_corrupt_remote_cache_costs_one_warning_and_not_the_build() {
+    let Some(registry) = support::registry() else { return };
+    let reference = format!("{}/corrupt:main", registry.address());
+    let machines = tempfile::tempdir().unwrap();
+    let (writer, _) = machine(&machines.path().join("a"), &[], Some(&reference));
+    let built_a = writer.build(&small_image("corrupt")).unwrap();
+    let tag = &built_a.remote_cache().unwrap().export.as_ref().unwrap().reference;
+    let writer_tag = tag.rsplit(':').next().unwrap();
+
+    // Replace the writer's manifest by one whose record batch is not JSON.
+    let garbage = b"this is not a record batch";
+    let garbage_digest = format!("sha256:{}", sha256_hex(garbage));
+    let upload = registry.request("POST", "/v2/corrupt/blobs/uploads/", &[], b"").unwrap();
+    let location = upload.lines().find_map(|line| line.strip_prefix("Location: ")).unwrap().trim().to_owned();
+    let path = location.split_once(&registry.address()).map_or(location.as_str(), |(_, path)| path).to_owned();
+    let separator = if path.contains('?') { '&' } else { '?' };
+    let put = registry
+        .request(
+            "PUT",
+            &format!("{path}{separator}digest={garbage_digest}"),
+            &[("Content-Type", "application/octet-stream")],
+            garbage,
+        )
+        .unwrap();
+    assert!(put.starts_with("HTTP/1.1 201"), "{put}");
+    let empty_digest = format!("sha256:{}", sha256_hex(b"{}"));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.layerwright.cache.v1","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{empty_digest}","size":2}},"layers":[{{"mediaType":"application/vnd.layerwright.cache.records.v1+json","digest":"{garbage_digest}","size":{}}}]}}"#,
+        garbage.len()
+    );
+    let put = registry
+        .request(
+            "PUT",
+            &format!("/v2/corrupt/manifests/{writer_tag}"),
+            &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+            manifest.as_bytes(),
+        )
+        .unwrap();
+    assert!(put.starts_with("HTTP/1.1 201"), "{put}");
+
+    let (reader, executed) = machine(&machines.path().join("b"), std::slice::from_ref(&reference), None);
+    let built_b = reader.build(&small_image("corrupt")).unwrap();
+    assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
+    let report = built_b.remote_cache().unwrap();
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(report.warnings[0].contains("record batch"), "{:?}", report.warnings);
+    assert!(executed.load(Ordering::Relaxed) > 0);
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
