@@ -164,30 +164,31 @@ pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary
         elapsed: started.elapsed(),
         outputs: command.outputs.clone(),
         pushed,
-        remote_cache: built.remote_cache().map(describe_remote_cache),
+        remote_cache: built.remote_cache().map(|report| describe_remote_cache(report, &command.cache_from)),
     })
 }
 
 /// One line on what the remote caches did.
-fn describe_remote_cache(report: &crate::RemoteCacheReport) -> String {
-    let mut line = if report.consulted {
-        format!(
+fn describe_remote_cache(report: &crate::RemoteCacheReport, cache_from: &[String]) -> String {
+    let mut parts = Vec::new();
+    if report.consulted {
+        parts.push(format!(
             "{} steps from remote ({} blobs, {} bytes downloaded)",
             report.steps_served, report.blobs_downloaded, report.bytes_downloaded
-        )
-    } else {
-        "not consulted (every step hit locally)".to_owned()
-    };
+        ));
+    } else if !cache_from.is_empty() {
+        parts.push("remote not asked (every step the build needs hit locally)".to_owned());
+    }
     if let Some(export) = &report.export {
-        line.push_str(&format!(
-            "; exported {} records to {} ({} blobs uploaded, {} bytes)",
+        parts.push(format!(
+            "exported {} records to {} ({} blobs uploaded, {} bytes)",
             export.records, export.reference, export.blobs_uploaded, export.bytes_uploaded
         ));
     }
     if !report.warnings.is_empty() {
-        line.push_str(&format!("; {} warnings", report.warnings.len()));
+        parts.push(format!("{} warnings (printed above)", report.warnings.len()));
     }
-    line
+    parts.join("; ")
 }
 
 #[cfg(feature = "registry")]
@@ -199,6 +200,15 @@ fn push(built: &crate::BuiltImage, reference: &str, insecure: bool) -> Result<St
 #[cfg(not(feature = "registry"))]
 fn push(_built: &crate::BuiltImage, reference: &str, _insecure: bool) -> Result<String, CliError> {
     Err(CliError::RegistryDisabled { reference: reference.to_owned() })
+}
+
+/// How a finished step was satisfied, in six letters.
+fn step_state(report: &crate::StepReport) -> &'static str {
+    match (report.remote, report.cached) {
+        (true, _) => "remote",
+        (false, true) => "cached",
+        (false, false) => "built ",
+    }
 }
 
 /// A step being built and its spinner.
@@ -219,7 +229,7 @@ impl ProgressDisplay {
         let Some((multi, bars)) = &self.terminal else {
             match event {
                 ProgressEvent::Finished(report) => {
-                    let state = if report.cached { "cached" } else { "built " };
+                    let state = step_state(report);
                     eprintln!("{state} {:>8.2?}  {}", report.duration, report.label);
                 }
                 ProgressEvent::Output { line, .. } => eprintln!("  | {line}"),
@@ -241,7 +251,7 @@ impl ProgressDisplay {
             ProgressEvent::Finished(report) => {
                 let Some(position) = bars.iter().position(|(label, _)| *label == report.label) else { return };
                 let (_, bar) = bars.remove(position);
-                let state = if report.cached { "cached" } else { "built " };
+                let state = step_state(report);
                 bar.set_style(ProgressStyle::with_template("{msg}").expect("a valid template"));
                 bar.finish_with_message(format!("✓ {state} {:>8.2?}  {}", report.duration, report.label));
             }

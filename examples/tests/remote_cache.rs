@@ -6,7 +6,7 @@
 //!   step, gets the same digest, and downloads only the final image's blobs.
 //! - The registry is SIGKILLed in the middle of B's import: B's build is still correct.
 //! - Two machines export into one cache at the same time: a third finds both.
-//! - An unreachable or corrupt remote cache costs one warning and never the build.
+//! - An unreachable, silent or corrupt remote cache costs one warning and never the build.
 //!
 //! W1 runs RUN steps: those tests need root (or user namespaces), like `run.rs`.
 
@@ -154,6 +154,21 @@ fn machine_b_builds_w1_from_machine_a_s_export_executing_nothing_and_downloading
     assert_eq!(built_b.listing().unwrap(), built_a.listing().unwrap());
     built_b.write_oci_layout(machines.path().join("layout-b"), "w1:b").unwrap();
 
+    // The cache shares its layers with the images of its repository: pushing the image next to
+    // the cache uploads its config alone.
+    let pushed = built_b.push(&format!("{}/team/w1-cache:image", registry.address())).unwrap();
+    assert_eq!((pushed.blobs_uploaded, pushed.blobs_skipped), (1, distinct_layers.len()), "{pushed:?}");
+    // A real client reads the cache's index and a writer's artifact manifest.
+    if support::require_tool("skopeo").is_some() {
+        let index = support::skopeo_inspect_raw(&format!("docker://{reference}"));
+        let manifests = index["manifests"].as_array().expect("the cache tag is an index");
+        assert_eq!(manifests.len(), 1, "{index}");
+        assert_eq!(manifests[0]["artifactType"], "application/vnd.layerwright.cache.v1");
+        let writer = export_a.reference.rsplit(':').next().unwrap();
+        let manifest = support::skopeo_inspect_raw(&format!("docker://{}/team/w1-cache:{writer}", registry.address()));
+        assert_eq!(manifest["layers"][0]["mediaType"], "application/vnd.layerwright.cache.records.v1+json");
+    }
+
     // B's next build is a local no-op that asks the registry nothing.
     let (machine_b_again, executed_b_again) = machine(&cache_b, std::slice::from_ref(&reference), None);
     let rebuilt_b = build(&machine_b_again, &w1()).unwrap();
@@ -266,6 +281,24 @@ fn an_unreachable_remote_cache_costs_one_warning_and_not_the_build() {
     assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     assert!(report.warnings[0].contains(&reference), "{:?}", report.warnings);
     assert!(executed.load(Ordering::Relaxed) > 0 && report.export.is_none());
+}
+
+#[test]
+fn a_remote_cache_that_never_answers_is_given_up_on_with_one_warning() {
+    // A listener that is never accepted from: connections open (the kernel completes them) and
+    // then nothing is ever said, as with a registry stuck behind a dead proxy.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let reference = format!("{}/silent:main", silent.local_addr().unwrap());
+    let cache = tempfile::tempdir().unwrap();
+    let (builder, executed) = machine(cache.path(), std::slice::from_ref(&reference), Some(&reference));
+    let started = std::time::Instant::now();
+    let built = builder.build(&small_image("patient")).unwrap();
+    let report = built.remote_cache().unwrap();
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(executed.load(Ordering::Relaxed) > 0 && report.export.is_none());
+    // The cache's read timeout (20 s) bounds the wait, not the operating system's.
+    assert!(started.elapsed() < std::time::Duration::from_secs(60), "{:?}", started.elapsed());
+    drop(silent);
 }
 
 #[test]

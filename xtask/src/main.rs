@@ -6,7 +6,8 @@
 //!   [--push REF [--insecure]] [--cache-from REF]... [--cache-to REF]`
 //! - `cargo xtask list`
 //! - `cargo xtask test [-- CARGO TEST ARGS]`
-//! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`
+//! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`,
+//!   `cargo xtask bench --remote-cache [--quick]`
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`
 //! - `cargo xtask cache du`, `cargo xtask cache prune --keep-bytes N`
 
@@ -21,6 +22,7 @@ use layerwright::cli::{self, BuildCommand, OutputSpec};
 use layerwright_examples::{EXAMPLES, ExampleEnvironment};
 
 mod bench;
+mod bench_remote;
 mod docker;
 
 use docker::DockerEngine;
@@ -85,6 +87,10 @@ enum Commands {
         /// Run the criterion micro-benchmarks (`cargo bench -p layerwright`).
         #[arg(long)]
         micro: bool,
+        /// Measure the remote cache instead: W1 built cold and exported by one cache directory,
+        /// then built from that export by an empty one (needs root and docker-registry).
+        #[arg(long, conflicts_with = "micro")]
+        remote_cache: bool,
         /// Arguments passed on to the criterion harness with --micro (a name filter).
         #[arg(last = true)]
         arguments: Vec<String>,
@@ -142,6 +148,10 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Test { cargo_arguments } => test(&workspace, &cargo_arguments),
+        Commands::Bench { quick, remote_cache: true, .. } => {
+            bench_remote::run(&workspace, quick)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Commands::Bench { quick, only, micro: false, .. } => {
             bench::run(&workspace, &bench::BenchOptions { quick, only })?;
             Ok(ExitCode::SUCCESS)

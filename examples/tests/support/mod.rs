@@ -290,6 +290,17 @@ pub fn skopeo_inspect(transport_ref: &str) -> serde_json::Value {
     })
 }
 
+/// `skopeo inspect --raw REF` (the manifest or index as the registry serves it), plain HTTP.
+pub fn skopeo_inspect_raw(transport_ref: &str) -> serde_json::Value {
+    let tool = require_tool("skopeo").expect("callers check require_tool first");
+    let output = run_checked(
+        Command::new(tool).args(["inspect", "--raw", "--tls-verify=false", transport_ref]),
+        COMMAND_TIMEOUT,
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|error| panic!("`skopeo inspect --raw {transport_ref}` printed no JSON ({error})"))
+}
+
 /// `skopeo copy FROM TO`, without a signature policy (these are local test images).
 pub fn skopeo_copy(from: &str, to: &str) {
     let tool = require_tool("skopeo").expect("callers check require_tool first");
