@@ -351,6 +351,36 @@ fn a_corrupt_remote_cache_costs_one_warning_and_not_the_build() {
     assert!(executed.load(Ordering::Relaxed) > 0);
 }
 
+#[test]
+fn a_layer_the_registry_serves_corrupted_is_refused_and_built_locally() {
+    let Some(registry) = support::registry() else { return };
+    let reference = format!("{}/flipped:main", registry.address());
+    let machines = tempfile::tempdir().unwrap();
+    let (writer, _) = machine(&machines.path().join("a"), &[], Some(&reference));
+    let built_a = writer.build(&small_image("flipped")).unwrap();
+
+    // Flip a byte of the top data layer as the registry stores it: it serves what it has.
+    let layer = built_a.layers().iter().max_by_key(|layer| layer.size).unwrap().digest.to_string();
+    let path = registry.blob_data_path(&layer);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let cache_b = machines.path().join("b");
+    let (reader, executed) = machine(&cache_b, std::slice::from_ref(&reference), None);
+    let built_b = reader.build(&small_image("flipped")).unwrap();
+    assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
+    let report = built_b.remote_cache().unwrap();
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(executed.load(Ordering::Relaxed) >= 1, "the refused layer's step was built");
+    // Whatever B stored is what its name says.
+    for digest in stored_blobs(&cache_b) {
+        let parsed = layerwright::cache::Digest::parse(&digest).unwrap();
+        assert!(reader.store().verify_blob(&parsed).unwrap(), "{digest} is corrupt");
+    }
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))

@@ -15,6 +15,13 @@
 //!   platform from an index), streams each blob the store lacks into it, verifying its digest,
 //!   then checks every layer as an imported archive's layers are checked (diff ids, entries that
 //!   would escape the root, writes through symlinks).
+//! - **Remote cache** (`Builder::remote_cache`, module `cache`): step records shared between
+//!   machines. Each writer (a cache directory) keeps one OCI artifact manifest under its own tag
+//!   `TAG--lw-WRITER`, artifact type `application/vnd.layerwright.cache.v1`, whose layers are a
+//!   JSON record batch (step key → layers and config) and every blob the records name; an OCI
+//!   index at `TAG` lists the writers. Readers take the writers from the tag list, so writers
+//!   exporting at once never lose each other's records. Cache requests give up sooner than
+//!   pushes and pulls (5 s to connect, 20 s of silence, 60 s to read the records).
 //! - **Transport**: registries on `localhost`, `127.0.0.0/8` or `::1` are spoken to in plain
 //!   HTTP, as Docker does; every other registry over HTTPS (the platform's root certificates),
 //!   unless [`PushOptions::insecure`] (or, for pulls, `LAYERWRIGHT_INSECURE_REGISTRIES`, a
@@ -25,7 +32,8 @@
 //!   when the registry asks for them).
 //!
 //! What it deliberately is not: a registry mirror or a general OCI client. It pushes one
-//! image manifest per call (no indexes, no cross-repository mounts, no signatures) and pulls only
+//! image manifest per call (indexes only for the remote cache; no cross-repository mounts, no
+//! signatures) and pulls only
 //! image manifests (OCI or Docker schema 2, possibly through an index); Docker schema 1 and
 //! foreign layers are refused. Identity tokens (OAuth refresh tokens) in the Docker config are
 //! not exchanged: such a registry is reported as needing a `docker login` with a password.

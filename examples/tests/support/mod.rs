@@ -435,6 +435,13 @@ impl LocalRegistry {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Where the registry keeps blob `sha256:HEX`'s bytes (distribution's filesystem driver),
+    /// for tests that corrupt what it serves.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self._dir.path().join(format!("storage/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
 }
 
 /// A TCP proxy on `127.0.0.1:PORT` in front of a local registry that SIGKILLs the registry
