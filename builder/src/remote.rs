@@ -484,43 +484,30 @@ mod tests {
         assert_eq!(actual.join(" "), expected);
     }
 
+    /// 0 base, 1 copy on it, 2 a stage on the base (a RUN), 3 `copy_from` the stage onto 1,
+    /// 4 a config change: known as `known` says, in that order.
+    fn stage_graph(known: [&str; 5]) -> Vec<Node> {
+        let parents = [None, Some(0), Some(0), Some(1), Some(3)];
+        let mut nodes: Vec<Node> = parents.into_iter().zip(known).map(|(parent, known)| node(parent, known)).collect();
+        nodes[3].source = Some(2);
+        nodes
+    }
+
     #[test]
     fn only_the_requested_images_content_is_needed_when_everything_is_remote() {
-        // 0 base, 1 copy, 2 stage on the base (a RUN), 3 copy_from the stage, 4 config.
-        let mut nodes = vec![
-            node(None, "remote base"),
-            node(Some(0), "remote copy"),
-            node(Some(0), "remote stage"),
-            node(Some(1), "remote copy_from"),
-            node(Some(3), "computed"),
-        ];
-        nodes[3].source = Some(2);
+        let nodes = stage_graph(["remote base", "remote copy", "remote stage", "remote copy_from", "computed"]);
         check(&nodes, &[4], &[], "R* R* R R* C*");
     }
 
     #[test]
     fn a_step_that_executes_needs_its_parent_and_source_chains() {
-        let mut nodes = vec![
-            node(None, "remote base"),
-            node(Some(0), "remote copy"),
-            node(Some(0), "remote stage"),
-            node(Some(1), "nobody"),
-            node(Some(3), "computed"),
-        ];
-        nodes[3].source = Some(2);
+        let nodes = stage_graph(["remote base", "remote copy", "remote stage", "nobody", "computed"]);
         check(&nodes, &[4], &[], "R* R* R* E* C*");
     }
 
     #[test]
     fn a_remote_hit_whose_blobs_did_not_arrive_executes_and_pulls_in_its_inputs() {
-        let mut nodes = vec![
-            node(None, "remote base"),
-            node(Some(0), "remote copy"),
-            node(Some(0), "remote stage"),
-            node(Some(1), "remote copy_from"),
-            node(Some(3), "computed"),
-        ];
-        nodes[3].source = Some(2);
+        let nodes = stage_graph(["remote base", "remote copy", "remote stage", "remote copy_from", "computed"]);
         // The copy_from layer never arrived: it executes, so the stage's content is needed too.
         check(&nodes, &[4], &["remote copy_from"], "R* R* R* E* C*");
         // Then the stage's layer is missing as well: it executes on the base.

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use layerwright::{BuildError, Builder, BuilderOptions, BuiltImage, Image, RunError, StepError};
+use layerwright::{Builder, BuilderOptions, BuiltImage, Image};
 use layerwright_examples::{ExampleEnvironment, workloads};
 
 /// A generated W1 workload directory, shared by the tests of this binary.
@@ -54,29 +54,6 @@ fn machine(cache: &Path, cache_from: &[String], cache_to: Option<&str>) -> (Buil
     (Builder::with_options(cache, options).unwrap(), executed)
 }
 
-/// Builds `image`; `None` (after saying why) when RUN steps cannot run here and
-/// `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
-fn build(builder: &Builder, image: &Image) -> Option<BuiltImage> {
-    match builder.build(image) {
-        Ok(built) => Some(built),
-        Err(error) if sandbox_unavailable(&error) => {
-            let reason = format!("RUN steps cannot run here: {error}");
-            if support::skip_privileged() {
-                eprintln!("skipped: {reason} (LAYERWRIGHT_SKIP_PRIVILEGED=1)");
-                return None;
-            }
-            panic!("{reason}. (Set LAYERWRIGHT_SKIP_PRIVILEGED=1 to skip tests that need it.)");
-        }
-        Err(error) => panic!("build failed: {error}"),
-    }
-}
-
-/// Whether a build failed because this machine cannot make the RUN sandbox at all.
-fn sandbox_unavailable(error: &BuildError) -> bool {
-    let BuildError::Step { source, .. } = error else { return false };
-    matches!(source.as_ref(), StepError::Run(RunError::Sandbox { .. }))
-}
-
 /// The digests of the blobs in a cache directory's store.
 fn stored_blobs(cache: &Path) -> BTreeSet<String> {
     std::fs::read_dir(cache.join("blobs/sha256"))
@@ -102,7 +79,7 @@ fn machine_b_builds_w1_from_machine_a_s_export_executing_nothing_and_downloading
     let machines = tempfile::tempdir().unwrap();
 
     let (machine_a, executed_a) = machine(&machines.path().join("a"), &[], Some(&reference));
-    let Some(built_a) = build(&machine_a, &w1()) else { return };
+    let Some(built_a) = support::build_with_runs(&machine_a, &w1()) else { return };
     let report_a = built_a.remote_cache().expect("a build with a remote cache reports on it");
     assert!(report_a.warnings.is_empty(), "{:?}", report_a.warnings);
     let export_a = report_a.export.as_ref().expect("A exported");
@@ -123,13 +100,13 @@ fn machine_b_builds_w1_from_machine_a_s_export_executing_nothing_and_downloading
 
     // Exporting again uploads nothing: the registry has every blob and the same manifest.
     let (machine_a_again, _) = machine(&machines.path().join("a"), &[], Some(&reference));
-    let again = build(&machine_a_again, &w1()).unwrap();
+    let again = support::build_with_runs(&machine_a_again, &w1()).unwrap();
     let export_again = again.remote_cache().unwrap().export.clone().expect("A exported again");
     assert_eq!((export_again.blobs_uploaded, export_again.manifest_uploaded), (0, false), "{export_again:?}");
 
     let cache_b = machines.path().join("b");
     let (machine_b, executed_b) = machine(&cache_b, std::slice::from_ref(&reference), None);
-    let built_b = build(&machine_b, &w1()).unwrap();
+    let built_b = support::build_with_runs(&machine_b, &w1()).unwrap();
     assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
     assert_eq!(executed_b.load(Ordering::Relaxed), 0, "B executed steps: {:#?}", built_b.steps());
     let report_b = built_b.remote_cache().unwrap();
@@ -171,7 +148,7 @@ fn machine_b_builds_w1_from_machine_a_s_export_executing_nothing_and_downloading
 
     // B's next build is a local no-op that asks the registry nothing.
     let (machine_b_again, executed_b_again) = machine(&cache_b, std::slice::from_ref(&reference), None);
-    let rebuilt_b = build(&machine_b_again, &w1()).unwrap();
+    let rebuilt_b = support::build_with_runs(&machine_b_again, &w1()).unwrap();
     assert_eq!(rebuilt_b.manifest_digest(), built_a.manifest_digest());
     assert_eq!(executed_b_again.load(Ordering::Relaxed), 0);
     assert!(!rebuilt_b.remote_cache().unwrap().consulted);
@@ -182,7 +159,7 @@ fn killing_the_registry_in_the_middle_of_an_import_leaves_a_correct_build() {
     let Some(mut registry) = support::registry() else { return };
     let machines = tempfile::tempdir().unwrap();
     let (machine_a, _) = machine(&machines.path().join("a"), &[], Some(&format!("{}/w1:main", registry.address())));
-    let Some(built_a) = build(&machine_a, &w1()) else { return };
+    let Some(built_a) = support::build_with_runs(&machine_a, &w1()) else { return };
     assert!(built_a.remote_cache().unwrap().export.is_some());
 
     // B reaches the registry through a proxy that kills it after 3 MiB of answers: the record
@@ -191,7 +168,7 @@ fn killing_the_registry_in_the_middle_of_an_import_leaves_a_correct_build() {
     let through_proxy = format!("{}/w1:main", proxy.address());
     let cache_b = machines.path().join("b");
     let (machine_b, executed_b) = machine(&cache_b, std::slice::from_ref(&through_proxy), Some(&through_proxy));
-    let built_b = build(&machine_b, &w1()).unwrap();
+    let built_b = support::build_with_runs(&machine_b, &w1()).unwrap();
     assert!(proxy.killed.load(Ordering::Relaxed), "the registry was not killed mid-import");
     assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
     let report_b = built_b.remote_cache().unwrap();
@@ -203,7 +180,7 @@ fn killing_the_registry_in_the_middle_of_an_import_leaves_a_correct_build() {
 
     // What B's store holds is consistent: a local rebuild agrees and builds nothing.
     let (machine_b_again, executed_again) = machine(&cache_b, &[], None);
-    let rebuilt = build(&machine_b_again, &w1()).unwrap();
+    let rebuilt = support::build_with_runs(&machine_b_again, &w1()).unwrap();
     assert_eq!(rebuilt.manifest_digest(), built_a.manifest_digest());
     assert_eq!(executed_again.load(Ordering::Relaxed), 0, "{:#?}", rebuilt.steps());
 }

@@ -47,31 +47,6 @@ fn busybox() -> Image {
     layerwright_examples::busybox(&environment()).unwrap_or_else(|error| panic!("declaring busybox: {error}"))
 }
 
-/// Whether a build failed because this machine cannot make the sandbox at all.
-fn sandbox_unavailable(error: &BuildError) -> bool {
-    let BuildError::Step { source, .. } = error else { return false };
-    let StepError::Run(RunError::Sandbox { .. }) = source.as_ref() else { return false };
-    let text = error.to_string();
-    text.contains("namespace") || text.contains("CAP_SYS_ADMIN")
-}
-
-/// Builds `image`; `None` (after saying why) when the sandbox is unavailable and
-/// `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
-fn build(builder: &Builder, image: &Image) -> Option<BuiltImage> {
-    match builder.build(image) {
-        Ok(built) => Some(built),
-        Err(error) if sandbox_unavailable(&error) => {
-            let reason = format!("RUN steps cannot run here: {error}");
-            if support::skip_privileged() {
-                eprintln!("skipped: {reason} (LAYERWRIGHT_SKIP_PRIVILEGED=1)");
-                return None;
-            }
-            panic!("{reason}. (Set LAYERWRIGHT_SKIP_PRIVILEGED=1 to skip tests that need it.)");
-        }
-        Err(error) => panic!("build failed: {error}"),
-    }
-}
-
 fn sha256(content: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(content.as_bytes())))
 }
@@ -107,7 +82,7 @@ fn a_run_that_creates_overwrites_deletes_and_replaces_is_one_layer_that_umoci_an
         .write_file("/srv/dir/a", "a\n")
         .write_file("/srv/dir/sub/b", "b\n")
         .run(CHANGES);
-    let Some(built) = build(&builder, &image) else { return };
+    let Some(built) = support::build_with_runs(&builder, &image) else { return };
 
     let listing = built.listing().unwrap();
     let expected = [
@@ -188,7 +163,9 @@ fn what_a_run_copies_up_keeps_its_owner_and_mode() {
         .write_file_with("/srv/data/config", "a\n", owned)
         .write_file_with("/srv/data/untouched", "u\n", owned)
         .run("echo b >> /srv/data/config && echo new > /srv/data/new");
-    let Some(built) = build(&Builder::new(dir.path().join("cache")).unwrap(), &image) else { return };
+    let Some(built) = support::build_with_runs(&Builder::new(dir.path().join("cache")).unwrap(), &image) else {
+        return;
+    };
     let listing = built.listing().unwrap();
     assert_eq!(
         lines_below(&listing, "/srv/data"),
@@ -211,7 +188,9 @@ fn renames_hard_links_and_mode_changes_of_lower_files_are_recorded() {
         // A rename of a lower directory (overlayfs refuses it with EXDEV; mv copies), a hard
         // link to a lower file, a mode change, a write into the sticky /tmp.
         .run("mv /srv/old-dir /srv/new-dir && ln /srv/linked /srv/hard && chmod 4755 /srv/script && echo t > /tmp/t");
-    let Some(built) = build(&Builder::new(dir.path().join("cache")).unwrap(), &image) else { return };
+    let Some(built) = support::build_with_runs(&Builder::new(dir.path().join("cache")).unwrap(), &image) else {
+        return;
+    };
     let listing = built.listing().unwrap();
     assert_eq!(
         lines_below(&listing, "/srv"),
@@ -238,7 +217,7 @@ fn a_chain_of_200_run_steps_mounts_runs_and_rebuilds_from_the_cache() {
     }
     let image = image.run("test \"$(cat /n)\" = 200");
     let started = Instant::now();
-    let Some(built) = build(&Builder::new(&cache).unwrap(), &image) else { return };
+    let Some(built) = support::build_with_runs(&Builder::new(&cache).unwrap(), &image) else { return };
     let elapsed = started.elapsed();
     eprintln!("201 RUN steps in {elapsed:.1?}");
     assert!(elapsed < Duration::from_secs(90), "201 RUN steps took {elapsed:?}");
@@ -272,7 +251,7 @@ fn build_with_output(cache: &Path, image: &Image) -> Option<(BuiltImage, Vec<Str
         })),
         ..BuilderOptions::default()
     };
-    let built = build(&Builder::with_options(cache, options).unwrap(), image)?;
+    let built = support::build_with_runs(&Builder::with_options(cache, options).unwrap(), image)?;
     let lines = lines.lock().unwrap().clone();
     Some((built, lines))
 }
@@ -369,8 +348,8 @@ fn a_failing_run_reports_its_output_and_leaves_no_cache_entry_and_no_mount() {
     for attempt in 1..=2 {
         let error = match builder.build(&image) {
             Ok(_) => panic!("the failing RUN step succeeded"),
-            Err(error) if sandbox_unavailable(&error) => {
-                build(&builder, &image); // Fails or skips saying why.
+            Err(error) if support::sandbox_unavailable(&error) => {
+                support::build_with_runs(&builder, &image); // Fails or skips saying why.
                 return;
             }
             Err(error) => error,
@@ -408,7 +387,7 @@ fn copy_from_reads_the_files_a_run_step_made_multi_stage() {
     let app = busybox()
         .copy_from(&stage, "/out", "/app")
         .run("test \"$(cat /app/file)\" = built && test ! -e /app/tmp && echo /app/file > /app/checked");
-    let Some(built) = build(&Builder::new(dir.path().join("cache")).unwrap(), &app) else { return };
+    let Some(built) = support::build_with_runs(&Builder::new(dir.path().join("cache")).unwrap(), &app) else { return };
     let listing = built.listing().unwrap();
     assert_eq!(
         lines_below(&listing, "/app"),
@@ -473,8 +452,8 @@ fn a_panic_while_the_command_runs_kills_it() {
     let started = Instant::now();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.build(&image))) {
         Err(_) => {}
-        Ok(Err(error)) if sandbox_unavailable(&error) => {
-            build(&builder, &image); // Fails or skips saying why.
+        Ok(Err(error)) if support::sandbox_unavailable(&error) => {
+            support::build_with_runs(&builder, &image); // Fails or skips saying why.
             return;
         }
         Ok(other) => panic!("the build did not panic: {:?}", other.map(|built| built.manifest_digest())),
@@ -537,11 +516,11 @@ fn a_deleted_snapshot_directory_is_unpacked_again_and_the_build_is_right() {
     let cache = dir.path().join("cache");
     let builder = Builder::new(&cache).unwrap();
     let first = busybox().run("echo one > /one");
-    let Some(_) = build(&builder, &first) else { return };
+    let Some(_) = support::build_with_runs(&builder, &first) else { return };
     let snapshots = cache.join("snapshots");
     fs::remove_dir_all(&snapshots).unwrap();
     fs::create_dir(&snapshots).unwrap();
-    let built = build(&builder, &first.run("cat /one /one > /two")).unwrap();
+    let built = support::build_with_runs(&builder, &first.run("cat /one /one > /two")).unwrap();
     let listing = built.listing().unwrap();
     assert!(listing.contains(&format!(" 8 {} /two\n", sha256("one\none\n"))), "{listing}");
     assert!(fs::read_dir(&snapshots).unwrap().count() > 0, "the snapshots were unpacked again");
@@ -552,5 +531,5 @@ fn a_deleted_snapshot_directory_is_unpacked_again_and_the_build_is_right() {
 fn helper_a_build_whose_command_sleeps() {
     let Some(cache) = std::env::var_os("LAYERWRIGHT_RUN_HELPER_CACHE") else { return };
     let builder = Builder::new(PathBuf::from(cache)).unwrap();
-    build(&builder, &busybox().run("sleep 986"));
+    support::build_with_runs(&builder, &busybox().run("sleep 986"));
 }

@@ -130,15 +130,7 @@ struct Bench {
 pub fn run(workspace: &Path, options: &BenchOptions) -> Result<()> {
     let dir = workspace.join("target/bench");
     fs::create_dir_all(&dir)?;
-    eprintln!("bench: building the layerwright-bench binary (release)");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["build", "--release", "--quiet", "--package", "layerwright-bench"])
-        .status()?;
-    if !status.success() {
-        bail!("building layerwright-bench failed");
-    }
+    let layerwright = build_bench_binary(workspace)?;
     let (engine, docker_host) = match std::env::var("DOCKER_HOST") {
         Ok(host) => (None, host),
         Err(_) => {
@@ -149,7 +141,7 @@ pub fn run(workspace: &Path, options: &BenchOptions) -> Result<()> {
     };
     let mut bench = Bench {
         workspace: workspace.to_owned(),
-        layerwright: workspace.join("target/release/layerwright-bench"),
+        layerwright,
         docker_host,
         buildah_root: dir.join("buildah/root"),
         buildah_runroot: dir.join("buildah/runroot"),
@@ -176,6 +168,20 @@ pub fn run(workspace: &Path, options: &BenchOptions) -> Result<()> {
     fs::write(bench.dir.join("report.json"), serde_json_report(&measured))?;
     drop(engine);
     Ok(())
+}
+
+/// Builds the `layerwright-bench` binary (release) and returns its path.
+pub fn build_bench_binary(workspace: &Path) -> Result<PathBuf> {
+    eprintln!("bench: building the layerwright-bench binary (release)");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args(["build", "--release", "--quiet", "--package", "layerwright-bench"])
+        .status()?;
+    if !status.success() {
+        bail!("building layerwright-bench failed");
+    }
+    Ok(workspace.join("target/release/layerwright-bench"))
 }
 
 impl Bench {

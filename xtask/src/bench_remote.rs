@@ -110,15 +110,7 @@ fn median(durations: &[Duration]) -> Duration {
 pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let dir = workspace.join("target/bench");
     fs::create_dir_all(&dir)?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["build", "--release", "--quiet", "--package", "layerwright-bench"])
-        .status()?;
-    if !status.success() {
-        bail!("building layerwright-bench failed");
-    }
-    let binary = workspace.join("target/release/layerwright-bench");
+    let binary = crate::bench::build_bench_binary(workspace)?;
     let environment = ExampleEnvironment::for_workspace(workspace);
     workloads::write_base_archive(&environment, &dir)?;
     workloads::generate("w1", &dir)?;

@@ -27,7 +27,6 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use layerwright_cache::{ActionRecord, Digest, KEY_FORMAT_VERSION, StepKey, Store};
 use oci_client::RegistryOperation;
-use oci_client::manifest::OciDescriptor;
 use serde::{Deserialize, Serialize};
 
 use super::client::{self, RegistryClient, Timeouts};
@@ -336,12 +335,7 @@ async fn fetch_small_blob(client: &RegistryClient, digest: &Digest, size: u64) -
     if size > MAX_DOCUMENT_BYTES {
         return Err(client.unusable(format!("blob {digest} is {size} bytes, more than {MAX_DOCUMENT_BYTES}")));
     }
-    let descriptor = OciDescriptor { digest: digest.to_string(), size: size as i64, ..OciDescriptor::default() };
-    let mut chunks = client
-        .client
-        .pull_blob_stream(&client.reference.inner, &descriptor)
-        .await
-        .map_err(|error| client.error(format!("downloading blob {digest}"), error))?;
+    let mut chunks = client.blob_stream(digest, size).await?;
     let mut bytes = Vec::with_capacity(size as usize);
     while let Some(chunk) = chunks.next().await {
         let chunk: Bytes = chunk.map_err(|error| client.error(format!("downloading blob {digest}"), error.into()))?;
@@ -528,16 +522,10 @@ fn plain_descriptor(media_type: &str, digest: &Digest, size: u64) -> Descriptor 
 }
 
 async fn push_small_blob(client: &RegistryClient, digest: &Digest, bytes: &[u8]) -> Result<(), RegistryError> {
-    let digest_text = digest.to_string();
-    let exists = client
-        .client
-        .blob_exists(&client.reference.inner, &digest_text)
-        .await
-        .map_err(|error| client.error(format!("asking whether blob {digest} exists"), error))?;
-    if !exists {
+    if !client.blob_exists(digest).await? {
         client
             .client
-            .push_blob(&client.reference.inner, bytes.to_vec(), &digest_text)
+            .push_blob(&client.reference.inner, bytes.to_vec(), &digest.to_string())
             .await
             .map_err(|error| client.error(format!("uploading blob {digest}"), error))?;
     }

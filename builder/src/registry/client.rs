@@ -6,8 +6,10 @@ use std::future::Future;
 use std::sync::Once;
 use std::time::Duration;
 
+use layerwright_cache::Digest;
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, RegistryOperation};
 
@@ -95,6 +97,27 @@ impl RegistryClient {
             status,
             detail,
         }
+    }
+
+    /// Whether the repository has blob `digest` (`HEAD /v2/<name>/blobs/<digest>`).
+    pub async fn blob_exists(&self, digest: &Digest) -> Result<bool, RegistryError> {
+        self.client
+            .blob_exists(&self.reference.inner, &digest.to_string())
+            .await
+            .map_err(|error| self.error(format!("asking whether blob {digest} exists"), error))
+    }
+
+    /// The bytes of blob `digest` as they come (the caller checks them against `size`).
+    pub async fn blob_stream(
+        &self,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<oci_client::client::SizedStream, RegistryError> {
+        let descriptor = OciDescriptor { digest: digest.to_string(), size: size as i64, ..OciDescriptor::default() };
+        self.client
+            .pull_blob_stream(&self.reference.inner, &descriptor)
+            .await
+            .map_err(|error| self.error(format!("downloading blob {digest}"), error))
     }
 
     pub fn unusable(&self, reason: impl Into<String>) -> RegistryError {

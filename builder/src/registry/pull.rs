@@ -7,7 +7,6 @@ use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use layerwright_cache::{Digest, LayerRecord, Store};
 use oci_client::RegistryOperation;
-use oci_client::manifest::OciDescriptor;
 use serde::Deserialize;
 
 use super::client::{self, RegistryClient};
@@ -276,12 +275,7 @@ pub(super) async fn fetch_blob(
         digest: digest.clone(),
         source: Box::new(source),
     };
-    let descriptor = OciDescriptor { digest: digest.to_string(), size: size as i64, ..OciDescriptor::default() };
-    let mut chunks = client
-        .client
-        .pull_blob_stream(&client.reference.inner, &descriptor)
-        .await
-        .map_err(|error| client.error(format!("downloading blob {digest}"), error))?;
+    let mut chunks = client.blob_stream(digest, size).await?;
     let mut writer = store.blob_writer().map_err(store_error)?;
     while let Some(chunk) = chunks.next().await {
         let chunk: Bytes = chunk.map_err(|error| client.error(format!("downloading blob {digest}"), error.into()))?;

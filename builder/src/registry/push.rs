@@ -144,13 +144,7 @@ pub(super) async fn upload_missing_blobs(
         .map(|(digest, size)| {
             let (uploaded, skipped, bytes_uploaded) = (&uploaded, &skipped, &bytes_uploaded);
             async move {
-                let digest_text = digest.to_string();
-                let exists = client
-                    .client
-                    .blob_exists(&client.reference.inner, &digest_text)
-                    .await
-                    .map_err(|error| client.error(format!("asking whether blob {digest} exists"), error))?;
-                if exists {
+                if client.blob_exists(digest).await? {
                     skipped.fetch_add(1, Ordering::Relaxed);
                     return Ok(None);
                 }
@@ -160,7 +154,7 @@ pub(super) async fn upload_missing_blobs(
                 let chunks = blob_chunks(client, store, digest, *size)?;
                 client
                     .client
-                    .push_blob_stream(&client.reference.inner, chunks, &digest_text, Some(*size))
+                    .push_blob_stream(&client.reference.inner, chunks, &digest.to_string(), Some(*size))
                     .await
                     .map_err(|error| client.error(format!("uploading blob {digest} ({size} bytes)"), error))?;
                 uploaded.fetch_add(1, Ordering::Relaxed);

@@ -46,6 +46,26 @@ fn skip_or_panic<T>(reason: &str) -> Option<T> {
     panic!("{reason}. (Set LAYERWRIGHT_SKIP_PRIVILEGED=1 to skip tests that need it.)");
 }
 
+/// Whether a build failed because this machine cannot make the RUN sandbox at all (no root,
+/// user namespaces refused).
+pub fn sandbox_unavailable(error: &layerwright::BuildError) -> bool {
+    use layerwright::{BuildError, RunError, StepError};
+    let BuildError::Step { source, .. } = error else { return false };
+    let StepError::Run(RunError::Sandbox { .. }) = source.as_ref() else { return false };
+    let text = error.to_string();
+    text.contains("namespace") || text.contains("CAP_SYS_ADMIN")
+}
+
+/// Builds `image`; `None` (after saying why) when RUN steps cannot run here and
+/// `skip_privileged()`; any other failure fails the test.
+pub fn build_with_runs(builder: &layerwright::Builder, image: &layerwright::Image) -> Option<layerwright::BuiltImage> {
+    match builder.build(image) {
+        Ok(built) => Some(built),
+        Err(error) if sandbox_unavailable(&error) => skip_or_panic(&format!("RUN steps cannot run here: {error}")),
+        Err(error) => panic!("build failed: {error}"),
+    }
+}
+
 /// The Debian package that provides a tool `require_tool` may be asked for.
 fn debian_package_of(tool: &str) -> &'static str {
     match tool {
