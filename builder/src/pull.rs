@@ -12,9 +12,50 @@ use crate::import::BaseImage;
 
 /// What enters the step key of a pull: the digest the reference resolves to (`sha256:…`), so
 /// that the key follows the digest and a moved tag is a miss.
+///
+/// Each digest a tag resolved to is remembered in the cache directory: when the registry does
+/// not answer at all (offline, down), the last one is used with a warning, so that a build
+/// whose steps are all cached does not fail for want of a network. A registry that answers
+/// with an error (unknown tag, refused login) is still an error.
 #[cfg(feature = "registry")]
-pub(crate) fn identity(reference: &str) -> Result<Vec<u8>, StepError> {
-    Ok(crate::registry::resolve(reference)?.to_string().into_bytes())
+pub(crate) fn identity(store: &Store, reference: &str) -> Result<Vec<u8>, StepError> {
+    let remembered = store.root().join("resolved-tags").join(&blake3::hash(reference.as_bytes()).to_hex()[..32]);
+    match crate::registry::resolve(reference) {
+        Ok(digest) => {
+            remember(store, &remembered, reference, &digest.to_string());
+            Ok(digest.to_string().into_bytes())
+        }
+        Err(error @ crate::registry::RegistryError::Request { status: None, .. }) => {
+            let last = std::fs::read_to_string(&remembered).ok().and_then(|text| {
+                let (digest, named) = text.split_once('\n')?;
+                (named == reference).then(|| layerwright_cache::Digest::parse(digest).ok()).flatten()
+            });
+            let Some(digest) = last else { return Err(error.into()) };
+            eprintln!("layerwright: warning: {error}; using {digest}, what {reference} named when last reached");
+            Ok(digest.to_string().into_bytes())
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Records in `path` that `reference` resolved to `digest` (best effort: it only helps offline
+/// builds). Written aside and renamed, so that a reader never sees half of it.
+#[cfg(feature = "registry")]
+fn remember(store: &Store, path: &std::path::Path, reference: &str, digest: &str) {
+    let content = format!("{digest}\n{reference}");
+    if std::fs::read_to_string(path).is_ok_and(|current| current == content) {
+        return;
+    }
+    let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    let aside = store.tmp_dir().join(format!("resolved-{name}-{}", std::process::id()));
+    let written = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&aside, content))
+        .and_then(|()| std::fs::rename(&aside, path));
+    if let Err(error) = written {
+        eprintln!("layerwright: warning: cannot remember the digest of a pulled tag in {}: {error}", path.display());
+    }
 }
 
 /// Fetches the image `identity` (from [`identity`]) of `reference` into `store`.
@@ -36,7 +77,7 @@ impl From<crate::registry::RegistryError> for StepError {
 }
 
 #[cfg(not(feature = "registry"))]
-pub(crate) fn identity(reference: &str) -> Result<Vec<u8>, StepError> {
+pub(crate) fn identity(_store: &Store, reference: &str) -> Result<Vec<u8>, StepError> {
     Err(StepError::RegistryDisabled { reference: reference.to_owned() })
 }
 

@@ -62,7 +62,7 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
     let order = collect(images);
     let plan = {
         let mut state = builder.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let plan = plan(&order, &mut state, &builder.workers)?;
+        let plan = plan(&order, &builder.store, &mut state, &builder.workers)?;
         if let Err(error) = state.stat_cache.save(&builder.store) {
             // Only an accelerator: the next build re-hashes what it cannot find.
             eprintln!("layerwright: warning: cannot save the stat cache: {error}");
@@ -284,6 +284,7 @@ fn select_contexts(
 
 fn plan(
     order: &[Image],
+    store: &Store,
     state: &mut crate::build::BuilderState,
     workers: &rayon::ThreadPool,
 ) -> Result<Vec<PlannedNode>, BuildError> {
@@ -319,7 +320,7 @@ fn plan(
                 extra = archive_identity(path, &mut state.stat_cache).map_err(|error| step_error(error.into()))?;
             }
             // The digest the reference names now: the key follows it, so a moved tag is a miss.
-            Step::Pull { reference } => extra = crate::pull::identity(reference).map_err(step_error)?,
+            Step::Pull { reference } => extra = crate::pull::identity(store, reference).map_err(step_error)?,
             _ => {}
         }
         let parent_input = parent.map(|index| plan[index].input);

@@ -205,6 +205,26 @@ fn a_pushed_image_pulls_back_as_a_base_and_the_key_follows_the_tag() {
 }
 
 /// The size of manifest `digest` in `repository`, from a `HEAD`.
+#[test]
+fn a_pulled_base_whose_registry_is_down_is_served_from_the_cache_with_a_warning() {
+    let Some(mut registry) = support::registry() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let busybox = build_example("busybox", &dir.path().join("push-cache"), Compression::Gzip);
+    let reference = format!("{}/offline/base:1", registry.address());
+    busybox.push(&reference).unwrap();
+    let derived = Image::pull(&reference).write_file("/etc/motd", "offline\n");
+    let cache = dir.path().join("cache");
+    let online = Builder::new(&cache).unwrap().build(&derived).unwrap();
+
+    registry.kill();
+    let offline = Builder::new(&cache).unwrap().build(&derived).unwrap();
+    assert_eq!(offline.manifest_digest(), online.manifest_digest());
+    assert!(offline.steps().iter().all(|step| step.cached), "{:?}", offline.steps());
+    // A cache that never reached the registry has nothing to fall back on: the error says so.
+    let error = Builder::new(dir.path().join("empty")).unwrap().build(&derived).unwrap_err().to_string();
+    assert!(error.contains(&registry.address()) && error.contains("no HTTP answer"), "{error}");
+}
+
 fn inspect_raw_size(registry: &support::LocalRegistry, repository: &str, digest: &str) -> u64 {
     let response = registry
         .request(
