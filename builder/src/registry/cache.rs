@@ -547,18 +547,21 @@ async fn push_document(
     Ok(())
 }
 
-/// Rewrites the index at the cache's tag from the writer tags the registry lists now.
+/// Rewrites the index at the cache's tag from the writer tags the registry lists now. A
+/// writer whose manifest cannot be read this moment (another writer is replacing it, and some
+/// registries answer 500 meanwhile) is left out: readers find it through the tag list, and the
+/// next export puts it back.
 async fn rewrite_index(client: &RegistryClient, tag: &str) -> Result<(), RegistryError> {
     let writers = list_writer_tags(client, tag).await?;
     let documents: Vec<(String, Option<Vec<u8>>)> = stream::iter(writers.into_iter().take(MAX_WRITERS))
         .map(|writer| async move {
             let document =
                 fetch_document(client, &tagged(&client.reference, &writer), &[media_types::OCI_MANIFEST]).await;
-            document.map(|document| (writer, document))
+            (writer, document.ok().flatten())
         })
         .buffered(PARALLEL_REQUESTS)
-        .try_collect()
-        .await?;
+        .collect()
+        .await;
     let manifests = documents
         .into_iter()
         .filter_map(|(writer, document)| {
