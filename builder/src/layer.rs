@@ -18,7 +18,10 @@
 //! - Gzip uses flate2 with its pinned zlib-rs backend (pure Rust) at level [`GZIP_LEVEL`] with no
 //!   file name, mtime 0 and OS byte 255; zstd uses the bundled libzstd at level [`ZSTD_LEVEL`]
 //!   in single-threaded mode. Both see their input in fixed chunks (`COMPRESSION_CHUNK`), so
-//!   the compressed bytes depend only on the tar stream.
+//!   the compressed bytes depend only on the tar stream. Gzip compresses those chunks on every
+//!   core as independent deflate blocks, each primed with the 32 KiB before it (pigz's scheme,
+//!   see `ParallelGzip`): the output is one ordinary gzip member and does not depend on the
+//!   number of cores.
 //!
 //! Hard links: the tar format needs a link's target to come earlier in the stream, but sorting
 //! can put a link before its target. When that happens the first member of the link group (in
@@ -30,11 +33,11 @@
 //! target is not in this layer is written as given and checked when the layer is applied to a
 //! tree (`FsTree::apply`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 
 use layerwright_cache::{BlobWriter, Digest, LayerRecord, Sha256Writer, Store};
 use thiserror::Error;
@@ -822,7 +825,8 @@ impl Write for DiffIdWriter {
 /// Bytes handed to the compression backend at a time. Deflate backends (zlib-rs among them)
 /// may choose different block boundaries for different input chunkings, so the encoder always
 /// sees whole chunks of this size: the compressed bytes then depend only on the uncompressed
-/// stream, never on how upstream writers happened to buffer it.
+/// stream, never on how upstream writers happened to buffer it. For gzip a chunk is also the
+/// unit of parallel compression (see [`ParallelGzip`]).
 const COMPRESSION_CHUNK: usize = 128 * 1024;
 
 /// The compressor between the diff-id hasher and the blob writer (also used to recompress a
@@ -833,7 +837,7 @@ pub(crate) struct Compressor {
 }
 
 enum Encoder {
-    Gzip(flate2::write::GzEncoder<BlobWriter>),
+    Gzip(ParallelGzip),
     /// Single-threaded on purpose: zstd's output differs between 0 workers and 1 or more, so
     /// the mode is fixed (the workspace does not enable the `zstdmt` feature).
     Zstd(zstd::stream::write::Encoder<'static, BlobWriter>),
@@ -843,25 +847,22 @@ enum Encoder {
 impl Compressor {
     pub(crate) fn new(compression: Compression, blob_writer: BlobWriter) -> io::Result<Compressor> {
         let encoder = match compression {
-            // No file name, mtime 0, OS byte 255 ("unknown"): nothing of the host leaks in.
-            Compression::Gzip => Encoder::Gzip(
-                flate2::GzBuilder::new()
-                    .mtime(0)
-                    .operating_system(255)
-                    .write(blob_writer, flate2::Compression::new(GZIP_LEVEL)),
-            ),
+            Compression::Gzip => Encoder::Gzip(ParallelGzip::new(blob_writer)?),
             Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(blob_writer, ZSTD_LEVEL)?),
             Compression::None => Encoder::None(blob_writer),
         };
         Ok(Compressor { encoder, pending: Vec::with_capacity(COMPRESSION_CHUNK) })
     }
 
-    fn write_chunk(&mut self) -> io::Result<()> {
-        let chunk = &self.pending[..];
+    /// Hands the pending chunk to the encoder; `last` only for the chunk `finish` writes.
+    fn write_chunk(&mut self, last: bool) -> io::Result<()> {
         match &mut self.encoder {
-            Encoder::Gzip(encoder) => encoder.write_all(chunk)?,
-            Encoder::Zstd(encoder) => encoder.write_all(chunk)?,
-            Encoder::None(blob_writer) => blob_writer.write_all(chunk)?,
+            Encoder::Gzip(encoder) => {
+                let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(COMPRESSION_CHUNK));
+                return encoder.write_block(chunk, last);
+            }
+            Encoder::Zstd(encoder) => encoder.write_all(&self.pending)?,
+            Encoder::None(blob_writer) => blob_writer.write_all(&self.pending)?,
         }
         self.pending.clear();
         Ok(())
@@ -869,7 +870,7 @@ impl Compressor {
 
     /// Writes what is pending and the compressor's trailer, and returns the blob writer.
     pub(crate) fn finish(mut self) -> io::Result<BlobWriter> {
-        self.write_chunk()?;
+        self.write_chunk(true)?;
         match self.encoder {
             Encoder::Gzip(encoder) => encoder.finish(),
             Encoder::Zstd(encoder) => encoder.finish(),
@@ -880,12 +881,18 @@ impl Compressor {
 
 impl Write for Compressor {
     fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        if buffer.is_empty() {
+            return Ok(0);
+        }
+        // A full chunk is handed on only once more bytes arrive, so that the chunk `finish`
+        // writes (the one gzip marks final) is never empty: tar streams are multiples of 512
+        // bytes and often end exactly on a chunk boundary.
+        if self.pending.len() == COMPRESSION_CHUNK {
+            self.write_chunk(false)?;
+        }
         let room = COMPRESSION_CHUNK - self.pending.len();
         let taken = room.min(buffer.len());
         self.pending.extend_from_slice(&buffer[..taken]);
-        if self.pending.len() == COMPRESSION_CHUNK {
-            self.write_chunk()?;
-        }
         Ok(taken)
     }
 
@@ -894,6 +901,157 @@ impl Write for Compressor {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// The deflate history window: a block's dictionary is this much of the stream before it.
+const DEFLATE_WINDOW: usize = 32 * 1024;
+
+/// The gzip header of every layer: no file name, mtime 0, no extra flags (level 6), OS byte 255
+/// ("unknown"), so nothing of the host leaks in.
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
+
+/// How many compressed blocks may be pending per layer (bounds memory to a few MiB).
+fn gzip_blocks_in_flight() -> usize {
+    2 * compression_pool().threads + 2
+}
+
+/// A gzip writer that compresses [`COMPRESSION_CHUNK`]-sized blocks of the stream on several
+/// cores and still writes bytes that depend only on the stream, never on the number of
+/// threads, the machine or the timing (the scheme of pigz): one gzip member whose deflate
+/// stream is the concatenation of the blocks' raw deflate streams, each block compressed by
+/// its own zlib-rs compressor at [`GZIP_LEVEL`] primed with the last 32 KiB of the block
+/// before it (so matches still reach back across block boundaries) and ended with a sync flush
+/// (byte-aligned, not final); the last block ends the stream. The CRC-32 and size trailer
+/// cover the whole stream. Every gzip reader reads it as one ordinary member.
+struct ParallelGzip {
+    blob_writer: BlobWriter,
+    crc: flate2::Crc,
+    /// The last [`DEFLATE_WINDOW`] bytes of the previous block: the next block's dictionary.
+    previous_tail: Option<Arc<[u8]>>,
+    /// Blocks being compressed, oldest first; their output is written in this order.
+    in_flight: VecDeque<mpsc::Receiver<io::Result<Vec<u8>>>>,
+}
+
+impl ParallelGzip {
+    fn new(mut blob_writer: BlobWriter) -> io::Result<ParallelGzip> {
+        blob_writer.write_all(&GZIP_HEADER)?;
+        Ok(ParallelGzip { blob_writer, crc: flate2::Crc::new(), previous_tail: None, in_flight: VecDeque::new() })
+    }
+
+    /// Compresses one block: on the pool, or here for the last one (this thread has nothing
+    /// else to do, and a one-block layer then never waits for another thread).
+    fn write_block(&mut self, block: Vec<u8>, last: bool) -> io::Result<()> {
+        self.crc.update(&block);
+        let tail: Arc<[u8]> = Arc::from(&block[block.len().saturating_sub(DEFLATE_WINDOW)..]);
+        let dictionary = self.previous_tail.replace(tail);
+        if last {
+            while !self.in_flight.is_empty() {
+                self.write_oldest()?;
+            }
+            let compressed = deflate_block(&block, dictionary.as_deref(), last)?;
+            return self.blob_writer.write_all(&compressed);
+        }
+        let (sender, receiver) = mpsc::sync_channel(1);
+        compression_pool().submit(Box::new(move || {
+            // The receiver is gone only when the layer was abandoned; nothing to report then.
+            let _ = sender.send(deflate_block(&block, dictionary.as_deref(), last));
+        }));
+        self.in_flight.push_back(receiver);
+        while self.in_flight.len() > gzip_blocks_in_flight() {
+            self.write_oldest()?;
+        }
+        Ok(())
+    }
+
+    fn write_oldest(&mut self) -> io::Result<()> {
+        let Some(receiver) = self.in_flight.pop_front() else { return Ok(()) };
+        let compressed = receiver.recv().map_err(|_| io::Error::other("a gzip compression thread died"))??;
+        self.blob_writer.write_all(&compressed)
+    }
+
+    /// Writes the trailer (CRC-32 and size modulo 2^32, little-endian). The last block must
+    /// have been written.
+    fn finish(mut self) -> io::Result<BlobWriter> {
+        debug_assert!(self.in_flight.is_empty(), "the last block drains the blocks before it");
+        let mut trailer = [0u8; 8];
+        trailer[..4].copy_from_slice(&self.crc.sum().to_le_bytes());
+        trailer[4..].copy_from_slice(&self.crc.amount().to_le_bytes());
+        self.blob_writer.write_all(&trailer)?;
+        Ok(self.blob_writer)
+    }
+}
+
+/// One block as raw deflate at [`GZIP_LEVEL`], primed with `dictionary`, ended with a sync
+/// flush, or as the final block of the stream when `last`.
+fn deflate_block(block: &[u8], dictionary: Option<&[u8]>, last: bool) -> io::Result<Vec<u8>> {
+    use flate2::{Compress, FlushCompress, Status};
+    let mut compress = Compress::new(flate2::Compression::new(GZIP_LEVEL), false);
+    if let Some(dictionary) = dictionary {
+        compress.set_dictionary(dictionary).map_err(io::Error::other)?;
+    }
+    let flush = if last { FlushCompress::Finish } else { FlushCompress::Sync };
+    // Incompressible input grows by a few bytes per stored block; this is room for it.
+    let mut output = Vec::with_capacity(block.len() + block.len() / 64 + 64);
+    loop {
+        let consumed = usize::try_from(compress.total_in()).expect("a block fits in memory");
+        let status = compress.compress_vec(&block[consumed..], &mut output, flush).map_err(io::Error::other)?;
+        let input_done = compress.total_in() as usize == block.len();
+        // The flush is complete once all input is consumed and the output was not cut short
+        // by a full buffer (zlib's contract: call again while avail_out is 0).
+        let complete = match status {
+            Status::StreamEnd => true,
+            _ if last => false,
+            _ => input_done && output.len() < output.capacity(),
+        };
+        if complete {
+            return Ok(output);
+        }
+        output.reserve(output.capacity().max(4096));
+    }
+}
+
+/// A job for the compression pool.
+type CompressionJob = Box<dyn FnOnce() + Send>;
+
+/// The process's compression threads (one per core), shared by every layer being written.
+/// Jobs are pure computations that never wait on anything, so any thread may submit and wait
+/// for results without risk of deadlock, whichever pool it belongs to.
+struct CompressionPool {
+    jobs: mpsc::Sender<CompressionJob>,
+    threads: usize,
+}
+
+impl CompressionPool {
+    fn submit(&self, job: CompressionJob) {
+        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
+            job(); // No worker is left (they only stop with the process): run it here.
+        }
+    }
+}
+
+fn compression_pool() -> &'static CompressionPool {
+    static POOL: OnceLock<CompressionPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, usize::from);
+        let (sender, receiver) = mpsc::channel::<CompressionJob>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let mut started = 0;
+        for index in 0..threads {
+            let receiver = Arc::clone(&receiver);
+            let spawned = std::thread::Builder::new().name(format!("layerwright-gzip-{index}")).spawn(move || {
+                loop {
+                    let job = receiver.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            });
+            started += usize::from(spawned.is_ok());
+        }
+        // Without any thread, `submit` runs jobs on the caller (the receiver is dropped here).
+        CompressionPool { jobs: sender, threads: started.max(1) }
+    })
 }
 
 #[cfg(test)]
@@ -1221,6 +1379,49 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
         check(Compression::Gzip, &[0x1f, 0x8b, 8]);
         check(Compression::Zstd, &[0x28, 0xb5, 0x2f, 0xfd]);
         check(Compression::None, b"hello\0");
+    }
+
+    #[test]
+    fn gzip_blocks_compress_in_parallel_into_one_ordinary_member() {
+        // Several blocks mixing text and noise; an exact multiple of the block size (the final
+        // block is then a full one); and a single short block.
+        let mut mixed = Vec::new();
+        for round in 0..6u64 {
+            mixed.extend(crate::host::incompressible_bytes(50_000, round + 1));
+            mixed.extend(format!("line {round}\n").repeat(4_000).as_bytes());
+        }
+        let exact = crate::host::incompressible_bytes(3 * COMPRESSION_CHUNK, 9);
+        for data in [mixed, exact, b"short".to_vec()] {
+            let (_dir, store) = new_store();
+            let mut compressor = Compressor::new(Compression::Gzip, store.blob_writer().unwrap()).unwrap();
+            // Odd write sizes: the output must depend on the bytes only.
+            for piece in data.chunks(7_777) {
+                compressor.write_all(piece).unwrap();
+            }
+            let blob = compressor.finish().unwrap().commit().unwrap();
+            let bytes = std::fs::read(&blob.path).unwrap();
+
+            // One member: a reader that stops after the first member still gets everything.
+            let mut decoded = Vec::new();
+            flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut decoded).unwrap();
+            assert_eq!(decoded, data);
+
+            // The same bytes as compressing the blocks one after another on one thread.
+            let blocks: Vec<&[u8]> = data.chunks(COMPRESSION_CHUNK).collect();
+            let mut expected = GZIP_HEADER.to_vec();
+            for (position, block) in blocks.iter().enumerate() {
+                let dictionary = position.checked_sub(1).map(|previous| {
+                    let previous = blocks[previous];
+                    &previous[previous.len() - DEFLATE_WINDOW..]
+                });
+                expected.extend(deflate_block(block, dictionary, position + 1 == blocks.len()).unwrap());
+            }
+            let mut crc = flate2::Crc::new();
+            crc.update(&data);
+            expected.extend(crc.sum().to_le_bytes());
+            expected.extend((data.len() as u32).to_le_bytes());
+            assert!(bytes == expected, "{} bytes", data.len());
+        }
     }
 
     #[test]
