@@ -98,6 +98,7 @@ impl Store {
             let path = root.join(sub);
             fs::create_dir_all(&path).map_err(StoreError::io("create directory", &path))?;
         }
+        mark_unrelated_trees(&root.join("tmp"));
         let lock = open_lock_file(&root)?;
         let lock_path = root.join("lock");
         if flock(&lock, FlockOperation::NonBlockingLockExclusive).is_ok() {
@@ -311,6 +312,23 @@ impl Store {
             source: error.error,
         })?;
         Ok(())
+    }
+}
+
+/// Tells ext2/3/4 that the directories made in `directory` (snapshots being unpacked, RUN
+/// directories) are unrelated trees (`chattr +T`, `FS_TOPDIR_FL`): the Orlov allocator then
+/// spreads them over block groups with free inodes instead of packing them next to their
+/// parent. Without it every snapshot lands in the cache directory's group, where the files of
+/// deleted snapshots and caches lie; on a filesystem without a journal, ext4 skips inodes
+/// deleted in the last 30 seconds one by one while allocating, which made unpacking a layer of
+/// 2,000 files right after a cache was cleared several times slower. Only a placement hint: on
+/// other filesystems, or when it cannot be set, nothing changes.
+fn mark_unrelated_trees(directory: &Path) {
+    let Ok(opened) = File::open(directory) else { return };
+    if let Ok(flags) = rustix::fs::ioctl_getflags(&opened)
+        && !flags.contains(rustix::fs::IFlags::TOPDIR)
+    {
+        let _ = rustix::fs::ioctl_setflags(&opened, flags | rustix::fs::IFlags::TOPDIR);
     }
 }
 
