@@ -79,6 +79,7 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
         failed: AtomicBool::new(false),
         errors: Mutex::new(Vec::new()),
         bytes_written: AtomicU64::new(0),
+        snapshot_for_run: below_run(&plan),
         builder,
     };
     builder.workers.scope(|scope| {
@@ -181,6 +182,21 @@ fn collect(images: &[&Image]) -> Vec<Image> {
         }
     }
     order
+}
+
+/// By node: whether a RUN step of the plan has the node's layer among its overlay's lowers
+/// (the RUN's parent, and everything down that parent's chain).
+fn below_run(plan: &[PlannedNode]) -> Vec<bool> {
+    let mut below = vec![false; plan.len()];
+    // Nodes come after their inputs: walking backwards, a node is settled before its parent.
+    for index in (0..plan.len()).rev() {
+        if let Some(parent) = plan[index].parent
+            && (below[index] || matches!(plan[index].image.step(), Step::Run(_)))
+        {
+            below[parent] = true;
+        }
+    }
+    below
 }
 
 fn dependents(plan: &[PlannedNode]) -> Vec<Vec<usize>> {
@@ -373,6 +389,8 @@ struct Walk<'a> {
     failed: AtomicBool,
     errors: Mutex<Vec<(usize, BuildError)>>,
     bytes_written: AtomicU64,
+    /// By node: whether a RUN step stacks the node's layer under its overlay.
+    snapshot_for_run: Vec<bool>,
 }
 
 /// How a step was satisfied.
@@ -444,7 +462,12 @@ impl<'a> Walk<'a> {
     }
 
     fn execution(&self) -> Execution<'_> {
-        Execution { store: self.store, layer_options: self.layer_options, indexes: &self.indexes }
+        Execution {
+            store: self.store,
+            layer_options: self.layer_options,
+            indexes: &self.indexes,
+            snapshot_for_run: false,
+        }
     }
 
     fn provenance(&self, index: usize) -> Provenance {
@@ -485,7 +508,7 @@ impl<'a> Walk<'a> {
     ) -> Result<Outcome, StepError> {
         let node = &self.plan[index];
         let step = node.image.step();
-        let execution = self.execution();
+        let execution = Execution { snapshot_for_run: self.snapshot_for_run[index], ..self.execution() };
         let (parent, step) = match (parent, step) {
             (_, Step::Scratch) => {
                 let config = config::scratch_config(&self.created);

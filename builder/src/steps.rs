@@ -71,6 +71,8 @@ pub struct Execution<'a> {
     pub store: &'a Store,
     pub layer_options: LayerOptions,
     pub indexes: &'a IndexCache,
+    /// Whether a RUN step of this build will stack the layer under its overlay.
+    pub snapshot_for_run: bool,
 }
 
 /// A layer a step wrote.
