@@ -212,18 +212,30 @@ pub fn write_layer(
     entries: Vec<LayerEntry>,
     options: &LayerOptions,
 ) -> Result<WrittenLayer, LayerError> {
+    write_layer_observed(store, entries, options, &mut |_| {})
+}
+
+/// [`write_layer`], handing every byte of the uncompressed tar stream to `observe`, in order,
+/// as it is written (a RUN runner unpacks a snapshot from it: see `run::StreamedSnapshot`).
+pub fn write_layer_observed(
+    store: &Store,
+    entries: Vec<LayerEntry>,
+    options: &LayerOptions,
+    observe: &mut dyn FnMut(&[u8]),
+) -> Result<WrittenLayer, LayerError> {
     let planned = plan_entries(entries)?;
 
     let compressor =
         Compressor::new(options.compression, store.blob_writer()?).map_err(|source| LayerError::Finish { source })?;
-    let mut tar = tar::Builder::new(DiffIdWriter::new(options.compression, compressor));
+    let diff_id_writer = DiffIdWriter::new(options.compression, compressor);
+    let mut tar = tar::Builder::new(ObservedWriter { inner: diff_id_writer, observe });
     let mut index = LayerIndex::default();
     for entry in &planned {
         index.entries.push(write_entry(&mut tar, entry, options.mtime)?);
     }
 
     // `into_inner` writes the two zero blocks that end the archive; they are part of the diff id.
-    let diff_id_writer = tar.into_inner().map_err(|source| LayerError::Finish { source })?;
+    let diff_id_writer = tar.into_inner().map_err(|source| LayerError::Finish { source })?.inner;
     let (diff_id, compressor) = diff_id_writer.finish();
     let blob_writer = compressor.finish().map_err(|source| LayerError::Finish { source })?;
     let blob_bytes_written = blob_writer.written();
@@ -775,6 +787,24 @@ impl<R: Read> Read for CheckedContentReader<R> {
                 }
             }
         }
+    }
+}
+
+/// Passes the tar stream on to `inner` and shows `observe` what was written.
+struct ObservedWriter<'a, W> {
+    inner: W,
+    observe: &'a mut dyn FnMut(&[u8]),
+}
+
+impl<W: Write> Write for ObservedWriter<'_, W> {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buffer)?;
+        (self.observe)(&buffer[..written]);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
