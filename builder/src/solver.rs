@@ -569,7 +569,13 @@ impl<'a> Walk<'a> {
     }
 
     fn import_base(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {
-        self.base_outcome(index, key, || Ok(import::import_archive(self.store, path)?))
+        self.base_outcome(index, key, || {
+            let base = import::import_archive(self.store, path)?;
+            if self.snapshot_for_run[index] {
+                run::prepare_snapshots(self.store, &base.layers);
+            }
+            Ok(base)
+        })
     }
 
     /// As `import_base`, for a base from a registry: the plan phase resolved the reference to
