@@ -17,11 +17,13 @@
 //!   header written by this module, never a GNU extension.
 //! - Gzip uses flate2 with its pinned zlib-rs backend (pure Rust) at level [`GZIP_LEVEL`] with no
 //!   file name, mtime 0 and OS byte 255; zstd uses the bundled libzstd at level [`ZSTD_LEVEL`]
-//!   in single-threaded mode. Both see their input in fixed chunks (`COMPRESSION_CHUNK`), so
-//!   the compressed bytes depend only on the tar stream. Gzip compresses those chunks on every
-//!   core as independent deflate blocks, each primed with the 32 KiB before it (pigz's scheme,
-//!   see `ParallelGzip`): the output is one ordinary gzip member and does not depend on the
-//!   number of cores.
+//!   in single-threaded mode. Both see their input in chunks that depend only on the stream, so
+//!   the compressed bytes depend only on the tar stream. Gzip compresses blocks of the stream
+//!   on every core as independent deflate streams, each primed with the 32 KiB before it
+//!   (pigz's scheme, see `ParallelGzip`): the output is one ordinary gzip member and does not
+//!   depend on the number of cores. Blocks end where entries picked by a hash of their path
+//!   start, so a changed file changes one block, and the blocks of the previous layer with the
+//!   same paths are reused instead of compressed again (`PreviousBlocks`).
 //!
 //! Hard links: the tar format needs a link's target to come earlier in the stream, but sorting
 //! can put a link before its target. When that happens the first member of the link group (in
@@ -224,22 +226,33 @@ pub fn write_layer_observed(
     observe: &mut dyn FnMut(&[u8]),
 ) -> Result<WrittenLayer, LayerError> {
     let planned = plan_entries(entries)?;
+    let shape = (options.compression == Compression::Gzip).then(|| layer_shape(&planned));
+    let previous = shape.as_ref().and_then(|shape| PreviousBlocks::load(store, shape));
 
-    let compressor =
-        Compressor::new(options.compression, store.blob_writer()?).map_err(|source| LayerError::Finish { source })?;
+    let compressor = Compressor::reusing(options.compression, store.blob_writer()?, previous)
+        .map_err(|source| LayerError::Finish { source })?;
     let diff_id_writer = DiffIdWriter::new(options.compression, compressor);
     let mut tar = tar::Builder::new(ObservedWriter { inner: diff_id_writer, observe });
     let mut index = LayerIndex::default();
     for entry in &planned {
+        // `tar::Builder` does not buffer: what it wrote so far is exactly the entries before.
+        tar.get_mut()
+            .inner
+            .compressor_mut()
+            .entry_starts(&entry.tar_path)
+            .map_err(|source| LayerError::Write { path: entry.tar_path.clone(), source })?;
         index.entries.push(write_entry(&mut tar, entry, options.mtime)?);
     }
 
     // `into_inner` writes the two zero blocks that end the archive; they are part of the diff id.
     let diff_id_writer = tar.into_inner().map_err(|source| LayerError::Finish { source })?.inner;
     let (diff_id, compressor) = diff_id_writer.finish();
-    let blob_writer = compressor.finish().map_err(|source| LayerError::Finish { source })?;
+    let (blob_writer, blocks) = compressor.finish_with_blocks().map_err(|source| LayerError::Finish { source })?;
     let blob_bytes_written = blob_writer.written();
     let blob = blob_writer.commit()?;
+    if let Some(shape) = &shape {
+        PreviousBlocks::save(store, shape, &blob.digest, blocks);
+    }
     // An uncompressed blob is the tar itself: its digest is the diff id.
     let diff_id = diff_id.unwrap_or_else(|| blob.digest.clone());
 
@@ -824,6 +837,13 @@ impl DiffIdWriter {
         }
     }
 
+    fn compressor_mut(&mut self) -> &mut Compressor {
+        match self {
+            DiffIdWriter::Hashing(writer) => writer.get_mut(),
+            DiffIdWriter::SameAsBlob(compressor) => compressor,
+        }
+    }
+
     /// The diff id when it differs from the blob digest, and the compressor.
     fn finish(self) -> (Option<Digest>, Compressor) {
         match self {
@@ -852,12 +872,26 @@ impl Write for DiffIdWriter {
     }
 }
 
-/// Bytes handed to the compression backend at a time. Deflate backends (zlib-rs among them)
-/// may choose different block boundaries for different input chunkings, so the encoder always
-/// sees whole chunks of this size: the compressed bytes then depend only on the uncompressed
-/// stream, never on how upstream writers happened to buffer it. For gzip a chunk is also the
-/// unit of parallel compression (see [`ParallelGzip`]).
+/// Bytes handed to the zstd backend (and to an uncompressed blob) at a time. Streaming
+/// encoders may choose different block boundaries for different input chunkings, so the
+/// encoder always sees whole chunks of this size: the compressed bytes then depend only on the
+/// uncompressed stream, never on how upstream writers happened to buffer it.
 const COMPRESSION_CHUNK: usize = 128 * 1024;
+
+/// A gzip block ends at the start of an entry that [`cuts_gzip_block`] picks once it holds at
+/// least this much, so that block boundaries follow the entries, not their offsets.
+const GZIP_BLOCK_MIN: usize = 64 * 1024;
+
+/// A gzip block that reaches this size ends there (inside a large file).
+const GZIP_BLOCK_MAX: usize = 256 * 1024;
+
+/// Whether a gzip block may end where the entry at tar path `path` starts: for one entry in 16,
+/// chosen by a hash of the path. Boundaries then depend on the entries around them only, so a
+/// file that changes (even in size) changes one block, and the blocks after it are the same
+/// bytes as before and can be reused (see [`PreviousBlocks`]).
+fn cuts_gzip_block(path: &str) -> bool {
+    blake3::hash(path.as_bytes()).as_bytes()[0] & 0x0f == 0
+}
 
 /// The compressor between the diff-id hasher and the blob writer (also used to recompress a
 /// cached layer, which must come out byte for byte as a fresh build's).
@@ -876,19 +910,46 @@ enum Encoder {
 
 impl Compressor {
     pub(crate) fn new(compression: Compression, blob_writer: BlobWriter) -> io::Result<Compressor> {
+        Compressor::reusing(compression, blob_writer, None)
+    }
+
+    /// A compressor that takes gzip blocks it would compute from `previous` when they are there.
+    fn reusing(
+        compression: Compression,
+        blob_writer: BlobWriter,
+        previous: Option<PreviousBlocks>,
+    ) -> io::Result<Compressor> {
         let encoder = match compression {
-            Compression::Gzip => Encoder::Gzip(ParallelGzip::new(blob_writer)?),
+            Compression::Gzip => Encoder::Gzip(ParallelGzip::new(blob_writer, previous)?),
             Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(blob_writer, ZSTD_LEVEL)?),
             Compression::None => Encoder::None(blob_writer),
         };
         Ok(Compressor { encoder, pending: Vec::with_capacity(COMPRESSION_CHUNK) })
     }
 
+    /// The most bytes the pending chunk may hold.
+    fn chunk_limit(&self) -> usize {
+        match self.encoder {
+            Encoder::Gzip(_) => GZIP_BLOCK_MAX,
+            Encoder::Zstd(_) | Encoder::None(_) => COMPRESSION_CHUNK,
+        }
+    }
+
+    /// Called by the layer writer where the entry at tar path `path` starts (before its PAX
+    /// header, if any): a gzip block may end here.
+    fn entry_starts(&mut self, path: &str) -> io::Result<()> {
+        if matches!(self.encoder, Encoder::Gzip(_)) && self.pending.len() >= GZIP_BLOCK_MIN && cuts_gzip_block(path) {
+            // An entry follows, so this block is not the last.
+            self.write_chunk(false)?;
+        }
+        Ok(())
+    }
+
     /// Hands the pending chunk to the encoder; `last` only for the chunk `finish` writes.
     fn write_chunk(&mut self, last: bool) -> io::Result<()> {
         match &mut self.encoder {
             Encoder::Gzip(encoder) => {
-                let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(COMPRESSION_CHUNK));
+                let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(GZIP_BLOCK_MAX));
                 return encoder.write_block(chunk, last);
             }
             Encoder::Zstd(encoder) => encoder.write_all(&self.pending)?,
@@ -899,12 +960,17 @@ impl Compressor {
     }
 
     /// Writes what is pending and the compressor's trailer, and returns the blob writer.
-    pub(crate) fn finish(mut self) -> io::Result<BlobWriter> {
+    pub(crate) fn finish(self) -> io::Result<BlobWriter> {
+        Ok(self.finish_with_blocks()?.0)
+    }
+
+    /// [`Compressor::finish`], and for gzip the blocks as written (for [`PreviousBlocks::save`]).
+    fn finish_with_blocks(mut self) -> io::Result<(BlobWriter, Vec<WrittenBlock>)> {
         self.write_chunk(true)?;
         match self.encoder {
             Encoder::Gzip(encoder) => encoder.finish(),
-            Encoder::Zstd(encoder) => encoder.finish(),
-            Encoder::None(blob_writer) => Ok(blob_writer),
+            Encoder::Zstd(encoder) => Ok((encoder.finish()?, Vec::new())),
+            Encoder::None(blob_writer) => Ok((blob_writer, Vec::new())),
         }
     }
 }
@@ -917,11 +983,11 @@ impl Write for Compressor {
         // A full chunk is handed on only once more bytes arrive, so that the chunk `finish`
         // writes (the one gzip marks final) is never empty: tar streams are multiples of 512
         // bytes and often end exactly on a chunk boundary.
-        if self.pending.len() == COMPRESSION_CHUNK {
+        let limit = self.chunk_limit();
+        if self.pending.len() == limit {
             self.write_chunk(false)?;
         }
-        let room = COMPRESSION_CHUNK - self.pending.len();
-        let taken = room.min(buffer.len());
+        let taken = (limit - self.pending.len()).min(buffer.len());
         self.pending.extend_from_slice(&buffer[..taken]);
         Ok(taken)
     }
@@ -945,69 +1011,199 @@ fn gzip_blocks_in_flight() -> usize {
     2 * compression_pool().threads + 2
 }
 
-/// A gzip writer that compresses [`COMPRESSION_CHUNK`]-sized blocks of the stream on several
-/// cores and still writes bytes that depend only on the stream, never on the number of
-/// threads, the machine or the timing (the scheme of pigz): one gzip member whose deflate
-/// stream is the concatenation of the blocks' raw deflate streams, each block compressed by
-/// its own zlib-rs compressor at [`GZIP_LEVEL`] primed with the last 32 KiB of the block
-/// before it (so matches still reach back across block boundaries) and ended with a sync flush
-/// (byte-aligned, not final); the last block ends the stream. The CRC-32 and size trailer
-/// cover the whole stream. Every gzip reader reads it as one ordinary member.
+/// What a gzip block's compressed bytes are a function of: its dictionary, its bytes, whether
+/// it ends the stream (and the level and scheme, fixed by the key format version).
+fn gzip_block_key(dictionary: Option<&[u8]>, block: &[u8], last: bool) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"layerwright gzip block");
+    hasher.update(&layerwright_cache::KEY_FORMAT_VERSION.to_le_bytes());
+    hasher.update(&[u8::from(last)]);
+    let dictionary = dictionary.unwrap_or_default();
+    hasher.update(&(dictionary.len() as u64).to_le_bytes());
+    hasher.update(dictionary);
+    hasher.update(block);
+    *hasher.finalize().as_bytes()
+}
+
+/// One block of a gzip blob as written: its key, where its compressed bytes are in the blob,
+/// and their blake3 (checked before they are reused).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct WrittenBlock {
+    key: String,
+    offset: u64,
+    length: u64,
+    blake3: String,
+}
+
+/// The block map of a gzip layer blob, saved under the layer's shape (see [`layer_shape`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct BlockMap {
+    blob: Digest,
+    blocks: Vec<WrittenBlock>,
+}
+
+/// The gzip blocks of the last layer written with the same entry paths (the same step, most
+/// often, after a file changed): a block whose key matches is copied from that blob instead of
+/// being compressed again. Only a shortcut: the bytes are checked against the blake3 recorded
+/// when they were written, and anything missing or different is simply compressed; the
+/// output is the same either way.
+struct PreviousBlocks {
+    blob: File,
+    blocks: HashMap<[u8; 32], WrittenBlock>,
+}
+
+impl PreviousBlocks {
+    fn map_path(store: &Store, shape: &blake3::Hash) -> PathBuf {
+        store.root().join("gzip-blocks").join(format!("{}.json", shape.to_hex()))
+    }
+
+    fn load(store: &Store, shape: &blake3::Hash) -> Option<PreviousBlocks> {
+        let bytes = std::fs::read(PreviousBlocks::map_path(store, shape)).ok()?;
+        let map: BlockMap = serde_json::from_slice(&bytes).ok()?;
+        let blob = store.open_blob(&map.blob).ok()?;
+        let mut blocks = HashMap::with_capacity(map.blocks.len());
+        for block in map.blocks {
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(&block.key, &mut key).ok()?;
+            blocks.insert(key, block);
+        }
+        Some(PreviousBlocks { blob, blocks })
+    }
+
+    /// The compressed bytes of the block `key`, if the previous blob has them intact.
+    fn take(&self, key: &[u8; 32]) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let block = self.blocks.get(key)?;
+        let mut bytes = vec![0u8; usize::try_from(block.length).ok()?];
+        self.blob.read_exact_at(&mut bytes, block.offset).ok()?;
+        (blake3::hash(&bytes).to_hex().as_str() == block.blake3).then_some(bytes)
+    }
+
+    /// Records the blocks of `blob` under `shape` for the next layer of that shape. Only an
+    /// accelerator: a map that cannot be written is left out.
+    fn save(store: &Store, shape: &blake3::Hash, blob: &Digest, blocks: Vec<WrittenBlock>) {
+        let path = PreviousBlocks::map_path(store, shape);
+        let map = BlockMap { blob: blob.clone(), blocks };
+        let Ok(bytes) = serde_json::to_vec(&map) else { return };
+        if let Some(parent) = path.parent()
+            && std::fs::create_dir_all(parent).is_ok()
+        {
+            let _ = store.write_file_atomically(&path, &bytes);
+        }
+    }
+}
+
+/// Which earlier layer's gzip blocks a layer may reuse: one with the same tar paths in order.
+fn layer_shape(planned: &[PlannedEntry]) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"layerwright layer shape");
+    for entry in planned {
+        hasher.update(&(entry.tar_path.len() as u64).to_le_bytes());
+        hasher.update(entry.tar_path.as_bytes());
+    }
+    hasher.finalize()
+}
+
+/// A block on its way into the blob.
+enum PendingBlock {
+    /// Copied from the previous blob.
+    Reused(Vec<u8>),
+    Compressing(mpsc::Receiver<io::Result<Vec<u8>>>),
+}
+
+/// A gzip writer that compresses blocks of the stream (cut at entries, see
+/// [`cuts_gzip_block`]) on several cores and still writes bytes that depend only on the
+/// stream, never on the number of threads, the machine or the timing (the scheme of pigz): one
+/// gzip member whose deflate stream is the concatenation of the blocks' raw deflate streams,
+/// each block compressed by its own zlib-rs compressor at [`GZIP_LEVEL`] primed with the last
+/// 32 KiB of the block before it (so matches still reach back across block boundaries) and
+/// ended with a sync flush (byte-aligned, not final); the last block ends the stream. The
+/// CRC-32 and size trailer cover the whole stream. Every gzip reader reads it as one ordinary
+/// member. Since a block's bytes are a function of its key ([`gzip_block_key`]), a block of an
+/// earlier blob with the same key is reused as it is ([`PreviousBlocks`]).
 struct ParallelGzip {
     blob_writer: BlobWriter,
     crc: flate2::Crc,
     /// The last [`DEFLATE_WINDOW`] bytes of the previous block: the next block's dictionary.
     previous_tail: Option<Arc<[u8]>>,
-    /// Blocks being compressed, oldest first; their output is written in this order.
-    in_flight: VecDeque<mpsc::Receiver<io::Result<Vec<u8>>>>,
+    /// Blocks not yet written, oldest first, with their keys; written in this order.
+    in_flight: VecDeque<([u8; 32], PendingBlock)>,
+    previous: Option<PreviousBlocks>,
+    /// Bytes written to the blob so far (the header included).
+    offset: u64,
+    written: Vec<WrittenBlock>,
 }
 
 impl ParallelGzip {
-    fn new(mut blob_writer: BlobWriter) -> io::Result<ParallelGzip> {
+    fn new(mut blob_writer: BlobWriter, previous: Option<PreviousBlocks>) -> io::Result<ParallelGzip> {
         blob_writer.write_all(&GZIP_HEADER)?;
-        Ok(ParallelGzip { blob_writer, crc: flate2::Crc::new(), previous_tail: None, in_flight: VecDeque::new() })
+        Ok(ParallelGzip {
+            blob_writer,
+            crc: flate2::Crc::new(),
+            previous_tail: None,
+            in_flight: VecDeque::new(),
+            previous,
+            offset: GZIP_HEADER.len() as u64,
+            written: Vec::new(),
+        })
     }
 
-    /// Compresses one block: on the pool, or here for the last one (this thread has nothing
-    /// else to do, and a one-block layer then never waits for another thread).
+    /// Compresses one block (or takes it from the previous blob): on the pool, or here for the
+    /// last one (this thread has nothing else to do, and a one-block layer then never waits
+    /// for another thread).
     fn write_block(&mut self, block: Vec<u8>, last: bool) -> io::Result<()> {
         self.crc.update(&block);
         let tail: Arc<[u8]> = Arc::from(&block[block.len().saturating_sub(DEFLATE_WINDOW)..]);
         let dictionary = self.previous_tail.replace(tail);
-        if last {
-            while !self.in_flight.is_empty() {
-                self.write_oldest()?;
+        let key = gzip_block_key(dictionary.as_deref(), &block, last);
+        let pending = match self.previous.as_ref().and_then(|previous| previous.take(&key)) {
+            Some(bytes) => PendingBlock::Reused(bytes),
+            None if last => PendingBlock::Reused(deflate_block(&block, dictionary.as_deref(), last)?),
+            None => {
+                let (sender, receiver) = mpsc::sync_channel(1);
+                compression_pool().submit(Box::new(move || {
+                    // The receiver is gone only when the layer was abandoned; nothing to report.
+                    let _ = sender.send(deflate_block(&block, dictionary.as_deref(), last));
+                }));
+                PendingBlock::Compressing(receiver)
             }
-            let compressed = deflate_block(&block, dictionary.as_deref(), last)?;
-            return self.blob_writer.write_all(&compressed);
-        }
-        let (sender, receiver) = mpsc::sync_channel(1);
-        compression_pool().submit(Box::new(move || {
-            // The receiver is gone only when the layer was abandoned; nothing to report then.
-            let _ = sender.send(deflate_block(&block, dictionary.as_deref(), last));
-        }));
-        self.in_flight.push_back(receiver);
-        while self.in_flight.len() > gzip_blocks_in_flight() {
+        };
+        self.in_flight.push_back((key, pending));
+        let limit = if last { 0 } else { gzip_blocks_in_flight() };
+        while self.in_flight.len() > limit {
             self.write_oldest()?;
         }
         Ok(())
     }
 
     fn write_oldest(&mut self) -> io::Result<()> {
-        let Some(receiver) = self.in_flight.pop_front() else { return Ok(()) };
-        let compressed = receiver.recv().map_err(|_| io::Error::other("a gzip compression thread died"))??;
-        self.blob_writer.write_all(&compressed)
+        let Some((key, pending)) = self.in_flight.pop_front() else { return Ok(()) };
+        let compressed = match pending {
+            PendingBlock::Reused(bytes) => bytes,
+            PendingBlock::Compressing(receiver) => {
+                receiver.recv().map_err(|_| io::Error::other("a gzip compression thread died"))??
+            }
+        };
+        self.blob_writer.write_all(&compressed)?;
+        self.written.push(WrittenBlock {
+            key: hex::encode(key),
+            offset: self.offset,
+            length: compressed.len() as u64,
+            blake3: blake3::hash(&compressed).to_hex().to_string(),
+        });
+        self.offset += compressed.len() as u64;
+        Ok(())
     }
 
     /// Writes the trailer (CRC-32 and size modulo 2^32, little-endian). The last block must
     /// have been written.
-    fn finish(mut self) -> io::Result<BlobWriter> {
+    fn finish(mut self) -> io::Result<(BlobWriter, Vec<WrittenBlock>)> {
         debug_assert!(self.in_flight.is_empty(), "the last block drains the blocks before it");
         let mut trailer = [0u8; 8];
         trailer[..4].copy_from_slice(&self.crc.sum().to_le_bytes());
         trailer[4..].copy_from_slice(&self.crc.amount().to_le_bytes());
         self.blob_writer.write_all(&trailer)?;
-        Ok(self.blob_writer)
+        Ok((self.blob_writer, self.written))
     }
 }
 
@@ -1420,7 +1616,7 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
             mixed.extend(crate::host::incompressible_bytes(50_000, round + 1));
             mixed.extend(format!("line {round}\n").repeat(4_000).as_bytes());
         }
-        let exact = crate::host::incompressible_bytes(3 * COMPRESSION_CHUNK, 9);
+        let exact = crate::host::incompressible_bytes(3 * GZIP_BLOCK_MAX, 9);
         for data in [mixed, exact, b"short".to_vec()] {
             let (_dir, store) = new_store();
             let mut compressor = Compressor::new(Compression::Gzip, store.blob_writer().unwrap()).unwrap();
@@ -1437,7 +1633,8 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
             assert_eq!(decoded, data);
 
             // The same bytes as compressing the blocks one after another on one thread.
-            let blocks: Vec<&[u8]> = data.chunks(COMPRESSION_CHUNK).collect();
+            // Without entries, blocks end at the largest block size.
+            let blocks: Vec<&[u8]> = data.chunks(GZIP_BLOCK_MAX).collect();
             let mut expected = GZIP_HEADER.to_vec();
             for (position, block) in blocks.iter().enumerate() {
                 let dictionary = position.checked_sub(1).map(|previous| {
@@ -1452,6 +1649,51 @@ Symlink 0777 0:0 0 0 link -> {long_target} pax[linkpath]
             expected.extend((data.len() as u32).to_le_bytes());
             assert!(bytes == expected, "{} bytes", data.len());
         }
+    }
+
+    #[test]
+    fn gzip_blocks_follow_entries_and_are_reused_after_a_change() {
+        let files = |changed: &[u8]| -> Vec<LayerEntry> {
+            (0..300u64)
+                .map(|index| {
+                    let content = if index == 150 {
+                        changed.to_vec()
+                    } else {
+                        crate::host::incompressible_bytes(4096, index + 1)
+                    };
+                    file(&format!("data/f{index:03}"), &content, 0o644)
+                })
+                .collect()
+        };
+        let options = LayerOptions { compression: Compression::Gzip, mtime: 0 };
+        let block_keys = |store: &Store| -> Vec<String> {
+            let maps: Vec<_> = std::fs::read_dir(store.root().join("gzip-blocks")).unwrap().collect();
+            assert_eq!(maps.len(), 1, "one map per layer shape");
+            let map: BlockMap =
+                serde_json::from_slice(&std::fs::read(maps[0].as_ref().unwrap().path()).unwrap()).unwrap();
+            map.blocks.into_iter().map(|block| block.key).collect()
+        };
+
+        let (_dir, store) = new_store();
+        write_layer(&store, files(&crate::host::incompressible_bytes(4096, 151)), &options).unwrap();
+        let before = block_keys(&store);
+        // The changed file shrinks: everything after it moves.
+        let second = write_layer(&store, files(b"changed"), &options).unwrap();
+        let after = block_keys(&store);
+        assert!(after.len() >= 8, "{} blocks", after.len());
+        let shared = after.iter().filter(|key| before.contains(key)).count();
+        assert!(shared + 2 >= after.len(), "only the changed block and the next differ: {shared} of {}", after.len());
+
+        // Reused or not, the bytes are those of a fresh build; a corrupt previous blob is not reused.
+        let (_fresh_dir, fresh) = new_store();
+        let fresh_second = write_layer(&fresh, files(b"changed"), &options).unwrap();
+        assert_eq!(second.record, fresh_second.record);
+        let blob_path = store.blob_path(&second.record.digest);
+        let mut corrupted = std::fs::read(&blob_path).unwrap();
+        corrupted[100] ^= 1;
+        std::fs::write(&blob_path, corrupted).unwrap();
+        let third = write_layer(&store, files(b"changed"), &options).unwrap();
+        assert_eq!(third.record, fresh_second.record, "the corrupt block is compressed again");
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! - `actions/<2 hex>/<key hex>.json`: step key → [`ActionRecord`].
 //! - `indexes/<diff id hex>.json`: the builder's index of a layer's entries (opaque bytes here).
 //! - `snapshots/`: unpacked layers for the RUN runner (owned by the builder).
+//! - `gzip-blocks/<shape hex>.json`: where the compressed blocks of the last gzip layer of each
+//!   shape are in its blob, so that an almost identical layer reuses them (owned by the
+//!   builder; a map naming a missing blob is ignored).
 //! - `tmp/`: files being written; anything left there by a crash is garbage.
 //!
 //! Every write goes to `tmp/` first, is fsynced and then renamed into place, so a reader sees a
