@@ -17,6 +17,7 @@ use std::sync::Arc;
 use cap_std::fs::{Dir, Metadata, MetadataExt};
 use layerwright_cache::{FileMaterial, FileStat, StatCache};
 use layerwright_dsl::{Context, DockerIgnore, DockerIgnoreError, ImagePathError, normalize_context_path};
+use rayon::prelude::*;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -142,36 +143,45 @@ pub fn select(
         return Err(ContextError::Missing { root: context.root.clone(), path: source });
     }
     let metadata = resolve_metadata(context, &source)?;
-    let mut walker = Walker { context, stat_cache, hard_links: HashMap::new(), files: Vec::new() };
-    if metadata.is_dir() {
+    let walker = Walker { context, cache: stat_cache.cache };
+    let mut walked = Walked::default();
+    let dir = if metadata.is_dir() {
         let dir = if source.is_empty() {
             Arc::clone(&context.dir)
         } else {
             let opened = context.dir.open_dir(&source).map_err(|error| walker.read_error(&source, error))?;
             Arc::new(opened)
         };
-        walker.files.push(ContextFile {
+        walked.files.push(ContextFile {
             open_path: String::new(),
             relative: String::new(),
             kind: ContextKind::Directory,
             mode: metadata.mode() & 0o7777,
         });
-        walker.walk_directory(&dir, &source, "")?;
-        return Ok(Selection { root: context.root.clone(), dir, source_is_directory: true, files: walker.files });
+        walked.append(walker.walk_directory(&dir, &source, "")?);
+        dir
+    } else {
+        let (kind, link) = walker.classify(&context.dir, &source, &source, &mut walked.computed, &metadata)?;
+        walked.push_file(
+            ContextFile { open_path: source.clone(), relative: String::new(), kind, mode: metadata.mode() & 0o7777 },
+            link,
+        );
+        Arc::clone(&context.dir)
+    };
+    stat_cache.computed.extend(walked.computed);
+    // Hard links, in walk order: the first path of an inode carries the content, the others
+    // link to it (the parallel walk only noted who shares an inode).
+    let mut files = walked.files;
+    let mut first_paths: HashMap<(u64, u64), usize> = HashMap::new();
+    for (position, identity) in walked.links {
+        match first_paths.get(&identity) {
+            Some(&first) => files[position].kind = ContextKind::HardLink { target: files[first].relative.clone() },
+            None => {
+                first_paths.insert(identity, position);
+            }
+        }
     }
-    let kind = walker.classify(&context.dir, &source, &source, "", &metadata)?;
-    walker.files.push(ContextFile {
-        open_path: source.clone(),
-        relative: String::new(),
-        kind,
-        mode: metadata.mode() & 0o7777,
-    });
-    Ok(Selection {
-        root: context.root.clone(),
-        dir: Arc::clone(&context.dir),
-        source_is_directory: false,
-        files: walker.files,
-    })
+    Ok(Selection { root: context.root.clone(), dir, source_is_directory: metadata.is_dir(), files })
 }
 
 /// The metadata of the selected source, following a symlink only inside the context.
@@ -201,21 +211,62 @@ fn resolve_metadata(context: &OpenedContext, source: &str) -> Result<Metadata, C
     })
 }
 
-struct Walker<'a, 'b> {
+struct Walker<'a> {
     context: &'a OpenedContext,
-    stat_cache: &'a mut StatLookup<'b>,
-    /// (device, inode) of files with several links → the `relative` path first seen.
-    hard_links: HashMap<(u64, u64), String>,
-    files: Vec<ContextFile>,
+    cache: &'a StatCache,
 }
 
-impl Walker<'_, '_> {
+/// What a walk of one directory found, in walk order.
+#[derive(Default)]
+struct Walked {
+    files: Vec<ContextFile>,
+    /// Files with several links: their position in `files` and their (device, inode).
+    links: Vec<(usize, (u64, u64))>,
+    /// Digests computed (not found in the stat cache), to be recorded.
+    computed: Vec<(PathBuf, FileStat, [u8; 32])>,
+}
+
+impl Walked {
+    fn push_file(&mut self, file: ContextFile, link: Option<(u64, u64)>) {
+        if let Some(identity) = link {
+            self.links.push((self.files.len(), identity));
+        }
+        self.files.push(file);
+    }
+
+    fn append(&mut self, later: Walked) {
+        let offset = self.files.len();
+        self.files.extend(later.files);
+        self.links.extend(later.links.into_iter().map(|(position, identity)| (position + offset, identity)));
+        self.computed.extend(later.computed);
+    }
+}
+
+/// A subdirectory met in a walk, walked after its siblings were stat'ed (and opened only
+/// then, so that a directory of many subdirectories does not hold a descriptor for each).
+struct Subdirectory {
+    name: String,
+    context_path: String,
+    relative: String,
+    excluded: bool,
+    mode: u32,
+}
+
+/// What one name of a directory turned out to be.
+enum Child {
+    File(ContextFile, Option<(u64, u64)>),
+    Directory(Subdirectory),
+}
+
+impl Walker<'_> {
     fn read_error(&self, path: &str, source: io::Error) -> ContextError {
         ContextError::Read { root: self.context.root.clone(), path: path.to_owned(), source }
     }
 
     /// Walks `dir` (the directory at context path `context_path`, selection path `relative`).
-    fn walk_directory(&mut self, dir: &Dir, context_path: &str, relative: &str) -> Result<(), ContextError> {
+    /// Its subdirectories are walked in parallel (a walk is mostly `stat` calls, which wait on
+    /// the kernel), and the results are put together in sorted order.
+    fn walk_directory(&self, dir: &Dir, context_path: &str, relative: &str) -> Result<Walked, ContextError> {
         let mut names = Vec::new();
         let entries = dir.entries().map_err(|error| self.read_error(context_path, error))?;
         for entry in entries {
@@ -228,6 +279,8 @@ impl Walker<'_, '_> {
             names.push(name.to_owned());
         }
         names.sort();
+        let mut walked = Walked::default();
+        let mut children = Vec::with_capacity(names.len());
         for name in names {
             let child_context_path = join(context_path, &name);
             let child_relative = join(relative, &name);
@@ -237,62 +290,84 @@ impl Walker<'_, '_> {
                 if excluded && !self.context.ignore.has_exceptions() {
                     continue;
                 }
-                let child = dir.open_dir(&name).map_err(|error| self.read_error(&child_context_path, error))?;
-                let position = self.files.len();
-                if !excluded {
-                    self.files.push(ContextFile {
-                        open_path: child_relative.clone(),
-                        relative: child_relative.clone(),
-                        kind: ContextKind::Directory,
-                        mode: metadata.mode() & 0o7777,
-                    });
-                }
-                self.walk_directory(&child, &child_context_path, &child_relative)?;
-                // An excluded directory walked only for exceptions still needs an entry when
-                // something below it was re-included, so that its contents have a parent.
-                if excluded && self.files.len() > position {
-                    self.files.insert(
-                        position,
-                        ContextFile {
-                            open_path: child_relative.clone(),
-                            relative: child_relative.clone(),
-                            kind: ContextKind::Directory,
-                            mode: metadata.mode() & 0o7777,
-                        },
-                    );
-                }
+                children.push(Child::Directory(Subdirectory {
+                    name,
+                    context_path: child_context_path,
+                    relative: child_relative,
+                    excluded,
+                    mode: metadata.mode() & 0o7777,
+                }));
                 continue;
             }
             if excluded {
                 continue;
             }
-            let kind = self.classify(dir, &name, &child_context_path, &child_relative, &metadata)?;
-            self.files.push(ContextFile {
-                open_path: child_relative.clone(),
-                relative: child_relative,
-                kind,
-                mode: metadata.mode() & 0o7777,
-            });
+            let (kind, link) = self.classify(dir, &name, &child_context_path, &mut walked.computed, &metadata)?;
+            let mode = metadata.mode() & 0o7777;
+            children.push(Child::File(
+                ContextFile { open_path: child_relative.clone(), relative: child_relative, kind, mode },
+                link,
+            ));
         }
-        Ok(())
+
+        let subdirectories: Vec<&Subdirectory> = children
+            .iter()
+            .filter_map(|child| match child {
+                Child::Directory(subdirectory) => Some(subdirectory),
+                Child::File(..) => None,
+            })
+            .collect();
+        let walk = |subdirectory: &&Subdirectory| {
+            let child =
+                dir.open_dir(&subdirectory.name).map_err(|error| self.read_error(&subdirectory.context_path, error))?;
+            self.walk_directory(&child, &subdirectory.context_path, &subdirectory.relative)
+        };
+        let mut below: std::vec::IntoIter<Walked> = if subdirectories.len() > 1 {
+            subdirectories.par_iter().map(walk).collect::<Result<Vec<_>, _>>()?.into_iter()
+        } else {
+            subdirectories.iter().map(walk).collect::<Result<Vec<_>, _>>()?.into_iter()
+        };
+
+        for child in children {
+            match child {
+                Child::File(file, link) => walked.push_file(file, link),
+                Child::Directory(subdirectory) => {
+                    let contents = below.next().expect("one walk per subdirectory");
+                    // An excluded directory walked only for exceptions still needs an entry
+                    // when something below it was re-included, so that its contents have a
+                    // parent.
+                    if !subdirectory.excluded || !contents.files.is_empty() {
+                        walked.files.push(ContextFile {
+                            open_path: subdirectory.relative.clone(),
+                            relative: subdirectory.relative,
+                            kind: ContextKind::Directory,
+                            mode: subdirectory.mode,
+                        });
+                    }
+                    walked.append(contents);
+                }
+            }
+        }
+        Ok(walked)
     }
 
-    /// The kind of a non-directory at `name` in `dir`.
+    /// The kind of a non-directory at `name` in `dir`, and its (device, inode) when it has
+    /// several links. A digest it had to compute is added to `computed`.
     fn classify(
-        &mut self,
+        &self,
         dir: &Dir,
         name: &str,
         context_path: &str,
-        relative: &str,
+        computed: &mut Vec<(PathBuf, FileStat, [u8; 32])>,
         metadata: &Metadata,
-    ) -> Result<ContextKind, ContextError> {
+    ) -> Result<(ContextKind, Option<(u64, u64)>), ContextError> {
         let file_type = metadata.file_type();
         if file_type.is_symlink() {
             let target = dir.read_link_contents(name).map_err(|error| self.read_error(context_path, error))?;
             let Some(target) = target.to_str() else {
                 return Err(ContextError::NotUtf8 { root: self.context.root.clone(), path: context_path.to_owned() });
             };
-            return Ok(ContextKind::Symlink { target: target.to_owned() });
+            return Ok((ContextKind::Symlink { target: target.to_owned() }, None));
         }
         if !file_type.is_file() {
             return Err(ContextError::UnsupportedType {
@@ -300,13 +375,7 @@ impl Walker<'_, '_> {
                 path: context_path.to_owned(),
             });
         }
-        if metadata.nlink() > 1 {
-            let identity = (metadata.dev(), metadata.ino());
-            if let Some(first) = self.hard_links.get(&identity) {
-                return Ok(ContextKind::HardLink { target: first.clone() });
-            }
-            self.hard_links.insert(identity, relative.to_owned());
-        }
+        let link = (metadata.nlink() > 1).then(|| (metadata.dev(), metadata.ino()));
         let stat = FileStat::from_unix(
             metadata.len(),
             (metadata.mtime(), metadata.mtime_nsec()),
@@ -315,8 +384,8 @@ impl Walker<'_, '_> {
             metadata.dev(),
         );
         let absolute = self.context.root.join(context_path);
-        if let Some(blake3) = self.stat_cache.cache.lookup(&absolute, &stat) {
-            return Ok(ContextKind::File { size: stat.size, blake3 });
+        if let Some(blake3) = self.cache.lookup(&absolute, &stat) {
+            return Ok((ContextKind::File { size: stat.size, blake3 }, link));
         }
         let mut file = dir.open(name).map_err(|error| self.read_error(context_path, error))?;
         let mut hasher = blake3::Hasher::new();
@@ -336,9 +405,9 @@ impl Walker<'_, '_> {
         // file rewritten within the filesystem's timestamp granularity keeps its mtime, ctime
         // and size, and would be served its old digest ("racily clean", as git calls it).
         if size == stat.size && changed_long_enough_ago(&stat) {
-            self.stat_cache.computed.push((absolute, stat, blake3));
+            computed.push((absolute, stat, blake3));
         }
-        Ok(ContextKind::File { size, blake3 })
+        Ok((ContextKind::File { size, blake3 }, link))
     }
 }
 
