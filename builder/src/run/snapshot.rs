@@ -171,7 +171,9 @@ fn unpack_tar<R: Read>(
         flavour,
         directories: HashMap::new(),
         last_parent: None,
+        creates_root_owned: false,
     };
+    unpacker.creates_root_owned = unpacker.privileged && creates_root_owned(&unpacker.root);
     let read_error = |source| TreeError::Read { layer: layer.clone(), source };
     let mut archive = tar::Archive::new(stream);
     archive.set_ignore_zeros(false);
@@ -311,7 +313,20 @@ struct Unpacker {
     /// Directories this layer holds (or implies), by path.
     directories: HashMap<String, DirectoryMetadata>,
     /// The directory of the previous member: members of one directory usually follow each other.
-    last_parent: Option<(String, OwnedFd)>,
+    last_parent: Option<(String, Arc<OwnedFd>)>,
+    /// Whether what this unpack creates is root's already (see [`creates_root_owned`]), so that
+    /// entries owned by root need no `chown`.
+    creates_root_owned: bool,
+}
+
+/// Whether the files and directories created below `root` during an unpack belong to root:
+/// the process is root with group root and `root` has group root. A new entry takes its
+/// group from the process, or (setgid directory, `grpid` mount) from its parent directory,
+/// and every parent created during an unpack gets its own metadata only at the very end.
+fn creates_root_owned(root: &OwnedFd) -> bool {
+    rustix::process::geteuid().is_root()
+        && rustix::process::getegid().is_root()
+        && rustix::fs::fstat(root).is_ok_and(|stat| stat.st_gid == 0)
 }
 
 /// `("dir/sub", "name")` for `dir/sub/name`, `("", "name")` for `name`.
@@ -413,19 +428,31 @@ impl Unpacker {
             self.directories.insert(path.clone(), DirectoryMetadata { path, mode, uid, gid, mtime, xattrs });
             return Ok(());
         }
-        // Anything else replaces what is at its path (a later member of the same name wins).
-        if rustix::fs::statat(&parent_fd, base, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-            remove_tree(&parent_fd, base).map_err(self.write_error(&path, "replace"))?;
+        // Anything else replaces what is at its path (a later member of the same name wins). A
+        // regular file (most members) finds out by creating it exclusively, the others by a stat.
+        let is_regular = tree::is_regular_file(entry_type);
+        if !is_regular && rustix::fs::statat(&*parent_fd, base, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+            remove_tree(&*parent_fd, base).map_err(self.write_error(&path, "replace"))?;
             self.directories.remove(&path);
         }
         let times = timestamps(mtime);
-        if tree::is_regular_file(entry_type) {
-            let file = rustix::fs::openat(
-                &parent_fd,
-                base,
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
+        if is_regular {
+            let create = || {
+                rustix::fs::openat(
+                    &*parent_fd,
+                    base,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+            };
+            let file = match create() {
+                Err(Errno::EXIST) => {
+                    remove_tree(&*parent_fd, base).map_err(self.write_error(&path, "replace"))?;
+                    self.directories.remove(&path);
+                    create()
+                }
+                other => other,
+            }
             .map_err(self.write_error(&path, "create"))?;
             let mut file = File::from(file);
             io::copy(member, &mut file).map_err(|source| SnapshotError::Write {
@@ -514,7 +541,7 @@ impl Unpacker {
         gid: u32,
         xattrs: &[(String, Vec<u8>)],
     ) -> Result<(), SnapshotError> {
-        if self.privileged {
+        if self.privileged && !(self.creates_root_owned && (uid, gid) == (0, 0)) {
             rustix::fs::fchown(&fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))
                 .map_err(self.write_error(path, "chown"))?;
         } else if (uid, gid) != (0, 0) {
@@ -537,15 +564,14 @@ impl Unpacker {
     }
 
     /// The directory `parent` of entry `entry`, created (with implied parents) when missing.
-    fn directory(&mut self, parent: &str, entry: &str) -> Result<OwnedFd, SnapshotError> {
+    fn directory(&mut self, parent: &str, entry: &str) -> Result<Arc<OwnedFd>, SnapshotError> {
         if let Some((last, fd)) = &self.last_parent
             && last == parent
         {
-            return rustix::io::dup(fd).map_err(self.write_error(entry, "duplicate a directory descriptor"));
+            return Ok(Arc::clone(fd));
         }
-        let fd = self.open_directory(parent, entry, true)?.expect("missing directories are created");
-        let duplicate = rustix::io::dup(&fd).map_err(self.write_error(entry, "duplicate a directory descriptor"))?;
-        self.last_parent = Some((parent.to_owned(), duplicate));
+        let fd = Arc::new(self.open_directory(parent, entry, true)?.expect("missing directories are created"));
+        self.last_parent = Some((parent.to_owned(), Arc::clone(&fd)));
         Ok(fd)
     }
 
