@@ -570,11 +570,7 @@ impl<'a> Walk<'a> {
 
     fn import_base(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {
         self.base_outcome(index, key, || {
-            let base = import::import_archive(self.store, path)?;
-            if self.snapshot_for_run[index] {
-                run::prepare_snapshots(self.store, &base.layers);
-            }
-            Ok(base)
+            Ok(import::import_archive_for_runs(self.store, path, self.snapshot_for_run[index])?)
         })
     }
 

@@ -150,17 +150,6 @@ pub(crate) fn snapshot_flavour() -> SnapshotFlavour {
     Identity::of_process().flavour()
 }
 
-/// Unpacks the snapshots of `layers` now (in parallel), for a base image that RUN steps will
-/// stack: done inside the base's own step, before the steps above it start, so that those
-/// RUNs do not all wait for the same unpack while other steps (a large COPY compressing on
-/// every core) compete for the CPU. Errors are left for the RUN steps to report.
-pub(crate) fn prepare_snapshots(store: &Store, layers: &[LayerRecord]) {
-    let flavour = snapshot_flavour();
-    layers.par_iter().for_each(|layer| {
-        let _ = snapshot::ensure_snapshot(store, layer, flavour);
-    });
-}
-
 /// Whether a kernel release (`6.18.44-fc`, `5.15.0-91-generic`) is at least `major.minor`. An
 /// unreadable release counts as new.
 fn kernel_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
