@@ -999,6 +999,67 @@ impl Write for Compressor {
     }
 }
 
+/// Where the entries of a layer's uncompressed tar `stream` start (their PAX header, if any),
+/// with their tar paths as `write_layer` names them: what [`Compressor::entry_starts`] was
+/// told when the layer was written. For recompressing a layer as a fresh build would write it.
+pub(crate) fn entry_starts(stream: impl Read) -> io::Result<Vec<(u64, String)>> {
+    let mut archive = tar::Archive::new(stream);
+    let mut starts = Vec::new();
+    // Raw: a PAX header is a member of its own, whose position is where its entry starts.
+    let mut pax: Option<(u64, Option<String>)> = None;
+    for member in archive.entries()?.raw(true) {
+        let mut member = member?;
+        let position = member.raw_header_position();
+        if member.header().entry_type() == tar::EntryType::XHeader {
+            let mut records = Vec::new();
+            member.read_to_end(&mut records)?;
+            let mut path = None;
+            for record in tar::PaxExtensions::new(&records) {
+                let record = record?;
+                if record.key() == Ok("path") {
+                    path = Some(String::from_utf8_lossy(record.value_bytes()).into_owned());
+                }
+            }
+            pax = Some((pax.map_or(position, |(start, _)| start), path));
+            continue;
+        }
+        let (start, pax_path) = pax.take().unwrap_or((position, None));
+        let path = pax_path.unwrap_or_else(|| String::from_utf8_lossy(&member.path_bytes()).into_owned());
+        starts.push((start, path.trim_end_matches('/').to_owned()));
+    }
+    Ok(starts)
+}
+
+/// Copies a layer's uncompressed tar `stream` into `writer` (whose compressor is its inner
+/// writer), telling the compressor where each entry of `starts` ([`entry_starts`]) begins.
+pub(crate) fn copy_tar_stream(
+    mut stream: impl Read,
+    writer: &mut Sha256Writer<Compressor>,
+    starts: &[(u64, String)],
+) -> io::Result<()> {
+    let mut buffer = vec![0u8; COMPRESSION_CHUNK];
+    let mut position = 0u64;
+    let mut next = starts.iter().peekable();
+    loop {
+        while let Some((start, path)) = next.next_if(|(start, _)| *start <= position) {
+            debug_assert_eq!(*start, position, "entries start where the bytes before them end");
+            writer.get_mut().entry_starts(path)?;
+        }
+        // Never read past the next entry start, so that it is told at its exact position.
+        let room = next.peek().map_or(buffer.len(), |(start, _)| {
+            usize::try_from(start - position).map_or(buffer.len(), |left| left.min(buffer.len()))
+        });
+        let read = match stream.read(&mut buffer[..room]) {
+            Ok(0) => return Ok(()),
+            Ok(read) => read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        writer.write_all(&buffer[..read])?;
+        position += read as u64;
+    }
+}
+
 /// The deflate history window: a block's dictionary is this much of the stream before it.
 const DEFLATE_WINDOW: usize = 32 * 1024;
 
