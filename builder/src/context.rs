@@ -158,7 +158,7 @@ pub fn select(
             kind: ContextKind::Directory,
             mode: metadata.mode() & 0o7777,
         });
-        walked.append(walker.walk_directory(&dir, &source, "")?);
+        walked.append(walker.walk_directory(&dir, &source)?);
         dir
     } else {
         let (kind, link) = walker.classify(&context.dir, &source, &source, &mut walked.computed, &metadata)?;
@@ -242,20 +242,26 @@ impl Walked {
     }
 }
 
-/// A subdirectory met in a walk, walked after its siblings were stat'ed (and opened only
-/// then, so that a directory of many subdirectories does not hold a descriptor for each).
+/// A subdirectory met in a walk.
 struct Subdirectory {
-    name: String,
     context_path: String,
     relative: String,
     excluded: bool,
     mode: u32,
 }
 
-/// What one name of a directory turned out to be.
+/// What one name of a directory turned out to be, in sorted order.
 enum Child {
     File(ContextFile, Option<(u64, u64)>),
-    Directory(Subdirectory),
+    /// A subdirectory and the position of its own listing.
+    Directory(Subdirectory, usize),
+}
+
+/// The children of one directory, and the digests computed while classifying them.
+#[derive(Default)]
+struct Listing {
+    children: Vec<Child>,
+    computed: Vec<(PathBuf, FileStat, [u8; 32])>,
 }
 
 impl Walker<'_> {
@@ -263,10 +269,48 @@ impl Walker<'_> {
         ContextError::Read { root: self.context.root.clone(), path: path.to_owned(), source }
     }
 
-    /// Walks `dir` (the directory at context path `context_path`, selection path `relative`).
-    /// Its subdirectories are walked in parallel (a walk is mostly `stat` calls, which wait on
-    /// the kernel), and the results are put together in sorted order.
-    fn walk_directory(&self, dir: &Dir, context_path: &str, relative: &str) -> Result<Walked, ContextError> {
+    /// Walks `dir` (the directory at context path `context_path`, the selection's root) and
+    /// everything below it, in sorted order. Breadth first: the directories of one depth are
+    /// listed in parallel (a walk is mostly `stat` calls, which wait on the kernel), each opened
+    /// by its path below `dir` when its turn comes (no descriptor is held per pending
+    /// directory), and the listings are put together in order afterwards. Neither step
+    /// recurses, so a tree of any depth is fine on any stack.
+    fn walk_directory(&self, dir: &Dir, context_path: &str) -> Result<Walked, ContextError> {
+        let mut listings: Vec<Listing> = Vec::new();
+        // Directories to list: (position of their listing, context path, selection path).
+        let mut level: Vec<(usize, String, String)> = vec![(0, context_path.to_owned(), String::new())];
+        listings.push(Listing::default());
+        while !level.is_empty() {
+            let list = |(_, context_path, relative): &(usize, String, String)| {
+                if relative.is_empty() {
+                    return self.list_directory(dir, context_path, relative);
+                }
+                let opened = dir.open_dir(relative).map_err(|error| self.read_error(context_path, error))?;
+                self.list_directory(&opened, context_path, relative)
+            };
+            let listed: Vec<Listing> = if level.len() > 1 {
+                level.par_iter().map(list).collect::<Result<_, _>>()?
+            } else {
+                level.iter().map(list).collect::<Result<_, _>>()?
+            };
+            let mut next = Vec::new();
+            for ((position, _, _), mut listing) in level.iter().zip(listed) {
+                for child in &mut listing.children {
+                    if let Child::Directory(subdirectory, child_position) = child {
+                        *child_position = listings.len();
+                        next.push((listings.len(), subdirectory.context_path.clone(), subdirectory.relative.clone()));
+                        listings.push(Listing::default());
+                    }
+                }
+                listings[*position] = listing;
+            }
+            level = next;
+        }
+        Ok(assemble(listings))
+    }
+
+    /// The children of one directory, sorted by name (subdirectories not yet walked).
+    fn list_directory(&self, dir: &Dir, context_path: &str, relative: &str) -> Result<Listing, ContextError> {
         let mut names = Vec::new();
         let entries = dir.entries().map_err(|error| self.read_error(context_path, error))?;
         for entry in entries {
@@ -279,76 +323,33 @@ impl Walker<'_> {
             names.push(name.to_owned());
         }
         names.sort();
-        let mut walked = Walked::default();
-        let mut children = Vec::with_capacity(names.len());
+        let mut listing = Listing::default();
         for name in names {
             let child_context_path = join(context_path, &name);
             let child_relative = join(relative, &name);
             let excluded = self.context.ignore.is_excluded(&child_context_path);
             let metadata = dir.symlink_metadata(&name).map_err(|error| self.read_error(&child_context_path, error))?;
+            let mode = metadata.mode() & 0o7777;
             if metadata.is_dir() {
                 if excluded && !self.context.ignore.has_exceptions() {
                     continue;
                 }
-                children.push(Child::Directory(Subdirectory {
-                    name,
-                    context_path: child_context_path,
-                    relative: child_relative,
-                    excluded,
-                    mode: metadata.mode() & 0o7777,
-                }));
+                let subdirectory =
+                    Subdirectory { context_path: child_context_path, relative: child_relative, excluded, mode };
+                // Its listing's position is set when it is scheduled.
+                listing.children.push(Child::Directory(subdirectory, 0));
                 continue;
             }
             if excluded {
                 continue;
             }
-            let (kind, link) = self.classify(dir, &name, &child_context_path, &mut walked.computed, &metadata)?;
-            let mode = metadata.mode() & 0o7777;
-            children.push(Child::File(
+            let (kind, link) = self.classify(dir, &name, &child_context_path, &mut listing.computed, &metadata)?;
+            listing.children.push(Child::File(
                 ContextFile { open_path: child_relative.clone(), relative: child_relative, kind, mode },
                 link,
             ));
         }
-
-        let subdirectories: Vec<&Subdirectory> = children
-            .iter()
-            .filter_map(|child| match child {
-                Child::Directory(subdirectory) => Some(subdirectory),
-                Child::File(..) => None,
-            })
-            .collect();
-        let walk = |subdirectory: &&Subdirectory| {
-            let child =
-                dir.open_dir(&subdirectory.name).map_err(|error| self.read_error(&subdirectory.context_path, error))?;
-            self.walk_directory(&child, &subdirectory.context_path, &subdirectory.relative)
-        };
-        let mut below: std::vec::IntoIter<Walked> = if subdirectories.len() > 1 {
-            subdirectories.par_iter().map(walk).collect::<Result<Vec<_>, _>>()?.into_iter()
-        } else {
-            subdirectories.iter().map(walk).collect::<Result<Vec<_>, _>>()?.into_iter()
-        };
-
-        for child in children {
-            match child {
-                Child::File(file, link) => walked.push_file(file, link),
-                Child::Directory(subdirectory) => {
-                    let contents = below.next().expect("one walk per subdirectory");
-                    // An excluded directory walked only for exceptions still needs an entry
-                    // when something below it was re-included, so that its contents have a
-                    // parent.
-                    if !subdirectory.excluded || !contents.files.is_empty() {
-                        walked.files.push(ContextFile {
-                            open_path: subdirectory.relative.clone(),
-                            relative: subdirectory.relative,
-                            kind: ContextKind::Directory,
-                            mode: subdirectory.mode,
-                        });
-                    }
-                    walked.append(contents);
-                }
-            }
-        }
-        Ok(walked)
+        Ok(listing)
     }
 
     /// The kind of a non-directory at `name` in `dir`, and its (device, inode) when it has
@@ -409,6 +410,51 @@ impl Walker<'_> {
         }
         Ok((ContextKind::File { size, blake3 }, link))
     }
+}
+
+/// Puts the listings of a walk (the root's first, every directory's after its parent's)
+/// together in walk order: a directory, then what is below it. An excluded directory walked
+/// only for exceptions gets an entry when something below it was re-included, so that its
+/// contents have a parent, and none otherwise.
+fn assemble(mut listings: Vec<Listing>) -> Walked {
+    // Whether a directory's entry is written: children come after their parents, so walking
+    // backwards settles every child before its parent.
+    let mut keeps_something = vec![false; listings.len()];
+    for position in (0..listings.len()).rev() {
+        keeps_something[position] = listings[position].children.iter().any(|child| match child {
+            Child::File(..) => true,
+            Child::Directory(subdirectory, below) => !subdirectory.excluded || keeps_something[*below],
+        });
+    }
+    let mut walked = Walked::default();
+    for listing in &mut listings {
+        walked.computed.append(&mut listing.computed);
+    }
+    let mut children: Vec<std::vec::IntoIter<Child>> =
+        listings.into_iter().map(|listing| listing.children.into_iter()).collect();
+    // Depth first with an explicit stack of listings being emitted.
+    let mut stack = vec![0usize];
+    while let Some(&current) = stack.last() {
+        let Some(child) = children[current].next() else {
+            stack.pop();
+            continue;
+        };
+        match child {
+            Child::File(file, link) => walked.push_file(file, link),
+            Child::Directory(subdirectory, below) => {
+                if !subdirectory.excluded || keeps_something[below] {
+                    walked.files.push(ContextFile {
+                        open_path: subdirectory.relative.clone(),
+                        relative: subdirectory.relative,
+                        kind: ContextKind::Directory,
+                        mode: subdirectory.mode,
+                    });
+                }
+                stack.push(below);
+            }
+        }
+    }
+    walked
 }
 
 impl ContextFile {
