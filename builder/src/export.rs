@@ -343,9 +343,9 @@ fn copy_blob_into_layout(store: &Store, digest: &Digest, size: u64, blobs_dir: &
 }
 
 /// Appends the store blob `digest` of `size` bytes to `output` (`destination` names it in
-/// errors). A blob this process hashed itself while committing it ([`Store::hashed_here`]) is
-/// copied inside the kernel (`copy_file_range`) after a size check; any other is read, hashed
-/// and checked on the way ([`VerifiedBlob`]).
+/// errors). A blob this process hashed itself while committing it, and which has not changed
+/// since ([`Store::unchanged_since_hashed`]), is copied inside the kernel (`copy_file_range`);
+/// any other is read, hashed and checked on the way ([`VerifiedBlob`]).
 fn copy_blob(
     store: &Store,
     digest: &Digest,
@@ -353,24 +353,19 @@ fn copy_blob(
     output: &mut OutputFile<'_>,
     destination: &Path,
 ) -> Result<(), ExportError> {
-    if store.hashed_here(digest) {
-        let path = store.blob_path(digest);
-        let file = store.open_blob(digest)?;
-        let actual_size = file.metadata().map_err(|source| ExportError::Read { path: path.clone(), source })?.len();
-        if actual_size == size {
-            let copied = output.copy_file(&file).map_err(write_error(destination))?;
-            if copied == size {
-                return Ok(());
-            }
-            // The blob changed while it was copied: fail rather than export something else.
-            return Err(ExportError::Read {
-                path,
-                source: io::Error::other(format!(
-                    "the blob changed size while it was copied ({copied} of {size} bytes)"
-                )),
-            });
+    let file = store.open_blob(digest)?;
+    if store.unchanged_since_hashed(digest, &file) {
+        let copied = output.copy_file(&file).map_err(write_error(destination))?;
+        if copied == size {
+            return Ok(());
         }
-        // A blob of the wrong size: the verified path reports (and removes) it.
+        // It changed while it was copied: reported (and a corrupt blob removed) as the
+        // verified copy would, and the output is not finished either way.
+        let mut blob = VerifiedBlob::open(store, digest, size)?;
+        let read = io::copy(&mut blob, &mut io::sink());
+        blob.check(read.map(drop), destination)?;
+        let source = io::Error::other(format!("it changed while it was copied ({copied} of {size} bytes)"));
+        return Err(ExportError::Read { path: store.blob_path(digest), source });
     }
     let mut blob = VerifiedBlob::open(store, digest, size)?;
     let copied = io::copy(&mut blob, output);
@@ -880,26 +875,27 @@ mod tests {
         flipped[0] ^= 1;
         fs::write(&layer_path, flipped).unwrap();
 
-        // The store that wrote the blob trusts it for as long as it lives; a corrupt blob is
-        // what a later process finds.
-        let reopened = Store::open(image.store.root()).unwrap();
-        let parts = ImageParts { store: &reopened, ..image.parts() };
         let archive = out.path().join("app.tar");
-        let error = write_docker_archive(parts, &archive, "app").unwrap_err();
+        let error = write_docker_archive(image.parts(), &archive, "app").unwrap_err();
         assert!(matches!(error, ExportError::CorruptBlob { .. }), "{error}");
         assert!(!archive.exists());
         assert_eq!(fs::read_dir(out.path()).unwrap().count(), 0, "the temp file is removed");
 
         assert!(!layer_path.exists(), "the corrupt blob is removed from the store, never served again");
-        let error = write_oci_layout(parts, &out.path().join("layout"), "app").unwrap_err();
+        let error = write_oci_layout(image.parts(), &out.path().join("layout"), "app").unwrap_err();
         assert!(matches!(error, ExportError::Store(_)), "{error}");
         assert!(!out.path().join("layout/index.json").exists());
     }
 
     #[test]
-    fn a_blob_hashed_here_is_copied_after_a_size_check() {
+    fn a_blob_hashed_here_is_copied_unread_until_it_changes() {
         let image = TinyImage::new();
-        assert!(image.store.hashed_here(&image.layers[0].digest));
+        let layer_path = image.store.blob_path(&image.layers[0].digest);
+        let opened =
+            |store: &Store| store.unchanged_since_hashed(&image.layers[0].digest, &File::open(&layer_path).unwrap());
+        assert!(opened(&image.store), "hashed by this store while it was committed");
+        assert!(!opened(&Store::open(image.store.root()).unwrap()), "another store has not hashed it");
+
         let out = tempfile::tempdir().unwrap();
         let archive = out.path().join("app.tar");
         write_docker_archive(image.parts(), &archive, "app").unwrap();
@@ -908,14 +904,14 @@ mod tests {
         write_docker_archive(ImageParts { store: &reopened, ..image.parts() }, &verified, "app").unwrap();
         assert_eq!(fs::read(&archive).unwrap(), fs::read(&verified).unwrap(), "both paths write the same bytes");
 
-        // A blob that lost bytes is caught even when trusted.
-        let layer_path = image.store.blob_path(&image.layers[0].digest);
-        let mut shortened = fs::read(&layer_path).unwrap();
-        shortened.pop();
-        fs::write(&layer_path, shortened).unwrap();
-        let error = write_docker_archive(image.parts(), &out.path().join("short.tar"), "app").unwrap_err();
+        // Written to since (same size): no longer trusted, so the corruption is caught.
+        let mut flipped = fs::read(&layer_path).unwrap();
+        flipped[0] ^= 1;
+        fs::write(&layer_path, flipped).unwrap();
+        assert!(!opened(&image.store));
+        let error = write_docker_archive(image.parts(), &out.path().join("flipped.tar"), "app").unwrap_err();
         assert!(matches!(error, ExportError::CorruptBlob { .. }), "{error}");
-        assert!(!out.path().join("short.tar").exists());
+        assert!(!out.path().join("flipped.tar").exists());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -86,9 +86,9 @@ pub struct BlobInfo {
 pub struct Store {
     root: PathBuf,
     _lock: Arc<File>,
-    /// Blobs this store (any clone of it) committed after hashing every byte on the way in: see
-    /// [`Store::hashed_here`].
-    hashed_here: Arc<Mutex<HashSet<Digest>>>,
+    /// Blobs this store (any clone of it) committed after hashing every byte on the way in, and
+    /// how their files looked then: see [`Store::unchanged_since_hashed`].
+    hashed_here: Arc<Mutex<HashMap<Digest, FileStamp>>>,
 }
 
 impl Store {
@@ -167,16 +167,27 @@ impl Store {
         })
     }
 
-    /// Whether this store committed the blob `digest` itself, hashing every byte as it was
-    /// written (a new layer, or an imported blob checked against its digest). Exporters re-hash
-    /// store blobs to catch corruption at rest; a blob hashed moments ago by this very process
-    /// need not be read twice for that (its size is still checked).
-    pub fn hashed_here(&self, digest: &Digest) -> bool {
-        self.hashed_here.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(digest)
+    /// Whether `blob` (the opened file of the blob `digest`) is still the file this store
+    /// committed after hashing every byte of it (a new layer, or an imported blob checked
+    /// against its digest): same inode, size, mtime and ctime as right after the commit.
+    /// Exporters re-hash store blobs to catch a blob that changed since it was hashed; one
+    /// this very process hashed and that nothing has written to since need not be read twice
+    /// for that. Any write moves the ctime, which the kernel makes fine-grained for a file
+    /// whose times were read (as they were here, after the commit).
+    pub fn unchanged_since_hashed(&self, digest: &Digest, blob: &File) -> bool {
+        let Some(recorded) =
+            self.hashed_here.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(digest).copied()
+        else {
+            return false;
+        };
+        blob.metadata().is_ok_and(|metadata| FileStamp::of(&metadata) == recorded)
     }
 
-    fn record_hashed_here(&self, digest: &Digest) {
-        self.hashed_here.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(digest.clone());
+    fn record_hashed_here(&self, digest: &Digest, path: &Path) {
+        if let Ok(metadata) = fs::symlink_metadata(path) {
+            let stamp = FileStamp::of(&metadata);
+            self.hashed_here.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(digest.clone(), stamp);
+        }
     }
 
     /// Re-hashes a stored blob; `Ok(false)` when its content no longer matches its name.
@@ -332,6 +343,27 @@ fn mark_unrelated_trees(directory: &Path) {
         && !flags.contains(rustix::fs::IFlags::TOPDIR)
     {
         let _ = rustix::fs::ioctl_setflags(&opened, flags | rustix::fs::IFlags::TOPDIR);
+    }
+}
+
+/// What tells one version of a file from another without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    inode: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(metadata: &fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            inode: metadata.ino(),
+            size: metadata.len(),
+            mtime: (metadata.mtime(), metadata.mtime_nsec()),
+            ctime: (metadata.ctime(), metadata.ctime_nsec()),
+        }
     }
 }
 
@@ -498,7 +530,7 @@ impl BlobWriter {
             path: path.clone(),
             source: error.error,
         })?;
-        self.store.record_hashed_here(&digest);
+        self.store.record_hashed_here(&digest, &path);
         Ok(BlobInfo { digest, size, path })
     }
 }
