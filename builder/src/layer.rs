@@ -735,7 +735,11 @@ fn write_file_content<W: Write>(
 
     let mut reader =
         CheckedContentReader { source, remaining: size, read: 0, hasher: Sha256Writer::new(io::sink()), failure: None };
-    let appended = tar.append(header, &mut reader);
+    // `tar::Builder::append` copies through an 8 KiB buffer: a large file is read in pieces of
+    // up to `SOURCE_READ` instead (one system call per 256 KiB rather than per 8 KiB; a 1 GiB
+    // layer made 131,000 reads). Small files keep their single direct read.
+    let capacity = usize::try_from(size).map_or(SOURCE_READ, |size| size.min(SOURCE_READ));
+    let appended = tar.append(header, io::BufReader::with_capacity(capacity, &mut reader));
     match (appended, reader.failure.take()) {
         (_, Some(ContentFailure::EndedEarly)) => {
             return Err(LayerError::SizeChanged { path: source_name, expected: size, actual: reader.read });
@@ -754,6 +758,9 @@ fn write_file_content<W: Write>(
     }
     Ok(reader.hasher.finish().0)
 }
+
+/// The most bytes of a source file read at once while it is written into a layer.
+const SOURCE_READ: usize = 256 * 1024;
 
 enum ContentFailure {
     EndedEarly,
