@@ -17,6 +17,7 @@ use std::sync::Arc;
 use cap_std::fs::{Dir, Metadata, MetadataExt};
 use layerwright_cache::{FileMaterial, FileStat, StatCache};
 use layerwright_dsl::{Context, DockerIgnore, DockerIgnoreError, ImagePathError, normalize_context_path};
+use rayon::prelude::*;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -142,36 +143,45 @@ pub fn select(
         return Err(ContextError::Missing { root: context.root.clone(), path: source });
     }
     let metadata = resolve_metadata(context, &source)?;
-    let mut walker = Walker { context, stat_cache, hard_links: HashMap::new(), files: Vec::new() };
-    if metadata.is_dir() {
+    let walker = Walker { context, cache: stat_cache.cache };
+    let mut walked = Walked::default();
+    let dir = if metadata.is_dir() {
         let dir = if source.is_empty() {
             Arc::clone(&context.dir)
         } else {
             let opened = context.dir.open_dir(&source).map_err(|error| walker.read_error(&source, error))?;
             Arc::new(opened)
         };
-        walker.files.push(ContextFile {
+        walked.files.push(ContextFile {
             open_path: String::new(),
             relative: String::new(),
             kind: ContextKind::Directory,
             mode: metadata.mode() & 0o7777,
         });
-        walker.walk_directory(&dir, &source, "")?;
-        return Ok(Selection { root: context.root.clone(), dir, source_is_directory: true, files: walker.files });
+        walked.append(walker.walk_directory(&dir, &source)?);
+        dir
+    } else {
+        let (kind, link) = walker.classify(&context.dir, &source, &source, &mut walked.computed, &metadata)?;
+        walked.push_file(
+            ContextFile { open_path: source.clone(), relative: String::new(), kind, mode: metadata.mode() & 0o7777 },
+            link,
+        );
+        Arc::clone(&context.dir)
+    };
+    stat_cache.computed.extend(walked.computed);
+    // Hard links, in walk order: the first path of an inode carries the content, the others
+    // link to it (the parallel walk only noted who shares an inode).
+    let mut files = walked.files;
+    let mut first_paths: HashMap<(u64, u64), usize> = HashMap::new();
+    for (position, identity) in walked.links {
+        match first_paths.get(&identity) {
+            Some(&first) => files[position].kind = ContextKind::HardLink { target: files[first].relative.clone() },
+            None => {
+                first_paths.insert(identity, position);
+            }
+        }
     }
-    let kind = walker.classify(&context.dir, &source, &source, "", &metadata)?;
-    walker.files.push(ContextFile {
-        open_path: source.clone(),
-        relative: String::new(),
-        kind,
-        mode: metadata.mode() & 0o7777,
-    });
-    Ok(Selection {
-        root: context.root.clone(),
-        dir: Arc::clone(&context.dir),
-        source_is_directory: false,
-        files: walker.files,
-    })
+    Ok(Selection { root: context.root.clone(), dir, source_is_directory: metadata.is_dir(), files })
 }
 
 /// The metadata of the selected source, following a symlink only inside the context.
@@ -201,21 +211,106 @@ fn resolve_metadata(context: &OpenedContext, source: &str) -> Result<Metadata, C
     })
 }
 
-struct Walker<'a, 'b> {
+struct Walker<'a> {
     context: &'a OpenedContext,
-    stat_cache: &'a mut StatLookup<'b>,
-    /// (device, inode) of files with several links → the `relative` path first seen.
-    hard_links: HashMap<(u64, u64), String>,
-    files: Vec<ContextFile>,
+    cache: &'a StatCache,
 }
 
-impl Walker<'_, '_> {
+/// What a walk of one directory found, in walk order.
+#[derive(Default)]
+struct Walked {
+    files: Vec<ContextFile>,
+    /// Files with several links: their position in `files` and their (device, inode).
+    links: Vec<(usize, (u64, u64))>,
+    /// Digests computed (not found in the stat cache), to be recorded.
+    computed: Vec<(PathBuf, FileStat, [u8; 32])>,
+}
+
+impl Walked {
+    fn push_file(&mut self, file: ContextFile, link: Option<(u64, u64)>) {
+        if let Some(identity) = link {
+            self.links.push((self.files.len(), identity));
+        }
+        self.files.push(file);
+    }
+
+    fn append(&mut self, later: Walked) {
+        let offset = self.files.len();
+        self.files.extend(later.files);
+        self.links.extend(later.links.into_iter().map(|(position, identity)| (position + offset, identity)));
+        self.computed.extend(later.computed);
+    }
+}
+
+/// A subdirectory met in a walk.
+struct Subdirectory {
+    context_path: String,
+    relative: String,
+    excluded: bool,
+    mode: u32,
+}
+
+/// What one name of a directory turned out to be, in sorted order.
+enum Child {
+    File(ContextFile, Option<(u64, u64)>),
+    /// A subdirectory and the position of its own listing.
+    Directory(Subdirectory, usize),
+}
+
+/// The children of one directory, and the digests computed while classifying them.
+#[derive(Default)]
+struct Listing {
+    children: Vec<Child>,
+    computed: Vec<(PathBuf, FileStat, [u8; 32])>,
+}
+
+impl Walker<'_> {
     fn read_error(&self, path: &str, source: io::Error) -> ContextError {
         ContextError::Read { root: self.context.root.clone(), path: path.to_owned(), source }
     }
 
-    /// Walks `dir` (the directory at context path `context_path`, selection path `relative`).
-    fn walk_directory(&mut self, dir: &Dir, context_path: &str, relative: &str) -> Result<(), ContextError> {
+    /// Walks `dir` (the directory at context path `context_path`, the selection's root) and
+    /// everything below it, in sorted order. Breadth first: the directories of one depth are
+    /// listed in parallel (a walk is mostly `stat` calls, which wait on the kernel), each opened
+    /// by its path below `dir` when its turn comes (no descriptor is held per pending
+    /// directory), and the listings are put together in order afterwards. Neither step
+    /// recurses, so a tree of any depth is fine on any stack.
+    fn walk_directory(&self, dir: &Dir, context_path: &str) -> Result<Walked, ContextError> {
+        let mut listings: Vec<Listing> = Vec::new();
+        // Directories to list: (position of their listing, context path, selection path).
+        let mut level: Vec<(usize, String, String)> = vec![(0, context_path.to_owned(), String::new())];
+        listings.push(Listing::default());
+        while !level.is_empty() {
+            let list = |(_, context_path, relative): &(usize, String, String)| {
+                if relative.is_empty() {
+                    return self.list_directory(dir, context_path, relative);
+                }
+                let opened = dir.open_dir(relative).map_err(|error| self.read_error(context_path, error))?;
+                self.list_directory(&opened, context_path, relative)
+            };
+            let listed: Vec<Listing> = if level.len() > 1 {
+                level.par_iter().map(list).collect::<Result<_, _>>()?
+            } else {
+                level.iter().map(list).collect::<Result<_, _>>()?
+            };
+            let mut next = Vec::new();
+            for ((position, _, _), mut listing) in level.iter().zip(listed) {
+                for child in &mut listing.children {
+                    if let Child::Directory(subdirectory, child_position) = child {
+                        *child_position = listings.len();
+                        next.push((listings.len(), subdirectory.context_path.clone(), subdirectory.relative.clone()));
+                        listings.push(Listing::default());
+                    }
+                }
+                listings[*position] = listing;
+            }
+            level = next;
+        }
+        Ok(assemble(listings))
+    }
+
+    /// The children of one directory, sorted by name (subdirectories not yet walked).
+    fn list_directory(&self, dir: &Dir, context_path: &str, relative: &str) -> Result<Listing, ContextError> {
         let mut names = Vec::new();
         let entries = dir.entries().map_err(|error| self.read_error(context_path, error))?;
         for entry in entries {
@@ -228,71 +323,52 @@ impl Walker<'_, '_> {
             names.push(name.to_owned());
         }
         names.sort();
+        let mut listing = Listing::default();
         for name in names {
             let child_context_path = join(context_path, &name);
             let child_relative = join(relative, &name);
             let excluded = self.context.ignore.is_excluded(&child_context_path);
             let metadata = dir.symlink_metadata(&name).map_err(|error| self.read_error(&child_context_path, error))?;
+            let mode = metadata.mode() & 0o7777;
             if metadata.is_dir() {
                 if excluded && !self.context.ignore.has_exceptions() {
                     continue;
                 }
-                let child = dir.open_dir(&name).map_err(|error| self.read_error(&child_context_path, error))?;
-                let position = self.files.len();
-                if !excluded {
-                    self.files.push(ContextFile {
-                        open_path: child_relative.clone(),
-                        relative: child_relative.clone(),
-                        kind: ContextKind::Directory,
-                        mode: metadata.mode() & 0o7777,
-                    });
-                }
-                self.walk_directory(&child, &child_context_path, &child_relative)?;
-                // An excluded directory walked only for exceptions still needs an entry when
-                // something below it was re-included, so that its contents have a parent.
-                if excluded && self.files.len() > position {
-                    self.files.insert(
-                        position,
-                        ContextFile {
-                            open_path: child_relative.clone(),
-                            relative: child_relative.clone(),
-                            kind: ContextKind::Directory,
-                            mode: metadata.mode() & 0o7777,
-                        },
-                    );
-                }
+                let subdirectory =
+                    Subdirectory { context_path: child_context_path, relative: child_relative, excluded, mode };
+                // Its listing's position is set when it is scheduled.
+                listing.children.push(Child::Directory(subdirectory, 0));
                 continue;
             }
             if excluded {
                 continue;
             }
-            let kind = self.classify(dir, &name, &child_context_path, &child_relative, &metadata)?;
-            self.files.push(ContextFile {
-                open_path: child_relative.clone(),
-                relative: child_relative,
-                kind,
-                mode: metadata.mode() & 0o7777,
-            });
+            let (kind, link) = self.classify(dir, &name, &child_context_path, &mut listing.computed, &metadata)?;
+            listing.children.push(Child::File(
+                ContextFile { open_path: child_relative.clone(), relative: child_relative, kind, mode },
+                link,
+            ));
         }
-        Ok(())
+        Ok(listing)
     }
 
-    /// The kind of a non-directory at `name` in `dir`.
+    /// The kind of a non-directory at `name` in `dir`, and its (device, inode) when it has
+    /// several links. A digest it had to compute is added to `computed`.
     fn classify(
-        &mut self,
+        &self,
         dir: &Dir,
         name: &str,
         context_path: &str,
-        relative: &str,
+        computed: &mut Vec<(PathBuf, FileStat, [u8; 32])>,
         metadata: &Metadata,
-    ) -> Result<ContextKind, ContextError> {
+    ) -> Result<(ContextKind, Option<(u64, u64)>), ContextError> {
         let file_type = metadata.file_type();
         if file_type.is_symlink() {
             let target = dir.read_link_contents(name).map_err(|error| self.read_error(context_path, error))?;
             let Some(target) = target.to_str() else {
                 return Err(ContextError::NotUtf8 { root: self.context.root.clone(), path: context_path.to_owned() });
             };
-            return Ok(ContextKind::Symlink { target: target.to_owned() });
+            return Ok((ContextKind::Symlink { target: target.to_owned() }, None));
         }
         if !file_type.is_file() {
             return Err(ContextError::UnsupportedType {
@@ -300,13 +376,7 @@ impl Walker<'_, '_> {
                 path: context_path.to_owned(),
             });
         }
-        if metadata.nlink() > 1 {
-            let identity = (metadata.dev(), metadata.ino());
-            if let Some(first) = self.hard_links.get(&identity) {
-                return Ok(ContextKind::HardLink { target: first.clone() });
-            }
-            self.hard_links.insert(identity, relative.to_owned());
-        }
+        let link = (metadata.nlink() > 1).then(|| (metadata.dev(), metadata.ino()));
         let stat = FileStat::from_unix(
             metadata.len(),
             (metadata.mtime(), metadata.mtime_nsec()),
@@ -315,8 +385,8 @@ impl Walker<'_, '_> {
             metadata.dev(),
         );
         let absolute = self.context.root.join(context_path);
-        if let Some(blake3) = self.stat_cache.cache.lookup(&absolute, &stat) {
-            return Ok(ContextKind::File { size: stat.size, blake3 });
+        if let Some(blake3) = self.cache.lookup(&absolute, &stat) {
+            return Ok((ContextKind::File { size: stat.size, blake3 }, link));
         }
         let mut file = dir.open(name).map_err(|error| self.read_error(context_path, error))?;
         let mut hasher = blake3::Hasher::new();
@@ -336,10 +406,55 @@ impl Walker<'_, '_> {
         // file rewritten within the filesystem's timestamp granularity keeps its mtime, ctime
         // and size, and would be served its old digest ("racily clean", as git calls it).
         if size == stat.size && changed_long_enough_ago(&stat) {
-            self.stat_cache.computed.push((absolute, stat, blake3));
+            computed.push((absolute, stat, blake3));
         }
-        Ok(ContextKind::File { size, blake3 })
+        Ok((ContextKind::File { size, blake3 }, link))
     }
+}
+
+/// Puts the listings of a walk (the root's first, every directory's after its parent's)
+/// together in walk order: a directory, then what is below it. An excluded directory walked
+/// only for exceptions gets an entry when something below it was re-included, so that its
+/// contents have a parent, and none otherwise.
+fn assemble(mut listings: Vec<Listing>) -> Walked {
+    // Whether a directory's entry is written: children come after their parents, so walking
+    // backwards settles every child before its parent.
+    let mut keeps_something = vec![false; listings.len()];
+    for position in (0..listings.len()).rev() {
+        keeps_something[position] = listings[position].children.iter().any(|child| match child {
+            Child::File(..) => true,
+            Child::Directory(subdirectory, below) => !subdirectory.excluded || keeps_something[*below],
+        });
+    }
+    let mut walked = Walked::default();
+    for listing in &mut listings {
+        walked.computed.append(&mut listing.computed);
+    }
+    let mut children: Vec<std::vec::IntoIter<Child>> =
+        listings.into_iter().map(|listing| listing.children.into_iter()).collect();
+    // Depth first with an explicit stack of listings being emitted.
+    let mut stack = vec![0usize];
+    while let Some(&current) = stack.last() {
+        let Some(child) = children[current].next() else {
+            stack.pop();
+            continue;
+        };
+        match child {
+            Child::File(file, link) => walked.push_file(file, link),
+            Child::Directory(subdirectory, below) => {
+                if !subdirectory.excluded || keeps_something[below] {
+                    walked.files.push(ContextFile {
+                        open_path: subdirectory.relative.clone(),
+                        relative: subdirectory.relative,
+                        kind: ContextKind::Directory,
+                        mode: subdirectory.mode,
+                    });
+                }
+                stack.push(below);
+            }
+        }
+    }
+    walked
 }
 
 impl ContextFile {

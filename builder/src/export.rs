@@ -9,9 +9,10 @@
 //! Rules: outputs are reproducible (sorted entries; every tar header written explicitly: mode
 //! 0644 for files and 0755 for directories, uid/gid 0, mtime 0, no user or group names; JSON
 //! with sorted keys and no whitespace), streamed (a blob goes from the store into the output
-//! through a small buffer, never whole into memory), verified (each blob is hashed while it is
-//! copied; a store blob that no longer matches its digest fails the export rather than being
-//! served) and atomic (a temp file in the destination directory, renamed into place). A layout
+//! through a small buffer or inside the kernel, never whole into memory), verified (each blob
+//! is hashed while it is copied, except one this process hashed itself while committing it,
+//! whose size is checked; a store blob that no longer matches its digest fails the export
+//! rather than being served) and atomic (a temp file in the destination directory, renamed into place). A layout
 //! blob that is already present with the right size is not rewritten, so re-exporting an
 //! unchanged image into a layout costs a few stats and one `index.json`.
 //!
@@ -76,8 +77,8 @@ pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<
 
     let layout_file = dir.join("oci-layout");
     if fs::read(&layout_file).ok().as_deref() != Some(OCI_LAYOUT_CONTENT) {
-        write_atomically(&layout_file, |writer| {
-            writer.write_all(OCI_LAYOUT_CONTENT).map_err(write_error(&layout_file))
+        write_atomically(&layout_file, |output| {
+            output.write_all(OCI_LAYOUT_CONTENT).map_err(write_error(&layout_file))
         })?;
     }
     // Blobs first, index last: a layout interrupted half way names no missing blob.
@@ -100,7 +101,7 @@ pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<
         // The layout already names this image under this tag: leave it untouched.
         return Ok(());
     }
-    write_atomically(&index_path, |writer| writer.write_all(&index_bytes).map_err(write_error(&index_path)))
+    write_atomically(&index_path, |output| output.write_all(&index_bytes).map_err(write_error(&index_path)))
 }
 
 /// Writes the OCI archive `file`: the image's OCI layout as a tar.
@@ -338,11 +339,37 @@ fn copy_blob_into_layout(store: &Store, digest: &Digest, size: u64, blobs_dir: &
     {
         return Ok(());
     }
+    write_atomically(&destination, |output| copy_blob(store, digest, size, output, &destination))
+}
+
+/// Appends the store blob `digest` of `size` bytes to `output` (`destination` names it in
+/// errors). A blob this process hashed itself while committing it, and which has not changed
+/// since ([`Store::unchanged_since_hashed`]), is copied inside the kernel (`copy_file_range`);
+/// any other is read, hashed and checked on the way ([`VerifiedBlob`]).
+fn copy_blob(
+    store: &Store,
+    digest: &Digest,
+    size: u64,
+    output: &mut OutputFile<'_>,
+    destination: &Path,
+) -> Result<(), ExportError> {
+    let file = store.open_blob(digest)?;
+    if store.unchanged_since_hashed(digest, &file) {
+        let copied = output.copy_file(&file).map_err(write_error(destination))?;
+        if copied == size {
+            return Ok(());
+        }
+        // It changed while it was copied: reported (and a corrupt blob removed) as the
+        // verified copy would, and the output is not finished either way.
+        let mut blob = VerifiedBlob::open(store, digest, size)?;
+        let read = io::copy(&mut blob, &mut io::sink());
+        blob.check(read.map(drop), destination)?;
+        let source = io::Error::other(format!("it changed while it was copied ({copied} of {size} bytes)"));
+        return Err(ExportError::Read { path: store.blob_path(digest), source });
+    }
     let mut blob = VerifiedBlob::open(store, digest, size)?;
-    write_atomically(&destination, |writer| {
-        let copied = io::copy(&mut blob, writer);
-        blob.check(copied.map(drop), &destination)
-    })
+    let copied = io::copy(&mut blob, output);
+    blob.check(copied.map(drop), destination)
 }
 
 /// A store blob being read, hashed and counted as it passes, so that a blob that no longer
@@ -419,23 +446,23 @@ fn write_error(path: &Path) -> impl Fn(io::Error) -> ExportError + '_ {
 /// created if missing. Files are created 0644 (less the umask), like any file a tool writes.
 fn write_atomically(
     destination: &Path,
-    fill: impl FnOnce(&mut dyn Write) -> Result<(), ExportError>,
+    fill: impl FnOnce(&mut OutputFile<'_>) -> Result<(), ExportError>,
 ) -> Result<(), ExportError> {
     let directory = match destination.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
     fs::create_dir_all(directory).map_err(write_error(directory))?;
-    let mut temp = tempfile::Builder::new()
+    let temp = tempfile::Builder::new()
         .prefix(".layerwright-")
         .suffix(".tmp")
         .permissions(fs::Permissions::from_mode(0o644))
         .tempfile_in(directory)
         .map_err(write_error(destination))?;
     {
-        let mut writer = BufWriter::with_capacity(256 * 1024, temp.as_file_mut());
-        fill(&mut writer)?;
-        writer.flush().map_err(write_error(destination))?;
+        let mut output = OutputFile { buffered: BufWriter::with_capacity(256 * 1024, temp.as_file()) };
+        fill(&mut output)?;
+        output.flush().map_err(write_error(destination))?;
     }
     temp.as_file().sync_all().map_err(write_error(destination))?;
     temp.persist(destination)
@@ -443,8 +470,38 @@ fn write_atomically(
     Ok(())
 }
 
+/// An output file being written: buffered for small writes, and able to take a whole file's
+/// content without it passing through this process.
+struct OutputFile<'a> {
+    buffered: BufWriter<&'a File>,
+}
+
+impl OutputFile<'_> {
+    /// Appends the content of `source` (from its start) and returns how many bytes that was.
+    /// `io::copy` between two files uses `copy_file_range`, which copies inside the kernel (or
+    /// shares extents, on filesystems that can), falling back to plain reads and writes.
+    fn copy_file(&mut self, source: &File) -> io::Result<u64> {
+        self.buffered.flush()?;
+        let mut source = source;
+        io::copy(&mut source, self.buffered.get_mut())
+    }
+}
+
+impl Write for OutputFile<'_> {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        self.buffered.write(buffer)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.buffered.flush()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tar archives
+
+/// The unit of a tar archive: headers take one block, content is padded to whole blocks.
+const TAR_BLOCK: u64 = 512;
 
 /// What one member of an archive is made of.
 enum TarMember {
@@ -479,29 +536,28 @@ fn write_layout_tar(
     if archive_already_holds(file, &members) {
         return Ok(());
     }
-    write_atomically(file, |writer| {
-        let mut tar = tar::Builder::new(writer);
+    // Written by hand rather than through `tar::Builder`, so that blob content can go from
+    // the store into the archive file without passing through this process (`copy_blob`).
+    write_atomically(file, |output| {
         for (name, member) in &members {
-            match member {
-                TarMember::Directory => {
-                    let header = tar_header(name, tar::EntryType::Directory, 0o755, 0);
-                    tar.append(&header, io::empty()).map_err(write_error(file))?;
-                }
+            let (header, size) = match member {
+                TarMember::Directory => (tar_header(name, tar::EntryType::Directory, 0o755, 0), 0),
                 TarMember::Document(bytes) => {
-                    let header = tar_header(name, tar::EntryType::Regular, 0o644, bytes.len() as u64);
-                    tar.append(&header, bytes.as_slice()).map_err(write_error(file))?;
+                    (tar_header(name, tar::EntryType::Regular, 0o644, bytes.len() as u64), bytes.len() as u64)
                 }
-                TarMember::Blob { digest, size } => {
-                    let mut blob = VerifiedBlob::open(parts.store, digest, *size)?;
-                    let header = tar_header(name, tar::EntryType::Regular, 0o644, *size);
-                    // `append` pads to what it copied, not to the header's size; the check
-                    // below fails the export (and drops the temp file) if the two differ.
-                    let appended = tar.append(&header, &mut blob);
-                    blob.check(appended, file)?;
-                }
+                TarMember::Blob { size, .. } => (tar_header(name, tar::EntryType::Regular, 0o644, *size), *size),
+            };
+            output.write_all(header.as_bytes()).map_err(write_error(file))?;
+            match member {
+                TarMember::Directory => {}
+                TarMember::Document(bytes) => output.write_all(bytes).map_err(write_error(file))?,
+                TarMember::Blob { digest, size } => copy_blob(parts.store, digest, *size, output, file)?,
             }
+            let padding = (TAR_BLOCK - size % TAR_BLOCK) % TAR_BLOCK;
+            output.write_all(&[0; TAR_BLOCK as usize][..padding as usize]).map_err(write_error(file))?;
         }
-        tar.finish().map_err(write_error(file))
+        // Two zero blocks end a tar archive.
+        output.write_all(&[0; 2 * TAR_BLOCK as usize]).map_err(write_error(file))
     })
 }
 
@@ -829,6 +885,33 @@ mod tests {
         let error = write_oci_layout(image.parts(), &out.path().join("layout"), "app").unwrap_err();
         assert!(matches!(error, ExportError::Store(_)), "{error}");
         assert!(!out.path().join("layout/index.json").exists());
+    }
+
+    #[test]
+    fn a_blob_hashed_here_is_copied_unread_until_it_changes() {
+        let image = TinyImage::new();
+        let layer_path = image.store.blob_path(&image.layers[0].digest);
+        let opened =
+            |store: &Store| store.unchanged_since_hashed(&image.layers[0].digest, &File::open(&layer_path).unwrap());
+        assert!(opened(&image.store), "hashed by this store while it was committed");
+        assert!(!opened(&Store::open(image.store.root()).unwrap()), "another store has not hashed it");
+
+        let out = tempfile::tempdir().unwrap();
+        let archive = out.path().join("app.tar");
+        write_docker_archive(image.parts(), &archive, "app").unwrap();
+        let reopened = Store::open(image.store.root()).unwrap();
+        let verified = out.path().join("verified.tar");
+        write_docker_archive(ImageParts { store: &reopened, ..image.parts() }, &verified, "app").unwrap();
+        assert_eq!(fs::read(&archive).unwrap(), fs::read(&verified).unwrap(), "both paths write the same bytes");
+
+        // Written to since (same size): no longer trusted, so the corruption is caught.
+        let mut flipped = fs::read(&layer_path).unwrap();
+        flipped[0] ^= 1;
+        fs::write(&layer_path, flipped).unwrap();
+        assert!(!opened(&image.store));
+        let error = write_docker_archive(image.parts(), &out.path().join("flipped.tar"), "app").unwrap_err();
+        assert!(matches!(error, ExportError::CorruptBlob { .. }), "{error}");
+        assert!(!out.path().join("flipped.tar").exists());
     }
 
     #[test]

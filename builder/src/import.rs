@@ -25,6 +25,7 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use layerwright_cache::{Digest, LayerRecord, Sha256Writer, Store, StoreError};
+use rayon::prelude::*;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -87,6 +88,36 @@ pub fn archive_identity(path: &Path) -> Result<String, ImportError> {
 pub fn import_archive(store: &Store, path: &Path) -> Result<BaseImage, ImportError> {
     let fetched = fetch_base_image(store, path)?;
     let indexes = index_and_apply_layers(store, path, &fetched.layers)?;
+    Ok(BaseImage { layers: fetched.layers, indexes, config: fetched.config })
+}
+
+/// [`import_archive`] for a base that RUN steps will stack (`prepare_snapshots`): each layer
+/// is indexed and, from the same decompressed stream on another thread, unpacked into its
+/// snapshot, all layers at once, inside the base's own step. The RUN steps above then start
+/// with their lowers ready instead of all waiting for the same unpack while other steps (a
+/// large COPY compressing on every core) compete for the CPU. A snapshot is installed only
+/// when its layer's diff id checked out; one that could not be made is left to the RUN.
+pub fn import_archive_for_runs(store: &Store, path: &Path, prepare_snapshots: bool) -> Result<BaseImage, ImportError> {
+    if !prepare_snapshots {
+        return import_archive(store, path);
+    }
+    let fetched = fetch_base_image(store, path)?;
+    let layer_error = |source| ImportError::Layer { archive: path.to_owned(), source };
+    let flavour = crate::run::snapshot_flavour();
+    let indexes = fetched
+        .layers
+        .par_iter()
+        .map(|layer| {
+            let Ok(mut snapshot) = crate::run::StreamedSnapshot::start(store, flavour) else {
+                return tree::index_layer(store, layer);
+            };
+            let index = tree::index_layer_observed(store, layer, &mut |bytes| snapshot.push(bytes))?;
+            snapshot.finish(layer);
+            Ok(index)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(layer_error)?;
+    tree::apply_indexes(&fetched.layers, &indexes).map_err(layer_error)?;
     Ok(BaseImage { layers: fetched.layers, indexes, config: fetched.config })
 }
 
@@ -1202,6 +1233,30 @@ mod tests {
             assert_eq!(base.indexes.len(), 1);
             let paths: Vec<&str> = base.indexes[0].entries.iter().map(|entry| entry.path.as_str()).collect();
             assert_eq!(paths, ["etc/hostname", "hello.txt"]);
+        }
+
+        #[test]
+        fn a_base_below_a_run_gets_its_snapshots_only_when_its_layers_check_out() {
+            let dir = tempfile::tempdir().unwrap();
+            let store = store_in(dir.path());
+            let layer = layer_tar();
+            let diff_id = Digest::of_bytes(&layer);
+            let archive = docker_archive(dir.path(), &[gzip(&layer)], &[&diff_id]);
+            let base = import_archive_for_runs(&store, &archive, true).unwrap();
+            assert_eq!(base.indexes, import_archive(&store, &archive).unwrap().indexes);
+            let snapshots: Vec<_> =
+                fs::read_dir(store.snapshots_dir()).unwrap().map(|entry| entry.unwrap().path()).collect();
+            assert_eq!(snapshots.len(), 1);
+            assert!(snapshots[0].file_name().unwrap().to_string_lossy().starts_with(diff_id.hex()));
+            assert!(snapshots[0].join("hello.txt").is_file());
+
+            let other = tempfile::tempdir().unwrap();
+            let store = store_in(other.path());
+            let claimed = Digest::of_bytes(b"not the layer");
+            let archive = docker_archive(other.path(), &[gzip(&layer)], &[&claimed]);
+            assert!(import_archive_for_runs(&store, &archive, true).is_err());
+            assert_eq!(fs::read_dir(store.snapshots_dir()).unwrap().count(), 0, "no snapshot of a refused layer");
+            assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0, "nothing left in tmp/");
         }
 
         #[test]

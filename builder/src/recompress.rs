@@ -8,10 +8,11 @@
 //! remembered in `recompressed/<diff id hex>.<compression>.v<format version>.json` (a [`LayerRecord`]), so the next
 //! build with that compression costs one small file read, and a no-op rebuild writes nothing.
 //!
-//! The compressor is the layer writer's own (`layer::Compressor`), which feeds its backend in
-//! fixed chunks, so the compressed stream depends only on the uncompressed one:
-//! a recompressed layer is byte-identical to the one a fresh build in that compression writes,
-//! so the manifest digest of an image does not depend on the cache's history.
+//! The compressor is the layer writer's own (`layer::Compressor`), fed the same chunks and told
+//! where the same entries start (found in a first pass over the stream), so the compressed
+//! stream depends only on the uncompressed one: a recompressed layer is byte-identical to the
+//! one a fresh build in that compression writes, so the manifest digest of an image does not
+//! depend on the cache's history.
 //!
 //! What it deliberately does not do: recompress base image layers (imported or pulled layers are
 //! kept as their image had them, as Docker does), or remove the record's original blob.
@@ -73,21 +74,34 @@ fn read_mapping(path: &std::path::Path) -> Option<LayerRecord> {
     serde_json::from_slice(&fs::read(path).ok()?).ok()
 }
 
-fn recompress(store: &Store, layer: &LayerRecord, compression: Compression) -> Result<(LayerRecord, u64), StepError> {
+/// The uncompressed tar stream of the stored blob of `layer`. As when indexing, the magic number
+/// decides the compression, the media type only when there is none.
+fn decoded_blob(store: &Store, layer: &LayerRecord) -> Result<Box<dyn Read>, StepError> {
     let io_error = |source: io::Error| StepError::Recompress { layer: layer.digest.clone(), source };
     let mut source = BufReader::with_capacity(256 * 1024, store.open_blob(&layer.digest)?);
     let magic = source.fill_buf().map_err(io_error)?;
-    // As when indexing: the magic number decides, the media type only when there is none.
-    let mut decoder: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+    Ok(if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(source))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Box::new(zstd::stream::read::Decoder::with_buffer(source).map_err(io_error)?)
     } else {
         Box::new(source)
+    })
+}
+
+fn recompress(store: &Store, layer: &LayerRecord, compression: Compression) -> Result<(LayerRecord, u64), StepError> {
+    let io_error = |source: io::Error| StepError::Recompress { layer: layer.digest.clone(), source };
+    // Gzip blocks end where chosen entries start (see `layer::Compressor`): find them first, in
+    // a pass of their own, so that the blocks come out as a fresh build's.
+    let starts = match compression {
+        // A stream that does not parse is a corrupt blob: the pass below finds it out by its diff
+        // id (and removes it), as for any other corruption.
+        Compression::Gzip => crate::layer::entry_starts(decoded_blob(store, layer)?).unwrap_or_default(),
+        Compression::Zstd | Compression::None => Vec::new(),
     };
     let compressor = Compressor::new(compression, store.blob_writer()?).map_err(io_error)?;
     let mut diff_id_writer = Sha256Writer::new(compressor);
-    io::copy(&mut decoder, &mut diff_id_writer).map_err(io_error)?;
+    crate::layer::copy_tar_stream(decoded_blob(store, layer)?, &mut diff_id_writer, &starts).map_err(io_error)?;
     let (diff_id, _, compressor) = diff_id_writer.finish();
     if diff_id != layer.diff_id {
         // Never served again: without the blob, the record naming it reads as a miss and the
@@ -108,4 +122,41 @@ fn recompress(store: &Store, layer: &LayerRecord, compression: Compression) -> R
     let record =
         LayerRecord { diff_id, digest: blob.digest, size: blob.size, media_type: compression.media_type().to_owned() };
     Ok((record, written))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::layer::{Content, EntryKind, LayerEntry, LayerOptions, write_layer};
+
+    #[test]
+    fn a_layer_recompressed_to_gzip_is_the_one_a_fresh_gzip_build_writes() {
+        // Many blocks, directories, and paths long enough for PAX headers.
+        let entries = || -> Vec<LayerEntry> {
+            let mut entries = Vec::new();
+            for index in 0..400u64 {
+                let bytes: Arc<[u8]> = Arc::from(crate::host::incompressible_bytes(4096, index));
+                let directory = format!("data/{}{}", "long-directory-name-".repeat(4), index / 50);
+                let kind = EntryKind::File { size: bytes.len() as u64, content: Content::Inline(bytes) };
+                let path = format!("{directory}/{}-{index:04}", "file".repeat(30));
+                entries.push(LayerEntry { path, kind, mode: 0o644, uid: 0, gid: 0, xattrs: Vec::new() });
+            }
+            entries
+        };
+        for from in [Compression::Zstd, Compression::None] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path().join("cache")).unwrap();
+            let original = write_layer(&store, entries(), &LayerOptions { compression: from, mtime: 0 }).unwrap();
+            let (recompressed, written) = in_compression(&store, original.record, Compression::Gzip).unwrap();
+            assert!(written > 0);
+
+            let fresh_dir = tempfile::tempdir().unwrap();
+            let fresh_store = Store::open(fresh_dir.path()).unwrap();
+            let gzip = LayerOptions { compression: Compression::Gzip, mtime: 0 };
+            let fresh = write_layer(&fresh_store, entries(), &gzip).unwrap();
+            assert_eq!(recompressed, fresh.record, "from {from:?}");
+        }
+    }
 }

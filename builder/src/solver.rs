@@ -102,6 +102,7 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
         remote_records: std::mem::take(&mut remote.remote_records),
         decision: &remote.decision,
         records: plan.iter().map(|_| OnceLock::new()).collect(),
+        snapshot_for_run: below_run(&plan, &remote.decision),
         builder,
     };
     builder.workers.scope(|scope| {
@@ -217,6 +218,22 @@ fn collect(images: &[&Image]) -> Vec<Image> {
         }
     }
     order
+}
+
+/// By node: whether a RUN step that will execute has the node's layer among its overlay's
+/// lowers (the RUN's parent, and everything down that parent's chain).
+fn below_run(plan: &[PlannedNode], decision: &Decision) -> Vec<bool> {
+    let mut below = vec![false; plan.len()];
+    let executes = |index: usize| decision.required[index] && decision.served[index] == Served::Execute;
+    // Nodes come after their inputs: walking backwards, a node is settled before its parent.
+    for index in (0..plan.len()).rev() {
+        if let Some(parent) = plan[index].parent
+            && (below[index] || (matches!(plan[index].image.step(), Step::Run(_)) && executes(index)))
+        {
+            below[parent] = true;
+        }
+    }
+    below
 }
 
 fn dependents(plan: &[PlannedNode]) -> Vec<Vec<usize>> {
@@ -438,6 +455,8 @@ struct Walk<'a> {
     decision: &'a Decision,
     /// The record each recorded node ended with, for the export to a remote cache.
     records: Vec<OnceLock<ActionRecord>>,
+    /// By node: whether a RUN step stacks the node's layer under its overlay.
+    snapshot_for_run: Vec<bool>,
 }
 
 /// What became of a node in the walk.
@@ -533,7 +552,12 @@ impl<'a> Walk<'a> {
     }
 
     fn execution(&self) -> Execution<'_> {
-        Execution { store: self.store, layer_options: self.layer_options, indexes: &self.indexes }
+        Execution {
+            store: self.store,
+            layer_options: self.layer_options,
+            indexes: &self.indexes,
+            snapshot_for_run: false,
+        }
     }
 
     fn provenance(&self, index: usize) -> Provenance {
@@ -574,7 +598,7 @@ impl<'a> Walk<'a> {
     ) -> Result<Outcome, StepError> {
         let node = &self.plan[index];
         let step = node.image.step();
-        let execution = self.execution();
+        let execution = Execution { snapshot_for_run: self.snapshot_for_run[index], ..self.execution() };
         let (parent, step) = match (parent, step) {
             (_, Step::Scratch) => {
                 let config = config::scratch_config(&self.created);
@@ -645,7 +669,9 @@ impl<'a> Walk<'a> {
     }
 
     fn import_base(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {
-        self.base_outcome(index, key, || Ok(import::import_archive(self.store, path)?))
+        self.base_outcome(index, key, || {
+            Ok(import::import_archive_for_runs(self.store, path, self.snapshot_for_run[index])?)
+        })
     }
 
     /// As `import_base`, for a base from a registry: the plan phase resolved the reference to

@@ -71,6 +71,9 @@ pub struct Execution<'a> {
     pub store: &'a Store,
     pub layer_options: LayerOptions,
     pub indexes: &'a IndexCache,
+    /// Whether a RUN step of this build will stack the layer under its overlay: its snapshot
+    /// is then unpacked from the tar stream while the layer is written.
+    pub snapshot_for_run: bool,
 }
 
 /// A layer a step wrote.
@@ -117,7 +120,20 @@ impl Execution<'_> {
 
     /// Writes `entries` as a layer and commits the record under `key`.
     pub fn commit_layer(&self, key: &StepKey, entries: Vec<LayerEntry>) -> Result<NewLayer, StepError> {
-        let written = layer::write_layer(self.store, entries, &self.layer_options)?;
+        // Only an accelerator: without it (it could not start), the RUN unpacks the blob.
+        let mut snapshot = self
+            .snapshot_for_run
+            .then(|| crate::run::StreamedSnapshot::start(self.store, crate::run::snapshot_flavour()).ok())
+            .flatten();
+        let written = match &mut snapshot {
+            Some(snapshot) => layer::write_layer_observed(self.store, entries, &self.layer_options, &mut |bytes| {
+                snapshot.push(bytes)
+            })?,
+            None => layer::write_layer(self.store, entries, &self.layer_options)?,
+        };
+        if let Some(snapshot) = snapshot {
+            snapshot.finish(&written.record);
+        }
         self.store.write_action(key, &ActionRecord { layers: vec![written.record.clone()], config: None })?;
         self.indexes.insert(written.record.diff_id.clone(), written.index);
         Ok(NewLayer { record: written.record, blob_bytes_written: written.blob_bytes_written })

@@ -145,9 +145,21 @@ impl LayerIndex {
 /// a [`IndexKind::Whiteout`] of `NAME`, and other `.wh..wh.` names (aufs metadata) are
 /// skipped. Symlink targets are kept verbatim; hard link targets are normalised like names.
 pub fn index_layer(store: &Store, layer: &LayerRecord) -> Result<LayerIndex, TreeError> {
+    index_layer_observed(store, layer, &mut |_| {})
+}
+
+/// [`index_layer`], showing `observe` every byte of the uncompressed tar stream, in order (a
+/// base image's snapshot is unpacked from it: see `import::import_archive_for_runs`).
+pub fn index_layer_observed(
+    store: &Store,
+    layer: &LayerRecord,
+    observe: &mut dyn FnMut(&[u8]),
+) -> Result<LayerIndex, TreeError> {
     let layer_digest = &layer.digest;
     let read_error = |source| TreeError::Read { layer: layer_digest.clone(), source };
-    let mut archive = tar::Archive::new(open_layer_stream(store, layer)?);
+    let HashingReader { inner, hasher } = open_layer_stream(store, layer)?;
+    let stream = HashingReader { inner: ObservedReader { inner, observe }, hasher };
+    let mut archive = tar::Archive::new(stream);
     archive.set_ignore_zeros(false);
 
     let mut index = LayerIndex::default();
@@ -319,6 +331,20 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// Passes bytes through and shows `observe` what was read.
+struct ObservedReader<'a, R> {
+    inner: R,
+    observe: &'a mut dyn FnMut(&[u8]),
+}
+
+impl<R: Read> Read for ObservedReader<'_, R> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let count = self.inner.read(buffer)?;
+        (self.observe)(&buffer[..count]);
+        Ok(count)
+    }
+}
+
 /// The uncompressed tar stream of a stored layer blob, hashed as it is read.
 pub(crate) fn open_layer_stream(store: &Store, layer: &LayerRecord) -> Result<HashingReader<Box<dyn Read>>, TreeError> {
     let read_error = |source| TreeError::Read { layer: layer.digest.clone(), source };
@@ -347,11 +373,21 @@ pub(crate) fn open_layer_stream(store: &Store, layer: &LayerRecord) -> Result<Ha
 
 /// Reads the rest of the stream (the end-of-archive blocks and any record padding count for
 /// the diff id) and compares the digest of everything read with the layer's diff id.
-pub(crate) fn verify_diff_id(mut stream: HashingReader<Box<dyn Read>>, layer: &LayerRecord) -> Result<(), TreeError> {
+pub(crate) fn verify_diff_id<R: Read>(mut stream: HashingReader<R>, layer: &LayerRecord) -> Result<(), TreeError> {
     io::copy(&mut stream, &mut io::sink()).map_err(|source| TreeError::Read { layer: layer.digest.clone(), source })?;
     let (actual, _, _) = stream.hasher.finish();
     if actual != layer.diff_id {
         return Err(TreeError::DiffIdMismatch { layer: layer.digest.clone(), expected: layer.diff_id.clone(), actual });
+    }
+    Ok(())
+}
+
+/// Applies the indexes of a base image's layers to one tree, bottom layer first, which refuses
+/// writes through symlinks (what `index_and_apply_layers` does after indexing each layer).
+pub fn apply_indexes(layers: &[LayerRecord], indexes: &[LayerIndex]) -> Result<(), TreeError> {
+    let mut tree = FsTree::default();
+    for (position, (layer, index)) in layers.iter().zip(indexes).enumerate() {
+        tree.apply(position, &layer.digest, index)?;
     }
     Ok(())
 }

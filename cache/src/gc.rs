@@ -65,8 +65,10 @@ impl Store {
         let (snapshots, _) = tree_size(&self.root().join("snapshots"));
         let (provenance, _) = tree_size(&self.root().join("provenance"));
         let (tmp, _) = tree_size(&self.root().join("tmp"));
+        let (block_maps, _) = tree_size(&self.root().join("gzip-blocks"));
         let stat_cache = fs::metadata(self.root().join("stat-cache")).map(|metadata| metadata.len()).unwrap_or(0);
-        DiskUsage { blobs, blob_count, records, record_count, indexes, snapshots, other: provenance + tmp + stat_cache }
+        let other = provenance + tmp + block_maps + stat_cache;
+        DiskUsage { blobs, blob_count, records, record_count, indexes, snapshots, other }
     }
 
     /// Removes least recently used entries until the cache holds at most `keep_bytes`. Call it

@@ -14,7 +14,10 @@ use std::fmt;
 /// digests on machines with different cache histories.
 ///
 /// 2: gzip through flate2's zlib-rs backend, fed in fixed 128 KiB chunks.
-pub const KEY_FORMAT_VERSION: u32 = 2;
+/// 3: gzip as one member made of blocks compressed independently (each primed with the 32 KiB
+///    before it, the pigz scheme), so that layers compress on every core; blocks end at entries
+///    picked by a hash of their path (64-256 KiB), so that unchanged blocks can be reused.
+pub const KEY_FORMAT_VERSION: u32 = 3;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StepKey([u8; 32]);

@@ -56,6 +56,7 @@ use crate::tree::{FsTree, IndexKind, LayerIndex};
 pub use overlay::OverlayError;
 pub use sandbox::SandboxError;
 pub use snapshot::SnapshotError;
+pub(crate) use snapshot::StreamedSnapshot;
 pub use spec::SpecError;
 pub use upper::UpperError;
 
@@ -142,6 +143,11 @@ impl Identity {
     fn flavour(self) -> SnapshotFlavour {
         if self.rootless.is_some() { SnapshotFlavour::Rootless } else { SnapshotFlavour::Privileged }
     }
+}
+
+/// The flavour of the snapshots RUN steps of this process stack (for [`StreamedSnapshot`]).
+pub(crate) fn snapshot_flavour() -> SnapshotFlavour {
+    Identity::of_process().flavour()
 }
 
 /// Whether a kernel release (`6.18.44-fc`, `5.15.0-91-generic`) is at least `major.minor`. An

@@ -26,7 +26,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::thread::JoinHandle;
 
 use layerwright_cache::{Digest, LayerRecord, Store};
 use rustix::fd::{AsFd, OwnedFd};
@@ -132,13 +133,28 @@ struct DirectoryMetadata {
     xattrs: Vec<(String, Vec<u8>)>,
 }
 
-/// Unpacks the layer blob of `layer` into the empty directory `root`.
+/// Unpacks the layer blob of `layer` into the empty directory `root`, verifying its diff id.
 pub fn unpack_layer(
     store: &Store,
     layer: &LayerRecord,
     root: &Path,
     flavour: SnapshotFlavour,
 ) -> Result<(), SnapshotError> {
+    let stream = tree::open_layer_stream(store, layer)?;
+    let (stream, unpacker) = unpack_tar(stream, &layer.digest, root, flavour)?;
+    tree::verify_diff_id(stream, layer)?;
+    unpacker.finish_directories()
+}
+
+/// Unpacks the tar `stream` of the layer `layer` (named in errors) into the empty directory
+/// `root`; returns the stream (for whatever checks the rest of it) and the unpacker, whose
+/// directory metadata is still to be applied.
+fn unpack_tar<R: Read>(
+    stream: R,
+    layer: &Digest,
+    root: &Path,
+    flavour: SnapshotFlavour,
+) -> Result<(R, Unpacker), SnapshotError> {
     let root_fd = rustix::fs::open(root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|error| SnapshotError::Io { action: "open", path: root.to_owned(), source: error.into() })?;
     // The root of the merged tree takes the upper directory's metadata; the lower roots only
@@ -149,22 +165,144 @@ pub fn unpack_layer(
         source: error.into(),
     })?;
     let mut unpacker = Unpacker {
-        layer: layer.digest.clone(),
+        layer: layer.clone(),
         root: root_fd,
         privileged: flavour == SnapshotFlavour::Privileged,
         flavour,
         directories: HashMap::new(),
         last_parent: None,
+        creates_root_owned: false,
     };
-    let read_error = |source| TreeError::Read { layer: layer.digest.clone(), source };
-    let mut archive = tar::Archive::new(tree::open_layer_stream(store, layer)?);
+    unpacker.creates_root_owned = unpacker.privileged && creates_root_owned(&unpacker.root);
+    let read_error = |source| TreeError::Read { layer: layer.clone(), source };
+    let mut archive = tar::Archive::new(stream);
     archive.set_ignore_zeros(false);
     for member in archive.entries().map_err(read_error)? {
         let mut member = member.map_err(read_error)?;
         unpacker.member(&mut member)?;
     }
-    tree::verify_diff_id(archive.into_inner(), layer)?;
-    unpacker.finish_directories()
+    Ok((archive.into_inner(), unpacker))
+}
+
+/// The bytes of the tar stream a [`StreamedSnapshot`] gathers before handing them to its thread.
+const STREAMED_CHUNK: usize = 128 * 1024;
+
+/// A snapshot unpacked from a layer's tar stream on a thread of its own while the layer is
+/// being written, for a layer that a RUN step will stack under its overlay: the RUN then finds
+/// the snapshot ready instead of decompressing the blob it was just written into, re-hashing
+/// it and creating every file only then. The stream is the layer writer's own, so there is no
+/// diff id to verify; a snapshot that fails for any reason is simply not installed, and the
+/// RUN unpacks the blob as usual.
+pub struct StreamedSnapshot {
+    pending: Vec<u8>,
+    sender: Option<mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<JoinHandle<Option<tempfile::TempDir>>>,
+    store: Store,
+    flavour: SnapshotFlavour,
+}
+
+impl StreamedSnapshot {
+    /// Starts the unpacking thread into a new directory under the store's `tmp/`.
+    pub fn start(store: &Store, flavour: SnapshotFlavour) -> io::Result<StreamedSnapshot> {
+        let directory = tempfile::Builder::new().prefix("snapshot-").tempdir_in(store.tmp_dir())?;
+        // A few chunks in flight: the writer never waits long, memory stays small.
+        let (sender, receiver) = mpsc::sync_channel::<Vec<u8>>(8);
+        let worker = std::thread::Builder::new().name("layerwright-snapshot".into()).spawn(move || {
+            let stream = ChannelReader { receiver, chunk: Vec::new(), position: 0 };
+            // Named in errors only, which are not reported (see the type's doc).
+            let layer = Digest::of_bytes(b"");
+            let (mut stream, unpacker) = unpack_tar(stream, &layer, directory.path(), flavour).ok()?;
+            // The end-of-archive blocks and anything after them: drain so the writer never blocks.
+            io::copy(&mut stream, &mut io::sink()).ok()?;
+            unpacker.finish_directories().ok()?;
+            Some(directory)
+        })?;
+        Ok(StreamedSnapshot {
+            pending: Vec::with_capacity(STREAMED_CHUNK),
+            sender: Some(sender),
+            worker: Some(worker),
+            store: store.clone(),
+            flavour,
+        })
+    }
+
+    /// The next bytes of the layer's tar stream.
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let taken = bytes.len().min(STREAMED_CHUNK - self.pending.len());
+            self.pending.extend_from_slice(&bytes[..taken]);
+            bytes = &bytes[taken..];
+            if self.pending.len() == STREAMED_CHUNK {
+                self.send_pending();
+            }
+        }
+    }
+
+    fn send_pending(&mut self) {
+        let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(STREAMED_CHUNK));
+        // A failed unpack dropped its receiver: the rest of the stream is not needed.
+        if let Some(sender) = &self.sender
+            && sender.send(chunk).is_err()
+        {
+            self.sender = None;
+        }
+    }
+
+    /// Ends the stream and installs the snapshot as the one of `layer`'s diff id, unless one
+    /// is there already. Returns whether a snapshot of the layer now exists from this stream.
+    pub fn finish(mut self, layer: &LayerRecord) -> bool {
+        if !self.pending.is_empty() {
+            self.send_pending();
+        }
+        self.sender = None;
+        let Some(Some(directory)) = self.worker.take().map(|worker| worker.join().ok().flatten()) else {
+            return false;
+        };
+        let final_path = self.store.snapshots_dir().join(self.flavour.directory_name(&layer.diff_id));
+        let lock = snapshot_lock(&final_path);
+        let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if final_path.is_dir() || std::fs::rename(directory.path(), &final_path).is_err() {
+            return false; // The TempDir removes ours.
+        }
+        // Renamed away: nothing is left for the TempDir to remove.
+        let _ = directory.keep();
+        true
+    }
+}
+
+impl Drop for StreamedSnapshot {
+    /// An abandoned layer: stop the thread and wait for it, so that its directory is removed.
+    fn drop(&mut self) {
+        self.sender = None;
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// The receiving end of a [`StreamedSnapshot`] as a reader.
+struct ChannelReader {
+    receiver: mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    position: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        while self.position == self.chunk.len() {
+            match self.receiver.recv() {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.position = 0;
+                }
+                Err(_) => return Ok(0), // The writer finished (or gave up): end of stream.
+            }
+        }
+        let count = buffer.len().min(self.chunk.len() - self.position);
+        buffer[..count].copy_from_slice(&self.chunk[self.position..self.position + count]);
+        self.position += count;
+        Ok(count)
+    }
 }
 
 struct Unpacker {
@@ -175,7 +313,20 @@ struct Unpacker {
     /// Directories this layer holds (or implies), by path.
     directories: HashMap<String, DirectoryMetadata>,
     /// The directory of the previous member: members of one directory usually follow each other.
-    last_parent: Option<(String, OwnedFd)>,
+    last_parent: Option<(String, Arc<OwnedFd>)>,
+    /// Whether what this unpack creates is root's already (see [`creates_root_owned`]), so that
+    /// entries owned by root need no `chown`.
+    creates_root_owned: bool,
+}
+
+/// Whether the files and directories created below `root` during an unpack belong to root:
+/// the process is root with group root and `root` has group root. A new entry takes its
+/// group from the process, or (setgid directory, `grpid` mount) from its parent directory,
+/// and every parent created during an unpack gets its own metadata only at the very end.
+fn creates_root_owned(root: &OwnedFd) -> bool {
+    rustix::process::geteuid().is_root()
+        && rustix::process::getegid().is_root()
+        && rustix::fs::fstat(root).is_ok_and(|stat| stat.st_gid == 0)
 }
 
 /// `("dir/sub", "name")` for `dir/sub/name`, `("", "name")` for `name`.
@@ -277,19 +428,31 @@ impl Unpacker {
             self.directories.insert(path.clone(), DirectoryMetadata { path, mode, uid, gid, mtime, xattrs });
             return Ok(());
         }
-        // Anything else replaces what is at its path (a later member of the same name wins).
-        if rustix::fs::statat(&parent_fd, base, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
-            remove_tree(&parent_fd, base).map_err(self.write_error(&path, "replace"))?;
+        // Anything else replaces what is at its path (a later member of the same name wins). A
+        // regular file (most members) finds out by creating it exclusively, the others by a stat.
+        let is_regular = tree::is_regular_file(entry_type);
+        if !is_regular && rustix::fs::statat(&*parent_fd, base, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+            remove_tree(&*parent_fd, base).map_err(self.write_error(&path, "replace"))?;
             self.directories.remove(&path);
         }
         let times = timestamps(mtime);
-        if tree::is_regular_file(entry_type) {
-            let file = rustix::fs::openat(
-                &parent_fd,
-                base,
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
+        if is_regular {
+            let create = || {
+                rustix::fs::openat(
+                    &*parent_fd,
+                    base,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(0o600),
+                )
+            };
+            let file = match create() {
+                Err(Errno::EXIST) => {
+                    remove_tree(&*parent_fd, base).map_err(self.write_error(&path, "replace"))?;
+                    self.directories.remove(&path);
+                    create()
+                }
+                other => other,
+            }
             .map_err(self.write_error(&path, "create"))?;
             let mut file = File::from(file);
             io::copy(member, &mut file).map_err(|source| SnapshotError::Write {
@@ -378,7 +541,7 @@ impl Unpacker {
         gid: u32,
         xattrs: &[(String, Vec<u8>)],
     ) -> Result<(), SnapshotError> {
-        if self.privileged {
+        if self.privileged && !(self.creates_root_owned && (uid, gid) == (0, 0)) {
             rustix::fs::fchown(&fd, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))
                 .map_err(self.write_error(path, "chown"))?;
         } else if (uid, gid) != (0, 0) {
@@ -401,15 +564,14 @@ impl Unpacker {
     }
 
     /// The directory `parent` of entry `entry`, created (with implied parents) when missing.
-    fn directory(&mut self, parent: &str, entry: &str) -> Result<OwnedFd, SnapshotError> {
+    fn directory(&mut self, parent: &str, entry: &str) -> Result<Arc<OwnedFd>, SnapshotError> {
         if let Some((last, fd)) = &self.last_parent
             && last == parent
         {
-            return rustix::io::dup(fd).map_err(self.write_error(entry, "duplicate a directory descriptor"));
+            return Ok(Arc::clone(fd));
         }
-        let fd = self.open_directory(parent, entry, true)?.expect("missing directories are created");
-        let duplicate = rustix::io::dup(&fd).map_err(self.write_error(entry, "duplicate a directory descriptor"))?;
-        self.last_parent = Some((parent.to_owned(), duplicate));
+        let fd = Arc::new(self.open_directory(parent, entry, true)?.expect("missing directories are created"));
+        self.last_parent = Some((parent.to_owned(), Arc::clone(&fd)));
         Ok(fd)
     }
 
@@ -698,6 +860,43 @@ mod tests {
         assert_eq!(ensure_snapshot(&store, &layer, flavour).unwrap(), snapshot);
         assert!(snapshot.join("marker").exists());
         assert_eq!(std::fs::read_dir(store.tmp_dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_snapshot_streamed_while_the_layer_is_written_is_the_unpacked_one() {
+        let (_dir, store) = new_store();
+        let mut entries = vec![
+            entry("etc", EntryKind::Directory, 0o750),
+            file("etc/passwd", "root\n", 0o644),
+            file("usr/bin/tool", "#!\n", 0o4755),
+            entry("usr/bin/link", EntryKind::Symlink { target: "tool".into() }, 0o777),
+            entry("usr/bin/hard", EntryKind::HardLink { target: "usr/bin/tool".into() }, 0o755),
+            entry("srv/gone", EntryKind::Whiteout, 0),
+            entry("srv/replaced", EntryKind::OpaqueWhiteout, 0),
+        ];
+        // Enough content for several chunks of the stream.
+        for index in 0..40 {
+            let bytes: Arc<[u8]> = Arc::from(crate::host::incompressible_bytes(10_000, index));
+            let kind = EntryKind::File { size: bytes.len() as u64, content: Content::Inline(bytes) };
+            entries.push(entry(&format!("data/f{index}"), kind, 0o640));
+        }
+        let flavour =
+            if rustix::process::geteuid().is_root() { SnapshotFlavour::Privileged } else { SnapshotFlavour::Rootless };
+        let mut streamed = StreamedSnapshot::start(&store, flavour).unwrap();
+        let options = LayerOptions { compression: Compression::Gzip, mtime: 0 };
+        let layer = crate::layer::write_layer_observed(&store, entries, &options, &mut |bytes| streamed.push(bytes))
+            .unwrap()
+            .record;
+        assert!(streamed.finish(&layer));
+        let snapshot = store.snapshots_dir().join(flavour.directory_name(&layer.diff_id));
+        assert_eq!(ensure_snapshot(&store, &layer, flavour).unwrap(), snapshot, "RUN steps find it ready");
+
+        let unpacked = tempfile::tempdir().unwrap();
+        unpack_layer(&store, &layer, unpacked.path(), flavour).unwrap();
+        let listing = crate::host::directory_listing(&snapshot).unwrap();
+        assert_eq!(listing, crate::host::directory_listing(unpacked.path()).unwrap());
+        assert!(listing.contains("data/f39"), "{listing}");
+        assert_eq!(std::fs::read_dir(store.tmp_dir()).unwrap().count(), 0, "nothing is left in tmp/");
     }
 
     #[test]

@@ -72,7 +72,12 @@ impl Fixture {
     }
 
     fn execution(&self) -> Execution<'_> {
-        Execution { store: &self.store, layer_options: layer_options(), indexes: &self.indexes }
+        Execution {
+            store: &self.store,
+            layer_options: layer_options(),
+            indexes: &self.indexes,
+            snapshot_for_run: false,
+        }
     }
 
     fn run(&self, run: &Run, sandbox: &FakeSandbox, progress: Option<&ProgressSink>) -> Result<NewLayer, StepError> {
@@ -380,7 +385,8 @@ fn the_real_sandbox_runs_with_the_new_mount_api_and_with_the_classic_fallback() 
     let base = crate::layer::write_layer(&store, entries, &layer_options()).unwrap();
     let parent = Arc::new(NodeState::new(vec![base.record], json!({ "config": {} }), None));
     let indexes = IndexCache::default();
-    let execution = Execution { store: &store, layer_options: layer_options(), indexes: &indexes };
+    let execution =
+        Execution { store: &store, layer_options: layer_options(), indexes: &indexes, snapshot_for_run: false };
     for classic_overlay in [false, true] {
         let run = Run::shell(format!(
             "mkdir /out && echo classic={classic_overlay} > /out/x && rm /srv/old && cat /out/x && echo pid=$$"
