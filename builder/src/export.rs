@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -478,12 +478,32 @@ struct OutputFile<'a> {
 
 impl OutputFile<'_> {
     /// Appends the content of `source` (from its start) and returns how many bytes that was.
-    /// `io::copy` between two files uses `copy_file_range`, which copies inside the kernel (or
-    /// shares extents, on filesystems that can), falling back to plain reads and writes.
+    /// Copied with `copy_file_range`, inside the kernel (or by sharing extents, on filesystems
+    /// that can), a chunk at a time, starting each chunk's writeback as soon as it is copied so
+    /// that the final fsync does not wait for all of it; `io::copy` (which falls back to plain
+    /// reads and writes) where `copy_file_range` is refused.
     fn copy_file(&mut self, source: &File) -> io::Result<u64> {
         self.buffered.flush()?;
-        let mut source = source;
-        io::copy(&mut source, self.buffered.get_mut())
+        let mut output: &File = self.buffered.get_ref();
+        let start = output.stream_position()?;
+        let mut copied = 0u64;
+        loop {
+            let chunk = usize::try_from(layerwright_cache::WRITEBACK_CHUNK).unwrap_or(usize::MAX);
+            match rustix::fs::copy_file_range(source, None, output, None, chunk) {
+                Ok(0) => return Ok(copied),
+                Ok(count) => {
+                    layerwright_cache::start_writeback(output, start + copied, count as u64);
+                    copied += count as u64;
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                // Nothing copied yet and the kernel cannot do it here: copy through this process.
+                Err(_) if copied == 0 => {
+                    let mut source = source;
+                    return io::copy(&mut source, &mut output);
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 }
 

@@ -250,7 +250,9 @@ pub fn write_layer_observed(
     let (blob_writer, blocks) = compressor.finish_with_blocks().map_err(|source| LayerError::Finish { source })?;
     let blob_bytes_written = blob_writer.written();
     let blob = blob_writer.commit()?;
-    if let Some(shape) = &shape {
+    // A layer of one block has nothing to share with its next version (that block is what
+    // changes), and small layers are the many: they write no map.
+    if let Some(shape) = shape.as_ref().filter(|_| blocks.len() > 1) {
         PreviousBlocks::save(store, shape, &blob.digest, blocks);
     }
     // An uncompressed blob is the tar itself: its digest is the diff id.

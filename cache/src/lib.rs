@@ -47,4 +47,4 @@ pub use explain::{MissReason, Provenance};
 pub use gc::{DiskUsage, PruneReport};
 pub use key::{KEY_FORMAT_VERSION, StepKey, StepKeyBuilder};
 pub use stat_cache::{FileStat, StatCache};
-pub use store::{ActionRecord, BlobInfo, BlobWriter, LayerRecord, Store, StoreError};
+pub use store::{ActionRecord, BlobInfo, BlobWriter, LayerRecord, Store, StoreError, WRITEBACK_CHUNK, start_writeback};

@@ -416,6 +416,25 @@ const BLOB_BUFFER: usize = 256 * 1024;
 /// Full buffers that may wait for a blob's hashing thread (bounds the memory of a blob writer).
 const BLOB_BUFFERS_IN_FLIGHT: usize = 4;
 
+/// How much of a large file is written before its writeback is started (see
+/// [`start_writeback`]).
+pub const WRITEBACK_CHUNK: u64 = 8 << 20;
+
+/// Asks the kernel to start writing `length` bytes of `file` from `offset` to disk, without
+/// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). A large file written this way as it
+/// grows is mostly on disk by the time it is fsynced: the disk works while the file is still
+/// being produced, instead of the fsync waiting for all of it at the end. Only a hint (the
+/// fsync still makes the file durable): errors, such as a filesystem without it, are ignored.
+pub fn start_writeback(file: &File, offset: u64, length: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) else { return };
+    // SAFETY: sync_file_range only reads its integer arguments, and the descriptor stays open
+    // while `file` is borrowed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, length, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// A blob being written. Dropping it without [`BlobWriter::commit`] deletes the temp file.
 ///
 /// A blob larger than one buffer is hashed and written by a thread of its own, so that the
@@ -464,8 +483,15 @@ impl BlobWriter {
             let (sender, receiver) = mpsc::sync_channel::<Vec<u8>>(BLOB_BUFFERS_IN_FLIGHT);
             let (spare_sender, spare) = mpsc::channel();
             let worker = std::thread::Builder::new().name("layerwright-blob".into()).spawn(move || {
+                // How far the file was written, and how far its writeback was started.
+                let (mut written, mut flushing) = (0u64, 0u64);
                 for buffer in receiver {
                     hashed.write_all(&buffer)?;
+                    written += buffer.len() as u64;
+                    if written - flushing >= WRITEBACK_CHUNK {
+                        start_writeback(hashed.get_ref().as_file(), flushing, written - flushing);
+                        flushing = written;
+                    }
                     // The writer may be gone (it failed); then the buffer is simply freed.
                     let _ = spare_sender.send(buffer);
                 }
