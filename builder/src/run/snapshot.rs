@@ -813,22 +813,26 @@ mod tests {
         format!("{kind} {:04o}", metadata.mode() & 0o7777)
     }
 
+    /// A directory, files (one setuid), a symlink, a hard link, a whiteout and an opaque
+    /// directory.
+    fn mixed_entries() -> Vec<LayerEntry> {
+        vec![
+            entry("etc", EntryKind::Directory, 0o750),
+            file("etc/passwd", "root\n", 0o644),
+            file("usr/bin/tool", "#!\n", 0o4755),
+            entry("usr/bin/link", EntryKind::Symlink { target: "tool".into() }, 0o777),
+            entry("usr/bin/hard", EntryKind::HardLink { target: "usr/bin/tool".into() }, 0o755),
+            entry("srv/gone", EntryKind::Whiteout, 0),
+            entry("srv/replaced", EntryKind::OpaqueWhiteout, 0),
+        ]
+    }
+
     #[test]
     fn a_layer_unpacks_with_overlay_whiteouts_and_is_reused() {
         let (_dir, store) = new_store();
-        let layer = layer_of(
-            &store,
-            vec![
-                entry("etc", EntryKind::Directory, 0o750),
-                file("etc/passwd", "root\n", 0o644),
-                file("usr/bin/tool", "#!\n", 0o4755),
-                entry("usr/bin/link", EntryKind::Symlink { target: "tool".into() }, 0o777),
-                entry("usr/bin/hard", EntryKind::HardLink { target: "usr/bin/tool".into() }, 0o755),
-                entry("srv/gone", EntryKind::Whiteout, 0),
-                entry("srv/replaced", EntryKind::OpaqueWhiteout, 0),
-                file("srv/replaced/new", "new", 0o600),
-            ],
-        );
+        let mut entries = mixed_entries();
+        entries.push(file("srv/replaced/new", "new", 0o600));
+        let layer = layer_of(&store, entries);
         let flavour =
             if rustix::process::geteuid().is_root() { SnapshotFlavour::Privileged } else { SnapshotFlavour::Rootless };
         let snapshot = ensure_snapshot(&store, &layer, flavour).unwrap();
@@ -865,15 +869,7 @@ mod tests {
     #[test]
     fn a_snapshot_streamed_while_the_layer_is_written_is_the_unpacked_one() {
         let (_dir, store) = new_store();
-        let mut entries = vec![
-            entry("etc", EntryKind::Directory, 0o750),
-            file("etc/passwd", "root\n", 0o644),
-            file("usr/bin/tool", "#!\n", 0o4755),
-            entry("usr/bin/link", EntryKind::Symlink { target: "tool".into() }, 0o777),
-            entry("usr/bin/hard", EntryKind::HardLink { target: "usr/bin/tool".into() }, 0o755),
-            entry("srv/gone", EntryKind::Whiteout, 0),
-            entry("srv/replaced", EntryKind::OpaqueWhiteout, 0),
-        ];
+        let mut entries = mixed_entries();
         // Enough content for several chunks of the stream.
         for index in 0..40 {
             let bytes: Arc<[u8]> = Arc::from(crate::host::incompressible_bytes(10_000, index));
