@@ -223,7 +223,7 @@ impl Builder {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct BuiltInner {
     pub store: Store,
     pub manifest: Digest,
@@ -285,12 +285,6 @@ impl BuiltImage {
     /// downloaded, warnings, and the export.
     pub fn remote_cache(&self) -> Option<&RemoteCacheReport> {
         self.inner.remote_cache.as_deref()
-    }
-
-    pub(crate) fn with_remote_cache(self, report: Option<Arc<RemoteCacheReport>>) -> BuiltImage {
-        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| (*shared).clone());
-        inner.remote_cache = report;
-        BuiltImage { inner: Arc::new(inner) }
     }
 
     fn parts(&self) -> ImageParts<'_> {

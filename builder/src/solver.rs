@@ -34,7 +34,7 @@ use crate::config;
 use crate::context::{self, OpenedContext, Selection, StatLookup};
 use crate::import;
 use crate::layer::{LayerEntry, LayerOptions};
-use crate::remote::{self, Decision, NodeShape, Served};
+use crate::remote::{self, Decision, NodeShape, RemoteCacheReport, Served};
 use crate::run::{self, RunRequest};
 use crate::steps::{Execution, IndexCache, NodeState};
 
@@ -82,7 +82,7 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
             recorded: !matches!(node.image.step(), Step::Scratch | Step::Config(_)),
         })
         .collect();
-    let mut local_records = read_local_records(&builder.store, &plan, &keys, &shapes)?;
+    let mut local_records = builder.workers.install(|| read_local_records(&builder.store, &plan, &keys, &shapes))?;
     let mut remote =
         remote::prepare(&builder.store, &builder.options.cache_from, &shapes, &keys, &tops, &mut local_records);
     let walk = Walk {
@@ -135,21 +135,20 @@ pub(crate) fn build_all(builder: &Builder, images: &[&Image]) -> Result<Vec<Buil
         .enumerate()
         .filter_map(|(index, record)| Some((keys[index], record.into_inner()?)))
         .collect();
-    let built: Vec<BuiltImage> = tops
-        .iter()
-        .map(|top| {
-            let steps = reports_of(&plan, &outcomes, *top);
-            let (top_state, _) = outcomes[*top].as_ref().expect("requested images are required");
-            finish(&builder.store, top_state, &walk.created, steps, bytes_written)
-                .map_err(|source| BuildError::Step { step: "write manifest".into(), source: Box::new(source) })
-        })
-        .collect::<Result<_, _>>()?;
+    let created = walk.created;
     if let Some(cache_to) = &builder.options.cache_to {
         remote::export(&builder.store, cache_to, records, &mut remote);
     }
     let uses_remote = !builder.options.cache_from.is_empty() || builder.options.cache_to.is_some();
-    let report = uses_remote.then(|| Arc::new(remote.report));
-    Ok(built.into_iter().map(|image| image.with_remote_cache(report.clone())).collect())
+    let remote_cache = uses_remote.then(|| Arc::new(remote.report));
+    tops.iter()
+        .map(|top| {
+            let steps = reports_of(&plan, &outcomes, *top);
+            let (top_state, _) = outcomes[*top].as_ref().expect("requested images are required");
+            finish(&builder.store, top_state, &created, steps, bytes_written, remote_cache.clone())
+                .map_err(|source| BuildError::Step { step: "write manifest".into(), source: Box::new(source) })
+        })
+        .collect()
 }
 
 /// The key of every planned node, one depth level at a time (in parallel within a level).
@@ -363,14 +362,15 @@ fn plan(
     Ok(plan)
 }
 
-/// The local store's record of every recorded node (scratch and config changes have none).
+/// The local store's record of every recorded node (scratch and config changes have none),
+/// read in parallel as the walk used to read them (one small file each).
 fn read_local_records(
     store: &Store,
     plan: &[PlannedNode],
     keys: &[StepKey],
     shapes: &[NodeShape],
 ) -> Result<Vec<Option<ActionRecord>>, BuildError> {
-    plan.iter()
+    plan.par_iter()
         .zip(keys)
         .zip(shapes)
         .map(|((node, key), shape)| {
@@ -756,6 +756,7 @@ fn finish(
     created: &str,
     steps: Vec<StepReport>,
     blob_bytes_written: u64,
+    remote_cache: Option<Arc<RemoteCacheReport>>,
 ) -> Result<BuiltImage, StepError> {
     let mut config = state.config.clone();
     config::set_created(&mut config, created);
@@ -771,7 +772,7 @@ fn finish(
             layers: state.layers.clone(),
             steps,
             blob_bytes_written,
-            remote_cache: None,
+            remote_cache,
         }),
     })
 }
