@@ -2,114 +2,76 @@
 //!
 //! A `Builder` owns the cache directory's store and, for as long as it lives, the salsa key
 //! database and the stat cache: a long-lived builder (watch mode, `build_all`, tests) re-executes
-//! only the key queries whose inputs changed. The walk itself is in `solver`; what each step
-//! does is in `steps`.
+//! only the key queries whose inputs changed. The walk itself is in `solve`; this facade wraps it
+//! and is never imported from below.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use layerwright_cache::{Digest, KeyDatabase, LayerRecord, MissReason, StatCache, Store, StoreError};
-use layerwright_dsl::{Image, ImagePathError};
+use layerwright_cache::{KeyDatabase, LayerRecord, StatCache, Store, StoreError};
+use layerwright_dsl::Image;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::context::ContextError;
-use crate::export::{ExportError, ImageParts};
-use crate::import::ImportError;
-use crate::layer::{Compression, LayerError};
-use crate::remote::RemoteCacheReport;
-use crate::tree::{FsTree, LayerIndex, TreeError};
+use crate::layer::{self, Compression, LayerIndex, TreeError};
+use crate::output::{ExportError, ImageParts};
+use crate::progress::{Progress, ProgressSink, StepReport};
+use crate::remote_cache::RemoteCacheReport;
+use crate::solve::{self, KeyState, Session, SolveOptions, SolvedImage, StepError, StepFailure};
+use crate::tree::FsTree;
 
 /// Why a build failed: which step, and what about it.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum BuildError {
+    /// The cache directory could not be opened.
     #[error("cache directory {path}: {source}")]
-    Cache { path: PathBuf, source: StoreError },
+    Cache {
+        /// The cache directory.
+        path: PathBuf,
+        /// What failed.
+        source: StoreError,
+    },
+    /// A step failed.
     #[error("step `{step}`: {source}")]
-    Step { step: String, source: Box<StepError> },
+    Step {
+        /// The step's label.
+        step: String,
+        /// What went wrong in it.
+        source: Box<StepError>,
+    },
+    /// The worker thread pool could not be started.
     #[error("cannot start the build's worker threads: {0}")]
     Workers(String),
+    /// A layer of the image could not be read for its listing.
     #[error("listing the image: {0}")]
     Listing(#[from] TreeError),
 }
 
-/// What went wrong inside one step.
-#[derive(Debug, Error)]
-pub enum StepError {
-    #[error("path {path:?}: {source}")]
-    Path { path: String, source: ImagePathError },
-    #[error(transparent)]
-    Context(#[from] ContextError),
-    #[error(transparent)]
-    Import(#[from] ImportError),
-    #[error(transparent)]
-    Layer(#[from] LayerError),
-    #[error(transparent)]
-    Tree(#[from] TreeError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("{path:?} does not exist in the image")]
-    NotInImage { path: String },
-    #[error("{path:?} does not exist in the source image")]
-    NotInSourceImage { path: String },
-    #[error("cannot write below /{path}: it is a {kind} in the image, not a directory")]
-    ParentNotDirectory { path: String, kind: &'static str },
-    #[error("cannot create a temporary directory under {path}: {source}")]
-    Spool { path: PathBuf, source: std::io::Error },
-    #[error("the cached config {digest} is unreadable: {reason}")]
-    CorruptConfig { digest: Digest, reason: String },
-    #[error("{what} is not supported yet")]
-    Unsupported { what: &'static str },
-    #[error(transparent)]
-    Run(#[from] crate::run::RunError),
-    #[cfg(feature = "registry")]
-    #[error(transparent)]
-    Registry(Box<crate::registry::RegistryError>),
-    #[error("pulling {reference} needs the `registry` feature of layerwright, which this build of it leaves out")]
-    RegistryDisabled { reference: String },
-    #[error("its input `{input}` was not built: its cache record vanished during the build; build again")]
-    InputNotBuilt { input: String },
-    #[error("recompressing layer {layer}: {source}")]
-    Recompress { layer: Digest, source: std::io::Error },
+impl From<StepFailure> for BuildError {
+    fn from(failure: StepFailure) -> BuildError {
+        BuildError::Step { step: failure.step, source: failure.source }
+    }
 }
-
-/// One line of progress: a step started or finished, or a RUN step's command printed a line.
-#[derive(Debug, Clone)]
-pub enum ProgressEvent {
-    Started {
-        label: String,
-    },
-    Finished(StepReport),
-    /// A line of a RUN command's output (stdout and stderr interleaved), as it comes.
-    Output {
-        label: String,
-        line: String,
-    },
-}
-
-/// Receives progress events (the xtask draws them; a library user may log them). Called from
-/// the build's worker threads.
-pub type ProgressSink = Arc<dyn Fn(&ProgressEvent) + Send + Sync>;
-
-/// Called with a step's label (see [`BuilderOptions::before_execute`]).
-pub type StepHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Options of a [`Builder`].
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct BuilderOptions {
+    /// The compression of the layers the build writes (gzip by default).
     pub compression: Compression,
     /// The mtime of every layer entry and the `created` time of the config; `None` reads
     /// `SOURCE_DATE_EPOCH`, and without it uses 0.
     pub source_date_epoch: Option<u64>,
+    /// Receives progress events and warnings; without one, warnings go to the `log` crate.
     pub progress: Option<ProgressSink>,
     /// How many steps may execute at once; `None` means the number of cores, at least 4 (RUN
     /// steps and IO wait as much as they compute).
     pub jobs: Option<usize>,
     /// Called with a step's label just before the step executes (cache misses only). For tests
     /// that need a slow step.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub before_execute: Option<StepHook>,
     /// Remote caches (registry references `registry/repository:tag`) asked for a step that
     /// misses locally, in order; see [`Builder::remote_cache`].
@@ -132,36 +94,15 @@ impl fmt::Debug for BuilderOptions {
     }
 }
 
-/// What happened to one step of a build.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepReport {
-    pub label: String,
-    /// True when the step's result came from the cache (config steps, which build nothing,
-    /// count as cached).
-    pub cached: bool,
-    /// True when the result came from a remote cache (then `cached` is true as well).
-    pub remote: bool,
-    pub duration: Duration,
-    /// The digest of the layer the step added, for steps that add one.
-    pub layer: Option<String>,
-    /// For a step that was built: why the cache could not serve it.
-    pub miss: Option<MissReason>,
-}
-
-/// The long-lived, mutable part of a builder.
-pub(crate) struct BuilderState {
-    pub keys: KeyDatabase,
-    pub stat_cache: StatCache,
-}
-
 /// Builds images into a persistent cache directory. Cheap to clone (clones share the cache
 /// state); `Send + Sync`.
 #[derive(Clone)]
 pub struct Builder {
-    pub(crate) store: Store,
-    pub(crate) options: BuilderOptions,
-    pub(crate) state: Arc<Mutex<BuilderState>>,
-    pub(crate) workers: Arc<rayon::ThreadPool>,
+    store: Store,
+    options: BuilderOptions,
+    solve_options: SolveOptions,
+    state: Arc<Mutex<KeyState>>,
+    workers: Arc<rayon::ThreadPool>,
 }
 
 impl fmt::Debug for Builder {
@@ -176,6 +117,7 @@ impl Builder {
         Builder::with_options(cache_dir, BuilderOptions::default())
     }
 
+    /// A builder whose cache lives in `cache_dir` (created if missing), with `options`.
     pub fn with_options(cache_dir: impl AsRef<Path>, options: BuilderOptions) -> Result<Builder, BuildError> {
         let path = cache_dir.as_ref();
         let store = Store::open(path).map_err(|source| BuildError::Cache { path: path.to_owned(), source })?;
@@ -186,12 +128,24 @@ impl Builder {
             .thread_name(|index| format!("layerwright-{index}"))
             .build()
             .map_err(|error| BuildError::Workers(error.to_string()))?;
-        let state = BuilderState { keys: KeyDatabase::new(), stat_cache };
-        Ok(Builder { store, options, state: Arc::new(Mutex::new(state)), workers: Arc::new(workers) })
+        let state = KeyState { keys: KeyDatabase::new(), stat_cache };
+        let solve_options = solve_options(&options);
+        Ok(Builder { store, options, solve_options, state: Arc::new(Mutex::new(state)), workers: Arc::new(workers) })
     }
 
-    pub fn store(&self) -> &Store {
+    /// The store of the cache directory (for the build-script helper above the facade).
+    pub(crate) fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The cache directory this builder keeps its store in.
+    pub fn cache_dir(&self) -> &Path {
+        self.store.root()
+    }
+
+    /// The options this builder was made with.
+    pub fn options(&self) -> &BuilderOptions {
+        &self.options
     }
 
     /// Shares this builder's cache through a registry: a step that misses locally is looked
@@ -202,6 +156,7 @@ impl Builder {
     pub fn remote_cache(mut self, reference: &str) -> Builder {
         self.options.cache_from.push(reference.to_owned());
         self.options.cache_to = Some(reference.to_owned());
+        self.solve_options = solve_options(&self.options);
         self
     }
 
@@ -213,34 +168,43 @@ impl Builder {
 
     /// Builds several images in one walk: a step they share is built once.
     pub fn build_all(&self, images: &[&Image]) -> Result<Vec<BuiltImage>, BuildError> {
-        crate::solver::build_all(self, images)
+        let session = Session {
+            store: &self.store,
+            options: &self.solve_options,
+            state: &self.state,
+            workers: &self.workers,
+        };
+        let solved = solve::build_all(session, images)?;
+        Ok(solved.into_iter().map(|image| BuiltImage { inner: Arc::new(image) }).collect())
     }
 
     /// The salsa queries that executed since the last call (for tests of incrementality).
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub fn take_key_query_log(&self) -> Vec<String> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).keys.execution_log().take()
     }
 }
 
-#[derive(Debug)]
-pub(crate) struct BuiltInner {
-    pub store: Store,
-    pub manifest: Digest,
-    pub manifest_size: u64,
-    pub config: Digest,
-    pub layers: Vec<LayerRecord>,
-    pub steps: Vec<StepReport>,
-    pub blob_bytes_written: u64,
-    /// What the build did with remote caches, when it had any.
-    pub remote_cache: Option<Arc<RemoteCacheReport>>,
+/// The options of the solver, from the builder's.
+fn solve_options(options: &BuilderOptions) -> SolveOptions {
+    SolveOptions {
+        compression: options.compression,
+        source_date_epoch: options.source_date_epoch,
+        progress: Progress::new(options.progress.clone()),
+        #[cfg(feature = "testing")]
+        before_execute: options.before_execute.clone(),
+        #[cfg(not(feature = "testing"))]
+        before_execute: None,
+        cache_from: options.cache_from.clone(),
+        cache_to: options.cache_to.clone(),
+    }
 }
 
 /// A built image: its manifest, config and layers are in the cache store. Outlives the
 /// [`Builder`] that made it; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct BuiltImage {
-    pub(crate) inner: Arc<BuiltInner>,
+    inner: Arc<SolvedImage>,
 }
 
 impl BuiltImage {
@@ -249,6 +213,7 @@ impl BuiltImage {
         self.inner.manifest.to_string()
     }
 
+    /// `sha256:…` of the image config.
     pub fn config_digest(&self) -> String {
         self.inner.config.to_string()
     }
@@ -262,6 +227,7 @@ impl BuiltImage {
             .map_err(|error| StepError::CorruptConfig { digest: self.inner.config.clone(), reason: error.to_string() })
     }
 
+    /// The image's layers, bottom first.
     pub fn layers(&self) -> &[LayerRecord] {
         &self.inner.layers
     }
@@ -287,7 +253,7 @@ impl BuiltImage {
         self.inner.remote_cache.as_deref()
     }
 
-    fn parts(&self) -> ImageParts<'_> {
+    pub(crate) fn parts(&self) -> ImageParts<'_> {
         ImageParts {
             store: &self.inner.store,
             manifest: &self.inner.manifest,
@@ -299,17 +265,17 @@ impl BuiltImage {
 
     /// Writes (or adds to) an OCI image layout directory, tagging the image `tag`.
     pub fn write_oci_layout(&self, dir: impl AsRef<Path>, tag: &str) -> Result<(), ExportError> {
-        crate::export::write_oci_layout(self.parts(), dir.as_ref(), tag)
+        crate::output::write_oci_layout(self.parts(), dir.as_ref(), tag)
     }
 
     /// Writes an OCI archive (a tar of an OCI layout).
     pub fn write_oci_archive(&self, file: impl AsRef<Path>, tag: &str) -> Result<(), ExportError> {
-        crate::export::write_oci_archive(self.parts(), file.as_ref(), tag)
+        crate::output::write_oci_archive(self.parts(), file.as_ref(), tag)
     }
 
     /// Writes a tar that `docker load -i` reads, tagged `tag`.
     pub fn write_docker_archive(&self, file: impl AsRef<Path>, tag: &str) -> Result<(), ExportError> {
-        crate::export::write_docker_archive(self.parts(), file.as_ref(), tag)
+        crate::output::write_docker_archive(self.parts(), file.as_ref(), tag)
     }
 
     /// Pushes the image to a registry (`registry/repository[:tag]`) over the OCI distribution
@@ -336,7 +302,7 @@ impl BuiltImage {
         for (position, layer) in self.inner.layers.iter().enumerate() {
             let index = match LayerIndex::load(&self.inner.store, &layer.diff_id)? {
                 Some(index) => index,
-                None => crate::tree::index_layer(&self.inner.store, layer)?,
+                None => layer::index_layer(&self.inner.store, layer)?,
             };
             tree.apply(position, &layer.digest, &index)?;
         }

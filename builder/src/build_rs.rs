@@ -60,7 +60,7 @@ use thiserror::Error;
 
 use crate::build::{BuildError, Builder, BuilderOptions, BuiltImage};
 use crate::context::{self, ContextError, StatLookup};
-use crate::export::ExportError;
+use crate::output::ExportError;
 use crate::layer::Compression;
 
 #[derive(Debug, Error)]
@@ -178,11 +178,9 @@ pub(crate) fn build_into(
     }
 
     let cache_dir = cache_dir.unwrap_or_else(|| shared_cache_dir(out_dir));
-    let builder_options = BuilderOptions {
-        compression: options.compression,
-        source_date_epoch: options.source_date_epoch,
-        ..BuilderOptions::default()
-    };
+    let mut builder_options = BuilderOptions::default();
+    builder_options.compression = options.compression;
+    builder_options.source_date_epoch = options.source_date_epoch;
     let builder = Builder::with_options(&cache_dir, builder_options)
         .map_err(|source| BuildRsError::Build { name: name.clone(), source: Box::new(source) })?;
     let rerun_if_changed = read_paths(&nodes, builder.store(), &name)?;

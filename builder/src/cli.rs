@@ -233,6 +233,7 @@ impl ProgressDisplay {
                     eprintln!("{state} {:>8.2?}  {}", report.duration, report.label);
                 }
                 ProgressEvent::Output { line, .. } => eprintln!("  | {line}"),
+                ProgressEvent::Warning { .. } => eprintln!("{}", warning_text(event)),
                 ProgressEvent::Started { .. } => {}
             }
             return;
@@ -259,6 +260,18 @@ impl ProgressDisplay {
                 // Above the spinners, which keep spinning below.
                 let _ = multi.println(format!("  | {line}"));
             }
+            ProgressEvent::Warning { .. } => {
+                let _ = multi.println(warning_text(event));
+            }
         }
+    }
+}
+
+/// The line a warning is shown as.
+fn warning_text(event: &ProgressEvent) -> String {
+    match event {
+        ProgressEvent::Warning { step: Some(step), message } => format!("warning: {step}: {message}"),
+        ProgressEvent::Warning { step: None, message } => format!("warning: {message}"),
+        _ => String::new(),
     }
 }

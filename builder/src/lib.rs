@@ -6,9 +6,12 @@
 //! [`BuiltImage`] (OCI layout, OCI archive, docker-archive).
 //!
 //! Features: `registry` (default) adds pushing to and pulling from registries
-//! (`BuiltImage::push`, `Image::pull`; see `registry`), which brings tokio and TLS; a build
-//! script that only writes images ([`build_rs`]) leaves it out. `testing` adds listings and
-//! diffs of images for insta snapshot tests (`testing`).
+//! (`BuiltImage::push`, `Image::pull`; see `registry`), which brings tokio and TLS; `cli`
+//! (default) adds the command-line front (`cli`) with its progress display. A build script that
+//! only writes images ([`build_rs`]) leaves both out. `testing` adds listings and diffs of images
+//! for insta snapshot tests (`testing`), host helpers (`host`) and the test seams.
+//!
+//! Errors: every error a public function returns can be named and matched through [`error`].
 //!
 //! What it deliberately is not: a Dockerfile parser, a container runtime, or a daemon. Images
 //! are Rust values; the output is files a real client (`docker load`, `skopeo`, `umoci`) reads.
@@ -28,44 +31,71 @@
 //! # }
 //! ```
 
+// #![forbid(unsafe_code)] (after the sandbox crate lands)
+#![warn(missing_docs)]
+
+// The facade and what is built on it (nothing below imports these).
 mod build;
 pub mod build_rs;
+#[cfg(feature = "cli")]
 pub mod cli;
-mod config;
-mod context;
-mod export;
+pub mod error;
+#[cfg(any(test, feature = "testing"))]
 pub mod host;
-mod import;
-mod layer;
-mod pull;
-mod recompress;
-#[cfg(feature = "registry")]
-pub mod registry;
-mod remote;
-mod run;
-mod solver;
-mod steps;
 #[cfg(feature = "testing")]
 pub mod testing;
-mod tree;
 
-pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, ProgressEvent, ProgressSink, StepError, StepReport};
-pub use export::ExportError;
+// The rooms below the facade, top to bottom (see ARCHITECTURE.md).
+mod solve;
+mod remote_cache;
+mod run;
+mod base;
+mod execution;
+mod output;
+#[cfg(feature = "registry")]
+pub mod registry;
+mod context;
+mod tree;
+mod layer;
+mod oci;
+mod progress;
+
+pub mod cache;
+
+pub use build::{BuildError, Builder, BuilderOptions, BuiltImage};
 pub use layer::Compression;
-pub use layerwright_cache as cache;
 pub use layerwright_dsl::*;
-pub use remote::{CacheExportReport, RemoteCacheReport};
+pub use progress::{ProgressEvent, ProgressSink, StepHook, StepReport};
+pub use remote_cache::{CacheExportReport, RemoteCacheReport};
+pub use solve::StepError;
+#[cfg(feature = "registry")]
+pub use registry::{PushOptions, PushReport, RegistryError};
+pub use output::ExportError;
 pub use run::RunError;
 
 /// The building blocks of a build, exposed for the criterion micro-benchmarks of the hot paths
 /// (context hashing, tar writing and compression) and the fuzz targets (base layer and archive
 /// import). Not a stable API.
+#[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod internals {
+    pub use crate::base::import_archive;
     pub use crate::context::{StatLookup, open_context, select};
-    pub use crate::import::import_archive;
-    pub use crate::layer::{Content, EntryKind, LayerEntry, LayerOptions, write_layer};
-    pub use crate::tree::{FsTree, index_layer};
+    pub use crate::layer::{Content, EntryKind, LayerEntry, LayerOptions, index_layer, write_layer};
+    pub use crate::tree::FsTree;
 }
-#[cfg(feature = "registry")]
-pub use registry::{PushOptions, PushReport, RegistryError};
+
+#[cfg(test)]
+mod send_sync {
+    //! The facade's types are `Send + Sync` and own their data (DESIGN.md).
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+
+    #[test]
+    fn facade_types_are_send_and_sync() {
+        assert_send_sync::<crate::Builder>();
+        assert_send_sync::<crate::BuiltImage>();
+        assert_send_sync::<crate::Image>();
+        assert_send_sync::<crate::Context>();
+        assert_send_sync::<crate::BuildError>();
+    }
+}

@@ -42,8 +42,7 @@
 //! `oci-client` reports some refusals only by their distribution error code (`BLOB_UNKNOWN`,
 //! `DENIED`); their status is then the one the distribution spec fixes for that code.
 
-pub(crate) mod cache;
-mod client;
+pub(crate) mod client;
 pub mod credentials;
 mod pull;
 mod push;
@@ -55,11 +54,12 @@ use std::path::PathBuf;
 use layerwright_cache::{Digest, StoreError};
 use thiserror::Error;
 
-use crate::tree::TreeError;
+use crate::layer::TreeError;
 
 pub use pull::PulledImage;
-pub(crate) use pull::{pull_image, resolve};
-pub(crate) use push::push;
+pub(crate) use crate::oci::media_types;
+pub(crate) use pull::{fetch_blob, parse_digest, pull_image, resolve};
+pub(crate) use push::{push, upload_missing_blobs};
 pub use push::{PushOptions, PushReport};
 pub use reference::RegistryReference;
 
@@ -95,16 +95,6 @@ fn describe_failure(status: Option<u16>, detail: &str) -> String {
     }
 }
 
-/// The media types of the manifests layerwright reads and writes.
-pub(crate) mod media_types {
-    pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-    pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-    pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-    pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-
-    /// What a pull accepts, most preferred first.
-    pub const ACCEPTED_MANIFESTS: [&str; 4] = [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST];
-}
 
 impl fmt::Display for PushReport {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -12,8 +12,9 @@ use serde::Deserialize;
 use super::client::{self, RegistryClient};
 use super::reference::RegistryReference;
 use super::{RegistryError, media_types};
-use crate::layer::Compression;
-use crate::tree::{self, LayerIndex};
+use crate::layer::{Compression, LayerIndex};
+use crate::oci::{Descriptor, Platform};
+use crate::tree;
 
 /// How many blobs are downloaded at once.
 const PARALLEL_DOWNLOADS: usize = 3;
@@ -72,25 +73,6 @@ struct FetchedImage {
     layers: Vec<LayerRecord>,
     config: serde_json::Value,
     blobs_downloaded: usize,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    #[serde(default)]
-    media_type: Option<String>,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Platform {
-    os: String,
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
 }
 
 /// A manifest or an index: which one is told by the media type, or by `manifests` being there.
@@ -223,14 +205,8 @@ async fn fetch_document(client: &RegistryClient, digest: &Digest) -> Result<Docu
 /// The descriptor of an index for this host's platform (`linux/<GOARCH>`, and for arm the
 /// variant `rustc` targets).
 fn choose_platform(client: &RegistryClient, manifests: &[Descriptor]) -> Result<Digest, RegistryError> {
-    let (os, architecture, variant) = host_platform();
-    let for_host = |descriptor: &&Descriptor| {
-        descriptor.platform.as_ref().is_some_and(|platform| {
-            platform.os == os
-                && platform.architecture == architecture
-                && (variant.is_none() || platform.variant.is_none() || platform.variant.as_deref() == variant)
-        })
-    };
+    let host = Platform::host();
+    let for_host = |descriptor: &&Descriptor| descriptor.platform.as_ref().is_some_and(|offered| host.accepts(offered));
     let Some(descriptor) = manifests.iter().find(for_host) else {
         let offered: Vec<String> = manifests
             .iter()
@@ -238,29 +214,18 @@ fn choose_platform(client: &RegistryClient, manifests: &[Descriptor]) -> Result<
             .map(|platform| format!("{}/{}", platform.os, platform.architecture))
             .collect();
         return Err(client.unusable(format!(
-            "the index has no image for {os}/{architecture} (it offers {})",
+            "the index has no image for {}/{} (it offers {})",
+            host.os,
+            host.architecture,
             if offered.is_empty() { "no platforms".to_owned() } else { offered.join(", ") }
         )));
     };
     parse_digest(&client.reference, &descriptor.digest)
 }
 
-/// This host's platform in OCI terms (`GOARCH` names).
-fn host_platform() -> (&'static str, &'static str, Option<&'static str>) {
-    match std::env::consts::ARCH {
-        "x86_64" => ("linux", "amd64", None),
-        "x86" => ("linux", "386", None),
-        "aarch64" => ("linux", "arm64", Some("v8")),
-        "arm" => ("linux", "arm", Some("v7")),
-        "powerpc64" => ("linux", "ppc64le", None),
-        "loongarch64" => ("linux", "loong64", None),
-        other => ("linux", other, None),
-    }
-}
-
 /// Streams blob `digest` into the store unless it is there; true when it was downloaded. The
 /// store refuses (and deletes) a download whose digest is not `digest`.
-pub(super) async fn fetch_blob(
+pub(crate) async fn fetch_blob(
     client: &RegistryClient,
     store: &Store,
     digest: &Digest,
@@ -310,7 +275,7 @@ fn index_and_apply_layers(
     })
 }
 
-pub(super) fn parse_digest(reference: &RegistryReference, digest: &str) -> Result<Digest, RegistryError> {
+pub(crate) fn parse_digest(reference: &RegistryReference, digest: &str) -> Result<Digest, RegistryError> {
     Digest::parse(digest).map_err(|error| RegistryError::Unusable {
         registry: reference.registry().to_owned(),
         repository: reference.repository().to_owned(),

@@ -15,7 +15,7 @@ use oci_client::errors::OciDistributionError;
 use super::client::{self, RegistryClient};
 use super::reference::RegistryReference;
 use super::{RegistryError, media_types};
-use crate::export::ImageParts;
+use crate::output::ImageParts;
 
 /// The size of one `PATCH` of a chunked upload, and so (about) the memory one upload holds.
 const UPLOAD_CHUNK_BYTES: usize = 4 * 1024 * 1024;
@@ -122,7 +122,7 @@ async fn push_async(
 
 /// What [`upload_missing_blobs`] did.
 #[derive(Debug, Default)]
-pub(super) struct BlobTransfer {
+pub(crate) struct BlobTransfer {
     pub uploaded: usize,
     pub skipped: usize,
     pub bytes_uploaded: u64,
@@ -132,7 +132,7 @@ pub(super) struct BlobTransfer {
 
 /// Uploads each of `blobs` the registry lacks (asking with `HEAD` first), streamed from the
 /// store, a few at once.
-pub(super) async fn upload_missing_blobs(
+pub(crate) async fn upload_missing_blobs(
     client: &RegistryClient,
     store: &Store,
     blobs: &[(Digest, u64)],
@@ -232,7 +232,7 @@ impl ChunkReader {
             return Ok(None);
         }
         if let Err(error) = std::fs::remove_file(&self.path) {
-            eprintln!("layerwright: warning: cannot remove corrupt blob {}: {error}", self.path.display());
+            log::warn!("cannot remove corrupt blob {}: {error}", self.path.display());
         }
         Err(io::Error::new(
             io::ErrorKind::InvalidData,

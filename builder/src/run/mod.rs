@@ -32,7 +32,6 @@
 
 mod overlay;
 mod sandbox;
-mod snapshot;
 mod spec;
 mod upper;
 
@@ -48,21 +47,19 @@ use layerwright_dsl::{Run, RunCommand};
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::build::{ProgressEvent, ProgressSink, StepError};
-use crate::layer::compare_paths;
-use crate::steps::{Execution, NewLayer, NodeState};
-use crate::tree::{FsTree, IndexKind, LayerIndex};
+use crate::execution::{Execution, ExecutionError, NewLayer, NodeState};
+use crate::layer::snapshot::{self, SnapshotError, SnapshotFlavour};
+use crate::layer::{IndexKind, LayerIndex, TreeError, compare_paths};
+use crate::progress::{Progress, ProgressEvent};
+use crate::tree::FsTree;
 
 pub use overlay::OverlayError;
 pub use sandbox::SandboxError;
-pub use snapshot::SnapshotError;
-pub(crate) use snapshot::StreamedSnapshot;
 pub use spec::SpecError;
 pub use upper::UpperError;
 
 use overlay::{OverlayMount, OverlayPaths};
 use sandbox::{NamespaceSandbox, Sandbox, SandboxMounts, SandboxPlan, Termination};
-use snapshot::SnapshotFlavour;
 use upper::{CreatedPath, UpperOptions};
 
 /// How many lines of a failed command's output its error shows.
@@ -91,6 +88,15 @@ pub enum RunError {
     Upper { step: String, command: String, source: UpperError },
     #[error("cannot {action} {path}: {source}")]
     Io { step: String, action: &'static str, path: PathBuf, source: io::Error },
+    /// The merged tree of the parent could not be read, or the layer not written.
+    #[error(transparent)]
+    Execution(#[from] ExecutionError),
+}
+
+impl From<TreeError> for RunError {
+    fn from(error: TreeError) -> RunError {
+        RunError::Execution(ExecutionError::Tree(error))
+    }
 }
 
 fn failure_message(command: &str, how: &str, last_lines: &[String], log: &Path) -> String {
@@ -114,11 +120,11 @@ pub struct RunRequest<'a> {
     pub label: &'a str,
     pub run: &'a Run,
     pub parent: &'a Arc<NodeState>,
-    pub progress: Option<&'a ProgressSink>,
+    pub progress: &'a Progress,
 }
 
 /// Runs the step and commits its layer under its key; nothing is committed on failure.
-pub fn execute_run(execution: &Execution<'_>, request: &RunRequest<'_>) -> Result<NewLayer, StepError> {
+pub fn execute_run(execution: &Execution<'_>, request: &RunRequest<'_>) -> Result<NewLayer, RunError> {
     execute_run_with(execution, request, &NamespaceSandbox, Identity::of_process())
 }
 
@@ -143,11 +149,6 @@ impl Identity {
     fn flavour(self) -> SnapshotFlavour {
         if self.rootless.is_some() { SnapshotFlavour::Rootless } else { SnapshotFlavour::Privileged }
     }
-}
-
-/// The flavour of the snapshots RUN steps of this process stack (for [`StreamedSnapshot`]).
-pub(crate) fn snapshot_flavour() -> SnapshotFlavour {
-    Identity::of_process().flavour()
 }
 
 /// Whether a kernel release (`6.18.44-fc`, `5.15.0-91-generic`) is at least `major.minor`. An
@@ -179,7 +180,7 @@ fn execute_run_with(
     request: &RunRequest<'_>,
     sandbox: &dyn Sandbox,
     identity: Identity,
-) -> Result<NewLayer, StepError> {
+) -> Result<NewLayer, RunError> {
     let step = request.label.to_owned();
     let command = command_text(request.run);
     let store = execution.store;
@@ -187,7 +188,7 @@ fn execute_run_with(
         let step = step.clone();
         let path = path.to_owned();
         move |source: io::Error| {
-            eprintln!("layerwright: {step}: cannot {action} {}: {source}", path.display());
+            log::warn!("{step}: cannot {action} {}: {source}", path.display());
             RunError::Io { step, action, path, source }
         }
     };
@@ -221,7 +222,7 @@ fn execute_run_with(
     created.sort_by(|left, right| compare_paths(&left.path, &right.path));
     created.dedup_by(|later, earlier| later.path == earlier.path);
     create_in_upper(&upper, &created, identity.rootless.is_none()).map_err(|(path, source)| {
-        eprintln!("layerwright: {step}: cannot prepare {} in the upper directory: {source}", path.display());
+        log::warn!("{step}: cannot prepare {} in the upper directory: {source}", path.display());
         RunError::Io { step: step.clone(), action: "prepare in the upper directory", path, source }
     })?;
     let hosts = run_dir.path().join("hosts");
@@ -312,7 +313,7 @@ impl Drop for RunDirectory {
         let _ = fs::set_permissions(&inner_work, fs::Permissions::from_mode(0o700));
         let path = directory.path().to_owned();
         if let Err(error) = directory.close() {
-            eprintln!("layerwright: warning: cannot remove the RUN directory {}: {error}", path.display());
+            log::warn!("cannot remove the RUN directory {}: {error}", path.display());
         }
     }
 }
@@ -518,14 +519,14 @@ fn resolv_conf_file(network: bool) -> Vec<u8> {
 /// the log; the last [`ERROR_OUTPUT_LINES`] are kept for an error message.
 struct OutputCollector<'a> {
     label: &'a str,
-    progress: Option<&'a ProgressSink>,
+    progress: &'a Progress,
     log: Option<File>,
     partial: Vec<u8>,
     last_lines: VecDeque<String>,
 }
 
 impl<'a> OutputCollector<'a> {
-    fn new(label: &'a str, progress: Option<&'a ProgressSink>, log: File) -> OutputCollector<'a> {
+    fn new(label: &'a str, progress: &'a Progress, log: File) -> OutputCollector<'a> {
         OutputCollector { label, progress, log: Some(log), partial: Vec::new(), last_lines: VecDeque::new() }
     }
 
@@ -534,7 +535,7 @@ impl<'a> OutputCollector<'a> {
             && let Err(error) = log.write_all(chunk)
         {
             // The build goes on; only the log is incomplete.
-            eprintln!("layerwright: warning: {}: cannot write the RUN log: {error}", self.label);
+            self.progress.warn(Some(self.label), format!("cannot write the RUN log: {error}"));
             self.log = None;
         }
         self.partial.extend_from_slice(chunk);
@@ -546,8 +547,8 @@ impl<'a> OutputCollector<'a> {
 
     fn line(&mut self, bytes: &[u8]) {
         let line = String::from_utf8_lossy(bytes).trim_end_matches('\r').to_owned();
-        if let Some(progress) = self.progress {
-            progress(&ProgressEvent::Output { label: self.label.to_owned(), line: line.clone() });
+        if self.progress.is_attached() {
+            self.progress.emit(ProgressEvent::Output { label: self.label.to_owned(), line: line.clone() });
         }
         if self.last_lines.len() == ERROR_OUTPUT_LINES {
             self.last_lines.pop_front();

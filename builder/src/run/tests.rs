@@ -8,8 +8,9 @@ use serde_json::json;
 
 use super::*;
 use crate::layer::{Compression, Content, EntryKind, LayerEntry, LayerOptions};
-use crate::steps::IndexCache;
-use crate::tree::{IndexEntry, LayerIndex};
+use crate::execution::IndexCache;
+use crate::progress::ProgressSink;
+use crate::layer::IndexEntry;
 
 /// What a fake sandbox does with the plan and the output callback.
 type Script = Box<dyn Fn(&SandboxPlan, &mut dyn FnMut(&[u8])) -> Termination + Sync>;
@@ -80,10 +81,11 @@ impl Fixture {
         }
     }
 
-    fn run(&self, run: &Run, sandbox: &FakeSandbox, progress: Option<&ProgressSink>) -> Result<NewLayer, StepError> {
+    fn run(&self, run: &Run, sandbox: &FakeSandbox, progress: Option<&ProgressSink>) -> Result<NewLayer, RunError> {
         let key = StepKey::builder().str(&format!("{run:?}")).finish();
         let label = format!("RUN {}", command_text(run));
-        let request = RunRequest { key: &key, label: &label, run, parent: &self.parent, progress };
+        let progress = Progress::new(progress.cloned());
+        let request = RunRequest { key: &key, label: &label, run, parent: &self.parent, progress: &progress };
         execute_run_with(&self.execution(), &request, sandbox, Identity::of_process())
     }
 
@@ -96,7 +98,7 @@ impl Fixture {
     }
 }
 
-fn error_of(result: Result<NewLayer, StepError>) -> StepError {
+fn error_of(result: Result<NewLayer, RunError>) -> RunError {
     match result {
         Ok(written) => panic!("expected an error, the step wrote {:?}", written.record),
         Err(error) => error,
@@ -178,10 +180,7 @@ fn a_failed_command_shows_its_exit_code_command_last_20_lines_and_log_and_commit
         }
     });
     let run = Run::shell("for i in $(seq 30); do echo line $i; done; exit 3");
-    let error = match error_of(fixture.run(&run, &sandbox, Some(&progress))) {
-        StepError::Run(error) => error,
-        other => panic!("expected a RUN error, got {other}"),
-    };
+    let error = error_of(fixture.run(&run, &sandbox, Some(&progress)));
     let RunError::Failed { step, command, code, last_lines, log } = &error else { panic!("{error:?}") };
     assert_eq!(step, "RUN for i in $(seq 30); do echo line $i; done; exit 3");
     assert_eq!(command, "for i in $(seq 30); do echo line $i; done; exit 3");
@@ -294,7 +293,8 @@ fn mountpoints_are_mounted_over_made_or_skipped_by_what_the_image_has_there() {
 fn output_is_split_into_lines_however_it_arrives() {
     let dir = tempfile::tempdir().unwrap();
     let log = File::create(dir.path().join("log")).unwrap();
-    let mut collector = OutputCollector::new("RUN x", None, log);
+    let progress = Progress::default();
+    let mut collector = OutputCollector::new("RUN x", &progress, log);
     for chunk in [&b"a"[..], b"b\r\nc\n", b"\n", b"\xffd", b"e"] {
         collector.push(chunk);
     }
@@ -399,12 +399,12 @@ fn the_real_sandbox_runs_with_the_new_mount_api_and_with_the_classic_fallback() 
                 seen.lock().unwrap().push(line.clone());
             }
         });
-        let request =
-            RunRequest { key: &key, label: "RUN test", run: &run, parent: &parent, progress: Some(&progress) };
+        let progress = Progress::new(Some(progress));
+        let request = RunRequest { key: &key, label: "RUN test", run: &run, parent: &parent, progress: &progress };
         let identity = Identity { classic_overlay, ..Identity::of_process() };
         let written = match execute_run_with(&execution, &request, &NamespaceSandbox, identity) {
             Ok(written) => written,
-            Err(error @ StepError::Run(RunError::Sandbox { .. })) if skip_privileged() => {
+            Err(error @ RunError::Sandbox { .. }) if skip_privileged() => {
                 eprintln!("skipped: the sandbox cannot run here: {error}");
                 return;
             }

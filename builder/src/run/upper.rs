@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use crate::layer::{Content, EntryKind, LayerEntry};
-use crate::run::snapshot::OWNER_XATTR;
+use crate::layer::snapshot::OWNER_XATTR;
 
 /// Prefixes of the xattrs overlayfs keeps for itself (`trusted.` when mounted by root, `user.`
 /// with `userxattr`).

@@ -6,9 +6,23 @@
 //! It deliberately holds no logic of its own beyond that switch.
 
 use layerwright_cache::Store;
+use thiserror::Error;
 
-use crate::build::StepError;
-use crate::import::BaseImage;
+use super::import::BaseImage;
+use crate::progress::Progress;
+
+/// Why a base image could not be pulled.
+#[derive(Debug, Error)]
+pub(crate) enum PullError {
+    /// The registry refused, did not answer, or served something unusable.
+    #[cfg(feature = "registry")]
+    #[error(transparent)]
+    Registry(Box<crate::registry::RegistryError>),
+    /// This build of layerwright has no registry client.
+    #[cfg(not(feature = "registry"))]
+    #[error("pulling {reference} needs the `registry` feature of layerwright, which this build of it leaves out")]
+    Disabled { reference: String },
+}
 
 /// What enters the step key of a pull: the digest the reference resolves to (`sha256:…`), so
 /// that the key follows the digest and a moved tag is a miss.
@@ -18,11 +32,11 @@ use crate::import::BaseImage;
 /// whose steps are all cached does not fail for want of a network. A registry that answers
 /// with an error (unknown tag, refused login) is still an error.
 #[cfg(feature = "registry")]
-pub(crate) fn identity(store: &Store, reference: &str) -> Result<Vec<u8>, StepError> {
+pub(crate) fn identity(store: &Store, reference: &str, progress: &Progress) -> Result<Vec<u8>, PullError> {
     let remembered = store.root().join("resolved-tags").join(&blake3::hash(reference.as_bytes()).to_hex()[..32]);
     match crate::registry::resolve(reference) {
         Ok(digest) => {
-            remember(store, &remembered, reference, &digest.to_string());
+            remember(store, &remembered, reference, &digest.to_string(), progress);
             Ok(digest.to_string().into_bytes())
         }
         Err(error @ crate::registry::RegistryError::Request { status: None, .. }) => {
@@ -31,7 +45,7 @@ pub(crate) fn identity(store: &Store, reference: &str) -> Result<Vec<u8>, StepEr
                 (named == reference).then(|| layerwright_cache::Digest::parse(digest).ok()).flatten()
             });
             let Some(digest) = last else { return Err(error.into()) };
-            eprintln!("layerwright: warning: {error}; using {digest}, what {reference} named when last reached");
+            progress.warn(None, format!("{error}; using {digest}, what {reference} named when last reached"));
             Ok(digest.to_string().into_bytes())
         }
         Err(error) => Err(error.into()),
@@ -41,7 +55,7 @@ pub(crate) fn identity(store: &Store, reference: &str) -> Result<Vec<u8>, StepEr
 /// Records in `path` that `reference` resolved to `digest` (best effort: it only helps offline
 /// builds). Written aside and renamed, so that a reader never sees half of it.
 #[cfg(feature = "registry")]
-fn remember(store: &Store, path: &std::path::Path, reference: &str, digest: &str) {
+fn remember(store: &Store, path: &std::path::Path, reference: &str, digest: &str, progress: &Progress) {
     let content = format!("{digest}\n{reference}");
     if std::fs::read_to_string(path).is_ok_and(|current| current == content) {
         return;
@@ -54,13 +68,13 @@ fn remember(store: &Store, path: &std::path::Path, reference: &str, digest: &str
         .and_then(|()| std::fs::write(&aside, content))
         .and_then(|()| std::fs::rename(&aside, path));
     if let Err(error) = written {
-        eprintln!("layerwright: warning: cannot remember the digest of a pulled tag in {}: {error}", path.display());
+        progress.warn(None, format!("cannot remember the digest of a pulled tag in {}: {error}", path.display()));
     }
 }
 
 /// Fetches the image `identity` (from [`identity`]) of `reference` into `store`.
 #[cfg(feature = "registry")]
-pub(crate) fn fetch(store: &Store, reference: &str, identity: &[u8]) -> Result<BaseImage, StepError> {
+pub(crate) fn fetch(store: &Store, reference: &str, identity: &[u8]) -> Result<BaseImage, PullError> {
     let digest = std::str::from_utf8(identity)
         .ok()
         .and_then(|text| layerwright_cache::Digest::parse(text).ok())
@@ -70,18 +84,18 @@ pub(crate) fn fetch(store: &Store, reference: &str, identity: &[u8]) -> Result<B
 }
 
 #[cfg(feature = "registry")]
-impl From<crate::registry::RegistryError> for StepError {
-    fn from(error: crate::registry::RegistryError) -> StepError {
-        StepError::Registry(Box::new(error))
+impl From<crate::registry::RegistryError> for PullError {
+    fn from(error: crate::registry::RegistryError) -> PullError {
+        PullError::Registry(Box::new(error))
     }
 }
 
 #[cfg(not(feature = "registry"))]
-pub(crate) fn identity(_store: &Store, reference: &str) -> Result<Vec<u8>, StepError> {
-    Err(StepError::RegistryDisabled { reference: reference.to_owned() })
+pub(crate) fn identity(_store: &Store, reference: &str, _progress: &Progress) -> Result<Vec<u8>, PullError> {
+    Err(PullError::Disabled { reference: reference.to_owned() })
 }
 
 #[cfg(not(feature = "registry"))]
-pub(crate) fn fetch(_store: &Store, reference: &str, _identity: &[u8]) -> Result<BaseImage, StepError> {
-    Err(StepError::RegistryDisabled { reference: reference.to_owned() })
+pub(crate) fn fetch(_store: &Store, reference: &str, _identity: &[u8]) -> Result<BaseImage, PullError> {
+    Err(PullError::Disabled { reference: reference.to_owned() })
 }

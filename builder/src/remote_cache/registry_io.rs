@@ -29,12 +29,10 @@ use layerwright_cache::{ActionRecord, Digest, KEY_FORMAT_VERSION, StepKey, Store
 use oci_client::RegistryOperation;
 use serde::{Deserialize, Serialize};
 
-use super::client::{self, RegistryClient, Timeouts};
-use super::pull::{fetch_blob, parse_digest};
-use super::push::upload_missing_blobs;
-use super::reference::RegistryReference;
-use super::{RegistryError, media_types};
-use crate::remote::{CacheExportReport, RemoteRecords};
+use super::report::{CacheExportReport, RemoteRecords};
+use crate::oci::{Descriptor, canonical, media_types};
+use crate::registry::client::{self, RegistryClient, Timeouts};
+use crate::registry::{RegistryError, RegistryReference, fetch_blob, parse_digest, upload_missing_blobs};
 
 /// The artifact type of a writer manifest.
 pub const CACHE_ARTIFACT_TYPE: &str = "application/vnd.layerwright.cache.v1";
@@ -76,18 +74,6 @@ struct KeyedRecord {
     key: String,
     #[serde(flatten)]
     record: ActionRecord,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    artifact_type: Option<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    annotations: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -317,7 +303,7 @@ fn parse_writer_manifest(client: &RegistryClient, bytes: &[u8]) -> Result<Writer
 
 /// The record batch a writer manifest names, fetched and checked.
 async fn read_batch(client: &RegistryClient, manifest: &WriterManifest) -> Result<RecordBatch, RegistryError> {
-    let Some(descriptor) = manifest.layers.first().filter(|layer| layer.media_type == RECORDS_MEDIA_TYPE) else {
+    let Some(descriptor) = manifest.layers.first().filter(|layer| layer.media_type.as_deref() == Some(RECORDS_MEDIA_TYPE)) else {
         return Err(client.unusable("a cache manifest's first layer is not a record batch"));
     };
     let digest = parse_digest(&client.reference, &descriptor.digest)?;
@@ -467,7 +453,7 @@ async fn export_async(
         key_format_version: KEY_FORMAT_VERSION,
         records: merged.iter().map(|(key, record)| KeyedRecord { key: key.to_hex(), record: record.clone() }).collect(),
     };
-    let batch_bytes = serde_json::to_vec(&batch).expect("a record batch serializes");
+    let batch_bytes = canonical::to_bytes_of(&batch);
     let batch_digest = Digest::of_bytes(&batch_bytes);
     let empty_digest = Digest::of_bytes(EMPTY_BLOB);
     push_small_blob(client, &empty_digest, EMPTY_BLOB).await?;
@@ -492,7 +478,7 @@ async fn export_async(
             .collect(),
         annotations: BTreeMap::from([(WRITER_ANNOTATION.to_owned(), writer.to_owned())]),
     };
-    let manifest_bytes = serde_json::to_vec(&manifest).expect("a manifest serializes");
+    let manifest_bytes = canonical::to_bytes_of(&manifest);
     let manifest_uploaded = earlier.as_deref() != Some(manifest_bytes.as_slice());
     if manifest_uploaded {
         push_document(client, &own_reference, manifest_bytes, media_types::OCI_MANIFEST).await?;
@@ -512,13 +498,7 @@ async fn export_async(
 }
 
 fn plain_descriptor(media_type: &str, digest: &Digest, size: u64) -> Descriptor {
-    Descriptor {
-        media_type: media_type.to_owned(),
-        digest: digest.to_string(),
-        size,
-        artifact_type: None,
-        annotations: BTreeMap::new(),
-    }
+    Descriptor::plain(media_type, digest, size)
 }
 
 async fn push_small_blob(client: &RegistryClient, digest: &Digest, bytes: &[u8]) -> Result<(), RegistryError> {
@@ -568,16 +548,14 @@ async fn rewrite_index(client: &RegistryClient, tag: &str) -> Result<(), Registr
             let bytes = document?;
             let manifest: WriterManifest = serde_json::from_slice(&bytes).ok()?;
             (manifest.artifact_type.as_deref() == Some(CACHE_ARTIFACT_TYPE)).then(|| Descriptor {
-                media_type: media_types::OCI_MANIFEST.into(),
-                digest: Digest::of_bytes(&bytes).to_string(),
-                size: bytes.len() as u64,
                 artifact_type: Some(CACHE_ARTIFACT_TYPE.into()),
                 annotations: BTreeMap::from([(WRITER_ANNOTATION.to_owned(), writer)]),
+                ..Descriptor::plain(media_types::OCI_MANIFEST, Digest::of_bytes(&bytes), bytes.len() as u64)
             })
         })
         .collect();
     let index = CacheIndex { schema_version: 2, media_type: media_types::OCI_INDEX.into(), manifests };
-    let bytes = serde_json::to_vec(&index).expect("an index serializes");
+    let bytes = canonical::to_bytes_of(&index);
     let current = fetch_index(client, tag).await.ok().flatten().map(|(_, bytes)| bytes);
     if current.as_deref() != Some(bytes.as_slice()) {
         push_document(client, &tagged(&client.reference, tag), bytes, media_types::OCI_INDEX).await?;

@@ -26,14 +26,27 @@
 //! exporting replaces only the descriptor with the same ref name.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::fs::{self};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use layerwright_cache::{Digest, LayerRecord, Sha256Writer, Store};
-use serde_json::{Value, json};
+use layerwright_cache::{Digest, LayerRecord, Store};
+use serde_json::json;
 use thiserror::Error;
+
+mod blobs;
+mod documents;
+mod tags;
+mod tar_archive;
+
+use documents::blob_sizes;
+use blobs::{copy_blob_into_layout, write_atomically, write_error};
+use documents::{blob_member, manifest_descriptor, merged_index};
+use tags::ImageReference;
+use tar_archive::write_layout_tar;
+
+use crate::oci::canonical::to_bytes as canonical_json;
+use crate::oci::media_types::OCI_LAYOUT_CONTENT;
 
 #[derive(Debug, Error)]
 pub enum ExportError {
@@ -63,11 +76,6 @@ pub struct ImageParts<'a> {
     pub layers: &'a [LayerRecord],
 }
 
-const OCI_LAYOUT_CONTENT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
-const OCI_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
-const CONTAINERD_NAME_ANNOTATION: &str = "io.containerd.image.name";
 
 /// Writes (or updates) the OCI image layout `dir` so that it holds the image under `tag`.
 pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<(), ExportError> {
@@ -128,514 +136,20 @@ pub fn write_docker_archive(parts: ImageParts<'_>, file: &Path, tag: &str) -> Re
     write_layout_tar(&parts, &reference, file, extra)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Tags
-
-/// A validated image reference, normalised to `name:tag`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ImageReference {
-    /// `app:latest`, `localhost:5000/app:1`.
-    full_name: String,
-    /// `latest`, `1`.
-    tag: String,
-}
-
-impl ImageReference {
-    /// Accepts docker references without a digest: `[host[:port]/]path[:tag]`, the path made
-    /// of lowercase components (`[a-z0-9]` separated by `.`, `_`, `-`), the tag of
-    /// `[A-Za-z0-9_.-]` (at most 128, not starting with `.` or `-`).
-    fn parse(reference: &str) -> Result<ImageReference, ExportError> {
-        let invalid = |reason: &str| ExportError::InvalidTag { tag: reference.to_owned(), reason: reason.to_owned() };
-        if reference.is_empty() {
-            return Err(invalid("it is empty"));
-        }
-        if reference.chars().any(char::is_whitespace) {
-            return Err(invalid("it contains whitespace"));
-        }
-        if reference.contains('@') {
-            return Err(invalid("a digest cannot name an export; give a name and tag such as app:latest"));
-        }
-        let last_slash = reference.rfind('/');
-        let (name, tag) = match reference.rfind(':') {
-            Some(colon) if last_slash.is_none_or(|slash| colon > slash) => {
-                (&reference[..colon], &reference[colon + 1..])
-            }
-            _ => (reference, "latest"),
-        };
-        if !is_valid_tag(tag) {
-            return Err(invalid("the tag must be 1 to 128 of [A-Za-z0-9_.-], not starting with '.' or '-'"));
-        }
-        if name.len() > 255 {
-            return Err(invalid("the name is longer than 255 characters"));
-        }
-        let mut components: Vec<&str> = name.split('/').collect();
-        let first = components[0];
-        let has_host = components.len() > 1 && (first.contains('.') || first.contains(':') || first == "localhost");
-        if has_host {
-            if !is_valid_host(first) {
-                return Err(invalid("the registry host must be host[:port] of [A-Za-z0-9.-]"));
-            }
-            components.remove(0);
-        }
-        if !components.iter().all(|component| is_valid_path_component(component)) {
-            return Err(invalid(
-                "each name component must be lowercase [a-z0-9], separated inside by '.', '_' or '-' (e.g. team/app)",
-            ));
-        }
-        Ok(ImageReference { full_name: format!("{name}:{tag}"), tag: tag.to_owned() })
-    }
-}
-
-fn is_valid_tag(tag: &str) -> bool {
-    let mut characters = tag.chars();
-    let Some(first) = characters.next() else {
-        return false;
-    };
-    tag.len() <= 128
-        && (first.is_ascii_alphanumeric() || first == '_')
-        && characters.all(|character| character.is_ascii_alphanumeric() || matches!(character, '_' | '.' | '-'))
-}
-
-fn is_valid_host(host: &str) -> bool {
-    let (name, port) = match host.split_once(':') {
-        Some((name, port)) => (name, Some(port)),
-        None => (host, None),
-    };
-    let name_is_valid = !name.is_empty()
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|character| character.is_ascii_alphanumeric() || character == '-')
-        });
-    let port_is_valid =
-        port.is_none_or(|port| !port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit()));
-    name_is_valid && port_is_valid
-}
-
-fn is_valid_path_component(component: &str) -> bool {
-    let is_alphanumeric = |character: char| character.is_ascii_lowercase() || character.is_ascii_digit();
-    let is_separator = |character: char| matches!(character, '.' | '_' | '-');
-    !component.is_empty()
-        && component.starts_with(is_alphanumeric)
-        && component.ends_with(is_alphanumeric)
-        && component.chars().all(|character| is_alphanumeric(character) || is_separator(character))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Documents
-
-/// The blobs of the image (manifest, config, layers; each once) and their sizes, sorted by
-/// digest. The config's size is not in the parts, so it is read from the store.
-fn blob_sizes(parts: &ImageParts<'_>) -> Result<BTreeMap<Digest, u64>, ExportError> {
-    let config_path = parts.store.blob_path(parts.config);
-    let config_file = parts.store.open_blob(parts.config)?;
-    let config_size = config_file.metadata().map_err(|source| ExportError::Read { path: config_path, source })?.len();
-    let mut sizes =
-        BTreeMap::from([(parts.manifest.clone(), parts.manifest_size), (parts.config.clone(), config_size)]);
-    for layer in parts.layers {
-        sizes.insert(layer.digest.clone(), layer.size);
-    }
-    Ok(sizes)
-}
-
-fn blob_member(digest: &Digest) -> String {
-    format!("blobs/sha256/{}", digest.hex())
-}
-
-/// The `index.json` descriptor of the image's manifest under `reference`.
-fn manifest_descriptor(parts: &ImageParts<'_>, reference: &ImageReference) -> Value {
-    json!({
-        "mediaType": OCI_MANIFEST_MEDIA_TYPE,
-        "digest": parts.manifest.to_string(),
-        "size": parts.manifest_size,
-        "annotations": {
-            REF_NAME_ANNOTATION: reference.tag,
-            CONTAINERD_NAME_ANNOTATION: reference.full_name,
-        },
-    })
-}
-
-/// A fresh index holding `descriptor`, or the `existing` index with `descriptor` in place of
-/// the one with the same ref name (the others kept, in order). Errors are reasons.
-fn merged_index(existing: Option<&[u8]>, descriptor: Value, ref_name: &str) -> Result<Value, String> {
-    let mut index = match existing {
-        None => serde_json::Map::new(),
-        Some(bytes) => match serde_json::from_slice(bytes) {
-            Ok(Value::Object(index)) => index,
-            Ok(_) => return Err("it is not a JSON object".into()),
-            Err(error) => return Err(format!("it is not valid JSON: {error}")),
-        },
-    };
-    let mut manifests = match index.remove("manifests") {
-        None => Vec::new(),
-        Some(Value::Array(manifests)) => manifests,
-        Some(_) => return Err("its \"manifests\" is not a list".into()),
-    };
-    let has_ref_name = |manifest: &Value| manifest["annotations"][REF_NAME_ANNOTATION] == ref_name;
-    match manifests.iter().position(has_ref_name) {
-        Some(position) => {
-            manifests[position] = descriptor;
-            // An index should not name one ref twice; if it did, the first place is kept.
-            let mut seen = false;
-            manifests.retain(|manifest| !has_ref_name(manifest) || !std::mem::replace(&mut seen, true));
-        }
-        None => manifests.push(descriptor),
-    }
-    index.insert("schemaVersion".into(), json!(2));
-    index.insert("mediaType".into(), json!(OCI_INDEX_MEDIA_TYPE));
-    index.insert("manifests".into(), Value::Array(manifests));
-    Ok(Value::Object(index))
-}
-
-/// Compact JSON with object keys sorted, whatever order the map kept them in (serde_json's
-/// `preserve_order` feature may be switched on by any crate of a build).
-fn canonical_json(value: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    write_canonical_json(value, &mut out);
-    out
-}
-
-fn write_canonical_json(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Object(object) => {
-            let mut keys: Vec<&String> = object.keys().collect();
-            keys.sort();
-            out.push(b'{');
-            for (position, key) in keys.into_iter().enumerate() {
-                if position > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, key).expect("strings serialise");
-                out.push(b':');
-                write_canonical_json(&object[key], out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (position, item) in items.iter().enumerate() {
-                if position > 0 {
-                    out.push(b',');
-                }
-                write_canonical_json(item, out);
-            }
-            out.push(b']');
-        }
-        scalar => serde_json::to_writer(&mut *out, scalar).expect("JSON scalars serialise"),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Blobs and files
-
-/// Copies one blob into a layout's `blobs/sha256`, unless a file of the right size is there.
-/// A file of another size is a leftover of something else and is replaced.
-fn copy_blob_into_layout(store: &Store, digest: &Digest, size: u64, blobs_dir: &Path) -> Result<(), ExportError> {
-    let destination = blobs_dir.join(digest.hex());
-    if let Ok(metadata) = fs::metadata(&destination)
-        && metadata.is_file()
-        && metadata.len() == size
-    {
-        return Ok(());
-    }
-    write_atomically(&destination, |output| copy_blob(store, digest, size, output, &destination))
-}
-
-/// Appends the store blob `digest` of `size` bytes to `output` (`destination` names it in
-/// errors). A blob this process hashed itself while committing it, and which has not changed
-/// since ([`Store::unchanged_since_hashed`]), is copied inside the kernel (`copy_file_range`);
-/// any other is read, hashed and checked on the way ([`VerifiedBlob`]).
-fn copy_blob(
-    store: &Store,
-    digest: &Digest,
-    size: u64,
-    output: &mut OutputFile<'_>,
-    destination: &Path,
-) -> Result<(), ExportError> {
-    let file = store.open_blob(digest)?;
-    if store.unchanged_since_hashed(digest, &file) {
-        let copied = output.copy_file(&file).map_err(write_error(destination))?;
-        if copied == size {
-            return Ok(());
-        }
-        // It changed while it was copied: reported (and a corrupt blob removed) as the
-        // verified copy would, and the output is not finished either way.
-        let mut blob = VerifiedBlob::open(store, digest, size)?;
-        let read = io::copy(&mut blob, &mut io::sink());
-        blob.check(read.map(drop), destination)?;
-        let source = io::Error::other(format!("it changed while it was copied ({copied} of {size} bytes)"));
-        return Err(ExportError::Read { path: store.blob_path(digest), source });
-    }
-    let mut blob = VerifiedBlob::open(store, digest, size)?;
-    let copied = io::copy(&mut blob, output);
-    blob.check(copied.map(drop), destination)
-}
-
-/// A store blob being read, hashed and counted as it passes, so that a blob that no longer
-/// matches its digest (or its recorded size) is caught while it is exported.
-struct VerifiedBlob {
-    path: PathBuf,
-    digest: Digest,
-    size: u64,
-    reader: io::Take<File>,
-    hasher: Sha256Writer<io::Sink>,
-    read_failure: Option<io::Error>,
-}
-
-impl VerifiedBlob {
-    fn open(store: &Store, digest: &Digest, size: u64) -> Result<VerifiedBlob, ExportError> {
-        let file = store.open_blob(digest)?;
-        Ok(VerifiedBlob {
-            path: store.blob_path(digest),
-            digest: digest.clone(),
-            size,
-            // One byte more than recorded, so that a longer blob is noticed.
-            reader: file.take(size + 1),
-            hasher: Sha256Writer::new(io::sink()),
-            read_failure: None,
-        })
-    }
-
-    /// Turns the outcome of the copy that read this blob into the export's error: a failed
-    /// read is the blob's fault, a failed write the destination's; a clean copy must have
-    /// produced the recorded size and digest.
-    fn check(&mut self, copied: io::Result<()>, destination: &Path) -> Result<(), ExportError> {
-        if let Some(source) = self.read_failure.take() {
-            return Err(ExportError::Read { path: self.path.clone(), source });
-        }
-        copied.map_err(write_error(destination))?;
-        let hasher = std::mem::replace(&mut self.hasher, Sha256Writer::new(io::sink()));
-        let (actual, actual_size, _) = hasher.finish();
-        if actual != self.digest || actual_size != self.size {
-            // Never serve it again: without the blob, the action records naming it read as
-            // misses, and the next build rebuilds the layer.
-            if let Err(error) = fs::remove_file(&self.path) {
-                eprintln!("layerwright: warning: cannot remove corrupt blob {}: {error}", self.path.display());
-            }
-            return Err(ExportError::CorruptBlob {
-                path: self.path.clone(),
-                digest: self.digest.clone(),
-                expected_size: self.size,
-                actual,
-                actual_size,
-            });
-        }
-        Ok(())
-    }
-}
-
-impl Read for VerifiedBlob {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        let read = self.reader.read(buffer).inspect_err(|error| {
-            if self.read_failure.is_none() {
-                self.read_failure = Some(io::Error::new(error.kind(), error.to_string()));
-            }
-        })?;
-        self.hasher.write_all(&buffer[..read]).expect("hashing into a sink does not fail");
-        Ok(read)
-    }
-}
-
-fn write_error(path: &Path) -> impl Fn(io::Error) -> ExportError + '_ {
-    move |source| ExportError::Write { path: path.to_owned(), source }
-}
-
-/// Writes `destination` through a temp file in its directory, fsynced and renamed into place,
-/// so that a reader (or a crash) sees the old file or the whole new one. The directory is
-/// created if missing. Files are created 0644 (less the umask), like any file a tool writes.
-fn write_atomically(
-    destination: &Path,
-    fill: impl FnOnce(&mut OutputFile<'_>) -> Result<(), ExportError>,
-) -> Result<(), ExportError> {
-    let directory = match destination.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    fs::create_dir_all(directory).map_err(write_error(directory))?;
-    let temp = tempfile::Builder::new()
-        .prefix(".layerwright-")
-        .suffix(".tmp")
-        .permissions(fs::Permissions::from_mode(0o644))
-        .tempfile_in(directory)
-        .map_err(write_error(destination))?;
-    {
-        let mut output = OutputFile { buffered: BufWriter::with_capacity(256 * 1024, temp.as_file()) };
-        fill(&mut output)?;
-        output.flush().map_err(write_error(destination))?;
-    }
-    temp.as_file().sync_all().map_err(write_error(destination))?;
-    temp.persist(destination)
-        .map_err(|error| ExportError::Write { path: destination.to_owned(), source: error.error })?;
-    Ok(())
-}
-
-/// An output file being written: buffered for small writes, and able to take a whole file's
-/// content without it passing through this process.
-struct OutputFile<'a> {
-    buffered: BufWriter<&'a File>,
-}
-
-impl OutputFile<'_> {
-    /// Appends the content of `source` (from its start) and returns how many bytes that was.
-    /// Copied with `copy_file_range`, inside the kernel (or by sharing extents, on filesystems
-    /// that can), a chunk at a time, starting each chunk's writeback as soon as it is copied so
-    /// that the final fsync does not wait for all of it; `io::copy` (which falls back to plain
-    /// reads and writes) where `copy_file_range` is refused.
-    fn copy_file(&mut self, source: &File) -> io::Result<u64> {
-        self.buffered.flush()?;
-        let mut output: &File = self.buffered.get_ref();
-        let start = output.stream_position()?;
-        let mut copied = 0u64;
-        loop {
-            let chunk = usize::try_from(layerwright_cache::WRITEBACK_CHUNK).unwrap_or(usize::MAX);
-            match rustix::fs::copy_file_range(source, None, output, None, chunk) {
-                Ok(0) => return Ok(copied),
-                Ok(count) => {
-                    layerwright_cache::start_writeback(output, start + copied, count as u64);
-                    copied += count as u64;
-                }
-                Err(rustix::io::Errno::INTR) => {}
-                // Nothing copied yet and the kernel cannot do it here: copy through this process.
-                Err(_) if copied == 0 => {
-                    let mut source = source;
-                    return io::copy(&mut source, &mut output);
-                }
-                Err(error) => return Err(error.into()),
-            }
-        }
-    }
-}
-
-impl Write for OutputFile<'_> {
-    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
-        self.buffered.write(buffer)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.buffered.flush()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tar archives
-
-/// The unit of a tar archive: headers take one block, content is padded to whole blocks.
-const TAR_BLOCK: u64 = 512;
-
-/// What one member of an archive is made of.
-enum TarMember {
-    Directory,
-    Document(Vec<u8>),
-    Blob { digest: Digest, size: u64 },
-}
-
-/// Writes the OCI layout of the image (plus `extra` documents at the top) as a tar, members
-/// sorted by name, streamed from the store into a temp file renamed to `file`.
-fn write_layout_tar(
-    parts: &ImageParts<'_>,
-    reference: &ImageReference,
-    file: &Path,
-    extra: BTreeMap<String, Vec<u8>>,
-) -> Result<(), ExportError> {
-    let index =
-        merged_index(None, manifest_descriptor(parts, reference), &reference.tag).expect("a fresh index merges");
-    let mut members: BTreeMap<String, TarMember> = BTreeMap::from([
-        ("blobs/".to_owned(), TarMember::Directory),
-        ("blobs/sha256/".to_owned(), TarMember::Directory),
-        ("index.json".to_owned(), TarMember::Document(canonical_json(&index))),
-        ("oci-layout".to_owned(), TarMember::Document(OCI_LAYOUT_CONTENT.to_vec())),
-    ]);
-    for (digest, size) in blob_sizes(parts)? {
-        members.insert(blob_member(&digest), TarMember::Blob { digest, size });
-    }
-    for (name, bytes) in extra {
-        members.insert(name, TarMember::Document(bytes));
-    }
-
-    if archive_already_holds(file, &members) {
-        return Ok(());
-    }
-    // Written by hand rather than through `tar::Builder`, so that blob content can go from
-    // the store into the archive file without passing through this process (`copy_blob`).
-    write_atomically(file, |output| {
-        for (name, member) in &members {
-            let (header, size) = match member {
-                TarMember::Directory => (tar_header(name, tar::EntryType::Directory, 0o755, 0), 0),
-                TarMember::Document(bytes) => {
-                    (tar_header(name, tar::EntryType::Regular, 0o644, bytes.len() as u64), bytes.len() as u64)
-                }
-                TarMember::Blob { size, .. } => (tar_header(name, tar::EntryType::Regular, 0o644, *size), *size),
-            };
-            output.write_all(header.as_bytes()).map_err(write_error(file))?;
-            match member {
-                TarMember::Directory => {}
-                TarMember::Document(bytes) => output.write_all(bytes).map_err(write_error(file))?,
-                TarMember::Blob { digest, size } => copy_blob(parts.store, digest, *size, output, file)?,
-            }
-            let padding = (TAR_BLOCK - size % TAR_BLOCK) % TAR_BLOCK;
-            output.write_all(&[0; TAR_BLOCK as usize][..padding as usize]).map_err(write_error(file))?;
-        }
-        // Two zero blocks end a tar archive.
-        output.write_all(&[0; 2 * TAR_BLOCK as usize]).map_err(write_error(file))
-    })
-}
-
-/// Whether `file` is already the archive `members` describe: the same member names and sizes
-/// in the same order, and the same documents (index, manifest) byte for byte. Blobs are named
-/// by their digest, so equal names and sizes mean the archive holds this image, and a no-op
-/// rebuild need not rewrite (or re-read) gigabytes. Reads headers only, seeking past content.
-fn archive_already_holds(file: &Path, members: &BTreeMap<String, TarMember>) -> bool {
-    let Ok(opened) = fs::File::open(file) else { return false };
-    let mut archive = tar::Archive::new(opened);
-    let Ok(entries) = archive.entries_with_seek() else { return false };
-    let mut expected = members.iter();
-    for entry in entries {
-        let Ok(mut entry) = entry else { return false };
-        let Some((name, member)) = expected.next() else { return false };
-        let same_name = entry.path_bytes().as_ref() == name.trim_end_matches('/').as_bytes()
-            || entry.path_bytes().as_ref() == name.as_bytes();
-        if !same_name {
-            return false;
-        }
-        let matches = match member {
-            TarMember::Directory => entry.header().entry_type().is_dir(),
-            TarMember::Blob { size, .. } => entry.size() == *size,
-            TarMember::Document(bytes) => {
-                let mut content = Vec::new();
-                entry.size() == bytes.len() as u64 && entry.read_to_end(&mut content).is_ok() && content == *bytes
-            }
-        };
-        if !matches {
-            return false;
-        }
-    }
-    expected.next().is_none()
-}
-
-/// A ustar header with every field set explicitly. The name is written into the header's
-/// name field as given (the tar crate's `set_path` drops a directory's trailing `/`); all
-/// names here are short ASCII.
-fn tar_header(name: &str, entry_type: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-    let mut header = tar::Header::new_ustar();
-    let name_field = &mut header.as_old_mut().name;
-    assert!(name.len() < name_field.len(), "archive member names are short: {name}");
-    name_field[..name.len()].copy_from_slice(name.as_bytes());
-    header.set_entry_type(entry_type);
-    header.set_mode(mode);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    header.set_size(size);
-    header.set_cksum();
-    header
-}
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
 
+    use serde_json::Value;
+
     use super::*;
+    use crate::oci::media_types::{
+        CONTAINERD_NAME_ANNOTATION, OCI_INDEX as OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST as OCI_MANIFEST_MEDIA_TYPE,
+        REF_NAME_ANNOTATION,
+    };
 
     const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
 
@@ -993,3 +507,4 @@ mod tests {
         );
     }
 }
+

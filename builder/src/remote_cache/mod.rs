@@ -21,154 +21,25 @@
 //!
 //! A remote cache that is unreachable, slow or corrupt never fails a build: it costs one
 //! warning per reference and the build goes on locally. The transfers themselves are in
-//! `registry::cache`; this module decides and reports.
+//! `registry_io`; `decide` classifies, and this module prepares, exports and reports.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
 use layerwright_cache::{ActionRecord, Digest, StepKey, Store};
 
-/// The records remote caches hold for a build's keys, merged over the references (the first
-/// reference that has a key serves it).
-#[derive(Debug, Default)]
-pub(crate) struct RemoteRecords {
-    pub records: HashMap<StepKey, ActionRecord>,
-    /// The size of every blob the caches' manifests name (downloads check it).
-    pub blob_sizes: HashMap<Digest, u64>,
-    /// Writers read.
-    pub writers: usize,
-    /// Writers skipped because their manifest or batch was unusable, each with why.
-    pub problems: Vec<String>,
-}
+mod decide;
+#[cfg(feature = "registry")]
+mod registry_io;
+mod report;
 
-/// What a build did with remote caches; see [`crate::BuiltImage::remote_cache`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RemoteCacheReport {
-    /// Whether any remote cache was asked (one is asked only when a step misses locally).
-    pub consulted: bool,
-    /// Writers whose records were read, and the records they offered.
-    pub writers: usize,
-    pub records_available: usize,
-    /// Steps whose result came from a remote cache.
-    pub steps_served: usize,
-    pub blobs_downloaded: usize,
-    pub bytes_downloaded: u64,
-    /// What went wrong with a remote cache (each was also printed once, as a warning).
-    pub warnings: Vec<String>,
-    /// What the export to `cache_to` did, when it succeeded.
-    pub export: Option<CacheExportReport>,
-}
+use decide::required_of;
+pub(crate) use decide::{Decision, NodeShape, Served, decide};
+pub(crate) use report::RemoteRecords;
+pub use report::{CacheExportReport, RemoteCacheReport};
 
-/// What an export to a remote cache did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheExportReport {
-    /// The writer tag written (`registry/repository:TAG--lw-WRITER`).
-    pub reference: String,
-    /// Records in the writer's batch after the merge, and how many of them this build offered.
-    pub records: usize,
-    pub records_new: usize,
-    /// Records left out because a blob they name is neither in the local cache nor the registry.
-    pub records_dropped: usize,
-    pub blobs_uploaded: usize,
-    pub bytes_uploaded: u64,
-    pub blobs_skipped: usize,
-    /// False when the writer tag already named an identical manifest.
-    pub manifest_uploaded: bool,
-    /// Why the index at the cache's own tag could not be rewritten (the records are exported
-    /// regardless: readers find them through the tag list).
-    pub index_problem: Option<String>,
-}
-
-/// The shape of one planned node, as far as the remote cache cares.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct NodeShape {
-    pub parent: Option<usize>,
-    pub source: Option<usize>,
-    /// Whether the node's result is an action record (layer and base steps); scratch and
-    /// config changes are computed.
-    pub recorded: bool,
-}
-
-/// How a node will be satisfied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Served {
-    Computed,
-    Local,
-    Remote,
-    Execute,
-}
-
-/// The classification of every node, and which nodes the build needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Decision {
-    pub served: Vec<Served>,
-    /// The nodes whose result, and so whose content, the build needs: the requested images'
-    /// parent chains, and the parent and source chains of every required step that executes.
-    /// Any other node need not be built at all (a stage whose `copy_from` is a hit).
-    pub required: Vec<bool>,
-}
-
-fn required_of(record: &ActionRecord, content: bool) -> impl Iterator<Item = &Digest> {
-    let layers = content.then_some(&record.layers).into_iter().flatten().map(|layer| &layer.digest);
-    layers.chain(record.config.as_ref())
-}
-
-/// Classifies every node (see the module doc). `local[i]`: the local store serves node `i`;
-/// `remote[i]`: a remote record for its key; `requested`: the nodes whose images are built;
-/// `present`: whether a blob is in the local store (or, to plan downloads, will be).
-pub(crate) fn decide(
-    shapes: &[NodeShape],
-    local: &[bool],
-    remote: &[Option<&ActionRecord>],
-    requested: &[usize],
-    present: impl Fn(&Digest) -> bool,
-) -> Decision {
-    let mut demoted = vec![false; shapes.len()];
-    loop {
-        let served: Vec<Served> = shapes
-            .iter()
-            .enumerate()
-            .map(|(index, shape)| match () {
-                _ if !shape.recorded => Served::Computed,
-                _ if local[index] => Served::Local,
-                _ if remote[index].is_some() && !demoted[index] => Served::Remote,
-                _ => Served::Execute,
-            })
-            .collect();
-        // Inputs come before the nodes that use them, so walking backwards every node is
-        // final before its inputs are visited.
-        let mut required = vec![false; shapes.len()];
-        for top in requested {
-            required[*top] = true;
-        }
-        for index in (0..shapes.len()).rev() {
-            if !required[index] {
-                continue;
-            }
-            if let Some(parent) = shapes[index].parent {
-                required[parent] = true;
-            }
-            if served[index] == Served::Execute
-                && let Some(source) = shapes[index].source
-            {
-                required[source] = true;
-            }
-        }
-        let mut changed = false;
-        for index in 0..shapes.len() {
-            let (Served::Remote, Some(record)) = (served[index], remote[index]) else { continue };
-            if !required_of(record, required[index]).all(&present) {
-                demoted[index] = true;
-                changed = true;
-            }
-        }
-        if !changed {
-            return Decision { served, required };
-        }
-    }
-}
+use crate::progress::Progress;
 
 /// How one build's nodes will be satisfied, decided before anything executes.
 #[derive(Debug)]
@@ -182,10 +53,10 @@ pub(crate) struct Prepared {
     pub failed: Vec<String>,
 }
 
-/// Prints a remote cache's problem once, as a warning, and keeps it for the report.
-fn warn(report: &mut RemoteCacheReport, reference: &str, problem: &str) {
+/// Reports a remote cache's problem once, as a warning, and keeps it for the report.
+fn warn(progress: &Progress, report: &mut RemoteCacheReport, reference: &str, problem: &str) {
     let warning = format!("remote cache {reference}: {problem}");
-    eprintln!("layerwright: warning: {warning}");
+    progress.warn(None, warning.clone());
     report.warnings.push(warning);
 }
 
@@ -200,6 +71,7 @@ pub(crate) fn prepare(
     keys: &[StepKey],
     requested: &[usize],
     local_records: &mut [Option<ActionRecord>],
+    progress: &Progress,
 ) -> Prepared {
     let local: Vec<bool> = local_records.iter().map(Option::is_some).collect();
     let no_remote = vec![None; shapes.len()];
@@ -223,14 +95,14 @@ pub(crate) fn prepare(
             Ok(records) => {
                 if !records.problems.is_empty() {
                     let problem = format!("skipped unusable writers: {}", records.problems.join("; "));
-                    warn(&mut prepared.report, reference, &problem);
+                    warn(progress, &mut prepared.report, reference, &problem);
                 }
                 prepared.report.writers += records.writers;
                 prepared.report.records_available += records.records.len();
                 sources.push((reference, records));
             }
             Err(error) => {
-                warn(&mut prepared.report, reference, &format!("{error}; building without it"));
+                warn(progress, &mut prepared.report, reference, &format!("{error}; building without it"));
                 prepared.failed.push(reference.clone());
             }
         }
@@ -270,7 +142,7 @@ pub(crate) fn prepare(
         }
         wanted_total.extend(wanted.iter().map(|(digest, _)| digest.clone()));
         if let Err(error) = transport::download_blobs(reference, store, &wanted) {
-            warn(&mut prepared.report, reference, &format!("{error}; building what did not arrive locally"));
+            warn(progress, &mut prepared.report, reference, &format!("{error}; building what did not arrive locally"));
             prepared.failed.push((*reference).to_owned());
         }
     }
@@ -297,14 +169,20 @@ pub(crate) fn prepare(
 }
 
 /// Exports this build's records to `cache_to` (see `registry::cache`); a failure is a warning.
-pub(crate) fn export(store: &Store, cache_to: &str, records: Vec<(StepKey, ActionRecord)>, prepared: &mut Prepared) {
+pub(crate) fn export(
+    store: &Store,
+    cache_to: &str,
+    records: Vec<(StepKey, ActionRecord)>,
+    prepared: &mut Prepared,
+    progress: &Progress,
+) {
     if prepared.failed.iter().any(|failed| failed == cache_to) {
         return;
     }
     let _lock = match lock_exports(store.root()) {
         Ok(lock) => lock,
         Err(error) => {
-            warn(&mut prepared.report, cache_to, &format!("cannot lock the cache directory to export: {error}"));
+            warn(progress, &mut prepared.report, cache_to, &format!("cannot lock the cache directory to export: {error}"));
             return;
         }
     };
@@ -313,6 +191,7 @@ pub(crate) fn export(store: &Store, cache_to: &str, records: Vec<(StepKey, Actio
         Ok(export) => {
             if let Some(problem) = &export.index_problem {
                 warn(
+                    progress,
                     &mut prepared.report,
                     cache_to,
                     &format!("records exported, but the index was not rewritten: {problem}"),
@@ -320,7 +199,7 @@ pub(crate) fn export(store: &Store, cache_to: &str, records: Vec<(StepKey, Actio
             }
             prepared.report.export = Some(export);
         }
-        Err(error) => warn(&mut prepared.report, cache_to, &format!("{error}; this build's records were not exported")),
+        Err(error) => warn(progress, &mut prepared.report, cache_to, &format!("{error}; this build's records were not exported")),
     }
 }
 
@@ -330,7 +209,7 @@ mod transport {
     use layerwright_cache::{ActionRecord, Digest, StepKey, Store};
 
     use super::{CacheExportReport, RemoteRecords};
-    use crate::registry::cache;
+    use super::registry_io as cache;
 
     pub(super) fn fetch_records(reference: &str) -> Result<RemoteRecords, String> {
         cache::fetch_records(reference).map_err(|error| error.to_string())
@@ -396,7 +275,7 @@ pub(crate) fn writer_name(store: &Store) -> String {
     // nobody reads half a name.
     let aside = store.tmp_dir().join(format!("remote-cache-writer.{}", std::process::id()));
     if std::fs::write(&aside, &name).and_then(|()| std::fs::rename(&aside, &path)).is_err() {
-        eprintln!("layerwright: warning: cannot record the cache writer name in {}", path.display());
+        log::warn!("cannot record the cache writer name in {}", path.display());
     }
     std::fs::read_to_string(&path).map(|name| name.trim().to_owned()).unwrap_or(name)
 }
@@ -417,7 +296,7 @@ pub(crate) fn lock_exports(root: &Path) -> std::io::Result<File> {
     let path = root.join("remote-export.lock");
     let file = File::options().create(true).truncate(false).write(true).open(&path)?;
     rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|error| {
-        eprintln!("layerwright: flock({}, LOCK_EX) failed: {error}", path.display());
+        log::warn!("flock({}, LOCK_EX) failed: {error}", path.display());
         std::io::Error::from(error)
     })?;
     Ok(file)

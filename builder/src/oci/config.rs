@@ -1,9 +1,8 @@
 //! The image config document, how config steps change it, and the manifest that names it.
 //!
 //! The config is kept as a `serde_json::Value` rather than a typed struct so that fields of an
-//! imported base config that we do not model survive untouched. `serde_json`'s map is a
-//! `BTreeMap`, so serialising sorts every object's keys: the bytes, and so the digest, depend
-//! only on the content.
+//! imported base config that we do not model survive untouched. It is written as canonical JSON
+//! (`super::canonical`): the bytes, and so the digest, depend only on the content.
 //!
 //! What it is not: a validator of base configs (a base config is trusted as far as its digest
 //! was verified) or an exporter (see `export`).
@@ -12,28 +11,13 @@ use layerwright_cache::{Digest, LayerRecord};
 use layerwright_dsl::ConfigChange;
 use serde_json::{Map, Value, json};
 
-pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
-pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-
-/// The platform of the host, in OCI (Go) terms, which is the platform of the binaries a
-/// declaration copies in.
-pub fn host_architecture() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        "riscv64" => "riscv64",
-        "s390x" => "s390x",
-        "arm" => "arm",
-        other => other,
-    }
-}
+use super::media_types::{OCI_CONFIG, OCI_MANIFEST};
+use super::platform::Platform;
 
 /// The config of an empty image.
 pub fn scratch_config(created: &str) -> Value {
     json!({
-        "architecture": host_architecture(),
+        "architecture": Platform::host().architecture,
         "os": "linux",
         "created": created,
         "config": {},
@@ -124,7 +108,7 @@ fn array(value: &mut Value) -> &mut Vec<Value> {
 
 /// The canonical bytes of a JSON document (sorted keys, no whitespace).
 pub fn to_bytes(document: &Value) -> Vec<u8> {
-    serde_json::to_vec(document).expect("JSON values serialise")
+    super::canonical::to_bytes(document)
 }
 
 /// The image manifest naming `config` and `layers`.
@@ -135,8 +119,8 @@ pub fn manifest(config: &Digest, config_size: u64, layers: &[LayerRecord]) -> Va
         .collect();
     json!({
         "schemaVersion": 2,
-        "mediaType": MANIFEST_MEDIA_TYPE,
-        "config": { "mediaType": CONFIG_MEDIA_TYPE, "digest": config.to_string(), "size": config_size },
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": OCI_CONFIG, "digest": config.to_string(), "size": config_size },
         "layers": layers,
     })
 }

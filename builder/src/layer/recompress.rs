@@ -23,16 +23,39 @@ use std::path::PathBuf;
 
 use layerwright_cache::{Digest, LayerRecord, Sha256Writer, Store};
 
-use crate::build::StepError;
-use crate::layer::{Compression, Compressor};
-use crate::tree::TreeError;
+use layerwright_cache::StoreError;
+use thiserror::Error;
+
+use super::compress::{Compressor, copy_tar_stream, entry_starts};
+use super::format::Compression;
+use super::index::TreeError;
+
+/// Why a cached layer could not be had in another compression.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum RecompressError {
+    /// Reading the stored blob or writing the new one failed.
+    #[error("recompressing layer {layer}: {source}")]
+    Io {
+        /// The digest of the layer being recompressed.
+        layer: Digest,
+        /// What failed.
+        source: io::Error,
+    },
+    /// The store could not be read or written.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stored blob is not the layer its record names (it has been removed).
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+}
 
 /// `layer` in `compression`, and the blob bytes written to get it (0 when nothing was).
 pub(crate) fn in_compression(
     store: &Store,
     layer: LayerRecord,
     compression: Compression,
-) -> Result<(LayerRecord, u64), StepError> {
+) -> Result<(LayerRecord, u64), RecompressError> {
     if Compression::from_media_type(&layer.media_type) == Some(compression) {
         return Ok((layer, 0));
     }
@@ -46,7 +69,7 @@ pub(crate) fn in_compression(
     }
     let (record, written) = recompress(store, &layer, compression)?;
     if let Some(parent) = mapping.parent() {
-        fs::create_dir_all(parent).map_err(|source| layerwright_cache::StoreError::Io {
+        fs::create_dir_all(parent).map_err(|source| StoreError::Io {
             action: "create directory",
             path: parent.to_owned(),
             source,
@@ -76,8 +99,8 @@ fn read_mapping(path: &std::path::Path) -> Option<LayerRecord> {
 
 /// The uncompressed tar stream of the stored blob of `layer`. As when indexing, the magic number
 /// decides the compression, the media type only when there is none.
-fn decoded_blob(store: &Store, layer: &LayerRecord) -> Result<Box<dyn Read>, StepError> {
-    let io_error = |source: io::Error| StepError::Recompress { layer: layer.digest.clone(), source };
+fn decoded_blob(store: &Store, layer: &LayerRecord) -> Result<Box<dyn Read>, RecompressError> {
+    let io_error = |source: io::Error| RecompressError::Io { layer: layer.digest.clone(), source };
     let mut source = BufReader::with_capacity(256 * 1024, store.open_blob(&layer.digest)?);
     let magic = source.fill_buf().map_err(io_error)?;
     Ok(if magic.starts_with(&[0x1f, 0x8b]) {
@@ -89,28 +112,28 @@ fn decoded_blob(store: &Store, layer: &LayerRecord) -> Result<Box<dyn Read>, Ste
     })
 }
 
-fn recompress(store: &Store, layer: &LayerRecord, compression: Compression) -> Result<(LayerRecord, u64), StepError> {
-    let io_error = |source: io::Error| StepError::Recompress { layer: layer.digest.clone(), source };
+fn recompress(store: &Store, layer: &LayerRecord, compression: Compression) -> Result<(LayerRecord, u64), RecompressError> {
+    let io_error = |source: io::Error| RecompressError::Io { layer: layer.digest.clone(), source };
     // Gzip blocks end where chosen entries start (see `layer::Compressor`): find them first, in
     // a pass of their own, so that the blocks come out as a fresh build's.
     let starts = match compression {
         // A stream that does not parse is a corrupt blob: the pass below finds it out by its diff
         // id (and removes it), as for any other corruption.
-        Compression::Gzip => crate::layer::entry_starts(decoded_blob(store, layer)?).unwrap_or_default(),
+        Compression::Gzip => entry_starts(decoded_blob(store, layer)?).unwrap_or_default(),
         Compression::Zstd | Compression::None => Vec::new(),
     };
     let compressor = Compressor::new(compression, store.blob_writer()?).map_err(io_error)?;
     let mut diff_id_writer = Sha256Writer::new(compressor);
-    crate::layer::copy_tar_stream(decoded_blob(store, layer)?, &mut diff_id_writer, &starts).map_err(io_error)?;
+    copy_tar_stream(decoded_blob(store, layer)?, &mut diff_id_writer, &starts).map_err(io_error)?;
     let (diff_id, _, compressor) = diff_id_writer.finish();
     if diff_id != layer.diff_id {
         // Never served again: without the blob, the record naming it reads as a miss and the
         // step is rebuilt.
         let path = store.blob_path(&layer.digest);
         if let Err(error) = fs::remove_file(&path) {
-            eprintln!("layerwright: warning: cannot remove corrupt blob {}: {error}", path.display());
+            log::warn!("cannot remove corrupt blob {}: {error}", path.display());
         }
-        return Err(StepError::Tree(TreeError::DiffIdMismatch {
+        return Err(RecompressError::Tree(TreeError::DiffIdMismatch {
             layer: layer.digest.clone(),
             expected: layer.diff_id.clone(),
             actual: diff_id,

@@ -35,8 +35,9 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timestamps};
 use rustix::io::Errno;
 use thiserror::Error;
 
-use crate::layer::{OPAQUE_WHITEOUT_NAME, WHITEOUT_PREFIX};
-use crate::tree::{self, MemberPath, TreeError};
+use super::format::{OPAQUE_WHITEOUT_NAME, WHITEOUT_PREFIX};
+use super::index::TreeError;
+use super::read::{self, MemberPath};
 
 /// In a rootless snapshot, the owner (`uid:gid`) the layer gives a file or directory that is not
 /// root's: the caller cannot chown, so the entry belongs to the caller (root inside the run).
@@ -50,6 +51,12 @@ pub const OWNER_XATTR: &str = "user.layerwright.owner";
 pub enum SnapshotFlavour {
     Privileged,
     Rootless,
+}
+
+/// The flavour of the snapshots RUN steps of this process stack: rootless unless the process
+/// runs as root (a user who is not root needs a user namespace, and `user.*` xattrs).
+pub(crate) fn flavour() -> SnapshotFlavour {
+    if rustix::process::geteuid().is_root() { SnapshotFlavour::Privileged } else { SnapshotFlavour::Rootless }
 }
 
 impl SnapshotFlavour {
@@ -110,7 +117,7 @@ pub fn ensure_snapshot(store: &Store, layer: &LayerRecord, flavour: SnapshotFlav
         // Another process unpacked the same layer first; its snapshot is as good as ours.
         Err(_) if final_path.is_dir() => Ok(final_path),
         Err(source) => {
-            eprintln!("layerwright: rename({}, {}) failed: {source}", unpacking.path().display(), final_path.display());
+            log::warn!("rename({}, {}) failed: {source}", unpacking.path().display(), final_path.display());
             Err(SnapshotError::Io { action: "rename a snapshot into", path: final_path, source })
         }
     }
@@ -140,9 +147,9 @@ pub fn unpack_layer(
     root: &Path,
     flavour: SnapshotFlavour,
 ) -> Result<(), SnapshotError> {
-    let stream = tree::open_layer_stream(store, layer)?;
+    let stream = read::open_layer_stream(store, layer)?;
     let (stream, unpacker) = unpack_tar(stream, &layer.digest, root, flavour)?;
-    tree::verify_diff_id(stream, layer)?;
+    read::verify_diff_id(stream, layer)?;
     unpacker.finish_directories()
 }
 
@@ -358,13 +365,13 @@ impl Unpacker {
     fn member<R: Read>(&mut self, member: &mut tar::Entry<'_, R>) -> Result<(), SnapshotError> {
         let layer = self.layer.clone();
         let read_error = |source| TreeError::Read { layer: layer.clone(), source };
-        let name = tree::member_name(member, &self.layer)?;
+        let name = read::member_name(member, &self.layer)?;
         let header = member.header().clone();
         let entry_type = header.entry_type();
         if entry_type.is_pax_global_extensions() {
             return Ok(());
         }
-        let path = match tree::normalise_member_path(&name) {
+        let path = match read::normalise_member_path(&name) {
             MemberPath::Inside(path) => path,
             MemberPath::Root if entry_type.is_dir() => return Ok(()),
             MemberPath::Root | MemberPath::Escapes => {
@@ -430,7 +437,7 @@ impl Unpacker {
         }
         // Anything else replaces what is at its path (a later member of the same name wins). A
         // regular file (most members) finds out by creating it exclusively, the others by a stat.
-        let is_regular = tree::is_regular_file(entry_type);
+        let is_regular = read::is_regular_file(entry_type);
         if !is_regular && rustix::fs::statat(&*parent_fd, base, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
             remove_tree(&*parent_fd, base).map_err(self.write_error(&path, "replace"))?;
             self.directories.remove(&path);
@@ -464,14 +471,14 @@ impl Unpacker {
             self.set_metadata(&file, &path, mode, uid, gid, &xattrs)?;
             rustix::fs::futimens(&file, &times).map_err(self.write_error(&path, "set the mtime of"))?;
         } else if entry_type.is_symlink() {
-            let target = tree::member_link_name(member, &self.layer, &name)?;
+            let target = read::member_link_name(member, &self.layer, &name)?;
             rustix::fs::symlinkat(target.as_str(), &parent_fd, base)
                 .map_err(self.write_error(&path, "create the symlink"))?;
             self.chown_at(&parent_fd, base, &path, (uid, gid))?;
             rustix::fs::utimensat(&parent_fd, base, &times, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(self.write_error(&path, "set the mtime of"))?;
         } else if entry_type.is_hard_link() {
-            let target = match tree::normalise_member_path(&tree::member_link_name(member, &self.layer, &name)?) {
+            let target = match read::normalise_member_path(&read::member_link_name(member, &self.layer, &name)?) {
                 MemberPath::Inside(target) => target,
                 MemberPath::Root | MemberPath::Escapes => {
                     return Err(TreeError::EscapesRoot { layer: self.layer.clone(), entry: name }.into());

@@ -19,34 +19,20 @@
 //! refused likewise. When a tar holds both an `oci-layout` and a `manifest.json` (Docker ≥ 25
 //! writes both), the OCI index is used.
 
-use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::io::{self, Read};
+use std::path::Path;
 
-use layerwright_cache::{Digest, LayerRecord, Sha256Writer, Store, StoreError};
+use layerwright_cache::{Digest, LayerRecord, Sha256Writer, Store};
 use rayon::prelude::*;
 use serde::Deserialize;
-use thiserror::Error;
 
-use crate::layer::Compression;
-use crate::tree::{self, LayerIndex, TreeError};
+use super::archive::{Archive, compression_of_magic, normalise_member_name, read_up_to};
+use super::error::ImportError;
+use crate::layer::{self, Compression, LayerIndex};
+use crate::oci::{Descriptor, Platform, media_types};
+use crate::tree;
 
-#[derive(Debug, Error)]
-pub enum ImportError {
-    #[error("base archive {archive}: {reason}")]
-    Invalid { archive: PathBuf, reason: String },
-    #[error("base archive {archive}: cannot open: {source}")]
-    Open { archive: PathBuf, source: std::io::Error },
-    #[error("base archive {archive}: cannot read {entry}: {source}")]
-    Read { archive: PathBuf, entry: String, source: std::io::Error },
-    #[error("base archive {archive}: blob {entry} has digest {actual}, but is named {expected}")]
-    DigestMismatch { archive: PathBuf, entry: String, expected: String, actual: String },
-    #[error("base archive {archive}: {source}")]
-    Layer { archive: PathBuf, source: TreeError },
-    #[error(transparent)]
-    Store(#[from] layerwright_cache::StoreError),
-}
 
 /// An imported base image: its layers (bottom first), their indexes, and its config document.
 #[derive(Debug, Clone)]
@@ -103,15 +89,15 @@ pub fn import_archive_for_runs(store: &Store, path: &Path, prepare_snapshots: bo
     }
     let fetched = fetch_base_image(store, path)?;
     let layer_error = |source| ImportError::Layer { archive: path.to_owned(), source };
-    let flavour = crate::run::snapshot_flavour();
+    let flavour = crate::layer::snapshot::flavour();
     let indexes = fetched
         .layers
         .par_iter()
         .map(|layer| {
-            let Ok(mut snapshot) = crate::run::StreamedSnapshot::start(store, flavour) else {
-                return tree::index_layer(store, layer);
+            let Ok(mut snapshot) = crate::layer::snapshot::StreamedSnapshot::start(store, flavour) else {
+                return layer::index_layer(store, layer);
             };
-            let index = tree::index_layer_observed(store, layer, &mut |bytes| snapshot.push(bytes))?;
+            let index = layer::index_layer_observed(store, layer, &mut |bytes| snapshot.push(bytes))?;
             snapshot.finish(layer);
             Ok(index)
         })
@@ -161,29 +147,9 @@ fn index_and_apply_layers(
 // ---------------------------------------------------------------------------------------------
 // OCI image layouts and OCI archives
 
-const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-const DOCKER_MANIFEST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const OCI_INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
-const DOCKER_MANIFEST_LIST_MEDIA_TYPE: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// How deep image indexes may nest before the archive is considered malformed.
 const MAX_INDEX_DEPTH: usize = 4;
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    media_type: Option<String>,
-    digest: String,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-    platform: Option<Platform>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Platform {
-    os: String,
-    architecture: String,
-}
 
 #[derive(Debug, Deserialize)]
 struct ImageIndex {
@@ -218,8 +184,7 @@ fn fetch_oci_image(store: &Store, archive: &Archive) -> Result<FetchedImage, Imp
     let selected = select_oci_manifest(archive)?;
     let manifest: ImageManifest = archive.parse_json(selected.manifest_bytes(), &selected.entry)?;
     if let Some(media_type) = &manifest.media_type
-        && media_type != OCI_MANIFEST_MEDIA_TYPE
-        && media_type != DOCKER_MANIFEST_MEDIA_TYPE
+        && !media_types::is_manifest(media_type)
     {
         return Err(archive.invalid(format!("manifest {} has unsupported media type {media_type}", selected.entry)));
     }
@@ -285,8 +250,8 @@ fn select_oci_manifest(archive: &Archive) -> Result<SelectedManifest, ImportErro
         let child_entry = blob_entry(&digest);
         let child_bytes = archive.read_verified_document(&child_entry, &digest)?;
         let is_index = match descriptor.media_type.as_deref() {
-            Some(OCI_INDEX_MEDIA_TYPE | DOCKER_MANIFEST_LIST_MEDIA_TYPE) => true,
-            Some(OCI_MANIFEST_MEDIA_TYPE | DOCKER_MANIFEST_MEDIA_TYPE) => false,
+            Some(media_type) if media_types::is_index(media_type) => true,
+            Some(media_type) if media_types::is_manifest(media_type) => false,
             Some(other) => {
                 return Err(archive.invalid(format!("{entry} names {child_entry} with unsupported media type {other}")));
             }
@@ -318,39 +283,22 @@ fn choose_descriptor<'a>(
     if descriptors.iter().all(|descriptor| descriptor.digest == first.digest) {
         return Ok(first);
     }
-    let (host_os, host_architecture) = host_platform();
-    let for_host = descriptors.iter().find(|descriptor| {
-        descriptor
-            .platform
-            .as_ref()
-            .is_some_and(|platform| platform.os == host_os && platform.architecture == host_architecture)
-    });
+    let host = Platform::host();
+    let for_host =
+        descriptors.iter().find(|descriptor| descriptor.platform.as_ref().is_some_and(|offered| host.accepts(offered)));
     if let Some(descriptor) = for_host {
         return Ok(descriptor);
     }
     let names: Vec<&str> = descriptors
         .iter()
-        .filter_map(|descriptor| descriptor.annotations.get("org.opencontainers.image.ref.name").map(String::as_str))
+        .filter_map(|descriptor| descriptor.annotations.get(media_types::REF_NAME_ANNOTATION).map(String::as_str))
         .collect();
     Err(archive.invalid(format!(
-        "{entry} lists {} different manifests and none is for {host_os}/{host_architecture} \
+        "{entry} lists {} different manifests and none is for {host} \
          (ref names: {names:?}); layerwright imports an archive holding one image, \
          so save or copy a single image",
         descriptors.len()
     )))
-}
-
-/// This host's platform in OCI terms (`GOARCH` names).
-fn host_platform() -> (&'static str, &'static str) {
-    let architecture = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "x86" => "386",
-        "aarch64" => "arm64",
-        "powerpc64" => "ppc64le",
-        "loongarch64" => "loong64",
-        other => other,
-    };
-    ("linux", architecture)
 }
 
 /// The member holding the blob `digest` in an OCI layout.
@@ -443,33 +391,11 @@ fn import_docker_layer(
     })
 }
 
-fn compression_of_magic(magic: &[u8]) -> Compression {
-    match magic {
-        [0x1f, 0x8b, ..] => Compression::Gzip,
-        [0x28, 0xb5, 0x2f, 0xfd] => Compression::Zstd,
-        _ => Compression::None,
-    }
-}
-
 /// The digest a docker-archive member's name claims: `blobs/sha256/<hex>` (Docker ≥ 25) or
 /// `<hex>.json` (the config of older `docker save`). Other names claim nothing.
 fn digest_named_by(entry: &str) -> Option<Digest> {
     let hex = entry.strip_prefix("blobs/sha256/").or_else(|| entry.strip_suffix(".json"))?;
     Digest::from_hex(hex).ok()
-}
-
-/// Reads until `buffer` is full or the reader ends; returns how much was read.
-fn read_up_to(reader: &mut dyn Read, buffer: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        match reader.read(&mut buffer[filled..]) {
-            Ok(0) => break,
-            Ok(read) => filled += read,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(filled)
 }
 
 /// The config's `rootfs.diff_ids`, parsed.
@@ -486,277 +412,16 @@ fn diff_ids_of(archive: &Archive, config: &serde_json::Value, config_entry: &str
         .collect()
 }
 
-// ---------------------------------------------------------------------------------------------
-// Reading members of a layout directory or a tar, in place
-
-/// Documents (index, manifests, configs) are read whole; anything bigger than this is not one.
-const MAX_DOCUMENT_BYTES: u64 = 16 << 20;
-
-/// How many symlinks or hard links may be followed to reach a tar member's data.
-const MAX_LINK_HOPS: usize = 16;
-
-/// An archive opened for reading members by name (`index.json`, `blobs/sha256/<hex>`, …).
-struct Archive {
-    path: PathBuf,
-    storage: Storage,
-}
-
-enum Storage {
-    /// An OCI layout directory: member names are paths below it. Only fixed names and
-    /// `blobs/sha256/<validated hex>` are ever joined, so no name can leave the directory.
-    Directory,
-    /// A tar file: where each member's bytes are, from one scan of its headers.
-    Tar { members: BTreeMap<String, TarMember> },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum TarMember {
-    Data {
-        offset: u64,
-        size: u64,
-    },
-    /// A symlink; its target is relative to the link's directory (or to the root if absolute).
-    Symlink {
-        target: String,
-    },
-    /// A hard link; its target is a member name.
-    HardLink {
-        target: String,
-    },
-}
-
-impl Archive {
-    fn open(path: &Path) -> Result<Archive, ImportError> {
-        let metadata = fs::metadata(path).map_err(|source| ImportError::Open { archive: path.to_owned(), source })?;
-        if metadata.is_dir() {
-            return Ok(Archive { path: path.to_owned(), storage: Storage::Directory });
-        }
-        let members = scan_tar(path)?;
-        Ok(Archive { path: path.to_owned(), storage: Storage::Tar { members } })
-    }
-
-    fn is_tar(&self) -> bool {
-        matches!(self.storage, Storage::Tar { .. })
-    }
-
-    fn contains(&self, entry: &str) -> bool {
-        match &self.storage {
-            Storage::Directory => self.path.join(entry).is_file(),
-            Storage::Tar { members } => resolve_tar_member(members, entry).is_some(),
-        }
-    }
-
-    /// A reader of one member's bytes.
-    fn open_member(&self, entry: &str) -> Result<Box<dyn Read>, ImportError> {
-        let missing = || self.invalid(format!("it has no member {entry}"));
-        match &self.storage {
-            Storage::Directory => {
-                let file = File::open(self.path.join(entry)).map_err(|source| match source.kind() {
-                    io::ErrorKind::NotFound => missing(),
-                    _ => self.read_error(entry, source),
-                })?;
-                Ok(Box::new(file))
-            }
-            Storage::Tar { members } => {
-                let (offset, size) = resolve_tar_member(members, entry).ok_or_else(missing)?;
-                let mut file = File::open(&self.path)
-                    .map_err(|source| ImportError::Open { archive: self.path.clone(), source })?;
-                file.seek(SeekFrom::Start(offset)).map_err(|source| self.read_error(entry, source))?;
-                Ok(Box::new(BufReader::with_capacity(256 * 1024, file.take(size))))
-            }
-        }
-    }
-
-    /// A small member (index, manifest, config) read whole.
-    fn read_document(&self, entry: &str) -> Result<Vec<u8>, ImportError> {
-        let mut bytes = Vec::new();
-        self.open_member(entry)?
-            .take(MAX_DOCUMENT_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|source| self.read_error(entry, source))?;
-        if bytes.len() as u64 > MAX_DOCUMENT_BYTES {
-            return Err(self
-                .invalid(format!("{entry} is larger than {MAX_DOCUMENT_BYTES} bytes, too large for a JSON document")));
-        }
-        Ok(bytes)
-    }
-
-    /// A small member read whole, refused unless it hashes to `digest`.
-    fn read_verified_document(&self, entry: &str, digest: &Digest) -> Result<Vec<u8>, ImportError> {
-        let bytes = self.read_document(entry)?;
-        let actual = Digest::of_bytes(&bytes);
-        if actual != *digest {
-            return Err(self.digest_mismatch(entry, digest, &actual));
-        }
-        Ok(bytes)
-    }
-
-    /// Copies the member `entry` into the store, refusing it unless it hashes to `expected`.
-    fn import_member(
-        &self,
-        store: &Store,
-        entry: &str,
-        expected: &Digest,
-    ) -> Result<layerwright_cache::BlobInfo, ImportError> {
-        let mut reader = self.open_member(entry)?;
-        self.store_member(store, entry, &mut reader, Some(expected))
-    }
-
-    /// Copies `reader` (the bytes of `entry`) into the store, verified against `expected` when
-    /// given. Errors name the member: a read failure is told apart from a store failure by
-    /// watching the reader.
-    fn store_member(
-        &self,
-        store: &Store,
-        entry: &str,
-        reader: &mut dyn Read,
-        expected: Option<&Digest>,
-    ) -> Result<layerwright_cache::BlobInfo, ImportError> {
-        let mut watched = WatchedReader { inner: reader, failure: None };
-        let result = match expected {
-            Some(expected) => store.import_blob(&mut watched, expected),
-            None => store.blob_writer().and_then(|mut writer| {
-                let tmp = store.tmp_dir();
-                io::copy(&mut watched, &mut writer).map_err(|source| StoreError::Io {
-                    action: "copy blob into",
-                    path: tmp,
-                    source,
-                })?;
-                writer.commit()
-            }),
-        };
-        result.map_err(|error| {
-            if let Some(source) = watched.failure.take() {
-                return self.read_error(entry, source);
-            }
-            match error {
-                StoreError::DigestMismatch { expected, actual } => self.digest_mismatch(entry, &expected, &actual),
-                other => ImportError::Store(other),
-            }
-        })
-    }
-
-    fn parse_json<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], entry: &str) -> Result<T, ImportError> {
-        serde_json::from_slice(bytes).map_err(|error| self.invalid(format!("{entry} is not valid: {error}")))
-    }
-
-    fn parse_digest(&self, text: &str, entry: &str) -> Result<Digest, ImportError> {
-        Digest::parse(text)
-            .map_err(|error| self.invalid(format!("{entry}: {error} (only sha256 digests are supported)")))
-    }
-
-    fn invalid(&self, reason: impl Into<String>) -> ImportError {
-        ImportError::Invalid { archive: self.path.clone(), reason: reason.into() }
-    }
-
-    fn read_error(&self, entry: &str, source: io::Error) -> ImportError {
-        ImportError::Read { archive: self.path.clone(), entry: entry.to_owned(), source }
-    }
-
-    fn digest_mismatch(&self, entry: &str, expected: &Digest, actual: &Digest) -> ImportError {
-        ImportError::DigestMismatch {
-            archive: self.path.clone(),
-            entry: entry.to_owned(),
-            expected: expected.to_string(),
-            actual: actual.to_string(),
-        }
-    }
-}
-
-/// A reader that keeps the first error it returned, so that a failed copy can be blamed on
-/// the member being read rather than on the store being written.
-struct WatchedReader<'a> {
-    inner: &'a mut dyn Read,
-    failure: Option<io::Error>,
-}
-
-impl Read for WatchedReader<'_> {
-    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buffer).inspect_err(|error| {
-            if self.failure.is_none() {
-                self.failure = Some(io::Error::new(error.kind(), error.to_string()));
-            }
-        })
-    }
-}
-
-/// Reads a tar's headers once (seeking over member data) and records where each member's
-/// bytes are. Names are normalised (`./a//b/` → `a/b`); a later member of the same name wins,
-/// as when a tar is extracted.
-fn scan_tar(path: &Path) -> Result<BTreeMap<String, TarMember>, ImportError> {
-    let invalid = |reason: String| ImportError::Invalid { archive: path.to_owned(), reason };
-    let open_error = |source| ImportError::Open { archive: path.to_owned(), source };
-    let mut file = File::open(path).map_err(open_error)?;
-    let mut magic = [0u8; 4];
-    let magic_length = read_up_to(&mut file, &mut magic).map_err(open_error)?;
-    if compression_of_magic(&magic[..magic_length]) != Compression::None {
-        return Err(invalid(
-            "it is a compressed file; layerwright reads uncompressed tars in place, so decompress it first \
-             (for example `gunzip -k` or `zstd -d`)"
-                .into(),
-        ));
-    }
-    file.seek(SeekFrom::Start(0)).map_err(open_error)?;
-
-    let not_a_tar = |error: io::Error| {
-        invalid(format!(
-            "it is neither an OCI image layout directory nor a readable tar archive (docker-archive or \
-             OCI archive): {error}"
-        ))
-    };
-    let mut tar = tar::Archive::new(BufReader::new(file));
-    let mut members = BTreeMap::new();
-    for entry in tar.entries_with_seek().map_err(not_a_tar)? {
-        let entry = entry.map_err(not_a_tar)?;
-        let name = normalise_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
-        let link_target = || entry.link_name_bytes().map(|target| String::from_utf8_lossy(&target).into_owned());
-        let member = match entry.header().entry_type() {
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                TarMember::Data { offset: entry.raw_file_position(), size: entry.size() }
-            }
-            tar::EntryType::Symlink => TarMember::Symlink { target: link_target().unwrap_or_default() },
-            tar::EntryType::Link => {
-                TarMember::HardLink { target: normalise_member_name(&link_target().unwrap_or_default()) }
-            }
-            // Directories and anything else hold no member bytes.
-            _ => continue,
-        };
-        members.insert(name, member);
-    }
-    if members.is_empty() {
-        return Err(invalid("it is an empty tar, or not a tar at all".into()));
-    }
-    Ok(members)
-}
-
-/// Follows symlinks and hard links inside the tar to a member with data: its offset and size.
-fn resolve_tar_member(members: &BTreeMap<String, TarMember>, entry: &str) -> Option<(u64, u64)> {
-    let mut current = normalise_member_name(entry);
-    for _ in 0..MAX_LINK_HOPS {
-        current = match members.get(&current)? {
-            TarMember::Data { offset, size } => return Some((*offset, *size)),
-            TarMember::HardLink { target } => target.clone(),
-            TarMember::Symlink { target } if target.starts_with('/') => normalise_member_name(target),
-            TarMember::Symlink { target } => {
-                let directory = current.rsplit_once('/').map_or("", |(directory, _)| directory);
-                normalise_member_name(&format!("{directory}/{target}"))
-            }
-        };
-    }
-    None
-}
-
-/// `./a//b/../c/` → `a/c`. Only used as a lookup key among the tar's own members, never as a
-/// filesystem path, so resolving `..` lexically is safe.
-fn normalise_member_name(name: &str) -> String {
-    layerwright_dsl::clean_lexically(name)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::io::Write;
+    use std::path::PathBuf;
 
     use super::*;
+    use crate::base::archive::{Storage, TarMember, resolve_tar_member};
+    use crate::layer::TreeError;
+    use crate::oci::media_types::{OCI_INDEX as OCI_INDEX_MEDIA_TYPE, OCI_MANIFEST as OCI_MANIFEST_MEDIA_TYPE};
 
     // -- hand-made archives ---------------------------------------------------------------
 
@@ -1069,7 +734,8 @@ mod tests {
         let mut files = oci_layout_files(&[(layer.clone(), &diff_id, "application/vnd.oci.image.layer.v1.tar")]);
         let top_index: serde_json::Value = serde_json::from_slice(&files[1].1).unwrap();
         let host_manifest = top_index["manifests"][0].clone();
-        let (os, architecture) = host_platform();
+        let host = crate::oci::Platform::host();
+        let (os, architecture) = (host.os.as_str(), host.architecture.as_str());
         let mut other = serde_json::json!({
             "mediaType": OCI_MANIFEST_MEDIA_TYPE,
             "digest": Digest::of_bytes(b"another platform").to_string(),
@@ -1162,7 +828,7 @@ mod tests {
 
     #[test]
     fn exported_archives_import_back() {
-        use crate::export::{ImageParts, write_docker_archive, write_oci_archive, write_oci_layout};
+        use crate::output::{ImageParts, write_docker_archive, write_oci_archive, write_oci_layout};
         let dir = tempfile::tempdir().unwrap();
         let source = store_in(&dir.path().join("source"));
         let layer = layer_tar();

@@ -1,0 +1,60 @@
+//! What a build did with remote caches, as the user sees it ([`RemoteCacheReport`],
+//! [`CacheExportReport`]), and the records the caches offered ([`RemoteRecords`]).
+//!
+//! What it deliberately is not: logic; these are plain data.
+
+use std::collections::HashMap;
+
+use layerwright_cache::{ActionRecord, Digest, StepKey};
+
+/// The records remote caches hold for a build's keys, merged over the references (the first
+/// reference that has a key serves it).
+#[derive(Debug, Default)]
+pub(crate) struct RemoteRecords {
+    pub records: HashMap<StepKey, ActionRecord>,
+    /// The size of every blob the caches' manifests name (downloads check it).
+    pub blob_sizes: HashMap<Digest, u64>,
+    /// Writers read.
+    pub writers: usize,
+    /// Writers skipped because their manifest or batch was unusable, each with why.
+    pub problems: Vec<String>,
+}
+
+/// What a build did with remote caches; see [`crate::BuiltImage::remote_cache`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteCacheReport {
+    /// Whether any remote cache was asked (one is asked only when a step misses locally).
+    pub consulted: bool,
+    /// Writers whose records were read, and the records they offered.
+    pub writers: usize,
+    pub records_available: usize,
+    /// Steps whose result came from a remote cache.
+    pub steps_served: usize,
+    pub blobs_downloaded: usize,
+    pub bytes_downloaded: u64,
+    /// What went wrong with a remote cache (each was also printed once, as a warning).
+    pub warnings: Vec<String>,
+    /// What the export to `cache_to` did, when it succeeded.
+    pub export: Option<CacheExportReport>,
+}
+
+/// What an export to a remote cache did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheExportReport {
+    /// The writer tag written (`registry/repository:TAG--lw-WRITER`).
+    pub reference: String,
+    /// Records in the writer's batch after the merge, and how many of them this build offered.
+    pub records: usize,
+    pub records_new: usize,
+    /// Records left out because a blob they name is neither in the local cache nor the registry.
+    pub records_dropped: usize,
+    pub blobs_uploaded: usize,
+    pub bytes_uploaded: u64,
+    pub blobs_skipped: usize,
+    /// False when the writer tag already named an identical manifest.
+    pub manifest_uploaded: bool,
+    /// Why the index at the cache's own tag could not be rewritten (the records are exported
+    /// regardless: readers find them through the tag list).
+    pub index_problem: Option<String>,
+}
+

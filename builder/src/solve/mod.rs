@@ -1,0 +1,230 @@
+//! The solver: plan the graph, key every step, then execute the misses in parallel.
+//!
+//! 1. **Plan** (sequential, under the builder's state lock): collect every node the requested
+//!    images reach (parents and `copy_from` sources) in dependency order, shared nodes once.
+//!    Walk the contexts of `copy` steps (digests through the stat cache) and find each step's
+//!    salsa input in the long-lived key database.
+//! 2. **Key**: the tracked `step_key` query for every node, in parallel with one clone of the
+//!    query storage per rayon worker (`map_with`), one depth level of the graph at a time (so
+//!    that no query recurses down a deep chain). Unchanged inputs re-execute nothing.
+//! 3. **Execute**: a rayon-parallel walk of the DAG in which a node starts as soon as its inputs
+//!    are done. A node whose key has a committed action record is a hit; a miss executes, and
+//!    its record is committed last. After the first failure no new step starts; the error of the
+//!    earliest failed step in plan order is returned.
+//! 4. **Finish**: the config and manifest of each requested image go into the store.
+//!
+//! With remote caches (`cache_from`), `remote::prepare` runs between 2 and 3: it classifies
+//! every node, downloads the blobs the build needs and hands the walk the records it may use
+//! without their content. After 4, the records of every step go to `cache_to`.
+
+mod error;
+mod keys;
+mod plan;
+mod steps;
+mod walk;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use layerwright_cache::{ActionRecord, Digest, KeyDatabase, LayerRecord, StatCache, StepKey, Store};
+use layerwright_dsl::{Image, Step};
+
+pub use error::StepError;
+pub(crate) use error::StepFailure;
+
+use crate::execution::{IndexCache, NodeState};
+use crate::layer::{Compression, LayerOptions};
+use crate::oci::config;
+use crate::progress::{Progress, StepHook, StepReport};
+use crate::remote_cache::{self, NodeShape, RemoteCacheReport};
+use keys::{key_by_depth, read_local_records};
+use plan::{below_run, collect, dependents, plan, source_date_epoch_from_env};
+use walk::{Finished, NodeResult, Walk};
+
+/// The long-lived, mutable part of a builder: the salsa key database and the stat cache.
+pub(crate) struct KeyState {
+    pub keys: KeyDatabase,
+    pub stat_cache: StatCache,
+}
+
+/// How a build runs (from the builder's options).
+#[derive(Clone, Default)]
+pub(crate) struct SolveOptions {
+    pub compression: Compression,
+    pub source_date_epoch: Option<u64>,
+    pub progress: Progress,
+    pub before_execute: Option<StepHook>,
+    pub cache_from: Vec<String>,
+    pub cache_to: Option<String>,
+}
+
+/// What a build reads from the builder that runs it.
+#[derive(Clone, Copy)]
+pub(crate) struct Session<'a> {
+    pub store: &'a Store,
+    pub options: &'a SolveOptions,
+    pub state: &'a Mutex<KeyState>,
+    pub workers: &'a rayon::ThreadPool,
+}
+
+/// A built image: its manifest, config and layers are in `store`.
+#[derive(Debug)]
+pub(crate) struct SolvedImage {
+    pub store: Store,
+    pub manifest: Digest,
+    pub manifest_size: u64,
+    pub config: Digest,
+    pub layers: Vec<LayerRecord>,
+    pub steps: Vec<StepReport>,
+    pub blob_bytes_written: u64,
+    /// What the build did with remote caches, when it had any.
+    pub remote_cache: Option<Arc<RemoteCacheReport>>,
+}
+
+/// Builds `images` in one walk (a step they share is built once); one result per image.
+pub(crate) fn build_all(session: Session<'_>, images: &[&Image]) -> Result<Vec<SolvedImage>, StepFailure> {
+    let builder = session;
+    let epoch = builder.options.source_date_epoch.or_else(source_date_epoch_from_env).unwrap_or(0);
+    let order = collect(images);
+    let plan = {
+        let mut state = builder.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let plan = plan(&order, builder.store, &mut state, builder.workers, &builder.options.progress)?;
+        if let Err(error) = state.stat_cache.save(builder.store) {
+            // Only an accelerator: the next build re-hashes what it cannot find.
+            builder.options.progress.warn(None, format!("cannot save the stat cache: {error}"));
+        }
+        let keys = key_by_depth(&plan, state.keys.queries(), builder.workers);
+        (plan, keys)
+    };
+    let (plan, keys) = plan;
+    let positions: HashMap<usize, usize> =
+        plan.iter().enumerate().map(|(index, node)| (node.image.node_id(), index)).collect();
+    let tops: Vec<usize> = images.iter().map(|image| positions[&image.node_id()]).collect();
+    let shapes: Vec<NodeShape> = plan
+        .iter()
+        .map(|node| NodeShape {
+            parent: node.parent,
+            source: node.source,
+            recorded: !matches!(node.image.step(), Step::Scratch | Step::Config(_)),
+        })
+        .collect();
+    let mut local_records = builder.workers.install(|| read_local_records(builder.store, &plan, &keys, &shapes))?;
+    let mut remote =
+        remote_cache::prepare(
+        builder.store,
+        &builder.options.cache_from,
+        &shapes,
+        &keys,
+        &tops,
+        &mut local_records,
+        &builder.options.progress,
+    );
+    let walk = Walk {
+        store: builder.store,
+        plan: &plan,
+        keys: &keys,
+        created: config::rfc3339(epoch),
+        layer_options: LayerOptions { compression: builder.options.compression, mtime: epoch },
+        indexes: IndexCache::default(),
+        remaining: plan.iter().map(|node| AtomicUsize::new(node.inputs.len())).collect(),
+        dependents: dependents(&plan),
+        results: plan.iter().map(|_| OnceLock::new()).collect(),
+        failed: AtomicBool::new(false),
+        errors: Mutex::new(Vec::new()),
+        bytes_written: AtomicU64::new(0),
+        local_records,
+        remote_records: std::mem::take(&mut remote.remote_records),
+        decision: &remote.decision,
+        records: plan.iter().map(|_| OnceLock::new()).collect(),
+        snapshot_for_run: below_run(&plan, &remote.decision),
+        session: builder,
+    };
+    builder.workers.scope(|scope| {
+        for (index, node) in plan.iter().enumerate() {
+            if node.inputs.is_empty() {
+                let walk = &walk;
+                scope.spawn(move |scope| walk.run(index, scope));
+            }
+        }
+    });
+    let mut errors = walk.errors.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    errors.sort_by_key(|(index, _)| *index);
+    if let Some((_, error)) = errors.into_iter().next() {
+        return Err(error);
+    }
+    // `None` for the nodes the build did not need.
+    let outcomes: Vec<Option<Finished>> = walk
+        .results
+        .into_iter()
+        .map(|result| match result.into_inner() {
+            Some(NodeResult::Done(finished)) => Some(finished),
+            Some(NodeResult::NotNeeded) => None,
+            Some(NodeResult::Failed) | None => unreachable!("every node succeeded when no error was recorded"),
+        })
+        .collect();
+    let bytes_written = walk.bytes_written.load(Ordering::Relaxed);
+    let records: Vec<(StepKey, ActionRecord)> = walk
+        .records
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, record)| Some((keys[index], record.into_inner()?)))
+        .collect();
+    let created = walk.created;
+    if let Some(cache_to) = &builder.options.cache_to {
+        remote_cache::export(builder.store, cache_to, records, &mut remote, &builder.options.progress);
+    }
+    let uses_remote = !builder.options.cache_from.is_empty() || builder.options.cache_to.is_some();
+    let remote_cache = uses_remote.then(|| Arc::new(remote.report));
+    tops.iter()
+        .map(|top| {
+            let steps = reports_of(&plan, &outcomes, *top);
+            let (top_state, _) = outcomes[*top].as_ref().expect("requested images are required");
+            finish(builder.store, top_state, &created, steps, bytes_written, remote_cache.clone())
+                .map_err(|source| StepFailure::new("write manifest", source))
+        })
+        .collect()
+}
+
+/// The reports of the nodes `top` depends on (itself included), in plan order.
+fn reports_of(plan: &[plan::PlannedNode], outcomes: &[Option<Finished>], top: usize) -> Vec<StepReport> {
+    let mut needed = vec![false; plan.len()];
+    needed[top] = true;
+    for index in (0..=top).rev() {
+        if needed[index] {
+            for input in &plan[index].inputs {
+                needed[*input] = true;
+            }
+        }
+    }
+    (0..=top)
+        .filter(|index| needed[*index])
+        .filter_map(|index| outcomes[index].as_ref().map(|(_, report)| report.clone()))
+        .collect()
+}
+
+/// Stores the config and manifest of a built node.
+fn finish(
+    store: &Store,
+    state: &NodeState,
+    created: &str,
+    steps: Vec<StepReport>,
+    blob_bytes_written: u64,
+    remote_cache: Option<Arc<RemoteCacheReport>>,
+) -> Result<SolvedImage, StepError> {
+    let mut config = state.config.clone();
+    config::set_created(&mut config, created);
+    let config_blob = store.put_blob(&config::to_bytes(&config))?;
+    let manifest = config::manifest(&config_blob.digest, config_blob.size, &state.layers);
+    let manifest_blob = store.put_blob(&config::to_bytes(&manifest))?;
+    Ok(SolvedImage {
+        store: store.clone(),
+        manifest: manifest_blob.digest,
+        manifest_size: manifest_blob.size,
+        config: config_blob.digest,
+        layers: state.layers.clone(),
+        steps,
+        blob_bytes_written,
+        remote_cache,
+    })
+}

@@ -1,0 +1,326 @@
+//! The walk: a rayon-parallel execution of the plan in which a node starts as soon as its inputs
+//! are done. A node whose key has a committed record is a hit; a miss executes (file steps in
+//! `steps`, RUN steps in `crate::run`, bases in `crate::base`) and commits its record last.
+//!
+//! What it deliberately is not: the planner or the keyer; it never computes a key.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use layerwright_cache::{
+    ActionRecord, MissReason, Provenance, StepKey, Store,
+};
+use layerwright_dsl::{ConfigChange, Step};
+
+use super::error::{StepError, StepFailure};
+use super::plan::PlannedNode;
+use super::Session;
+use crate::base;
+use crate::execution::{Execution, IndexCache, NodeState};
+use crate::layer::recompress;
+use crate::layer::{LayerEntry, LayerOptions};
+use crate::oci::config;
+use crate::progress::{ProgressEvent, StepReport};
+use crate::remote_cache::{Decision, Served};
+use crate::run::{self, RunRequest};
+
+/// A finished node: its state and its report.
+pub(super) type Finished = (Arc<NodeState>, StepReport);
+
+pub(super) struct Walk<'a> {
+    pub(super) session: Session<'a>,
+    pub(super) store: &'a Store,
+    pub(super) plan: &'a [PlannedNode],
+    pub(super) keys: &'a [StepKey],
+    pub(super) created: String,
+    pub(super) layer_options: LayerOptions,
+    pub(super) indexes: IndexCache,
+    pub(super) remaining: Vec<AtomicUsize>,
+    pub(super) dependents: Vec<Vec<usize>>,
+    pub(super) results: Vec<OnceLock<NodeResult>>,
+    pub(super) failed: AtomicBool,
+    pub(super) errors: Mutex<Vec<(usize, StepFailure)>>,
+    pub(super) bytes_written: AtomicU64,
+    /// The local store's record of each node, read once before the walk.
+    pub(super) local_records: Vec<Option<ActionRecord>>,
+    /// The records remote caches serve without their content (see `remote`), by node.
+    pub(super) remote_records: Vec<Option<ActionRecord>>,
+    /// How each node is served and which the build needs.
+    pub(super) decision: &'a Decision,
+    /// The record each recorded node ended with, for the export to a remote cache.
+    pub(super) records: Vec<OnceLock<ActionRecord>>,
+    /// By node: whether a RUN step stacks the node's layer under its overlay.
+    pub(super) snapshot_for_run: Vec<bool>,
+}
+
+/// What became of a node in the walk.
+pub(super) enum NodeResult {
+    Done(Finished),
+    /// Nothing the build needs reads this node and nothing has its result (a stage whose
+    /// `copy_from` is a hit): it was not built.
+    NotNeeded,
+    /// It failed, or it was not started because an input failed or the build is stopping; the
+    /// error is in `errors`.
+    Failed,
+}
+
+/// How a step was satisfied.
+struct Outcome {
+    layers: Vec<layerwright_cache::LayerRecord>,
+    config: serde_json::Value,
+    cached: bool,
+    layer: Option<String>,
+    miss: Option<MissReason>,
+    /// The step's action record (layer and base steps).
+    record: Option<ActionRecord>,
+}
+
+impl<'a> Walk<'a> {
+    pub(super) fn run<'scope>(&'scope self, index: usize, scope: &rayon::Scope<'scope>)
+    where
+        'a: 'scope,
+    {
+        let node = &self.plan[index];
+        let input_is = |wanted: fn(&NodeResult) -> bool| {
+            node.inputs.iter().any(|input| self.results[*input].get().is_some_and(wanted))
+        };
+        let not_needed = !self.decision.required[index]
+            && (self.decision.served[index] == Served::Execute
+                || input_is(|result| matches!(result, NodeResult::NotNeeded)));
+        let result = if input_is(|result| matches!(result, NodeResult::Failed)) || self.failed.load(Ordering::Relaxed) {
+            NodeResult::Failed
+        } else if not_needed {
+            NodeResult::NotNeeded
+        } else {
+            match self.execute(index) {
+                Ok(done) => NodeResult::Done(done),
+                Err(source) => {
+                    self.failed.store(true, Ordering::Relaxed);
+                    let error = StepFailure::new(node.label.clone(), source);
+                    self.errors.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((index, error));
+                    NodeResult::Failed
+                }
+            }
+        };
+        let _ = self.results[index].set(result);
+        for dependent in &self.dependents[index] {
+            if self.remaining[*dependent].fetch_sub(1, Ordering::AcqRel) == 1 {
+                let dependent = *dependent;
+                scope.spawn(move |scope| self.run(dependent, scope));
+            }
+        }
+    }
+
+    fn state(&self, index: Option<usize>) -> Option<Arc<NodeState>> {
+        index.and_then(|index| match self.results[index].get() {
+            Some(NodeResult::Done((state, _))) => Some(Arc::clone(state)),
+            _ => None,
+        })
+    }
+
+    fn execute(&self, index: usize) -> Result<(Arc<NodeState>, StepReport), StepError> {
+        let node = &self.plan[index];
+        let key = self.keys[index];
+        self.session.options.progress.emit(ProgressEvent::Started { label: node.label.clone() });
+        let started = Instant::now();
+        let parent = self.state(node.parent);
+        let source = self.state(node.source);
+        let outcome = self.outcome(index, key, parent.as_ref(), source.as_ref())?;
+        if let Some(record) = outcome.record {
+            let _ = self.records[index].set(record);
+        }
+        let report = StepReport {
+            label: node.label.clone(),
+            cached: outcome.cached,
+            remote: self.decision.served[index] == Served::Remote,
+            duration: started.elapsed(),
+            layer: outcome.layer,
+            miss: outcome.miss,
+        };
+        self.session.options.progress.emit(ProgressEvent::Finished(report.clone()));
+        Ok((Arc::new(NodeState::new(outcome.layers, outcome.config, parent)), report))
+    }
+
+    fn execution(&self) -> Execution<'_> {
+        Execution {
+            store: self.store,
+            layer_options: self.layer_options,
+            indexes: &self.indexes,
+            snapshot_for_run: false,
+        }
+    }
+
+    fn provenance(&self, index: usize) -> Provenance {
+        let node = &self.plan[index];
+        Provenance {
+            key: self.keys[index].to_hex(),
+            definition: node.definition.clone(),
+            parent: node.parent.map(|parent| self.keys[parent].to_hex()),
+            source: node.source.map(|source| self.keys[source].to_hex()),
+            extra: hex::encode(&node.extra),
+            // Hashed only here, on a miss: a no-op rebuild never pays for it.
+            files: node
+                .selection
+                .iter()
+                .flat_map(|selection| &selection.files)
+                .map(|file| (file.relative.clone(), file.material(node.keep_mode).digest_hex()))
+                .collect(),
+        }
+    }
+
+    /// Why the step at `index` missed; records what it was built from for the next miss.
+    fn explain_miss(&self, index: usize) -> MissReason {
+        let provenance = self.provenance(index);
+        let slot = &self.plan[index].slot;
+        let reason = provenance.explain(self.store.read_provenance(slot).as_ref());
+        if let Err(error) = self.store.write_provenance(slot, &provenance) {
+            let message = format!("cannot record why the step was built: {error}");
+            self.session.options.progress.warn(Some(&self.plan[index].label), message);
+        }
+        reason
+    }
+
+    fn outcome(
+        &self,
+        index: usize,
+        key: StepKey,
+        parent: Option<&Arc<NodeState>>,
+        source: Option<&Arc<NodeState>>,
+    ) -> Result<Outcome, StepError> {
+        let node = &self.plan[index];
+        let step = node.image.step();
+        let execution = Execution { snapshot_for_run: self.snapshot_for_run[index], ..self.execution() };
+        let (parent, step) = match (parent, step) {
+            (_, Step::Scratch) => {
+                let config = config::scratch_config(&self.created);
+                return Ok(Outcome { layers: Vec::new(), config, cached: true, layer: None, miss: None, record: None });
+            }
+            (_, Step::FromArchive { path }) => return self.import_base(index, key, path),
+            (_, Step::Pull { reference }) => return self.pull_base(index, key, reference),
+            (Some(parent), step) => (parent, step),
+            (None, _) => unreachable!("only base steps lack a parent, and Image::with_step refuses bases"),
+        };
+        if let Step::Config(change) = step {
+            return Ok(config_outcome(parent, change, &node.label, &self.created));
+        }
+        if let Some(record) = self.local_records[index].clone()
+            && let Some(layer) = record.layers.into_iter().next()
+        {
+            // The key leaves the compression out: a hit may need its layer recompressed.
+            let (layer, written) =
+                recompress::in_compression(self.store, layer, self.layer_options.compression)?;
+            self.bytes_written.fetch_add(written, Ordering::Relaxed);
+            return Ok(layer_outcome(parent, layer, &node.label, &self.created, true, None));
+        }
+        // Served by a remote cache without its content, which nothing in this build reads: the
+        // layer stays as the remote has it.
+        if let Some(record) = &self.remote_records[index]
+            && let Some(layer) = record.layers.first()
+        {
+            return Ok(layer_outcome(parent, layer.clone(), &node.label, &self.created, true, None));
+        }
+        let miss = self.explain_miss(index);
+        if let Some(hook) = &self.session.options.before_execute {
+            hook(&node.label);
+        }
+        let entries: Vec<LayerEntry>;
+        let mut _spool = None;
+        match step {
+            Step::Run(run) => {
+                let progress = &self.session.options.progress;
+                let request = RunRequest { key: &key, label: &node.label, run, parent, progress };
+                let written = run::execute_run(&execution, &request)?;
+                self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
+                return Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)));
+            }
+            Step::Copy(copy) => {
+                let selection = node.selection.as_ref().expect("copy steps are planned with their selection");
+                entries = execution.copy_entries(copy, selection, parent)?;
+            }
+            Step::CopyFrom(copy) => {
+                // A required copy_from that executes has its source required too; only a
+                // record that vanished since the plan could leave it unbuilt.
+                let source = source
+                    .ok_or(StepError::InputNotBuilt { input: self.plan[node.source.unwrap_or(index)].label.clone() })?;
+                let (copied, spool) = execution.copy_from_entries(copy, source, parent)?;
+                entries = copied;
+                _spool = Some(spool);
+            }
+            Step::WriteFile(write) => entries = execution.write_file_entries(write, parent)?,
+            Step::Mkdir(mkdir) => entries = execution.mkdir_entries(mkdir, parent)?,
+            Step::Symlink(symlink) => entries = execution.symlink_entries(symlink, parent)?,
+            Step::Remove { path } => entries = execution.remove_entries(path, parent)?,
+            Step::Scratch | Step::FromArchive { .. } | Step::Pull { .. } | Step::Config(_) => {
+                unreachable!("handled above")
+            }
+        }
+        let written = execution.commit_layer(&key, entries)?;
+        self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
+        Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)))
+    }
+
+    fn import_base(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {
+        self.base_outcome(index, key, || {
+            Ok(base::import_archive_for_runs(self.store, path, self.snapshot_for_run[index])?)
+        })
+    }
+
+    /// As `import_base`, for a base from a registry: the plan phase resolved the reference to
+    /// the digest in the node's `extra`, and that image is what is fetched.
+    fn pull_base(&self, index: usize, key: StepKey, reference: &str) -> Result<Outcome, StepError> {
+        self.base_outcome(index, key, || Ok(base::fetch(self.store, reference, &self.plan[index].extra)?))
+    }
+
+    /// A base image: its record on a hit; on a miss, what `fetch` brings in (verified and
+    /// indexed), recorded with its config.
+    fn base_outcome(
+        &self,
+        index: usize,
+        key: StepKey,
+        fetch: impl FnOnce() -> Result<base::BaseImage, StepError>,
+    ) -> Result<Outcome, StepError> {
+        let found = self.local_records[index].clone().or_else(|| self.remote_records[index].clone());
+        if let Some(record) = found
+            && let Some(config_digest) = &record.config
+        {
+            let config = self.execution().read_config(config_digest)?;
+            let layers = record.layers.clone();
+            return Ok(Outcome { layers, config, cached: true, layer: None, miss: None, record: Some(record) });
+        }
+        let miss = self.explain_miss(index);
+        let base = fetch()?;
+        let config_blob = self.store.put_blob(&config::to_bytes(&base.config))?;
+        for (layer, index) in base.layers.iter().zip(base.indexes) {
+            self.indexes.insert(layer.diff_id.clone(), index);
+        }
+        let record = ActionRecord { layers: base.layers.clone(), config: Some(config_blob.digest) };
+        self.store.write_action(&key, &record)?;
+        let (layers, config) = (base.layers, base.config);
+        Ok(Outcome { layers, config, cached: false, layer: None, miss: Some(miss), record: Some(record) })
+    }
+}
+
+fn config_outcome(parent: &NodeState, change: &ConfigChange, label: &str, created: &str) -> Outcome {
+    let mut config = parent.config.clone();
+    config::apply_change(&mut config, change, label, created);
+    Outcome { layers: parent.layers.clone(), config, cached: true, layer: None, miss: None, record: None }
+}
+
+fn layer_outcome(
+    parent: &NodeState,
+    layer: layerwright_cache::LayerRecord,
+    label: &str,
+    created: &str,
+    cached: bool,
+    miss: Option<MissReason>,
+) -> Outcome {
+    let mut config = parent.config.clone();
+    config::push_layer(&mut config, &layer, label, created);
+    let mut layers = parent.layers.clone();
+    let digest = layer.digest.to_string();
+    let record = ActionRecord { layers: vec![layer.clone()], config: None };
+    layers.push(layer);
+    Outcome { layers, config, cached, layer: Some(digest), miss, record: Some(record) }
+}
