@@ -60,7 +60,9 @@ fn main() -> ExitCode {
     // W2 ends in a loadable archive of 1 GiB of incompressible files: like `docker save`, which
     // it is compared with, write the layer uncompressed (gzip would only burn CPU on noise).
     let compression = if workload == "w2" { Compression::None } else { Compression::Gzip };
-    let options = BuilderOptions { compression, cache_from, cache_to, ..BuilderOptions::default() };
+    let mut options = BuilderOptions::default().compression(compression);
+    options.cache_from = cache_from;
+    options.cache_to = cache_to;
     let built = match Builder::with_options(cache, options).and_then(|builder| builder.build(&image)) {
         Ok(built) => built,
         Err(error) => {

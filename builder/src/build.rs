@@ -16,6 +16,8 @@ use thiserror::Error;
 
 use crate::layer::{self, Compression, LayerIndex, TreeError};
 use crate::output::{ExportError, ImageParts};
+#[cfg(feature = "testing")]
+use crate::progress::StepHook;
 use crate::progress::{Progress, ProgressSink, StepReport};
 use crate::remote_cache::RemoteCacheReport;
 use crate::solve::{self, KeyState, Session, SolveOptions, SolvedImage, StepError, StepFailure};
@@ -78,6 +80,52 @@ pub struct BuilderOptions {
     pub cache_from: Vec<String>,
     /// The remote cache this build's records are exported to after it succeeds.
     pub cache_to: Option<String>,
+}
+
+impl BuilderOptions {
+    /// These options with layers written in `compression`.
+    pub fn compression(mut self, compression: Compression) -> BuilderOptions {
+        self.compression = compression;
+        self
+    }
+
+    /// These options with every mtime (and the config's `created`) at `seconds` since the epoch.
+    pub fn source_date_epoch(mut self, seconds: u64) -> BuilderOptions {
+        self.source_date_epoch = Some(seconds);
+        self
+    }
+
+    /// These options with progress events (and warnings) going to `sink`.
+    pub fn progress(mut self, sink: ProgressSink) -> BuilderOptions {
+        self.progress = Some(sink);
+        self
+    }
+
+    /// These options with at most `jobs` steps executing at once.
+    pub fn jobs(mut self, jobs: usize) -> BuilderOptions {
+        self.jobs = Some(jobs);
+        self
+    }
+
+    /// These options with `reference` asked, after the caches already named, for a step that
+    /// misses locally.
+    pub fn cache_from(mut self, reference: impl Into<String>) -> BuilderOptions {
+        self.cache_from.push(reference.into());
+        self
+    }
+
+    /// These options with the build's records exported to `reference` after it succeeds.
+    pub fn cache_to(mut self, reference: impl Into<String>) -> BuilderOptions {
+        self.cache_to = Some(reference.into());
+        self
+    }
+
+    /// These options with `hook` called with a step's label just before it executes.
+    #[cfg(feature = "testing")]
+    pub fn before_execute(mut self, hook: StepHook) -> BuilderOptions {
+        self.before_execute = Some(hook);
+        self
+    }
 }
 
 impl fmt::Debug for BuilderOptions {

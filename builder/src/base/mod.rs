@@ -11,5 +11,7 @@ mod import;
 mod pull;
 
 pub use error::ImportError;
+#[cfg(feature = "testing")]
+pub use import::import_archive;
 pub use import::{BaseImage, archive_identity, import_archive_for_runs};
 pub(crate) use pull::{PullError, fetch, identity};
