@@ -20,38 +20,82 @@ use salsa::Setter;
 
 use crate::StepKey;
 
-/// What a context file contributes to a key. Mtimes never appear here.
+pub use inputs::{ContextFileInput, FileSetInput, StepInput};
+
+/// What a context file contributes to a key. Mtimes never appear here; a mode the step
+/// overrides is given as 0, so that changing it on disk does not change the key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum FileMaterial {
-    Directory { mode: u32 },
-    File { mode: u32, size: u64, blake3: [u8; 32] },
-    Symlink { target: String },
-    HardLink { target: String },
+    /// A directory.
+    Directory {
+        /// Its permission bits (0 when the step sets them).
+        mode: u32,
+    },
+    /// A regular file.
+    File {
+        /// Its permission bits (0 when the step sets them).
+        mode: u32,
+        /// Its size in bytes.
+        size: u64,
+        /// The blake3 digest of its content.
+        blake3: [u8; 32],
+    },
+    /// A symbolic link.
+    Symlink {
+        /// Its target, verbatim.
+        target: String,
+    },
+    /// A hard link to a file selected before it.
+    HardLink {
+        /// The context-relative path of the file it links to.
+        target: String,
+    },
 }
 
-#[salsa::input(debug)]
-pub struct ContextFileInput {
-    #[returns(ref)]
-    pub relative: String,
-    #[returns(ref)]
-    pub material: FileMaterial,
-}
+/// The salsa inputs. Their own module only to scope the `allow` below: salsa generates a `new`,
+/// a `builder` and a setter per field for each input without doc comments (the getters carry
+/// the fields' docs). `new` takes the fields in declaration order; `set_<field>` changes one and
+/// starts a new revision.
+#[allow(missing_docs)]
+mod inputs {
+    use super::FileMaterial;
 
-#[salsa::input(debug)]
-pub struct FileSetInput {
-    #[returns(ref)]
-    pub files: Vec<ContextFileInput>,
-}
+    /// A salsa input: one context file, by its context-relative path, and its key material.
+    #[salsa::input(debug)]
+    pub struct ContextFileInput {
+        /// The file's path relative to the context root, `/`-separated.
+        #[returns(ref)]
+        pub relative: String,
+        /// What the file contributes to a key.
+        #[returns(ref)]
+        pub material: FileMaterial,
+    }
 
-#[salsa::input(debug)]
-pub struct StepInput {
-    #[returns(ref)]
-    pub encoding: Vec<u8>,
-    pub parent: Option<StepInput>,
-    pub source: Option<StepInput>,
-    #[returns(ref)]
-    pub extra: Vec<u8>,
-    pub files: Option<FileSetInput>,
+    /// A salsa input: the context files one step selects, in walk order.
+    #[salsa::input(debug)]
+    pub struct FileSetInput {
+        /// The selected files.
+        #[returns(ref)]
+        pub files: Vec<ContextFileInput>,
+    }
+
+    /// A salsa input: one step definition and the inputs its key reads.
+    #[salsa::input(debug)]
+    pub struct StepInput {
+        /// The step's canonical encoding (`Step::encode` of layerwright-dsl).
+        #[returns(ref)]
+        pub encoding: Vec<u8>,
+        /// The step it is stacked on; `None` for a base step.
+        pub parent: Option<StepInput>,
+        /// The `copy_from` source image's final step.
+        pub source: Option<StepInput>,
+        /// Extra identity bytes, such as the digest of a base image's archive or of the manifest a
+        /// pulled tag names.
+        #[returns(ref)]
+        pub extra: Vec<u8>,
+        /// The context files a `copy` selects.
+        pub files: Option<FileSetInput>,
+    }
 }
 
 impl FileMaterial {
@@ -145,6 +189,7 @@ pub struct KeyQueries {
 impl salsa::Database for KeyQueries {}
 
 impl KeyQueries {
+    /// The key of `step` (memoised: computed again only when an input it read changed).
     pub fn key(&self, step: StepInput) -> StepKey {
         step_key(self, step)
     }
@@ -176,6 +221,25 @@ impl Default for KeyDatabase {
 }
 
 impl KeyDatabase {
+    /// An empty database, logging the queries it executes (see [`KeyDatabase::execution_log`]).
+    ///
+    /// ```
+    /// use std::path::Path;
+    /// use layerwright_cache::{FileMaterial, KeyDatabase};
+    ///
+    /// let mut database = KeyDatabase::new();
+    /// let base = database.step(b"scratch".to_vec(), None, None, Vec::new(), None);
+    /// let material = FileMaterial::File { mode: 0o644, size: 1, blake3: [7; 32] };
+    /// let files = database.file_set(Path::new("/ctx"), "src", vec![("src/a".into(), material)]);
+    /// let copy = database.step(b"copy src".to_vec(), Some(base), None, Vec::new(), Some(files));
+    /// let key = database.key(copy);
+    /// assert_ne!(key, database.key(base));
+    /// // The same declaration again maps to the same input and executes nothing.
+    /// database.execution_log().take();
+    /// assert_eq!(database.step(b"copy src".to_vec(), Some(base), None, Vec::new(), Some(files)), copy);
+    /// assert_eq!(database.key(copy), key);
+    /// assert!(database.execution_log().take().is_empty());
+    /// ```
     pub fn new() -> KeyDatabase {
         let log = ExecutionLog::default();
         let entries = Arc::clone(&log.entries);
@@ -198,6 +262,7 @@ impl KeyDatabase {
         &self.queries
     }
 
+    /// The key of `step`, as [`KeyQueries::key`].
     pub fn key(&self, step: StepInput) -> StepKey {
         self.queries.key(step)
     }

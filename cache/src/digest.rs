@@ -1,4 +1,8 @@
 //! OCI content digests (`sha256:<64 hex>`) and a writer that computes one while bytes pass.
+//!
+//! Deliberately sha256 only, and not a general OCI digest type: other algorithms are refused
+//! rather than carried, so a digest can always name a file under `blobs/sha256/`. Nothing here
+//! reads or writes the store; [`crate::Store`] uses these to name what it holds.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -7,10 +11,17 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
+/// Why a text is not a digest.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum DigestError {
+    /// Not `sha256:` followed by 64 lowercase hex digits (or, for [`Digest::from_hex`], not the
+    /// 64 digits alone).
     #[error("digest {digest:?} is not of the form sha256:<64 lowercase hex digits>")]
-    Malformed { digest: String },
+    Malformed {
+        /// The text that was refused.
+        digest: String,
+    },
 }
 
 /// A validated `sha256:<hex>` digest. Only sha256 is accepted: it is what every client writes,
@@ -21,12 +32,31 @@ pub struct Digest {
 }
 
 impl Digest {
+    /// Parses `sha256:<64 lowercase hex digits>`.
+    ///
+    /// # Errors
+    ///
+    /// [`DigestError::Malformed`] for anything else, other algorithms included.
+    ///
+    /// ```
+    /// use layerwright_cache::Digest;
+    ///
+    /// let empty = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    /// assert_eq!(Digest::parse(empty)?, Digest::of_bytes(b""));
+    /// assert!(Digest::parse("sha512:00").is_err());
+    /// # Ok::<(), layerwright_cache::DigestError>(())
+    /// ```
     pub fn parse(digest: &str) -> Result<Digest, DigestError> {
         let malformed = || DigestError::Malformed { digest: digest.to_owned() };
         let hex = digest.strip_prefix("sha256:").ok_or_else(malformed)?;
         Digest::from_hex(hex).map_err(|_| malformed())
     }
 
+    /// The digest whose 64 lowercase hex digits are `hex` (a file name under `blobs/sha256/`).
+    ///
+    /// # Errors
+    ///
+    /// [`DigestError::Malformed`] when `hex` is not exactly 64 lowercase hex digits.
     pub fn from_hex(hex: &str) -> Result<Digest, DigestError> {
         let valid = hex.len() == 64 && hex.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
         if !valid {
@@ -35,6 +65,7 @@ impl Digest {
         Ok(Digest { hex: hex.to_owned() })
     }
 
+    /// The sha256 digest of `bytes`.
     pub fn of_bytes(bytes: &[u8]) -> Digest {
         Digest { hex: hex::encode(Sha256::digest(bytes)) }
     }
@@ -71,6 +102,17 @@ impl<'de> Deserialize<'de> for Digest {
 }
 
 /// Passes bytes on to `inner` while hashing and counting them.
+///
+/// ```
+/// use std::io::Write;
+/// use layerwright_cache::{Digest, Sha256Writer};
+///
+/// let mut writer = Sha256Writer::new(Vec::new());
+/// writer.write_all(b"hello")?;
+/// let (digest, size, bytes) = writer.finish();
+/// assert_eq!((digest, size, bytes), (Digest::of_bytes(b"hello"), 5, b"hello".to_vec()));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct Sha256Writer<W> {
     inner: W,
     hasher: Sha256,
@@ -78,18 +120,22 @@ pub struct Sha256Writer<W> {
 }
 
 impl<W: Write> Sha256Writer<W> {
+    /// A writer passing everything on to `inner`, having hashed nothing yet.
     pub fn new(inner: W) -> Sha256Writer<W> {
         Sha256Writer { inner, hasher: Sha256::new(), written: 0 }
     }
 
+    /// How many bytes were written (and hashed) so far.
     pub fn written(&self) -> u64 {
         self.written
     }
 
+    /// The inner writer.
     pub fn get_ref(&self) -> &W {
         &self.inner
     }
 
+    /// The inner writer, mutably. Bytes written to it directly are not hashed.
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.inner
     }

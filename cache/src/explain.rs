@@ -5,6 +5,9 @@
 //! The slot of a step is its position in the graph (its parent's slot and its kind), not its
 //! content, so "the third step, a COPY" keeps its slot when its definition, its parent or its
 //! files change. This answers BuildKit's most common complaint: a cache miss nobody can explain.
+//!
+//! Provenance is diagnostic only: it never decides a hit or a miss (the action records do), and
+//! a missing or unreadable provenance record only makes the explanation [`MissReason::NoRecord`].
 
 use std::fmt;
 
@@ -15,10 +18,13 @@ use crate::{StepKey, Store, StoreError};
 /// The inputs of one built step, as far as they can explain a later miss.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Provenance {
+    /// The step's key, in hex.
     pub key: String,
     /// blake3 of the step's canonical encoding.
     pub definition: String,
+    /// The parent step's key, in hex; `None` for a base step.
     pub parent: Option<String>,
+    /// The `copy_from` source's key, in hex; `None` for every other step.
     pub source: Option<String>,
     /// Extra identity (an archive's digest).
     pub extra: String,
@@ -28,6 +34,7 @@ pub struct Provenance {
 
 /// Why a step was built rather than taken from the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MissReason {
     /// This step was never built into this cache (or its provenance was pruned).
     NoRecord,
@@ -40,7 +47,14 @@ pub enum MissReason {
     /// The base image changed: the archive's content, or the digest a pulled tag names.
     ArchiveChanged,
     /// Context files it selects changed, were added or removed.
-    FilesChanged { changed: Vec<String>, added: Vec<String>, removed: Vec<String> },
+    FilesChanged {
+        /// Files selected both times whose key material differs, sorted.
+        changed: Vec<String>,
+        /// Files selected now but not then, sorted.
+        added: Vec<String>,
+        /// Files selected then but not now, sorted.
+        removed: Vec<String>,
+    },
     /// The inputs are the same as last time but the result is gone (pruned or corrupt).
     ResultMissing,
 }
@@ -116,11 +130,13 @@ impl Store {
         self.root().join("provenance").join(format!("{}.json", slot.to_hex()))
     }
 
+    /// The provenance last recorded in `slot`, if any (an unreadable record reads as none).
     pub fn read_provenance(&self, slot: &StepKey) -> Option<Provenance> {
         let bytes = std::fs::read(self.provenance_path(slot)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
+    /// Records `provenance` in `slot`, replacing what was there, atomically.
     pub fn write_provenance(&self, slot: &StepKey, provenance: &Provenance) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(provenance).expect("provenance serialises");
         self.write_file_atomically(&self.provenance_path(slot), &bytes)

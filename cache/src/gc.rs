@@ -6,6 +6,11 @@
 //! hold the lock shared) and never removes what one of them holds. What it removes: first blobs
 //! no record names (configs and manifests of old builds, orphans of crashes), then the oldest
 //! records and the blobs and layer indexes only they named, until the cache fits.
+//!
+//! What it does not do: remove unpacked snapshots, provenance records or gzip block maps
+//! (they count towards the total, so the cache can stay above the size asked for by theirs),
+//! or remove a blob that a remaining record names: a prune can make a later build slower, never
+//! wrong.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -16,17 +21,26 @@ use crate::{ActionRecord, Digest, Store, StoreError};
 
 /// Bytes held by each part of the cache.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiskUsage {
+    /// Bytes of the blobs (layers, configs, manifests).
     pub blobs: u64,
+    /// How many blobs there are.
     pub blob_count: u64,
+    /// Bytes of the action records.
     pub records: u64,
+    /// How many action records there are.
     pub record_count: u64,
+    /// Bytes of the layer indexes.
     pub indexes: u64,
+    /// Bytes of the unpacked snapshots.
     pub snapshots: u64,
+    /// Bytes of everything else: provenance, temp files, gzip block maps, the stat cache.
     pub other: u64,
 }
 
 impl DiskUsage {
+    /// All the bytes counted.
     pub fn total(&self) -> u64 {
         self.blobs + self.records + self.indexes + self.snapshots + self.other
     }
@@ -34,10 +48,15 @@ impl DiskUsage {
 
 /// What a prune removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PruneReport {
+    /// How many action records were removed.
     pub removed_records: u64,
+    /// How many blobs were removed.
     pub removed_blobs: u64,
+    /// Bytes removed (records, blobs and layer indexes).
     pub freed_bytes: u64,
+    /// Bytes the cache holds afterwards.
     pub remaining_bytes: u64,
 }
 
@@ -58,6 +77,7 @@ fn tree_size(dir: &Path) -> (u64, u64) {
 }
 
 impl Store {
+    /// How many bytes each part of the cache holds (a walk of the cache dir; no lock needed).
     pub fn disk_usage(&self) -> DiskUsage {
         let (blobs, blob_count) = tree_size(&self.root().join("blobs"));
         let (records, record_count) = tree_size(&self.root().join("actions"));

@@ -4,6 +4,10 @@
 //! canonical encoding (`Step::encode`), the parent's key, the keys of `copy_from` sources, and
 //! the digests and normalised metadata of the context files the step selects. Every field is
 //! length-prefixed so that no two different input sequences hash alike. Mtimes never enter.
+//!
+//! This module only hashes what it is given. Which inputs a step has, and in which order, is
+//! decided by the tracked query in the `db` module (and by the builder feeding it); a key is
+//! not a content digest and never names a blob.
 
 use std::fmt;
 
@@ -19,10 +23,20 @@ use std::fmt;
 ///    picked by a hash of their path (64-256 KiB), so that unchanged blocks can be reused.
 pub const KEY_FORMAT_VERSION: u32 = 3;
 
+/// The cache key of a step: 32 bytes of blake3 over everything the step's result depends on.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StepKey([u8; 32]);
 
 impl StepKey {
+    /// A builder that has hashed the key's domain and [`KEY_FORMAT_VERSION`]; feed it the
+    /// step's inputs in a fixed order and [`finish`](StepKeyBuilder::finish) it.
+    ///
+    /// ```
+    /// use layerwright_cache::StepKey;
+    ///
+    /// let key = StepKey::builder().str("COPY").bytes(&[1, 2]).optional_key(None).finish();
+    /// assert_eq!(StepKey::from_hex(&key.to_hex()), Some(key));
+    /// ```
     pub fn builder() -> StepKeyBuilder {
         let mut hasher = blake3::Hasher::new();
         hasher.update(b"layerwright step key");
@@ -30,10 +44,12 @@ impl StepKey {
         StepKeyBuilder { hasher }
     }
 
+    /// The key as 64 lowercase hex digits, as action records are named.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
 
+    /// The key's 32 bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -75,19 +91,23 @@ impl StepKeyBuilder {
         self
     }
 
+    /// A length-prefixed UTF-8 field.
     pub fn str(self, text: &str) -> StepKeyBuilder {
         self.bytes(text.as_bytes())
     }
 
+    /// A fixed-width (8 bytes, little-endian) integer field.
     pub fn u64(mut self, value: u64) -> StepKeyBuilder {
         self.hasher.update(&value.to_le_bytes());
         self
     }
 
+    /// Another key (a parent's or a source's), as a field.
     pub fn key(self, key: &StepKey) -> StepKeyBuilder {
         self.bytes(&key.0)
     }
 
+    /// A tagged optional key, so that "no parent" and any parent's key never hash alike.
     pub fn optional_key(self, key: Option<&StepKey>) -> StepKeyBuilder {
         match key {
             None => self.u64(0),
@@ -95,6 +115,7 @@ impl StepKeyBuilder {
         }
     }
 
+    /// The key of everything fed so far.
     pub fn finish(self) -> StepKey {
         StepKey(*self.hasher.finalize().as_bytes())
     }

@@ -30,6 +30,9 @@
 //! assert_eq!(store.read_action(&key).unwrap(), Some(record));
 //! ```
 
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
+
 mod db;
 mod digest;
 mod explain;

@@ -17,10 +17,15 @@ use crate::{Store, StoreError};
 /// What identifies one version of a file on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileStat {
+    /// Size in bytes.
     pub size: u64,
+    /// Modification time, in nanoseconds since the epoch.
     pub mtime_ns: i128,
+    /// Status change time, in nanoseconds since the epoch.
     pub ctime_ns: i128,
+    /// Inode number.
     pub inode: u64,
+    /// Device number of the filesystem holding it.
     pub device: u64,
 }
 
@@ -75,6 +80,7 @@ impl StatCache {
         self.entries.get(path).filter(|entry| entry.stat == *stat).map(|entry| entry.blake3)
     }
 
+    /// Records that the file at `path` with `stat` has content digest `blake3`.
     pub fn record(&mut self, path: PathBuf, stat: FileStat, blake3: [u8; 32]) {
         let entry = Entry { stat, blake3 };
         if self.entries.get(&path) != Some(&entry) {
@@ -83,10 +89,12 @@ impl StatCache {
         }
     }
 
+    /// How many files have an entry.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
+    /// True when no file has an entry.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

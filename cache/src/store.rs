@@ -12,6 +12,10 @@
 //!
 //! Every write goes to `tmp/` first, is fsynced and then renamed into place, so a reader sees a
 //! whole entry or none. Records are written after the blobs they name.
+//!
+//! What the store does not do: decide what a blob contains (it takes bytes and names them by
+//! their digest), unpack snapshots, or trust what it finds on disk: a record naming a missing
+//! blob reads as a miss, and callers re-hash blobs they export.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -29,18 +33,50 @@ use thiserror::Error;
 
 use crate::{Digest, Sha256Writer, StepKey};
 
+/// Why a store operation failed. Every variant names the path or digest concerned.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum StoreError {
+    /// A filesystem operation failed.
     #[error("cache store: cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        /// What was being done, as a verb phrase ("create directory", "rename blob to").
+        action: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The operating system's error.
+        source: io::Error,
+    },
+    /// A blob that should be stored is not.
     #[error("cache store: blob {digest} is missing from {path}")]
-    MissingBlob { digest: Digest, path: PathBuf },
+    MissingBlob {
+        /// The blob's digest.
+        digest: Digest,
+        /// Where it should be.
+        path: PathBuf,
+    },
+    /// Bytes imported as one digest hash to another; nothing was stored.
     #[error("cache store: blob written as {expected} has digest {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
+    DigestMismatch {
+        /// The digest the bytes were imported as.
+        expected: Digest,
+        /// The digest they have.
+        actual: Digest,
+    },
+    /// The exclusive lock could not be had in time: a build holds the cache.
     #[error("cache store {path} is in use by a running build")]
-    Busy { path: PathBuf },
+    Busy {
+        /// The cache directory.
+        path: PathBuf,
+    },
+    /// An action record cannot be parsed.
     #[error("cache store: action record {path} is unreadable: {reason}")]
-    CorruptRecord { path: PathBuf, reason: String },
+    CorruptRecord {
+        /// The record's file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -56,7 +92,9 @@ pub struct LayerRecord {
     pub diff_id: Digest,
     /// sha256 of the blob as stored (compressed or not).
     pub digest: Digest,
+    /// Size of the blob as stored, in bytes.
     pub size: u64,
+    /// The layer's OCI media type, which says how the blob is compressed.
     pub media_type: String,
 }
 
@@ -64,7 +102,9 @@ pub struct LayerRecord {
 /// an imported base) and, for an imported base, its config blob.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionRecord {
+    /// The layers, bottom first.
     pub layers: Vec<LayerRecord>,
+    /// The config blob of an imported base image; `None` for every other step.
     pub config: Option<Digest>,
 }
 
@@ -75,8 +115,11 @@ const RECORD_USE_GRANULARITY: Duration = Duration::from_secs(60);
 /// A committed blob.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobInfo {
+    /// The blob's sha256 digest.
     pub digest: Digest,
+    /// Its size in bytes.
     pub size: u64,
+    /// Its file, `blobs/sha256/<hex>` under the store root.
     pub path: PathBuf,
 }
 
@@ -139,26 +182,38 @@ impl Store {
         Ok(Store::with_lock(root, lock))
     }
 
+    /// The cache directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// `tmp/`: where files are written before they are renamed into place. It is on the same
+    /// filesystem as everything else in the store, so those renames are atomic.
     pub fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
+    /// `snapshots/`: the builder's unpacked layers.
     pub fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")
     }
 
+    /// Where the blob `digest` is (or would be) stored.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs/sha256").join(digest.hex())
     }
 
+    /// Whether the blob `digest` is stored (its content is not checked).
     pub fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_path(digest).is_file()
     }
 
+    /// Opens the stored blob `digest` for reading.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::MissingBlob`] when it is not stored, [`StoreError::Io`] when it cannot be
+    /// opened.
     pub fn open_blob(&self, digest: &Digest) -> Result<File, StoreError> {
         let path = self.blob_path(digest);
         File::open(&path).map_err(|source| match source.kind() {
@@ -425,6 +480,12 @@ pub const WRITEBACK_CHUNK: u64 = 8 << 20;
 /// grows is mostly on disk by the time it is fsynced: the disk works while the file is still
 /// being produced, instead of the fsync waiting for all of it at the end. Only a hint (the
 /// fsync still makes the file durable): errors, such as a filesystem without it, are ignored.
+//
+// The crate's only `unsafe`: neither rustix nor nix has a safe `sync_file_range` binding, and
+// the safe calls that come closest differ (`fadvise(DONTNEED)` also evicts the range from the
+// page cache; `fdatasync` waits). The call takes no pointer, so nothing but the descriptor's
+// validity is at stake, and the borrow of `file` keeps it open.
+#[allow(unsafe_code)]
 pub fn start_writeback(file: &File, offset: u64, length: u64) {
     use std::os::fd::AsRawFd;
     let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) else { return };
@@ -462,6 +523,7 @@ enum BlobSink {
 }
 
 impl BlobWriter {
+    /// How many bytes were written so far.
     pub fn written(&self) -> u64 {
         self.written
     }

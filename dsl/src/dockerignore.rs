@@ -12,10 +12,20 @@
 use globset::{Glob, GlobBuilder, GlobMatcher};
 use thiserror::Error;
 
+/// Why a `.dockerignore` was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum DockerIgnoreError {
+    /// A line is not a valid glob pattern.
     #[error(".dockerignore line {line}: invalid pattern {pattern:?}: {reason}")]
-    InvalidPattern { line: usize, pattern: String, reason: String },
+    InvalidPattern {
+        /// The 1-based line number.
+        line: usize,
+        /// The pattern as written on that line (without a leading `!`).
+        pattern: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -25,6 +35,17 @@ struct Pattern {
 }
 
 /// A parsed `.dockerignore`.
+///
+/// ```
+/// use layerwright_dsl::DockerIgnore;
+///
+/// let ignore = DockerIgnore::parse("target\n*.md\n!README.md\n")?;
+/// assert!(ignore.is_excluded("target/debug/app"));
+/// assert!(ignore.is_excluded("CHANGES.md"));
+/// assert!(!ignore.is_excluded("README.md"));
+/// assert!(!ignore.is_excluded("docs/a.md"), "patterns are anchored at the context root");
+/// # Ok::<(), layerwright_dsl::DockerIgnoreError>(())
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct DockerIgnore {
     patterns: Vec<Pattern>,
@@ -33,10 +54,16 @@ pub struct DockerIgnore {
 }
 
 impl DockerIgnore {
+    /// The matcher of a context without a `.dockerignore`: it excludes nothing.
     pub fn empty() -> DockerIgnore {
         DockerIgnore::default()
     }
 
+    /// Parses the text of a `.dockerignore`.
+    ///
+    /// # Errors
+    ///
+    /// [`DockerIgnoreError::InvalidPattern`] for the first line that is not a valid pattern.
     pub fn parse(text: &str) -> Result<DockerIgnore, DockerIgnoreError> {
         let mut patterns = Vec::new();
         let mut canonical = String::new();

@@ -9,13 +9,27 @@ use thiserror::Error;
 
 /// Why a declared path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum ImagePathError {
+    /// The path has a `..` component.
     #[error("path {path:?} contains `..`, which could leave the image or context root")]
-    ParentComponent { path: String },
+    ParentComponent {
+        /// The path as declared.
+        path: String,
+    },
+    /// A context path starts with `/`.
     #[error("context path {path:?} is absolute; context paths are relative to the context root")]
-    AbsoluteContextPath { path: String },
+    AbsoluteContextPath {
+        /// The path as declared.
+        path: String,
+    },
+    /// The path contains a NUL byte, which no file name can.
     #[error("path {path:?} contains a NUL byte")]
-    NulByte { path: String },
+    NulByte {
+        /// The path as declared.
+        path: String,
+    },
+    /// The path is the empty string.
     #[error("path is empty")]
     Empty,
 }
@@ -24,6 +38,14 @@ pub enum ImagePathError {
 /// empty string (the root). A relative path is taken as relative to the root, as Docker does for
 /// `COPY` destinations without a `WORKDIR`. `..` is refused rather than resolved, because a
 /// declaration that needs it is almost always a mistake and resolving it hides where it points.
+///
+/// ```
+/// use layerwright_dsl::{ImagePathError, normalize_image_path};
+///
+/// assert_eq!(normalize_image_path("/app//src/./x/").unwrap(), "app/src/x");
+/// assert_eq!(normalize_image_path("/").unwrap(), "");
+/// assert!(matches!(normalize_image_path("/a/../b"), Err(ImagePathError::ParentComponent { .. })));
+/// ```
 pub fn normalize_image_path(path: &str) -> Result<String, ImagePathError> {
     if path.is_empty() {
         return Err(ImagePathError::Empty);
@@ -34,6 +56,13 @@ pub fn normalize_image_path(path: &str) -> Result<String, ImagePathError> {
 /// Normalises a path inside a build context: `./src/` becomes `src`, `.` becomes the empty
 /// string (the whole context). Absolute paths and `..` are refused: a context path can never
 /// name anything outside the context.
+///
+/// ```
+/// use layerwright_dsl::normalize_context_path;
+///
+/// assert_eq!(normalize_context_path("./src/").unwrap(), "src");
+/// assert!(normalize_context_path("/etc").is_err());
+/// ```
 pub fn normalize_context_path(path: &str) -> Result<String, ImagePathError> {
     if path.is_empty() {
         return Err(ImagePathError::Empty);
@@ -63,6 +92,10 @@ fn normalize_components(path: &str) -> Result<String, ImagePathError> {
 /// becomes `a/c`; `..` above the start is dropped). For matching names against each other only
 /// (patterns, archive member names), never for reaching the disk: `..` through a symlink means
 /// something else there.
+///
+/// ```
+/// assert_eq!(layerwright_dsl::clean_lexically("./a//b/../c/"), "a/c");
+/// ```
 pub fn clean_lexically(path: &str) -> String {
     let mut components: Vec<&str> = Vec::new();
     for component in path.split('/') {

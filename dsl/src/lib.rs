@@ -25,6 +25,9 @@
 //! assert_eq!(image.step().label(), r#"ENTRYPOINT ["/app/bin/app"]"#);
 //! ```
 
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
 mod context;
 mod dockerignore;
 mod encode;

@@ -3,7 +3,12 @@
 //!
 //! Steps hold declared values only. Paths are kept as the user wrote them and normalised by the
 //! builder, so that a bad path is reported with the step that named it rather than panicking at
-//! declaration time.
+//! declaration time. This module does not validate, key or execute a step: [`Step::encode`]
+//! (in the `encode` module) gives the bytes a key hashes, and the builder does the rest.
+//!
+//! [`Step`], [`ConfigChange`] and [`RunCommand`] are deliberately exhaustive: the builder matches
+//! them without a wildcard arm, so that adding a kind of step is a compile error everywhere a
+//! step is executed, keyed or exported until it is handled there.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,84 +19,163 @@ use crate::{Context, Image};
 /// `/etc/passwd` the builder could trust at declaration time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Owner {
+    /// The numeric user id.
     pub uid: u32,
+    /// The numeric group id.
     pub gid: u32,
 }
 
 impl Owner {
+    /// uid 0, gid 0: the owner of every entry a step writes unless told otherwise.
     pub const ROOT: Owner = Owner { uid: 0, gid: 0 };
+
+    /// The owner with user id `uid` and group id `gid`.
+    pub const fn new(uid: u32, gid: u32) -> Owner {
+        Owner { uid, gid }
+    }
 }
 
 /// Mode and owner for the entries a file step writes. `None` means the step's default: for
 /// `copy` the source's permission bits, for `write_file` 0644, for `mkdir` 0755; owner root.
+///
+/// Built with [`FileOptions::default`], [`FileOptions::mode`] and the `with_` methods:
+///
+/// ```
+/// use layerwright_dsl::{FileOptions, Image};
+///
+/// let options = FileOptions::mode(0o600).with_owner(1000, 1000);
+/// let image = Image::scratch().write_file_with("/etc/secret.conf", b"token=x\n", options);
+/// assert_eq!(options.mode, Some(0o600));
+/// # let _ = image;
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub struct FileOptions {
     /// Permission bits including setuid (0o4000), setgid (0o2000) and sticky (0o1000).
     pub mode: Option<u32>,
+    /// The owner of the entries written; `None` for root.
     pub owner: Option<Owner>,
 }
 
 impl FileOptions {
+    /// Options with permission bits `mode` (for example `0o755`) and the default owner.
     pub fn mode(mode: u32) -> FileOptions {
         FileOptions { mode: Some(mode), owner: None }
     }
 
+    /// These options with the owner set to `uid:gid`.
     pub fn with_owner(self, uid: u32, gid: u32) -> FileOptions {
         FileOptions { owner: Some(Owner { uid, gid }), ..self }
     }
 
+    /// These options with the permission bits set to `mode`.
     pub fn with_mode(self, mode: u32) -> FileOptions {
         FileOptions { mode: Some(mode), ..self }
     }
 }
 
-/// Options of `copy` and `copy_from`.
+/// Options of `copy` and `copy_from`: mode and owner of what is copied, and whether the
+/// destination directory is replaced or merged into.
+///
+/// ```
+/// use layerwright_dsl::{Context, CopyOptions, Image};
+///
+/// let context = Context::dir("app")?;
+/// let options = CopyOptions::default().with_mode(0o755).with_owner(1000, 1000).with_replace_directory(true);
+/// let image = Image::scratch().copy_with(&context, "bin", "/app/bin", options);
+/// assert_eq!(image.step().label(), "COPY bin /app/bin");
+/// # Ok::<(), layerwright_dsl::ImagePathError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CopyOptions {
+    /// Mode and owner of the copied entries; by default the sources' permission bits, owner root.
     pub file: FileOptions,
     /// Replace the destination directory wholesale instead of merging into it (Docker merges):
     /// the layer then carries an opaque whiteout, so nothing from lower layers shows through.
     pub replace_directory: bool,
 }
 
+impl CopyOptions {
+    /// These options with the mode and owner of the copied entries set to `file`.
+    pub fn with_file_options(self, file: FileOptions) -> CopyOptions {
+        CopyOptions { file, ..self }
+    }
+
+    /// These options with every copied entry's permission bits set to `mode`.
+    pub fn with_mode(self, mode: u32) -> CopyOptions {
+        CopyOptions { file: self.file.with_mode(mode), ..self }
+    }
+
+    /// These options with every copied entry owned by `uid:gid`.
+    pub fn with_owner(self, uid: u32, gid: u32) -> CopyOptions {
+        CopyOptions { file: self.file.with_owner(uid, gid), ..self }
+    }
+
+    /// These options replacing the destination directory (`true`) or merging into it
+    /// (`false`, the default, as Docker does).
+    pub fn with_replace_directory(self, replace: bool) -> CopyOptions {
+        CopyOptions { replace_directory: replace, ..self }
+    }
+}
+
+// The step structs below stay exhaustive (no `#[non_exhaustive]`): they are the payloads of
+// `Step`, which code generating declarations builds by struct literal for `Image::with_step`, and
+// a field added to one changes what the step means, which its consumers must then handle.
+
 /// `copy(&context, src, dest)`: files from the build context.
 #[derive(Debug, Clone)]
 pub struct CopyStep {
+    /// The build context the source is selected from.
     pub context: Context,
+    /// The source path inside the context, as declared (normalised by the builder).
     pub source: String,
+    /// The destination path inside the image, as declared; a trailing `/` means "into".
     pub destination: String,
+    /// Mode, owner and merge behaviour of the copy.
     pub options: CopyOptions,
 }
 
 /// `copy_from(&image, src, dest)`: files from another image's filesystem (multi-stage builds).
 #[derive(Debug, Clone)]
 pub struct CopyFromStep {
+    /// The image whose final filesystem the source is read from.
     pub image: Image,
+    /// The source path inside `image`, as declared.
     pub source: String,
+    /// The destination path inside the new image, as declared; a trailing `/` means "into".
     pub destination: String,
+    /// Mode, owner and merge behaviour of the copy.
     pub options: CopyOptions,
 }
 
 /// `write_file(path, content)`: inline content.
 #[derive(Debug, Clone)]
 pub struct WriteFileStep {
+    /// The file's path inside the image, as declared.
     pub path: String,
+    /// The file's whole content.
     pub content: Arc<[u8]>,
+    /// Mode (default 0644) and owner (default root) of the file.
     pub options: FileOptions,
 }
 
 /// `mkdir(path)`: a directory and any missing parents.
 #[derive(Debug, Clone)]
 pub struct MkdirStep {
+    /// The directory's path inside the image, as declared.
     pub path: String,
+    /// Mode (default 0755) and owner (default root) of the directory and its created parents.
     pub options: FileOptions,
 }
 
 /// `symlink(link_path, target)`: `link_path` points at `target` (stored verbatim).
 #[derive(Debug, Clone)]
 pub struct SymlinkStep {
+    /// Where the link is made inside the image, as declared.
     pub link_path: String,
+    /// What the link points at, stored verbatim (relative or absolute, never resolved).
     pub target: String,
+    /// The link's owner; `None` for root.
     pub owner: Option<Owner>,
 }
 
@@ -104,22 +188,66 @@ pub enum RunCommand {
     Argv(Vec<String>),
 }
 
-/// A RUN step: a command executed against the image as it stands.
+/// A RUN step: a command executed against the image as it stands, with its options.
+///
+/// Made with [`Run::shell`] or [`Run::argv`] and the chainable option methods; a plain `&str`,
+/// `String`, `[&str; N]` or `Vec<String>` converts into a `Run` without options, so
+/// `image.run("make")` and `image.run(Run::shell("make"))` declare the same step.
+///
+/// ```
+/// use layerwright_dsl::{Image, Run, RunCommand};
+///
+/// let base = Image::from_archive("busybox.tar");
+/// let run = Run::shell("make install")
+///     .env("PREFIX", "/usr")
+///     .workdir("/src")
+///     .user("1000:1000");
+/// assert_eq!(run.command, RunCommand::Shell("make install".into()));
+/// assert!(!run.network, "off unless asked for");
+/// let installed = base.run(run);
+/// assert_eq!(installed.step().label(), "RUN make install");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct Run {
+    /// The command: a shell string or an argv.
     pub command: RunCommand,
+    /// Environment variables of the command, in declaration order, on top of the image
+    /// config's `Env` (a later value of a name wins).
     pub env: Vec<(String, String)>,
+    /// The working directory of the command (relative to the config's `WORKDIR`, or absolute);
+    /// `None` for the config's `WORKDIR`, else `/`.
     pub workdir: Option<String>,
+    /// The user the command runs as (`uid[:gid]` or names); `None` for the config's `USER`.
     pub user: Option<String>,
     /// Off by default: a RUN step is hermetic unless it asks for the network.
     pub network: bool,
 }
 
 impl Run {
+    /// A command run by the image's shell: the config's `Shell`, by default `/bin/sh -c`, so
+    /// the image must have one.
+    ///
+    /// ```
+    /// use layerwright_dsl::{Run, RunCommand};
+    ///
+    /// let run = Run::shell("mkdir -p /out && echo hi > /out/hi");
+    /// assert_eq!(run.command, RunCommand::Shell("mkdir -p /out && echo hi > /out/hi".into()));
+    /// ```
     pub fn shell(command: impl Into<String>) -> Run {
         Run::from(RunCommand::Shell(command.into()))
     }
 
+    /// A command executed directly from its argv, without a shell. A program name without `/`
+    /// is looked up in the `PATH` of the command's environment inside the image, as `execvp`
+    /// does.
+    ///
+    /// ```
+    /// use layerwright_dsl::{Run, RunCommand};
+    ///
+    /// let run = Run::argv(["/bin/busybox", "--install", "-s"]);
+    /// assert_eq!(run.command, RunCommand::Argv(vec!["/bin/busybox".into(), "--install".into(), "-s".into()]));
+    /// ```
     pub fn argv<I, S>(argv: I) -> Run
     where
         I: IntoIterator<Item = S>,
@@ -128,21 +256,56 @@ impl Run {
         Run::from(RunCommand::Argv(argv.into_iter().map(Into::into).collect()))
     }
 
+    /// This command with the environment variable `key` set to `value`, on top of the image
+    /// config's `Env` (a later value of the same name wins).
+    ///
+    /// ```
+    /// use layerwright_dsl::Run;
+    ///
+    /// let run = Run::shell("cargo build").env("CARGO_HOME", "/cargo");
+    /// assert_eq!(run.env, [("CARGO_HOME".to_owned(), "/cargo".to_owned())]);
+    /// ```
     pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Run {
         self.env.push((key.into(), value.into()));
         self
     }
 
+    /// This command run in `workdir`: an absolute path inside the image, or one relative to the
+    /// config's `WORKDIR`. A missing directory is created (mode 0755, owner root), as Docker
+    /// does.
+    ///
+    /// ```
+    /// use layerwright_dsl::Run;
+    ///
+    /// assert_eq!(Run::shell("make").workdir("/src").workdir.as_deref(), Some("/src"));
+    /// ```
     pub fn workdir(mut self, workdir: impl Into<String>) -> Run {
         self.workdir = Some(workdir.into());
         self
     }
 
+    /// This command run as `user`: a numeric `uid[:gid]`, or names looked up in the image's
+    /// `/etc/passwd` and `/etc/group` when the step runs.
+    ///
+    /// ```
+    /// use layerwright_dsl::Run;
+    ///
+    /// assert_eq!(Run::shell("id").user("1000:1000").user.as_deref(), Some("1000:1000"));
+    /// ```
     pub fn user(mut self, user: impl Into<String>) -> Run {
         self.user = Some(user.into());
         self
     }
 
+    /// This command with outbound network access (`true`) or without any (`false`, the
+    /// default). A networked step is still cached by its declaration alone: what it downloads
+    /// does not enter its key.
+    ///
+    /// ```
+    /// use layerwright_dsl::Run;
+    ///
+    /// assert!(Run::shell("apt-get update").network(true).network);
+    /// ```
     pub fn network(mut self, enabled: bool) -> Run {
         self.network = enabled;
         self
@@ -182,21 +345,34 @@ impl From<Vec<String>> for Run {
 /// A change to the image config that adds no layer (`empty_layer` in the history).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ConfigChange {
+    /// `ENV key=value`: sets (or replaces) one environment variable.
     Env {
+        /// The variable's name.
         key: String,
+        /// Its value, taken literally (`$VAR` is not expanded).
         value: String,
     },
+    /// `WORKDIR`: the working directory of later RUN steps and of the container; a relative
+    /// path is relative to the previous one, as in Docker.
     Workdir(String),
+    /// `USER`: the user of later RUN steps and of the container.
     User(String),
+    /// `LABEL key=value`: one label of the image config.
     Label {
+        /// The label's key, for example `org.opencontainers.image.title`.
         key: String,
+        /// Its value.
         value: String,
     },
     /// `PORT/PROTO`, for example `8080/tcp`.
     Expose(String),
+    /// `ENTRYPOINT`, in exec form.
     Entrypoint(Vec<String>),
+    /// `CMD`, in exec form.
     Cmd(Vec<String>),
+    /// `VOLUME`: a path the container runtime mounts a volume on.
     Volume(String),
+    /// `STOPSIGNAL`, for example `SIGTERM`.
     StopSignal(String),
 }
 
@@ -207,22 +383,32 @@ pub enum Step {
     Scratch,
     /// A base image read from a docker-archive tar, an OCI archive tar or an OCI layout dir.
     FromArchive {
+        /// The archive or layout directory, as declared.
         path: PathBuf,
     },
     /// A base image pulled from a registry.
     Pull {
+        /// The image reference, for example `localhost:5000/base:1`.
         reference: String,
     },
+    /// Files from a build context.
     Copy(CopyStep),
+    /// Files from another image's filesystem.
     CopyFrom(CopyFromStep),
+    /// A regular file with inline content.
     WriteFile(WriteFileStep),
+    /// A directory and its missing parents.
     Mkdir(MkdirStep),
+    /// A symbolic link.
     Symlink(SymlinkStep),
     /// A whiteout for `path` in the new layer.
     Remove {
+        /// The path removed, as declared, with everything below it.
         path: String,
     },
+    /// A command executed against the image; its changes are the layer.
     Run(Run),
+    /// A config change; adds no layer.
     Config(ConfigChange),
 }
 
