@@ -28,6 +28,8 @@
 //! # }
 //! ```
 
+#![forbid(unsafe_code)]
+
 mod build;
 pub mod build_rs;
 pub mod cli;
