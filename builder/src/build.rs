@@ -181,8 +181,8 @@ impl Builder {
         Ok(Builder { store, options, solve_options, state: Arc::new(Mutex::new(state)), workers: Arc::new(workers) })
     }
 
-    /// The store of the cache directory (for the build-script helper above the facade).
-    pub(crate) fn store(&self) -> &Store {
+    /// The store of the cache directory: its blobs, records, disk usage and pruning.
+    pub fn store(&self) -> &Store {
         &self.store
     }
 

@@ -31,7 +31,7 @@
 //! # }
 //! ```
 
-// #![forbid(unsafe_code)] (after the sandbox crate lands)
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 // The facade and what is built on it (nothing below imports these).

@@ -10,15 +10,15 @@
 //!    the generated `/etc/hosts` and `/etc/resolv.conf`; mountpoints the image lacks (`/proc`,
 //!    `/dev`, ...) and directories whose metadata a snapshot would get wrong (see
 //!    [`implied_directory_fixes`]) are made in the upper and remembered;
-//! 4. the [`sandbox`] mounts the overlay ([`overlay`]) in fresh namespaces and runs the command,
-//!    whose output goes to the progress sink line by line and to `logs/<step key>.log`;
+//! 4. the sandbox ([`layerwright_sandbox`]) mounts the overlay in fresh namespaces and runs the
+//!    command, whose output goes to the progress sink line by line and to `logs/<step key>.log`;
 //! 5. on exit code 0 the upper directory becomes the layer ([`upper`]), which is written and
 //!    committed under the step's key; on anything else nothing is committed and the error shows
 //!    the exit code, the command, the last 20 lines of output and the log's path.
 //!
 //! The run directory is removed in every case (a crash leaves it in `tmp/`, which the store
 //! clears). Mounts and processes need no cleanup here: they live in namespaces that die with the
-//! command (see `sandbox`).
+//! command (see [`layerwright_sandbox`]).
 //!
 //! Rootless: when not root, the sandbox adds a user namespace mapping root to the caller and
 //! mounts overlayfs with `userxattr`; snapshots are unpacked in their rootless flavour. Only
@@ -30,7 +30,6 @@
 //! What this module deliberately does not do: decide whether the step runs (the solver looks its
 //! key up first), or keep anything of a failed run but its log.
 
-mod overlay;
 mod sandbox;
 mod spec;
 mod upper;
@@ -44,6 +43,9 @@ use std::sync::Arc;
 
 use layerwright_cache::{LayerRecord, StepKey, Store};
 use layerwright_dsl::{Run, RunCommand};
+use layerwright_sandbox::{
+    NamespaceSandbox, OverlayMount, OverlayPaths, Sandbox, SandboxMounts, SandboxPlan, Termination,
+};
 use rayon::prelude::*;
 use thiserror::Error;
 
@@ -53,13 +55,10 @@ use crate::layer::{IndexKind, LayerIndex, TreeError, compare_paths};
 use crate::progress::{Progress, ProgressEvent};
 use crate::tree::FsTree;
 
-pub use overlay::OverlayError;
-pub use sandbox::SandboxError;
+pub use layerwright_sandbox::{OverlayError, SandboxError};
 pub use spec::SpecError;
 pub use upper::UpperError;
 
-use overlay::{OverlayMount, OverlayPaths};
-use sandbox::{NamespaceSandbox, Sandbox, SandboxMounts, SandboxPlan, Termination};
 use upper::{CreatedPath, UpperOptions};
 
 /// How many lines of a failed command's output its error shows.
@@ -261,7 +260,7 @@ fn execute_run_with(
             resolv_conf: mountpoints.resolv_conf.then(|| resolv_conf.clone()),
         },
         hostname: HOSTNAME.to_owned(),
-        process,
+        process: process.into(),
     };
 
     let logs = store.root().join("logs");

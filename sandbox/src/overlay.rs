@@ -19,8 +19,10 @@
 //! with `mount(2)` and the classic option string, whose page-size limit is kept by naming
 //! the layers through a directory of short symlinks (`0`, `1`, ...), as Docker's overlay2 does.
 //!
-//! What this module deliberately is not: the sandbox (namespaces, pivot_root, exec), or a way
-//! to mount anything in the calling process's own mount namespace.
+//! What this module deliberately is not: the sandbox (namespaces, pivot_root, exec; see
+//! `child`, which calls [`OverlayMount::mount`]), a way to mount anything in the calling
+//! process's own mount namespace, or the layout of the run directory (the caller makes the
+//! upper, work, merged and short-link directories and names them in [`OverlayPaths`]).
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -31,7 +33,7 @@ use rustix::io::Errno;
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MoveMountFlags};
 use thiserror::Error;
 
-use crate::run::sandbox::{Failure, Stage};
+use crate::failure::{Failure, Stage};
 
 /// The longest string `fsconfig(FSCONFIG_SET_STRING)` accepts.
 const FSCONFIG_STRING_LIMIT: usize = 255;
@@ -42,12 +44,21 @@ const CLASSIC_DATA_LIMIT: usize = 4096;
 /// The deepest stack of lower directories overlayfs mounts (`OVL_MAX_STACK`).
 pub const MAX_LOWER_LAYERS: usize = 500;
 
+/// Why an overlay cannot be planned (before anything is mounted).
 #[derive(Debug, Error)]
 pub enum OverlayError {
+    /// A path (relative to the store root) is too long for `fsconfig`, or holds a NUL byte.
     #[error("overlay path {path} is longer than the {FSCONFIG_STRING_LIMIT} bytes fsconfig accepts")]
-    PathTooLong { path: PathBuf },
+    PathTooLong {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// More lower directories than overlayfs stacks.
     #[error("the image has {layers} non-empty layers below the RUN step; overlayfs stacks at most {MAX_LOWER_LAYERS}")]
-    TooManyLayers { layers: usize },
+    TooManyLayers {
+        /// How many were given.
+        layers: usize,
+    },
 }
 
 /// One `fsconfig` call: a key and its string value, or a flag.
@@ -62,10 +73,13 @@ struct ConfigOption {
 pub struct OverlayPaths<'a> {
     /// The directory the child mounts from (the store root): paths below it are passed relative.
     pub base_dir: &'a Path,
-    /// Top first.
+    /// The lower directories, top first.
     pub lowers: &'a [PathBuf],
+    /// The upper directory: where every write lands.
     pub upper: &'a Path,
+    /// Overlayfs's work directory (empty, on the upper's filesystem).
     pub work: &'a Path,
+    /// Where the mount is attached (the merged directory).
     pub target: &'a Path,
     /// A directory of symlinks `0`, `1`, ... to `lowers`, beside `upper`, `work` and `target`:
     /// the short names the classic option string needs.
@@ -177,7 +191,7 @@ impl OverlayMount {
     /// root as working directory: raw syscalls only, no allocation.
     // The failure is returned by value: the child must not allocate a Box.
     #[allow(clippy::result_large_err)]
-    pub fn mount(&self) -> Result<(), Failure> {
+    pub(crate) fn mount(&self) -> Result<(), Failure> {
         if self.prefer_classic {
             return self.mount_classic();
         }
@@ -240,7 +254,7 @@ impl OverlayMount {
     }
 
     /// The call a failure of [`OverlayMount::mount`] is about, with its arguments.
-    pub fn describe(&self, stage: Stage, detail: u32) -> String {
+    pub(crate) fn describe(&self, stage: Stage, detail: u32) -> String {
         match stage {
             Stage::OverlayOpen => "fsopen(\"overlay\")".to_owned(),
             Stage::OverlayOption => match self.options.get(detail as usize) {

@@ -1,0 +1,513 @@
+//! The child of the sandbox: everything between `clone` and `execve`. [`ChildProgram`] is
+//! prepared by the parent (every string a `CString`, every argv/envp pointer array built);
+//! [`child_main`] then runs only raw syscalls on it: no allocation, no locks, nothing a thread
+//! of the parent might have held at the time of the clone. In order, the child:
+//!
+//! 1. asks for SIGKILL when the builder thread dies (and quits if it already has), resets
+//!    signal dispositions and mask, points stdin at `/dev/null` and stdout/stderr at the
+//!    output pipe;
+//! 2. (rootless) maps root to the caller in `/proc/self/{setgroups,uid_map,gid_map}`;
+//! 3. makes every mount private (nothing propagates back to the host), sets the hostname;
+//! 4. mounts the overlay ([`OverlayMount`](crate::OverlayMount)), opens detached bind mounts
+//!    of the host files it needs (`/dev/null` & co., the generated `hosts` and `resolv.conf`),
+//!    and mounts a new `/proc` on the merged tree (before the host's proc goes out of sight: a
+//!    user namespace may mount proc only while one is fully visible);
+//! 5. `pivot_root`s into the merged tree and detaches the old root: from here no host path is
+//!    reachable;
+//! 6. mounts a tmpfs `/dev` with the device binds, `pts`, `shm` and the usual links, and the
+//!    `hosts`/`resolv.conf` binds;
+//! 7. creates and enters the working directory, drops the capabilities Docker does not grant,
+//!    switches to the step's user and groups, marks every inherited descriptor close-on-exec;
+//! 8. `execve`s the command (trying each `PATH` candidate, as `execvp` does).
+//!
+//! A failing step writes a fixed-size [`Failure`] record (which call, its errno, the kernel's
+//! mount log line) to a close-on-exec pipe and exits; [`ChildProgram::describe`] names the call
+//! with its arguments for the parent's error. A successful `execve` closes that pipe.
+//!
+//! What this module deliberately is not: the parent's side (`clone`, reading the output,
+//! waiting, turning a record into an error: see `namespace`), the overlay's options (see
+//! `overlay`), or a container runtime (no cgroups, seccomp, or resource limits; the command is
+//! the user's own build step).
+
+use std::convert::Infallible;
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::raw::c_char;
+
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::mount::{
+    FsMountFlags, FsOpenFlags, MountAttrFlags, MountFlags, MountPropagationFlags, MoveMountFlags, OpenTreeFlags,
+    UnmountFlags,
+};
+use rustix::process::Signal;
+use rustix::thread::CapabilitySet;
+
+use crate::failure::{Failure, SandboxError, Stage};
+use crate::plan::SandboxPlan;
+
+/// The device nodes of the sandbox's `/dev`, bound from the host's.
+const DEVICES: [&CStr; 6] = [c"/dev/null", c"/dev/zero", c"/dev/full", c"/dev/random", c"/dev/urandom", c"/dev/tty"];
+/// Links in `/dev`: (target, link).
+const DEV_LINKS: [(&CStr, &CStr); 5] = [
+    (c"pts/ptmx", c"/dev/ptmx"),
+    (c"/proc/self/fd", c"/dev/fd"),
+    (c"/proc/self/fd/0", c"/dev/stdin"),
+    (c"/proc/self/fd/1", c"/dev/stdout"),
+    (c"/proc/self/fd/2", c"/dev/stderr"),
+];
+/// At most: the devices, `hosts`, `resolv.conf`.
+const MAX_BINDS: usize = DEVICES.len() + 2;
+
+/// The capabilities a RUN command keeps: Docker's default set. Everything else (mounting,
+/// modules, raw IO, the clock, ...) is dropped from the bounding set before `execve`.
+const KEPT_CAPABILITIES: CapabilitySet = CapabilitySet::CHOWN
+    .union(CapabilitySet::DAC_OVERRIDE)
+    .union(CapabilitySet::FSETID)
+    .union(CapabilitySet::FOWNER)
+    .union(CapabilitySet::MKNOD)
+    .union(CapabilitySet::NET_RAW)
+    .union(CapabilitySet::SETGID)
+    .union(CapabilitySet::SETUID)
+    .union(CapabilitySet::SETFCAP)
+    .union(CapabilitySet::SETPCAP)
+    .union(CapabilitySet::NET_BIND_SERVICE)
+    .union(CapabilitySet::SYS_CHROOT)
+    .union(CapabilitySet::KILL)
+    .union(CapabilitySet::AUDIT_WRITE);
+
+/// A host file bound into the sandbox.
+struct Bind {
+    source: CString,
+    /// Inside the sandbox (absolute).
+    target: &'static CStr,
+    /// A device node whose mountpoint file is created in the tmpfs `/dev` first.
+    device: bool,
+}
+
+/// Everything the child needs, prepared before `clone` (the child allocates nothing).
+pub(crate) struct ChildProgram<'a> {
+    pub(crate) plan: &'a SandboxPlan,
+    base_dir: CString,
+    merged: CString,
+    id_maps: Option<(Vec<u8>, Vec<u8>)>,
+    binds: Vec<Bind>,
+    devpts_options: &'static CStr,
+    workdir_prefixes: Vec<CString>,
+    workdir: CString,
+    groups: Vec<rustix::process::Gid>,
+    /// Own the strings `argv_pointers` and `env_pointers` point into.
+    _argv: Vec<CString>,
+    _env: Vec<CString>,
+    exec_candidates: Vec<CString>,
+    argv_pointers: Vec<*const c_char>,
+    env_pointers: Vec<*const c_char>,
+}
+
+fn c_string(text: &str) -> Result<CString, SandboxError> {
+    CString::new(text).map_err(|_| SandboxError::Io {
+        action: "pass a string with a NUL byte to the sandbox",
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })
+}
+
+fn c_path(path: &std::path::Path) -> Result<CString, SandboxError> {
+    CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| SandboxError::Io {
+        action: "pass a path with a NUL byte to the sandbox",
+        source: io::Error::from(io::ErrorKind::InvalidInput),
+    })
+}
+
+impl<'a> ChildProgram<'a> {
+    /// Prepares every string and pointer array the child uses; fails on a NUL byte only.
+    pub(crate) fn new(plan: &'a SandboxPlan) -> Result<ChildProgram<'a>, SandboxError> {
+        let process = &plan.process;
+        let mut binds = Vec::new();
+        if plan.mounts.dev {
+            for device in DEVICES {
+                binds.push(Bind { source: device.to_owned(), target: device, device: true });
+            }
+        }
+        if let Some(hosts) = &plan.mounts.hosts {
+            binds.push(Bind { source: c_path(hosts)?, target: c"/etc/hosts", device: false });
+        }
+        if let Some(resolv_conf) = &plan.mounts.resolv_conf {
+            binds.push(Bind { source: c_path(resolv_conf)?, target: c"/etc/resolv.conf", device: false });
+        }
+        debug_assert!(binds.len() <= MAX_BINDS, "at most the devices, hosts and resolv.conf are bound");
+        let mut workdir_prefixes = Vec::new();
+        let mut prefix = String::new();
+        for component in process.workdir.split('/').filter(|component| !component.is_empty()) {
+            prefix.push('/');
+            prefix.push_str(component);
+            workdir_prefixes.push(c_string(&prefix)?);
+        }
+        let argv = process.argv.iter().map(|argument| c_string(argument)).collect::<Result<Vec<_>, _>>()?;
+        let env = process.env.iter().map(|entry| c_string(entry)).collect::<Result<Vec<_>, _>>()?;
+        let exec_candidates =
+            process.exec_candidates.iter().map(|candidate| c_string(candidate)).collect::<Result<Vec<_>, _>>()?;
+        // The pointers point into the CStrings' heap buffers, which stay put when the vectors
+        // holding them move.
+        let argv_pointers = argv.iter().map(|argument| argument.as_ptr()).chain([std::ptr::null()]).collect();
+        let env_pointers = env.iter().map(|entry| entry.as_ptr()).chain([std::ptr::null()]).collect();
+        Ok(ChildProgram {
+            plan,
+            base_dir: c_path(&plan.base_dir)?,
+            merged: c_path(&plan.merged)?,
+            id_maps: plan
+                .rootless
+                .map(|(uid, gid)| (format!("0 {uid} 1\n").into_bytes(), format!("0 {gid} 1\n").into_bytes())),
+            binds,
+            devpts_options: if plan.rootless.is_some() {
+                c"newinstance,ptmxmode=0666,mode=0620"
+            } else {
+                c"newinstance,ptmxmode=0666,mode=0620,gid=5"
+            },
+            workdir_prefixes,
+            workdir: c_string(&process.workdir)?,
+            groups: process.groups.iter().map(|gid| rustix::process::Gid::from_raw(*gid)).collect(),
+            _argv: argv,
+            _env: env,
+            exec_candidates,
+            argv_pointers,
+            env_pointers,
+        })
+    }
+
+    /// The call a failure is about, with its arguments.
+    pub(crate) fn describe(&self, failure: &Failure) -> String {
+        let detail = failure.detail as usize;
+        let bind = |index: usize| {
+            self.binds.get(index).map_or_else(
+                || format!("bind {index}"),
+                |bind| format!("{} -> {}", bind.source.to_string_lossy(), bind.target.to_string_lossy()),
+            )
+        };
+        let process = &self.plan.process;
+        match failure.stage {
+            Stage::ParentGone => "the builder exited before the command started".to_owned(),
+            Stage::ParentDeathSignal => "prctl(PR_SET_PDEATHSIG, SIGKILL)".to_owned(),
+            Stage::Stdio => "pointing the command's stdin at /dev/null and stdout/stderr at the output pipe".to_owned(),
+            Stage::SetgroupsDeny => "write(/proc/self/setgroups, \"deny\")".to_owned(),
+            Stage::UidMap => format!(
+                "write(/proc/self/uid_map, {:?})",
+                self.id_maps
+                    .as_ref()
+                    .map_or_else(String::new, |(uid_map, _)| String::from_utf8_lossy(uid_map).into_owned())
+            ),
+            Stage::GidMap => format!(
+                "write(/proc/self/gid_map, {:?})",
+                self.id_maps
+                    .as_ref()
+                    .map_or_else(String::new, |(_, gid_map)| String::from_utf8_lossy(gid_map).into_owned())
+            ),
+            Stage::MakePrivate => "mount(\"/\", MS_REC | MS_PRIVATE)".to_owned(),
+            Stage::Hostname => format!("sethostname({:?})", self.plan.hostname),
+            Stage::ChdirBase => format!("chdir({:?})", self.plan.base_dir),
+            Stage::OverlayOpen
+            | Stage::OverlayOption
+            | Stage::OverlayCreate
+            | Stage::OverlayMount
+            | Stage::OverlayAttach
+            | Stage::OverlayClassic => self.plan.overlay.describe(failure.stage, failure.detail),
+            Stage::OpenBind => format!("open_tree(OPEN_TREE_CLONE) for the bind {}", bind(detail)),
+            Stage::ChdirMerged => format!("chdir({:?})", self.plan.merged),
+            Stage::PivotRoot => format!("pivot_root into {:?}", self.plan.merged),
+            Stage::DetachOldRoot => "umount2(old root, MNT_DETACH)".to_owned(),
+            Stage::ChdirRoot => "chdir(\"/\") in the new root".to_owned(),
+            Stage::MountProc => {
+                let call = [
+                    "open(merged/proc, O_PATH | O_NOFOLLOW)",
+                    "fsopen(\"proc\")",
+                    "fsconfig(FSCONFIG_CMD_CREATE)",
+                    "fsmount(proc)",
+                    "move_mount(proc, merged/proc)",
+                ];
+                format!("{} for /proc", call.get(detail).unwrap_or(&"mounting proc"))
+            }
+            Stage::MountDev => "mount(\"tmpfs\", \"/dev\", \"tmpfs\", \"mode=755,size=65536k\")".to_owned(),
+            Stage::DevMountpoint => format!("creating the mountpoint of the bind {}", bind(detail)),
+            Stage::AttachBind => format!("move_mount for the bind {}", bind(detail)),
+            Stage::MountDevPts => format!("mount(\"devpts\", \"/dev/pts\", {:?})", self.devpts_options),
+            Stage::MountShm => "mount(\"tmpfs\", \"/dev/shm\", \"mode=1777,size=65536k\")".to_owned(),
+            Stage::DevLink => DEV_LINKS
+                .get(detail)
+                .map_or_else(|| "a /dev link".to_owned(), |(target, link)| format!("symlink({target:?}, {link:?})")),
+            Stage::Workdir => format!(
+                "mkdir({:?}) for the working directory",
+                self.workdir_prefixes
+                    .get(detail)
+                    .map_or_else(String::new, |prefix| prefix.to_string_lossy().into_owned())
+            ),
+            Stage::ChdirWorkdir => format!("chdir({:?})", process.workdir),
+            Stage::DropCapabilities => format!("prctl(PR_CAPBSET_DROP, {detail})"),
+            Stage::SetGroups => format!("setgroups({:?})", process.groups),
+            Stage::SetGid => format!("setgid({})", process.gid),
+            Stage::SetUid => format!("setuid({})", process.uid),
+            Stage::CloseDescriptors => "close_range(3, ~0, CLOSE_RANGE_CLOEXEC)".to_owned(),
+            Stage::Exec => format!("execve({:?})", process.exec_candidates.get(detail).map_or("", String::as_str)),
+        }
+    }
+}
+
+/// The descriptors the child uses (raw numbers: the child only borrows them).
+#[derive(Clone, Copy)]
+pub(crate) struct ChildDescriptors {
+    /// The write end of the output pipe: the command's stdout and stderr.
+    pub(crate) output: RawFd,
+    /// The write end of the close-on-exec pipe a [`Failure`] record goes to.
+    pub(crate) failure: RawFd,
+    /// The read end of the pipe whose write end the parent holds while it waits.
+    pub(crate) alive_read: RawFd,
+    /// The child's copy of that write end, closed first thing.
+    pub(crate) alive_write: RawFd,
+}
+
+/// The child's whole life: sets up and `execve`s the command, or sends the [`Failure`] record
+/// and exits (125, or 127 when the command cannot be executed). Runs between `clone` and
+/// `execve`: raw syscalls only, no allocation.
+pub(crate) fn child_main(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> ! {
+    let failure = match child_setup(program, descriptors) {
+        Ok(never) => match never {},
+        Err(failure) => failure,
+    };
+    if failure.stage != Stage::ParentGone {
+        // SAFETY: the failure pipe's write end is open in this process until it exits.
+        let pipe = unsafe { BorrowedFd::borrow_raw(descriptors.failure) };
+        let _ = rustix::io::write(pipe, &failure.encode());
+    }
+    // SAFETY: `_exit` ends the process without running the parent's atexit handlers or
+    // destructors, which belong to the parent.
+    unsafe { libc::_exit(if failure.stage == Stage::Exec { 127 } else { 125 }) }
+}
+
+// The failure is returned by value: the child must not allocate a Box.
+#[allow(clippy::result_large_err)]
+fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Result<Infallible, Failure> {
+    let plan = program.plan;
+    let fail = |stage: Stage, detail: usize| move |error: Errno| Failure::new(stage, detail as u32, error);
+
+    // 1. Die with the builder; quit if it is already gone.
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).map_err(fail(Stage::ParentDeathSignal, 0))?;
+    // SAFETY: the write end of the alive pipe is this process's copy, never used again.
+    unsafe { libc::close(descriptors.alive_write) };
+    {
+        // SAFETY: open in this process until it exits.
+        let alive = unsafe { BorrowedFd::borrow_raw(descriptors.alive_read) };
+        let mut poll = [rustix::event::PollFd::new(&alive, rustix::event::PollFlags::IN)];
+        let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+        if rustix::event::poll(&mut poll, Some(&now)).is_ok()
+            && poll[0].revents().contains(rustix::event::PollFlags::HUP)
+        {
+            return Err(Failure::new(Stage::ParentGone, 0, Errno::SRCH));
+        }
+    }
+    reset_signals();
+    let null =
+        rustix::fs::open(c"/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty()).map_err(fail(Stage::Stdio, 0))?;
+    // SAFETY: open in this process until it exits.
+    let output = unsafe { BorrowedFd::borrow_raw(descriptors.output) };
+    rustix::stdio::dup2_stdin(&null).map_err(fail(Stage::Stdio, 0))?;
+    rustix::stdio::dup2_stdout(output).map_err(fail(Stage::Stdio, 1))?;
+    rustix::stdio::dup2_stderr(output).map_err(fail(Stage::Stdio, 2))?;
+
+    // 2. Root inside is the caller outside.
+    if let Some((uid_map, gid_map)) = &program.id_maps {
+        write_file(c"/proc/self/setgroups", b"deny").map_err(fail(Stage::SetgroupsDeny, 0))?;
+        write_file(c"/proc/self/uid_map", uid_map).map_err(fail(Stage::UidMap, 0))?;
+        write_file(c"/proc/self/gid_map", gid_map).map_err(fail(Stage::GidMap, 0))?;
+    }
+
+    // 3. Nothing mounted from here on propagates to the host.
+    rustix::mount::mount_change(c"/", MountPropagationFlags::PRIVATE | MountPropagationFlags::REC)
+        .map_err(fail(Stage::MakePrivate, 0))?;
+    rustix::system::sethostname(plan.hostname.as_bytes()).map_err(fail(Stage::Hostname, 0))?;
+
+    // 4. The overlay, and the host files to bind, while host paths are still reachable.
+    rustix::process::chdir(program.base_dir.as_c_str()).map_err(fail(Stage::ChdirBase, 0))?;
+    plan.overlay.mount()?;
+    let mut bind_mounts: [Option<OwnedFd>; MAX_BINDS] = std::array::from_fn(|_| None);
+    for (index, bind) in program.binds.iter().enumerate() {
+        let clone = rustix::mount::open_tree(
+            rustix::fs::CWD,
+            bind.source.as_c_str(),
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .map_err(fail(Stage::OpenBind, index))?;
+        bind_mounts[index] = Some(clone);
+    }
+
+    // `/proc` before the host's root goes: in a user namespace the kernel mounts a new proc only
+    // while one is fully visible in the mount namespace. It is mounted through a descriptor of
+    // the directory, opened without following symlinks (the runner checked that the image has a
+    // directory there, or made one).
+    if plan.mounts.proc {
+        mount_proc(program.merged.as_c_str())?;
+    }
+
+    // 5. Into the merged tree; the host's root is detached.
+    rustix::process::chdir(program.merged.as_c_str()).map_err(fail(Stage::ChdirMerged, 0))?;
+    rustix::process::pivot_root(c".", c".").map_err(fail(Stage::PivotRoot, 0))?;
+    rustix::mount::unmount(c".", UnmountFlags::DETACH).map_err(fail(Stage::DetachOldRoot, 0))?;
+    rustix::process::chdir(c"/").map_err(fail(Stage::ChdirRoot, 0))?;
+
+    // 6. The runner's other mounts.
+    if plan.mounts.dev {
+        rustix::mount::mount(
+            c"tmpfs",
+            c"/dev",
+            c"tmpfs",
+            MountFlags::NOSUID | MountFlags::STRICTATIME,
+            Some(c"mode=755,size=65536k"),
+        )
+        .map_err(fail(Stage::MountDev, 0))?;
+    }
+    for (index, bind) in program.binds.iter().enumerate() {
+        if bind.device {
+            let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            rustix::fs::open(bind.target, flags, Mode::from_raw_mode(0o666))
+                .map_err(fail(Stage::DevMountpoint, index))?;
+        }
+        let Some(clone) = &bind_mounts[index] else { continue };
+        rustix::mount::move_mount(
+            clone.as_fd(),
+            c"",
+            rustix::fs::CWD,
+            bind.target,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .map_err(fail(Stage::AttachBind, index))?;
+    }
+    if plan.mounts.dev {
+        rustix::fs::mkdir(c"/dev/pts", Mode::from_raw_mode(0o755)).map_err(fail(Stage::MountDevPts, 0))?;
+        rustix::mount::mount(
+            c"devpts",
+            c"/dev/pts",
+            c"devpts",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            Some(program.devpts_options),
+        )
+        .map_err(fail(Stage::MountDevPts, 0))?;
+        rustix::fs::mkdir(c"/dev/shm", Mode::from_raw_mode(0o1777)).map_err(fail(Stage::MountShm, 0))?;
+        rustix::mount::mount(
+            c"shm",
+            c"/dev/shm",
+            c"tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            Some(c"mode=1777,size=65536k"),
+        )
+        .map_err(fail(Stage::MountShm, 0))?;
+        for (index, (target, link)) in DEV_LINKS.iter().enumerate() {
+            rustix::fs::symlink(*target, *link).map_err(fail(Stage::DevLink, index))?;
+        }
+    }
+
+    // 7. The process's own settings. Docker creates a missing working directory as root.
+    rustix::process::umask(Mode::from_raw_mode(0o022));
+    for (index, prefix) in program.workdir_prefixes.iter().enumerate() {
+        match rustix::fs::mkdir(prefix.as_c_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(error) => return Err(Failure::new(Stage::Workdir, index as u32, error)),
+        }
+    }
+    rustix::process::chdir(program.workdir.as_c_str()).map_err(fail(Stage::ChdirWorkdir, 0))?;
+    for bit in 0..64u32 {
+        let capability = CapabilitySet::from_bits_retain(1 << bit);
+        if KEPT_CAPABILITIES.contains(capability) {
+            continue;
+        }
+        match rustix::thread::remove_capability_from_bounding_set(capability) {
+            // EINVAL: past the last capability this kernel knows.
+            Ok(()) | Err(Errno::INVAL) => {}
+            Err(error) => return Err(Failure::new(Stage::DropCapabilities, bit, error)),
+        }
+    }
+    if plan.rootless.is_none() {
+        rustix::thread::set_thread_groups(&program.groups).map_err(fail(Stage::SetGroups, 0))?;
+    }
+    let process = &plan.process;
+    rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(process.gid)).map_err(fail(Stage::SetGid, 0))?;
+    rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(process.uid)).map_err(fail(Stage::SetUid, 0))?;
+    // Whatever the builder's process had open (a library user's descriptors included) must not
+    // reach the command: an open directory of the host would be a way out.
+    // SAFETY: a raw syscall on integers.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) } != 0 {
+        return Err(Failure::new(Stage::CloseDescriptors, 0, last_errno()));
+    }
+
+    // 8. The command.
+    let mut reported: Option<(usize, Errno)> = None;
+    for (index, candidate) in program.exec_candidates.iter().enumerate() {
+        // SAFETY: NUL-terminated strings and NULL-terminated pointer arrays built by the parent.
+        unsafe { libc::execve(candidate.as_ptr(), program.argv_pointers.as_ptr(), program.env_pointers.as_ptr()) };
+        let errno = last_errno();
+        match errno {
+            // As execvp: keep looking, but a found-and-refused file is the better report.
+            Errno::NOENT | Errno::NOTDIR => {
+                if reported.is_none() {
+                    reported = Some((index, errno));
+                }
+            }
+            Errno::ACCESS => reported = Some((index, errno)),
+            other => return Err(Failure::new(Stage::Exec, index as u32, other)),
+        }
+    }
+    let (index, errno) = reported.unwrap_or((0, Errno::NOENT));
+    Err(Failure::new(Stage::Exec, index as u32, errno))
+}
+
+/// Mounts a new proc (of the child's pid namespace) on `merged/proc`. Raw syscalls only.
+// The failure is returned by value: the child must not allocate a Box.
+#[allow(clippy::result_large_err)]
+fn mount_proc(merged: &CStr) -> Result<(), Failure> {
+    let fail = |detail: u32| move |error: Errno| Failure::new(Stage::MountProc, detail, error);
+    let path_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let merged = rustix::fs::open(merged, path_flags, Mode::empty()).map_err(fail(0))?;
+    let directory =
+        rustix::fs::openat(&merged, c"proc", path_flags | OFlags::NOFOLLOW, Mode::empty()).map_err(fail(0))?;
+    let filesystem = rustix::mount::fsopen(c"proc", FsOpenFlags::FSOPEN_CLOEXEC).map_err(fail(1))?;
+    rustix::mount::fsconfig_create(&filesystem).map_err(|error| fail(2)(error).with_log(&filesystem))?;
+    let attributes =
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    let mount = rustix::mount::fsmount(&filesystem, FsMountFlags::FSMOUNT_CLOEXEC, attributes)
+        .map_err(|error| fail(3)(error).with_log(&filesystem))?;
+    rustix::mount::move_mount(
+        mount.as_fd(),
+        c"",
+        directory.as_fd(),
+        c"",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(fail(4))
+}
+
+fn last_errno() -> Errno {
+    Errno::from_raw_os_error(io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
+fn write_file(path: &CStr, bytes: &[u8]) -> Result<(), Errno> {
+    let file = rustix::fs::open(path, OFlags::WRONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let written = rustix::io::write(&file, bytes)?;
+    if written != bytes.len() {
+        return Err(Errno::IO);
+    }
+    Ok(())
+}
+
+/// Default dispositions and an empty mask: the builder's process may ignore or block signals
+/// (Rust ignores SIGPIPE), which an exec'd command would inherit.
+fn reset_signals() {
+    // SAFETY: sigaction and sigprocmask are async-signal-safe; the set is initialised by
+    // sigemptyset before use.
+    unsafe {
+        for signal in 1..=64 {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::signal(signal, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+}

@@ -1,0 +1,88 @@
+//! layerwright-sandbox: the sandbox a RUN step's command executes in. One child process in
+//! fresh mount, pid, ipc, uts and (unless the step enables networking) net namespaces, plus a
+//! user namespace when not root, whose root is an overlay mount of the image's layers; what the
+//! command writes lands in the overlay's upper directory, which the caller turns into a layer.
+//!
+//! This crate holds every syscall of that, and every `unsafe` block of the builder (`clone`,
+//! `execve`, `_exit`, signal dispositions, `close_range`, borrowing the child's descriptors), so
+//! that `layerwright` itself forbids `unsafe` code. Its API is small:
+//!
+//! - [`OverlayMount`]: the overlay of some lower directories (top first) with an upper and work
+//!   directory, planned from [`OverlayPaths`] (checked against the kernel's limits, with
+//!   [`OverlayError`]) and mounted in the child with the new mount API, or `mount(2)` on kernels
+//!   whose overlayfs lacks `lowerdir+`;
+//! - [`SandboxPlan`]: the overlay, the mounts the caller wants ([`SandboxMounts`]), the process
+//!   ([`ProcessSpec`]), rootless or not, networking or not;
+//! - [`Sandbox`]: runs a plan and returns how the command ended ([`Termination`]) or why it
+//!   could not run ([`SandboxError`], whose variants name the failed call with its arguments).
+//!   [`NamespaceSandbox`] is the real one; a caller's tests use a fake.
+//!
+//! Modules, arrows pointing down only: `namespace` (the parent: clone, wait, errors) → `child`
+//! (between clone and execve: raw syscalls, no allocation) → `plan` (the data) → `overlay`
+//! (the overlay's options and mount) → `failure` (stages, the child's failure record, errors).
+//!
+//! What it deliberately is not: a container runtime (no cgroups, seccomp, or resource limits;
+//! the command is the user's own build step), or the place where a plan is decided or its
+//! result read: the builder resolves the user and environment from the image config, lays out
+//! the run directory, and reads the upper directory afterwards.
+//!
+//! ```no_run
+//! use std::path::{Path, PathBuf};
+//!
+//! use layerwright_sandbox::{
+//!     NamespaceSandbox, OverlayMount, OverlayPaths, ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination,
+//! };
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Made by the caller: a lower directory holding /bin/busybox, and an empty upper, work,
+//! // merged and short-links directory in one run directory.
+//! let store = Path::new("/var/cache/layerwright");
+//! let run = store.join("tmp/run-1");
+//! let lowers = [store.join("snapshots/busybox")];
+//! let paths = OverlayPaths {
+//!     base_dir: store,
+//!     lowers: &lowers,
+//!     upper: &run.join("upper"),
+//!     work: &run.join("work"),
+//!     target: &run.join("merged"),
+//!     short_lowers: &run.join("lowers"),
+//! };
+//! let plan = SandboxPlan {
+//!     base_dir: store.to_owned(),
+//!     overlay: OverlayMount::new(&paths, false, false)?,
+//!     upper: run.join("upper"),
+//!     merged: run.join("merged"),
+//!     rootless: None,
+//!     network: false,
+//!     mounts: SandboxMounts::default(),
+//!     hostname: "sandbox".to_owned(),
+//!     process: ProcessSpec {
+//!         argv: vec!["busybox".into(), "sh".into(), "-c".into(), "echo hello > /greeting".into()],
+//!         env: vec!["PATH=/bin".into()],
+//!         workdir: "/".into(),
+//!         uid: 0,
+//!         gid: 0,
+//!         groups: vec![0],
+//!         exec_candidates: vec!["/bin/busybox".into()],
+//!     },
+//! };
+//! let ended = NamespaceSandbox.run(&plan, &mut |output| print!("{}", String::from_utf8_lossy(output)))?;
+//! assert_eq!(ended, Termination::Exited(0));
+//! // The upper directory now holds `greeting`.
+//! # let _: PathBuf = run;
+//! # Ok(())
+//! # }
+//! ```
+
+#![deny(missing_docs)]
+
+mod child;
+mod failure;
+mod namespace;
+mod overlay;
+mod plan;
+
+pub use failure::SandboxError;
+pub use namespace::NamespaceSandbox;
+pub use overlay::{MAX_LOWER_LAYERS, OverlayError, OverlayMount, OverlayPaths};
+pub use plan::{ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination};
