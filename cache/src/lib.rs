@@ -30,7 +30,7 @@
 //! assert_eq!(store.read_action(&key).unwrap(), Some(record));
 //! ```
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod db;

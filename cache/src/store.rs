@@ -475,26 +475,7 @@ const BLOB_BUFFERS_IN_FLIGHT: usize = 4;
 /// [`start_writeback`]).
 pub const WRITEBACK_CHUNK: u64 = 8 << 20;
 
-/// Asks the kernel to start writing `length` bytes of `file` from `offset` to disk, without
-/// waiting (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). A large file written this way as it
-/// grows is mostly on disk by the time it is fsynced: the disk works while the file is still
-/// being produced, instead of the fsync waiting for all of it at the end. Only a hint (the
-/// fsync still makes the file durable): errors, such as a filesystem without it, are ignored.
-//
-// The crate's only `unsafe`: neither rustix nor nix has a safe `sync_file_range` binding, and
-// the safe calls that come closest differ (`fadvise(DONTNEED)` also evicts the range from the
-// page cache; `fdatasync` waits). The call takes no pointer, so nothing but the descriptor's
-// validity is at stake, and the borrow of `file` keeps it open.
-#[allow(unsafe_code)]
-pub fn start_writeback(file: &File, offset: u64, length: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) else { return };
-    // SAFETY: sync_file_range only reads its integer arguments, and the descriptor stays open
-    // while `file` is borrowed.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset, length, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
+pub use layerwright_sandbox::start_writeback;
 
 /// A blob being written. Dropping it without [`BlobWriter::commit`] deletes the temp file.
 ///

@@ -3,9 +3,10 @@
 //! user namespace when not root, whose root is an overlay mount of the image's layers; what the
 //! command writes lands in the overlay's upper directory, which the caller turns into a layer.
 //!
-//! This crate holds every syscall of that, and every `unsafe` block of the builder (`clone`,
-//! `execve`, `_exit`, signal dispositions, `close_range`, borrowing the child's descriptors), so
-//! that `layerwright` itself forbids `unsafe` code. Its API is small:
+//! This crate holds every syscall of that, and every `unsafe` block of the workspace (`clone`,
+//! `execve`, `_exit`, signal dispositions, `close_range`, borrowing the child's descriptors, and
+//! the store's one call rustix lacks, [`start_writeback`]), so that every other crate forbids
+//! `unsafe` code. Its API is small:
 //!
 //! - [`OverlayMount`]: the overlay of some lower directories (top first) with an upper and work
 //!   directory, planned from [`OverlayPaths`] (checked against the kernel's limits, with
@@ -81,8 +82,10 @@ mod failure;
 mod namespace;
 mod overlay;
 mod plan;
+mod writeback;
 
 pub use failure::SandboxError;
 pub use namespace::NamespaceSandbox;
 pub use overlay::{MAX_LOWER_LAYERS, OverlayError, OverlayMount, OverlayPaths};
 pub use plan::{ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination};
+pub use writeback::start_writeback;
