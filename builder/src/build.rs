@@ -216,12 +216,8 @@ impl Builder {
 
     /// Builds several images in one walk: a step they share is built once.
     pub fn build_all(&self, images: &[&Image]) -> Result<Vec<BuiltImage>, BuildError> {
-        let session = Session {
-            store: &self.store,
-            options: &self.solve_options,
-            state: &self.state,
-            workers: &self.workers,
-        };
+        let session =
+            Session { store: &self.store, options: &self.solve_options, state: &self.state, workers: &self.workers };
         let solved = solve::build_all(session, images)?;
         Ok(solved.into_iter().map(|image| BuiltImage { inner: Arc::new(image) }).collect())
     }

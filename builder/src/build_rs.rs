@@ -60,8 +60,8 @@ use thiserror::Error;
 
 use crate::build::{BuildError, Builder, BuilderOptions, BuiltImage};
 use crate::context::{self, ContextError, StatLookup};
-use crate::output::ExportError;
 use crate::layer::Compression;
+use crate::output::ExportError;
 
 #[derive(Debug, Error)]
 pub enum BuildRsError {

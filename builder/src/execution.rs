@@ -133,10 +133,8 @@ impl Execution<'_> {
     /// Writes `entries` as a layer and commits the record under `key`.
     pub fn commit_layer(&self, key: &StepKey, entries: Vec<LayerEntry>) -> Result<NewLayer, ExecutionError> {
         // Only an accelerator: without it (it could not start), the RUN unpacks the blob.
-        let mut snapshot = self
-            .snapshot_for_run
-            .then(|| StreamedSnapshot::start(self.store, snapshot::flavour()).ok())
-            .flatten();
+        let mut snapshot =
+            self.snapshot_for_run.then(|| StreamedSnapshot::start(self.store, snapshot::flavour()).ok()).flatten();
         let written = match &mut snapshot {
             Some(snapshot) => layer::write_layer_observed(self.store, entries, &self.layer_options, &mut |bytes| {
                 snapshot.push(bytes)

@@ -46,32 +46,32 @@ pub mod host;
 pub mod testing;
 
 // The rooms below the facade, top to bottom (see ARCHITECTURE.md).
-mod solve;
-mod remote_cache;
-mod run;
 mod base;
-mod execution;
-mod output;
-#[cfg(feature = "registry")]
-pub mod registry;
 mod context;
-mod tree;
+mod execution;
 mod layer;
 mod oci;
+mod output;
 mod progress;
+#[cfg(feature = "registry")]
+pub mod registry;
+mod remote_cache;
+mod run;
+mod solve;
+mod tree;
 
 pub mod cache;
 
 pub use build::{BuildError, Builder, BuilderOptions, BuiltImage};
 pub use layer::Compression;
 pub use layerwright_dsl::*;
+pub use output::ExportError;
 pub use progress::{ProgressEvent, ProgressSink, StepHook, StepReport};
-pub use remote_cache::{CacheExportReport, RemoteCacheReport};
-pub use solve::StepError;
 #[cfg(feature = "registry")]
 pub use registry::{PushOptions, PushReport, RegistryError};
-pub use output::ExportError;
+pub use remote_cache::{CacheExportReport, RemoteCacheReport};
 pub use run::RunError;
+pub use solve::StepError;
 
 /// The building blocks of a build, exposed for the criterion micro-benchmarks of the hot paths
 /// (context hashing, tar writing and compression) and the fuzz targets (base layer and archive

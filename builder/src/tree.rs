@@ -985,4 +985,3 @@ hardlink 0644 0:0 5 sha256:2cf24dba => /b /c
         assert_eq!(LayerIndex::load(&store, &diff_id).unwrap(), None);
     }
 }
-

@@ -164,7 +164,11 @@ impl Archive {
         })
     }
 
-    pub(super) fn parse_json<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], entry: &str) -> Result<T, ImportError> {
+    pub(super) fn parse_json<T: serde::de::DeserializeOwned>(
+        &self,
+        bytes: &[u8],
+        entry: &str,
+    ) -> Result<T, ImportError> {
         serde_json::from_slice(bytes).map_err(|error| self.invalid(format!("{entry} is not valid: {error}")))
     }
 
@@ -280,7 +284,6 @@ pub(super) fn normalise_member_name(name: &str) -> String {
     layerwright_dsl::clean_lexically(name)
 }
 
-
 pub(super) fn compression_of_magic(magic: &[u8]) -> Compression {
     match magic {
         [0x1f, 0x8b, ..] => Compression::Gzip,
@@ -302,4 +305,3 @@ pub(super) fn read_up_to(reader: &mut dyn Read, buffer: &mut [u8]) -> io::Result
     }
     Ok(filled)
 }
-

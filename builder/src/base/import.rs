@@ -33,7 +33,6 @@ use crate::layer::{self, Compression, LayerIndex};
 use crate::oci::{Descriptor, Platform, media_types};
 use crate::tree;
 
-
 /// An imported base image: its layers (bottom first), their indexes, and its config document.
 #[derive(Debug, Clone)]
 pub struct BaseImage {
@@ -146,7 +145,6 @@ fn index_and_apply_layers(
 
 // ---------------------------------------------------------------------------------------------
 // OCI image layouts and OCI archives
-
 
 /// How deep image indexes may nest before the archive is considered malformed.
 const MAX_INDEX_DEPTH: usize = 4;

@@ -121,7 +121,6 @@ pub struct LayerEntry {
     pub xattrs: Vec<(String, Vec<u8>)>,
 }
 
-
 /// Component-wise order: `a` < `a/b` < `a-b`, so a directory always precedes its contents.
 pub fn compare_paths(left: &str, right: &str) -> std::cmp::Ordering {
     left.split('/').cmp(right.split('/'))

@@ -112,7 +112,11 @@ fn decoded_blob(store: &Store, layer: &LayerRecord) -> Result<Box<dyn Read>, Rec
     })
 }
 
-fn recompress(store: &Store, layer: &LayerRecord, compression: Compression) -> Result<(LayerRecord, u64), RecompressError> {
+fn recompress(
+    store: &Store,
+    layer: &LayerRecord,
+    compression: Compression,
+) -> Result<(LayerRecord, u64), RecompressError> {
     let io_error = |source: io::Error| RecompressError::Io { layer: layer.digest.clone(), source };
     // Gzip blocks end where chosen entries start (see `layer::Compressor`): find them first, in
     // a pass of their own, so that the blocks come out as a fresh build's.

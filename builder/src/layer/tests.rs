@@ -60,10 +60,8 @@ fn describe_tar(tar: &[u8]) -> String {
         assert_eq!(header.username_bytes(), Some(&b""[..]));
         assert_eq!(header.groupname_bytes(), Some(&b""[..]));
         let path = String::from_utf8(member.path_bytes().into_owned()).unwrap();
-        let link = member
-            .link_name_bytes()
-            .map(|link| format!(" -> {}", String::from_utf8_lossy(&link)))
-            .unwrap_or_default();
+        let link =
+            member.link_name_bytes().map(|link| format!(" -> {}", String::from_utf8_lossy(&link))).unwrap_or_default();
         let pax_keys: Vec<String> = match member.pax_extensions().unwrap() {
             Some(extensions) => extensions
                 .map(|extension| {
@@ -377,11 +375,8 @@ fn gzip_blocks_follow_entries_and_are_reused_after_a_change() {
     let files = |changed: &[u8]| -> Vec<LayerEntry> {
         (0..300u64)
             .map(|index| {
-                let content = if index == 150 {
-                    changed.to_vec()
-                } else {
-                    crate::host::incompressible_bytes(4096, index + 1)
-                };
+                let content =
+                    if index == 150 { changed.to_vec() } else { crate::host::incompressible_bytes(4096, index + 1) };
                 file(&format!("data/f{index:03}"), &content, 0o644)
             })
             .collect()
@@ -390,8 +385,7 @@ fn gzip_blocks_follow_entries_and_are_reused_after_a_change() {
     let block_keys = |store: &Store| -> Vec<String> {
         let maps: Vec<_> = std::fs::read_dir(store.root().join("gzip-blocks")).unwrap().collect();
         assert_eq!(maps.len(), 1, "one map per layer shape");
-        let map: BlockMap =
-            serde_json::from_slice(&std::fs::read(maps[0].as_ref().unwrap().path()).unwrap()).unwrap();
+        let map: BlockMap = serde_json::from_slice(&std::fs::read(maps[0].as_ref().unwrap().path()).unwrap()).unwrap();
         map.blocks.into_iter().map(|block| block.key).collect()
     };
 
@@ -521,10 +515,7 @@ fn invalid_entries_are_refused() {
         vec![entry("l", EntryKind::Symlink { target: "/etc".into() }, 0o777), file("l/passwd", b"", 0o644)],
         "its parent \"l\" is not a directory",
     );
-    check(
-        vec![dir("d"), entry("l", EntryKind::HardLink { target: "d".into() }, 0o644)],
-        "hard link to the directory",
-    );
+    check(vec![dir("d"), entry("l", EntryKind::HardLink { target: "d".into() }, 0o644)], "hard link to the directory");
     check(
         vec![
             entry("x", EntryKind::HardLink { target: "y".into() }, 0o644),
@@ -536,4 +527,105 @@ fn invalid_entries_are_refused() {
     let mut bad_xattr = file("x", b"", 0o644);
     bad_xattr.xattrs = vec![("a=b".into(), Vec::new())];
     check(vec![bad_xattr], "cannot be a PAX key");
+}
+
+/// The special entries a RUN step's upper directory can hold, plus the header extensions, as
+/// three independent readers see them: this crate's indexer, GNU tar and Python's tarfile.
+/// (Sparse files are not written as sparse members: a layer stores their bytes.)
+#[test]
+fn every_entry_type_round_trips_through_three_readers() {
+    let long_name = format!("d/{}/{}", "n".repeat(120), "f".repeat(90));
+    let long_target = format!("/{}", "t".repeat(150));
+    let mut xattr_file = file("d/cap", b"binary", 0o755);
+    // A valid v2 file capability (cap_net_bind_service, effective): the kernel checks it.
+    let capability = vec![1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    xattr_file.xattrs.push(("security.capability".into(), capability));
+    let entries = vec![
+        dir("d"),
+        entry("d/fifo", EntryKind::Fifo, 0o644),
+        entry("d/null", EntryKind::CharDevice { major: 1, minor: 3 }, 0o666),
+        entry("d/loop", EntryKind::BlockDevice { major: 7, minor: 0 }, 0o660),
+        file("d/a-target", b"same inode", 0o640),
+        entry("d/link", EntryKind::HardLink { target: "d/a-target".into() }, 0o640),
+        entry("d/sym", EntryKind::Symlink { target: long_target.clone() }, 0o777),
+        file(&long_name, b"long", 0o600),
+        owned(file("d/big-ids", b"ids", 0o644), 3_000_000, 4_000_000),
+        xattr_file,
+    ];
+    let (_dir, store) = new_store();
+    let options = LayerOptions { compression: Compression::None, mtime: 0 };
+    let written = write_layer(&store, entries, &options).unwrap();
+
+    // This crate's reader.
+    let index = crate::layer::index_layer(&store, &written.record).unwrap();
+    let kind_of = |path: &str| index.entries.iter().find(|entry| entry.path == path).map(|entry| entry.kind.clone());
+    assert_eq!(kind_of("d/fifo"), Some(IndexKind::Fifo));
+    assert_eq!(kind_of("d/null"), Some(IndexKind::CharDevice { major: 1, minor: 3 }));
+    assert_eq!(kind_of("d/loop"), Some(IndexKind::BlockDevice { major: 7, minor: 0 }));
+    assert_eq!(kind_of("d/link"), Some(IndexKind::HardLink { target: "d/a-target".into() }));
+    assert_eq!(kind_of("d/sym"), Some(IndexKind::Symlink { target: long_target.clone() }));
+    assert!(matches!(kind_of(&long_name), Some(IndexKind::File { size: 4, .. })));
+    let big = index.entries.iter().find(|entry| entry.path == "d/big-ids").unwrap();
+    assert_eq!((big.uid, big.gid), (3_000_000, 4_000_000));
+    // The snapshot unpacker (what the next RUN step stacks) reads the device fields of every
+    // special file, a FIFO's included.
+    let snapshot = crate::layer::snapshot::ensure_snapshot(&store, &written.record, crate::layer::snapshot::flavour());
+    let snapshot = snapshot.expect("the layer unpacks into a snapshot");
+    let fifo = std::fs::symlink_metadata(snapshot.join("d/fifo")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fifo.file_type()));
+
+    let tar_path = store.blob_path(&written.record.digest);
+    // GNU tar: `-tv` lists type, mode, owner, devices and link targets.
+    let listing = std::process::Command::new("tar")
+        .args(["--numeric-owner", "--xattrs", "--xattrs-include=*", "-tvf"])
+        .arg(&tar_path)
+        .output()
+        .expect("GNU tar runs");
+    assert!(listing.status.success(), "tar: {}", String::from_utf8_lossy(&listing.stderr));
+    // Columns are padded: compare with single spaces.
+    let listing: String = String::from_utf8(listing.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>().join(" ") + "\n")
+        .collect();
+    for expected in [
+        "-rwxr-xr-x* 0/0 6", // `*`: the file has xattrs
+        "prw-r--r-- 0/0",
+        "crw-rw-rw- 0/0",
+        "1,3",
+        "brw-rw---- 0/0",
+        "7,0",
+        "d/link link to d/a-target",
+        &format!("d/sym -> {long_target}"),
+        &long_name,
+        "3000000/4000000",
+    ] {
+        assert!(listing.contains(expected), "GNU tar's listing lacks {expected:?}:\n{listing}");
+    }
+
+    // Python's tarfile, with the xattr PAX record.
+    let script = r#"
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as archive:
+    for member in archive.getmembers():
+        xattr = member.pax_headers.get("SCHILY.xattr.security.capability")
+        print(member.name, member.type.decode(), oct(member.mode), member.uid, member.gid,
+              member.devmajor, member.devminor, member.linkname, len(xattr) if xattr else "-")
+"#;
+    let python = std::process::Command::new("python3").arg("-c").arg(script).arg(&tar_path).output();
+    let python = python.expect("python3 runs");
+    assert!(python.status.success(), "tarfile: {}", String::from_utf8_lossy(&python.stderr));
+    let members = String::from_utf8(python.stdout).unwrap();
+    for expected in [
+        "d/fifo 6 0o644 0 0 0 0  -",
+        "d/null 3 0o666 0 0 1 3  -",
+        "d/loop 4 0o660 0 0 7 0  -",
+        "d/link 1 0o640 0 0 0 0 d/a-target -",
+        &format!("d/sym 2 0o777 0 0 0 0 {long_target} -"),
+        &format!("{long_name} 0 0o600"),
+        "d/big-ids 0 0o644 3000000 4000000",
+        "d/cap 0 0o755 0 0 0 0  20",
+    ] {
+        assert!(members.contains(expected), "tarfile's members lack {expected:?}:\n{members}");
+    }
 }

@@ -35,7 +35,6 @@
 //! target is not in this layer is written as given and checked when the layer is applied to a
 //! tree (`FsTree::apply`).
 
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -113,7 +112,8 @@ pub fn write_layer_observed(
     observe: &mut dyn FnMut(&[u8]),
 ) -> Result<WrittenLayer, LayerError> {
     let planned = plan_entries(entries)?;
-    let shape = (options.compression == Compression::Gzip).then(|| layer_shape(planned.iter().map(|entry| entry.tar_path.as_str())));
+    let shape = (options.compression == Compression::Gzip)
+        .then(|| layer_shape(planned.iter().map(|entry| entry.tar_path.as_str())));
     let previous = shape.as_ref().and_then(|shape| PreviousBlocks::load(store, shape));
 
     let compressor = Compressor::reusing(options.compression, store.blob_writer()?, previous)
@@ -268,7 +268,6 @@ fn check_normalised(path: &str) -> Result<(), &'static str> {
     }
     Ok(())
 }
-
 
 /// `("dir/sub", "name")` for `dir/sub/name`, `("", "name")` for `name`.
 fn split_parent(path: &str) -> (&str, &str) {
@@ -459,10 +458,18 @@ fn entry_headers(entry: &PlannedEntry, mtime: u64) -> (PaxRecords, tar::Header) 
     header.set_gid(u64::from(entry.gid));
     header.set_mode(entry.mode);
     header.set_mtime(mtime);
-    if let EntryKind::CharDevice { major, minor } | EntryKind::BlockDevice { major, minor } = &entry.kind {
+    // Device numbers for devices, and zeros for a FIFO: readers (the tar crate among them) parse
+    // the fields of every special file, and NUL bytes there are not a number. Other entries keep
+    // the fields empty, as every layer written so far has them (their digests stay the same).
+    let device = match &entry.kind {
+        EntryKind::CharDevice { major, minor } | EntryKind::BlockDevice { major, minor } => Some((*major, *minor)),
+        EntryKind::Fifo => Some((0, 0)),
+        _ => None,
+    };
+    if let Some((major, minor)) = device {
         let ustar = header.as_ustar_mut().expect("headers made by new_ustar are ustar headers");
-        ustar.set_device_major(*major);
-        ustar.set_device_minor(*minor);
+        ustar.set_device_major(major);
+        ustar.set_device_minor(minor);
     }
     for (name, value) in &entry.xattrs {
         pax.add(&format!("SCHILY.xattr.{name}"), value);
@@ -763,7 +770,6 @@ impl Write for DiffIdWriter {
         }
     }
 }
-
 
 #[cfg(test)]
 #[path = "tests.rs"]

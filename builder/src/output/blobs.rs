@@ -12,10 +12,14 @@ use layerwright_cache::{Digest, Sha256Writer, Store};
 
 use super::ExportError;
 
-
 /// Copies one blob into a layout's `blobs/sha256`, unless a file of the right size is there.
 /// A file of another size is a leftover of something else and is replaced.
-pub(super) fn copy_blob_into_layout(store: &Store, digest: &Digest, size: u64, blobs_dir: &Path) -> Result<(), ExportError> {
+pub(super) fn copy_blob_into_layout(
+    store: &Store,
+    digest: &Digest,
+    size: u64,
+    blobs_dir: &Path,
+) -> Result<(), ExportError> {
     let destination = blobs_dir.join(digest.hex());
     if let Ok(metadata) = fs::metadata(&destination)
         && metadata.is_file()
@@ -200,4 +204,3 @@ impl Write for OutputFile<'_> {
         self.buffered.flush()
     }
 }
-

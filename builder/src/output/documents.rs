@@ -8,10 +8,9 @@ use std::collections::BTreeMap;
 use layerwright_cache::Digest;
 use serde_json::{Value, json};
 
+use super::tags::ImageReference;
 use super::{ExportError, ImageParts};
 use crate::oci::media_types;
-use super::tags::ImageReference;
-
 
 /// The blobs of the image (manifest, config, layers; each once) and their sizes, sorted by
 /// digest. The config's size is not in the parts, so it is read from the store.
@@ -75,5 +74,3 @@ pub(super) fn merged_index(existing: Option<&[u8]>, descriptor: Value, ref_name:
     index.insert("manifests".into(), Value::Array(manifests));
     Ok(Value::Object(index))
 }
-
-

@@ -39,8 +39,8 @@ mod documents;
 mod tags;
 mod tar_archive;
 
-use documents::blob_sizes;
 use blobs::{copy_blob_into_layout, write_atomically, write_error};
+use documents::blob_sizes;
 use documents::{blob_member, manifest_descriptor, merged_index};
 use tags::ImageReference;
 use tar_archive::write_layout_tar;
@@ -75,7 +75,6 @@ pub struct ImageParts<'a> {
     pub config: &'a Digest,
     pub layers: &'a [LayerRecord],
 }
-
 
 /// Writes (or updates) the OCI image layout `dir` so that it holds the image under `tag`.
 pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<(), ExportError> {
@@ -135,7 +134,6 @@ pub fn write_docker_archive(parts: ImageParts<'_>, file: &Path, tag: &str) -> Re
     let extra = BTreeMap::from([("manifest.json".to_owned(), canonical_json(&manifest))]);
     write_layout_tar(&parts, &reference, file, extra)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -507,4 +505,3 @@ mod tests {
         );
     }
 }
-

@@ -6,7 +6,6 @@
 
 use super::ExportError;
 
-
 /// A validated image reference, normalised to `name:tag`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct ImageReference {
@@ -97,4 +96,3 @@ pub(super) fn is_valid_path_component(component: &str) -> bool {
         && component.ends_with(is_alphanumeric)
         && component.chars().all(|character| is_alphanumeric(character) || is_separator(character))
 }
-

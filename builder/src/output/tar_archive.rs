@@ -10,13 +10,12 @@ use std::path::Path;
 
 use layerwright_cache::Digest;
 
-use super::{ExportError, ImageParts};
-use crate::oci::canonical::to_bytes as canonical_json;
-use crate::oci::media_types;
 use super::blobs::*;
 use super::documents::*;
 use super::tags::ImageReference;
-
+use super::{ExportError, ImageParts};
+use crate::oci::canonical::to_bytes as canonical_json;
+use crate::oci::media_types;
 
 /// The unit of a tar archive: headers take one block, content is padded to whole blocks.
 const TAR_BLOCK: u64 = 512;
@@ -128,4 +127,3 @@ pub(super) fn tar_header(name: &str, entry_type: tar::EntryType, mode: u32, size
     header.set_cksum();
     header
 }
-

@@ -56,11 +56,11 @@ use thiserror::Error;
 
 use crate::layer::TreeError;
 
-pub use pull::PulledImage;
 pub(crate) use crate::oci::media_types;
+pub use pull::PulledImage;
 pub(crate) use pull::{fetch_blob, parse_digest, pull_image, resolve};
-pub(crate) use push::{push, upload_missing_blobs};
 pub use push::{PushOptions, PushReport};
+pub(crate) use push::{push, upload_missing_blobs};
 pub use reference::RegistryReference;
 
 /// What went wrong talking to a registry. Every variant names the registry; those about an
@@ -94,7 +94,6 @@ fn describe_failure(status: Option<u16>, detail: &str) -> String {
         None => format!("no HTTP answer: {detail}"),
     }
 }
-
 
 impl fmt::Display for PushReport {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {

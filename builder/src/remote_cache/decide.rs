@@ -93,4 +93,3 @@ pub(crate) fn decide(
         }
     }
 }
-

@@ -182,7 +182,12 @@ pub(crate) fn export(
     let _lock = match lock_exports(store.root()) {
         Ok(lock) => lock,
         Err(error) => {
-            warn(progress, &mut prepared.report, cache_to, &format!("cannot lock the cache directory to export: {error}"));
+            warn(
+                progress,
+                &mut prepared.report,
+                cache_to,
+                &format!("cannot lock the cache directory to export: {error}"),
+            );
             return;
         }
     };
@@ -199,7 +204,9 @@ pub(crate) fn export(
             }
             prepared.report.export = Some(export);
         }
-        Err(error) => warn(progress, &mut prepared.report, cache_to, &format!("{error}; this build's records were not exported")),
+        Err(error) => {
+            warn(progress, &mut prepared.report, cache_to, &format!("{error}; this build's records were not exported"))
+        }
     }
 }
 
@@ -208,8 +215,8 @@ pub(crate) fn export(
 mod transport {
     use layerwright_cache::{ActionRecord, Digest, StepKey, Store};
 
-    use super::{CacheExportReport, RemoteRecords};
     use super::registry_io as cache;
+    use super::{CacheExportReport, RemoteRecords};
 
     pub(super) fn fetch_records(reference: &str) -> Result<RemoteRecords, String> {
         cache::fetch_records(reference).map_err(|error| error.to_string())

@@ -303,7 +303,9 @@ fn parse_writer_manifest(client: &RegistryClient, bytes: &[u8]) -> Result<Writer
 
 /// The record batch a writer manifest names, fetched and checked.
 async fn read_batch(client: &RegistryClient, manifest: &WriterManifest) -> Result<RecordBatch, RegistryError> {
-    let Some(descriptor) = manifest.layers.first().filter(|layer| layer.media_type.as_deref() == Some(RECORDS_MEDIA_TYPE)) else {
+    let Some(descriptor) =
+        manifest.layers.first().filter(|layer| layer.media_type.as_deref() == Some(RECORDS_MEDIA_TYPE))
+    else {
         return Err(client.unusable("a cache manifest's first layer is not a record batch"));
     };
     let digest = parse_digest(&client.reference, &descriptor.digest)?;

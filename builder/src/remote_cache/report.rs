@@ -57,4 +57,3 @@ pub struct CacheExportReport {
     /// regardless: readers find them through the tag list).
     pub index_problem: Option<String>,
 }
-

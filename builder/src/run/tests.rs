@@ -7,10 +7,10 @@ use layerwright_cache::ActionRecord;
 use serde_json::json;
 
 use super::*;
-use crate::layer::{Compression, Content, EntryKind, LayerEntry, LayerOptions};
 use crate::execution::IndexCache;
-use crate::progress::ProgressSink;
 use crate::layer::IndexEntry;
+use crate::layer::{Compression, Content, EntryKind, LayerEntry, LayerOptions};
+use crate::progress::ProgressSink;
 
 /// What a fake sandbox does with the plan and the output callback.
 type Script = Box<dyn Fn(&SandboxPlan, &mut dyn FnMut(&[u8])) -> Termination + Sync>;

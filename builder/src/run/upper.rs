@@ -28,8 +28,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use crate::layer::{Content, EntryKind, LayerEntry};
 use crate::layer::snapshot::OWNER_XATTR;
+use crate::layer::{Content, EntryKind, LayerEntry};
 
 /// Prefixes of the xattrs overlayfs keeps for itself (`trusted.` when mounted by root, `user.`
 /// with `userxattr`).

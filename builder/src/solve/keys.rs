@@ -3,10 +3,7 @@
 //!
 //! What it deliberately is not: the key's definition (that is `layerwright_cache::key`).
 
-
-use layerwright_cache::{
-    ActionRecord, StepKey, Store,
-};
+use layerwright_cache::{ActionRecord, StepKey, Store};
 use rayon::prelude::*;
 
 use super::error::StepFailure;
@@ -66,9 +63,7 @@ pub(super) fn read_local_records(
             if !shape.recorded {
                 return Ok(None);
             }
-            store
-                .read_action(key)
-                .map_err(|error| StepFailure::new(node.label.clone(), error))
+            store.read_action(key).map_err(|error| StepFailure::new(node.label.clone(), error))
         })
         .collect()
 }

@@ -110,8 +110,7 @@ pub(crate) fn build_all(session: Session<'_>, images: &[&Image]) -> Result<Vec<S
         })
         .collect();
     let mut local_records = builder.workers.install(|| read_local_records(builder.store, &plan, &keys, &shapes))?;
-    let mut remote =
-        remote_cache::prepare(
+    let mut remote = remote_cache::prepare(
         builder.store,
         &builder.options.cache_from,
         &shapes,

@@ -6,14 +6,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use layerwright_cache::{
-    FileMaterial, FileSetInput, FileStat, StepInput, StepKey, Store,
-};
+use layerwright_cache::{FileMaterial, FileSetInput, FileStat, StepInput, StepKey, Store};
 use layerwright_dsl::{Image, Step};
 use rayon::prelude::*;
 
-use super::error::{StepError, StepFailure};
 use super::KeyState;
+use super::error::{StepError, StepFailure};
 use crate::base;
 use crate::context::{self, OpenedContext, Selection, StatLookup};
 use crate::progress::Progress;

@@ -9,14 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use layerwright_cache::{
-    ActionRecord, MissReason, Provenance, StepKey, Store,
-};
+use layerwright_cache::{ActionRecord, MissReason, Provenance, StepKey, Store};
 use layerwright_dsl::{ConfigChange, Step};
 
+use super::Session;
 use super::error::{StepError, StepFailure};
 use super::plan::PlannedNode;
-use super::Session;
 use crate::base;
 use crate::execution::{Execution, IndexCache, NodeState};
 use crate::layer::recompress;
@@ -209,8 +207,7 @@ impl<'a> Walk<'a> {
             && let Some(layer) = record.layers.into_iter().next()
         {
             // The key leaves the compression out: a hit may need its layer recompressed.
-            let (layer, written) =
-                recompress::in_compression(self.store, layer, self.layer_options.compression)?;
+            let (layer, written) = recompress::in_compression(self.store, layer, self.layer_options.compression)?;
             self.bytes_written.fetch_add(written, Ordering::Relaxed);
             return Ok(layer_outcome(parent, layer, &node.label, &self.created, true, None));
         }
