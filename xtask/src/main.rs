@@ -11,6 +11,8 @@
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`
 //! - `cargo xtask cache du`, `cargo xtask cache prune --keep-bytes N`
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
@@ -271,26 +273,21 @@ fn fuzz(workspace: &Path, seconds: u64, only: Option<&str>) -> Result<ExitCode> 
 /// Runs `cargo test --workspace`, with `DOCKER_HOST` pointing at a Docker engine: the one
 /// already set, or one started here (as root) and stopped afterwards.
 fn test(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
-    let _engine = match std::env::var_os("DOCKER_HOST") {
+    let engine = match std::env::var_os("DOCKER_HOST") {
         Some(host) => {
             eprintln!("xtask test: using the Docker engine at DOCKER_HOST={}", host.to_string_lossy());
             None
         }
-        None => match DockerEngine::start()? {
-            Some(engine) => {
-                // SAFETY: single-threaded here; the variable is read by the child processes.
-                unsafe { std::env::set_var("DOCKER_HOST", engine.host()) };
-                Some(engine)
-            }
-            None => None,
-        },
+        None => DockerEngine::start()?,
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["test", "--workspace"])
-        .args(cargo_arguments)
-        .status()
-        .context("running cargo test")?;
+    let mut command = Command::new(cargo);
+    command.current_dir(workspace).args(["test", "--workspace"]).args(cargo_arguments);
+    // The engine started here is handed to the tests through their environment only; it is
+    // stopped when `engine` is dropped, after they finish.
+    if let Some(engine) = &engine {
+        command.env("DOCKER_HOST", engine.host());
+    }
+    let status = command.status().context("running cargo test")?;
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
