@@ -6,6 +6,7 @@
 //!   [--push REF [--insecure]] [--cache-from REF]... [--cache-to REF]`
 //! - `cargo xtask list`
 //! - `cargo xtask test [-- CARGO TEST ARGS]`
+//! - `cargo xtask tidy [--no-cargo]`
 //! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`,
 //!   `cargo xtask bench --remote-cache [--quick]`
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`
@@ -26,8 +27,10 @@ use layerwright_examples::{EXAMPLES, ExampleEnvironment};
 mod bench;
 mod bench_remote;
 mod docker;
+mod tidy;
 
 use docker::DockerEngine;
+use tidy::TidyOptions;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "layerwright's repository commands")]
@@ -120,6 +123,14 @@ enum Commands {
         #[arg(last = true)]
         cargo_arguments: Vec<String>,
     },
+    /// Check the repository's rules (no module cycles, unsafe code only in the sandbox crate, no
+    /// printing from library code, documented library crates), then cargo fmt, clippy and doc
+    /// with warnings denied. Reports every violation with its file and line.
+    Tidy {
+        /// Only the source checks: skip cargo fmt, clippy and doc.
+        #[arg(long)]
+        no_cargo: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -150,6 +161,10 @@ fn main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Commands::Test { cargo_arguments } => test(&workspace, &cargo_arguments),
+        Commands::Tidy { no_cargo } => {
+            let clean = tidy::run(&workspace, &TidyOptions { cargo_checks: !no_cargo })?;
+            Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Commands::Bench { quick, remote_cache: true, .. } => {
             bench_remote::run(&workspace, quick)?;
             Ok(ExitCode::SUCCESS)
