@@ -5,7 +5,7 @@
 //! - `cargo xtask build-image NAME [--output SPEC]... [--tag REF] [--cache DIR] [--compression C]
 //!   [--push REF [--insecure]] [--cache-from REF]... [--cache-to REF]`
 //! - `cargo xtask list`
-//! - `cargo xtask test [-- CARGO TEST ARGS]`
+//! - `cargo xtask test [-- CARGO TEST ARGS]` (runs `cargo xtask tidy` first)
 //! - `cargo xtask tidy [--no-cargo]`
 //! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`,
 //!   `cargo xtask bench --remote-cache [--quick]`
@@ -117,7 +117,8 @@ enum Commands {
         #[arg(long, global = true)]
         cache: Option<PathBuf>,
     },
-    /// Run the workspace tests, with a Docker engine started for the real-client tests.
+    /// Run `cargo xtask tidy`, then the workspace tests, with a Docker engine started for the
+    /// real-client tests. A tidy violation fails the command before the tests run.
     Test {
         /// Arguments passed on to `cargo test`.
         #[arg(last = true)]
@@ -160,7 +161,13 @@ fn main() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Test { cargo_arguments } => test(&workspace, &cargo_arguments),
+        Commands::Test { cargo_arguments } => {
+            if !tidy::run(&workspace, &TidyOptions { cargo_checks: true })? {
+                eprintln!("xtask test: tidy found violations, so the tests were not run");
+                return Ok(ExitCode::FAILURE);
+            }
+            test(&workspace, &cargo_arguments)
+        }
         Commands::Tidy { no_cargo } => {
             let clean = tidy::run(&workspace, &TidyOptions { cargo_checks: !no_cargo })?;
             Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
