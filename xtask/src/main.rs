@@ -56,7 +56,7 @@ struct BuildImageArguments {
     /// gzip, zstd or none.
     #[arg(long, default_value = "gzip")]
     compression: String,
-    /// Also push the image to a registry: registry/repository[:tag]. Registries on
+    /// Also push the image to a registry: `registry/repository[:tag]`. Registries on
     /// localhost or 127.0.0.1 are spoken to in plain HTTP; credentials come from
     /// ~/.docker/config.json.
     #[arg(long, value_name = "REF")]
