@@ -5,11 +5,14 @@
 //! - `cargo xtask build-image NAME [--output SPEC]... [--tag REF] [--cache DIR] [--compression C]
 //!   [--push REF [--insecure]] [--cache-from REF]... [--cache-to REF]`
 //! - `cargo xtask list`
-//! - `cargo xtask test [-- CARGO TEST ARGS]`
+//! - `cargo xtask test [-- CARGO TEST ARGS]` (runs `cargo xtask tidy` first)
+//! - `cargo xtask tidy [--no-cargo]`
 //! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`,
 //!   `cargo xtask bench --remote-cache [--quick]`
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`
 //! - `cargo xtask cache du`, `cargo xtask cache prune --keep-bytes N`
+
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -24,8 +27,10 @@ use layerwright_examples::{EXAMPLES, ExampleEnvironment};
 mod bench;
 mod bench_remote;
 mod docker;
+mod tidy;
 
 use docker::DockerEngine;
+use tidy::TidyOptions;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "layerwright's repository commands")]
@@ -51,7 +56,7 @@ struct BuildImageArguments {
     /// gzip, zstd or none.
     #[arg(long, default_value = "gzip")]
     compression: String,
-    /// Also push the image to a registry: registry/repository[:tag]. Registries on
+    /// Also push the image to a registry: `registry/repository[:tag]`. Registries on
     /// localhost or 127.0.0.1 are spoken to in plain HTTP; credentials come from
     /// ~/.docker/config.json.
     #[arg(long, value_name = "REF")]
@@ -112,11 +117,20 @@ enum Commands {
         #[arg(long, global = true)]
         cache: Option<PathBuf>,
     },
-    /// Run the workspace tests, with a Docker engine started for the real-client tests.
+    /// Run `cargo xtask tidy`, then the workspace tests, with a Docker engine started for the
+    /// real-client tests. A tidy violation fails the command before the tests run.
     Test {
         /// Arguments passed on to `cargo test`.
         #[arg(last = true)]
         cargo_arguments: Vec<String>,
+    },
+    /// Check the repository's rules (no module cycles, unsafe code only in the sandbox crate, no
+    /// printing from library code, documented library crates), then cargo fmt, clippy and doc
+    /// with warnings denied. Reports every violation with its file and line.
+    Tidy {
+        /// Only the source checks: skip cargo fmt, clippy and doc.
+        #[arg(long)]
+        no_cargo: bool,
     },
 }
 
@@ -147,7 +161,17 @@ fn main() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Test { cargo_arguments } => test(&workspace, &cargo_arguments),
+        Commands::Test { cargo_arguments } => {
+            if !tidy::run(&workspace, &TidyOptions { cargo_checks: true })? {
+                eprintln!("xtask test: tidy found violations, so the tests were not run");
+                return Ok(ExitCode::FAILURE);
+            }
+            test(&workspace, &cargo_arguments)
+        }
+        Commands::Tidy { no_cargo } => {
+            let clean = tidy::run(&workspace, &TidyOptions { cargo_checks: !no_cargo })?;
+            Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Commands::Bench { quick, remote_cache: true, .. } => {
             bench_remote::run(&workspace, quick)?;
             Ok(ExitCode::SUCCESS)
@@ -271,26 +295,21 @@ fn fuzz(workspace: &Path, seconds: u64, only: Option<&str>) -> Result<ExitCode> 
 /// Runs `cargo test --workspace`, with `DOCKER_HOST` pointing at a Docker engine: the one
 /// already set, or one started here (as root) and stopped afterwards.
 fn test(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
-    let _engine = match std::env::var_os("DOCKER_HOST") {
+    let engine = match std::env::var_os("DOCKER_HOST") {
         Some(host) => {
             eprintln!("xtask test: using the Docker engine at DOCKER_HOST={}", host.to_string_lossy());
             None
         }
-        None => match DockerEngine::start()? {
-            Some(engine) => {
-                // SAFETY: single-threaded here; the variable is read by the child processes.
-                unsafe { std::env::set_var("DOCKER_HOST", engine.host()) };
-                Some(engine)
-            }
-            None => None,
-        },
+        None => DockerEngine::start()?,
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace)
-        .args(["test", "--workspace"])
-        .args(cargo_arguments)
-        .status()
-        .context("running cargo test")?;
+    let mut command = Command::new(cargo);
+    command.current_dir(workspace).args(["test", "--workspace"]).args(cargo_arguments);
+    // The engine started here is handed to the tests through their environment only; it is
+    // stopped when `engine` is dropped, after they finish.
+    if let Some(engine) = &engine {
+        command.env("DOCKER_HOST", engine.host());
+    }
+    let status = command.status().context("running cargo test")?;
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
