@@ -8,6 +8,8 @@
 //! `docker-archive:FILE`; the cache flags name remote caches in a registry. Prints the manifest
 //! digest, the steps built, the process's peak RSS and what the remote caches did.
 
+#![forbid(unsafe_code)]
+
 use std::path::Path;
 use std::process::ExitCode;
 

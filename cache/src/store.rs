@@ -151,7 +151,7 @@ impl Store {
             remove_stale_temp_files(&root.join("tmp"));
         }
         flock(&lock, FlockOperation::LockShared).map_err(|error| {
-            eprintln!("layerwright: flock({}, LOCK_SH) failed: {error}", lock_path.display());
+            log::warn!("flock({}, LOCK_SH) failed: {error}", lock_path.display());
             StoreError::Io { action: "lock", path: lock_path, source: error.into() }
         })?;
         Ok(Store::with_lock(root, lock))
@@ -319,7 +319,7 @@ impl Store {
             Err(error) => {
                 // A torn or corrupted record is a miss, not a failed build: the step is rebuilt
                 // and its record rewritten.
-                eprintln!("layerwright: warning: ignoring unreadable action record {}: {error}", path.display());
+                log::warn!("ignoring unreadable action record {}: {error}", path.display());
                 return Ok(None);
             }
         };
@@ -425,7 +425,7 @@ impl FileStamp {
 fn open_lock_file(root: &Path) -> Result<File, StoreError> {
     let path = root.join("lock");
     File::options().create(true).truncate(false).read(true).write(true).open(&path).map_err(|source| {
-        eprintln!("layerwright: open({}) failed: {source}", path.display());
+        log::warn!("open({}) failed: {source}", path.display());
         StoreError::Io { action: "open lock file", path, source }
     })
 }
@@ -447,7 +447,7 @@ fn remove_stale_temp_files(tmp: &Path) {
             fs::remove_file(&path)
         };
         if let Err(error) = removed {
-            eprintln!("layerwright: warning: cannot remove stale temp file {}: {error}", path.display());
+            log::warn!("cannot remove stale temp file {}: {error}", path.display());
         }
     }
 }

@@ -1,4 +1,5 @@
-//! `Image`: an immutable node of the step graph, with the chainable methods that add steps.
+//! The chainable methods of `Image` that add steps (the type itself is defined with the steps
+//! it holds, in `step`, since a `copy_from` step holds an image).
 //!
 //! Each method clones nothing but an `Arc`: the new image points at its parent, and a
 //! `copy_from` step points at its source image, so stages share their common prefix and the
@@ -12,49 +13,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::Context;
+pub use crate::step::Image;
 use crate::step::{
-    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Owner, Run, Step, SymlinkStep,
+    ConfigChange, Node, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Owner, Run, Step, SymlinkStep,
     WriteFileStep,
 };
-
-#[derive(Debug)]
-struct Node {
-    step: Step,
-    parent: Option<Image>,
-}
-
-/// An image declaration: a step on top of a parent image. Cheap to clone; `Send + Sync`.
-///
-/// Every method returns a new image with one more step and leaves `self` unchanged, so one
-/// image can be the base of several others (they share it: it is built once).
-///
-/// ```
-/// use layerwright_dsl::{Context, Image};
-///
-/// let context = Context::dir("app")?;
-/// let base = Image::from_archive("busybox.tar");
-/// let tool = base.run("mkdir -p /out && echo hi > /out/hi");
-/// let app = Image::scratch()
-///     .copy(&context, "src", "/app/src")
-///     .copy_from(&tool, "/out/hi", "/app/hi")
-///     .write_file("/etc/app.conf", b"x=1\n")
-///     .symlink("/app/current", "/app/src")
-///     .remove("/app/src/tmp")
-///     .env("RUST_LOG", "info")
-///     .workdir("/app")
-///     .user("1000:1000")
-///     .label("org.opencontainers.image.title", "app")
-///     .expose(8080)
-///     .entrypoint(["/app/bin/app"])
-///     .cmd(["--serve"]);
-/// assert_eq!(app.chain().len(), 13);
-/// assert!(app.chain()[2].inputs()[1].same_node(&tool));
-/// # Ok::<(), layerwright_dsl::ImagePathError>(())
-/// ```
-#[derive(Debug, Clone)]
-pub struct Image {
-    node: Arc<Node>,
-}
 
 impl Image {
     /// The empty image, with no layers and an empty config (`FROM scratch`).

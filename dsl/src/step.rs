@@ -6,6 +6,10 @@
 //! declaration time. This module does not validate, key or execute a step: [`Step::encode`]
 //! (in the `encode` module) gives the bytes a key hashes, and the builder does the rest.
 //!
+//! [`Image`] is defined here too: a node of the graph is a step on top of its parent, and a
+//! `copy_from` step holds its source image, so the two types are one recursive structure (its
+//! chainable methods are in `image`).
+//!
 //! [`Step`], [`ConfigChange`] and [`RunCommand`] are deliberately exhaustive: the builder matches
 //! them without a wildcard arm, so that adding a kind of step is a compile error everywhere a
 //! step is executed, keyed or exported until it is handled there.
@@ -13,7 +17,47 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::{Context, Image};
+use crate::Context;
+
+/// One node of the step graph: a step on top of its parent image.
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub(crate) step: Step,
+    pub(crate) parent: Option<Image>,
+}
+
+/// An image declaration: a step on top of a parent image. Cheap to clone; `Send + Sync`.
+///
+/// Every method returns a new image with one more step and leaves `self` unchanged, so one
+/// image can be the base of several others (they share it: it is built once).
+///
+/// ```
+/// use layerwright_dsl::{Context, Image};
+///
+/// let context = Context::dir("app")?;
+/// let base = Image::from_archive("busybox.tar");
+/// let tool = base.run("mkdir -p /out && echo hi > /out/hi");
+/// let app = Image::scratch()
+///     .copy(&context, "src", "/app/src")
+///     .copy_from(&tool, "/out/hi", "/app/hi")
+///     .write_file("/etc/app.conf", b"x=1\n")
+///     .symlink("/app/current", "/app/src")
+///     .remove("/app/src/tmp")
+///     .env("RUST_LOG", "info")
+///     .workdir("/app")
+///     .user("1000:1000")
+///     .label("org.opencontainers.image.title", "app")
+///     .expose(8080)
+///     .entrypoint(["/app/bin/app"])
+///     .cmd(["--serve"]);
+/// assert_eq!(app.chain().len(), 13);
+/// assert!(app.chain()[2].inputs()[1].same_node(&tool));
+/// # Ok::<(), layerwright_dsl::ImagePathError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub(crate) node: Arc<Node>,
+}
 
 /// A numeric owner for files a step writes. Names are not resolved: an image has no
 /// `/etc/passwd` the builder could trust at declaration time.

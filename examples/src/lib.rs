@@ -17,6 +17,8 @@
 //! println!("{}", built.manifest_digest());
 //! ```
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 pub mod workloads;

@@ -96,7 +96,7 @@ impl Sandbox for NamespaceSandbox {
         if result < 0 {
             let source = io::Error::last_os_error();
             let flags = describe_clone_flags(flags);
-            eprintln!("layerwright: clone({flags}) failed: {source}");
+            log::warn!("clone({flags}) failed: {source}");
             let hint = match plan.rootless {
                 Some(_) => Some(
                     "RUN steps need root or a user namespace, and user namespaces are refused here: check \
@@ -171,8 +171,8 @@ fn failure_error(program: &ChildProgram<'_>, failure: &Failure) -> SandboxError 
     let source = io::Error::from_raw_os_error(failure.errno);
     let action = program.describe(failure);
     let kernel_message = failure.message();
-    eprintln!(
-        "layerwright: RUN sandbox: {action} failed: {source}{}",
+    log::warn!(
+        "RUN sandbox: {action} failed: {source}{}",
         if kernel_message.is_empty() { String::new() } else { format!(" [kernel: {kernel_message}]") }
     );
     if failure.stage == Stage::Exec {

@@ -99,7 +99,7 @@ impl VerifiedBlob {
             // Never serve it again: without the blob, the action records naming it read as
             // misses, and the next build rebuilds the layer.
             if let Err(error) = fs::remove_file(&self.path) {
-                eprintln!("layerwright: warning: cannot remove corrupt blob {}: {error}", self.path.display());
+                log::warn!("cannot remove corrupt blob {}: {error}", self.path.display());
             }
             return Err(ExportError::CorruptBlob {
                 path: self.path.clone(),

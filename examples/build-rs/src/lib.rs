@@ -8,6 +8,8 @@
 //! assert!(layerwright_example_build_rs::SITE_IMAGE_DIGEST.starts_with("sha256:"));
 //! ```
 
+#![forbid(unsafe_code)]
+
 /// `sha256:…` of the site image's manifest.
 pub const SITE_IMAGE_DIGEST: &str = env!("LAYERWRIGHT_IMAGE_SITE_DIGEST");
 
