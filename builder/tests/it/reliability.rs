@@ -61,7 +61,7 @@ fn helper_build() {
 
 fn spawn_build(context: &Path, cache: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "helper_build", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "reliability::helper_build", "--nocapture", "--test-threads=1"])
         .env("LAYERWRIGHT_TEST_CONTEXT", context)
         .env("LAYERWRIGHT_TEST_CACHE", cache)
         .stdout(Stdio::piped())

@@ -1,7 +1,7 @@
 //! End-to-end builds through the public API: reproducibility, caching, and bad input.
 //!
 //! These need no root and no external tools; the checks with real clients (`docker`, `skopeo`,
-//! `umoci`) live in `examples/tests/real_clients.rs`.
+//! `umoci`) live in `examples/tests/it/real_clients.rs`.
 
 use std::fs;
 use std::io::Write;
@@ -71,7 +71,7 @@ fn digest_built_in(working_dir: &Path, mtime: SystemTime) -> String {
     make_context(&working_dir.join("ctx"), mtime);
     let out = working_dir.join("digest");
     let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "helper_build_in_current_directory", "--quiet", "--test-threads=1"])
+        .args(["--exact", "build::helper_build_in_current_directory", "--quiet", "--test-threads=1"])
         .current_dir(working_dir)
         .env("LAYERWRIGHT_TEST_DIGEST_OUT", &out)
         .status()
@@ -200,7 +200,7 @@ fn bad_copy_sources_are_errors_naming_the_step_and_path() {
     check_error(&cache, &base.remove("/nothing"), &["REMOVE /nothing", "\"/nothing\"", "does not exist"]);
     check_error(&cache, &base.write_file("/a/../../etc/x", b""), &["WRITE /a/../../etc/x", ".."]);
     // This base has no shell. (Where the RUN sandbox itself cannot be made, the error says
-    // that instead; the RUN tests in `examples/tests/run.rs` insist on a working sandbox.)
+    // that instead; the RUN tests in `examples/tests/it/run.rs` insist on a working sandbox.)
     let message = build_error(&cache, &base.run("true"));
     assert!(message.starts_with("step `RUN true`: "), "{message}");
     assert!(message.contains("cannot execute \"/bin/sh\" in the image") || message.contains("namespace"), "{message}");

@@ -6,8 +6,6 @@
 //! the listing comparison is skipped). Where the sandbox cannot be made (no root and user
 //! namespaces refused), a test fails saying so, unless `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
@@ -21,6 +19,8 @@ use layerwright::{
 };
 use layerwright_examples::ExampleEnvironment;
 use sha2::{Digest as _, Sha256};
+
+use crate::support;
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -472,7 +472,7 @@ fn ctrl_c_kills_the_command_and_leaves_no_mount() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "helper_a_build_whose_command_sleeps", "--nocapture"])
+        .args(["--ignored", "--exact", "run::helper_a_build_whose_command_sleeps", "--nocapture"])
         .env("LAYERWRIGHT_RUN_HELPER_CACHE", &cache)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

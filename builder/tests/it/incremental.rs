@@ -283,7 +283,7 @@ fn two_processes_building_into_one_cache_both_succeed_with_the_same_digest() {
     let children: Vec<_> = (0..2)
         .map(|_| {
             Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "helper_concurrent_build", "--nocapture", "--test-threads=1"])
+                .args(["--exact", "incremental::helper_concurrent_build", "--nocapture", "--test-threads=1"])
                 .env("LAYERWRIGHT_TEST_CONTEXT", &context)
                 .env("LAYERWRIGHT_TEST_CACHE", &cache)
                 .stdout(std::process::Stdio::piped())

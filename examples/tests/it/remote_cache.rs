@@ -8,9 +8,7 @@
 //! - Two machines export into one cache at the same time: a third finds both.
 //! - An unreachable, silent or corrupt remote cache costs one warning and never the build.
 //!
-//! W1 runs RUN steps: those tests need root (or user namespaces), like `run.rs`.
-
-mod support;
+//! W1 runs RUN steps: those tests need root (or user namespaces), like `run`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -19,6 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use layerwright::{Builder, BuilderOptions, BuiltImage, Image};
 use layerwright_examples::{ExampleEnvironment, workloads};
+
+use crate::support;
 
 /// A generated W1 workload directory, shared by the tests of this binary.
 fn w1_workdir() -> PathBuf {

@@ -6,12 +6,12 @@
 //! starts one). Missing any of it fails the test naming what is missing, unless
 //! `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
 
-mod support;
-
 use std::path::Path;
 
 use layerwright::{Builder, BuiltImage};
 use layerwright_examples::ExampleEnvironment;
+
+use crate::support;
 
 fn build_example(name: &str, cache: &Path) -> BuiltImage {
     let example = layerwright_examples::find(name).unwrap_or_else(|| panic!("no example {name}"));

@@ -13,10 +13,7 @@
 //! `None`. That happens only when `LAYERWRIGHT_SKIP_PRIVILEGED=1`; otherwise a missing tool is a
 //! test failure naming the Debian package to install, so that CI cannot pass by skipping.
 //!
-//! Use from a test file: `mod support;` (each test binary compiles its own copy, and uses only
-//! some of it, hence the `dead_code` allowance).
-
-#![allow(dead_code)]
+//! Use from a test module of this binary: `use crate::support;`.
 
 use std::fs;
 use std::io::Read;
@@ -252,18 +249,6 @@ impl DockerClient {
         let mut command = self.command();
         command.args(["run", "--rm", "--network", "none", image]).args(args);
         run_with_timeout(&mut command, COMMAND_TIMEOUT)
-    }
-
-    /// Whether the engine has an image of this name or id.
-    pub fn image_exists(&self, name: &str) -> bool {
-        let output = run_with_timeout(self.command().args(["image", "inspect", name]), COMMAND_TIMEOUT);
-        output.status.success()
-    }
-
-    /// `docker image inspect --format FORMAT name`, trimmed.
-    pub fn inspect_image(&self, name: &str, format: &str) -> String {
-        let output = run_checked(self.command().args(["image", "inspect", "--format", format, name]), COMMAND_TIMEOUT);
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
     /// `docker rmi -f name`; an image that is already gone is fine.

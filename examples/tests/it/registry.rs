@@ -5,8 +5,6 @@
 //! umoci to keep owners; missing any fails the test naming it, unless
 //! `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,6 +12,8 @@ use std::time::{Duration, Instant};
 use layerwright::cache::MissReason;
 use layerwright::{Builder, BuilderOptions, BuiltImage, Compression, Image, testing};
 use layerwright_examples::ExampleEnvironment;
+
+use crate::support;
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -334,7 +334,8 @@ fn registry_errors_name_the_registry_the_repository_and_the_status() {
 
 /// Pushing a 1 GiB image (256 incompressible 4 MiB files, uncompressed) to the local registry:
 /// prints the time and the process's peak RSS during the push. Run it with
-/// `cargo test --release -p layerwright-examples --test registry -- --ignored --nocapture`.
+/// `cargo test --release -p layerwright-examples --test it -- --ignored --exact --nocapture
+/// registry::push_benchmark_one_gibibyte`.
 #[test]
 #[ignore = "a benchmark: writes and pushes 1 GiB"]
 fn push_benchmark_one_gibibyte() {

@@ -1,0 +1,15 @@
+//! The integration tests of `layerwright`, through its public API, as one test binary: linking
+//! is most of what an incremental `cargo test` waits for, so every file is a module here
+//! rather than a binary of its own (`cargo test -p layerwright --test it [FILTER]`).
+//!
+//! - `build`: end-to-end builds: reproducibility, caching, bad input.
+//! - `compression`: changing the compression recompresses, never re-executes.
+//! - `hostile`: crafted base archives and build contexts.
+//! - `incremental`: what is rebuilt and why, the parallel solver, salsa's re-execution.
+//! - `reliability`: killed builds, racing processes, a corrupt cache, a full disk.
+
+mod build;
+mod compression;
+mod hostile;
+mod incremental;
+mod reliability;

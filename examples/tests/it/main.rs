@@ -1,0 +1,19 @@
+//! The integration tests of the example images, as one test binary: linking is most of what an
+//! incremental `cargo test` waits for, so every file is a module here rather than a binary of
+//! its own (`cargo test -p layerwright-examples --test it [FILTER]`).
+//!
+//! - `snapshots`: one insta snapshot of `listing()` per example image.
+//! - `real_clients`: the images checked by oci-image-tool, skopeo, umoci and a Docker engine.
+//! - `registry`: push and pull against a local `docker-registry`.
+//! - `remote_cache`: the remote cache between machines, through a local registry.
+//! - `run`: RUN steps for real, on the busybox example base.
+//!
+//! `support` is their shared harness: finding and running the real clients, a local registry.
+
+mod support;
+
+mod real_clients;
+mod registry;
+mod remote_cache;
+mod run;
+mod snapshots;
