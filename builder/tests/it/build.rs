@@ -7,11 +7,12 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use layerwright::cache::Digest;
 use layerwright::{Builder, BuilderOptions, Context, CopyOptions, FileOptions, Image};
+
+use crate::support::subprocess::{self, entry_point};
 
 fn write(path: &Path, content: &[u8]) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -58,11 +59,12 @@ fn build(cache: &Path, image: &Image, epoch: u64) -> layerwright::BuiltImage {
 }
 
 /// Builds `declaration(ctx)` from the current directory and writes the digest to the file named
-/// by `LAYERWRIGHT_TEST_DIGEST_OUT`. Only does anything when re-executed by
-/// `same_declaration_gives_the_same_digest_anywhere`.
+/// by `LAYERWRIGHT_TEST_DIGEST_OUT`: the entry point of the processes that
+/// `same_declaration_gives_the_same_digest_anywhere` starts in other working directories.
 #[test]
+#[ignore = "subprocess entry point of same_declaration_gives_the_same_digest_anywhere"]
 fn helper_build_in_current_directory() {
-    let Some(out) = std::env::var_os("LAYERWRIGHT_TEST_DIGEST_OUT") else { return };
+    let out = subprocess::variable("LAYERWRIGHT_TEST_DIGEST_OUT", "same_declaration_gives_the_same_digest_anywhere");
     let built = build(Path::new("cache"), &declaration(Path::new("ctx")), 0);
     fs::write(out, built.manifest_digest()).unwrap();
 }
@@ -70,14 +72,20 @@ fn helper_build_in_current_directory() {
 fn digest_built_in(working_dir: &Path, mtime: SystemTime) -> String {
     make_context(&working_dir.join("ctx"), mtime);
     let out = working_dir.join("digest");
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "build::helper_build_in_current_directory", "--quiet", "--test-threads=1"])
+    let output = entry_point!(helper_build_in_current_directory)
+        .command()
         .current_dir(working_dir)
         .env("LAYERWRIGHT_TEST_DIGEST_OUT", &out)
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
-    fs::read_to_string(out).unwrap()
+    assert!(
+        output.status.success(),
+        "the child build failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    fs::read_to_string(&out).unwrap_or_else(|error| panic!("the child wrote no digest to {}: {error}", out.display()))
 }
 
 #[test]

@@ -5,12 +5,13 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use layerwright::cache::MissReason;
 use layerwright::{Builder, BuilderOptions, BuiltImage, Context, Image};
+
+use crate::support::subprocess::{self, entry_point};
 
 fn write(path: &Path, content: &str) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -262,14 +263,14 @@ fn a_long_lived_builder_re_executes_only_the_key_queries_of_what_changed() {
 }
 
 /// Builds the declaration of the context named by `LAYERWRIGHT_TEST_CONTEXT` into the cache named
-/// by `LAYERWRIGHT_TEST_CACHE` and prints the digest; a no-op unless run by the test below.
+/// by `LAYERWRIGHT_TEST_CACHE` and prints the digest: the entry point of the processes of the
+/// test below.
 #[test]
+#[ignore = "subprocess entry point of two_processes_building_into_one_cache_both_succeed_with_the_same_digest"]
 fn helper_concurrent_build() {
-    let (Some(context), Some(cache)) =
-        (std::env::var_os("LAYERWRIGHT_TEST_CONTEXT"), std::env::var_os("LAYERWRIGHT_TEST_CACHE"))
-    else {
-        return;
-    };
+    const PARENT: &str = "two_processes_building_into_one_cache_both_succeed_with_the_same_digest";
+    let context = subprocess::variable("LAYERWRIGHT_TEST_CONTEXT", PARENT);
+    let cache = subprocess::variable("LAYERWRIGHT_TEST_CACHE", PARENT);
     let built = build(&Builder::new(Path::new(&cache)).unwrap(), Path::new(&context));
     println!("DIGEST {}", built.manifest_digest());
 }
@@ -282,8 +283,8 @@ fn two_processes_building_into_one_cache_both_succeed_with_the_same_digest() {
     let cache = dir.path().join("cache");
     let children: Vec<_> = (0..2)
         .map(|_| {
-            Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "incremental::helper_concurrent_build", "--nocapture", "--test-threads=1"])
+            entry_point!(helper_concurrent_build)
+                .command()
                 .env("LAYERWRIGHT_TEST_CONTEXT", &context)
                 .env("LAYERWRIGHT_TEST_CACHE", &cache)
                 .stdout(std::process::Stdio::piped())
@@ -295,8 +296,8 @@ fn two_processes_building_into_one_cache_both_succeed_with_the_same_digest() {
         .into_iter()
         .map(|child| {
             let output = child.wait_with_output().unwrap();
-            assert!(output.status.success());
             let stdout = String::from_utf8(output.stdout).unwrap();
+            assert!(output.status.success(), "the child build failed ({}):\n{stdout}", output.status);
             // libtest may print the line after its own `test NAME ... `.
             let digest = stdout.lines().find_map(|line| line.split("DIGEST ").nth(1));
             digest.unwrap_or_else(|| panic!("no digest line in:\n{stdout}")).trim().to_owned()

@@ -7,6 +7,11 @@
 //! - `hostile`: crafted base archives and build contexts.
 //! - `incremental`: what is rebuilt and why, the parallel solver, salsa's re-execution.
 //! - `reliability`: killed builds, racing processes, a corrupt cache, a full disk.
+//!
+//! `support` holds what they share; tests that need processes of their own re-execute this
+//! binary on an ignored entry-point test (`support::subprocess`).
+
+mod support;
 
 mod build;
 mod compression;

@@ -21,6 +21,7 @@ use layerwright_examples::ExampleEnvironment;
 use sha2::{Digest as _, Sha256};
 
 use crate::support;
+use crate::support::subprocess::{self, entry_point};
 
 fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -471,8 +472,8 @@ fn a_panic_while_the_command_runs_kills_it() {
 fn ctrl_c_kills_the_command_and_leaves_no_mount() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "run::helper_a_build_whose_command_sleeps", "--nocapture"])
+    let mut helper = entry_point!(helper_a_build_whose_command_sleeps)
+        .command()
         .env("LAYERWRIGHT_RUN_HELPER_CACHE", &cache)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -526,10 +527,12 @@ fn a_deleted_snapshot_directory_is_unpacked_again_and_the_build_is_right() {
     assert!(fs::read_dir(&snapshots).unwrap().count() > 0, "the snapshots were unpacked again");
 }
 
+/// Builds a RUN step that sleeps into the cache named by `LAYERWRIGHT_RUN_HELPER_CACHE`: the
+/// process that `ctrl_c_kills_the_command_and_leaves_no_mount` interrupts.
 #[test]
-#[ignore = "run by ctrl_c_kills_the_command_and_leaves_no_mount in a process of its own"]
+#[ignore = "subprocess entry point of ctrl_c_kills_the_command_and_leaves_no_mount"]
 fn helper_a_build_whose_command_sleeps() {
-    let Some(cache) = std::env::var_os("LAYERWRIGHT_RUN_HELPER_CACHE") else { return };
+    let cache = subprocess::variable("LAYERWRIGHT_RUN_HELPER_CACHE", "ctrl_c_kills_the_command_and_leaves_no_mount");
     let builder = Builder::new(PathBuf::from(cache)).unwrap();
     support::build_with_runs(&builder, &busybox().run("sleep 986"));
 }

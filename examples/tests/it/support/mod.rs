@@ -14,6 +14,12 @@
 //! test failure naming the Debian package to install, so that CI cannot pass by skipping.
 //!
 //! Use from a test module of this binary: `use crate::support;`.
+//!
+//! Tests that need a process of their own re-execute this binary on an ignored entry-point test:
+//! `subprocess`, the same module as in layerwright's own integration tests.
+
+#[path = "../../../../builder/tests/it/support/subprocess.rs"]
+pub mod subprocess;
 
 use std::fs;
 use std::io::Read;
