@@ -4,20 +4,15 @@
 //! `umoci`) live in `examples/tests/it/real_clients.rs`.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use layerwright::cache::Digest;
 use layerwright::{Builder, BuilderOptions, Context, CopyOptions, FileOptions, Image};
 
+use crate::support::archive::{ArchiveOptions, Raw, crafted_archive_with};
 use crate::support::subprocess::{self, entry_point};
-
-fn write(path: &Path, content: &[u8]) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, content).unwrap();
-}
+use crate::support::{rebuilt, write};
 
 /// A context with a few files, a script with the setuid bit, a secret with 0600, and an ignored
 /// file.
@@ -144,10 +139,8 @@ fn an_unchanged_rebuild_is_all_cached_and_a_changed_file_rebuilds_its_step_and_a
 
     write(&context.join("secret"), b"hunter3\n");
     let changed = build(&cache, &declaration(&context), 0);
-    let rebuilt: Vec<&str> =
-        changed.steps().iter().filter(|step| !step.cached).map(|step| step.label.as_str()).collect();
     assert_eq!(
-        rebuilt,
+        rebuilt(&changed),
         [
             "COPY secret /etc/secret",
             "WRITE /etc/app.conf (4 bytes)",
@@ -214,48 +207,11 @@ fn bad_copy_sources_are_errors_naming_the_step_and_path() {
     assert!(message.contains("cannot execute \"/bin/sh\" in the image") || message.contains("namespace"), "{message}");
 }
 
-/// A docker-archive (`docker save` format) with one uncompressed layer holding `entries`.
+/// A docker-archive (`docker save` format, with history) with one uncompressed layer holding
+/// `entries`, which no longer hashes to its diff id if `tamper_layer`.
 fn docker_archive(path: &Path, entries: &[(&str, &[u8])], tamper_layer: bool) {
-    let mut layer = tar::Builder::new(Vec::new());
-    for (name, content) in entries {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(content.len() as u64);
-        header.set_mode(0o644);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        header.set_entry_type(tar::EntryType::Regular);
-        // Bypass the tar crate's own `..` checks: write the raw name bytes.
-        let name_bytes = name.as_bytes();
-        header.as_old_mut().name[..name_bytes.len()].copy_from_slice(name_bytes);
-        header.set_cksum();
-        layer.append(&header, *content).unwrap();
-    }
-    let mut layer = layer.into_inner().unwrap();
-    let diff_id = Digest::of_bytes(&layer);
-    if tamper_layer {
-        let last = layer.iter().rposition(|byte| *byte != 0).unwrap();
-        layer[last] ^= 0xff;
-    }
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}},"history":[{{"created_by":"test"}}]}}"#
-    );
-    let config_name = format!("{}.json", Digest::of_bytes(config.as_bytes()).hex());
-    let layer_name = format!("{}/layer.tar", diff_id.hex());
-    let manifest = format!(r#"[{{"Config":"{config_name}","RepoTags":["base:1"],"Layers":["{layer_name}"]}}]"#);
-    let mut archive = tar::Builder::new(fs::File::create(path).unwrap());
-    for (name, content) in [
-        ("manifest.json", manifest.as_bytes()),
-        (config_name.as_str(), config.as_bytes()),
-        (layer_name.as_str(), &layer[..]),
-    ] {
-        let mut header = tar::Header::new_ustar();
-        header.set_size(content.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        archive.append_data(&mut header, name, content).unwrap();
-    }
-    archive.into_inner().unwrap().flush().unwrap();
+    let layer: Vec<Raw> = entries.iter().map(|(name, content)| Raw::File(name, content)).collect();
+    crafted_archive_with(path, &[&layer], ArchiveOptions { history: true, tamper_last_layer: tamper_layer });
 }
 
 #[test]

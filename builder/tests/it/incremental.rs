@@ -12,11 +12,7 @@ use layerwright::cache::MissReason;
 use layerwright::{Builder, BuilderOptions, BuiltImage, Context, Image};
 
 use crate::support::subprocess::{self, entry_point};
-
-fn write(path: &Path, content: &str) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, content).unwrap();
-}
+use crate::support::{rebuilt, write};
 
 /// A context of two source trees and an ignored directory.
 fn make_context(root: &Path) {
@@ -41,10 +37,6 @@ fn declaration(context_root: &Path) -> Image {
 
 fn build(builder: &Builder, context_root: &Path) -> BuiltImage {
     builder.build(&declaration(context_root)).unwrap_or_else(|error| panic!("build failed: {error}"))
-}
-
-fn rebuilt(built: &BuiltImage) -> Vec<&str> {
-    built.steps().iter().filter(|step| !step.cached).map(|step| step.label.as_str()).collect()
 }
 
 fn layer_of<'a>(built: &'a BuiltImage, label: &str) -> &'a str {

@@ -18,20 +18,16 @@ use layerwright::{
     BuildError, Builder, BuilderOptions, BuiltImage, FileOptions, Image, ProgressEvent, Run, RunError, StepError,
 };
 use layerwright_examples::ExampleEnvironment;
-use sha2::{Digest as _, Sha256};
 
 use crate::support;
 use crate::support::subprocess::{self, entry_point};
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
+use crate::support::{is_root, sha256};
 
 /// The environment of the examples. As root, the workspace's; otherwise the generated inputs
 /// go to a directory of this user (the workspace's may belong to root).
 fn environment() -> ExampleEnvironment {
     static WORK_DIR: OnceLock<PathBuf> = OnceLock::new();
-    let mut environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
+    let mut environment = support::environment();
     if !is_root() {
         let work_dir = WORK_DIR.get_or_init(|| {
             let dir =
@@ -46,10 +42,6 @@ fn environment() -> ExampleEnvironment {
 
 fn busybox() -> Image {
     layerwright_examples::busybox(&environment()).unwrap_or_else(|error| panic!("declaring busybox: {error}"))
-}
-
-fn sha256(content: &str) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(content.as_bytes())))
 }
 
 /// The listing lines of paths below `/prefix/` (and `/prefix` itself).
