@@ -6,32 +6,23 @@
 //! starts one). Missing any of it fails the test naming what is missing, unless
 //! `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
 
-mod support;
-
 use std::path::Path;
 
-use layerwright::{Builder, BuiltImage};
-use layerwright_examples::ExampleEnvironment;
+use layerwright::{Builder, BuiltImage, Compression};
 
+use crate::support;
+
+/// Builds example `name` into `cache` with the default options.
 fn build_example(name: &str, cache: &Path) -> BuiltImage {
-    let example = layerwright_examples::find(name).unwrap_or_else(|| panic!("no example {name}"));
-    let environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
-    let image = (example.declare)(&environment).unwrap_or_else(|error| panic!("declaring {name}: {error}"));
-    Builder::new(cache)
-        .and_then(|builder| builder.build(&image))
-        .unwrap_or_else(|error| panic!("building {name}: {error}"))
-}
-
-fn tools_present(tools: &[&str]) -> bool {
-    tools.iter().all(|tool| support::require_tool(tool).is_some())
+    support::build_example(name, cache, Compression::default())
 }
 
 #[test]
 fn the_oci_layout_validates_inspects_copies_and_unpacks_to_exactly_the_declared_tree() {
-    if !tools_present(&["oci-image-tool", "skopeo", "umoci"]) {
+    if !support::tools_present(&["oci-image-tool", "skopeo", "umoci"]) {
         return;
     }
-    if !rustix::process::geteuid().is_root() && !support::skip_privileged() {
+    if !support::is_root() && !support::skip_privileged() {
         panic!("umoci can keep the image's owners only as root: run the tests as root (CI does)");
     }
     let dir = tempfile::tempdir().unwrap();
@@ -60,7 +51,7 @@ fn the_oci_layout_validates_inspects_copies_and_unpacks_to_exactly_the_declared_
     let rootfs = support::umoci_unpack(&layout, "latest", &dir.path().join("bundle"));
     let unpacked = support::tree_of(&rootfs);
     let listing = built.listing().unwrap();
-    if rustix::process::geteuid().is_root() {
+    if support::is_root() {
         assert_eq!(unpacked, listing, "umoci unpacked something other than the image's listing");
     }
     for expected in [
@@ -116,7 +107,7 @@ fn docker_loads_and_runs_the_images() {
 #[test]
 fn images_saved_by_docker_and_copied_by_skopeo_are_bases_to_build_on() {
     let Some(docker) = support::docker() else { return };
-    if !tools_present(&["skopeo"]) {
+    if !support::tools_present(&["skopeo"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -13,10 +13,13 @@
 //! `None`. That happens only when `LAYERWRIGHT_SKIP_PRIVILEGED=1`; otherwise a missing tool is a
 //! test failure naming the Debian package to install, so that CI cannot pass by skipping.
 //!
-//! Use from a test file: `mod support;` (each test binary compiles its own copy, and uses only
-//! some of it, hence the `dead_code` allowance).
+//! Use from a test module of this binary: `use crate::support;`.
+//!
+//! Tests that need a process of their own re-execute this binary on an ignored entry-point test:
+//! `subprocess`, the same module as in layerwright's own integration tests.
 
-#![allow(dead_code)]
+#[path = "../../../../builder/tests/it/support/subprocess.rs"]
+pub mod subprocess;
 
 use std::fs;
 use std::io::Read;
@@ -25,6 +28,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
+
+use layerwright::{Builder, BuilderOptions, BuiltImage, Compression};
+use layerwright_examples::ExampleEnvironment;
 
 /// How long one client command may take before the test fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -58,13 +64,46 @@ pub fn sandbox_unavailable(error: &layerwright::BuildError) -> bool {
 
 /// Builds `image`; `None` (after saying why) when RUN steps cannot run here and
 /// `skip_privileged()`; any other failure fails the test.
-pub fn build_with_runs(builder: &layerwright::Builder, image: &layerwright::Image) -> Option<layerwright::BuiltImage> {
+pub fn build_with_runs(builder: &Builder, image: &layerwright::Image) -> Option<BuiltImage> {
     match builder.build(image) {
         Ok(built) => Some(built),
         Err(error) if sandbox_unavailable(&error) => skip_or_panic(&format!("RUN steps cannot run here: {error}")),
         Err(error) => panic!("build failed: {error}"),
     }
 }
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The example images
+
+/// The environment of the examples of this workspace.
+pub fn environment() -> ExampleEnvironment {
+    ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref())
+}
+
+/// Declares example `name` and builds it into `cache` with `compression`; any failure fails the
+/// test.
+pub fn build_example(name: &str, cache: &Path, compression: Compression) -> BuiltImage {
+    let example = layerwright_examples::find(name).unwrap_or_else(|| panic!("no example {name}"));
+    let image = (example.declare)(&environment()).unwrap_or_else(|error| panic!("declaring {name}: {error}"));
+    let options = BuilderOptions { compression, ..BuilderOptions::default() };
+    Builder::with_options(cache, options)
+        .and_then(|builder| builder.build(&image))
+        .unwrap_or_else(|error| panic!("building {name}: {error}"))
+}
+
+/// `sha256:HEX` of `content`, as listings and descriptors name blobs.
+pub fn sha256(content: impl AsRef<[u8]>) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(content.as_ref())))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tools
 
 /// The Debian package that provides a tool `require_tool` may be asked for.
 fn debian_package_of(tool: &str) -> &'static str {
@@ -89,6 +128,12 @@ pub fn require_tool(name: &str) -> Option<PathBuf> {
     }
     let package = debian_package_of(name);
     skip_or_panic(&format!("the test needs `{name}`, which is not installed: `apt-get install -y {package}`"))
+}
+
+/// Whether all of `tools` are installed: `require_tool` for each (so `false` only under
+/// `skip_privileged()`).
+pub fn tools_present(tools: &[&str]) -> bool {
+    tools.iter().all(|tool| require_tool(tool).is_some())
 }
 
 fn find_executable(name: &str) -> Option<PathBuf> {
@@ -254,18 +299,6 @@ impl DockerClient {
         run_with_timeout(&mut command, COMMAND_TIMEOUT)
     }
 
-    /// Whether the engine has an image of this name or id.
-    pub fn image_exists(&self, name: &str) -> bool {
-        let output = run_with_timeout(self.command().args(["image", "inspect", name]), COMMAND_TIMEOUT);
-        output.status.success()
-    }
-
-    /// `docker image inspect --format FORMAT name`, trimmed.
-    pub fn inspect_image(&self, name: &str, format: &str) -> String {
-        let output = run_checked(self.command().args(["image", "inspect", "--format", format, name]), COMMAND_TIMEOUT);
-        String::from_utf8_lossy(&output.stdout).trim().to_owned()
-    }
-
     /// `docker rmi -f name`; an image that is already gone is fine.
     pub fn remove_image(&self, name: &str) {
         let mut command = self.command();
@@ -333,7 +366,7 @@ pub fn umoci_unpack(layout_dir: &Path, tag: &str, dest: &Path) -> PathBuf {
     let tool = require_tool("umoci").expect("callers check require_tool first");
     let mut command = Command::new(tool);
     command.arg("unpack");
-    if !rustix::process::geteuid().is_root() {
+    if !is_root() {
         command.arg("--rootless");
     }
     command.arg("--image").arg(format!("{}:{tag}", layout_dir.display())).arg(dest);

@@ -5,17 +5,14 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use layerwright::cache::MissReason;
 use layerwright::{Builder, BuilderOptions, BuiltImage, Context, Image};
 
-fn write(path: &Path, content: &str) {
-    fs::create_dir_all(path.parent().unwrap()).unwrap();
-    fs::write(path, content).unwrap();
-}
+use crate::support::subprocess::{self, entry_point};
+use crate::support::{rebuilt, write};
 
 /// A context of two source trees and an ignored directory.
 fn make_context(root: &Path) {
@@ -40,10 +37,6 @@ fn declaration(context_root: &Path) -> Image {
 
 fn build(builder: &Builder, context_root: &Path) -> BuiltImage {
     builder.build(&declaration(context_root)).unwrap_or_else(|error| panic!("build failed: {error}"))
-}
-
-fn rebuilt(built: &BuiltImage) -> Vec<&str> {
-    built.steps().iter().filter(|step| !step.cached).map(|step| step.label.as_str()).collect()
 }
 
 fn layer_of<'a>(built: &'a BuiltImage, label: &str) -> &'a str {
@@ -262,14 +255,14 @@ fn a_long_lived_builder_re_executes_only_the_key_queries_of_what_changed() {
 }
 
 /// Builds the declaration of the context named by `LAYERWRIGHT_TEST_CONTEXT` into the cache named
-/// by `LAYERWRIGHT_TEST_CACHE` and prints the digest; a no-op unless run by the test below.
+/// by `LAYERWRIGHT_TEST_CACHE` and prints the digest: the entry point of the processes of the
+/// test below.
 #[test]
+#[ignore = "subprocess entry point of two_processes_building_into_one_cache_both_succeed_with_the_same_digest"]
 fn helper_concurrent_build() {
-    let (Some(context), Some(cache)) =
-        (std::env::var_os("LAYERWRIGHT_TEST_CONTEXT"), std::env::var_os("LAYERWRIGHT_TEST_CACHE"))
-    else {
-        return;
-    };
+    const PARENT: &str = "two_processes_building_into_one_cache_both_succeed_with_the_same_digest";
+    let context = subprocess::variable("LAYERWRIGHT_TEST_CONTEXT", PARENT);
+    let cache = subprocess::variable("LAYERWRIGHT_TEST_CACHE", PARENT);
     let built = build(&Builder::new(Path::new(&cache)).unwrap(), Path::new(&context));
     println!("DIGEST {}", built.manifest_digest());
 }
@@ -282,8 +275,8 @@ fn two_processes_building_into_one_cache_both_succeed_with_the_same_digest() {
     let cache = dir.path().join("cache");
     let children: Vec<_> = (0..2)
         .map(|_| {
-            Command::new(std::env::current_exe().unwrap())
-                .args(["--exact", "helper_concurrent_build", "--nocapture", "--test-threads=1"])
+            entry_point!(helper_concurrent_build)
+                .command()
                 .env("LAYERWRIGHT_TEST_CONTEXT", &context)
                 .env("LAYERWRIGHT_TEST_CACHE", &cache)
                 .stdout(std::process::Stdio::piped())
@@ -295,8 +288,8 @@ fn two_processes_building_into_one_cache_both_succeed_with_the_same_digest() {
         .into_iter()
         .map(|child| {
             let output = child.wait_with_output().unwrap();
-            assert!(output.status.success());
             let stdout = String::from_utf8(output.stdout).unwrap();
+            assert!(output.status.success(), "the child build failed ({}):\n{stdout}", output.status);
             // libtest may print the line after its own `test NAME ... `.
             let digest = stdout.lines().find_map(|line| line.split("DIGEST ").nth(1));
             digest.unwrap_or_else(|| panic!("no digest line in:\n{stdout}")).trim().to_owned()

@@ -2,8 +2,9 @@
 //! corrupted cache, and a full disk all leave a cache from which the next build produces the
 //! digest of an undisturbed build.
 //!
-//! The crash and concurrency tests re-execute this test binary as child processes (the
-//! `helper_*` tests, which do nothing unless their environment variables are set).
+//! The crash and concurrency tests re-execute this test binary as child processes on
+//! `helper_build`, an ignored entry point that fails unless its environment variables are set
+//! (`support::subprocess`).
 
 use std::fs;
 use std::io::Write;
@@ -13,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use layerwright::cache::Store;
 use layerwright::{Builder, BuilderOptions, Compression, Context, Image};
+
+use crate::support::subprocess::{self, entry_point};
 
 /// A context with a few large files and many small ones.
 fn make_context(root: &Path) {
@@ -47,21 +50,22 @@ fn digests(cache: &Path, root: &Path) -> Vec<String> {
 }
 
 /// Builds the declarations into `LAYERWRIGHT_TEST_CACHE` from `LAYERWRIGHT_TEST_CONTEXT`; prints
-/// the digests. A no-op unless run as a child of the tests below.
+/// the digests: the entry point of the child processes of the tests below.
 #[test]
+#[ignore = "subprocess entry point of a_build_killed_at_any_point_leaves_a_cache_that_rebuilds_the_same_digests \
+            and four_processes_building_at_once_and_a_prune_agree_with_a_serial_build"]
 fn helper_build() {
-    let (Some(context), Some(cache)) =
-        (std::env::var_os("LAYERWRIGHT_TEST_CONTEXT"), std::env::var_os("LAYERWRIGHT_TEST_CACHE"))
-    else {
-        return;
-    };
+    const PARENTS: &str = "a_build_killed_at_any_point_leaves_a_cache_that_rebuilds_the_same_digests or \
+                           four_processes_building_at_once_and_a_prune_agree_with_a_serial_build";
+    let context = subprocess::variable("LAYERWRIGHT_TEST_CONTEXT", PARENTS);
+    let cache = subprocess::variable("LAYERWRIGHT_TEST_CACHE", PARENTS);
     let digests = digests(Path::new(&cache), Path::new(&context));
     println!("\nDIGESTS {}", digests.join(" "));
 }
 
 fn spawn_build(context: &Path, cache: &Path) -> std::process::Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "helper_build", "--nocapture", "--test-threads=1"])
+    entry_point!(helper_build)
+        .command()
         .env("LAYERWRIGHT_TEST_CONTEXT", context)
         .env("LAYERWRIGHT_TEST_CACHE", cache)
         .stdout(Stdio::piped())

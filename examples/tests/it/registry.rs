@@ -5,31 +5,17 @@
 //! umoci to keep owners; missing any fails the test naming it, unless
 //! `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use layerwright::cache::MissReason;
 use layerwright::{Builder, BuilderOptions, BuiltImage, Compression, Image, testing};
-use layerwright_examples::ExampleEnvironment;
+
+use crate::support;
+use crate::support::{build_example, tools_present};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
-
-fn build_example(name: &str, cache: &Path, compression: Compression) -> BuiltImage {
-    let example = layerwright_examples::find(name).unwrap_or_else(|| panic!("no example {name}"));
-    let environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
-    let image = (example.declare)(&environment).unwrap_or_else(|error| panic!("declaring {name}: {error}"));
-    let options = BuilderOptions { compression, ..BuilderOptions::default() };
-    Builder::with_options(cache, options)
-        .and_then(|builder| builder.build(&image))
-        .unwrap_or_else(|error| panic!("building {name}: {error}"))
-}
-
-fn tools_present(tools: &[&str]) -> bool {
-    tools.iter().all(|tool| support::require_tool(tool).is_some())
-}
 
 fn skopeo(arguments: &[&str]) -> String {
     let tool = support::require_tool("skopeo").expect("callers check the tools first");
@@ -87,7 +73,7 @@ fn a_pushed_image_is_what_skopeo_inspects_copies_and_umoci_unpacks_and_a_second_
     assert_eq!(inspected["Digest"], built.manifest_digest());
     assert_eq!(inspected["Layers"].as_array().unwrap().len(), built.layers().len());
     let unpacked = copy_and_unpack(&reference, dir.path());
-    if rustix::process::geteuid().is_root() {
+    if support::is_root() {
         assert_eq!(unpacked, built.listing().unwrap(), "umoci unpacked something else than was pushed");
     }
 
@@ -285,7 +271,7 @@ fn zstd_images_are_accepted_by_the_registry_skopeo_and_umoci() {
     ]);
     let rootfs = support::umoci_unpack(&gzip_layout, "copied", &dir.path().join("bundle"));
     let unpacked = support::tree_of(&rootfs);
-    if rustix::process::geteuid().is_root() {
+    if support::is_root() {
         assert_eq!(unpacked, built.listing().unwrap());
     }
     assert!(unpacked.contains("dir 0750 1000:1000 - - /srv/data\n"), "{unpacked}");
@@ -334,7 +320,8 @@ fn registry_errors_name_the_registry_the_repository_and_the_status() {
 
 /// Pushing a 1 GiB image (256 incompressible 4 MiB files, uncompressed) to the local registry:
 /// prints the time and the process's peak RSS during the push. Run it with
-/// `cargo test --release -p layerwright-examples --test registry -- --ignored --nocapture`.
+/// `cargo test --release -p layerwright-examples --test it -- --ignored --exact --nocapture
+/// registry::push_benchmark_one_gibibyte`.
 #[test]
 #[ignore = "a benchmark: writes and pushes 1 GiB"]
 fn push_benchmark_one_gibibyte() {

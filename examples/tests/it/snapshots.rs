@@ -4,17 +4,14 @@
 //! package versions, so their size and digest are redacted; everything else (modes, owners,
 //! links, which paths exist) is compared exactly.
 
-use layerwright::Builder;
-use layerwright_examples::{EXAMPLES, ExampleEnvironment};
+use layerwright::Compression;
+use layerwright_examples::EXAMPLES;
+
+use crate::support;
 
 fn check(name: &str) {
-    let example = layerwright_examples::find(name).unwrap_or_else(|| panic!("no example {name}"));
-    let environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
-    let image = (example.declare)(&environment).unwrap_or_else(|error| panic!("declaring {name}: {error}"));
     let cache = tempfile::tempdir().expect("a temp dir");
-    let built = Builder::new(cache.path())
-        .and_then(|builder| builder.build(&image))
-        .unwrap_or_else(|error| panic!("building {name}: {error}"));
+    let built = support::build_example(name, cache.path(), Compression::default());
     let listing = built.listing().expect("a listing");
     insta::with_settings!({
         filters => vec![(
@@ -45,8 +42,7 @@ fn files() {
 /// naming what is missing, unless `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
 #[test]
 fn busybox_tools() {
-    let root = rustix::process::geteuid().is_root();
-    if !root && std::env::var("LAYERWRIGHT_SKIP_PRIVILEGED").is_ok_and(|value| value == "1") {
+    if !support::is_root() && support::skip_privileged() {
         return;
     }
     check("busybox-tools");

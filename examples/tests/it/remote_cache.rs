@@ -8,9 +8,7 @@
 //! - Two machines export into one cache at the same time: a third finds both.
 //! - An unreachable, silent or corrupt remote cache costs one warning and never the build.
 //!
-//! W1 runs RUN steps: those tests need root (or user namespaces), like `run.rs`.
-
-mod support;
+//! W1 runs RUN steps: those tests need root (or user namespaces), like `run`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -18,14 +16,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use layerwright::{Builder, BuilderOptions, BuiltImage, Image};
-use layerwright_examples::{ExampleEnvironment, workloads};
+use layerwright_examples::workloads;
+
+use crate::support;
 
 /// A generated W1 workload directory, shared by the tests of this binary.
 fn w1_workdir() -> PathBuf {
     static WORKDIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     WORKDIR
         .get_or_init(|| {
-            let environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
+            let environment = support::environment();
             let workdir = environment.work_dir.join("remote-cache-w1");
             std::fs::create_dir_all(&workdir).unwrap();
             workloads::write_base_archive(&environment, &workdir).unwrap_or_else(|error| panic!("{error}"));
@@ -290,7 +290,7 @@ fn a_corrupt_remote_cache_costs_one_warning_and_not_the_build() {
 
     // Replace the writer's manifest by one whose record batch is not JSON.
     let garbage = b"this is not a record batch";
-    let garbage_digest = format!("sha256:{}", sha256_hex(garbage));
+    let garbage_digest = support::sha256(garbage);
     let upload = registry.request("POST", "/v2/corrupt/blobs/uploads/", &[], b"").unwrap();
     let location = upload.lines().find_map(|line| line.strip_prefix("Location: ")).unwrap().trim().to_owned();
     let path = location.split_once(&registry.address()).map_or(location.as_str(), |(_, path)| path).to_owned();
@@ -304,7 +304,7 @@ fn a_corrupt_remote_cache_costs_one_warning_and_not_the_build() {
         )
         .unwrap();
     assert!(put.starts_with("HTTP/1.1 201"), "{put}");
-    let empty_digest = format!("sha256:{}", sha256_hex(b"{}"));
+    let empty_digest = support::sha256(b"{}");
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.layerwright.cache.v1","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{empty_digest}","size":2}},"layers":[{{"mediaType":"application/vnd.layerwright.cache.records.v1+json","digest":"{garbage_digest}","size":{}}}]}}"#,
         garbage.len()
@@ -356,9 +356,4 @@ fn a_layer_the_registry_serves_corrupted_is_refused_and_built_locally() {
         let parsed = layerwright::cache::Digest::parse(&digest).unwrap();
         assert!(reader.store().verify_blob(&parsed).unwrap(), "{digest} is corrupt");
     }
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(bytes))
 }

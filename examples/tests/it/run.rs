@@ -6,8 +6,6 @@
 //! the listing comparison is skipped). Where the sandbox cannot be made (no root and user
 //! namespaces refused), a test fails saying so, unless `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
@@ -20,17 +18,16 @@ use layerwright::{
     BuildError, Builder, BuilderOptions, BuiltImage, FileOptions, Image, ProgressEvent, Run, RunError, StepError,
 };
 use layerwright_examples::ExampleEnvironment;
-use sha2::{Digest as _, Sha256};
 
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
+use crate::support;
+use crate::support::subprocess::{self, entry_point};
+use crate::support::{is_root, sha256};
 
 /// The environment of the examples. As root, the workspace's; otherwise the generated inputs
 /// go to a directory of this user (the workspace's may belong to root).
 fn environment() -> ExampleEnvironment {
     static WORK_DIR: OnceLock<PathBuf> = OnceLock::new();
-    let mut environment = ExampleEnvironment::for_workspace(env!("CARGO_MANIFEST_DIR").as_ref());
+    let mut environment = support::environment();
     if !is_root() {
         let work_dir = WORK_DIR.get_or_init(|| {
             let dir =
@@ -45,10 +42,6 @@ fn environment() -> ExampleEnvironment {
 
 fn busybox() -> Image {
     layerwright_examples::busybox(&environment()).unwrap_or_else(|error| panic!("declaring busybox: {error}"))
-}
-
-fn sha256(content: &str) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(content.as_bytes())))
 }
 
 /// The listing lines of paths below `/prefix/` (and `/prefix` itself).
@@ -471,8 +464,8 @@ fn a_panic_while_the_command_runs_kills_it() {
 fn ctrl_c_kills_the_command_and_leaves_no_mount() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "helper_a_build_whose_command_sleeps", "--nocapture"])
+    let mut helper = entry_point!(helper_a_build_whose_command_sleeps)
+        .command()
         .env("LAYERWRIGHT_RUN_HELPER_CACHE", &cache)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -526,10 +519,12 @@ fn a_deleted_snapshot_directory_is_unpacked_again_and_the_build_is_right() {
     assert!(fs::read_dir(&snapshots).unwrap().count() > 0, "the snapshots were unpacked again");
 }
 
+/// Builds a RUN step that sleeps into the cache named by `LAYERWRIGHT_RUN_HELPER_CACHE`: the
+/// process that `ctrl_c_kills_the_command_and_leaves_no_mount` interrupts.
 #[test]
-#[ignore = "run by ctrl_c_kills_the_command_and_leaves_no_mount in a process of its own"]
+#[ignore = "subprocess entry point of ctrl_c_kills_the_command_and_leaves_no_mount"]
 fn helper_a_build_whose_command_sleeps() {
-    let Some(cache) = std::env::var_os("LAYERWRIGHT_RUN_HELPER_CACHE") else { return };
+    let cache = subprocess::variable("LAYERWRIGHT_RUN_HELPER_CACHE", "ctrl_c_kills_the_command_and_leaves_no_mount");
     let builder = Builder::new(PathBuf::from(cache)).unwrap();
     support::build_with_runs(&builder, &busybox().run("sleep 986"));
 }
