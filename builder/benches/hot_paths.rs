@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use layerwright::cache::{KeyDatabase, StatCache, Store};
+use layerwright_cache::{KeyDatabase, StatCache, Store};
 use layerwright::internals::{
     Content, EntryKind, LayerEntry, LayerOptions, StatLookup, open_context, select, write_layer,
 };

@@ -178,8 +178,7 @@ pub(crate) fn build_into(
     }
 
     let cache_dir = cache_dir.unwrap_or_else(|| shared_cache_dir(out_dir));
-    let mut builder_options = BuilderOptions::default();
-    builder_options.compression = options.compression;
+    let mut builder_options = BuilderOptions::default().compression(options.compression);
     builder_options.source_date_epoch = options.source_date_epoch;
     let builder = Builder::with_options(&cache_dir, builder_options)
         .map_err(|source| BuildRsError::Build { name: name.clone(), source: Box::new(source) })?;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::Context;
 pub use crate::step::Image;
 use crate::step::{
-    ConfigChange, Node, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Owner, Run, Step, SymlinkStep,
+    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Node, Owner, Run, Step, SymlinkStep,
     WriteFileStep,
 };
 

@@ -184,7 +184,7 @@ fn main() -> Result<ExitCode> {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let status = Command::new(cargo)
                 .current_dir(&workspace)
-                .args(["bench", "--package", "layerwright", "--"])
+                .args(["bench", "--package", "layerwright", "--features", "testing", "--"])
                 .args(&arguments)
                 .status()
                 .context("running cargo bench")?;

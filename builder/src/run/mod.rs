@@ -275,10 +275,10 @@ fn execute_run_with(
     match termination {
         Termination::Exited(0) => {}
         Termination::Exited(code) => {
-            return Err(RunError::Failed { step, command, code, last_lines, log: log_path }.into());
+            return Err(RunError::Failed { step, command, code, last_lines, log: log_path });
         }
         Termination::Signaled(signal) => {
-            return Err(RunError::Killed { step, command, signal, last_lines, log: log_path }.into());
+            return Err(RunError::Killed { step, command, signal, last_lines, log: log_path });
         }
     }
 

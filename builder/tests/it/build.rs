@@ -49,7 +49,7 @@ fn declaration(context_dir: &Path) -> Image {
 }
 
 fn build(cache: &Path, image: &Image, epoch: u64) -> layerwright::BuiltImage {
-    let options = BuilderOptions { source_date_epoch: Some(epoch), ..Default::default() };
+    let options = BuilderOptions::default().source_date_epoch(epoch);
     Builder::with_options(cache, options).unwrap().build(image).unwrap_or_else(|error| panic!("build failed: {error}"))
 }
 

@@ -25,14 +25,11 @@ fn declaration(context_root: &Path) -> Image {
 fn build(cache: &Path, image: &Image, compression: Compression) -> (BuiltImage, usize) {
     let executed = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&executed);
-    let options = BuilderOptions {
-        compression,
-        source_date_epoch: Some(0),
-        before_execute: Some(Arc::new(move |_: &str| {
+    let options = BuilderOptions::default().compression(compression).source_date_epoch(0).before_execute(Arc::new(
+        move |_: &str| {
             counter.fetch_add(1, Ordering::Relaxed);
-        })),
-        ..BuilderOptions::default()
-    };
+        },
+    ));
     let built = Builder::with_options(cache, options).unwrap().build(image).unwrap();
     (built, executed.load(Ordering::Relaxed))
 }

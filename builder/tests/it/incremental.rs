@@ -202,14 +202,11 @@ fn a_corrupt_cached_blob_is_never_exported_and_is_rebuilt() {
 #[test]
 fn independent_stages_build_at_the_same_time() {
     let dir = tempfile::tempdir().unwrap();
-    let options = BuilderOptions {
-        before_execute: Some(Arc::new(|label: &str| {
-            if label.starts_with("WRITE /slow") {
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        })),
-        ..Default::default()
-    };
+    let options = BuilderOptions::default().before_execute(Arc::new(|label: &str| {
+        if label.starts_with("WRITE /slow") {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }));
     let builder = Builder::with_options(dir.path().join("cache"), options).unwrap();
     let stages: Vec<Image> = (0..3)
         .map(|stage| Image::scratch().write_file(&format!("/slow/{stage}"), format!("stage {stage}\n")))

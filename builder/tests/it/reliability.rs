@@ -42,8 +42,7 @@ fn declarations(root: &Path) -> Vec<Image> {
 }
 
 fn digests(cache: &Path, root: &Path) -> Vec<String> {
-    let builder =
-        Builder::with_options(cache, BuilderOptions { compression: Compression::Gzip, ..Default::default() }).unwrap();
+    let builder = Builder::with_options(cache, BuilderOptions::default().compression(Compression::Gzip)).unwrap();
     let images = declarations(root);
     let references: Vec<&Image> = images.iter().collect();
     builder.build_all(&references).unwrap().iter().map(|built| built.manifest_digest()).collect()
@@ -192,7 +191,7 @@ fn a_full_disk_during_a_commit_is_a_clear_error_and_the_cache_stays_consistent()
         fs::write(context.join("big"), layerwright::host::incompressible_bytes(16 << 20, 7)).unwrap();
         fs::write(context.join("small"), "fits\n").unwrap();
         let context = Context::dir(&context).unwrap();
-        let options = BuilderOptions { compression: Compression::None, ..Default::default() };
+        let options = BuilderOptions::default().compression(Compression::None);
         let builder = Builder::with_options(&cache, options.clone()).unwrap();
         let small = Image::scratch().copy(&context, "small", "/small");
         let before = builder.build(&small).unwrap();

@@ -344,7 +344,7 @@ fn push_benchmark_one_gibibyte() {
     drop(chunk);
     let context = layerwright::Context::dir(&context_root).unwrap();
     let image = Image::scratch().copy(&context, "data", "/data");
-    let options = BuilderOptions { compression: Compression::None, ..BuilderOptions::default() };
+    let options = BuilderOptions::default().compression(Compression::None);
     let started = Instant::now();
     let built = Builder::with_options(dir.path().join("cache"), options).unwrap().build(&image).unwrap();
     let build_time = started.elapsed();

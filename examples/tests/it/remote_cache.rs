@@ -43,13 +43,13 @@ fn w1() -> Image {
 fn machine(cache: &Path, cache_from: &[String], cache_to: Option<&str>) -> (Builder, Arc<AtomicUsize>) {
     let executed = Arc::new(AtomicUsize::new(0));
     let counter = executed.clone();
-    let options = BuilderOptions {
-        cache_from: cache_from.to_vec(),
-        cache_to: cache_to.map(str::to_owned),
-        before_execute: Some(Arc::new(move |_label: &str| {
+    let options = {
+        let mut options = BuilderOptions::default().before_execute(Arc::new(move |_label: &str| {
             counter.fetch_add(1, Ordering::Relaxed);
-        })),
-        ..BuilderOptions::default()
+        }));
+        options.cache_from = cache_from.to_vec();
+        options.cache_to = cache_to.map(str::to_owned);
+        options
     };
     (Builder::with_options(cache, options).unwrap(), executed)
 }

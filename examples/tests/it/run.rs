@@ -219,12 +219,9 @@ fn a_chain_of_200_run_steps_mounts_runs_and_rebuilds_from_the_cache() {
     // Unchanged: every step comes from the cache, nothing runs, nothing is written.
     let ran = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&ran);
-    let options = BuilderOptions {
-        before_execute: Some(Arc::new(move |_: &str| {
-            counter.fetch_add(1, Ordering::Relaxed);
-        })),
-        ..BuilderOptions::default()
-    };
+    let options = BuilderOptions::default().before_execute(Arc::new(move |_: &str| {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }));
     let rebuilt = Builder::with_options(&cache, options).unwrap().build(&image).unwrap();
     assert_eq!(ran.load(Ordering::Relaxed), 0);
     assert!(rebuilt.steps().iter().all(|step| step.cached), "{:#?}", rebuilt.steps());
@@ -236,14 +233,11 @@ fn a_chain_of_200_run_steps_mounts_runs_and_rebuilds_from_the_cache() {
 fn build_with_output(cache: &Path, image: &Image) -> Option<(BuiltImage, Vec<String>)> {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::clone(&lines);
-    let options = BuilderOptions {
-        progress: Some(Arc::new(move |event: &ProgressEvent| {
-            if let ProgressEvent::Output { line, .. } = event {
-                seen.lock().unwrap().push(line.clone());
-            }
-        })),
-        ..BuilderOptions::default()
-    };
+    let options = BuilderOptions::default().progress(Arc::new(move |event: &ProgressEvent| {
+        if let ProgressEvent::Output { line, .. } = event {
+            seen.lock().unwrap().push(line.clone());
+        }
+    }));
     let built = support::build_with_runs(&Builder::with_options(cache, options).unwrap(), image)?;
     let lines = lines.lock().unwrap().clone();
     Some((built, lines))
@@ -329,14 +323,11 @@ fn a_failing_run_reports_its_output_and_leaves_no_cache_entry_and_no_mount() {
     let image = busybox().run("for i in $(seq 1 30); do echo line $i; done; exit 3");
     let ran = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&ran);
-    let options = BuilderOptions {
-        before_execute: Some(Arc::new(move |label: &str| {
-            if label.starts_with("RUN ") {
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-        })),
-        ..BuilderOptions::default()
-    };
+    let options = BuilderOptions::default().before_execute(Arc::new(move |label: &str| {
+        if label.starts_with("RUN ") {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }));
     let builder = Builder::with_options(&cache, options).unwrap();
     for attempt in 1..=2 {
         let error = match builder.build(&image) {
@@ -433,14 +424,11 @@ fn a_panic_while_the_command_runs_kills_it() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let image = busybox().run("echo started; sleep 987");
-    let options = BuilderOptions {
-        progress: Some(Arc::new(|event: &ProgressEvent| {
-            if let ProgressEvent::Output { line, .. } = event {
-                panic!("the progress sink panics on {line:?}");
-            }
-        })),
-        ..BuilderOptions::default()
-    };
+    let options = BuilderOptions::default().progress(Arc::new(|event: &ProgressEvent| {
+        if let ProgressEvent::Output { line, .. } = event {
+            panic!("the progress sink panics on {line:?}");
+        }
+    }));
     let builder = Builder::with_options(&cache, options).unwrap();
     let started = Instant::now();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.build(&image))) {

@@ -90,7 +90,7 @@ pub fn environment() -> ExampleEnvironment {
 pub fn build_example(name: &str, cache: &Path, compression: Compression) -> BuiltImage {
     let example = layerwright_examples::find(name).unwrap_or_else(|| panic!("no example {name}"));
     let image = (example.declare)(&environment()).unwrap_or_else(|error| panic!("declaring {name}: {error}"));
-    let options = BuilderOptions { compression, ..BuilderOptions::default() };
+    let options = BuilderOptions::default().compression(compression);
     Builder::with_options(cache, options)
         .and_then(|builder| builder.build(&image))
         .unwrap_or_else(|error| panic!("building {name}: {error}"))
