@@ -85,17 +85,12 @@ pub mod internals {
     pub use crate::tree::FsTree;
 }
 
-#[cfg(test)]
-mod send_sync {
-    //! The facade's types are `Send + Sync` and own their data (DESIGN.md).
-    fn assert_send_sync<T: Send + Sync + 'static>() {}
-
-    #[test]
-    fn facade_types_are_send_and_sync() {
-        assert_send_sync::<crate::Builder>();
-        assert_send_sync::<crate::BuiltImage>();
-        assert_send_sync::<crate::Image>();
-        assert_send_sync::<crate::Context>();
-        assert_send_sync::<crate::BuildError>();
-    }
-}
+/// The facade's types are `Send + Sync` and own their data (DESIGN.md): checked at compile time.
+const _: () = {
+    const fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<Builder>();
+    send_sync::<BuiltImage>();
+    send_sync::<Image>();
+    send_sync::<Context>();
+    send_sync::<BuildError>();
+};

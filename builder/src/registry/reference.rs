@@ -1,6 +1,6 @@
 //! Image references (`[registry/]repository[:tag][@digest]`) and how to reach their registry.
 //!
-//! Parsing is Docker's (through `oci-spec`): a first component with a `.` or a `:`, or
+//! Parsing is Docker's (through `oci-client`): a first component with a `.` or a `:`, or
 //! `localhost`, is a registry; otherwise the registry is Docker Hub and a one-component name is
 //! in `library/`. A reference with neither tag nor digest means `:latest`.
 
