@@ -200,7 +200,7 @@ impl Builder {
     /// up in the cache at `reference` (`registry/repository:tag`) before it executes, and after
     /// a successful build the records of every step (not only the final image's) are exported
     /// there, uploading only the blobs the registry lacks. An unreachable, slow or corrupt
-    /// remote cache costs a warning, never the build. See [`crate::registry`] for the format.
+    /// remote cache costs a warning, never the build. See the `registry` module for the format.
     pub fn remote_cache(mut self, reference: &str) -> Builder {
         self.options.cache_from.push(reference.to_owned());
         self.options.cache_to = Some(reference.to_owned());

@@ -63,26 +63,69 @@ use crate::context::{self, ContextError, StatLookup};
 use crate::layer::Compression;
 use crate::output::ExportError;
 
+/// Why [`build`] could not build and write the image.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum BuildRsError {
+    /// `OUT_DIR` is not set: [`build`] was called outside a build script.
     #[error("OUT_DIR is not set: layerwright::build_rs::build runs in a build script, which cargo gives an OUT_DIR")]
     NoOutDir,
+    /// The image name is empty or holds something other than ASCII letters, digits, `-` and `_`.
     #[error("invalid image name {name:?}: use letters, digits, '-' and '_'")]
-    InvalidName { name: String },
+    InvalidName {
+        /// The name as given.
+        name: String,
+    },
+    /// The image has a RUN step, and the build script does not run as root, which RUN steps
+    /// need.
     #[error(
         "image `{name}`: step `{step}` runs a command, which needs root (a mount namespace and overlayfs) that this \
          build script does not have; build the image outside cargo's build, with `cargo xtask build-image {name}` \
          (or a binary of yours that calls layerwright), and read it from there"
     )]
-    RunNeedsPrivilege { name: String, step: String },
+    RunNeedsPrivilege {
+        /// The image's name, as [`BuildRsOptions::name`] gives it.
+        name: String,
+        /// The label of the (first found) RUN step.
+        step: String,
+    },
+    /// A `copy` step's context could not be opened, or its source selected, while listing the
+    /// paths for `cargo::rerun-if-changed`.
     #[error("image `{name}`: step `{step}`: {source}")]
-    Context { name: String, step: String, source: Box<ContextError> },
+    Context {
+        /// The image's name, as [`BuildRsOptions::name`] gives it.
+        name: String,
+        /// The label of the `copy` step.
+        step: String,
+        /// What went wrong with the context.
+        source: Box<ContextError>,
+    },
+    /// The builder could not be created on the cache directory, or the build failed.
     #[error("image `{name}`: {source}")]
-    Build { name: String, source: Box<BuildError> },
+    Build {
+        /// The image's name, as [`BuildRsOptions::name`] gives it.
+        name: String,
+        /// Why the build failed.
+        source: Box<BuildError>,
+    },
+    /// Writing the image under `OUT_DIR` failed.
     #[error("image `{name}`: {source}")]
-    Export { name: String, source: Box<ExportError> },
+    Export {
+        /// The image's name, as [`BuildRsOptions::name`] gives it.
+        name: String,
+        /// Why the export failed.
+        source: Box<ExportError>,
+    },
+    /// The directory `OUT_DIR/layerwright` could not be created.
     #[error("image `{name}`: cannot create {path}: {source}")]
-    CreateDir { name: String, path: PathBuf, source: std::io::Error },
+    CreateDir {
+        /// The image's name, as [`BuildRsOptions::name`] gives it.
+        name: String,
+        /// The directory.
+        path: PathBuf,
+        /// The IO error from the operating system.
+        source: std::io::Error,
+    },
 }
 
 /// The format of the image written under `OUT_DIR`.
@@ -99,12 +142,15 @@ pub enum OutputFormat {
 
 /// How to build and write the image.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BuildRsOptions {
     /// Names the output and the `LAYERWRIGHT_IMAGE_<NAME>_*` variables.
     pub name: String,
     /// The tag written into the output; default `<name>:latest`.
     pub tag: Option<String>,
+    /// The format of the output (an OCI layout by default).
     pub format: OutputFormat,
+    /// The compression of the layers the build writes (gzip by default).
     pub compression: Compression,
     /// Default: `LAYERWRIGHT_CACHE_DIR`, else the target directory's `layerwright`.
     pub cache_dir: Option<PathBuf>,
@@ -113,6 +159,7 @@ pub struct BuildRsOptions {
 }
 
 impl BuildRsOptions {
+    /// The options of the image `name`, everything else at its default.
     pub fn new(name: impl Into<String>) -> BuildRsOptions {
         BuildRsOptions {
             name: name.into(),
@@ -127,12 +174,15 @@ impl BuildRsOptions {
 
 /// What [`build`] wrote.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BuildRsOutput {
+    /// The image's manifest digest (`sha256:…`).
     pub digest: String,
     /// The layout directory or archive file.
     pub path: PathBuf,
     /// The paths printed as `cargo::rerun-if-changed`, sorted.
     pub rerun_if_changed: Vec<PathBuf>,
+    /// The built image, for further outputs.
     pub built: BuiltImage,
 }
 

@@ -17,28 +17,48 @@ use thiserror::Error;
 
 use crate::{BuildError, Builder, BuilderOptions, Compression, ExportError, Image, ProgressEvent};
 
+/// Why a command-line build failed: a bad argument, or the build, export or push.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum CliError {
+    /// An output spec is not `oci:DIR`, `oci-archive:FILE` or `docker-archive:FILE`.
     #[error("invalid output {spec:?}: expected oci:DIR, oci-archive:FILE or docker-archive:FILE")]
-    InvalidOutput { spec: String },
+    InvalidOutput {
+        /// The spec as given.
+        spec: String,
+    },
+    /// A compression name is not `gzip`, `zstd` or `none`.
     #[error("invalid compression {name:?}: expected gzip, zstd or none")]
-    InvalidCompression { name: String },
+    InvalidCompression {
+        /// The name as given.
+        name: String,
+    },
+    /// The build failed.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// Writing one of the outputs failed.
     #[error(transparent)]
     Export(#[from] ExportError),
+    /// Pushing the image to the registry failed.
     #[cfg(feature = "registry")]
     #[error(transparent)]
     Push(#[from] crate::registry::RegistryError),
+    /// A push was asked for, but this build of layerwright leaves out the `registry` feature.
     #[error("pushing to {reference} needs the `registry` feature of layerwright, which this build of it leaves out")]
-    RegistryDisabled { reference: String },
+    RegistryDisabled {
+        /// The reference the image was to be pushed to.
+        reference: String,
+    },
 }
 
 /// Where a built image goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputSpec {
+    /// An OCI image layout directory (`oci:DIR`).
     OciLayout(PathBuf),
+    /// An OCI archive file (`oci-archive:FILE`).
     OciArchive(PathBuf),
+    /// A docker-archive file for `docker load -i` (`docker-archive:FILE`).
     DockerArchive(PathBuf),
 }
 
@@ -70,6 +90,7 @@ impl fmt::Display for OutputSpec {
     }
 }
 
+/// The layer compression named `gzip`, `zstd` or `none`.
 pub fn parse_compression(name: &str) -> Result<Compression, CliError> {
     match name {
         "gzip" => Ok(Compression::Gzip),
@@ -82,9 +103,13 @@ pub fn parse_compression(name: &str) -> Result<Compression, CliError> {
 /// What `build_image` does.
 #[derive(Debug, Clone)]
 pub struct BuildCommand {
+    /// The builder's cache directory.
     pub cache_dir: PathBuf,
+    /// Where to write the built image (none: the image is only built, and pushed if asked).
     pub outputs: Vec<OutputSpec>,
+    /// The tag the outputs name the image by (`app:latest`).
     pub tag: String,
+    /// The compression of the layers the build writes.
     pub compression: Compression,
     /// A registry reference to push the image to (`registry/repository:tag`).
     pub push: Option<String>,
@@ -93,18 +118,27 @@ pub struct BuildCommand {
     /// Remote caches to take steps from, and the one to export to (see
     /// [`crate::Builder::remote_cache`]).
     pub cache_from: Vec<String>,
+    /// The remote cache to export the build's steps to, if any.
     pub cache_to: Option<String>,
 }
 
 /// What a build did, printed at the end.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BuildSummary {
+    /// The tag the outputs name the image by.
     pub tag: String,
+    /// The image's manifest digest (`sha256:…`).
     pub digest: String,
+    /// The bytes of the image's layer blobs, together.
     pub size: u64,
+    /// Steps whose result came from a cache, local or remote.
     pub steps_cached: usize,
+    /// Steps that were executed.
     pub steps_built: usize,
+    /// How long the build, outputs and push took.
     pub elapsed: Duration,
+    /// The outputs written.
     pub outputs: Vec<OutputSpec>,
     /// What the push did, as a line (`pushed REF@DIGEST: …`).
     pub pushed: Option<String>,

@@ -20,28 +20,97 @@ use layerwright_dsl::{Context, DockerIgnore, DockerIgnoreError, ImagePathError, 
 use rayon::prelude::*;
 use thiserror::Error;
 
+/// Why a build context could not be opened, or a path of it selected and walked.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ContextError {
+    /// The context's directory does not exist or cannot be opened.
     #[error("cannot open build context {root}: {source}")]
-    Open { root: PathBuf, source: io::Error },
+    Open {
+        /// The context's directory (canonical, once it could be resolved).
+        root: PathBuf,
+        /// The IO error from the operating system.
+        source: io::Error,
+    },
+    /// The context has a `.dockerignore` that cannot be read.
     #[error("cannot read {root}/.dockerignore: {source}")]
-    ReadDockerIgnore { root: PathBuf, source: io::Error },
+    ReadDockerIgnore {
+        /// The context's canonical directory.
+        root: PathBuf,
+        /// The IO error from the operating system.
+        source: io::Error,
+    },
+    /// The context's `.dockerignore` holds a pattern that does not parse.
     #[error("{root}/{source}")]
-    DockerIgnore { root: PathBuf, source: DockerIgnoreError },
+    DockerIgnore {
+        /// The context's canonical directory.
+        root: PathBuf,
+        /// The line and pattern that do not parse.
+        source: DockerIgnoreError,
+    },
+    /// The path a `copy` step selects is not a valid context path (absolute, or climbing out
+    /// with `..`).
     #[error("context path {path:?}: {source}")]
-    Path { path: String, source: ImagePathError },
+    Path {
+        /// The path as the step gives it.
+        path: String,
+        /// What is wrong with it.
+        source: ImagePathError,
+    },
+    /// The selected path does not exist in the context, or its `.dockerignore` excludes it.
     #[error("{path:?} is not in the build context {root} (or is excluded by its .dockerignore)")]
-    Missing { root: PathBuf, path: String },
+    Missing {
+        /// The context's canonical directory.
+        root: PathBuf,
+        /// The path relative to the context's root.
+        path: String,
+    },
+    /// The selected path is a symlink that resolves into a loop.
     #[error("{path:?} in the build context {root} is a symlink loop")]
-    SymlinkLoop { root: PathBuf, path: String },
+    SymlinkLoop {
+        /// The context's canonical directory.
+        root: PathBuf,
+        /// The path relative to the context's root.
+        path: String,
+    },
+    /// The selected path is a symlink whose target lies outside the context (absolute, or
+    /// climbing above its root).
     #[error("{path:?} in the build context {root} is a symlink that leads outside the context: {source}")]
-    Escapes { root: PathBuf, path: String, source: io::Error },
+    Escapes {
+        /// The context's canonical directory.
+        root: PathBuf,
+        /// The path relative to the context's root.
+        path: String,
+        /// The error of resolving it inside the context's capability.
+        source: io::Error,
+    },
+    /// Reading a file, directory or symlink of the context failed.
     #[error("cannot read {path:?} in the build context {root}: {source}")]
-    Read { root: PathBuf, path: String, source: io::Error },
+    Read {
+        /// The context's canonical directory.
+        root: PathBuf,
+        /// The path relative to the context's root.
+        path: String,
+        /// The IO error from the operating system.
+        source: io::Error,
+    },
+    /// A name in the context (a file's, or a symlink's target) is not valid UTF-8.
     #[error("{path:?} in the build context {root} has a name that is not valid UTF-8")]
-    NotUtf8 { root: PathBuf, path: String },
+    NotUtf8 {
+        /// The context's canonical directory.
+        root: PathBuf,
+        /// The path relative to the context's root, decoded lossily for display.
+        path: String,
+    },
+    /// A path of the selection is a socket, device node or named pipe, which a `copy` step
+    /// cannot take from a context.
     #[error("{path:?} in the build context {root} is a socket or device, which a layer cannot hold")]
-    UnsupportedType { root: PathBuf, path: String },
+    UnsupportedType {
+        /// The context's canonical directory.
+        root: PathBuf,
+        /// The path relative to the context's root.
+        path: String,
+    },
 }
 
 /// An opened context: the directory capability and its `.dockerignore`.
@@ -52,6 +121,7 @@ pub struct OpenedContext {
     ignore: Arc<DockerIgnore>,
 }
 
+/// Opens `context`'s directory as a capability and parses its `.dockerignore`, if it has one.
 pub fn open_context(context: &Context) -> Result<OpenedContext, ContextError> {
     // The canonical path names the context in the stat cache and the key database, so the same
     // directory reached by two spellings is one context.
@@ -113,10 +183,13 @@ pub struct Selection {
 /// recorded afterwards. Several walks can then share one cache from different threads.
 pub struct StatLookup<'a> {
     cache: &'a StatCache,
+    /// The digests computed because the cache had no entry for the file or its stat changed:
+    /// the file's path, its stat, and the blake3 of its content.
     pub computed: Vec<(PathBuf, FileStat, [u8; 32])>,
 }
 
 impl<'a> StatLookup<'a> {
+    /// A lookup in `cache` that has computed nothing yet.
     pub fn new(cache: &'a StatCache) -> StatLookup<'a> {
         StatLookup { cache, computed: Vec::new() }
     }

@@ -11,16 +11,45 @@ use std::process::Command;
 
 use thiserror::Error;
 
+/// Why a host helper failed.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum HostError {
+    /// A host command (`cargo`, `busybox`) could not be started.
     #[error("cannot run {command}: {source}")]
-    Spawn { command: String, source: io::Error },
+    Spawn {
+        /// The command, as `Debug` prints it.
+        command: String,
+        /// The IO error from the operating system.
+        source: io::Error,
+    },
+    /// A host command exited unsuccessfully.
     #[error("{command} failed with {status}:\n{stderr}")]
-    Failed { command: String, status: std::process::ExitStatus, stderr: String },
+    Failed {
+        /// The command, as `Debug` prints it.
+        command: String,
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// Writing a file or directory of a generated context failed.
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
+    Write {
+        /// The file or directory being written.
+        path: PathBuf,
+        /// The IO error from the operating system.
+        source: io::Error,
+    },
+    /// A file the helper needs or should have made is not there (the static binary after the
+    /// build, or the host's busybox).
     #[error("{path} does not exist; {hint}")]
-    Missing { path: PathBuf, hint: &'static str },
+    Missing {
+        /// The file that is missing.
+        path: PathBuf,
+        /// What to do about it.
+        hint: &'static str,
+    },
 }
 
 /// Which static binary to build.
@@ -28,7 +57,9 @@ pub enum HostError {
 pub struct StaticBinaryOptions {
     /// The workspace whose package holds the binary.
     pub workspace: PathBuf,
+    /// The package that holds the binary.
     pub package: String,
+    /// The binary's name (its `[[bin]]` target).
     pub binary: String,
     /// A target directory of its own, so that the nested cargo never waits for the lock of the
     /// cargo that runs us.

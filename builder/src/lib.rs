@@ -32,7 +32,7 @@
 //! ```
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 // The facade and what is built on it (nothing below imports these).
 mod build;

@@ -290,6 +290,7 @@ impl FsTree {
         }
     }
 
+    /// The node at the image path `path` (normalised, no leading `/`), if the tree has one.
     pub fn get(&self, path: &str) -> Option<&TreeNode> {
         self.nodes.get(&tree_key(path))
     }

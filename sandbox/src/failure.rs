@@ -18,6 +18,7 @@ use thiserror::Error;
 
 /// Why the sandbox could not run the command at all.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum SandboxError {
     /// `clone(2)` refused the namespaces.
     #[error("cannot create the sandbox's namespaces (clone with flags {flags}): {source}{}", hint_text(hint))]

@@ -46,6 +46,7 @@ pub const MAX_LOWER_LAYERS: usize = 500;
 
 /// Why an overlay cannot be planned (before anything is mounted).
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum OverlayError {
     /// A path (relative to the store root) is too long for `fsconfig`, or holds a NUL byte.
     #[error("overlay path {path} is longer than the {FSCONFIG_STRING_LIMIT} bytes fsconfig accepts")]

@@ -15,10 +15,10 @@ use layerwright_cache::{BlobWriter, Digest, Sha256Writer, Store};
 
 use super::format::{Compression, GZIP_LEVEL, ZSTD_LEVEL};
 
-/// uncompressed stream, never on how upstream writers happened to buffer it.
 /// Bytes handed to the zstd backend (and to an uncompressed blob) at a time. Streaming
 /// encoders may choose different block boundaries for different input chunkings, so the
 /// encoder always sees whole chunks of this size: the compressed bytes then depend only on the
+/// uncompressed stream, never on how upstream writers happened to buffer it.
 const COMPRESSION_CHUNK: usize = 128 * 1024;
 
 /// A gzip block ends at the start of an entry that [`cuts_gzip_block`] picks once it holds at

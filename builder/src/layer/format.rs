@@ -31,6 +31,7 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// The OCI media type of a layer blob with this compression.
     pub fn media_type(self) -> &'static str {
         match self {
             Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
@@ -56,8 +57,10 @@ impl Compression {
     }
 }
 
+/// How a layer is written: the choices that are the same for every entry of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerOptions {
+    /// The compression of the layer blob.
     pub compression: Compression,
     /// The mtime of every entry: `SOURCE_DATE_EPOCH` when set, else 0.
     pub mtime: u64,
@@ -66,40 +69,57 @@ pub struct LayerOptions {
 /// Where a regular file's bytes come from when the tar is written.
 #[derive(Debug, Clone)]
 pub enum Content {
+    /// Bytes held in memory (a `write_file` step's content).
     Inline(Arc<[u8]>),
     /// A file inside a build context, opened through the context's capability so that it can
     /// never resolve outside it. `path` is context-relative.
     Context {
+        /// The context's root directory.
         dir: Arc<cap_std::fs::Dir>,
+        /// The file's path relative to `dir`.
         path: String,
     },
     /// A file the builder itself wrote (a spooled file of a `copy_from`).
     HostFile(PathBuf),
 }
 
+/// What a layer entry is, with what only that kind of entry has.
 #[derive(Debug, Clone)]
 pub enum EntryKind {
+    /// A directory.
     Directory,
     /// `size` is what the header says; a source whose length differs when read is an error.
     File {
+        /// Where the file's bytes come from.
         content: Content,
+        /// The file's size in bytes.
         size: u64,
     },
+    /// A symbolic link.
     Symlink {
+        /// The link's target, written as given (relative or absolute).
         target: String,
     },
     /// A hard link to `target`, an image-relative path written earlier in the same layer.
     HardLink {
+        /// The image-relative path of the file linked to.
         target: String,
     },
+    /// A character device node.
     CharDevice {
+        /// The device's major number.
         major: u32,
+        /// The device's minor number.
         minor: u32,
     },
+    /// A block device node.
     BlockDevice {
+        /// The device's major number.
         major: u32,
+        /// The device's minor number.
         minor: u32,
     },
+    /// A named pipe.
     Fifo,
     /// Deletes `path` from lower layers: written as `dir/.wh.name`.
     Whiteout,
@@ -111,11 +131,15 @@ pub enum EntryKind {
 /// One entry of a layer. `path` is image-relative and normalised (`app/bin/x`, no leading `/`).
 #[derive(Debug, Clone)]
 pub struct LayerEntry {
+    /// The entry's image-relative, normalised path.
     pub path: String,
+    /// What the entry is.
     pub kind: EntryKind,
     /// Permission bits including setuid, setgid and sticky (no file-type bits).
     pub mode: u32,
+    /// The owner's user id.
     pub uid: u32,
+    /// The owner's group id.
     pub gid: u32,
     /// Extended attributes, written as `SCHILY.xattr.` PAX records.
     pub xattrs: Vec<(String, Vec<u8>)>,

@@ -55,39 +55,122 @@ pub struct LayerIndex {
     pub entries: Vec<IndexEntry>,
 }
 
+/// Why a layer could not be read, indexed or stacked on the layers below it. Every variant
+/// but `Write`, `Store` and `NoSuchLayer` names the layer by its blob digest.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum TreeError {
+    /// A member's path leaves the image root (an absolute path or `..` that climbs out).
     #[error("layer {layer}: entry {entry:?} would land outside the image root")]
-    EscapesRoot { layer: Digest, entry: String },
+    EscapesRoot {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The member's name as the tar holds it.
+        entry: String,
+    },
+    /// A member would be written through a symlink that a lower layer (or an earlier member)
+    /// put at one of its parent directories: the write-through-a-symlink attack.
     #[error("layer {layer}: entry {entry:?} is written through the symlink {symlink:?}")]
-    ThroughSymlink { layer: Digest, entry: String, symlink: String },
+    ThroughSymlink {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The member's name as the tar holds it.
+        entry: String,
+        /// The image path of the symlink among its parents.
+        symlink: String,
+    },
+    /// A hard link points at a path that no layer of the image holds.
     #[error("layer {layer}: hard link {entry:?} points at {target:?}, which is not in the image")]
-    DanglingHardLink { layer: Digest, entry: String, target: String },
+    DanglingHardLink {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The image path of the hard link.
+        entry: String,
+        /// The image path it points at.
+        target: String,
+    },
+    /// The layer's uncompressed tar stream does not hash to the diff id the image's config
+    /// names it by.
     #[error("layer {layer}: uncompressed content has digest {actual}, but the image names diff id {expected}")]
-    DiffIdMismatch { layer: Digest, expected: Digest, actual: Digest },
+    DiffIdMismatch {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The diff id the image promises.
+        expected: Digest,
+        /// The digest of the uncompressed stream actually read.
+        actual: Digest,
+    },
+    /// The layer's media type is not a tar layer layerwright can read (plain, gzip or zstd).
     #[error("layer {layer}: unsupported media type {media_type}")]
-    UnsupportedMediaType { layer: Digest, media_type: String },
+    UnsupportedMediaType {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The media type the manifest gives the layer.
+        media_type: String,
+    },
+    /// Reading or decompressing the layer's blob failed, or its tar stream is corrupt.
     #[error("layer {layer}: cannot read: {source}")]
-    Read { layer: Digest, source: std::io::Error },
+    Read {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The IO error of the read or the decompressor.
+        source: std::io::Error,
+    },
+    /// Writing a file extracted from a layer (a spooled copy of a member) failed.
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// The IO error from the operating system.
+        source: std::io::Error,
+    },
+    /// Reading the blob or the saved index from the cache's store failed.
     #[error(transparent)]
     Store(#[from] layerwright_cache::StoreError),
     /// A member name or link target that is not UTF-8 (image paths are strings here).
     #[error("layer {layer}: entry {entry:?} is not valid UTF-8")]
-    NotUtf8 { layer: Digest, entry: String },
+    NotUtf8 {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The name, decoded lossily for display.
+        entry: String,
+    },
     /// A tar member type an image layer cannot hold (a GNU volume label, say).
     #[error("layer {layer}: entry {entry:?} has the unsupported tar type {entry_type:?}")]
-    UnsupportedEntry { layer: Digest, entry: String, entry_type: char },
+    UnsupportedEntry {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The member's name as the tar holds it.
+        entry: String,
+        /// The tar header's type flag.
+        entry_type: char,
+    },
     /// An entry below something that exists but is neither a directory nor a symlink.
     #[error("layer {layer}: entry {entry:?} is below {parent:?}, which is not a directory")]
-    ParentNotDirectory { layer: Digest, entry: String, parent: String },
+    ParentNotDirectory {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The member's name as the tar holds it.
+        entry: String,
+        /// The image path of the parent that is not a directory.
+        parent: String,
+    },
     /// `extract_files` was asked for a path that the layer holds no regular file at.
     #[error("layer {layer}: holds no regular file at {path:?}")]
-    MissingFile { layer: Digest, path: String },
+    MissingFile {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The image path asked for.
+        path: String,
+    },
     /// `extract_files` was asked for a stack position past the end of `layers`.
     #[error("there is no layer at stack position {position} (the image has {layers} layers)")]
-    NoSuchLayer { position: usize, layers: usize },
+    NoSuchLayer {
+        /// The stack position asked for (0 is the bottom layer).
+        position: usize,
+        /// How many layers the image has.
+        layers: usize,
+    },
 }
 
 impl LayerIndex {

@@ -22,8 +22,9 @@ use super::index::{IndexEntry, IndexKind, LayerIndex, TreeError};
 /// first bytes when they are a gzip or zstd magic number (as containerd does): docker-archive
 /// tools disagree on whether `layer.tar` is compressed. Member names are normalised (one
 /// leading `./` and any `.` or empty components dropped); the root directory entry (`./`) is
-/// skipped; `.wh..wh..opq` becomes an [`IndexKind::OpaqueWhiteout`] of its directory, `.wh.NAME`
-/// a [`IndexKind::Whiteout`] of `NAME`, and other `.wh..wh.` names (aufs metadata) are
+/// skipped; `.wh..wh..opq` becomes an `IndexKind::OpaqueWhiteout` of its directory, `.wh.NAME`
+/// a `IndexKind::Whiteout` of `NAME`, and other `.wh..wh.` names (aufs metadata) are
+/// skipped. Symlink targets are kept verbatim; hard link targets are normalised like names.
 pub fn index_layer(store: &Store, layer: &LayerRecord) -> Result<LayerIndex, TreeError> {
     index_layer_observed(store, layer, &mut |_| {})
 }

@@ -75,18 +75,59 @@ impl SnapshotFlavour {
     }
 }
 
+/// Why a layer could not be unpacked into its snapshot directory.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum SnapshotError {
+    /// Reading the layer failed, or one of its members is unsafe (its path escapes the root, its
+    /// diff id does not match, …).
     #[error(transparent)]
     Tree(#[from] TreeError),
+    /// Creating a member in the snapshot, or setting its content or metadata, failed.
     #[error("layer {layer}: entry {entry:?}: cannot {action}: {source}")]
-    Write { layer: Digest, entry: String, action: &'static str, source: io::Error },
+    Write {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The member's normalised image path.
+        entry: String,
+        /// What was being done (`create`, `set the mtime of`, …).
+        action: &'static str,
+        /// The IO error from the operating system.
+        source: io::Error,
+    },
+    /// A member would be written below a symlink or another non-directory that an earlier
+    /// member of the layer put at one of its parents.
     #[error("layer {layer}: entry {entry:?} is written through the symlink or non-directory {parent:?}")]
-    ThroughSymlink { layer: Digest, entry: String, parent: String },
+    ThroughSymlink {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The member's normalised image path.
+        entry: String,
+        /// The parent that is not a directory.
+        parent: String,
+    },
+    /// A hard link points at a path this layer does not hold (snapshots hold one layer each, so
+    /// a link into a lower layer cannot be made).
     #[error("layer {layer}: hard link {entry:?} points at {target:?}, which this layer does not hold")]
-    HardLinkOutsideLayer { layer: Digest, entry: String, target: String },
+    HardLinkOutsideLayer {
+        /// The digest of the layer's blob.
+        layer: Digest,
+        /// The image path of the hard link.
+        entry: String,
+        /// The image path it points at.
+        target: String,
+    },
+    /// A filesystem operation on the snapshot directory itself (making the temporary directory,
+    /// renaming it into place) failed.
     #[error("cannot {action} {path}: {source}")]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        /// What was being done (`rename a snapshot into`, …).
+        action: &'static str,
+        /// The directory it was done to.
+        path: PathBuf,
+        /// The IO error from the operating system.
+        source: io::Error,
+    },
 }
 
 /// The snapshot directory of `layer`, unpacked now if it is not there yet.

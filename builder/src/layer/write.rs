@@ -57,23 +57,59 @@ const USTAR_MAX_SIZE: u64 = 0o777_7777_7777;
 /// The largest id the 8-byte octal `uid`/`gid` fields hold (7 octal digits).
 const USTAR_MAX_ID: u64 = 0o777_7777;
 
+/// Why a layer could not be written to the store.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum LayerError {
+    /// Reading the content of a file entry from its source failed.
     #[error("cannot read {path}: {source}")]
-    ReadSource { path: String, source: std::io::Error },
+    ReadSource {
+        /// The source and the image path it is written to (`context file src/a (for /app/a)`).
+        path: String,
+        /// The IO error from the operating system.
+        source: std::io::Error,
+    },
+    /// A source file held a different number of bytes than its size said when the layer was
+    /// planned: it changed while the layer was written.
     #[error("{path} changed size while the layer was written (expected {expected} bytes, read {actual})")]
-    SizeChanged { path: String, expected: u64, actual: u64 },
+    SizeChanged {
+        /// The source and the image path it is written to.
+        path: String,
+        /// The size in bytes the entry was planned with.
+        expected: u64,
+        /// The number of bytes the source held (at least).
+        actual: u64,
+    },
+    /// Two entries of the layer have the same path.
     #[error("layer entry {path} appears twice")]
-    DuplicateEntry { path: String },
+    DuplicateEntry {
+        /// The entry's path in the tar.
+        path: String,
+    },
+    /// Writing an entry to the tar, compressor or blob file failed.
     #[error("cannot write layer entry {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        /// The entry's path in the tar.
+        path: String,
+        /// The IO error of the write.
+        source: std::io::Error,
+    },
     /// An entry the writer refuses: a path that is not normalised, a name that would read back
     /// as a whiteout, a hard link to a directory, a child of a non-directory, a bad xattr name.
     #[error("invalid layer entry {path}: {reason}")]
-    InvalidEntry { path: String, reason: String },
+    InvalidEntry {
+        /// The entry's path as given.
+        path: String,
+        /// Why it is refused.
+        reason: String,
+    },
     /// The tar or compressor stream could not be finished.
     #[error("cannot finish the layer stream: {source}")]
-    Finish { source: std::io::Error },
+    Finish {
+        /// The IO error of the tar writer or the compressor.
+        source: std::io::Error,
+    },
+    /// Creating or committing the blob in the cache's store failed.
     #[error(transparent)]
     Store(#[from] layerwright_cache::StoreError),
     /// The layer blob was committed but its index could not be saved.

@@ -48,22 +48,63 @@ use tar_archive::write_layout_tar;
 use crate::oci::canonical::to_bytes as canonical_json;
 use crate::oci::media_types::OCI_LAYOUT_CONTENT;
 
+/// Why an image could not be exported as an OCI layout, OCI archive or docker-archive.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum ExportError {
+    /// Writing the output (a blob, a document, the archive file, or a directory of the layout)
+    /// failed.
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        /// The file or directory being written.
+        path: PathBuf,
+        /// The IO error from the operating system.
+        source: std::io::Error,
+    },
+    /// The tag to export the image under is not a valid image reference.
     #[error("invalid tag {tag:?}: {reason}")]
-    InvalidTag { tag: String, reason: String },
+    InvalidTag {
+        /// The tag as given.
+        tag: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The cache's store could not be read.
     #[error(transparent)]
     Store(#[from] layerwright_cache::StoreError),
+    /// Reading a blob from the store, or the layout's existing `index.json`, failed.
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        /// The file being read.
+        path: PathBuf,
+        /// The IO error from the operating system.
+        source: std::io::Error,
+    },
+    /// A blob in the cache no longer has the size and digest it is stored under. It is removed
+    /// from the cache when this is raised, so the next build makes it again.
     #[error(
         "cache blob {path} is corrupt: it should be {expected_size} bytes with digest {digest}, but is {actual_size} bytes with digest {actual}; it was removed from the cache, so building again rebuilds it"
     )]
-    CorruptBlob { path: PathBuf, digest: Digest, expected_size: u64, actual: Digest, actual_size: u64 },
+    CorruptBlob {
+        /// The blob's file in the store.
+        path: PathBuf,
+        /// The digest it is stored under.
+        digest: Digest,
+        /// The size in bytes it should have.
+        expected_size: u64,
+        /// The digest of the bytes actually read.
+        actual: Digest,
+        /// The number of bytes actually read.
+        actual_size: u64,
+    },
+    /// The layout's existing `index.json` cannot be parsed or merged with the new image.
     #[error("{path} cannot be updated: {reason}")]
-    ExistingIndex { path: PathBuf, reason: String },
+    ExistingIndex {
+        /// The `index.json` file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// What an exporter needs: everything is in `store`.

@@ -33,8 +33,16 @@ use super::RegistryError;
 /// Credentials for one registry.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Credential {
+    /// No credentials: requests go without them (a bearer token is still fetched when the
+    /// registry asks for one).
     Anonymous,
-    Basic { username: String, password: String },
+    /// A user name and password (or token), sent as HTTP basic authentication.
+    Basic {
+        /// The user name.
+        username: String,
+        /// The password or access token.
+        password: String,
+    },
 }
 
 impl std::fmt::Debug for Credential {

@@ -66,26 +66,96 @@ pub use reference::RegistryReference;
 /// What went wrong talking to a registry. Every variant names the registry; those about an
 /// image also name the repository.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum RegistryError {
+    /// An image reference could not be parsed, or is the wrong kind for the operation (a push
+    /// needs a tag, not a digest).
     #[error("invalid image reference {reference:?}: {reason}")]
-    InvalidReference { reference: String, reason: String },
+    InvalidReference {
+        /// The reference as given.
+        reference: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A request failed: refused by the registry (with its status) or not answered at all.
     #[error("registry {registry}, repository {repository}: {action}: {}", describe_failure(*status, detail))]
-    Request { registry: String, repository: String, action: String, status: Option<u16>, detail: String },
+    Request {
+        /// The registry as written in the reference (`127.0.0.1:5000`, `docker.io`).
+        registry: String,
+        /// The repository (`team/app`).
+        repository: String,
+        /// What the request was for (`downloading blob sha256:…`).
+        action: String,
+        /// The HTTP status of the answer, or `None` when there was none (a connection error or
+        /// a timeout).
+        status: Option<u16>,
+        /// The registry's or the client's description of the failure.
+        detail: String,
+    },
+    /// The Docker client configuration or a credential helper it names could not give the
+    /// registry's credentials (an unreadable `config.json`, a failing helper, an identity token
+    /// that needs a `docker login` with a password, …).
     #[error("registry {registry}: credentials from {origin}: {reason}")]
-    Credentials { registry: String, origin: String, reason: String },
+    Credentials {
+        /// The registry the credentials are for.
+        registry: String,
+        /// Where they were looked for: the config file, the entry in it, or the helper program.
+        origin: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// The registry answered with something layerwright cannot use (an unknown media type, an
     /// index without this platform, a document that is not what its digest says).
     #[error("registry {registry}, repository {repository}: {reason}")]
-    Unusable { registry: String, repository: String, reason: String },
+    Unusable {
+        /// The registry as written in the reference.
+        registry: String,
+        /// The repository.
+        repository: String,
+        /// What is wrong with the answer.
+        reason: String,
+    },
+    /// A blob could not be read from or written to the cache's store.
     #[error("registry {registry}, repository {repository}: blob {digest}: {source}")]
-    Store { registry: String, repository: String, digest: Digest, source: Box<StoreError> },
+    Store {
+        /// The registry as written in the reference.
+        registry: String,
+        /// The repository.
+        repository: String,
+        /// The blob's digest.
+        digest: Digest,
+        /// The store's error.
+        source: Box<StoreError>,
+    },
+    /// A layer of a pulled image could not be indexed or stacked on the layers below it (an
+    /// unsafe path, a diff id that does not match, a corrupt tar stream, …).
     #[error("registry {registry}, repository {repository}: {source}")]
-    Layer { registry: String, repository: String, source: Box<TreeError> },
+    Layer {
+        /// The registry as written in the reference.
+        registry: String,
+        /// The repository.
+        repository: String,
+        /// What was wrong with the layer.
+        source: Box<TreeError>,
+    },
+    /// A blob of the image being pushed (its manifest, say) could not be read from the store.
     #[error("registry {registry}, repository {repository}: cannot read blob {path} to upload it: {source}")]
-    ReadBlob { registry: String, repository: String, path: PathBuf, source: Box<std::io::Error> },
+    ReadBlob {
+        /// The registry as written in the reference.
+        registry: String,
+        /// The repository.
+        repository: String,
+        /// The blob's file in the store.
+        path: PathBuf,
+        /// The IO error from the operating system.
+        source: Box<std::io::Error>,
+    },
+    /// The registry client could not be set up (its tokio runtime could not be started).
     #[error("cannot start the registry client: {reason}")]
-    Client { reason: String },
+    Client {
+        /// What failed.
+        reason: String,
+    },
 }
 
 fn describe_failure(status: Option<u16>, detail: &str) -> String {

@@ -24,9 +24,13 @@ const MAX_INDEX_DEPTH: usize = 4;
 
 /// A pulled image: its layers (bottom first) in the store, their indexes, its config.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct PulledImage {
+    /// The image's layers, bottom first, as the store holds them.
     pub layers: Vec<LayerRecord>,
+    /// The index of each layer, in the same order.
     pub indexes: Vec<LayerIndex>,
+    /// The image's config document.
     pub config: serde_json::Value,
     /// Blobs fetched from the registry (those already in the store are not).
     pub blobs_downloaded: usize,

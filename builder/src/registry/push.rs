@@ -25,6 +25,7 @@ const PARALLEL_UPLOADS: usize = 3;
 
 /// How to push.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct PushOptions {
     /// Plain HTTP to a registry that is not on this machine (loopback registries always get
     /// plain HTTP, as with Docker).
@@ -33,13 +34,17 @@ pub struct PushOptions {
 
 /// What a push did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PushReport {
     /// The full reference pushed (`127.0.0.1:5000/app:latest`).
     pub reference: String,
+    /// The digest of the pushed manifest (`sha256:…`).
     pub manifest_digest: String,
     /// Blobs (layers and the config) uploaded, and those the registry already had.
     pub blobs_uploaded: usize,
+    /// Blobs (layers and the config) the registry already had, so not uploaded.
     pub blobs_skipped: usize,
+    /// The bytes of the blobs uploaded.
     pub bytes_uploaded: u64,
     /// False when the tag already named this manifest, so nothing was written.
     pub manifest_uploaded: bool,

@@ -17,6 +17,7 @@ pub struct RegistryReference {
 }
 
 impl RegistryReference {
+    /// Parses `reference` (`[registry/]repository[:tag][@digest]`) as Docker does.
     pub fn parse(reference: &str) -> Result<RegistryReference, RegistryError> {
         let invalid = |reason: String| RegistryError::InvalidReference { reference: reference.to_owned(), reason };
         if reference.trim() != reference || reference.is_empty() {
@@ -36,14 +37,17 @@ impl RegistryReference {
         self.inner.resolve_registry()
     }
 
+    /// The repository (`team/app`, `library/busybox` for Docker Hub's `busybox`).
     pub fn repository(&self) -> &str {
         self.inner.repository()
     }
 
+    /// The tag, if the reference has one.
     pub fn tag(&self) -> Option<&str> {
         self.inner.tag()
     }
 
+    /// The digest (`sha256:…`), if the reference has one.
     pub fn digest(&self) -> Option<&str> {
         self.inner.digest()
     }

@@ -22,15 +22,19 @@ pub(crate) struct RemoteRecords {
 
 /// What a build did with remote caches; see [`crate::BuiltImage::remote_cache`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RemoteCacheReport {
     /// Whether any remote cache was asked (one is asked only when a step misses locally).
     pub consulted: bool,
-    /// Writers whose records were read, and the records they offered.
+    /// Writers whose records were read.
     pub writers: usize,
+    /// The records those writers offered.
     pub records_available: usize,
     /// Steps whose result came from a remote cache.
     pub steps_served: usize,
+    /// Blobs downloaded from remote caches into the local store.
     pub blobs_downloaded: usize,
+    /// The bytes of those blobs.
     pub bytes_downloaded: u64,
     /// What went wrong with a remote cache (each was also printed once, as a warning).
     pub warnings: Vec<String>,
@@ -40,16 +44,21 @@ pub struct RemoteCacheReport {
 
 /// What an export to a remote cache did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CacheExportReport {
     /// The writer tag written (`registry/repository:TAG--lw-WRITER`).
     pub reference: String,
-    /// Records in the writer's batch after the merge, and how many of them this build offered.
+    /// Records in the writer's batch after the merge.
     pub records: usize,
+    /// How many of them this build offered.
     pub records_new: usize,
     /// Records left out because a blob they name is neither in the local cache nor the registry.
     pub records_dropped: usize,
+    /// Blobs uploaded to the registry (those it lacked).
     pub blobs_uploaded: usize,
+    /// The bytes of those blobs.
     pub bytes_uploaded: u64,
+    /// Blobs the registry already had, so not uploaded.
     pub blobs_skipped: usize,
     /// False when the writer tag already named an identical manifest.
     pub manifest_uploaded: bool,

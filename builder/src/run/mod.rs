@@ -70,23 +70,97 @@ const HOSTNAME: &str = "layerwright";
 /// Why a RUN step failed. The step label is carried for callers that match on the error; the
 /// message leaves it out because the build error around it already names the step.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum RunError {
+    /// The command exited with a code other than 0. Nothing of the run is committed.
     #[error("{}", failure_message(command, &format!("exited with code {code}"), last_lines, log))]
-    Failed { step: String, command: String, code: i32, last_lines: Vec<String>, log: PathBuf },
+    Failed {
+        /// The step's label.
+        step: String,
+        /// The command as it was run (the shell string, or the argv as a bracketed list).
+        command: String,
+        /// The command's exit code.
+        code: i32,
+        /// The last lines of its output (at most 20).
+        last_lines: Vec<String>,
+        /// The file holding its whole output.
+        log: PathBuf,
+    },
+    /// The command was killed by a signal. Nothing of the run is committed.
     #[error("{}", failure_message(command, &format!("was killed by signal {signal}"), last_lines, log))]
-    Killed { step: String, command: String, signal: i32, last_lines: Vec<String>, log: PathBuf },
+    Killed {
+        /// The step's label.
+        step: String,
+        /// The command as it was run (the shell string, or the argv as a bracketed list).
+        command: String,
+        /// The number of the signal that killed it.
+        signal: i32,
+        /// The last lines of its output (at most 20).
+        last_lines: Vec<String>,
+        /// The file holding its whole output.
+        log: PathBuf,
+    },
+    /// What the command runs as (user, working directory, environment, argv) could not be
+    /// resolved from the image config and the step.
     #[error("{source}")]
-    Spec { step: String, source: SpecError },
+    Spec {
+        /// The step's label.
+        step: String,
+        /// What could not be resolved.
+        source: SpecError,
+    },
+    /// A layer of the parent image could not be unpacked into its snapshot, the overlay's
+    /// lower directory.
     #[error("preparing a lower layer: {source}")]
-    Snapshot { step: String, source: SnapshotError },
+    Snapshot {
+        /// The step's label.
+        step: String,
+        /// Why the layer could not be unpacked.
+        source: SnapshotError,
+    },
+    /// The overlay mount could not be planned: a path too long for the kernel, or more lower
+    /// layers than overlayfs stacks.
     #[error("{source}")]
-    Overlay { step: String, source: OverlayError },
+    Overlay {
+        /// The step's label.
+        step: String,
+        /// Why the overlay could not be planned.
+        source: OverlayError,
+    },
+    /// The sandbox could not set up its namespaces and mounts, or start or wait for the command.
     #[error("running `{command}`: {source}")]
-    Sandbox { step: String, command: String, source: SandboxError },
+    Sandbox {
+        /// The step's label.
+        step: String,
+        /// The command as it was to be run.
+        command: String,
+        /// What failed in the sandbox.
+        source: SandboxError,
+    },
+    /// The overlay's upper directory, what the command changed, could not be turned into layer
+    /// entries.
     #[error("reading what `{command}` changed: {source}")]
-    Upper { step: String, command: String, source: UpperError },
+    Upper {
+        /// The step's label.
+        step: String,
+        /// The command that ran.
+        command: String,
+        /// Why the upper directory could not be read.
+        source: UpperError,
+    },
+    /// Preparing the run directory (its upper, work and merged directories, `/etc/hosts`,
+    /// `/etc/resolv.conf`, the log file) failed.
     #[error("cannot {action} {path}: {source}")]
-    Io { step: String, action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        /// The step's label.
+        step: String,
+        /// What was being done (`create`, `write`, …).
+        action: &'static str,
+        /// The file or directory it was done to.
+        path: PathBuf,
+        /// The IO error from the operating system.
+        source: io::Error,
+    },
     /// The merged tree of the parent could not be read, or the layer not written.
     #[error(transparent)]
     Execution(#[from] ExecutionError),

@@ -38,22 +38,51 @@ pub struct ProcessSpec {
     pub exec_candidates: Vec<String>,
 }
 
+/// Why what a RUN command executes as could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum SpecError {
+    /// The step gives its command as an argv with no elements.
     #[error("the command is an empty argv")]
     EmptyArgv,
+    /// An argument or environment entry holds a NUL byte, which `execve` cannot pass.
     #[error("a command argument or environment entry contains a NUL byte: {text:?}")]
-    NulByte { text: String },
+    NulByte {
+        /// The argument or `NAME=value` entry.
+        text: String,
+    },
+    /// An environment variable the step sets has an empty name or one with `=` in it.
     #[error("environment variable name {name:?} is empty or contains `=`")]
-    BadEnvName { name: String },
+    BadEnvName {
+        /// The name as given.
+        name: String,
+    },
+    /// The working directory (the step's joined to the config's) is not a valid image path.
     #[error("working directory {workdir:?}: {reason}")]
-    BadWorkdir { workdir: String, reason: String },
+    BadWorkdir {
+        /// The working directory after joining.
+        workdir: String,
+        /// Why it is not a valid image path.
+        reason: String,
+    },
+    /// The user is given by a name that the image's `/etc/passwd` does not hold.
     #[error("user {user:?} is not in the image's /etc/passwd (use a numeric uid[:gid])")]
-    UnknownUser { user: String },
+    UnknownUser {
+        /// The user name.
+        user: String,
+    },
+    /// The group is given by a name that the image's `/etc/group` does not hold.
     #[error("group {group:?} is not in the image's /etc/group (use a numeric gid)")]
-    UnknownGroup { group: String },
+    UnknownGroup {
+        /// The group name.
+        group: String,
+    },
+    /// The user (`user[:group]`) is empty, or has an empty group after the `:`.
     #[error("user {user:?} is empty or malformed")]
-    BadUser { user: String },
+    BadUser {
+        /// The user as given.
+        user: String,
+    },
 }
 
 /// One line of `/etc/passwd`.

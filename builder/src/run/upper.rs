@@ -56,12 +56,25 @@ pub struct UpperOptions {
     pub created: Vec<CreatedPath>,
 }
 
+/// Why the upper directory of a RUN step could not be turned into layer entries.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum UpperError {
+    /// Reading an entry of the upper directory (its metadata, xattrs, link target or listing)
+    /// failed.
     #[error("cannot read {path} in the RUN step's upper directory: {source}")]
-    Read { path: PathBuf, source: io::Error },
+    Read {
+        /// The entry's path on the host.
+        path: PathBuf,
+        /// The IO error from the operating system.
+        source: io::Error,
+    },
+    /// The command created a file whose name is not valid UTF-8.
     #[error("the RUN step created {path:?}, whose name is not valid UTF-8 (image paths are text)")]
-    NotUtf8 { path: PathBuf },
+    NotUtf8 {
+        /// The entry's path on the host.
+        path: PathBuf,
+    },
 }
 
 /// The entries of the layer the upper directory `upper` stands for.
