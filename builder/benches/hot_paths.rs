@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use layerwright_cache::{KeyDatabase, StatCache, Store};
 use layerwright::internals::{
     Content, EntryKind, LayerEntry, LayerOptions, StatLookup, open_context, select, write_layer,
 };
 use layerwright::{Compression, Context};
+use layerwright_cache::{KeyDatabase, StatCache, Store};
 
 /// Bytes that are half noise, half text, roughly like a real tree of binaries and sources.
 fn mixed_bytes(length: usize, seed: u64) -> Vec<u8> {
