@@ -30,7 +30,6 @@
 //! What this module deliberately does not do: decide whether the step runs (the solver looks its
 //! key up first), or keep anything of a failed run but its log.
 
-mod sandbox;
 mod spec;
 mod upper;
 
@@ -334,7 +333,7 @@ fn execute_run_with(
             resolv_conf: mountpoints.resolv_conf.then(|| resolv_conf.clone()),
         },
         hostname: HOSTNAME.to_owned(),
-        process: process.into(),
+        process,
     };
 
     let logs = store.root().join("logs");

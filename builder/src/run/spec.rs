@@ -22,21 +22,8 @@ use thiserror::Error;
 /// The `PATH` of a command whose image config sets none (Docker's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The process a RUN step starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProcessSpec {
-    pub argv: Vec<String>,
-    /// `NAME=value`, in the order the config and the step gave them.
-    pub env: Vec<String>,
-    /// Absolute, normalised (`/` or `/app/src`).
-    pub workdir: String,
-    pub uid: u32,
-    pub gid: u32,
-    /// Supplementary groups (the primary group included), sorted, each once.
-    pub groups: Vec<u32>,
-    /// Paths to `execve`, in order, until one is found (one unless argv[0] is a bare name).
-    pub exec_candidates: Vec<String>,
-}
+/// The process a RUN step starts: the sandbox's own type, which this module fills in.
+pub use layerwright_sandbox::ProcessSpec;
 
 /// Why what a RUN command executes as could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]

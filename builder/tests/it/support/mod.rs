@@ -6,6 +6,7 @@ use std::path::Path;
 use layerwright::BuiltImage;
 
 pub mod archive;
+pub mod layout;
 pub mod subprocess;
 
 /// Writes `content` to `path`, creating its parent directories.
