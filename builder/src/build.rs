@@ -15,7 +15,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::layer::{self, Compression, LayerIndex, TreeError};
-use crate::output::{ExportError, ImageParts};
+use crate::output::{ExportError, ImageParts, LoadError, LoadReport};
 #[cfg(feature = "testing")]
 use crate::progress::StepHook;
 use crate::progress::{Progress, ProgressSink, StepReport};
@@ -320,6 +320,23 @@ impl BuiltImage {
     /// Writes a tar that `docker load -i` reads, tagged `tag`.
     pub fn write_docker_archive(&self, file: impl AsRef<Path>, tag: &str) -> Result<(), ExportError> {
         crate::output::write_docker_archive(self.parts(), file.as_ref(), tag)
+    }
+
+    /// Loads the image into the local Docker engine (`DOCKER_HOST` honoured, else
+    /// `/var/run/docker.sock`) tagged `tag`, sending only the layers the engine does not
+    /// already hold: after a one-file change, the changed layer (see [`LoadReport`]).
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let image = layerwright::Image::scratch().write_file("/hello", b"hi\n");
+    /// let built = layerwright::Builder::new("target/layerwright")?.build(&image)?;
+    /// let report = built.load("app:dev")?;
+    /// println!("{} layers sent, {} already in the engine", report.layers_sent, report.layers_skipped);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn load(&self, tag: &str) -> Result<LoadReport, LoadError> {
+        crate::output::load_into_docker(self.parts(), tag)
     }
 
     /// Pushes the image to a registry (`registry/repository[:tag]`) over the OCI distribution

@@ -18,7 +18,7 @@ pub use crate::execution::ExecutionError;
 pub use crate::layer::recompress::RecompressError;
 pub use crate::layer::snapshot::SnapshotError;
 pub use crate::layer::{LayerError, TreeError};
-pub use crate::output::ExportError;
+pub use crate::output::{ExportError, LoadError};
 #[cfg(feature = "registry")]
 pub use crate::registry::RegistryError;
 pub use crate::run::{OverlayError, RunError, SandboxError, SpecError, UpperError};

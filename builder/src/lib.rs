@@ -65,7 +65,7 @@ pub mod cache;
 pub use build::{BuildError, Builder, BuilderOptions, BuiltImage};
 pub use layer::Compression;
 pub use layerwright_dsl::*;
-pub use output::ExportError;
+pub use output::{ExportError, LoadError, LoadReport};
 pub use progress::{ProgressEvent, ProgressSink, StepHook, StepReport};
 #[cfg(feature = "registry")]
 pub use registry::{PushOptions, PushReport, RegistryError};

@@ -60,6 +60,19 @@ pub(super) fn copy_blob(
     blob.check(copied.map(drop), destination)
 }
 
+/// Copies one blob into any stream (a socket, say), verifying its digest and size on the way.
+pub(super) fn copy_verified_blob(
+    store: &Store,
+    digest: &Digest,
+    size: u64,
+    output: &mut dyn Write,
+    destination: &Path,
+) -> Result<(), ExportError> {
+    let mut blob = VerifiedBlob::open(store, digest, size)?;
+    let copied = io::copy(&mut blob, output);
+    blob.check(copied.map(drop), destination)
+}
+
 /// A store blob being read, hashed and counted as it passes, so that a blob that no longer
 /// matches its digest (or its recorded size) is caught while it is exported.
 pub(super) struct VerifiedBlob {

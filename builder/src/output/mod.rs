@@ -35,6 +35,7 @@ use serde_json::json;
 use thiserror::Error;
 
 mod blobs;
+mod docker_load;
 mod documents;
 mod tags;
 mod tar_archive;
@@ -44,6 +45,8 @@ use documents::blob_sizes;
 use documents::{blob_member, manifest_descriptor, merged_index};
 use tags::ImageReference;
 use tar_archive::write_layout_tar;
+
+pub use docker_load::{LoadError, LoadReport, load_into_docker};
 
 use crate::oci::canonical::to_bytes as canonical_json;
 use crate::oci::media_types::OCI_LAYOUT_CONTENT;

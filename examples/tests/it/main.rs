@@ -3,6 +3,7 @@
 //! its own (`cargo test -p layerwright-examples --test it [FILTER]`).
 //!
 //! - `snapshots`: one insta snapshot of `listing()` per example image.
+//! - `load`: `BuiltImage::load` into a Docker engine, sending only the layers it lacks.
 //! - `real_clients`: the images checked by oci-image-tool, skopeo, umoci and a Docker engine.
 //! - `registry`: push and pull against a local `docker-registry`.
 //! - `remote_cache`: the remote cache between machines, through a local registry.
@@ -12,6 +13,7 @@
 
 mod support;
 
+mod load;
 mod real_clients;
 mod registry;
 mod remote_cache;
