@@ -278,6 +278,9 @@ impl Engine {
 trait Connection: Read + Write {}
 impl<T: Read + Write> Connection for T {}
 
+/// One member of the load tar: a document's bytes, or a blob of the store and its size.
+type LoadMember = (Option<Vec<u8>>, Option<(Digest, u64)>);
+
 /// Writes the load tar: `manifest.json` naming every layer, the config, and the content of the
 /// layers above the bottom `held` ones. Returns the layer bytes written.
 fn write_load_stream(
@@ -292,7 +295,7 @@ fn write_load_stream(
         "RepoTags": [reference.full_name],
         "Layers": parts.layers.iter().map(|layer| member(&layer.digest)).collect::<Vec<_>>(),
     }]);
-    let mut members: BTreeMap<String, (Option<Vec<u8>>, Option<(Digest, u64)>)> = BTreeMap::new();
+    let mut members: BTreeMap<String, LoadMember> = BTreeMap::new();
     members.insert("manifest.json".into(), (Some(canonical_json(&manifest)), None));
     let config_size = blob_sizes(parts)?.get(parts.config).copied().unwrap_or(0);
     members.insert(member(parts.config), (None, Some((parts.config.clone(), config_size))));
