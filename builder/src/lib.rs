@@ -44,6 +44,8 @@ pub mod error;
 pub mod host;
 #[cfg(feature = "testing")]
 pub mod testing;
+#[cfg(feature = "cli")]
+pub mod watch;
 
 // The rooms below the facade, top to bottom (see ARCHITECTURE.md).
 mod base;

@@ -7,6 +7,7 @@
 //! - `hostile`: crafted base archives and build contexts.
 //! - `incremental`: what is rebuilt and why, the parallel solver, salsa's re-execution.
 //! - `reliability`: killed builds, racing processes, a corrupt cache, a full disk.
+//! - `watch`: the rebuild loop of `--watch`.
 //!
 //! `support` holds what they share; tests that need processes of their own re-execute this
 //! binary on an ignored entry-point test (`support::subprocess`).
@@ -18,6 +19,7 @@ mod compression;
 mod hostile;
 mod incremental;
 mod reliability;
+mod watch;
 
 /// Every file of `tests/` is a module of this binary (see `support::layout`).
 #[test]
