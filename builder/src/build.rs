@@ -14,6 +14,7 @@ use layerwright_dsl::Image;
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::inspect::InspectOptions;
 use crate::layer::{self, Compression, LayerIndex, TreeError};
 use crate::output::{ExportError, ImageParts, LoadError, LoadReport};
 #[cfg(feature = "testing")]
@@ -354,6 +355,22 @@ impl BuiltImage {
         options: &crate::registry::PushOptions,
     ) -> Result<crate::registry::PushReport, crate::registry::RegistryError> {
         crate::registry::push(self.parts(), reference, options)
+    }
+
+    /// One line per layer (its size, the step that made it, cached or built and why) and, with
+    /// [`InspectOptions::with_files`], the files each layer adds, changes and removes, largest
+    /// first: plain text for a terminal or an insta snapshot.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let image = layerwright::Image::scratch().write_file("/hello", b"hi\n");
+    /// let built = layerwright::Builder::new("target/layerwright")?.build(&image)?;
+    /// print!("{}", built.inspect(layerwright::InspectOptions::default().with_files())?);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn inspect(&self, options: InspectOptions) -> Result<String, BuildError> {
+        Ok(crate::inspect::layer_report(&self.inner.store, &self.inner.layers, &self.inner.steps, options)?)
     }
 
     /// A stable text listing of the final filesystem, one line per path, for insta (format:

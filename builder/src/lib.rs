@@ -51,6 +51,7 @@ pub mod watch;
 mod base;
 mod context;
 mod execution;
+mod inspect;
 mod layer;
 mod oci;
 mod output;
@@ -65,6 +66,7 @@ mod tree;
 pub mod cache;
 
 pub use build::{BuildError, Builder, BuilderOptions, BuiltImage};
+pub use inspect::InspectOptions;
 pub use layer::Compression;
 pub use layerwright_dsl::*;
 pub use output::{ExportError, LoadError, LoadReport};

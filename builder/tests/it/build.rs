@@ -240,3 +240,35 @@ fn hostile_or_corrupt_base_archives_are_refused_and_write_nothing_outside() {
     let outside: Vec<PathBuf> = fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().path()).collect();
     assert_eq!(outside, [sandbox], "nothing but the sandbox in the test dir");
 }
+
+/// `inspect`: one line per layer with the step that made it, then what each layer adds,
+/// changes and removes, largest first.
+#[test]
+fn inspect_shows_each_layer_its_step_and_its_files_largest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir.path().join("ctx/big"), vec![b'x'; 5000]);
+    write(&dir.path().join("ctx/small"), "small\n");
+    let context = Context::dir(dir.path().join("ctx")).unwrap();
+    let image = Image::scratch()
+        .copy(&context, ".", "/app")
+        .write_file("/app/small", "changed\n")
+        .remove("/app/big")
+        .env("A", "1");
+    let builder =
+        Builder::with_options(dir.path().join("cache"), BuilderOptions::default().source_date_epoch(0)).unwrap();
+    let built = builder.build(&image).unwrap();
+    insta::assert_snapshot!(built.inspect(layerwright::InspectOptions::default().with_files()).unwrap(), @r"
+      1          148 COPY . /app  built (no cache record (first build of this step))
+          +         5000 /app/big
+          +            6 /app/small
+          +            0 /app
+      2           95 WRITE /app/small (8 bytes)  built (no cache record (first build of this step))
+          ~            8 /app/small
+      3           68 REMOVE /app/big  built (no cache record (first build of this step))
+          -         5000 /app/big
+    ");
+    let rebuilt = builder.build(&image).unwrap();
+    let summary = rebuilt.inspect(layerwright::InspectOptions::default()).unwrap();
+    assert_eq!(summary.lines().count(), 3, "{summary}");
+    assert!(summary.lines().all(|line| line.ends_with("cached")), "{summary}");
+}
