@@ -16,7 +16,8 @@ use thiserror::Error;
 
 use crate::inspect::InspectOptions;
 use crate::layer::{self, Compression, LayerIndex, TreeError};
-use crate::output::{ExportError, ImageParts, LoadError, LoadReport};
+use crate::oci::{Platform, canonical, media_types};
+use crate::output::{ExportError, ImageParts, IndexParts, LoadError, LoadReport};
 #[cfg(feature = "testing")]
 use crate::progress::StepHook;
 use crate::progress::{Progress, ProgressSink, StepReport};
@@ -217,9 +218,32 @@ impl Builder {
 
     /// Builds several images in one walk: a step they share is built once.
     pub fn build_all(&self, images: &[&Image]) -> Result<Vec<BuiltImage>, BuildError> {
+        self.build_all_for(images, None)
+    }
+
+    /// Builds `image` for `platform`: its RUN steps execute for that platform (a foreign one
+    /// through binfmt_misc and qemu-user-static), its bases are that platform's image of an
+    /// index, and its config names the platform.
+    pub fn build_for(&self, image: &Image, platform: &Platform) -> Result<BuiltImage, BuildError> {
+        let mut built = self.build_all_for(&[image], Some(platform))?;
+        Ok(built.pop().expect("one image in, one out"))
+    }
+
+    /// Builds one image per platform and the OCI image index that names them. Steps whose
+    /// result does not depend on the platform (a context copy both graphs share) are built
+    /// once: the first platform builds them, the others find them in the cache.
+    pub fn build_index(&self, images: &[(Platform, &Image)]) -> Result<BuiltIndex, BuildError> {
+        let mut built = Vec::with_capacity(images.len());
+        for (platform, image) in images {
+            built.push((platform.clone(), self.build_for(image, platform)?));
+        }
+        BuiltIndex::new(&self.store, built)
+    }
+
+    fn build_all_for(&self, images: &[&Image], platform: Option<&Platform>) -> Result<Vec<BuiltImage>, BuildError> {
         let session =
             Session { store: &self.store, options: &self.solve_options, state: &self.state, workers: &self.workers };
-        let solved = solve::build_all(session, images)?;
+        let solved = solve::build_all(session, images, platform)?;
         Ok(solved.into_iter().map(|image| BuiltImage { inner: Arc::new(image) }).collect())
     }
 
@@ -385,5 +409,74 @@ impl BuiltImage {
             tree.apply(position, &layer.digest, &index)?;
         }
         Ok(tree.listing())
+    }
+}
+
+/// Images of several platforms and the OCI image index that names them (see
+/// [`Builder::build_index`]). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct BuiltIndex {
+    store: Store,
+    index: layerwright_cache::Digest,
+    index_size: u64,
+    images: Vec<(Platform, BuiltImage)>,
+}
+
+impl BuiltIndex {
+    fn new(store: &Store, images: Vec<(Platform, BuiltImage)>) -> Result<BuiltIndex, BuildError> {
+        let manifests: Vec<Value> = images
+            .iter()
+            .map(|(platform, image)| {
+                let mut platform_json = serde_json::json!({ "os": platform.os, "architecture": platform.architecture });
+                if let Some(variant) = &platform.variant {
+                    platform_json["variant"] = Value::String(variant.clone());
+                }
+                serde_json::json!({
+                    "mediaType": media_types::OCI_MANIFEST,
+                    "digest": image.inner.manifest.to_string(),
+                    "size": image.inner.manifest_size,
+                    "platform": platform_json,
+                })
+            })
+            .collect();
+        let document = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media_types::OCI_INDEX,
+            "manifests": manifests,
+        });
+        let blob = store.put_blob(&canonical::to_bytes(&document)).map_err(|source| BuildError::Step {
+            step: "write the image index".into(),
+            source: Box::new(StepError::Store(source)),
+        })?;
+        Ok(BuiltIndex { store: store.clone(), index: blob.digest, index_size: blob.size, images })
+    }
+
+    /// `sha256:…` of the image index.
+    pub fn manifest_digest(&self) -> String {
+        self.index.to_string()
+    }
+
+    /// The images, with their platforms, in the order they were given.
+    pub fn images(&self) -> &[(Platform, BuiltImage)] {
+        &self.images
+    }
+
+    fn parts(&self) -> IndexParts<'_> {
+        IndexParts {
+            store: &self.store,
+            index: &self.index,
+            index_size: self.index_size,
+            images: self.images.iter().map(|(_, image)| image.parts()).collect(),
+        }
+    }
+
+    /// Writes (or adds to) an OCI image layout directory, tagging the index `tag`.
+    pub fn write_oci_layout(&self, dir: impl AsRef<Path>, tag: &str) -> Result<(), ExportError> {
+        crate::output::write_index_layout(&self.parts(), dir.as_ref(), tag)
+    }
+
+    /// Writes an OCI archive (a tar of an OCI layout) of the index.
+    pub fn write_oci_archive(&self, file: impl AsRef<Path>, tag: &str) -> Result<(), ExportError> {
+        crate::output::write_index_archive(&self.parts(), file.as_ref(), tag)
     }
 }

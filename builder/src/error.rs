@@ -18,9 +18,11 @@ pub use crate::execution::ExecutionError;
 pub use crate::layer::recompress::RecompressError;
 pub use crate::layer::snapshot::SnapshotError;
 pub use crate::layer::{LayerError, TreeError};
+pub use crate::oci::PlatformError;
 pub use crate::output::{ExportError, LoadError};
 #[cfg(feature = "registry")]
 pub use crate::registry::RegistryError;
+pub use crate::run::emulation::EmulationError;
 pub use crate::run::{OverlayError, RunError, SandboxError, SpecError, UpperError};
 pub use crate::solve::StepError;
 pub use layerwright_cache::{DigestError, StoreError};

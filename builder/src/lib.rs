@@ -65,10 +65,11 @@ mod tree;
 
 pub mod cache;
 
-pub use build::{BuildError, Builder, BuilderOptions, BuiltImage};
+pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, BuiltIndex};
 pub use inspect::InspectOptions;
 pub use layer::Compression;
 pub use layerwright_dsl::*;
+pub use oci::{Platform, PlatformError};
 pub use output::{ExportError, LoadError, LoadReport};
 pub use progress::{ProgressEvent, ProgressSink, StepHook, StepReport};
 #[cfg(feature = "registry")]

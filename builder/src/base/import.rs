@@ -47,13 +47,13 @@ pub struct BaseImage {
 /// For a layout, every document on the way from `index.json` to the selected manifest (nested
 /// indexes included) is hashed: the manifest names its config and layers by digest, so these
 /// few small files identify the whole image without reading a layer.
-pub fn archive_identity(path: &Path) -> Result<String, ImportError> {
+pub fn archive_identity(path: &Path, platform: Option<&Platform>) -> Result<String, ImportError> {
     let metadata = fs::metadata(path).map_err(|source| ImportError::Open { archive: path.to_owned(), source })?;
     let mut hasher = Sha256Writer::new(io::sink());
     if metadata.is_dir() {
         let archive = Archive::open(path)?;
         check_oci_layout_file(&archive)?;
-        let selected = select_oci_manifest(&archive)?;
+        let selected = select_oci_manifest(&archive, platform)?;
         for document in &selected.documents {
             io::Write::write_all(&mut hasher, document).expect("writing to a sink does not fail");
         }
@@ -69,9 +69,16 @@ pub fn archive_identity(path: &Path) -> Result<String, ImportError> {
     Ok(digest.hex().to_owned())
 }
 
-/// Imports the base image at `path` (format auto-detected) into `store`.
+/// Imports the base image at `path` (format auto-detected) into `store`, for this host.
+#[cfg(any(test, feature = "testing"))]
 pub fn import_archive(store: &Store, path: &Path) -> Result<BaseImage, ImportError> {
-    let fetched = fetch_base_image(store, path)?;
+    import_archive_for(store, path, None)
+}
+
+/// [`import_archive`] for `platform` (`None`: this host's, leniently: a single image of another
+/// platform is taken as it is).
+pub fn import_archive_for(store: &Store, path: &Path, platform: Option<&Platform>) -> Result<BaseImage, ImportError> {
+    let fetched = fetch_base_image(store, path, platform)?;
     let indexes = index_and_apply_layers(store, path, &fetched.layers)?;
     Ok(BaseImage { layers: fetched.layers, indexes, config: fetched.config })
 }
@@ -82,11 +89,16 @@ pub fn import_archive(store: &Store, path: &Path) -> Result<BaseImage, ImportErr
 /// with their lowers ready instead of all waiting for the same unpack while other steps (a
 /// large COPY compressing on every core) compete for the CPU. A snapshot is installed only
 /// when its layer's diff id checked out; one that could not be made is left to the RUN.
-pub fn import_archive_for_runs(store: &Store, path: &Path, prepare_snapshots: bool) -> Result<BaseImage, ImportError> {
+pub fn import_archive_for_runs(
+    store: &Store,
+    path: &Path,
+    prepare_snapshots: bool,
+    platform: Option<&Platform>,
+) -> Result<BaseImage, ImportError> {
     if !prepare_snapshots {
-        return import_archive(store, path);
+        return import_archive_for(store, path, platform);
     }
-    let fetched = fetch_base_image(store, path)?;
+    let fetched = fetch_base_image(store, path, platform)?;
     let layer_error = |source| ImportError::Layer { archive: path.to_owned(), source };
     let flavour = crate::layer::snapshot::flavour();
     let indexes = fetched
@@ -115,15 +127,15 @@ struct FetchedImage {
 
 /// Everything of an import but the layer indexing: detects the format, selects the image,
 /// copies and verifies its blobs.
-fn fetch_base_image(store: &Store, path: &Path) -> Result<FetchedImage, ImportError> {
+fn fetch_base_image(store: &Store, path: &Path, platform: Option<&Platform>) -> Result<FetchedImage, ImportError> {
     let archive = Archive::open(path)?;
     // Docker ≥ 25 writes both an OCI index and a manifest.json; the OCI index is the richer
     // (and content-addressed) description, so it wins.
     if archive.contains("oci-layout") {
-        return fetch_oci_image(store, &archive);
+        return fetch_oci_image(store, &archive, platform);
     }
     if archive.is_tar() && archive.contains("manifest.json") {
-        return fetch_docker_image(store, &archive);
+        return fetch_docker_image(store, &archive, platform);
     }
     let reason = if archive.is_tar() {
         "the tar holds neither an oci-layout (OCI archive) nor a manifest.json (docker-archive)"
@@ -177,9 +189,9 @@ impl SelectedManifest {
     }
 }
 
-fn fetch_oci_image(store: &Store, archive: &Archive) -> Result<FetchedImage, ImportError> {
+fn fetch_oci_image(store: &Store, archive: &Archive, platform: Option<&Platform>) -> Result<FetchedImage, ImportError> {
     check_oci_layout_file(archive)?;
-    let selected = select_oci_manifest(archive)?;
+    let selected = select_oci_manifest(archive, platform)?;
     let manifest: ImageManifest = archive.parse_json(selected.manifest_bytes(), &selected.entry)?;
     if let Some(media_type) = &manifest.media_type
         && !media_types::is_manifest(media_type)
@@ -193,6 +205,7 @@ fn fetch_oci_image(store: &Store, archive: &Archive) -> Result<FetchedImage, Imp
     // Kept in the store with its original bytes, so the base's config digest stays resolvable.
     store.put_blob(&config_bytes)?;
     let config: serde_json::Value = archive.parse_json(&config_bytes, &config_entry)?;
+    check_config_platform(archive, &config, platform)?;
     let diff_ids = diff_ids_of(archive, &config, &config_entry)?;
     if diff_ids.len() != manifest.layers.len() {
         return Err(archive.invalid(format!(
@@ -237,13 +250,13 @@ fn check_oci_layout_file(archive: &Archive) -> Result<(), ImportError> {
 
 /// Walks from `index.json` through nested indexes to one image manifest (see the module docs
 /// for which one), reading and verifying each document on the way.
-fn select_oci_manifest(archive: &Archive) -> Result<SelectedManifest, ImportError> {
+fn select_oci_manifest(archive: &Archive, platform: Option<&Platform>) -> Result<SelectedManifest, ImportError> {
     let mut entry = "index.json".to_owned();
     let mut documents = vec![archive.read_document(&entry)?];
     for _ in 0..MAX_INDEX_DEPTH {
         let index_bytes = documents.last().expect("documents start with index.json");
         let index: ImageIndex = archive.parse_json(index_bytes, &entry)?;
-        let descriptor = choose_descriptor(archive, &entry, &index.manifests)?;
+        let descriptor = choose_descriptor(archive, &entry, &index.manifests, platform)?;
         let digest = archive.parse_digest(&descriptor.digest, &entry)?;
         let child_entry = blob_entry(&digest);
         let child_bytes = archive.read_verified_document(&child_entry, &digest)?;
@@ -273,30 +286,55 @@ fn choose_descriptor<'a>(
     archive: &Archive,
     entry: &str,
     descriptors: &'a [Descriptor],
+    platform: Option<&Platform>,
 ) -> Result<&'a Descriptor, ImportError> {
     let Some(first) = descriptors.first() else {
         return Err(archive.invalid(format!("{entry} lists no manifests")));
     };
-    // Several tags of one image are several descriptors with the same digest.
-    if descriptors.iter().all(|descriptor| descriptor.digest == first.digest) {
+    let wanted = platform.cloned().unwrap_or_else(Platform::host);
+    // Several tags of one image are several descriptors with the same digest. Built for this
+    // host, such an image is taken whatever its platform; built for a platform named, it must be
+    // for that one (or say nothing of its platform).
+    if descriptors.iter().all(|descriptor| descriptor.digest == first.digest)
+        && (platform.is_none() || first.platform.as_ref().is_none_or(|offered| wanted.accepts(offered)))
+    {
         return Ok(first);
     }
-    let host = Platform::host();
-    let for_host =
-        descriptors.iter().find(|descriptor| descriptor.platform.as_ref().is_some_and(|offered| host.accepts(offered)));
-    if let Some(descriptor) = for_host {
+    let chosen = descriptors
+        .iter()
+        .find(|descriptor| descriptor.platform.as_ref().is_some_and(|offered| wanted.accepts(offered)));
+    if let Some(descriptor) = chosen {
         return Ok(descriptor);
     }
+    let offered: Vec<String> =
+        descriptors.iter().filter_map(|descriptor| descriptor.platform.as_ref().map(Platform::to_string)).collect();
     let names: Vec<&str> = descriptors
         .iter()
         .filter_map(|descriptor| descriptor.annotations.get(media_types::REF_NAME_ANNOTATION).map(String::as_str))
         .collect();
     Err(archive.invalid(format!(
-        "{entry} lists {} different manifests and none is for {host} \
-         (ref names: {names:?}); layerwright imports an archive holding one image, \
-         so save or copy a single image",
-        descriptors.len()
+        "{entry} lists {} manifests and none is for {wanted} (it offers {}; ref names: {names:?})",
+        descriptors.len(),
+        if offered.is_empty() { "no platforms".to_owned() } else { offered.join(", ") },
     )))
+}
+
+/// For a build for a platform named: the image's config must be for it.
+fn check_config_platform(
+    archive: &Archive,
+    config: &serde_json::Value,
+    platform: Option<&Platform>,
+) -> Result<(), ImportError> {
+    let Some(wanted) = platform else { return Ok(()) };
+    let (Some(os), Some(architecture)) = (config["os"].as_str(), config["architecture"].as_str()) else {
+        return Ok(());
+    };
+    let variant = config["variant"].as_str().map(str::to_owned);
+    let offered = Platform { os: os.to_owned(), architecture: architecture.to_owned(), variant };
+    if wanted.accepts(&offered) {
+        return Ok(());
+    }
+    Err(archive.invalid(format!("it holds an image for {offered}, not for {wanted}")))
 }
 
 /// The member holding the blob `digest` in an OCI layout.
@@ -317,7 +355,11 @@ struct DockerManifestEntry {
     layers: Vec<String>,
 }
 
-fn fetch_docker_image(store: &Store, archive: &Archive) -> Result<FetchedImage, ImportError> {
+fn fetch_docker_image(
+    store: &Store,
+    archive: &Archive,
+    platform: Option<&Platform>,
+) -> Result<FetchedImage, ImportError> {
     let manifest_bytes = archive.read_document("manifest.json")?;
     let images: Vec<DockerManifestEntry> = archive.parse_json(&manifest_bytes, "manifest.json")?;
     let Some(image) = images.first() else {
@@ -342,6 +384,7 @@ fn fetch_docker_image(store: &Store, archive: &Archive) -> Result<FetchedImage, 
     }
     store.put_blob(&config_bytes)?;
     let config: serde_json::Value = archive.parse_json(&config_bytes, &config_entry)?;
+    check_config_platform(archive, &config, platform)?;
     let diff_ids = diff_ids_of(archive, &config, &config_entry)?;
     if diff_ids.len() != image.layers.len() {
         return Err(archive.invalid(format!(
@@ -551,7 +594,7 @@ mod tests {
         let diff_id = Digest::of_bytes(&layer);
         let archive = docker_archive(dir.path(), std::slice::from_ref(&layer), &[&diff_id]);
 
-        let fetched = fetch_base_image(&store, &archive).unwrap();
+        let fetched = fetch_base_image(&store, &archive, None).unwrap();
         assert_eq!(
             fetched.layers,
             vec![LayerRecord {
@@ -576,7 +619,7 @@ mod tests {
         let diff_id = Digest::of_bytes(&layer);
         let archive = docker_archive(dir.path(), std::slice::from_ref(&compressed), &[&diff_id]);
 
-        let fetched = fetch_base_image(&store, &archive).unwrap();
+        let fetched = fetch_base_image(&store, &archive, None).unwrap();
         let record = &fetched.layers[0];
         assert_eq!(record.diff_id, diff_id);
         assert_eq!(record.digest, Digest::of_bytes(&compressed));
@@ -592,7 +635,7 @@ mod tests {
         let claimed = Digest::of_bytes(b"something else");
         let archive = docker_archive(dir.path(), &[layer_tar()], &[&claimed]);
 
-        let error = fetch_base_image(&store, &archive).unwrap_err();
+        let error = fetch_base_image(&store, &archive, None).unwrap_err();
         let ImportError::DigestMismatch { archive: named_archive, entry, expected, actual } = &error else {
             panic!("expected a digest mismatch, got {error}");
         };
@@ -620,7 +663,7 @@ mod tests {
             "docker.tar",
             &[("manifest.json".into(), manifest), (wrong_name.clone(), config), ("l/layer.tar".into(), layer)],
         );
-        let error = fetch_base_image(&store_in(dir.path()), &archive).unwrap_err();
+        let error = fetch_base_image(&store_in(dir.path()), &archive, None).unwrap_err();
         assert!(matches!(&error, ImportError::DigestMismatch { entry, .. } if *entry == wrong_name), "{error}");
     }
 
@@ -650,7 +693,7 @@ mod tests {
         let path = dir.path().join("docker.tar");
         fs::write(&path, builder.into_inner().unwrap()).unwrap();
 
-        let fetched = fetch_base_image(&store_in(dir.path()), &path).unwrap();
+        let fetched = fetch_base_image(&store_in(dir.path()), &path, None).unwrap();
         assert_eq!(fetched.layers[0].digest, diff_id);
     }
 
@@ -663,7 +706,7 @@ mod tests {
         ]))
         .unwrap();
         let archive = write_tar(dir.path(), "two.tar", &[("manifest.json".into(), manifest)]);
-        let error = fetch_base_image(&store_in(dir.path()), &archive).unwrap_err();
+        let error = fetch_base_image(&store_in(dir.path()), &archive, None).unwrap_err();
         assert!(matches!(error, ImportError::Invalid { .. }), "{error}");
         assert!(error.to_string().contains("a:1"), "{error}");
     }
@@ -685,12 +728,12 @@ mod tests {
         }];
 
         let layout = write_layout(dir.path(), &files);
-        let from_layout = fetch_base_image(&store_in(&dir.path().join("a")), &layout).unwrap();
+        let from_layout = fetch_base_image(&store_in(&dir.path().join("a")), &layout, None).unwrap();
         assert_eq!(from_layout.layers, expected);
 
         let archive = write_tar(dir.path(), "oci.tar", &files);
         let store = store_in(&dir.path().join("b"));
-        let from_archive = fetch_base_image(&store, &archive).unwrap();
+        let from_archive = fetch_base_image(&store, &archive, None).unwrap();
         assert_eq!(from_archive.layers, expected);
         assert_eq!(from_archive.config, from_layout.config);
         assert_eq!(fs::read(store.blob_path(&expected[0].digest)).unwrap(), compressed);
@@ -706,7 +749,7 @@ mod tests {
         let mut files = oci_layout_files(&[(layer.clone(), &diff_id, "application/vnd.oci.image.layer.v1.tar")]);
         files.push(("manifest.json".into(), b"[{\"Config\": \"missing.json\"}]".to_vec()));
         let archive = write_tar(dir.path(), "docker25.tar", &files);
-        let fetched = fetch_base_image(&store_in(dir.path()), &archive).unwrap();
+        let fetched = fetch_base_image(&store_in(dir.path()), &archive, None).unwrap();
         assert_eq!(fetched.layers[0].digest, diff_id);
     }
 
@@ -720,7 +763,7 @@ mod tests {
         files.iter_mut().find(|(name, _)| *name == layer_entry).unwrap().1 = b"tampered".to_vec();
         let layout = write_layout(dir.path(), &files);
 
-        let error = fetch_base_image(&store_in(dir.path()), &layout).unwrap_err();
+        let error = fetch_base_image(&store_in(dir.path()), &layout, None).unwrap_err();
         assert!(matches!(&error, ImportError::DigestMismatch { entry, .. } if *entry == layer_entry), "{error}");
     }
 
@@ -755,7 +798,7 @@ mod tests {
         files.push((blob_entry(&nested_digest), nested));
         let layout = write_layout(dir.path(), &files);
 
-        let fetched = fetch_base_image(&store_in(dir.path()), &layout).unwrap();
+        let fetched = fetch_base_image(&store_in(dir.path()), &layout, None).unwrap();
         assert_eq!(fetched.layers[0].digest, diff_id);
     }
 
@@ -779,13 +822,13 @@ mod tests {
             (text, "nor a readable tar archive"),
         ];
         for (path, reason) in cases {
-            let error = fetch_base_image(&store, &path).unwrap_err();
+            let error = fetch_base_image(&store, &path, None).unwrap_err();
             assert!(matches!(error, ImportError::Invalid { .. }), "{}: {error}", path.display());
             let message = error.to_string();
             assert!(message.contains(reason), "{message:?} should say {reason:?}");
             assert!(message.contains(&path.display().to_string()), "{message:?} should name the archive");
         }
-        let missing = fetch_base_image(&store, &dir.path().join("missing.tar")).unwrap_err();
+        let missing = fetch_base_image(&store, &dir.path().join("missing.tar"), None).unwrap_err();
         assert!(matches!(missing, ImportError::Open { .. }), "{missing}");
     }
 
@@ -797,16 +840,16 @@ mod tests {
         let files = oci_layout_files(&[(layer.clone(), &diff_id, "application/vnd.oci.image.layer.v1.tar")]);
 
         let archive = write_tar(dir.path(), "oci.tar", &files);
-        assert_eq!(archive_identity(&archive).unwrap(), Digest::of_bytes(&fs::read(&archive).unwrap()).hex());
+        assert_eq!(archive_identity(&archive, None).unwrap(), Digest::of_bytes(&fs::read(&archive).unwrap()).hex());
 
         let layout = write_layout(dir.path(), &files);
         let index = &files[1].1;
         let manifest = &files[2].1;
         let expected = Digest::of_bytes(&[index.as_slice(), manifest.as_slice()].concat());
-        assert_eq!(archive_identity(&layout).unwrap(), expected.hex());
+        assert_eq!(archive_identity(&layout, None).unwrap(), expected.hex());
         // Layers are named by the manifest, so the identity does not read them.
         fs::remove_file(layout.join(blob_entry(&diff_id))).unwrap();
-        assert_eq!(archive_identity(&layout).unwrap(), expected.hex());
+        assert_eq!(archive_identity(&layout, None).unwrap(), expected.hex());
     }
 
     #[test]
@@ -864,14 +907,14 @@ mod tests {
         write_docker_archive(parts, &docker_archive, "base:1").unwrap();
 
         for path in [&layout, &oci_archive, &docker_archive] {
-            let fetched = fetch_base_image(&store_in(&dir.path().join("imported")), path).unwrap();
+            let fetched = fetch_base_image(&store_in(&dir.path().join("imported")), path, None).unwrap();
             assert_eq!(fetched.layers, layers, "{}", path.display());
         }
         // The docker-archive alone (manifest.json only) reads the same: drop its OCI index.
         let archive = Archive::open(&docker_archive).unwrap();
         let Storage::Tar { members } = &archive.storage else { unreachable!() };
         assert!(members.contains_key("manifest.json") && members.contains_key("index.json"));
-        let fetched = fetch_docker_image(&store_in(&dir.path().join("docker-only")), &archive).unwrap();
+        let fetched = fetch_docker_image(&store_in(&dir.path().join("docker-only")), &archive, None).unwrap();
         assert_eq!(fetched.layers, layers);
     }
 
@@ -906,7 +949,7 @@ mod tests {
             let layer = layer_tar();
             let diff_id = Digest::of_bytes(&layer);
             let archive = docker_archive(dir.path(), &[gzip(&layer)], &[&diff_id]);
-            let base = import_archive_for_runs(&store, &archive, true).unwrap();
+            let base = import_archive_for_runs(&store, &archive, true, None).unwrap();
             assert_eq!(base.indexes, import_archive(&store, &archive).unwrap().indexes);
             let snapshots: Vec<_> =
                 fs::read_dir(store.snapshots_dir()).unwrap().map(|entry| entry.unwrap().path()).collect();
@@ -918,7 +961,7 @@ mod tests {
             let store = store_in(other.path());
             let claimed = Digest::of_bytes(b"not the layer");
             let archive = docker_archive(other.path(), &[gzip(&layer)], &[&claimed]);
-            assert!(import_archive_for_runs(&store, &archive, true).is_err());
+            assert!(import_archive_for_runs(&store, &archive, true, None).is_err());
             assert_eq!(fs::read_dir(store.snapshots_dir()).unwrap().count(), 0, "no snapshot of a refused layer");
             assert_eq!(fs::read_dir(store.tmp_dir()).unwrap().count(), 0, "nothing left in tmp/");
         }

@@ -9,6 +9,7 @@ use layerwright_cache::Store;
 use thiserror::Error;
 
 use super::import::BaseImage;
+use crate::oci::Platform;
 use crate::progress::Progress;
 
 /// Why a base image could not be pulled.
@@ -74,12 +75,19 @@ fn remember(store: &Store, path: &std::path::Path, reference: &str, digest: &str
 
 /// Fetches the image `identity` (from [`identity`]) of `reference` into `store`.
 #[cfg(feature = "registry")]
-pub(crate) fn fetch(store: &Store, reference: &str, identity: &[u8]) -> Result<BaseImage, PullError> {
-    let digest = std::str::from_utf8(identity)
+pub(crate) fn fetch(
+    store: &Store,
+    reference: &str,
+    identity: &[u8],
+    platform: &Platform,
+) -> Result<BaseImage, PullError> {
+    // The plan may have added the platform after a NUL.
+    let digest_bytes = identity.split(|byte| *byte == 0).next().unwrap_or_default();
+    let digest = std::str::from_utf8(digest_bytes)
         .ok()
         .and_then(|text| layerwright_cache::Digest::parse(text).ok())
         .expect("the plan phase puts the resolved digest into the identity");
-    let pulled = crate::registry::pull_image(store, reference, &digest)?;
+    let pulled = crate::registry::pull_image(store, reference, &digest, platform)?;
     Ok(BaseImage { layers: pulled.layers, indexes: pulled.indexes, config: pulled.config })
 }
 
@@ -96,6 +104,11 @@ pub(crate) fn identity(_store: &Store, reference: &str, _progress: &Progress) ->
 }
 
 #[cfg(not(feature = "registry"))]
-pub(crate) fn fetch(_store: &Store, reference: &str, _identity: &[u8]) -> Result<BaseImage, PullError> {
+pub(crate) fn fetch(
+    _store: &Store,
+    reference: &str,
+    _identity: &[u8],
+    _platform: &Platform,
+) -> Result<BaseImage, PullError> {
     Err(PullError::Disabled { reference: reference.to_owned() })
 }

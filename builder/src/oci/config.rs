@@ -14,16 +14,25 @@ use serde_json::{Map, Value, json};
 use super::media_types::{OCI_CONFIG, OCI_MANIFEST};
 use super::platform::Platform;
 
-/// The config of an empty image.
-pub fn scratch_config(created: &str) -> Value {
-    json!({
-        "architecture": Platform::host().architecture,
-        "os": "linux",
+/// The config of an empty image for `platform` (`None`: this host's, whose variant is left out
+/// as it always was, so that host builds keep their digests).
+pub fn scratch_config_for(created: &str, platform: Option<&Platform>) -> Value {
+    let (os, architecture, variant) = match platform {
+        Some(platform) => (platform.os.clone(), platform.architecture.clone(), platform.variant.clone()),
+        None => ("linux".to_owned(), Platform::host().architecture, None),
+    };
+    let mut config = json!({
+        "architecture": architecture,
+        "os": os,
         "created": created,
         "config": {},
         "rootfs": { "type": "layers", "diff_ids": [] },
         "history": [],
-    })
+    });
+    if let Some(variant) = variant {
+        object(&mut config).insert("variant".into(), Value::String(variant));
+    }
+    config
 }
 
 /// Sets `created` of an image whose top step we built (a base keeps its own until then).
@@ -165,7 +174,7 @@ mod tests {
 
     #[test]
     fn config_changes_follow_docker() {
-        let mut config = scratch_config("1970-01-01T00:00:00Z");
+        let mut config = scratch_config_for("1970-01-01T00:00:00Z", None);
         let changes = [
             ConfigChange::Env { key: "A".into(), value: "1".into() },
             ConfigChange::Env { key: "B".into(), value: "2".into() },

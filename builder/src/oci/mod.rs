@@ -12,4 +12,4 @@ pub mod media_types;
 pub mod platform;
 
 pub use descriptor::Descriptor;
-pub use platform::Platform;
+pub use platform::{Platform, PlatformError};

@@ -7,6 +7,19 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Why a platform string does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum PlatformError {
+    /// It is not `os/architecture` or `os/architecture/variant` with non-empty parts.
+    #[error("invalid platform {text:?}: expected os/architecture[/variant], like linux/arm64 or linux/arm/v7")]
+    Invalid {
+        /// The text given.
+        text: String,
+    },
+}
 
 /// A platform as an image index names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -21,6 +34,35 @@ pub struct Platform {
 }
 
 impl Platform {
+    /// Parses `os/architecture[/variant]` (`linux/amd64`, `linux/arm64`, `linux/arm/v7`).
+    /// Architectures are Go's names (`amd64`, not `x86_64`).
+    ///
+    /// ```
+    /// let platform = layerwright::Platform::parse("linux/arm/v7")?;
+    /// assert_eq!((platform.architecture.as_str(), platform.variant.as_deref()), ("arm", Some("v7")));
+    /// assert!(layerwright::Platform::parse("arm64").is_err());
+    /// # Ok::<(), layerwright::PlatformError>(())
+    /// ```
+    pub fn parse(text: &str) -> Result<Platform, PlatformError> {
+        let invalid = || PlatformError::Invalid { text: text.to_owned() };
+        let parts: Vec<&str> = text.split('/').collect();
+        if !(2..=3).contains(&parts.len()) || parts.iter().any(|part| part.trim().is_empty() || part.contains(' ')) {
+            return Err(invalid());
+        }
+        Ok(Platform {
+            os: parts[0].to_owned(),
+            architecture: parts[1].to_owned(),
+            variant: parts.get(2).map(|variant| (*variant).to_owned()),
+        })
+    }
+
+    /// Whether code for this platform runs on this host without emulation (same os and
+    /// architecture).
+    pub fn is_native(&self) -> bool {
+        let host = Platform::host();
+        self.os == host.os && self.architecture == host.architecture
+    }
+
     /// The platform of this host: the platform of the binaries a declaration copies in.
     pub fn host() -> Platform {
         let (architecture, variant) = go_architecture(std::env::consts::ARCH);

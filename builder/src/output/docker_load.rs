@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use super::blobs::copy_verified_blob;
-use super::documents::blob_sizes;
+use super::documents::image_blob_sizes;
 use super::tags::ImageReference;
 use super::tar_archive::tar_header;
 use super::{ExportError, ImageParts};
@@ -297,7 +297,7 @@ fn write_load_stream(
     }]);
     let mut members: BTreeMap<String, LoadMember> = BTreeMap::new();
     members.insert("manifest.json".into(), (Some(canonical_json(&manifest)), None));
-    let config_size = blob_sizes(parts)?.get(parts.config).copied().unwrap_or(0);
+    let config_size = image_blob_sizes(parts)?.get(parts.config).copied().unwrap_or(0);
     members.insert(member(parts.config), (None, Some((parts.config.clone(), config_size))));
     let mut layer_bytes = 0;
     for layer in &parts.layers[held.min(parts.layers.len())..] {

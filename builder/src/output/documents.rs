@@ -9,12 +9,12 @@ use layerwright_cache::Digest;
 use serde_json::{Value, json};
 
 use super::tags::ImageReference;
-use super::{ExportError, ImageParts};
+use super::{ExportError, Exported, ImageParts};
 use crate::oci::media_types;
 
 /// The blobs of the image (manifest, config, layers; each once) and their sizes, sorted by
 /// digest. The config's size is not in the parts, so it is read from the store.
-pub(super) fn blob_sizes(parts: &ImageParts<'_>) -> Result<BTreeMap<Digest, u64>, ExportError> {
+pub(super) fn image_blob_sizes(parts: &ImageParts<'_>) -> Result<BTreeMap<Digest, u64>, ExportError> {
     let config_path = parts.store.blob_path(parts.config);
     let config_file = parts.store.open_blob(parts.config)?;
     let config_size = config_file.metadata().map_err(|source| ExportError::Read { path: config_path, source })?.len();
@@ -30,12 +30,31 @@ pub(super) fn blob_member(digest: &Digest) -> String {
     format!("blobs/sha256/{}", digest.hex())
 }
 
-/// The `index.json` descriptor of the image's manifest under `reference`.
-pub(super) fn manifest_descriptor(parts: &ImageParts<'_>, reference: &ImageReference) -> Value {
+/// Every blob of what is exported (an index: its own and every image's), with its size.
+pub(super) fn blob_sizes(exported: Exported<'_>) -> Result<BTreeMap<Digest, u64>, ExportError> {
+    match exported {
+        Exported::Image(parts) => image_blob_sizes(&parts),
+        Exported::Index(index) => {
+            let mut sizes = BTreeMap::from([(index.index.clone(), index.index_size)]);
+            for parts in &index.images {
+                sizes.extend(image_blob_sizes(parts)?);
+            }
+            Ok(sizes)
+        }
+    }
+}
+
+/// The `index.json` descriptor of what is exported (an image's manifest, or an image index)
+/// under `reference`.
+pub(super) fn manifest_descriptor(exported: Exported<'_>, reference: &ImageReference) -> Value {
+    let (media_type, digest, size) = match exported {
+        Exported::Image(parts) => (media_types::OCI_MANIFEST, parts.manifest, parts.manifest_size),
+        Exported::Index(index) => (media_types::OCI_INDEX, index.index, index.index_size),
+    };
     json!({
-        "mediaType": media_types::OCI_MANIFEST,
-        "digest": parts.manifest.to_string(),
-        "size": parts.manifest_size,
+        "mediaType": media_type,
+        "digest": digest.to_string(),
+        "size": size,
         "annotations": {
             media_types::REF_NAME_ANNOTATION: reference.tag,
             media_types::CONTAINERD_NAME_ANNOTATION: reference.full_name,

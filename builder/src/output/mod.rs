@@ -120,8 +120,48 @@ pub struct ImageParts<'a> {
     pub layers: &'a [LayerRecord],
 }
 
+/// An image index and its images, every blob in `store`.
+#[derive(Debug, Clone)]
+pub struct IndexParts<'a> {
+    pub store: &'a Store,
+    pub index: &'a Digest,
+    pub index_size: u64,
+    pub images: Vec<ImageParts<'a>>,
+}
+
+/// What a layout or an archive holds: one image, or an index of images.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Exported<'a> {
+    Image(ImageParts<'a>),
+    Index(&'a IndexParts<'a>),
+}
+
+impl Exported<'_> {
+    fn store(&self) -> &Store {
+        match self {
+            Exported::Image(parts) => parts.store,
+            Exported::Index(index) => index.store,
+        }
+    }
+}
+
 /// Writes (or updates) the OCI image layout `dir` so that it holds the image under `tag`.
 pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<(), ExportError> {
+    write_layout(Exported::Image(parts), dir, tag)
+}
+
+/// Writes (or updates) the OCI image layout `dir` so that it holds the index under `tag`.
+pub fn write_index_layout(index: &IndexParts<'_>, dir: &Path, tag: &str) -> Result<(), ExportError> {
+    write_layout(Exported::Index(index), dir, tag)
+}
+
+/// Writes the OCI archive `file`: the index's OCI layout as a tar.
+pub fn write_index_archive(index: &IndexParts<'_>, file: &Path, tag: &str) -> Result<(), ExportError> {
+    let reference = ImageReference::parse(tag)?;
+    write_layout_tar(Exported::Index(index), &reference, file, BTreeMap::new())
+}
+
+fn write_layout(exported: Exported<'_>, dir: &Path, tag: &str) -> Result<(), ExportError> {
     let reference = ImageReference::parse(tag)?;
     let blobs_dir = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs_dir).map_err(|source| ExportError::Write { path: blobs_dir.clone(), source })?;
@@ -133,8 +173,8 @@ pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<
         })?;
     }
     // Blobs first, index last: a layout interrupted half way names no missing blob.
-    for (digest, size) in blob_sizes(&parts)? {
-        copy_blob_into_layout(parts.store, &digest, size, &blobs_dir)?;
+    for (digest, size) in blob_sizes(exported)? {
+        copy_blob_into_layout(exported.store(), &digest, size, &blobs_dir)?;
     }
 
     let index_path = dir.join("index.json");
@@ -145,7 +185,7 @@ pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<
             return Err(ExportError::Read { path: index_path, source });
         }
     };
-    let index = merged_index(existing.as_deref(), manifest_descriptor(&parts, &reference), &reference.tag)
+    let index = merged_index(existing.as_deref(), manifest_descriptor(exported, &reference), &reference.tag)
         .map_err(|reason| ExportError::ExistingIndex { path: index_path.clone(), reason })?;
     let index_bytes = canonical_json(&index);
     if existing.as_deref() == Some(index_bytes.as_slice()) {
@@ -158,7 +198,7 @@ pub fn write_oci_layout(parts: ImageParts<'_>, dir: &Path, tag: &str) -> Result<
 /// Writes the OCI archive `file`: the image's OCI layout as a tar.
 pub fn write_oci_archive(parts: ImageParts<'_>, file: &Path, tag: &str) -> Result<(), ExportError> {
     let reference = ImageReference::parse(tag)?;
-    write_layout_tar(&parts, &reference, file, BTreeMap::new())
+    write_layout_tar(Exported::Image(parts), &reference, file, BTreeMap::new())
 }
 
 /// Writes the docker-archive `file` (`docker load -i`), which is also an OCI archive.
@@ -176,7 +216,7 @@ pub fn write_docker_archive(parts: ImageParts<'_>, file: &Path, tag: &str) -> Re
         "Layers": layer_members,
     }]);
     let extra = BTreeMap::from([("manifest.json".to_owned(), canonical_json(&manifest))]);
-    write_layout_tar(&parts, &reference, file, extra)
+    write_layout_tar(Exported::Image(parts), &reference, file, extra)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use layerwright_cache::Digest;
 use super::blobs::*;
 use super::documents::*;
 use super::tags::ImageReference;
-use super::{ExportError, ImageParts};
+use super::{ExportError, Exported};
 use crate::oci::canonical::to_bytes as canonical_json;
 use crate::oci::media_types;
 
@@ -30,20 +30,20 @@ pub(super) enum TarMember {
 /// Writes the OCI layout of the image (plus `extra` documents at the top) as a tar, members
 /// sorted by name, streamed from the store into a temp file renamed to `file`.
 pub(super) fn write_layout_tar(
-    parts: &ImageParts<'_>,
+    exported: Exported<'_>,
     reference: &ImageReference,
     file: &Path,
     extra: BTreeMap<String, Vec<u8>>,
 ) -> Result<(), ExportError> {
     let index =
-        merged_index(None, manifest_descriptor(parts, reference), &reference.tag).expect("a fresh index merges");
+        merged_index(None, manifest_descriptor(exported, reference), &reference.tag).expect("a fresh index merges");
     let mut members: BTreeMap<String, TarMember> = BTreeMap::from([
         ("blobs/".to_owned(), TarMember::Directory),
         ("blobs/sha256/".to_owned(), TarMember::Directory),
         ("index.json".to_owned(), TarMember::Document(canonical_json(&index))),
         ("oci-layout".to_owned(), TarMember::Document(media_types::OCI_LAYOUT_CONTENT.to_vec())),
     ]);
-    for (digest, size) in blob_sizes(parts)? {
+    for (digest, size) in blob_sizes(exported)? {
         members.insert(blob_member(&digest), TarMember::Blob { digest, size });
     }
     for (name, bytes) in extra {
@@ -68,7 +68,7 @@ pub(super) fn write_layout_tar(
             match member {
                 TarMember::Directory => {}
                 TarMember::Document(bytes) => output.write_all(bytes).map_err(write_error(file))?,
-                TarMember::Blob { digest, size } => copy_blob(parts.store, digest, *size, output, file)?,
+                TarMember::Blob { digest, size } => copy_blob(exported.store(), digest, *size, output, file)?,
             }
             let padding = (TAR_BLOCK - size % TAR_BLOCK) % TAR_BLOCK;
             output.write_all(&[0; TAR_BLOCK as usize][..padding as usize]).map_err(write_error(file))?;

@@ -58,11 +58,16 @@ pub(crate) fn resolve(reference: &str) -> Result<Digest, RegistryError> {
 }
 
 /// Fetches the image `digest` (as [`resolve`]d) of `reference` into `store`.
-pub(crate) fn pull_image(store: &Store, reference: &str, digest: &Digest) -> Result<PulledImage, RegistryError> {
+pub(crate) fn pull_image(
+    store: &Store,
+    reference: &str,
+    digest: &Digest,
+    platform: &Platform,
+) -> Result<PulledImage, RegistryError> {
     let reference = RegistryReference::parse(reference)?.with_digest(&digest.to_string());
     client::on_own_thread(move || {
         let client = RegistryClient::new(&reference, false)?;
-        let fetched = client::block_on(fetch_image(&client, store, digest))??;
+        let fetched = client::block_on(fetch_image(&client, store, digest, platform))??;
         let indexes = index_and_apply_layers(&client, store, &fetched.layers)?;
         Ok(PulledImage {
             layers: fetched.layers,
@@ -93,14 +98,21 @@ struct Document {
     layers: Vec<Descriptor>,
 }
 
-async fn fetch_image(client: &RegistryClient, store: &Store, digest: &Digest) -> Result<FetchedImage, RegistryError> {
+async fn fetch_image(
+    client: &RegistryClient,
+    store: &Store,
+    digest: &Digest,
+    platform: &Platform,
+) -> Result<FetchedImage, RegistryError> {
     client.authenticate(RegistryOperation::Pull).await?;
     let mut digest = digest.clone();
     let mut manifest = None;
     for _ in 0..MAX_INDEX_DEPTH {
         let document = fetch_document(client, &digest).await?;
         match document.manifests {
-            Some(manifests) if is_index(&document.media_type) => digest = choose_platform(client, &manifests)?,
+            Some(manifests) if is_index(&document.media_type) => {
+                digest = choose_platform(client, &manifests, platform)?
+            }
             _ => {
                 manifest = Some(document);
                 break;
@@ -206,21 +218,20 @@ async fn fetch_document(client: &RegistryClient, digest: &Digest) -> Result<Docu
     serde_json::from_slice(&bytes).map_err(|error| client.unusable(format!("manifest {digest} is not JSON: {error}")))
 }
 
-/// The descriptor of an index for this host's platform (`linux/<GOARCH>`, and for arm the
-/// variant `rustc` targets).
-fn choose_platform(client: &RegistryClient, manifests: &[Descriptor]) -> Result<Digest, RegistryError> {
-    let host = Platform::host();
+/// The descriptor of an index for `platform` (this host's: `linux/<GOARCH>`, and for arm the
+/// variant `rustc` targets, unless the build names another).
+fn choose_platform(
+    client: &RegistryClient,
+    manifests: &[Descriptor],
+    platform: &Platform,
+) -> Result<Digest, RegistryError> {
+    let host = platform;
     let for_host = |descriptor: &&Descriptor| descriptor.platform.as_ref().is_some_and(|offered| host.accepts(offered));
     let Some(descriptor) = manifests.iter().find(for_host) else {
-        let offered: Vec<String> = manifests
-            .iter()
-            .filter_map(|descriptor| descriptor.platform.as_ref())
-            .map(|platform| format!("{}/{}", platform.os, platform.architecture))
-            .collect();
+        let offered: Vec<String> =
+            manifests.iter().filter_map(|descriptor| descriptor.platform.as_ref()).map(Platform::to_string).collect();
         return Err(client.unusable(format!(
-            "the index has no image for {}/{} (it offers {})",
-            host.os,
-            host.architecture,
+            "the index has no image for {host} (it offers {})",
             if offered.is_empty() { "no platforms".to_owned() } else { offered.join(", ") }
         )));
     };

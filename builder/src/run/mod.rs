@@ -30,6 +30,7 @@
 //! What this module deliberately does not do: decide whether the step runs (the solver looks its
 //! key up first), or keep anything of a failed run but its log.
 
+pub(crate) mod emulation;
 mod spec;
 mod upper;
 

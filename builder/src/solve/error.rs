@@ -15,6 +15,7 @@ use crate::execution::ExecutionError;
 use crate::layer::recompress::RecompressError;
 use crate::layer::{LayerError, TreeError};
 use crate::run::RunError;
+use crate::run::emulation::EmulationError;
 
 /// What went wrong inside one step.
 #[derive(Debug, Error)]
@@ -104,6 +105,9 @@ pub enum StepError {
         /// The input step's label.
         input: String,
     },
+    /// A RUN step for a foreign platform, on a machine that cannot run its programs.
+    #[error(transparent)]
+    Emulation(#[from] EmulationError),
     /// A cached layer could not be recompressed.
     #[error(transparent)]
     Recompress(#[from] RecompressError),

@@ -35,7 +35,7 @@ pub(crate) use error::StepFailure;
 
 use crate::execution::{IndexCache, NodeState};
 use crate::layer::{Compression, LayerOptions};
-use crate::oci::config;
+use crate::oci::{Platform, config};
 use crate::progress::{Progress, StepHook, StepReport};
 use crate::remote_cache::{self, NodeShape, RemoteCacheReport};
 use keys::{key_by_depth, read_local_records};
@@ -82,14 +82,19 @@ pub(crate) struct SolvedImage {
     pub remote_cache: Option<Arc<RemoteCacheReport>>,
 }
 
-/// Builds `images` in one walk (a step they share is built once); one result per image.
-pub(crate) fn build_all(session: Session<'_>, images: &[&Image]) -> Result<Vec<SolvedImage>, StepFailure> {
+/// Builds `images` in one walk (a step they share is built once) for `platform` (`None`: this
+/// host's); one result per image.
+pub(crate) fn build_all(
+    session: Session<'_>,
+    images: &[&Image],
+    platform: Option<&Platform>,
+) -> Result<Vec<SolvedImage>, StepFailure> {
     let builder = session;
     let epoch = builder.options.source_date_epoch.or_else(source_date_epoch_from_env).unwrap_or(0);
     let order = collect(images);
     let plan = {
         let mut state = builder.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let plan = plan(&order, builder.store, &mut state, builder.workers, &builder.options.progress)?;
+        let plan = plan(&order, builder.store, &mut state, builder.workers, &builder.options.progress, platform)?;
         if let Err(error) = state.stat_cache.save(builder.store) {
             // Only an accelerator: the next build re-hashes what it cannot find.
             builder.options.progress.warn(None, format!("cannot save the stat cache: {error}"));
@@ -138,6 +143,7 @@ pub(crate) fn build_all(session: Session<'_>, images: &[&Image]) -> Result<Vec<S
         records: plan.iter().map(|_| OnceLock::new()).collect(),
         snapshot_for_run: below_run(&plan, &remote.decision),
         session: builder,
+        platform: platform.cloned(),
     };
     builder.workers.scope(|scope| {
         for (index, node) in plan.iter().enumerate() {

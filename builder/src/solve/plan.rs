@@ -14,8 +14,12 @@ use super::KeyState;
 use super::error::{StepError, StepFailure};
 use crate::base;
 use crate::context::{self, OpenedContext, Selection, StatLookup};
+use crate::oci::Platform;
 use crate::progress::Progress;
 use crate::remote_cache::{Decision, Served};
+
+/// What separates a step's own identity from the platform in its key's extra bytes.
+pub(super) const PLATFORM_SEPARATOR: &[u8] = b"\0platform=";
 
 /// One node of the plan.
 pub(super) struct PlannedNode {
@@ -151,6 +155,7 @@ pub(super) fn plan(
     state: &mut KeyState,
     workers: &rayon::ThreadPool,
     progress: &Progress,
+    platform: Option<&Platform>,
 ) -> Result<Vec<PlannedNode>, StepFailure> {
     let mut selections = select_contexts(order, state, workers)?;
     let mut positions: HashMap<usize, usize> = HashMap::new();
@@ -181,13 +186,23 @@ pub(super) fn plan(
                 selection = Some(selected);
             }
             Step::FromArchive { path } => {
-                extra = archive_identity(path, &mut state.stat_cache).map_err(|error| step_error(error.into()))?;
+                extra = archive_identity(path, &mut state.stat_cache, platform)
+                    .map_err(|error| step_error(error.into()))?;
             }
             // The digest the reference names now: the key follows it, so a moved tag is a miss.
             Step::Pull { reference } => {
                 extra = base::identity(store, reference, progress).map_err(|error| step_error(error.into()))?
             }
             _ => {}
+        }
+        // What a step makes depends on the platform only when it runs the image's programs or
+        // picks a base image; for this host's platform nothing is added, so keys stay as they
+        // were before platforms existed.
+        if let Some(platform) = platform
+            && matches!(step, Step::Run(_) | Step::Pull { .. } | Step::FromArchive { .. })
+        {
+            extra.extend_from_slice(PLATFORM_SEPARATOR);
+            extra.extend_from_slice(platform.to_string().as_bytes());
         }
         let parent_input = parent.map(|index| plan[index].input);
         let source_input = source.map(|index| plan[index].input);
@@ -214,25 +229,34 @@ pub(super) fn plan(
 
 /// The identity of a base archive's content, through the stat cache so that an unchanged
 /// archive is not re-hashed.
-fn archive_identity(path: &Path, stat_cache: &mut layerwright_cache::StatCache) -> Result<Vec<u8>, base::ImportError> {
+fn archive_identity(
+    path: &Path,
+    stat_cache: &mut layerwright_cache::StatCache,
+    platform: Option<&Platform>,
+) -> Result<Vec<u8>, base::ImportError> {
     use std::os::unix::fs::MetadataExt;
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
     // A layout directory is identified through its index.json; a tar through itself.
     let stat_path = if canonical.is_dir() { canonical.join("index.json") } else { canonical.clone() };
+    // The image a layout's index selects depends on the platform: remembered apart.
+    let cache_path = match platform {
+        Some(platform) if canonical.is_dir() => PathBuf::from(format!("{}\0{platform}", stat_path.display())),
+        _ => stat_path.clone(),
+    };
     let stat = std::fs::metadata(&stat_path).ok().map(|metadata| {
         let mtime = (metadata.mtime(), metadata.mtime_nsec());
         let ctime = (metadata.ctime(), metadata.ctime_nsec());
         FileStat::from_unix(metadata.size(), mtime, ctime, metadata.ino(), metadata.dev())
     });
     if let Some(stat) = &stat
-        && let Some(digest) = stat_cache.lookup(&stat_path, stat)
+        && let Some(digest) = stat_cache.lookup(&cache_path, stat)
     {
         return Ok(digest.to_vec());
     }
-    let identity = base::archive_identity(path)?;
+    let identity = base::archive_identity(path, platform)?;
     let digest: [u8; 32] = *blake3::hash(identity.as_bytes()).as_bytes();
     if let Some(stat) = stat {
-        stat_cache.record(stat_path, stat, digest);
+        stat_cache.record(cache_path, stat, digest);
     }
     Ok(digest.to_vec())
 }

@@ -19,7 +19,7 @@ use crate::base;
 use crate::execution::{Execution, IndexCache, NodeState};
 use crate::layer::recompress;
 use crate::layer::{LayerEntry, LayerOptions};
-use crate::oci::config;
+use crate::oci::{Platform, config};
 use crate::progress::{ProgressEvent, StepReport};
 use crate::remote_cache::{Decision, Served};
 use crate::run::{self, RunRequest};
@@ -29,6 +29,8 @@ pub(super) type Finished = (Arc<NodeState>, StepReport);
 
 pub(super) struct Walk<'a> {
     pub(super) session: Session<'a>,
+    /// The platform the images are built for (`None`: this host's).
+    pub(super) platform: Option<Platform>,
     pub(super) store: &'a Store,
     pub(super) plan: &'a [PlannedNode],
     pub(super) keys: &'a [StepKey],
@@ -192,7 +194,7 @@ impl<'a> Walk<'a> {
         let execution = Execution { snapshot_for_run: self.snapshot_for_run[index], ..self.execution() };
         let (parent, step) = match (parent, step) {
             (_, Step::Scratch) => {
-                let config = config::scratch_config(&self.created);
+                let config = config::scratch_config_for(&self.created, self.platform.as_ref());
                 return Ok(Outcome { layers: Vec::new(), config, cached: true, layer: None, miss: None, record: None });
             }
             (_, Step::FromArchive { path }) => return self.import_base(index, key, path),
@@ -226,6 +228,9 @@ impl<'a> Walk<'a> {
         let mut _spool = None;
         match step {
             Step::Run(run) => {
+                if let Some(platform) = &self.platform {
+                    run::emulation::check(platform)?;
+                }
                 let progress = &self.session.options.progress;
                 let request = RunRequest { key: &key, label: &node.label, run, parent, progress };
                 let written = run::execute_run(&execution, &request)?;
@@ -260,14 +265,17 @@ impl<'a> Walk<'a> {
 
     fn import_base(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {
         self.base_outcome(index, key, || {
-            Ok(base::import_archive_for_runs(self.store, path, self.snapshot_for_run[index])?)
+            Ok(base::import_archive_for_runs(self.store, path, self.snapshot_for_run[index], self.platform.as_ref())?)
         })
     }
 
     /// As `import_base`, for a base from a registry: the plan phase resolved the reference to
     /// the digest in the node's `extra`, and that image is what is fetched.
     fn pull_base(&self, index: usize, key: StepKey, reference: &str) -> Result<Outcome, StepError> {
-        self.base_outcome(index, key, || Ok(base::fetch(self.store, reference, &self.plan[index].extra)?))
+        self.base_outcome(index, key, || {
+            let platform = self.platform.clone().unwrap_or_else(Platform::host);
+            Ok(base::fetch(self.store, reference, &self.plan[index].extra, &platform)?)
+        })
     }
 
     /// A base image: its record on a hit; on a miss, what `fetch` brings in (verified and

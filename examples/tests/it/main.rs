@@ -4,6 +4,7 @@
 //!
 //! - `snapshots`: one insta snapshot of `listing()` per example image.
 //! - `load`: `BuiltImage::load` into a Docker engine, sending only the layers it lacks.
+//! - `platforms`: multi-platform indexes, and RUN steps of a foreign platform under qemu-user.
 //! - `real_clients`: the images checked by oci-image-tool, skopeo, umoci and a Docker engine.
 //! - `registry`: push and pull against a local `docker-registry`.
 //! - `remote_cache`: the remote cache between machines, through a local registry.
@@ -14,6 +15,7 @@
 mod support;
 
 mod load;
+mod platforms;
 mod real_clients;
 mod registry;
 mod remote_cache;

@@ -44,7 +44,7 @@ pub fn skip_privileged() -> bool {
 }
 
 /// Skips (returning `None`, after saying why) when `skip_privileged()`, else fails the test.
-fn skip_or_panic<T>(reason: &str) -> Option<T> {
+pub fn skip_or_panic<T>(reason: &str) -> Option<T> {
     if skip_privileged() {
         eprintln!("skipped: {reason} (LAYERWRIGHT_SKIP_PRIVILEGED=1)");
         return None;

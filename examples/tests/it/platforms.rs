@@ -1,0 +1,91 @@
+//! Multi-platform images: one OCI index for several platforms, a step that does not depend on
+//! the platform built once, and RUN steps of a foreign platform executed under qemu-user.
+//!
+//! The emulated test needs `qemu-user-static` registered with binfmt_misc (flag F) and a static
+//! arm64 busybox; `.ci/run` sets both up. Without them it fails naming what is missing, unless
+//! `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
+
+use std::path::PathBuf;
+
+use layerwright::{Builder, Context, FileOptions, Image, Platform};
+
+use crate::support;
+
+/// Where `.ci/run` puts the arm64 busybox (from Debian's `busybox-static:arm64`).
+const ARM64_BUSYBOX: &str = "/usr/local/lib/layerwright-test/busybox-arm64";
+
+#[test]
+fn an_index_names_each_platform_and_shares_what_does_not_depend_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("app")).unwrap();
+    std::fs::write(dir.path().join("app/index.html"), "<h1>hi</h1>\n").unwrap();
+    let context = Context::dir(dir.path().join("app")).unwrap();
+    let image = Image::scratch().copy(&context, ".", "/srv").cmd(["/srv/index.html"]);
+    let builder = Builder::new(dir.path().join("cache")).unwrap();
+    let (amd64, arm64) = (Platform::parse("linux/amd64").unwrap(), Platform::parse("linux/arm64").unwrap());
+    let index = builder.build_index(&[(amd64.clone(), &image), (arm64.clone(), &image)]).unwrap();
+
+    let images = index.images();
+    assert!(!images[0].1.steps().iter().find(|step| step.label == "COPY . /srv").unwrap().cached);
+    assert!(images[1].1.steps().iter().find(|step| step.label == "COPY . /srv").unwrap().cached, "built once");
+    assert_eq!(images[0].1.layers(), images[1].1.layers(), "one layer for both");
+    assert_eq!(images[1].1.config().unwrap()["architecture"], "arm64");
+    assert_ne!(images[0].1.manifest_digest(), images[1].1.manifest_digest());
+
+    let layout = dir.path().join("layout");
+    index.write_oci_layout(&layout, "site:1").unwrap();
+    if !support::tools_present(&["skopeo", "oci-image-tool"]) {
+        return;
+    }
+    support::oci_image_tool_validate(&layout);
+    let raw = support::skopeo_inspect_raw(&format!("oci:{}:1", layout.display()));
+    let platforms: Vec<String> = raw["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|manifest| {
+            format!(
+                "{}/{}",
+                manifest["platform"]["os"].as_str().unwrap(),
+                manifest["platform"]["architecture"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    let archive = dir.path().join("site.tar");
+    index.write_oci_archive(&archive, "site:1").unwrap();
+    let inspected = support::skopeo_inspect_raw(&format!("oci-archive:{}:1", archive.display()));
+    assert_eq!(inspected, raw);
+}
+
+#[test]
+fn a_foreign_platform_runs_its_programs_under_emulation() {
+    let busybox = PathBuf::from(ARM64_BUSYBOX);
+    if !busybox.is_file() {
+        return support::skip_or_panic::<()>(&format!(
+            "the test needs an arm64 busybox at {ARM64_BUSYBOX} (`.ci/run` extracts Debian's busybox-static:arm64)"
+        ))
+        .unwrap_or_default();
+    }
+    let arm64 = Platform::parse("linux/arm64").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let context = Context::dir(busybox.parent().unwrap()).unwrap();
+    let base = Image::scratch()
+        .copy_with(&context, "busybox-arm64", "/bin/busybox", layerwright::CopyOptions::default().with_mode(0o755))
+        .symlink("/bin/sh", "busybox")
+        .symlink("/bin/uname", "busybox")
+        .write_file_with("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", FileOptions::mode(0o644));
+    let image = base.run("uname -m > /arch");
+    let builder = Builder::new(dir.path().join("cache")).unwrap();
+    let built = match builder.build_for(&image, &arm64) {
+        Ok(built) => built,
+        Err(error) if error.to_string().contains("binfmt_misc") => {
+            return support::skip_or_panic::<()>(&error.to_string()).unwrap_or_default();
+        }
+        Err(error) if support::sandbox_unavailable(&error) => return,
+        Err(error) => panic!("{error}"),
+    };
+    let listing = built.listing().unwrap();
+    assert!(listing.contains(&format!("file 0644 0:0 8 {} /arch", support::sha256("aarch64\n"))), "{listing}");
+    assert_eq!(built.config().unwrap()["architecture"], "arm64");
+}
