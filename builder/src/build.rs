@@ -475,6 +475,23 @@ impl BuiltIndex {
         crate::output::write_index_layout(&self.parts(), dir.as_ref(), tag)
     }
 
+    /// Pushes the index to a registry (`registry/repository[:tag]`): every image's blobs the
+    /// registry lacks, each image's manifest by digest, then the index under the tag.
+    #[cfg(feature = "registry")]
+    pub fn push(&self, reference: &str) -> Result<crate::registry::PushReport, crate::registry::RegistryError> {
+        self.push_with(reference, &crate::registry::PushOptions::default())
+    }
+
+    /// [`BuiltIndex::push`] with options.
+    #[cfg(feature = "registry")]
+    pub fn push_with(
+        &self,
+        reference: &str,
+        options: &crate::registry::PushOptions,
+    ) -> Result<crate::registry::PushReport, crate::registry::RegistryError> {
+        crate::registry::push_index(&self.parts(), reference, options)
+    }
+
     /// Writes an OCI archive (a tar of an OCI layout) of the index.
     pub fn write_oci_archive(&self, file: impl AsRef<Path>, tag: &str) -> Result<(), ExportError> {
         crate::output::write_index_archive(&self.parts(), file.as_ref(), tag)

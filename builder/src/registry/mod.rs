@@ -60,7 +60,7 @@ pub(crate) use crate::oci::media_types;
 pub use pull::PulledImage;
 pub(crate) use pull::{fetch_blob, parse_digest, pull_image, resolve};
 pub use push::{PushOptions, PushReport};
-pub(crate) use push::{push, upload_missing_blobs};
+pub(crate) use push::{push, push_index, upload_missing_blobs};
 pub use reference::RegistryReference;
 
 /// What went wrong talking to a registry. Every variant names the registry; those about an

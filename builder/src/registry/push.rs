@@ -15,7 +15,7 @@ use oci_client::errors::OciDistributionError;
 use super::client::{self, RegistryClient};
 use super::reference::RegistryReference;
 use super::{RegistryError, media_types};
-use crate::output::ImageParts;
+use crate::output::{ImageParts, IndexParts};
 
 /// The size of one `PATCH` of a chunked upload, and so (about) the memory one upload holds.
 const UPLOAD_CHUNK_BYTES: usize = 4 * 1024 * 1024;
@@ -81,7 +81,14 @@ pub(crate) fn push(parts: ImageParts<'_>, reference: &str, options: &PushOptions
     let manifest_digest = parts.manifest;
     client::on_own_thread(move || {
         let client = RegistryClient::new(&reference, options.insecure)?;
-        client::block_on(push_async(&client, store, &blobs, manifest_digest, manifest))?
+        client::block_on(push_async(
+            &client,
+            store,
+            &blobs,
+            manifest_digest,
+            manifest,
+            Some(media_types::OCI_MANIFEST),
+        ))?
     })
 }
 
@@ -91,6 +98,7 @@ async fn push_async(
     blobs: &[(Digest, u64)],
     manifest_digest: &Digest,
     manifest: Vec<u8>,
+    manifest_media_type: Option<&str>,
 ) -> Result<PushReport, RegistryError> {
     client.authenticate(RegistryOperation::Push).await?;
     let transfer = upload_missing_blobs(client, store, blobs).await?;
@@ -105,10 +113,21 @@ async fn push_async(
 
     // The manifest is written only when the tag does not name it already, so that pushing an
     // unchanged image changes nothing in the registry.
+    let Some(media_type) = manifest_media_type else {
+        // The caller pushes what names the blobs (an index and its manifests).
+        return Ok(PushReport {
+            reference: client.reference.whole(),
+            manifest_digest: manifest_digest.to_string(),
+            blobs_uploaded: transfer.uploaded,
+            blobs_skipped: transfer.skipped,
+            bytes_uploaded: transfer.bytes_uploaded,
+            manifest_uploaded: false,
+        });
+    };
     let tagged = client.client.fetch_manifest_digest(&client.reference.inner, &client.auth).await.ok();
     let manifest_uploaded = tagged.as_deref() != Some(manifest_digest.to_string().as_str());
     if manifest_uploaded {
-        let content_type = media_types::OCI_MANIFEST.parse().expect("a media type is a valid header value");
+        let content_type = media_type.parse().expect("a media type is a valid header value");
         client
             .client
             .push_manifest_raw(&client.reference.inner, manifest, content_type)
@@ -122,6 +141,77 @@ async fn push_async(
         blobs_skipped: transfer.skipped,
         bytes_uploaded: transfer.bytes_uploaded,
         manifest_uploaded,
+    })
+}
+
+/// Pushes an image index to `reference` (a tag): every image's blobs the registry lacks, each
+/// image's manifest by its digest, then the index under the tag.
+pub(crate) fn push_index(
+    index: &IndexParts<'_>,
+    reference: &str,
+    options: &PushOptions,
+) -> Result<PushReport, RegistryError> {
+    let reference = RegistryReference::parse(reference)?;
+    if reference.digest().is_some() {
+        return Err(RegistryError::InvalidReference {
+            reference: reference.whole(),
+            reason: "a push needs a tag (registry/repository:tag), not a digest".into(),
+        });
+    }
+    let read = |digest: &Digest| {
+        let path = index.store.blob_path(digest);
+        std::fs::read(&path).map_err(|source| RegistryError::ReadBlob {
+            registry: reference.registry().to_owned(),
+            repository: reference.repository().to_owned(),
+            path,
+            source: Box::new(source),
+        })
+    };
+    let mut seen = BTreeSet::new();
+    let mut blobs: Vec<(Digest, u64)> = Vec::new();
+    let mut manifests = Vec::new();
+    for parts in &index.images {
+        let config_size = std::fs::metadata(parts.store.blob_path(parts.config)).map(|metadata| metadata.len()).ok();
+        for (digest, size) in std::iter::once((parts.config, config_size.unwrap_or(0)))
+            .chain(parts.layers.iter().map(|layer| (&layer.digest, layer.size)))
+        {
+            if seen.insert(digest.clone()) {
+                blobs.push((digest.clone(), size));
+            }
+        }
+        manifests.push((parts.manifest.clone(), read(parts.manifest)?));
+    }
+    let index_document = read(index.index)?;
+    let store = index.store;
+    let index_digest = index.index;
+    client::on_own_thread(move || {
+        let client = RegistryClient::new(&reference, options.insecure)?;
+        client::block_on(async {
+            let mut report = push_async(&client, store, &blobs, &manifests[0].0, Vec::new(), None).await?;
+            for (digest, manifest) in manifests {
+                let by_digest =
+                    RegistryClient::new(&client.reference.with_digest(&digest.to_string()), options.insecure)?;
+                by_digest.authenticate(RegistryOperation::Push).await?;
+                let content_type = media_types::OCI_MANIFEST.parse().expect("a media type is a valid header value");
+                by_digest
+                    .client
+                    .push_manifest_raw(&by_digest.reference.inner, manifest, content_type)
+                    .await
+                    .map_err(|error| by_digest.error(format!("uploading manifest {digest}"), error))?;
+            }
+            let tagged = client.client.fetch_manifest_digest(&client.reference.inner, &client.auth).await.ok();
+            report.manifest_uploaded = tagged.as_deref() != Some(index_digest.to_string().as_str());
+            if report.manifest_uploaded {
+                let content_type = media_types::OCI_INDEX.parse().expect("a media type is a valid header value");
+                client
+                    .client
+                    .push_manifest_raw(&client.reference.inner, index_document, content_type)
+                    .await
+                    .map_err(|error| client.error(format!("uploading index {index_digest}"), error))?;
+            }
+            report.manifest_digest = index_digest.to_string();
+            Ok(report)
+        })?
     })
 }
 

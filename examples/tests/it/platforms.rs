@@ -56,6 +56,31 @@ fn an_index_names_each_platform_and_shares_what_does_not_depend_on_it() {
     index.write_oci_archive(&archive, "site:1").unwrap();
     let inspected = support::skopeo_inspect_raw(&format!("oci-archive:{}:1", archive.display()));
     assert_eq!(inspected, raw);
+
+    // Pushed to a registry, each platform is pulled back by skopeo.
+    let Some(registry) = support::registry() else { return };
+    let reference = format!("{}/site:1", registry.address());
+    let report = index.push(&reference).unwrap();
+    assert_eq!(report.manifest_digest, index.manifest_digest());
+    assert_eq!(support::skopeo_inspect_raw(&format!("docker://{reference}")), raw);
+    for (architecture, (_, image)) in ["amd64", "arm64"].iter().zip(images) {
+        let tool = support::require_tool("skopeo").unwrap();
+        let output = support::run_checked(
+            std::process::Command::new(tool).args([
+                "--override-arch",
+                architecture,
+                "inspect",
+                "--tls-verify=false",
+                &format!("docker://{reference}"),
+            ]),
+            std::time::Duration::from_secs(60),
+        );
+        let inspected: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        // `Digest` is the index's; the layers and the architecture are the platform's image's.
+        let layers: Vec<String> = image.layers().iter().map(|layer| layer.digest.to_string()).collect();
+        assert_eq!(inspected["Layers"], serde_json::json!(layers));
+        assert_eq!(inspected["Architecture"], *architecture);
+    }
 }
 
 #[test]
