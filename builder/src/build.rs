@@ -14,6 +14,7 @@ use layerwright_dsl::Image;
 use serde_json::Value;
 use thiserror::Error;
 
+use crate::attest::{AttestError, Attestation, Subject, attest};
 use crate::inspect::InspectOptions;
 use crate::layer::{self, Compression, LayerIndex, TreeError};
 use crate::oci::{Platform, canonical, media_types};
@@ -48,6 +49,9 @@ pub enum BuildError {
     /// The worker thread pool could not be started.
     #[error("cannot start the build's worker threads: {0}")]
     Workers(String),
+    /// The attestations of an image index could not be made.
+    #[error("attesting the image: {0}")]
+    Attestation(Box<AttestError>),
     /// A layer of the image could not be read for its listing.
     #[error("listing the image: {0}")]
     Listing(#[from] TreeError),
@@ -232,12 +236,24 @@ impl Builder {
     /// Builds one image per platform and the OCI image index that names them. Steps whose
     /// result does not depend on the platform (a context copy both graphs share) are built
     /// once: the first platform builds them, the others find them in the cache.
+    ///
+    /// Each image gets its attestations (SLSA provenance and an SPDX SBOM) in the index; see
+    /// [`IndexOptions`] to leave them out.
     pub fn build_index(&self, images: &[(Platform, &Image)]) -> Result<BuiltIndex, BuildError> {
+        self.build_index_with(images, &IndexOptions::default())
+    }
+
+    /// [`Builder::build_index`] with options.
+    pub fn build_index_with(
+        &self,
+        images: &[(Platform, &Image)],
+        options: &IndexOptions,
+    ) -> Result<BuiltIndex, BuildError> {
         let mut built = Vec::with_capacity(images.len());
         for (platform, image) in images {
             built.push((platform.clone(), self.build_for(image, platform)?));
         }
-        BuiltIndex::new(&self.store, built)
+        BuiltIndex::new(&self.store, built, options)
     }
 
     fn build_all_for(&self, images: &[&Image], platform: Option<&Platform>) -> Result<Vec<BuiltImage>, BuildError> {
@@ -420,11 +436,55 @@ pub struct BuiltIndex {
     index: layerwright_cache::Digest,
     index_size: u64,
     images: Vec<(Platform, BuiltImage)>,
+    attestations: Vec<Attestation>,
+}
+
+/// Options of [`Builder::build_index_with`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct IndexOptions {
+    /// Attach each image's SLSA provenance and SPDX SBOM to the index (on by default).
+    pub attestations: bool,
+}
+
+impl Default for IndexOptions {
+    fn default() -> IndexOptions {
+        IndexOptions { attestations: true }
+    }
+}
+
+impl IndexOptions {
+    /// These options without attestations: the index names the images only.
+    pub fn without_attestations(mut self) -> IndexOptions {
+        self.attestations = false;
+        self
+    }
 }
 
 impl BuiltIndex {
-    fn new(store: &Store, images: Vec<(Platform, BuiltImage)>) -> Result<BuiltIndex, BuildError> {
-        let manifests: Vec<Value> = images
+    fn new(
+        store: &Store,
+        images: Vec<(Platform, BuiltImage)>,
+        options: &IndexOptions,
+    ) -> Result<BuiltIndex, BuildError> {
+        let attestation_error = |source: AttestError| BuildError::Attestation(Box::new(source));
+        let mut attestations = Vec::new();
+        if options.attestations {
+            for (platform, image) in &images {
+                let inner = &image.inner;
+                let subject = Subject {
+                    store,
+                    manifest: &inner.manifest,
+                    config: &inner.config,
+                    layers: &inner.layers,
+                    steps: &inner.steps,
+                    inputs: &inner.inputs,
+                    platform,
+                };
+                attestations.push(attest(&subject).map_err(attestation_error)?);
+            }
+        }
+        let mut manifests: Vec<Value> = images
             .iter()
             .map(|(platform, image)| {
                 let mut platform_json = serde_json::json!({ "os": platform.os, "architecture": platform.architecture });
@@ -439,6 +499,9 @@ impl BuiltIndex {
                 })
             })
             .collect();
+        for (attestation, (_, image)) in attestations.iter().zip(&images) {
+            manifests.push(crate::attest::descriptor(attestation, &image.inner.manifest));
+        }
         let document = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": media_types::OCI_INDEX,
@@ -448,7 +511,7 @@ impl BuiltIndex {
             step: "write the image index".into(),
             source: Box::new(StepError::Store(source)),
         })?;
-        Ok(BuiltIndex { store: store.clone(), index: blob.digest, index_size: blob.size, images })
+        Ok(BuiltIndex { store: store.clone(), index: blob.digest, index_size: blob.size, images, attestations })
     }
 
     /// `sha256:…` of the image index.
@@ -466,7 +529,18 @@ impl BuiltIndex {
             store: &self.store,
             index: &self.index,
             index_size: self.index_size,
-            images: self.images.iter().map(|(_, image)| image.parts()).collect(),
+            images: self
+                .images
+                .iter()
+                .map(|(_, image)| image.parts())
+                .chain(self.attestations.iter().map(|attestation| ImageParts {
+                    store: &self.store,
+                    manifest: &attestation.manifest,
+                    manifest_size: attestation.manifest_size,
+                    config: &attestation.config,
+                    layers: &attestation.layers,
+                }))
+                .collect(),
         }
     }
 

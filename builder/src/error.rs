@@ -8,6 +8,7 @@
 //! [`BuildError`], whose `Step` variant carries the step's label and a [`StepError`] saying
 //! what went wrong in it.
 
+pub use crate::attest::AttestError;
 pub use crate::base::ImportError;
 pub use crate::build::BuildError;
 pub use crate::build_rs::BuildRsError;

@@ -48,6 +48,7 @@ pub mod testing;
 pub mod watch;
 
 // The rooms below the facade, top to bottom (see ARCHITECTURE.md).
+mod attest;
 mod base;
 mod context;
 mod execution;
@@ -65,7 +66,7 @@ mod tree;
 
 pub mod cache;
 
-pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, BuiltIndex};
+pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, BuiltIndex, IndexOptions};
 pub use inspect::InspectOptions;
 pub use layer::Compression;
 pub use layerwright_dsl::*;

@@ -80,6 +80,21 @@ pub(crate) struct SolvedImage {
     pub blob_bytes_written: u64,
     /// What the build did with remote caches, when it had any.
     pub remote_cache: Option<Arc<RemoteCacheReport>>,
+    /// What the image was built from, for its provenance.
+    pub inputs: BuildInputs,
+}
+
+/// What an image was built from, by digest: the declaration (the canonical encoding of every
+/// step it reaches), its base images and the files each context copy selected. Nothing in it
+/// depends on where the sources are on disk, so two checkouts give the same provenance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct BuildInputs {
+    /// blake3 of the steps' canonical encodings, in plan order.
+    pub declaration_blake3: String,
+    /// Base images: (the step's label, the digest algorithm, the digest).
+    pub bases: Vec<(String, &'static str, String)>,
+    /// Context copies: (the step's label, blake3 of the selected files' paths and contents).
+    pub contexts: Vec<(String, String)>,
 }
 
 /// Builds `images` in one walk (a step they share is built once) for `platform` (`None`: this
@@ -185,7 +200,8 @@ pub(crate) fn build_all(
         .map(|top| {
             let steps = reports_of(&plan, &outcomes, *top);
             let (top_state, _) = outcomes[*top].as_ref().expect("requested images are required");
-            finish(builder.store, top_state, &created, steps, bytes_written, remote_cache.clone())
+            let inputs = inputs_of(&plan, *top);
+            finish(builder.store, top_state, &created, steps, bytes_written, remote_cache.clone(), inputs)
                 .map_err(|source| StepFailure::new("write manifest", source))
         })
         .collect()
@@ -216,6 +232,7 @@ fn finish(
     steps: Vec<StepReport>,
     blob_bytes_written: u64,
     remote_cache: Option<Arc<RemoteCacheReport>>,
+    inputs: BuildInputs,
 ) -> Result<SolvedImage, StepError> {
     let mut config = state.config.clone();
     config::set_created(&mut config, created);
@@ -231,5 +248,49 @@ fn finish(
         steps,
         blob_bytes_written,
         remote_cache,
+        inputs,
     })
+}
+
+/// The inputs of the nodes `top` depends on (itself included), in plan order.
+fn inputs_of(plan: &[plan::PlannedNode], top: usize) -> BuildInputs {
+    let mut needed = vec![false; plan.len()];
+    needed[top] = true;
+    for index in (0..=top).rev() {
+        if needed[index] {
+            for input in &plan[index].inputs {
+                needed[*input] = true;
+            }
+        }
+    }
+    let mut declaration = blake3::Hasher::new();
+    let mut inputs = BuildInputs::default();
+    for node in (0..=top).filter(|index| needed[*index]).map(|index| &plan[index]) {
+        declaration.update(node.definition.as_bytes());
+        match node.image.step() {
+            Step::Pull { .. } => {
+                let identity = node.extra.split(|byte| *byte == 0).next().unwrap_or_default();
+                let digest = String::from_utf8_lossy(identity).into_owned();
+                let hex = digest.strip_prefix("sha256:").unwrap_or(&digest).to_owned();
+                inputs.bases.push((node.label.clone(), "sha256", hex));
+            }
+            Step::FromArchive { .. } => {
+                let identity = node.extra.split(|byte| *byte == 0).next().unwrap_or_default();
+                inputs.bases.push((node.label.clone(), "blake3", hex::encode(identity)));
+            }
+            Step::Copy(_) => {
+                let mut files = blake3::Hasher::new();
+                for file in node.selection.iter().flat_map(|selection| &selection.files) {
+                    files.update(file.relative.as_bytes());
+                    files.update(b"\0");
+                    files.update(file.material(node.keep_mode).digest_hex().as_bytes());
+                    files.update(b"\n");
+                }
+                inputs.contexts.push((node.label.clone(), files.finalize().to_hex().to_string()));
+            }
+            _ => {}
+        }
+    }
+    inputs.declaration_blake3 = declaration.finalize().to_hex().to_string();
+    inputs
 }

@@ -23,7 +23,10 @@ fn an_index_names_each_platform_and_shares_what_does_not_depend_on_it() {
     let image = Image::scratch().copy(&context, ".", "/srv").cmd(["/srv/index.html"]);
     let builder = Builder::new(dir.path().join("cache")).unwrap();
     let (amd64, arm64) = (Platform::parse("linux/amd64").unwrap(), Platform::parse("linux/arm64").unwrap());
-    let index = builder.build_index(&[(amd64.clone(), &image), (arm64.clone(), &image)]).unwrap();
+    // Without attestations: oci-image-tool (spec 1.0) refuses the in-toto media type of their
+    // layers, as it does BuildKit's; `attestations_…` below checks those.
+    let options = layerwright::IndexOptions::default().without_attestations();
+    let index = builder.build_index_with(&[(amd64.clone(), &image), (arm64.clone(), &image)], &options).unwrap();
 
     let images = index.images();
     assert!(!images[0].1.steps().iter().find(|step| step.label == "COPY . /srv").unwrap().cached);
@@ -39,18 +42,14 @@ fn an_index_names_each_platform_and_shares_what_does_not_depend_on_it() {
     }
     support::oci_image_tool_validate(&layout);
     let raw = support::skopeo_inspect_raw(&format!("oci:{}:1", layout.display()));
-    let platforms: Vec<String> = raw["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|manifest| {
-            format!(
-                "{}/{}",
-                manifest["platform"]["os"].as_str().unwrap(),
-                manifest["platform"]["architecture"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let platform_of = |manifest: &serde_json::Value| {
+        format!(
+            "{}/{}",
+            manifest["platform"]["os"].as_str().unwrap(),
+            manifest["platform"]["architecture"].as_str().unwrap()
+        )
+    };
+    let platforms: Vec<String> = raw["manifests"].as_array().unwrap().iter().map(platform_of).collect();
     assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
     let archive = dir.path().join("site.tar");
     index.write_oci_archive(&archive, "site:1").unwrap();
@@ -113,4 +112,83 @@ fn a_foreign_platform_runs_its_programs_under_emulation() {
     let listing = built.listing().unwrap();
     assert!(listing.contains(&format!("file 0644 0:0 8 {} /arch", support::sha256("aarch64\n"))), "{listing}");
     assert_eq!(built.config().unwrap()["architecture"], "arm64");
+}
+
+/// The blob `digest` (`sha256:…`) of an OCI layout, as JSON.
+fn layout_blob(layout: &std::path::Path, digest: &str) -> serde_json::Value {
+    let path = layout.join("blobs/sha256").join(digest.strip_prefix("sha256:").unwrap());
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// The statements of the attestation manifest at `position` of a layout's index, by predicate.
+fn statements(layout: &std::path::Path, position: usize) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let index = layout_blob(
+        layout,
+        support::skopeo_inspect_raw(&format!("oci:{}:1", layout.display()))["manifests"][position]["digest"]
+            .as_str()
+            .unwrap(),
+    );
+    index["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|layer| {
+            let statement = layout_blob(layout, layer["digest"].as_str().unwrap());
+            (statement["predicateType"].as_str().unwrap().to_owned(), statement)
+        })
+        .collect()
+}
+
+#[test]
+fn attestations_name_the_inputs_list_packages_and_files_and_are_reproducible() {
+    if !support::tools_present(&["skopeo"]) {
+        return;
+    }
+    let status = "Package: bash\nStatus: install ok installed\nArchitecture: amd64\nVersion: 5.2.15-2+b2\n\n\
+                  Package: old\nStatus: deinstall ok config-files\nArchitecture: amd64\nVersion: 1\n\n\
+                  Package: coreutils\nStatus: install ok installed\nArchitecture: amd64\nVersion: 9.1-1\n";
+    let build = |checkout: &std::path::Path| {
+        std::fs::create_dir_all(checkout.join("app")).unwrap();
+        std::fs::write(checkout.join("app/run.sh"), "echo hi\n").unwrap();
+        let context = Context::dir(checkout.join("app")).unwrap();
+        let image = Image::scratch().write_file("/var/lib/dpkg/status", status).copy(&context, ".", "/app");
+        let builder = Builder::new(checkout.join("cache")).unwrap();
+        let index = builder.build_index(&[(Platform::parse("linux/amd64").unwrap(), &image)]).unwrap();
+        let layout = checkout.join("layout");
+        index.write_oci_layout(&layout, "app:1").unwrap();
+        (index.manifest_digest(), index.images()[0].1.manifest_digest(), layout)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (first, image_digest, layout) = build(&dir.path().join("checkout-one"));
+    let (second, _, _) = build(&dir.path().join("elsewhere/checkout-two"));
+    assert_eq!(first, second, "two checkouts, one index digest, attestations included");
+
+    // The image, then its attestation manifest (BuildKit's layout).
+    let raw = support::skopeo_inspect_raw(&format!("oci:{}:1", layout.display()));
+    let attestation = &raw["manifests"][1];
+    assert_eq!(attestation["platform"], serde_json::json!({ "architecture": "unknown", "os": "unknown" }));
+    assert_eq!(attestation["annotations"]["vnd.docker.reference.type"], "attestation-manifest");
+    assert_eq!(attestation["annotations"]["vnd.docker.reference.digest"], image_digest);
+    let statements = statements(&layout, 1);
+    let provenance = &statements["https://slsa.dev/provenance/v1"];
+    assert_eq!(provenance["subject"][0]["digest"]["sha256"], image_digest.strip_prefix("sha256:").unwrap());
+    let dependencies = provenance["predicate"]["buildDefinition"]["resolvedDependencies"].as_array().unwrap();
+    assert_eq!(dependencies.len(), 1, "{dependencies:?}");
+    assert_eq!(dependencies[0]["name"], "COPY . /app");
+    let text = provenance.to_string();
+    assert!(!text.contains("checkout-one"), "no host path in the provenance: {text}");
+
+    let sbom = &statements["https://spdx.dev/Document"]["predicate"];
+    assert_eq!(sbom["spdxVersion"], "SPDX-2.3");
+    let packages: Vec<&str> =
+        sbom["packages"].as_array().unwrap().iter().map(|package| package["name"].as_str().unwrap()).collect();
+    assert_eq!(packages, ["bash", "coreutils"], "the installed packages, as dpkg -l lists them");
+    let files = sbom["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0]["fileName"], "/app/run.sh");
+    assert_eq!(
+        files[0]["checksums"][0]["checksumValue"],
+        support::sha256("echo hi\n").strip_prefix("sha256:").unwrap()
+    );
+    assert_eq!(sbom["creationInfo"]["created"], "1970-01-01T00:00:00Z");
 }
