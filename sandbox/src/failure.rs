@@ -81,6 +81,8 @@ pub(crate) enum Stage {
     ParentDeathSignal,
     /// Pointing stdin at `/dev/null` and stdout/stderr at the output pipe.
     Stdio,
+    /// `setsid()`: a session of its own, without a controlling terminal.
+    Setsid,
     /// `write(/proc/self/setgroups, "deny")` (rootless).
     SetgroupsDeny,
     /// `write(/proc/self/uid_map)` (rootless).
@@ -117,6 +119,10 @@ pub(crate) enum Stage {
     ChdirRoot,
     /// Mounting `/proc` (the detail is the call).
     MountProc,
+    /// Binding a part of `/proc` read-only onto itself (the detail is the path).
+    ReadonlyProc,
+    /// Masking a part of `/proc` (the detail is the path: files, then directories).
+    MaskProc,
     /// Mounting the tmpfs `/dev`.
     MountDev,
     /// Creating a device's mountpoint in `/dev` (the detail is the bind).
@@ -135,6 +141,11 @@ pub(crate) enum Stage {
     ChdirWorkdir,
     /// Dropping a capability from the bounding set (the detail is the capability).
     DropCapabilities,
+    /// Setting the other capability sets (the detail is the call: keep-caps off, ambient
+    /// cleared, capget, capset for root, capset to nothing after a switch to another user).
+    CapabilitySets,
+    /// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`.
+    SessionKeyring,
     /// `setgroups`.
     SetGroups,
     /// `setgid`.
@@ -149,10 +160,11 @@ pub(crate) enum Stage {
 
 impl Stage {
     /// Every stage, in declaration order (`Stage::ALL[stage as usize] == stage`).
-    pub(crate) const ALL: [Stage; 35] = [
+    pub(crate) const ALL: [Stage; 40] = [
         Stage::ParentGone,
         Stage::ParentDeathSignal,
         Stage::Stdio,
+        Stage::Setsid,
         Stage::SetgroupsDeny,
         Stage::UidMap,
         Stage::GidMap,
@@ -171,6 +183,8 @@ impl Stage {
         Stage::DetachOldRoot,
         Stage::ChdirRoot,
         Stage::MountProc,
+        Stage::ReadonlyProc,
+        Stage::MaskProc,
         Stage::MountDev,
         Stage::DevMountpoint,
         Stage::AttachBind,
@@ -180,6 +194,8 @@ impl Stage {
         Stage::Workdir,
         Stage::ChdirWorkdir,
         Stage::DropCapabilities,
+        Stage::CapabilitySets,
+        Stage::SessionKeyring,
         Stage::SetGroups,
         Stage::SetGid,
         Stage::SetUid,
