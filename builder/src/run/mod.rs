@@ -336,10 +336,22 @@ fn execute_run_with(
         process,
     };
 
+    // Logs are private (0600, in a 0700 directory): a command's output may hold what its
+    // secrets gave it.
     let logs = store.root().join("logs");
-    fs::create_dir_all(&logs).map_err(io_error("create", &logs))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&logs)
+    }
+    .map_err(io_error("create", &logs))?;
     let log_path = logs.join(format!("{}.log", request.key.to_hex()));
-    let log = File::create(&log_path).map_err(io_error("create", &log_path))?;
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        File::options().write(true).create(true).truncate(true).mode(0o600).open(&log_path)
+    }
+    .map_err(io_error("create", &log_path))?;
+    // A log an earlier run left (or an older version made 0644) is made private too.
+    log.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io_error("chmod 0600", &log_path))?;
     let mut collector = OutputCollector::new(request.label, request.progress, log);
     let ended = sandbox.run(&plan, &mut |chunk| collector.push(chunk));
     let last_lines = collector.finish();
