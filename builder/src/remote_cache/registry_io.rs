@@ -299,24 +299,15 @@ async fn fetch_document(
     reference: &RegistryReference,
     accepted: &[&str],
 ) -> Result<Option<Vec<u8>>, RegistryError> {
-    match client.client.pull_manifest_raw(&reference.inner, &client.auth, accepted).await {
-        Ok((bytes, _)) => {
-            if bytes.len() as u64 > MAX_DOCUMENT_BYTES {
-                return Err(client.unusable(format!("{} is bigger than {MAX_DOCUMENT_BYTES} bytes", reference.whole())));
-            }
-            if let Some(digest) = reference.digest() {
-                let actual = Digest::of_bytes(&bytes);
-                if actual.to_string() != digest {
-                    return Err(client.unusable(format!("manifest {digest} arrived with digest {actual}")));
-                }
-            }
-            Ok(Some(bytes.to_vec()))
-        }
-        Err(error) => {
-            let error = client.error(format!("fetching {}", reference.whole()), error);
-            if is_not_found(&error) { Ok(None) } else { Err(error) }
+    // Read while streaming, refused past `client::MAX_DOCUMENT_BYTES` (what registries accept).
+    let Some(bytes) = client.fetch_manifest(reference, accepted).await? else { return Ok(None) };
+    if let Some(digest) = reference.digest() {
+        let actual = Digest::of_bytes(&bytes);
+        if actual.to_string() != digest {
+            return Err(client.unusable(format!("manifest {digest} arrived with digest {actual}")));
         }
     }
+    Ok(Some(bytes))
 }
 
 /// The index at the cache's own tag, with its bytes; `None` when there is none.
