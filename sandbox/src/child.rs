@@ -19,11 +19,12 @@
 //!    `/proc/fs` read-only and masks runc's paths (`/proc/kcore`, `/proc/keys`, timers, ...);
 //! 6. mounts a `nodev` tmpfs `/dev` with the device binds, `pts`, `shm` and the usual links, and
 //!    the `hosts`/`resolv.conf` binds;
-//! 7. creates and enters the working directory, sets the capability sets as Docker does
+//! 7. creates and enters the working directory, joins a fresh session keyring, installs the
+//!    seccomp filter (Docker's default profile, see `seccomp`), sets the capability sets as Docker does
 //!    (bounding, effective and permitted: Docker's default set for root, nothing for another
 //!    user; inheritable and ambient empty), switches to the step's user and groups, arms the
-//!    parent-death signal again (a credential change clears it), joins a fresh session
-//!    keyring, marks every inherited descriptor close-on-exec;
+//!    parent-death signal again (a credential change clears it), marks every inherited
+//!    descriptor close-on-exec;
 //! 8. `execve`s the command (trying each `PATH` candidate, as `execvp` does).
 //!
 //! A failing step writes a fixed-size [`Failure`] record (which call, its errno, the kernel's
@@ -32,7 +33,7 @@
 //!
 //! What this module deliberately is not: the parent's side (`clone`, reading the output,
 //! waiting, turning a record into an error: see `namespace`), the overlay's options (see
-//! `overlay`), or a full container runtime (no cgroups, seccomp or resource limits yet).
+//! `overlay`), or a full container runtime (no cgroups or resource limits yet).
 
 use std::convert::Infallible;
 use std::ffi::{CStr, CString};
@@ -130,6 +131,7 @@ pub(crate) struct ChildProgram<'a> {
     _argv: Vec<CString>,
     _env: Vec<CString>,
     exec_candidates: Vec<CString>,
+    seccomp: &'static crate::seccomp::Programs,
     argv_pointers: Vec<*const c_char>,
     env_pointers: Vec<*const c_char>,
 }
@@ -199,6 +201,7 @@ impl<'a> ChildProgram<'a> {
             _argv: argv,
             _env: env,
             exec_candidates,
+            seccomp: crate::seccomp::programs()?,
             argv_pointers,
             env_pointers,
         })
@@ -285,6 +288,10 @@ impl<'a> ChildProgram<'a> {
             .get(detail)
             .map_or_else(|| "setting the capability sets".to_owned(), |call| (*call).to_owned()),
             Stage::SessionKeyring => "keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)".to_owned(),
+            Stage::Seccomp => format!(
+                "seccomp(SECCOMP_SET_MODE_FILTER) of {}",
+                if detail == 0 { "Docker's default profile" } else { "the clone3 -> ENOSYS filter" }
+            ),
             Stage::ReadonlyProc => format!(
                 "mount({0:?}, {0:?}, MS_BIND) and remount read-only",
                 READONLY_PROC.get(detail).copied().unwrap_or(c"/proc/?")
@@ -505,7 +512,8 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     Err(Failure::new(Stage::Exec, index as u32, errno))
 }
 
-/// The capabilities and credentials of the command, as Docker sets them: the bounding set
+/// The session keyring, the seccomp filter, then the capabilities and credentials of the
+/// command, as Docker sets them: the bounding set
 /// reduced to Docker's default set, the ambient set cleared and `SECBIT_KEEP_CAPS` off, the
 /// effective and permitted sets equal to the bounding set and the inheritable set empty for
 /// root; then the user switch, after which a non-root user holds no capability at all. The
@@ -519,6 +527,18 @@ fn set_capabilities(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -
     let fail = |stage: Stage, detail: u32| move |error: Errno| Failure::new(stage, detail, error);
     let plan = program.plan;
     let process = &plan.process;
+    // SAFETY: a raw syscall on integers (a NULL name: an anonymous keyring).
+    if unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, 0usize) } < 0 {
+        match last_errno() {
+            // A kernel without keys support has no keyring to leak.
+            Errno::NOSYS => {}
+            error => return Err(Failure::new(Stage::SessionKeyring, 0, error)),
+        }
+    }
+    // Docker's seccomp profile, while CAP_SYS_ADMIN still allows installing it without
+    // `no_new_privs`; every call from here to `execve` is one it allows.
+    crate::seccomp::install(&program.seccomp.allowlist).map_err(fail(Stage::Seccomp, 0))?;
+    crate::seccomp::install(&program.seccomp.clone3).map_err(fail(Stage::Seccomp, 1))?;
     for bit in 0..64u32 {
         let capability = CapabilitySet::from_bits_retain(1 << bit);
         if KEPT_CAPABILITIES.contains(capability) {
@@ -559,14 +579,6 @@ fn set_capabilities(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -
     rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).map_err(fail(Stage::ParentDeathSignal, 1))?;
     if parent_gone(descriptors) {
         return Err(Failure::new(Stage::ParentGone, 0, Errno::SRCH));
-    }
-    // SAFETY: a raw syscall on integers (a NULL name: an anonymous keyring).
-    if unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, 0usize) } < 0 {
-        match last_errno() {
-            // A kernel without keys support has no keyring to leak.
-            Errno::NOSYS => {}
-            error => return Err(Failure::new(Stage::SessionKeyring, 0, error)),
-        }
     }
     Ok(())
 }

@@ -146,6 +146,8 @@ pub(crate) enum Stage {
     CapabilitySets,
     /// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`.
     SessionKeyring,
+    /// Installing a seccomp filter (the detail is the filter).
+    Seccomp,
     /// `setgroups`.
     SetGroups,
     /// `setgid`.
@@ -160,7 +162,7 @@ pub(crate) enum Stage {
 
 impl Stage {
     /// Every stage, in declaration order (`Stage::ALL[stage as usize] == stage`).
-    pub(crate) const ALL: [Stage; 40] = [
+    pub(crate) const ALL: [Stage; 41] = [
         Stage::ParentGone,
         Stage::ParentDeathSignal,
         Stage::Stdio,
@@ -196,6 +198,7 @@ impl Stage {
         Stage::DropCapabilities,
         Stage::CapabilitySets,
         Stage::SessionKeyring,
+        Stage::Seccomp,
         Stage::SetGroups,
         Stage::SetGid,
         Stage::SetUid,
@@ -290,6 +293,10 @@ pub(crate) fn hint(stage: Stage, errno: Errno, rootless: bool) -> Option<&'stati
         (Stage::OverlayOpen | Stage::OverlayCreate | Stage::OverlayMount, Errno::PERM, true) => {
             Some("mounting overlayfs in a user namespace needs Linux 5.11 or newer")
         }
+        (Stage::Seccomp, Errno::INVAL | Errno::NOSYS, _) => Some(
+            "this kernel lacks seccomp filters (CONFIG_SECCOMP_FILTER); the RUN sandbox does not run commands \
+             without them",
+        ),
         (Stage::SetUid | Stage::SetGid, Errno::INVAL, true) => {
             Some("a rootless run maps only root (the calling user); other users and groups do not exist in it")
         }
@@ -324,5 +331,6 @@ mod tests {
         assert!(hint(Stage::SetUid, Errno::INVAL, true).unwrap().contains("maps only root"));
         assert!(hint(Stage::OverlayOption, Errno::INVAL, false).unwrap().contains("lowerdir+"));
         assert_eq!(hint(Stage::Exec, Errno::NOENT, false), None);
+        assert!(hint(Stage::Seccomp, Errno::INVAL, false).unwrap().contains("CONFIG_SECCOMP_FILTER"));
     }
 }

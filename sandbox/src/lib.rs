@@ -20,15 +20,16 @@
 //!
 //! Modules, arrows pointing down only: `namespace` (the parent: clone, wait, errors) → `child`
 //! (between clone and execve: raw syscalls, no allocation) → `plan` (the data) → `overlay`
-//! (the overlay's options and mount) → `failure` (stages, the child's failure record, errors).
+//! (the overlay's options and mount), `seccomp` (Docker's profile, compiled once) → `failure`
+//! (stages, the child's failure record, errors).
 //!
 //! The command gets what runc and Docker give a container by default where it matters for a
 //! hostile base image: its own session, a read-only and masked `/proc`, `nodev` mounts,
-//! Docker's default capability set (nothing for a non-root user), a fresh session keyring, and
-//! death with the builder even after a user switch.
+//! Docker's default capability set (nothing for a non-root user), Docker's default seccomp
+//! profile, a fresh session keyring, and death with the builder even after a user switch.
 //!
-//! What it deliberately is not: a full container runtime (no cgroups, seccomp or resource
-//! limits yet), or the place where a plan is decided or its
+//! What it deliberately is not: a full container runtime (no cgroups or resource limits yet),
+//! or the place where a plan is decided or its
 //! result read: the builder resolves the user and environment from the image config, lays out
 //! the run directory, and reads the upper directory afterwards.
 //!
@@ -87,6 +88,7 @@ mod failure;
 mod namespace;
 mod overlay;
 mod plan;
+mod seccomp;
 mod writeback;
 
 pub use failure::SandboxError;

@@ -302,3 +302,33 @@ fn fixed_cost() {
     times.sort();
     println!("median of 30 sandbox runs of `true`: {:?} (min {:?}, max {:?})", times[15], times[0], times[29]);
 }
+
+#[test]
+fn the_seccomp_filter_refuses_nested_user_namespaces_and_mounts_but_not_a_shell_s_work() {
+    let Some(fixture) = Fixture::new() else { return };
+    // `unshare -U` needs no capability: only the filter refuses it. The status line says the
+    // filter is there; ordinary work (fork, pipes, files) goes on.
+    let script = "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status
+unshare -U true
+unshare -r true
+mount -t tmpfs none /tmp
+echo piped | cat > /made && cat /made && rm /made
+(sleep 0 &) ; wait; echo forked
+true";
+    for plan in [fixture.plan(false, script), fixture.rootless_plan(script)] {
+        let output = output_of(&plan);
+        assert_eq!(
+            output,
+            "NoNewPrivs:\t0\nSeccomp:\t2\n\
+             unshare: unshare(0x10000000): Operation not permitted\n\
+             unshare: unshare(0x10000000): Operation not permitted\n\
+             mount: permission denied (are you root?)\n\
+             piped\nforked\n",
+            "rootless {:?}",
+            plan.rootless
+        );
+    }
+    // A non-root user's command is filtered too.
+    let output = output_of(&as_nobody(fixture.plan(false, "grep '^Seccomp:' /proc/self/status")));
+    assert_eq!(output, "Seccomp:\t2\n");
+}

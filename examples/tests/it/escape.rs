@@ -139,3 +139,30 @@ fn another_user_cannot_read_the_cache_directory() {
     let error = Builder::new(&theirs).map(drop).unwrap_err().to_string();
     assert!(error.contains("belongs to uid 65534, not to this process's uid 0"), "{error}");
 }
+
+#[test]
+fn a_step_cannot_make_a_nested_user_namespace_or_mount() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A nested user namespace would give the step a full capability set inside it; the filter
+    // (Docker's default profile) refuses it, and what CAP_SYS_ADMIN would allow.
+    let lines = attempt(
+        &dir.path().join("cache"),
+        "unshare -U -r id
+unshare -m true
+mount -t proc proc /mnt
+grep -E '^(Seccomp|CapEff):' /proc/self/status",
+    );
+    assert_eq!(
+        lines,
+        [
+            "unshare: unshare(0x10000000): Operation not permitted",
+            "unshare: unshare(0x20000): Operation not permitted",
+            "mount: permission denied (are you root?)",
+            "CapEff:\t00000000a80425fb",
+            "Seccomp:\t2",
+        ]
+    );
+}
