@@ -132,6 +132,8 @@ pub(crate) struct ChildProgram<'a> {
     _env: Vec<CString>,
     exec_candidates: Vec<CString>,
     seccomp: &'static crate::seccomp::Programs,
+    /// The `cgroup.procs` of the command's cgroup, when it has one.
+    pub(crate) cgroup_procs: Option<CString>,
     argv_pointers: Vec<*const c_char>,
     env_pointers: Vec<*const c_char>,
 }
@@ -202,6 +204,7 @@ impl<'a> ChildProgram<'a> {
             _env: env,
             exec_candidates,
             seccomp: crate::seccomp::programs()?,
+            cgroup_procs: None,
             argv_pointers,
             env_pointers,
         })
@@ -225,6 +228,10 @@ impl<'a> ChildProgram<'a> {
             Stage::ParentDeathSignal => "prctl(PR_SET_PDEATHSIG, SIGKILL)".to_owned(),
             Stage::Stdio => "pointing the command's stdin at /dev/null and stdout/stderr at the output pipe".to_owned(),
             Stage::Setsid => "setsid()".to_owned(),
+            Stage::JoinCgroup => format!(
+                "write({:?}, \"0\") to join the command's cgroup",
+                self.cgroup_procs.as_deref().unwrap_or(c"cgroup.procs")
+            ),
             Stage::SetgroupsDeny => "write(/proc/self/setgroups, \"deny\")".to_owned(),
             Stage::UidMap => format!(
                 "write(/proc/self/uid_map, {:?})",
@@ -364,6 +371,10 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     rustix::stdio::dup2_stdin(&null).map_err(fail(Stage::Stdio, 0))?;
     rustix::stdio::dup2_stdout(output).map_err(fail(Stage::Stdio, 1))?;
     rustix::stdio::dup2_stderr(output).map_err(fail(Stage::Stdio, 2))?;
+    // Into the command's cgroup before anything of the command can fork.
+    if let Some(procs) = &program.cgroup_procs {
+        write_file(procs.as_c_str(), b"0").map_err(fail(Stage::JoinCgroup, 0))?;
+    }
     // A session of its own, without a controlling terminal: the builder's terminal (and
     // TIOCSTI on it) is out of reach, and `/dev/tty` does not open.
     rustix::process::setsid().map_err(fail(Stage::Setsid, 0))?;

@@ -52,6 +52,15 @@ pub enum SandboxError {
         /// The most telling errno (a found but refused file over a missing one).
         source: io::Error,
     },
+    /// The command failed after its processes hit the sandbox's process limit (a fork bomb, or
+    /// a build that needs a higher limit).
+    #[error("the command hit its limit of {limit} processes (pids.max of its cgroup) and {ended}")]
+    ProcessLimit {
+        /// The limit.
+        limit: u64,
+        /// How it ended (`exited with code 2`, `was killed by signal 9`).
+        ended: String,
+    },
     /// The parent's side (pipes, reading the output, waiting) failed, or the plan holds a
     /// string the kernel cannot take.
     #[error("cannot {action}: {source}")]
@@ -81,6 +90,8 @@ pub(crate) enum Stage {
     ParentDeathSignal,
     /// Pointing stdin at `/dev/null` and stdout/stderr at the output pipe.
     Stdio,
+    /// Joining the command's cgroup (writing `0` to its `cgroup.procs`).
+    JoinCgroup,
     /// `setsid()`: a session of its own, without a controlling terminal.
     Setsid,
     /// `write(/proc/self/setgroups, "deny")` (rootless).
@@ -162,10 +173,11 @@ pub(crate) enum Stage {
 
 impl Stage {
     /// Every stage, in declaration order (`Stage::ALL[stage as usize] == stage`).
-    pub(crate) const ALL: [Stage; 41] = [
+    pub(crate) const ALL: [Stage; 42] = [
         Stage::ParentGone,
         Stage::ParentDeathSignal,
         Stage::Stdio,
+        Stage::JoinCgroup,
         Stage::Setsid,
         Stage::SetgroupsDeny,
         Stage::UidMap,

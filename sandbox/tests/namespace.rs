@@ -124,6 +124,7 @@ impl Fixture {
                 groups: vec![0],
                 exec_candidates: vec!["/bin/sh".into()],
             },
+            pids_limit: Some(4096),
         }
     }
 }
@@ -288,19 +289,26 @@ fn capability_sets_are_dockers_for_root_and_empty_for_other_users() {
 #[ignore = "a measurement, not a check"]
 fn fixed_cost() {
     let Some(fixture) = Fixture::new() else { return };
-    let mut times = Vec::new();
-    for _ in 0..30 {
-        for directory in ["upper", "work"] {
-            let path = fixture.path(&format!("run/{directory}"));
-            fs::remove_dir_all(&path).unwrap();
-            fs::create_dir(&path).unwrap();
+    for pids_limit in [Some(4096), None, Some(4096), None] {
+        let mut times = Vec::new();
+        for _ in 0..30 {
+            for directory in ["upper", "work"] {
+                let path = fixture.path(&format!("run/{directory}"));
+                fs::remove_dir_all(&path).unwrap();
+                fs::create_dir(&path).unwrap();
+            }
+            let mut plan = fixture.plan(false, "true");
+            plan.pids_limit = pids_limit;
+            let started = std::time::Instant::now();
+            assert_eq!(run(&plan).0.unwrap(), Termination::Exited(0));
+            times.push(started.elapsed());
         }
-        let started = std::time::Instant::now();
-        assert_eq!(run(&fixture.plan(false, "true")).0.unwrap(), Termination::Exited(0));
-        times.push(started.elapsed());
+        times.sort();
+        println!(
+            "pids limit {pids_limit:?}: median of 30 sandbox runs of `true`: {:?} (min {:?}, max {:?})",
+            times[15], times[0], times[29]
+        );
     }
-    times.sort();
-    println!("median of 30 sandbox runs of `true`: {:?} (min {:?}, max {:?})", times[15], times[0], times[29]);
 }
 
 #[test]
@@ -331,4 +339,26 @@ true";
     // A non-root user's command is filtered too.
     let output = output_of(&as_nobody(fixture.plan(false, "grep '^Seccomp:' /proc/self/status")));
     assert_eq!(output, "Seccomp:\t2\n");
+}
+
+#[test]
+fn a_fork_bomb_hits_the_process_limit_and_fails_with_a_clear_error() {
+    let Some(fixture) = Fixture::new() else { return };
+    let mut plan = fixture.plan(false, "bomb() { bomb | bomb & }; bomb; sleep 2; exit 1");
+    plan.pids_limit = Some(32);
+    let started = std::time::Instant::now();
+    let (ended, _) = run(&plan);
+    match ended {
+        Err(error @ SandboxError::ProcessLimit { limit: 32, .. }) => assert_eq!(
+            error.to_string(),
+            "the command hit its limit of 32 processes (pids.max of its cgroup) and exited with code 1"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    // A command below the limit is unaffected (in a reused cgroup, whose earlier refusals do
+    // not count).
+    let mut plan = fixture.plan(false, "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo fine");
+    plan.pids_limit = Some(32);
+    assert_eq!(output_of(&plan), "fine\n");
 }

@@ -63,6 +63,10 @@ use upper::{CreatedPath, UpperOptions};
 /// How many lines of a failed command's output its error shows.
 pub const ERROR_OUTPUT_LINES: usize = 20;
 
+/// The most processes a RUN command may have at once (the `pids.max` of its own cgroup, where
+/// the builder can make one): a fork bomb fails its step instead of the machine.
+pub const PIDS_LIMIT: u64 = 4096;
+
 /// The longest line of a command's output kept whole: a longer one (or output without
 /// newlines) is passed on in pieces of this size, so that the builder's memory stays bounded
 /// whatever the command prints.
@@ -343,6 +347,7 @@ fn execute_run_with(
         },
         hostname: HOSTNAME.to_owned(),
         process,
+        pids_limit: Some(PIDS_LIMIT),
     };
 
     // Logs are private (0600, in a 0700 directory): a command's output may hold what its
