@@ -139,7 +139,8 @@ pub enum RunError {
         /// Why the overlay could not be planned.
         source: OverlayError,
     },
-    /// The sandbox could not set up its namespaces and mounts, or start or wait for the command.
+    /// The sandbox could not set up its namespaces and mounts, or start or wait for the command,
+    /// or the command failed after hitting the sandbox's process limit.
     #[error("running `{command}`: {source}")]
     Sandbox {
         /// The step's label.
