@@ -50,4 +50,7 @@ pub use explain::{MissReason, Provenance};
 pub use gc::{DiskUsage, PruneReport};
 pub use key::{KEY_FORMAT_VERSION, StepKey, StepKeyBuilder};
 pub use stat_cache::{FileStat, StatCache};
-pub use store::{ActionRecord, BlobInfo, BlobWriter, LayerRecord, Store, StoreError, WRITEBACK_CHUNK, start_writeback};
+pub use store::{
+    ActionRecord, BlobInfo, BlobWriter, LayerRecord, Store, StoreError, WRITEBACK_CHUNK, create_private_dir_all,
+    start_writeback,
+};

@@ -10,6 +10,13 @@
 //!   builder; a map naming a missing blob is ignored).
 //! - `tmp/`: files being written; anything left there by a crash is garbage.
 //!
+//! The cache directory holds other users' secrets in effect (snapshots with setuid-root files
+//! and image device nodes, RUN logs, build outputs), so it is private: [`Store::open`] makes
+//! it and every directory of the layout mode 0700 (an existing one too, when it is ours), and
+//! refuses a cache directory owned by another non-root user ([`StoreError::ForeignOwner`]):
+//! whoever owns it could swap its contents under a build run by someone else (root). Files are
+//! written through temp files, which are 0600.
+//!
 //! Every write goes to `tmp/` first, is fsynced and then renamed into place, so a reader sees a
 //! whole entry or none. Records are written after the blobs they name.
 //!
@@ -68,6 +75,20 @@ pub enum StoreError {
     Busy {
         /// The cache directory.
         path: PathBuf,
+    },
+    /// The cache directory belongs to another user (not root): using it would let that user
+    /// change what this build reads and runs.
+    #[error(
+        "cache store {path} belongs to uid {owner}, not to this process's uid {uid} (nor root): refusing to use \
+         another user's cache directory; choose a cache directory of your own"
+    )]
+    ForeignOwner {
+        /// The cache directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The effective uid of this process.
+        uid: u32,
     },
     /// An action record cannot be parsed.
     #[error("cache store: action record {path} is unreadable: {reason}")]
@@ -140,10 +161,7 @@ impl Store {
     /// cache, temp files a crashed build left behind are removed first.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let root = root.into();
-        for sub in ["blobs/sha256", "actions", "indexes", "provenance", "snapshots", "tmp"] {
-            let path = root.join(sub);
-            fs::create_dir_all(&path).map_err(StoreError::io("create directory", &path))?;
-        }
+        create_private_layout(&root)?;
         mark_unrelated_trees(&root.join("tmp"));
         let lock = open_lock_file(&root)?;
         let lock_path = root.join("lock");
@@ -165,7 +183,7 @@ impl Store {
     /// running builds to finish, then gives up with [`StoreError::Busy`].
     pub fn open_exclusive(root: impl Into<PathBuf>, timeout: Duration) -> Result<Store, StoreError> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(StoreError::io("create directory", &root))?;
+        create_private_directory(&root)?;
         let lock = open_lock_file(&root)?;
         let deadline = Instant::now() + timeout;
         while flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
@@ -175,10 +193,7 @@ impl Store {
             std::thread::sleep(Duration::from_millis(50));
         }
         remove_stale_temp_files(&root.join("tmp"));
-        for sub in ["blobs/sha256", "actions", "indexes", "provenance", "snapshots", "tmp"] {
-            let path = root.join(sub);
-            fs::create_dir_all(&path).map_err(StoreError::io("create directory", &path))?;
-        }
+        create_private_layout(&root)?;
         Ok(Store::with_lock(root, lock))
     }
 
@@ -345,7 +360,7 @@ impl Store {
     pub fn write_action(&self, key: &StepKey, record: &ActionRecord) -> Result<(), StoreError> {
         let path = self.action_path(key);
         let parent = path.parent().expect("action paths have a parent");
-        fs::create_dir_all(parent).map_err(StoreError::io("create directory", parent))?;
+        create_private_dir_all(parent)?;
         let bytes = serde_json::to_vec(record).expect("action records serialise");
         self.write_file_atomically(&path, &bytes)
     }
@@ -422,9 +437,65 @@ impl FileStamp {
     }
 }
 
+/// The directories of the store's layout, below its root.
+const LAYOUT: [&str; 7] = ["blobs", "blobs/sha256", "actions", "indexes", "provenance", "snapshots", "tmp"];
+
+/// Creates (or checks) the root with [`create_private_directory`], then each directory of
+/// [`LAYOUT`] with mode 0700.
+fn create_private_layout(root: &Path) -> Result<(), StoreError> {
+    create_private_directory(root)?;
+    for sub in LAYOUT {
+        let path = root.join(sub);
+        private_directory(&path)?;
+    }
+    Ok(())
+}
+
+/// Creates the directory `path` and its missing parents with mode 0700: a directory of the
+/// cache that anyone else could read would undo its private root if that were ever opened up.
+pub fn create_private_dir_all(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(StoreError::io("create directory", path))
+}
+
+/// Creates `path` (and missing parents, with the default mode) as a directory of mode 0700, or
+/// checks an existing one: it must belong to this process's user or to root; when it is ours,
+/// its mode becomes 0700.
+fn create_private_directory(root: &Path) -> Result<(), StoreError> {
+    if let Some(parent) = root.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(StoreError::io("create directory", parent))?;
+    }
+    private_directory(root)?;
+    let metadata = fs::metadata(root).map_err(StoreError::io("stat", root))?;
+    let uid = rustix::process::geteuid().as_raw();
+    let owner = std::os::unix::fs::MetadataExt::uid(&metadata);
+    if owner != uid && owner != 0 {
+        log::warn!("cache directory {} belongs to uid {owner}, not to {uid}", root.display());
+        return Err(StoreError::ForeignOwner { path: root.to_owned(), owner, uid });
+    }
+    Ok(())
+}
+
+/// Creates the directory `path` with mode 0700 (its parent exists), or makes an existing one
+/// of ours 0700.
+fn private_directory(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => return Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(source) => return Err(StoreError::Io { action: "create directory", path: path.to_owned(), source }),
+    }
+    let metadata = fs::metadata(path).map_err(StoreError::io("stat", path))?;
+    if metadata.mode() & 0o077 != 0 && metadata.uid() == rustix::process::geteuid().as_raw() {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(StoreError::io("chmod 0700", path))?;
+    }
+    Ok(())
+}
+
 fn open_lock_file(root: &Path) -> Result<File, StoreError> {
     let path = root.join("lock");
-    File::options().create(true).truncate(false).read(true).write(true).open(&path).map_err(|source| {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options().create(true).truncate(false).read(true).write(true).mode(0o600).open(&path).map_err(|source| {
         log::warn!("open({}) failed: {source}", path.display());
         StoreError::Io { action: "open lock file", path, source }
     })
@@ -636,6 +707,66 @@ impl Write for BlobWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::MetadataExt;
+        fs::symlink_metadata(path).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_cache_directory_and_its_layout_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        let store = Store::open(&root).unwrap();
+        store.put_blob(b"blob").unwrap();
+        store
+            .write_action(&StepKey::builder().str("test").finish(), &ActionRecord { layers: vec![], config: None })
+            .unwrap();
+        drop(store);
+        let mut modes = Vec::new();
+        for entry in walk(&root) {
+            let expected = if entry.is_dir() { 0o700 } else { 0o600 };
+            modes.push((entry.clone(), mode_of(&entry), expected));
+        }
+        assert!(modes.len() > 8, "{modes:?}");
+        for (path, mode, expected) in &modes {
+            assert_eq!(*mode, *expected, "{path:?} has mode {mode:o}");
+        }
+        // A cache directory an older version made world-readable is made private on open.
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(root.join("snapshots"), fs::Permissions::from_mode(0o755)).unwrap();
+        Store::open(&root).unwrap();
+        assert_eq!((mode_of(&root), mode_of(&root.join("snapshots"))), (0o700, 0o700));
+    }
+
+    fn walk(path: &Path) -> Vec<PathBuf> {
+        let mut found = vec![path.to_owned()];
+        if path.is_dir() {
+            for entry in fs::read_dir(path).unwrap() {
+                found.extend(walk(&entry.unwrap().path()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn a_cache_directory_of_another_non_root_user_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            return; // Only root can give a directory to another user.
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        fs::create_dir(&root).unwrap();
+        std::os::unix::fs::chown(&root, Some(65534), Some(65534)).unwrap();
+        let error = Store::open(&root).unwrap_err();
+        assert!(matches!(error, StoreError::ForeignOwner { owner: 65534, uid: 0, .. }), "{error:?}");
+        assert!(error.to_string().contains("belongs to uid 65534"), "{error}");
+        assert!(matches!(Store::open_exclusive(&root, Duration::ZERO), Err(StoreError::ForeignOwner { .. })));
+        // Root's own is fine.
+        std::os::unix::fs::chown(&root, Some(0), Some(0)).unwrap();
+        Store::open(&root).unwrap();
+    }
 
     #[test]
     fn blobs_are_content_addressed_and_verified() {

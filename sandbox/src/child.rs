@@ -5,19 +5,26 @@
 //!
 //! 1. asks for SIGKILL when the builder thread dies (and quits if it already has), resets
 //!    signal dispositions and mask, points stdin at `/dev/null` and stdout/stderr at the
-//!    output pipe;
+//!    output pipe, and starts a session of its own (`setsid`: no controlling terminal, so the
+//!    builder's terminal and `/dev/tty` are out of reach);
 //! 2. (rootless) maps root to the caller in `/proc/self/{setgroups,uid_map,gid_map}`;
 //! 3. makes every mount private (nothing propagates back to the host), sets the hostname;
-//! 4. mounts the overlay ([`OverlayMount`](crate::OverlayMount)), opens detached bind mounts
-//!    of the host files it needs (`/dev/null` & co., the generated `hosts` and `resolv.conf`),
-//!    and mounts a new `/proc` on the merged tree (before the host's proc goes out of sight: a
-//!    user namespace may mount proc only while one is fully visible);
+//! 4. mounts the overlay (`nodev`, [`OverlayMount`](crate::OverlayMount)), opens detached bind
+//!    mounts of the host files it needs (`/dev/null` & co., the generated `hosts` and
+//!    `resolv.conf`, `/dev/null` again for each masked `/proc` file), and mounts a new `/proc`
+//!    on the merged tree (before the host's proc goes out of sight: a user namespace may mount
+//!    proc only while one is fully visible);
 //! 5. `pivot_root`s into the merged tree and detaches the old root: from here no host path is
-//!    reachable;
-//! 6. mounts a tmpfs `/dev` with the device binds, `pts`, `shm` and the usual links, and the
-//!    `hosts`/`resolv.conf` binds;
-//! 7. creates and enters the working directory, drops the capabilities Docker does not grant,
-//!    switches to the step's user and groups, marks every inherited descriptor close-on-exec;
+//!    reachable; makes `/proc/sys`, `/proc/sysrq-trigger`, `/proc/irq`, `/proc/bus` and
+//!    `/proc/fs` read-only and masks runc's paths (`/proc/kcore`, `/proc/keys`, timers, ...);
+//! 6. mounts a `nodev` tmpfs `/dev` with the device binds, `pts`, `shm` and the usual links, and
+//!    the `hosts`/`resolv.conf` binds;
+//! 7. creates and enters the working directory, joins a fresh session keyring, installs the
+//!    seccomp filter (Docker's default profile, see `seccomp`), sets the capability sets as Docker does
+//!    (bounding, effective and permitted: Docker's default set for root, nothing for another
+//!    user; inheritable and ambient empty), switches to the step's user and groups, arms the
+//!    parent-death signal again (a credential change clears it), marks every inherited
+//!    descriptor close-on-exec;
 //! 8. `execve`s the command (trying each `PATH` candidate, as `execvp` does).
 //!
 //! A failing step writes a fixed-size [`Failure`] record (which call, its errno, the kernel's
@@ -26,8 +33,7 @@
 //!
 //! What this module deliberately is not: the parent's side (`clone`, reading the output,
 //! waiting, turning a record into an error: see `namespace`), the overlay's options (see
-//! `overlay`), or a container runtime (no cgroups, seccomp, or resource limits; the command is
-//! the user's own build step).
+//! `overlay`), or a full container runtime (no cgroups or resource limits yet).
 
 use std::convert::Infallible;
 use std::ffi::{CStr, CString};
@@ -59,6 +65,30 @@ const DEV_LINKS: [(&CStr, &CStr); 5] = [
 ];
 /// At most: the devices, `hosts`, `resolv.conf`.
 const MAX_BINDS: usize = DEVICES.len() + 2;
+
+/// Parts of `/proc` made read-only (Docker's and runc's `readonlyPaths`): the kernel's
+/// tunables (`/proc/sys/kernel/core_pattern` would run a program of the step's choosing as
+/// root on the host), the magic SysRq trigger, interrupt affinities, bus and filesystem knobs.
+pub(crate) const READONLY_PROC: [&CStr; 5] =
+    [c"/proc/bus", c"/proc/fs", c"/proc/irq", c"/proc/sys", c"/proc/sysrq-trigger"];
+/// Files of `/proc` hidden behind the host's `/dev/null` (Docker's `maskedPaths` that are
+/// files): kernel memory, every keyring's description, timers and scheduler internals.
+pub(crate) const MASKED_PROC_FILES: [&CStr; 7] = [
+    c"/proc/interrupts",
+    c"/proc/kcore",
+    c"/proc/keys",
+    c"/proc/latency_stats",
+    c"/proc/timer_list",
+    c"/proc/timer_stats",
+    c"/proc/sched_debug",
+];
+/// Directories of `/proc` hidden under an empty read-only tmpfs (Docker's `maskedPaths` that
+/// are directories). The sandbox mounts no `/sys`, so Docker's `/sys/firmware` and
+/// `/sys/devices/virtual/powercap` are out of sight already.
+pub(crate) const MASKED_PROC_DIRECTORIES: [&CStr; 3] = [c"/proc/acpi", c"/proc/asound", c"/proc/scsi"];
+
+/// `keyctl(2)`'s operation that gives the caller a new anonymous session keyring.
+const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
 
 /// The capabilities a RUN command keeps: Docker's default set. Everything else (mounting,
 /// modules, raw IO, the clock, ...) is dropped from the bounding set before `execve`.
@@ -101,6 +131,9 @@ pub(crate) struct ChildProgram<'a> {
     _argv: Vec<CString>,
     _env: Vec<CString>,
     exec_candidates: Vec<CString>,
+    seccomp: &'static crate::seccomp::Programs,
+    /// The `cgroup.procs` of the command's cgroup, when it has one.
+    pub(crate) cgroup_procs: Option<CString>,
     argv_pointers: Vec<*const c_char>,
     env_pointers: Vec<*const c_char>,
 }
@@ -170,6 +203,8 @@ impl<'a> ChildProgram<'a> {
             _argv: argv,
             _env: env,
             exec_candidates,
+            seccomp: crate::seccomp::programs()?,
+            cgroup_procs: None,
             argv_pointers,
             env_pointers,
         })
@@ -187,8 +222,16 @@ impl<'a> ChildProgram<'a> {
         let process = &self.plan.process;
         match failure.stage {
             Stage::ParentGone => "the builder exited before the command started".to_owned(),
+            Stage::ParentDeathSignal if detail == 1 => {
+                "prctl(PR_SET_PDEATHSIG, SIGKILL) after the switch to the step's user".to_owned()
+            }
             Stage::ParentDeathSignal => "prctl(PR_SET_PDEATHSIG, SIGKILL)".to_owned(),
             Stage::Stdio => "pointing the command's stdin at /dev/null and stdout/stderr at the output pipe".to_owned(),
+            Stage::Setsid => "setsid()".to_owned(),
+            Stage::JoinCgroup => format!(
+                "write({:?}, \"0\") to join the command's cgroup",
+                self.cgroup_procs.as_deref().unwrap_or(c"cgroup.procs")
+            ),
             Stage::SetgroupsDeny => "write(/proc/self/setgroups, \"deny\")".to_owned(),
             Stage::UidMap => format!(
                 "write(/proc/self/uid_map, {:?})",
@@ -242,6 +285,31 @@ impl<'a> ChildProgram<'a> {
             ),
             Stage::ChdirWorkdir => format!("chdir({:?})", process.workdir),
             Stage::DropCapabilities => format!("prctl(PR_CAPBSET_DROP, {detail})"),
+            Stage::CapabilitySets => [
+                "prctl(PR_SET_KEEPCAPS, 0)",
+                "prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)",
+                "capget()",
+                "capset(effective = permitted = Docker's default set, inheritable = none)",
+                "capset(none) after the switch to a non-root user",
+            ]
+            .get(detail)
+            .map_or_else(|| "setting the capability sets".to_owned(), |call| (*call).to_owned()),
+            Stage::SessionKeyring => "keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)".to_owned(),
+            Stage::Seccomp => format!(
+                "seccomp(SECCOMP_SET_MODE_FILTER) of {}",
+                if detail == 0 { "Docker's default profile" } else { "the clone3 -> ENOSYS filter" }
+            ),
+            Stage::ReadonlyProc => format!(
+                "mount({0:?}, {0:?}, MS_BIND) and remount read-only",
+                READONLY_PROC.get(detail).copied().unwrap_or(c"/proc/?")
+            ),
+            Stage::MaskProc => match MASKED_PROC_FILES.get(detail) {
+                Some(path) => format!("binding the host's /dev/null over {path:?}"),
+                None => format!(
+                    "mount(\"tmpfs\", {:?}, \"tmpfs\", MS_RDONLY) to mask it",
+                    MASKED_PROC_DIRECTORIES.get(detail - MASKED_PROC_FILES.len()).copied().unwrap_or(c"/proc/?")
+                ),
+            },
             Stage::SetGroups => format!("setgroups({:?})", process.groups),
             Stage::SetGid => format!("setgid({})", process.gid),
             Stage::SetUid => format!("setuid({})", process.uid),
@@ -292,16 +360,8 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).map_err(fail(Stage::ParentDeathSignal, 0))?;
     // SAFETY: the write end of the alive pipe is this process's copy, never used again.
     unsafe { libc::close(descriptors.alive_write) };
-    {
-        // SAFETY: open in this process until it exits.
-        let alive = unsafe { BorrowedFd::borrow_raw(descriptors.alive_read) };
-        let mut poll = [rustix::event::PollFd::new(&alive, rustix::event::PollFlags::IN)];
-        let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
-        if rustix::event::poll(&mut poll, Some(&now)).is_ok()
-            && poll[0].revents().contains(rustix::event::PollFlags::HUP)
-        {
-            return Err(Failure::new(Stage::ParentGone, 0, Errno::SRCH));
-        }
+    if parent_gone(descriptors) {
+        return Err(Failure::new(Stage::ParentGone, 0, Errno::SRCH));
     }
     reset_signals();
     let null =
@@ -311,6 +371,13 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     rustix::stdio::dup2_stdin(&null).map_err(fail(Stage::Stdio, 0))?;
     rustix::stdio::dup2_stdout(output).map_err(fail(Stage::Stdio, 1))?;
     rustix::stdio::dup2_stderr(output).map_err(fail(Stage::Stdio, 2))?;
+    // Into the command's cgroup before anything of the command can fork.
+    if let Some(procs) = &program.cgroup_procs {
+        write_file(procs.as_c_str(), b"0").map_err(fail(Stage::JoinCgroup, 0))?;
+    }
+    // A session of its own, without a controlling terminal: the builder's terminal (and
+    // TIOCSTI on it) is out of reach, and `/dev/tty` does not open.
+    rustix::process::setsid().map_err(fail(Stage::Setsid, 0))?;
 
     // 2. Root inside is the caller outside.
     if let Some((uid_map, gid_map)) = &program.id_maps {
@@ -342,8 +409,19 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     // while one is fully visible in the mount namespace. It is mounted through a descriptor of
     // the directory, opened without following symlinks (the runner checked that the image has a
     // directory there, or made one).
+    let mut null_clones: [Option<OwnedFd>; MASKED_PROC_FILES.len()] = std::array::from_fn(|_| None);
     if plan.mounts.proc {
         mount_proc(program.merged.as_c_str())?;
+        // The host's `/dev/null`, once per masked file (a detached mount attaches once).
+        for (index, slot) in null_clones.iter_mut().enumerate() {
+            let clone = rustix::mount::open_tree(
+                rustix::fs::CWD,
+                c"/dev/null",
+                OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+            )
+            .map_err(fail(Stage::MaskProc, index))?;
+            *slot = Some(clone);
+        }
     }
 
     // 5. Into the merged tree; the host's root is detached.
@@ -351,14 +429,18 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     rustix::process::pivot_root(c".", c".").map_err(fail(Stage::PivotRoot, 0))?;
     rustix::mount::unmount(c".", UnmountFlags::DETACH).map_err(fail(Stage::DetachOldRoot, 0))?;
     rustix::process::chdir(c"/").map_err(fail(Stage::ChdirRoot, 0))?;
+    if plan.mounts.proc {
+        harden_proc(&null_clones)?;
+    }
 
-    // 6. The runner's other mounts.
+    // 6. The runner's other mounts. The tmpfs `/dev` is `nodev`: the standard devices are
+    // binds of the host's (mounts of their own), and a node the command makes does not open.
     if plan.mounts.dev {
         rustix::mount::mount(
             c"tmpfs",
             c"/dev",
             c"tmpfs",
-            MountFlags::NOSUID | MountFlags::STRICTATIME,
+            MountFlags::NOSUID | MountFlags::NODEV | MountFlags::STRICTATIME,
             Some(c"mode=755,size=65536k"),
         )
         .map_err(fail(Stage::MountDev, 0))?;
@@ -412,23 +494,7 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
         }
     }
     rustix::process::chdir(program.workdir.as_c_str()).map_err(fail(Stage::ChdirWorkdir, 0))?;
-    for bit in 0..64u32 {
-        let capability = CapabilitySet::from_bits_retain(1 << bit);
-        if KEPT_CAPABILITIES.contains(capability) {
-            continue;
-        }
-        match rustix::thread::remove_capability_from_bounding_set(capability) {
-            // EINVAL: past the last capability this kernel knows.
-            Ok(()) | Err(Errno::INVAL) => {}
-            Err(error) => return Err(Failure::new(Stage::DropCapabilities, bit, error)),
-        }
-    }
-    if plan.rootless.is_none() {
-        rustix::thread::set_thread_groups(&program.groups).map_err(fail(Stage::SetGroups, 0))?;
-    }
-    let process = &plan.process;
-    rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(process.gid)).map_err(fail(Stage::SetGid, 0))?;
-    rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(process.uid)).map_err(fail(Stage::SetUid, 0))?;
+    set_capabilities(program, descriptors)?;
     // Whatever the builder's process had open (a library user's descriptors included) must not
     // reach the command: an open directory of the host would be a way out.
     // SAFETY: a raw syscall on integers.
@@ -455,6 +521,127 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     }
     let (index, errno) = reported.unwrap_or((0, Errno::NOENT));
     Err(Failure::new(Stage::Exec, index as u32, errno))
+}
+
+/// The session keyring, the seccomp filter, then the capabilities and credentials of the
+/// command, as Docker sets them: the bounding set
+/// reduced to Docker's default set, the ambient set cleared and `SECBIT_KEEP_CAPS` off, the
+/// effective and permitted sets equal to the bounding set and the inheritable set empty for
+/// root; then the user switch, after which a non-root user holds no capability at all. The
+/// user switch clears the parent-death signal, so it is armed again (and the builder checked
+/// to be still there); a fresh anonymous session keyring replaces the builder's, so the
+/// command sees none of the host's keys. `no_new_privs` is left off, as Docker does: setuid
+/// programs of the image (`su`, `apt`'s sandbox user) keep working. Raw syscalls only.
+// The failure is returned by value: the child must not allocate a Box.
+#[allow(clippy::result_large_err)]
+fn set_capabilities(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Result<(), Failure> {
+    let fail = |stage: Stage, detail: u32| move |error: Errno| Failure::new(stage, detail, error);
+    let plan = program.plan;
+    let process = &plan.process;
+    // SAFETY: a raw syscall on integers (a NULL name: an anonymous keyring).
+    if unsafe { libc::syscall(libc::SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, 0usize) } < 0 {
+        match last_errno() {
+            // A kernel without keys support has no keyring to leak.
+            Errno::NOSYS => {}
+            error => return Err(Failure::new(Stage::SessionKeyring, 0, error)),
+        }
+    }
+    // Docker's seccomp profile, while CAP_SYS_ADMIN still allows installing it without
+    // `no_new_privs`; every call from here to `execve` is one it allows.
+    crate::seccomp::install(&program.seccomp.allowlist).map_err(fail(Stage::Seccomp, 0))?;
+    crate::seccomp::install(&program.seccomp.clone3).map_err(fail(Stage::Seccomp, 1))?;
+    for bit in 0..64u32 {
+        let capability = CapabilitySet::from_bits_retain(1 << bit);
+        if KEPT_CAPABILITIES.contains(capability) {
+            continue;
+        }
+        match rustix::thread::remove_capability_from_bounding_set(capability) {
+            // EINVAL: past the last capability this kernel knows.
+            Ok(()) | Err(Errno::INVAL) => {}
+            Err(error) => return Err(Failure::new(Stage::DropCapabilities, bit, error)),
+        }
+    }
+    rustix::thread::set_keep_capabilities(false).map_err(fail(Stage::CapabilitySets, 0))?;
+    match rustix::thread::clear_ambient_capability_set() {
+        // EINVAL: a kernel before 4.3 has no ambient set.
+        Ok(()) | Err(Errno::INVAL) => {}
+        Err(error) => return Err(Failure::new(Stage::CapabilitySets, 1, error)),
+    }
+    let current = rustix::thread::capabilities(None).map_err(fail(Stage::CapabilitySets, 2))?;
+    let kept = KEPT_CAPABILITIES.intersection(current.permitted);
+    let root_sets =
+        rustix::thread::CapabilitySets { effective: kept, permitted: kept, inheritable: CapabilitySet::empty() };
+    rustix::thread::set_capabilities(None, root_sets).map_err(fail(Stage::CapabilitySets, 3))?;
+    if plan.rootless.is_none() {
+        rustix::thread::set_thread_groups(&program.groups).map_err(fail(Stage::SetGroups, 0))?;
+    }
+    rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(process.gid)).map_err(fail(Stage::SetGid, 0))?;
+    rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(process.uid)).map_err(fail(Stage::SetUid, 0))?;
+    if process.uid != 0 {
+        // The kernel cleared the effective and permitted sets at the switch; say so explicitly.
+        let none = rustix::thread::CapabilitySets {
+            effective: CapabilitySet::empty(),
+            permitted: CapabilitySet::empty(),
+            inheritable: CapabilitySet::empty(),
+        };
+        rustix::thread::set_capabilities(None, none).map_err(fail(Stage::CapabilitySets, 4))?;
+    }
+    // The credentials changed: the kernel forgot the parent-death signal.
+    rustix::process::set_parent_process_death_signal(Some(Signal::KILL)).map_err(fail(Stage::ParentDeathSignal, 1))?;
+    if parent_gone(descriptors) {
+        return Err(Failure::new(Stage::ParentGone, 0, Errno::SRCH));
+    }
+    Ok(())
+}
+
+/// `/proc` as Docker leaves it: [`READONLY_PROC`] bound read-only onto themselves,
+/// [`MASKED_PROC_FILES`] behind the host's `/dev/null` (`null_clones`, detached binds made
+/// before the pivot), [`MASKED_PROC_DIRECTORIES`] under an empty read-only tmpfs. A path this
+/// kernel lacks is skipped. Runs in the new root: raw syscalls only.
+// The failure is returned by value: the child must not allocate a Box.
+#[allow(clippy::result_large_err)]
+fn harden_proc(null_clones: &[Option<OwnedFd>; MASKED_PROC_FILES.len()]) -> Result<(), Failure> {
+    let locked = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    for (index, path) in READONLY_PROC.iter().enumerate() {
+        match rustix::mount::mount_bind(*path, *path) {
+            Ok(()) => {}
+            Err(Errno::NOENT) => continue,
+            Err(error) => return Err(Failure::new(Stage::ReadonlyProc, index as u32, error)),
+        }
+        rustix::mount::mount_remount(*path, MountFlags::BIND | MountFlags::RDONLY | locked, c"")
+            .map_err(|error| Failure::new(Stage::ReadonlyProc, index as u32, error))?;
+    }
+    for (index, path) in MASKED_PROC_FILES.iter().enumerate() {
+        let Some(null) = &null_clones[index] else { continue };
+        match rustix::mount::move_mount(
+            null.as_fd(),
+            c"",
+            rustix::fs::CWD,
+            *path,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        ) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(error) => return Err(Failure::new(Stage::MaskProc, index as u32, error)),
+        }
+    }
+    for (index, path) in MASKED_PROC_DIRECTORIES.iter().enumerate() {
+        match rustix::mount::mount(c"tmpfs", *path, c"tmpfs", MountFlags::RDONLY | locked, Some(c"mode=555")) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(error) => {
+                return Err(Failure::new(Stage::MaskProc, (MASKED_PROC_FILES.len() + index) as u32, error));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the builder is gone: the write end of the alive pipe is closed.
+fn parent_gone(descriptors: ChildDescriptors) -> bool {
+    // SAFETY: open in this process until it exits.
+    let alive = unsafe { BorrowedFd::borrow_raw(descriptors.alive_read) };
+    let mut poll = [rustix::event::PollFd::new(&alive, rustix::event::PollFlags::IN)];
+    let now = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    rustix::event::poll(&mut poll, Some(&now)).is_ok() && poll[0].revents().contains(rustix::event::PollFlags::HUP)
 }
 
 /// Mounts a new proc (of the child's pid namespace) on `merged/proc`. Raw syscalls only.

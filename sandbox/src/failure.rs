@@ -52,6 +52,15 @@ pub enum SandboxError {
         /// The most telling errno (a found but refused file over a missing one).
         source: io::Error,
     },
+    /// The command failed after its processes hit the sandbox's process limit (a fork bomb, or
+    /// a build that needs a higher limit).
+    #[error("the command hit its limit of {limit} processes (pids.max of its cgroup) and {ended}")]
+    ProcessLimit {
+        /// The limit.
+        limit: u64,
+        /// How it ended (`exited with code 2`, `was killed by signal 9`).
+        ended: String,
+    },
     /// The parent's side (pipes, reading the output, waiting) failed, or the plan holds a
     /// string the kernel cannot take.
     #[error("cannot {action}: {source}")]
@@ -81,6 +90,10 @@ pub(crate) enum Stage {
     ParentDeathSignal,
     /// Pointing stdin at `/dev/null` and stdout/stderr at the output pipe.
     Stdio,
+    /// Joining the command's cgroup (writing `0` to its `cgroup.procs`).
+    JoinCgroup,
+    /// `setsid()`: a session of its own, without a controlling terminal.
+    Setsid,
     /// `write(/proc/self/setgroups, "deny")` (rootless).
     SetgroupsDeny,
     /// `write(/proc/self/uid_map)` (rootless).
@@ -117,6 +130,10 @@ pub(crate) enum Stage {
     ChdirRoot,
     /// Mounting `/proc` (the detail is the call).
     MountProc,
+    /// Binding a part of `/proc` read-only onto itself (the detail is the path).
+    ReadonlyProc,
+    /// Masking a part of `/proc` (the detail is the path: files, then directories).
+    MaskProc,
     /// Mounting the tmpfs `/dev`.
     MountDev,
     /// Creating a device's mountpoint in `/dev` (the detail is the bind).
@@ -135,6 +152,13 @@ pub(crate) enum Stage {
     ChdirWorkdir,
     /// Dropping a capability from the bounding set (the detail is the capability).
     DropCapabilities,
+    /// Setting the other capability sets (the detail is the call: keep-caps off, ambient
+    /// cleared, capget, capset for root, capset to nothing after a switch to another user).
+    CapabilitySets,
+    /// `keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`.
+    SessionKeyring,
+    /// Installing a seccomp filter (the detail is the filter).
+    Seccomp,
     /// `setgroups`.
     SetGroups,
     /// `setgid`.
@@ -149,10 +173,12 @@ pub(crate) enum Stage {
 
 impl Stage {
     /// Every stage, in declaration order (`Stage::ALL[stage as usize] == stage`).
-    pub(crate) const ALL: [Stage; 35] = [
+    pub(crate) const ALL: [Stage; 42] = [
         Stage::ParentGone,
         Stage::ParentDeathSignal,
         Stage::Stdio,
+        Stage::JoinCgroup,
+        Stage::Setsid,
         Stage::SetgroupsDeny,
         Stage::UidMap,
         Stage::GidMap,
@@ -171,6 +197,8 @@ impl Stage {
         Stage::DetachOldRoot,
         Stage::ChdirRoot,
         Stage::MountProc,
+        Stage::ReadonlyProc,
+        Stage::MaskProc,
         Stage::MountDev,
         Stage::DevMountpoint,
         Stage::AttachBind,
@@ -180,6 +208,9 @@ impl Stage {
         Stage::Workdir,
         Stage::ChdirWorkdir,
         Stage::DropCapabilities,
+        Stage::CapabilitySets,
+        Stage::SessionKeyring,
+        Stage::Seccomp,
         Stage::SetGroups,
         Stage::SetGid,
         Stage::SetUid,
@@ -274,6 +305,10 @@ pub(crate) fn hint(stage: Stage, errno: Errno, rootless: bool) -> Option<&'stati
         (Stage::OverlayOpen | Stage::OverlayCreate | Stage::OverlayMount, Errno::PERM, true) => {
             Some("mounting overlayfs in a user namespace needs Linux 5.11 or newer")
         }
+        (Stage::Seccomp, Errno::INVAL | Errno::NOSYS, _) => Some(
+            "this kernel lacks seccomp filters (CONFIG_SECCOMP_FILTER); the RUN sandbox does not run commands \
+             without them",
+        ),
         (Stage::SetUid | Stage::SetGid, Errno::INVAL, true) => {
             Some("a rootless run maps only root (the calling user); other users and groups do not exist in it")
         }
@@ -308,5 +343,6 @@ mod tests {
         assert!(hint(Stage::SetUid, Errno::INVAL, true).unwrap().contains("maps only root"));
         assert!(hint(Stage::OverlayOption, Errno::INVAL, false).unwrap().contains("lowerdir+"));
         assert_eq!(hint(Stage::Exec, Errno::NOENT, false), None);
+        assert!(hint(Stage::Seccomp, Errno::INVAL, false).unwrap().contains("CONFIG_SECCOMP_FILTER"));
     }
 }

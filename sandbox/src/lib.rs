@@ -20,10 +20,17 @@
 //!
 //! Modules, arrows pointing down only: `namespace` (the parent: clone, wait, errors) → `child`
 //! (between clone and execve: raw syscalls, no allocation) → `plan` (the data) → `overlay`
-//! (the overlay's options and mount) → `failure` (stages, the child's failure record, errors).
+//! (the overlay's options and mount), `seccomp` (Docker's profile, compiled once) → `failure`
+//! (stages, the child's failure record, errors).
 //!
-//! What it deliberately is not: a container runtime (no cgroups, seccomp, or resource limits;
-//! the command is the user's own build step), or the place where a plan is decided or its
+//! The command gets what runc and Docker give a container by default where it matters for a
+//! hostile base image: its own session, a read-only and masked `/proc`, `nodev` mounts,
+//! Docker's default capability set (nothing for a non-root user), Docker's default seccomp
+//! profile, a fresh session keyring, death with the builder even after a user switch, and a
+//! cgroup of its own with a process limit (where the builder can make one).
+//!
+//! What it deliberately is not: a full container runtime (no memory or CPU limits yet), or
+//! the place where a plan is decided or its
 //! result read: the builder resolves the user and environment from the image config, lays out
 //! the run directory, and reads the upper directory afterwards.
 //!
@@ -66,6 +73,7 @@
 //!         groups: vec![0],
 //!         exec_candidates: vec!["/bin/busybox".into()],
 //!     },
+//!     pids_limit: Some(4096),
 //! };
 //! let ended = NamespaceSandbox.run(&plan, &mut |output| print!("{}", String::from_utf8_lossy(output)))?;
 //! assert_eq!(ended, Termination::Exited(0));
@@ -79,9 +87,11 @@
 
 mod child;
 mod failure;
+mod limits;
 mod namespace;
 mod overlay;
 mod plan;
+mod seccomp;
 mod writeback;
 
 pub use failure::SandboxError;

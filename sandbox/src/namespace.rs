@@ -25,6 +25,7 @@ use rustix::process::{Pid, Signal, WaitOptions};
 
 use crate::child::{ChildDescriptors, ChildProgram, child_main};
 use crate::failure::{Failure, RECORD_SIZE, SandboxError, Stage, hint};
+use crate::limits::CommandCgroup;
 use crate::plan::{Sandbox, SandboxPlan, Termination};
 
 /// The real sandbox: namespaces, overlay, pivot_root, exec.
@@ -65,7 +66,9 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
 
 impl Sandbox for NamespaceSandbox {
     fn run(&self, plan: &SandboxPlan, output: &mut dyn FnMut(&[u8])) -> Result<Termination, SandboxError> {
-        let program = ChildProgram::new(plan)?;
+        let mut program = ChildProgram::new(plan)?;
+        let cgroup = plan.pids_limit.and_then(CommandCgroup::create);
+        program.cgroup_procs = cgroup.as_ref().map(|cgroup| cgroup.procs.clone());
         let (output_read, output_write) = pipe()?;
         let (failure_read, failure_write) = pipe()?;
         // The parent holds the write end for as long as it waits: a child that finds it closed
@@ -138,16 +141,27 @@ impl Sandbox for NamespaceSandbox {
         {
             return Err(failure_error(&program, &failure));
         }
-        if let Some(code) = status.exit_status() {
-            return Ok(Termination::Exited(code));
+        let ended = if let Some(code) = status.exit_status() {
+            Termination::Exited(code)
+        } else if let Some(signal) = status.terminating_signal() {
+            Termination::Signaled(signal)
+        } else {
+            return Err(SandboxError::Io {
+                action: "understand the command's wait status",
+                source: io::Error::other(format!("{status:?}")),
+            });
+        };
+        if ended != Termination::Exited(0)
+            && let (Some(cgroup), Some(limit)) = (&cgroup, plan.pids_limit)
+            && cgroup.limit_hit()
+        {
+            let ended = match ended {
+                Termination::Exited(code) => format!("exited with code {code}"),
+                Termination::Signaled(signal) => format!("was killed by signal {signal}"),
+            };
+            return Err(SandboxError::ProcessLimit { limit, ended });
         }
-        if let Some(signal) = status.terminating_signal() {
-            return Ok(Termination::Signaled(signal));
-        }
-        Err(SandboxError::Io {
-            action: "understand the command's wait status",
-            source: io::Error::other(format!("{status:?}")),
-        })
+        Ok(ended)
     }
 }
 

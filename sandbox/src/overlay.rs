@@ -9,6 +9,10 @@
 //! given relative to the store root, which the child makes its working directory first, because
 //! `fsconfig` takes strings of at most 255 bytes.
 //!
+//! The mount is `nodev`: a device node shipped in an image layer (its snapshot holds it with
+//! the image's mode and numbers, so that a layer written from the upper directory carries it
+//! faithfully) or made by the command does not open inside the sandbox.
+//!
 //! Options besides the layers: `redirect_dir=nofollow` and `metacopy=off` so that the upper
 //! directory holds whole files and no redirects (a rename of a lower directory copies, as in
 //! Docker); `index=off`; `userxattr` in a user namespace (rootless), where overlay keeps its
@@ -219,8 +223,9 @@ impl OverlayMount {
         }
         rustix::mount::fsconfig_create(&filesystem)
             .map_err(|error| Failure::new(Stage::OverlayCreate, 0, error).with_log(&filesystem))?;
-        let mount = rustix::mount::fsmount(&filesystem, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())
-            .map_err(|error| Failure::new(Stage::OverlayMount, 0, error).with_log(&filesystem))?;
+        let mount =
+            rustix::mount::fsmount(&filesystem, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::MOUNT_ATTR_NODEV)
+                .map_err(|error| Failure::new(Stage::OverlayMount, 0, error).with_log(&filesystem))?;
         rustix::mount::move_mount(
             mount.as_fd(),
             c"",
@@ -247,7 +252,7 @@ impl OverlayMount {
             c"layerwright",
             classic.target.as_c_str(),
             c"overlay",
-            MountFlags::empty(),
+            MountFlags::NODEV,
             Some(classic.data.as_c_str()),
         );
         rustix::process::fchdir(&base).map_err(fail(1))?;

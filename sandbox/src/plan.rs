@@ -36,6 +36,9 @@ pub struct SandboxPlan {
     pub hostname: String,
     /// The command, and who it runs as.
     pub process: ProcessSpec,
+    /// The most processes the command may have at once (its own cgroup's `pids.max`); `None`:
+    /// no limit of its own.
+    pub pids_limit: Option<u64>,
 }
 
 /// Which of the runner's own mounts to make (the mountpoints exist in the merged tree).

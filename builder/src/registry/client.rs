@@ -32,11 +32,24 @@ impl Timeouts {
     pub const CACHE: Timeouts = Timeouts { connect: Duration::from_secs(5), read: Duration::from_secs(20) };
 }
 
+/// The most bytes of a manifest, an index or an image config that are read: the 4 MiB
+/// distribution accepts for a manifest. A manifest is read while streaming and refused as soon
+/// as it passes this (a hostile registry cannot make the builder hold gigabytes); a config is
+/// refused by its descriptor's size, and its download stops at that size.
+pub(crate) const MAX_DOCUMENT_BYTES: u64 = 4 << 20;
+
 /// A client bound to one reference's registry and repository.
 pub(crate) struct RegistryClient {
     pub client: Client,
     pub reference: RegistryReference,
     pub auth: RegistryAuth,
+    /// Plain HTTP (a loopback registry, or one marked insecure): a token realm may be HTTP too.
+    plain_http: bool,
+    /// For the requests made here rather than through `client` (manifests, read while
+    /// streaming; the token challenge), configured as `oci-client` configures its own.
+    http: reqwest::Client,
+    /// The bearer token [`RegistryClient::authenticate`] got, if the registry uses tokens.
+    token: std::sync::Mutex<Option<String>>,
 }
 
 impl RegistryClient {
@@ -53,7 +66,8 @@ impl RegistryClient {
         timeouts: Timeouts,
     ) -> Result<RegistryClient, RegistryError> {
         install_crypto_provider();
-        let protocol = if reference.uses_plain_http(insecure) { ClientProtocol::Http } else { ClientProtocol::Https };
+        let plain_http = reference.uses_plain_http(insecure);
+        let protocol = if plain_http { ClientProtocol::Http } else { ClientProtocol::Https };
         let config = ClientConfig {
             protocol,
             // The platform is chosen by `pull` itself, from the raw index.
@@ -70,7 +84,117 @@ impl RegistryClient {
             Credential::Anonymous => RegistryAuth::Anonymous,
             Credential::Basic { username, password } => RegistryAuth::Basic(username, password),
         };
-        Ok(RegistryClient { client: Client::new(config), reference: reference.clone(), auth })
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .read_timeout(timeouts.read)
+            .user_agent(concat!("layerwright/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|error| RegistryError::Client { reason: format!("cannot make an HTTP client: {error}") })?;
+        Ok(RegistryClient {
+            client: Client::new(config),
+            reference: reference.clone(),
+            auth,
+            plain_http,
+            http,
+            token: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// `https` or, for a loopback or insecure registry, `http`.
+    fn scheme(&self) -> &'static str {
+        if self.plain_http { "http" } else { "https" }
+    }
+
+    /// Before credentials go to a token service: the registry's challenge names the service
+    /// (its `realm`), which may be any URL. Credentials go to it only over HTTPS, unless the
+    /// registry itself is on this machine or marked insecure ([`RegistryError::InsecureTokenRealm`]).
+    async fn check_token_realm(&self) -> Result<(), RegistryError> {
+        let url = format!("{}://{}/v2/", self.scheme(), self.reference.resolved_registry());
+        let response =
+            self.http.get(&url).send().await.map_err(|error| self.http_error("probing the registry", &error))?;
+        let Some(challenge) = response.headers().get(reqwest::header::WWW_AUTHENTICATE) else { return Ok(()) };
+        let Some(realm) = bearer_realm(&String::from_utf8_lossy(challenge.as_bytes())) else { return Ok(()) };
+        if realm_may_receive_credentials(&realm, self.plain_http) {
+            return Ok(());
+        }
+        log::warn!("registry {}: refusing to send credentials to the token realm {realm}", self.reference.registry());
+        Err(RegistryError::InsecureTokenRealm { registry: self.reference.registry().to_owned(), realm })
+    }
+
+    fn http_error(&self, action: impl Into<String>, error: &reqwest::Error) -> RegistryError {
+        RegistryError::Request {
+            registry: self.reference.registry().to_owned(),
+            repository: self.reference.repository().to_owned(),
+            action: action.into(),
+            status: error.status().map(|status| status.as_u16()),
+            detail: describe_chain(error),
+        }
+    }
+
+    /// The manifest or index `reference` (of this client's repository) names, as bytes, read
+    /// while streaming and refused past [`MAX_DOCUMENT_BYTES`]; `None` when the registry has no
+    /// such thing (404). A `Docker-Content-Digest` the registry sends is checked.
+    pub async fn fetch_manifest(
+        &self,
+        reference: &RegistryReference,
+        accepted: &[&str],
+    ) -> Result<Option<Vec<u8>>, RegistryError> {
+        let target = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let url = format!(
+            "{}://{}/v2/{}/manifests/{target}",
+            self.scheme(),
+            reference.resolved_registry(),
+            reference.repository()
+        );
+        let action = format!("fetching {}", reference.whole());
+        let mut request = self.http.get(&url).header(reqwest::header::ACCEPT, accepted.join(", "));
+        let token = self.token.lock().expect("the token lock is never poisoned").clone();
+        request = match (token, &self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(username, password)) => request.basic_auth(username, Some(password)),
+            (None, _) => request,
+        };
+        let mut response = request.send().await.map_err(|error| self.http_error(action.as_str(), &error))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let too_big = || self.unusable(format!("{} is bigger than {MAX_DOCUMENT_BYTES} bytes", reference.whole()));
+        if response.content_length().is_some_and(|length| length > MAX_DOCUMENT_BYTES) {
+            return Err(too_big());
+        }
+        let expected = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| Digest::parse(value).ok());
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|error| self.http_error(action.as_str(), &error))? {
+            if body.len() as u64 + chunk.len() as u64 > MAX_DOCUMENT_BYTES {
+                return Err(too_big());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body[..body.len().min(512)]).trim().to_owned();
+            return Err(RegistryError::Request {
+                registry: self.reference.registry().to_owned(),
+                repository: self.reference.repository().to_owned(),
+                action,
+                status: Some(status.as_u16()),
+                detail: if text.is_empty() { format!("(empty body) ({url})") } else { format!("{text} ({url})") },
+            });
+        }
+        if let Some(expected) = expected
+            && Digest::of_bytes(&body) != expected
+        {
+            return Err(self.unusable(format!(
+                "{} arrived with digest {}, but the registry says {expected}",
+                reference.whole(),
+                Digest::of_bytes(&body)
+            )));
+        }
+        Ok(Some(body))
     }
 
     /// Stores the credentials and, when the registry asks for bearer tokens, fetches one for
@@ -80,10 +204,15 @@ impl RegistryClient {
             RegistryOperation::Push => "authenticating to push",
             RegistryOperation::Pull => "authenticating to pull",
         };
-        self.client
+        if matches!(self.auth, RegistryAuth::Basic(..)) {
+            self.check_token_realm().await?;
+        }
+        let token = self
+            .client
             .auth(&self.reference.inner, &self.auth, operation)
             .await
             .map_err(|error| self.error(action, error))?;
+        *self.token.lock().expect("the token lock is never poisoned") = token;
         Ok(())
     }
 
@@ -127,6 +256,25 @@ impl RegistryClient {
             reason: reason.into(),
         }
     }
+}
+
+/// The `realm` of a `Bearer` challenge (`Bearer realm="https://auth.example/token",service=...`).
+fn bearer_realm(challenge: &str) -> Option<String> {
+    let (scheme, parameters) = challenge.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    parameters.split(',').find_map(|parameter| {
+        let (name, value) = parameter.trim().split_once('=')?;
+        name.trim().eq_ignore_ascii_case("realm").then(|| value.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// Whether credentials may go to `realm`: over HTTPS always; over anything else only for a
+/// registry that is itself spoken to in plain HTTP (loopback, or marked insecure).
+fn realm_may_receive_credentials(realm: &str, plain_http_registry: bool) -> bool {
+    let scheme = realm.split_once("://").map(|(scheme, _)| scheme.to_ascii_lowercase());
+    scheme.as_deref() == Some("https") || plain_http_registry
 }
 
 /// rustls needs one crypto provider per process; `ring` is the one this crate builds with. A
@@ -242,4 +390,22 @@ fn status_of_code(code: &OciErrorCode) -> Option<u16> {
         OciErrorCode::Toomanyrequests => 429,
         OciErrorCode::Other(_) => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_go_to_a_token_realm_over_https_unless_the_registry_is_plain_http_itself() {
+        let realm = bearer_realm(r#"Bearer realm="http://auth.example/token",service="registry.example""#);
+        assert_eq!(realm.as_deref(), Some("http://auth.example/token"));
+        assert_eq!(bearer_realm(r#"Basic realm="registry""#), None);
+        assert!(!realm_may_receive_credentials("http://auth.example/token", false));
+        assert!(!realm_may_receive_credentials("ftp://auth.example/token", false));
+        assert!(!realm_may_receive_credentials("auth.example/token", false));
+        assert!(realm_may_receive_credentials("https://auth.example/token", false));
+        assert!(realm_may_receive_credentials("HTTPS://auth.example/token", false));
+        assert!(realm_may_receive_credentials("http://127.0.0.1:5001/token", true));
+    }
 }

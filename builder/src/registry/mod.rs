@@ -92,6 +92,19 @@ pub enum RegistryError {
         /// The registry's or the client's description of the failure.
         detail: String,
     },
+    /// The registry sends its clients to a token service (`realm`) that is not HTTPS: the
+    /// credentials for the registry are not sent there. Only a registry on this machine, or one
+    /// marked insecure, may name a plain-HTTP realm.
+    #[error(
+        "registry {registry}: refusing to send its credentials to the token service {realm}, which is not HTTPS \
+         (only a registry on this machine, or one marked insecure, may use a plain-HTTP token service)"
+    )]
+    InsecureTokenRealm {
+        /// The registry as written in the reference.
+        registry: String,
+        /// The token service's URL, as the registry's challenge gave it.
+        realm: String,
+    },
     /// The Docker client configuration or a credential helper it names could not give the
     /// registry's credentials (an unreadable `config.json`, a failing helper, an identity token
     /// that needs a `docker login` with a password, …).

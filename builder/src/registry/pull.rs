@@ -47,12 +47,18 @@ pub(crate) fn resolve(reference: &str) -> Result<Digest, RegistryError> {
         let client = RegistryClient::new(&reference, false)?;
         client::block_on(async {
             client.authenticate(RegistryOperation::Pull).await?;
-            let digest = client
-                .client
-                .fetch_manifest_digest(&client.reference.inner, &client.auth)
-                .await
-                .map_err(|error| client.error(format!("resolving tag {:?}", client.reference.tag()), error))?;
-            parse_digest(&client.reference, &digest)
+            // The manifest itself (capped while streaming), hashed here: no registry's word is
+            // needed for what its tag points at.
+            let Some(bytes) = client.fetch_manifest(&client.reference, &media_types::ACCEPTED_MANIFESTS).await? else {
+                return Err(RegistryError::Request {
+                    registry: client.reference.registry().to_owned(),
+                    repository: client.reference.repository().to_owned(),
+                    action: format!("resolving tag {:?}", client.reference.tag().unwrap_or("latest")),
+                    status: Some(404),
+                    detail: "manifest unknown".to_owned(),
+                });
+            };
+            Ok(Digest::of_bytes(&bytes))
         })?
     })
 }
@@ -135,6 +141,15 @@ async fn fetch_image(
     };
 
     let config_digest = parse_digest(&client.reference, &config_descriptor.digest)?;
+    // The config is read whole: its size is capped before anything is downloaded (and the
+    // download stops at the size the descriptor gives).
+    if config_descriptor.size > client::MAX_DOCUMENT_BYTES {
+        return Err(client.unusable(format!(
+            "config {config_digest} is {} bytes; layerwright reads configs of at most {} bytes",
+            config_descriptor.size,
+            client::MAX_DOCUMENT_BYTES
+        )));
+    }
     let mut blobs_downloaded = usize::from(fetch_blob(client, store, &config_digest, config_descriptor.size).await?);
     let config_bytes = std::fs::read(store.blob_path(&config_digest)).map_err(|source| RegistryError::Store {
         registry: client.reference.registry().to_owned(),
@@ -206,11 +221,15 @@ fn is_index(media_type: &Option<String>) -> bool {
 /// Fetches the manifest or index `digest` and checks that its bytes are what the digest says.
 async fn fetch_document(client: &RegistryClient, digest: &Digest) -> Result<Document, RegistryError> {
     let by_digest = client.reference.with_digest(&digest.to_string());
-    let (bytes, _) = client
-        .client
-        .pull_manifest_raw(&by_digest.inner, &client.auth, &media_types::ACCEPTED_MANIFESTS)
-        .await
-        .map_err(|error| client.error(format!("fetching manifest {digest}"), error))?;
+    let Some(bytes) = client.fetch_manifest(&by_digest, &media_types::ACCEPTED_MANIFESTS).await? else {
+        return Err(RegistryError::Request {
+            registry: client.reference.registry().to_owned(),
+            repository: client.reference.repository().to_owned(),
+            action: format!("fetching manifest {digest}"),
+            status: Some(404),
+            detail: "manifest unknown".to_owned(),
+        });
+    };
     let actual = Digest::of_bytes(&bytes);
     if actual != *digest {
         return Err(client.unusable(format!("manifest {digest} arrived with digest {actual}")));

@@ -19,10 +19,18 @@
 //! instead, which may make more content needed; the classification is repeated until nothing
 //! changes, so whatever the registry delivered is used and the build is still correct.
 //!
+//! Trust: a record from a remote cache becomes a local one (used by this and every later
+//! build) only after the layers it names have been downloaded, checked against their digest
+//! and size, decompressed and hashed against the diff ids the record claims; a record that
+//! does not match is dropped and its step built locally. Which writers of a cache are read at
+//! all is the reference's choice (`REF,writers=ci+alice`, see `registry_io`); by default every
+//! writer the cache lists is.
+//!
 //! A remote cache that is unreachable, slow or corrupt never fails a build: it costs one
 //! warning per reference and the build goes on locally. The transfers themselves are in
 //! `registry_io`; `decide` classifies, and this module prepares, exports and reports.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
@@ -152,7 +160,47 @@ pub(crate) fn prepare(
         prepared.report.bytes_downloaded += std::fs::metadata(store.blob_path(digest)).map_or(0, |meta| meta.len());
     }
 
-    let decision = decide(shapes, &local, &remote, requested, |digest| store.has_blob(digest));
+    // A record becomes local only when its layers are what it says they are: each blob (already
+    // verified by digest) is decompressed and hashed against the record's diff id, which the
+    // images built on it will name. A record that lies is dropped (its step executes), and the
+    // classification is repeated, since its inputs may now be needed.
+    let mut remote = remote;
+    let mut verified: HashSet<Digest> = HashSet::new();
+    let decision = loop {
+        let decision = decide(shapes, &local, &remote, requested, |digest| store.has_blob(digest));
+        let mut rejected = false;
+        for (index, served) in decision.served.iter().enumerate() {
+            let (Served::Remote, Some(record), true) = (served, remote[index], decision.required[index]) else {
+                continue;
+            };
+            let bad = record.layers.iter().find_map(|layer| {
+                if verified.contains(&layer.digest) {
+                    return None;
+                }
+                match crate::layer::verify_diff_id(crate::layer::open_layer_stream(store, layer).ok()?, layer) {
+                    Ok(()) => {
+                        verified.insert(layer.digest.clone());
+                        None
+                    }
+                    Err(error) => Some(error),
+                }
+            });
+            if let Some(error) = bad {
+                let source = remote_of[index].map_or("?", |(source, _)| sources[source].0);
+                let problem = format!(
+                    "the record of step key {} does not match its layer ({error}); the step is built locally",
+                    keys[index].to_hex()
+                );
+                warn(progress, &mut prepared.report, source, &problem);
+                prepared.report.records_rejected += 1;
+                remote[index] = None;
+                rejected = true;
+            }
+        }
+        if !rejected {
+            break decision;
+        }
+    };
     for (index, served) in decision.served.iter().enumerate() {
         let (Served::Remote, Some(record)) = (served, remote[index]) else { continue };
         prepared.report.steps_served += 1;

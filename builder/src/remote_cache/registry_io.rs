@@ -97,8 +97,47 @@ struct CacheIndex {
     manifests: Vec<Descriptor>,
 }
 
+/// Parses a `--cache-from` value, `REF` or `REF,writers=NAME+NAME...`: the cache, and the
+/// tags of the writers whose records are read (`None`: every writer the cache lists). A writer
+/// is named as it exports (`LAYERWRIGHT_CACHE_WRITER`), and compared as its tag writes it.
+pub(crate) fn cache_source(spec: &str) -> Result<(RegistryReference, Option<HashSet<String>>), RegistryError> {
+    let invalid = |reason: String| RegistryError::InvalidReference { reference: spec.to_owned(), reason };
+    let (reference, options) = spec.split_once(',').unwrap_or((spec, ""));
+    let parsed = cache_reference(reference)?;
+    if options.is_empty() {
+        return Ok((parsed, None));
+    }
+    let tag = parsed.tag().unwrap_or("latest").to_owned();
+    let mut writers: Option<HashSet<String>> = None;
+    for option in options.split(',') {
+        match option.split_once('=') {
+            Some(("writers", names)) => {
+                let names: Vec<&str> = names.split('+').map(str::trim).filter(|name| !name.is_empty()).collect();
+                if names.is_empty() {
+                    return Err(invalid("`writers=` names no writer (write `writers=ci+alice`)".into()));
+                }
+                writers.get_or_insert_default().extend(names.iter().map(|name| writer_tag(&tag, name)));
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "unknown cache option {option:?}: a cache to read is `REF` or `REF,writers=NAME+NAME`"
+                )));
+            }
+        }
+    }
+    Ok((parsed, writers))
+}
+
 /// Parses a cache reference: it needs a tag (the cache's name), not a digest.
 fn cache_reference(reference: &str) -> Result<RegistryReference, RegistryError> {
+    if reference.contains(',') {
+        return Err(RegistryError::InvalidReference {
+            reference: reference.to_owned(),
+            reason: "options such as `writers=` select what a build reads (`--cache-from`); an export \
+                     (`--cache-to`) writes as this cache directory's writer"
+                .into(),
+        });
+    }
     let parsed = RegistryReference::parse(reference)?;
     if parsed.digest().is_some() {
         return Err(RegistryError::InvalidReference {
@@ -143,11 +182,11 @@ fn is_not_found(error: &RegistryError) -> bool {
 /// Reads every writer's records of the cache at `reference`. A cache that does not exist yet
 /// is empty, not an error; an unreachable registry is an error.
 pub(crate) fn fetch_records(reference: &str) -> Result<RemoteRecords, RegistryError> {
-    let reference = cache_reference(reference)?;
+    let (reference, trusted) = cache_source(reference)?;
     client::on_own_thread(move || {
         let client = RegistryClient::with_timeouts(&reference, false, Timeouts::CACHE)?;
         client::block_on(async {
-            match tokio::time::timeout(READ_DEADLINE, fetch_records_async(&client)).await {
+            match tokio::time::timeout(READ_DEADLINE, fetch_records_async(&client, trusted.as_ref())).await {
                 Ok(result) => result,
                 Err(_) => Err(client.unusable(format!("reading the cache took longer than {READ_DEADLINE:?}"))),
             }
@@ -155,17 +194,31 @@ pub(crate) fn fetch_records(reference: &str) -> Result<RemoteRecords, RegistryEr
     })
 }
 
-async fn fetch_records_async(client: &RegistryClient) -> Result<RemoteRecords, RegistryError> {
+/// Reads the records of the writers of the cache (only those of `trusted`, writer tags, when
+/// given).
+async fn fetch_records_async(
+    client: &RegistryClient,
+    trusted: Option<&HashSet<String>>,
+) -> Result<RemoteRecords, RegistryError> {
     client.authenticate(RegistryOperation::Pull).await?;
     let tag = client.reference.tag().unwrap_or("latest").to_owned();
+    let is_trusted = |writer: &str| trusted.is_none_or(|trusted| trusted.contains(writer));
     let sources: Vec<RegistryReference> = match list_writer_tags(client, &tag).await {
-        Ok(tags) => tags.iter().map(|writer| tagged(&client.reference, writer)).collect(),
+        Ok(tags) => {
+            tags.iter().filter(|writer| is_trusted(writer)).map(|writer| tagged(&client.reference, writer)).collect()
+        }
         Err(error) if is_not_found(&error) => return Ok(RemoteRecords::default()),
         // Some registries will not list tags: the index names the writers too.
         Err(list_error) => match fetch_index(client, &tag).await {
-            Ok(Some((index, _))) => {
-                index.manifests.iter().map(|descriptor| client.reference.with_digest(&descriptor.digest)).collect()
-            }
+            Ok(Some((index, _))) => index
+                .manifests
+                .iter()
+                .filter(|descriptor| {
+                    trusted.is_none()
+                        || descriptor.annotations.get(WRITER_ANNOTATION).is_some_and(|writer| is_trusted(writer))
+                })
+                .map(|descriptor| client.reference.with_digest(&descriptor.digest))
+                .collect(),
             _ => return Err(list_error),
         },
     };
@@ -246,24 +299,15 @@ async fn fetch_document(
     reference: &RegistryReference,
     accepted: &[&str],
 ) -> Result<Option<Vec<u8>>, RegistryError> {
-    match client.client.pull_manifest_raw(&reference.inner, &client.auth, accepted).await {
-        Ok((bytes, _)) => {
-            if bytes.len() as u64 > MAX_DOCUMENT_BYTES {
-                return Err(client.unusable(format!("{} is bigger than {MAX_DOCUMENT_BYTES} bytes", reference.whole())));
-            }
-            if let Some(digest) = reference.digest() {
-                let actual = Digest::of_bytes(&bytes);
-                if actual.to_string() != digest {
-                    return Err(client.unusable(format!("manifest {digest} arrived with digest {actual}")));
-                }
-            }
-            Ok(Some(bytes.to_vec()))
-        }
-        Err(error) => {
-            let error = client.error(format!("fetching {}", reference.whole()), error);
-            if is_not_found(&error) { Ok(None) } else { Err(error) }
+    // Read while streaming, refused past `client::MAX_DOCUMENT_BYTES` (what registries accept).
+    let Some(bytes) = client.fetch_manifest(reference, accepted).await? else { return Ok(None) };
+    if let Some(digest) = reference.digest() {
+        let actual = Digest::of_bytes(&bytes);
+        if actual.to_string() != digest {
+            return Err(client.unusable(format!("manifest {digest} arrived with digest {actual}")));
         }
     }
+    Ok(Some(bytes))
 }
 
 /// The index at the cache's own tag, with its bytes; `None` when there is none.
@@ -342,7 +386,7 @@ async fn fetch_small_blob(client: &RegistryClient, digest: &Digest, size: u64) -
 /// Downloads `blobs` the store lacks from the cache at `reference` into the store, a few at
 /// once, each verified by digest and size. Stops at the first failure (what arrived stays).
 pub(crate) fn download_blobs(reference: &str, store: &Store, blobs: &[(Digest, u64)]) -> Result<(), RegistryError> {
-    let reference = cache_reference(reference)?;
+    let (reference, _) = cache_source(reference)?;
     client::on_own_thread(move || {
         let client = RegistryClient::with_timeouts(&reference, false, Timeouts::CACHE)?;
         client::block_on(async {
@@ -568,6 +612,26 @@ async fn rewrite_index(client: &RegistryClient, tag: &str) -> Result<(), Registr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cache_to_read_names_the_writers_it_trusts() {
+        let (reference, writers) = cache_source("localhost:5000/cache:main").unwrap();
+        assert_eq!((reference.whole().as_str(), writers), ("localhost:5000/cache:main", None));
+        let (_, writers) = cache_source("localhost:5000/cache:main,writers=ci+CI Runner #3").unwrap();
+        let mut writers: Vec<String> = writers.unwrap().into_iter().collect();
+        writers.sort();
+        assert_eq!(writers, ["main--lw-ci", "main--lw-ci-runner--3"]);
+        for (spec, message) in [
+            ("localhost:5000/cache:main,writers=", "names no writer"),
+            ("localhost:5000/cache:main,trust=ci", "REF,writers=NAME+NAME"),
+        ] {
+            let error = cache_source(spec).unwrap_err().to_string();
+            assert!(error.contains(message), "{spec}: {error}");
+        }
+        // An export writes as its own writer: options are refused there.
+        let error = cache_reference("localhost:5000/cache:main,writers=ci").unwrap_err().to_string();
+        assert!(error.contains("--cache-to"), "{error}");
+    }
 
     #[test]
     fn writer_tags_are_valid_tags_that_belong_to_their_cache() {

@@ -32,6 +32,9 @@ pub struct RemoteCacheReport {
     pub records_available: usize,
     /// Steps whose result came from a remote cache.
     pub steps_served: usize,
+    /// Records dropped because a layer they name does not decompress to the diff id they
+    /// claim (those steps were built locally).
+    pub records_rejected: usize,
     /// Blobs downloaded from remote caches into the local store.
     pub blobs_downloaded: usize,
     /// The bytes of those blobs.

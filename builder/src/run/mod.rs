@@ -64,6 +64,19 @@ use upper::{CreatedPath, UpperOptions};
 /// How many lines of a failed command's output its error shows.
 pub const ERROR_OUTPUT_LINES: usize = 20;
 
+/// The most processes a RUN command may have at once (the `pids.max` of its own cgroup, where
+/// the builder can make one): a fork bomb fails its step instead of the machine.
+pub const PIDS_LIMIT: u64 = 4096;
+
+/// The longest line of a command's output kept whole: a longer one (or output without
+/// newlines) is passed on in pieces of this size, so that the builder's memory stays bounded
+/// whatever the command prints.
+pub const MAX_OUTPUT_LINE_BYTES: usize = 64 * 1024;
+
+/// The most bytes of a command's output its log keeps (`CACHE/logs/<key>.log`): past them the
+/// log says it was cut, and the output still goes to the progress sink.
+pub const MAX_LOG_BYTES: u64 = 64 << 20;
+
 /// The hostname inside a RUN step.
 const HOSTNAME: &str = "layerwright";
 
@@ -127,7 +140,8 @@ pub enum RunError {
         /// Why the overlay could not be planned.
         source: OverlayError,
     },
-    /// The sandbox could not set up its namespaces and mounts, or start or wait for the command.
+    /// The sandbox could not set up its namespaces and mounts, or start or wait for the command,
+    /// or the command failed after hitting the sandbox's process limit.
     #[error("running `{command}`: {source}")]
     Sandbox {
         /// The step's label.
@@ -335,12 +349,25 @@ fn execute_run_with(
         },
         hostname: HOSTNAME.to_owned(),
         process,
+        pids_limit: Some(PIDS_LIMIT),
     };
 
+    // Logs are private (0600, in a 0700 directory): a command's output may hold what its
+    // secrets gave it.
     let logs = store.root().join("logs");
-    fs::create_dir_all(&logs).map_err(io_error("create", &logs))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&logs)
+    }
+    .map_err(io_error("create", &logs))?;
     let log_path = logs.join(format!("{}.log", request.key.to_hex()));
-    let log = File::create(&log_path).map_err(io_error("create", &log_path))?;
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        File::options().write(true).create(true).truncate(true).mode(0o600).open(&log_path)
+    }
+    .map_err(io_error("create", &log_path))?;
+    // A log an earlier run left (or an older version made 0644) is made private too.
+    log.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io_error("chmod 0600", &log_path))?;
     let mut collector = OutputCollector::new(request.label, request.progress, log);
     let ended = sandbox.run(&plan, &mut |chunk| collector.push(chunk));
     let last_lines = collector.finish();
@@ -589,32 +616,83 @@ fn resolv_conf_file(network: bool) -> Vec<u8> {
 }
 
 /// Splits the command's output into lines: each goes to the progress sink; everything goes to
-/// the log; the last [`ERROR_OUTPUT_LINES`] are kept for an error message.
+/// the log, up to [`MAX_LOG_BYTES`]; the last [`ERROR_OUTPUT_LINES`] are kept for an error
+/// message. Its memory is bounded: lines longer than [`MAX_OUTPUT_LINE_BYTES`] are split.
 struct OutputCollector<'a> {
     label: &'a str,
     progress: &'a Progress,
     log: Option<File>,
+    /// Bytes written to the log so far.
+    logged: u64,
+    /// The log's limit ([`MAX_LOG_BYTES`]; smaller in tests).
+    log_limit: u64,
     partial: Vec<u8>,
     last_lines: VecDeque<String>,
 }
 
 impl<'a> OutputCollector<'a> {
     fn new(label: &'a str, progress: &'a Progress, log: File) -> OutputCollector<'a> {
-        OutputCollector { label, progress, log: Some(log), partial: Vec::new(), last_lines: VecDeque::new() }
+        OutputCollector::with_log_limit(label, progress, log, MAX_LOG_BYTES)
+    }
+
+    fn with_log_limit(label: &'a str, progress: &'a Progress, log: File, log_limit: u64) -> OutputCollector<'a> {
+        OutputCollector {
+            label,
+            progress,
+            log: Some(log),
+            logged: 0,
+            log_limit,
+            partial: Vec::new(),
+            last_lines: VecDeque::new(),
+        }
     }
 
     fn push(&mut self, chunk: &[u8]) {
-        if let Some(log) = &mut self.log
-            && let Err(error) = log.write_all(chunk)
-        {
-            // The build goes on; only the log is incomplete.
-            self.progress.warn(Some(self.label), format!("cannot write the RUN log: {error}"));
-            self.log = None;
+        self.write_log(chunk);
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            match rest.iter().position(|byte| *byte == b'\n') {
+                Some(end) if self.partial.len() + end <= MAX_OUTPUT_LINE_BYTES => {
+                    self.partial.extend_from_slice(&rest[..end]);
+                    let line = std::mem::take(&mut self.partial);
+                    self.line(&line);
+                    rest = &rest[end + 1..];
+                }
+                _ => {
+                    // No newline within the line limit: keep what fits, pass a full piece on.
+                    let room = MAX_OUTPUT_LINE_BYTES - self.partial.len();
+                    let (taken, left) = rest.split_at(room.min(rest.len()));
+                    self.partial.extend_from_slice(taken);
+                    rest = left;
+                    if self.partial.len() == MAX_OUTPUT_LINE_BYTES {
+                        let line = std::mem::take(&mut self.partial);
+                        self.line(&line);
+                    }
+                }
+            }
         }
-        self.partial.extend_from_slice(chunk);
-        while let Some(end) = self.partial.iter().position(|byte| *byte == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=end).collect();
-            self.line(&line[..line.len() - 1]);
+    }
+
+    /// Appends to the log up to its limit, then notes once that it was cut.
+    fn write_log(&mut self, chunk: &[u8]) {
+        let Some(log) = &mut self.log else { return };
+        let room = self.log_limit.saturating_sub(self.logged);
+        let kept = &chunk[..chunk.len().min(room as usize)];
+        let mut result = log.write_all(kept);
+        self.logged += kept.len() as u64;
+        let cut = kept.len() < chunk.len();
+        if cut && result.is_ok() {
+            let note = format!("\n[layerwright: the log stops here, after {} bytes of output]\n", self.log_limit);
+            result = log.write_all(note.as_bytes());
+        }
+        match result {
+            Err(error) => {
+                // The build goes on; only the log is incomplete.
+                self.progress.warn(Some(self.label), format!("cannot write the RUN log: {error}"));
+                self.log = None;
+            }
+            Ok(()) if cut => self.log = None,
+            Ok(()) => {}
         }
     }
 

@@ -303,6 +303,30 @@ fn output_is_split_into_lines_however_it_arrives() {
 }
 
 #[test]
+fn output_without_newlines_and_a_huge_log_stay_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = File::create(dir.path().join("log")).unwrap();
+    let progress = Progress::default();
+    let mut collector = OutputCollector::with_log_limit("RUN x", &progress, log, 1000);
+    // 10 MiB without a newline, in odd chunks: held at most one line's limit at a time.
+    let chunk = vec![b'x'; 4099];
+    for _ in 0..(10 << 20) / chunk.len() {
+        collector.push(&chunk);
+        assert!(collector.partial.len() <= MAX_OUTPUT_LINE_BYTES);
+    }
+    collector.push(b"\nlast\n");
+    let lines = collector.finish();
+    assert_eq!(lines.len(), ERROR_OUTPUT_LINES);
+    assert!(lines[..ERROR_OUTPUT_LINES - 2].iter().all(|line| line.len() == MAX_OUTPUT_LINE_BYTES));
+    assert_eq!(lines.last().unwrap(), "last");
+    let logged = fs::read_to_string(dir.path().join("log")).unwrap();
+    assert_eq!(
+        logged,
+        format!("{}\n[layerwright: the log stops here, after 1000 bytes of output]\n", "x".repeat(1000))
+    );
+}
+
+#[test]
 fn directories_only_implied_by_a_higher_layer_are_made_in_the_upper_with_their_metadata() {
     let file_kind = IndexKind::File { size: 0, sha256: layerwright_cache::Digest::of_bytes(b"") };
     let entry = |path: &str, kind: IndexKind, mode: u32, uid: u32| IndexEntry {

@@ -9,11 +9,13 @@
 //! - `registry`: push and pull against a local `docker-registry`.
 //! - `remote_cache`: the remote cache between machines, through a local registry.
 //! - `run`: RUN steps for real, on the busybox example base.
+//! - `escape`: a hostile RUN step's attempts to reach the host, each refused as it should be.
 //!
 //! `support` is their shared harness: finding and running the real clients, a local registry.
 
 mod support;
 
+mod escape;
 mod load;
 mod platforms;
 mod real_clients;

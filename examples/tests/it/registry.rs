@@ -388,3 +388,66 @@ fn status_kib(field: &str) -> u64 {
     let line = status.lines().find(|line| line.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
     line.split_whitespace().nth(1).and_then(|value| value.parse().ok()).unwrap()
 }
+
+/// A "registry" on 127.0.0.1 that answers `/v2/` and then, for any manifest, streams JSON
+/// without end; the bytes it managed to send are counted.
+fn endless_manifest_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let sent = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&sent);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let counter = Arc::clone(&counter);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    return;
+                }
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|read| read > 2) {
+                    line.clear();
+                }
+                if !request_line.contains("/manifests/") {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}");
+                    return;
+                }
+                let header = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                              Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+                if stream.write_all(header.as_bytes()).is_err() {
+                    return;
+                }
+                let chunk = vec![b' '; 64 * 1024];
+                // Up to 1 GiB, unless the client hangs up first.
+                for _ in 0..16 * 1024 {
+                    let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+                    if stream.write_all(&framed).is_err() {
+                        return;
+                    }
+                    counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    (address, sent)
+}
+
+#[test]
+fn a_registry_sending_an_endless_manifest_is_cut_off_at_4_mib() {
+    let (address, sent) = endless_manifest_server();
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::new(dir.path().join("cache")).unwrap();
+    let started = Instant::now();
+    let error = builder.build(&Image::pull(format!("{address}/endless:latest"))).map(drop).unwrap_err().to_string();
+    assert!(error.contains("is bigger than 4194304 bytes"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    // The client stopped reading soon after the cap (the socket buffers hold a few MiB more).
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sent < 64 << 20, "the registry sent {sent} bytes");
+}

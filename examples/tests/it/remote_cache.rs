@@ -357,3 +357,121 @@ fn a_layer_the_registry_serves_corrupted_is_refused_and_built_locally() {
         assert!(reader.store().verify_blob(&parsed).unwrap(), "{digest} is corrupt");
     }
 }
+
+/// Uploads `bytes` as a blob of `repository`; its digest.
+fn put_blob(registry: &support::LocalRegistry, repository: &str, bytes: &[u8]) -> String {
+    let digest = support::sha256(bytes);
+    let upload = registry.request("POST", &format!("/v2/{repository}/blobs/uploads/"), &[], b"").unwrap();
+    let location = upload.lines().find_map(|line| line.strip_prefix("Location: ")).unwrap().trim().to_owned();
+    let path = location.split_once(&registry.address()).map_or(location.as_str(), |(_, path)| path).to_owned();
+    let separator = if path.contains('?') { '&' } else { '?' };
+    let put = registry
+        .request(
+            "PUT",
+            &format!("{path}{separator}digest={digest}"),
+            &[("Content-Type", "application/octet-stream")],
+            bytes,
+        )
+        .unwrap();
+    assert!(put.starts_with("HTTP/1.1 201"), "{put}");
+    digest
+}
+
+/// A cache directory whose exports are written as `writer` (what `LAYERWRIGHT_CACHE_WRITER`
+/// would say, without changing this process's environment).
+fn cache_of_writer(parent: &Path, writer: &str) -> PathBuf {
+    let cache = parent.join(writer);
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join("remote-cache-writer"), writer).unwrap();
+    cache
+}
+
+#[test]
+fn a_record_whose_diff_ids_lie_is_refused_and_its_steps_built_locally() {
+    let Some(registry) = support::registry() else { return };
+    let reference = format!("{}/lying:main", registry.address());
+    let machines = tempfile::tempdir().unwrap();
+    let (writer, _) = machine(&cache_of_writer(machines.path(), "liar"), &[], Some(&reference));
+    let built_a = writer.build(&small_image("lying")).unwrap();
+
+    // The writer's manifest keeps its blobs, but its record batch now claims other diff ids
+    // (what a writer would do to make readers' images name layers they do not hold).
+    let response = registry
+        .request(
+            "GET",
+            "/v2/lying/manifests/main--lw-liar",
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+            b"",
+        )
+        .unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    let mut manifest: serde_json::Value = serde_json::from_str(body).unwrap();
+    let batch_digest = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let batch = std::fs::read_to_string(registry.blob_data_path(&batch_digest)).unwrap();
+    let mut lying = batch.clone();
+    for layer in built_a.layers() {
+        lying = lying.replace(&layer.diff_id.to_string(), &support::sha256(b"a layer nobody has"));
+    }
+    assert_ne!(lying, batch, "the batch names the layers' diff ids");
+    let lying_digest = put_blob(&registry, "lying", lying.as_bytes());
+    manifest["layers"][0]["digest"] = lying_digest.into();
+    manifest["layers"][0]["size"] = lying.len().into();
+    let put = registry
+        .request(
+            "PUT",
+            "/v2/lying/manifests/main--lw-liar",
+            &[("Content-Type", "application/vnd.oci.image.manifest.v1+json")],
+            manifest.to_string().as_bytes(),
+        )
+        .unwrap();
+    assert!(put.starts_with("HTTP/1.1 201"), "{put}");
+
+    let cache_b = machines.path().join("b");
+    let (reader, executed) = machine(&cache_b, std::slice::from_ref(&reference), None);
+    let built_b = reader.build(&small_image("lying")).unwrap();
+    // Built locally, right: the same image as the honest build.
+    assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
+    assert!(executed.load(Ordering::Relaxed) >= 1);
+    let report = built_b.remote_cache().unwrap();
+    assert!(report.records_rejected >= 1, "{report:?}");
+    assert!(
+        report.warnings.iter().all(|warning| warning.contains("does not match its layer")),
+        "{:?}",
+        report.warnings
+    );
+    // Nothing of the lie became local: a second build is a local hit with the right digest.
+    let (again, executed) = machine(&cache_b, &[], None);
+    assert_eq!(again.build(&small_image("lying")).unwrap().manifest_digest(), built_a.manifest_digest());
+    assert_eq!(executed.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn cache_from_reads_only_the_writers_it_names() {
+    let Some(registry) = support::registry() else { return };
+    let reference = format!("{}/trust:main", registry.address());
+    let machines = tempfile::tempdir().unwrap();
+    for writer in ["ci", "pr-fork"] {
+        let (builder, _) = machine(&cache_of_writer(machines.path(), writer), &[], Some(&reference));
+        builder.build(&small_image(writer)).unwrap();
+    }
+    // Trusting `ci` alone: its records serve, the fork's are never read.
+    let trusted = format!("{reference},writers=ci");
+    let (reader, executed) = machine(&machines.path().join("reader"), std::slice::from_ref(&trusted), None);
+    let built = reader.build(&small_image("ci")).unwrap();
+    assert_eq!(built.remote_cache().unwrap().writers, 1);
+    assert_eq!(executed.load(Ordering::Relaxed), 0);
+    reader.build(&small_image("pr-fork")).unwrap();
+    assert!(executed.load(Ordering::Relaxed) > 0, "an untrusted writer's records were used");
+    // By default every writer the cache lists is read.
+    let (reader, executed) = machine(&machines.path().join("default"), std::slice::from_ref(&reference), None);
+    let built = reader.build(&small_image("pr-fork")).unwrap();
+    assert_eq!((built.remote_cache().unwrap().writers, executed.load(Ordering::Relaxed)), (2, 0));
+    // Two names, `+`-separated; an unknown option is a warning naming the syntax.
+    let both = format!("{reference},writers=ci+pr-fork");
+    let (reader, _) = machine(&machines.path().join("both"), std::slice::from_ref(&both), None);
+    assert_eq!(reader.build(&small_image("ci")).unwrap().remote_cache().unwrap().writers, 2);
+    let wrong = format!("{reference},writer=ci");
+    let (reader, _) = machine(&machines.path().join("wrong"), std::slice::from_ref(&wrong), None);
+    let warnings = reader.build(&small_image("ci")).unwrap().remote_cache().unwrap().warnings.clone();
+    assert!(warnings[0].contains("REF,writers=NAME+NAME"), "{warnings:?}");
+}

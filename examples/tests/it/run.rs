@@ -349,6 +349,10 @@ fn a_failing_run_reports_its_output_and_leaves_no_cache_entry_and_no_mount() {
         assert_eq!(*last_lines, expected);
         let full_log: String = (1..=30).map(|line| format!("line {line}\n")).collect();
         assert_eq!(fs::read_to_string(log).unwrap(), full_log);
+        // The log is the builder's user's alone.
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(log).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(log.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
         let message = error.to_string();
         assert!(message.contains("exited with code 3; the last 20 lines of its output:\n  | line 11\n"), "{message}");
         assert!(message.ends_with(&format!("  | line 30\nfull log: {}", log.display())), "{message}");
@@ -450,17 +454,33 @@ fn a_panic_while_the_command_runs_kills_it() {
 
 #[test]
 fn ctrl_c_kills_the_command_and_leaves_no_mount() {
+    ctrl_c_kills_the_command_of(None, "sleep 986");
+}
+
+/// A command that switched to another user (which clears the parent-death signal) still dies
+/// with the builder.
+#[test]
+fn ctrl_c_kills_the_command_of_a_non_root_user() {
+    if !is_root() {
+        return; // A rootless run maps only root.
+    }
+    ctrl_c_kills_the_command_of(Some("nobody"), "sleep 985");
+}
+
+fn ctrl_c_kills_the_command_of(user: Option<&str>, command: &str) {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let mut helper = entry_point!(helper_a_build_whose_command_sleeps)
         .command()
         .env("LAYERWRIGHT_RUN_HELPER_CACHE", &cache)
+        .env("LAYERWRIGHT_RUN_HELPER_COMMAND", command)
+        .env("LAYERWRIGHT_RUN_HELPER_USER", user.unwrap_or(""))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let running = eventually(Duration::from_secs(120), || {
-        !processes_with("sleep 986").is_empty() || helper.try_wait().unwrap().is_some()
+        !processes_with(command).is_empty() || helper.try_wait().unwrap().is_some()
     });
     if !running || helper.try_wait().unwrap().is_some() {
         let _ = helper.kill();
@@ -479,11 +499,7 @@ fn ctrl_c_kills_the_command_and_leaves_no_mount() {
     rustix::process::kill_process(rustix::process::Pid::from_child(&helper), signal).unwrap();
     let status = helper.wait().unwrap();
     assert!(!status.success());
-    assert!(
-        eventually(Duration::from_secs(5), || processes_with("sleep 986").is_empty()),
-        "{:?}",
-        processes_with("sleep 986")
-    );
+    assert!(eventually(Duration::from_secs(5), || processes_with(command).is_empty()), "{:?}", processes_with(command));
     assert_eq!(our_mounts(&cache), Vec::<String>::new());
     // The run directory the killed build left in the cache's tmp/ goes when the cache is next
     // opened by a builder alone.
@@ -513,6 +529,12 @@ fn a_deleted_snapshot_directory_is_unpacked_again_and_the_build_is_right() {
 #[ignore = "subprocess entry point of ctrl_c_kills_the_command_and_leaves_no_mount"]
 fn helper_a_build_whose_command_sleeps() {
     let cache = subprocess::variable("LAYERWRIGHT_RUN_HELPER_CACHE", "ctrl_c_kills_the_command_and_leaves_no_mount");
+    let command =
+        subprocess::variable("LAYERWRIGHT_RUN_HELPER_COMMAND", "ctrl_c_kills_the_command_and_leaves_no_mount")
+            .into_string()
+            .unwrap();
+    let user = std::env::var("LAYERWRIGHT_RUN_HELPER_USER").unwrap_or_default();
     let builder = Builder::new(PathBuf::from(cache)).unwrap();
-    support::build_with_runs(&builder, &busybox().run("sleep 986"));
+    let run = if user.is_empty() { Run::shell(command) } else { Run::shell(command).user(user) };
+    support::build_with_runs(&builder, &busybox().run(run));
 }
