@@ -14,7 +14,7 @@ use layerwright_dsl::Image;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::layer::{self, Compression, LayerIndex, TreeError};
+use crate::layer::{self, Compression, IndexKind, LayerIndex, TreeError};
 use crate::output::{ExportError, ImageParts};
 #[cfg(feature = "testing")]
 use crate::progress::StepHook;
@@ -344,12 +344,60 @@ impl BuiltImage {
     pub fn listing(&self) -> Result<String, BuildError> {
         let mut tree = FsTree::default();
         for (position, layer) in self.inner.layers.iter().enumerate() {
-            let index = match LayerIndex::load(&self.inner.store, &layer.diff_id)? {
-                Some(index) => index,
-                None => layer::index_layer(&self.inner.store, layer)?,
-            };
-            tree.apply(position, &layer.digest, &index)?;
+            tree.apply(position, &layer.digest, &self.layer_index(layer)?)?;
         }
         Ok(tree.listing())
     }
+
+    /// Each layer, bottom first, with what it holds on its own: its entries in the format of
+    /// [`BuiltImage::listing`], then a `whiteout /PATH` line for each path it deletes from the
+    /// layers below and an `opaque /PATH` line for each directory it makes opaque.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let built = layerwright::Builder::new("target/layerwright")?.build(&layerwright::Image::scratch().write_file("/a", "a"))?;
+    /// for layer in built.layer_listings()? {
+    ///     println!("{} {} bytes, {} paths", layer.layer.digest, layer.layer.size, layer.listing.lines().count());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn layer_listings(&self) -> Result<Vec<LayerListing>, BuildError> {
+        let mut listings = Vec::with_capacity(self.inner.layers.len());
+        for layer in &self.inner.layers {
+            let index = self.layer_index(layer)?;
+            let (deletions, entries): (Vec<_>, Vec<_>) = index
+                .entries
+                .into_iter()
+                .partition(|entry| matches!(entry.kind, IndexKind::Whiteout | IndexKind::OpaqueWhiteout));
+            let mut tree = FsTree::default();
+            tree.apply(0, &layer.digest, &LayerIndex { entries })?;
+            let mut listing = tree.listing();
+            for deletion in deletions {
+                let kind = if deletion.kind == IndexKind::Whiteout { "whiteout" } else { "opaque" };
+                listing.push_str(&format!("{kind} /{}\n", crate::tree::escape_for_listing(&deletion.path)));
+            }
+            listings.push(LayerListing { layer: layer.clone(), listing });
+        }
+        Ok(listings)
+    }
+
+    /// The index of one of this image's layers: saved next to the blob, or read from it.
+    fn layer_index(&self, layer: &LayerRecord) -> Result<LayerIndex, BuildError> {
+        Ok(match LayerIndex::load(&self.inner.store, &layer.diff_id)? {
+            Some(index) => index,
+            None => layer::index_layer(&self.inner.store, layer)?,
+        })
+    }
+}
+
+/// One layer of a built image and what it holds on its own (see [`BuiltImage::layer_listings`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LayerListing {
+    /// The layer: blob digest, diff id, blob size and media type.
+    pub layer: LayerRecord,
+    /// Its entries, one line per path, as [`BuiltImage::listing`] writes them, then its
+    /// deletions (`whiteout /PATH`, `opaque /PATH`).
+    pub listing: String,
 }

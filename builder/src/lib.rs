@@ -62,7 +62,7 @@ mod tree;
 
 pub mod cache;
 
-pub use build::{BuildError, Builder, BuilderOptions, BuiltImage};
+pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, LayerListing};
 pub use layer::Compression;
 pub use layerwright_dsl::*;
 pub use output::ExportError;
