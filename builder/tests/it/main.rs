@@ -3,6 +3,7 @@
 //! rather than a binary of its own (`cargo test -p layerwright --test it [FILTER]`).
 //!
 //! - `build`: end-to-end builds: reproducibility, caching, bad input.
+//! - `cli`: `layerwright::cli` as a user's xtask runs it, from a subdirectory of a workspace.
 //! - `compression`: changing the compression recompresses, never re-executes.
 //! - `hostile`: crafted base archives and build contexts.
 //! - `incremental`: what is rebuilt and why, the parallel solver, salsa's re-execution.
@@ -14,6 +15,7 @@
 mod support;
 
 mod build;
+mod cli;
 mod compression;
 mod hostile;
 mod incremental;
