@@ -44,7 +44,8 @@ fn cli_in(dir: &Path, arguments: &[&str]) -> (bool, String, String) {
         .env_remove("CARGO_WORKSPACE_DIR")
         .output()
         .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned());
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&stdout).into_owned(), String::from_utf8_lossy(&stderr).into_owned());
     let succeeded = match stdout.lines().find_map(|line| line.strip_prefix("CLI-SUCCEEDED ")) {
         Some(flag) => flag == "true",
         None => panic!("the child ran no cli:\n{stdout}\n{stderr}"),
@@ -65,11 +66,7 @@ fn a_workspace_builds_lists_and_inspects_its_images_from_a_subdirectory() {
     assert!(succeeded, "{stdout}\n{stderr}");
     // The same image as built here, from the absolute path: the declaration's relative path
     // resolved against the workspace root, not the directory the command started in.
-    let expected = Builder::new(root.join("expected-cache"))
-        .unwrap()
-        .build(&tiny_at(root))
-        .unwrap()
-        .manifest_digest();
+    let expected = Builder::new(root.join("expected-cache")).unwrap().build(&tiny_at(root)).unwrap().manifest_digest();
     assert!(stdout.contains(&format!("digest  {expected}")), "{stdout}");
     // `--output` is relative to where the command started; the cache defaults to the root's.
     let index = std::fs::read_to_string(subdirectory.join("out/index.json")).unwrap();
@@ -101,7 +98,10 @@ fn a_workspace_builds_lists_and_inspects_its_images_from_a_subdirectory() {
     }
 
     let (succeeded, stdout, _) = cli_in(&subdirectory, &["cache", "du"]);
-    assert!(succeeded && stdout.contains(&format!("cache    {}", root.join("target/layerwright").display())), "{stdout}");
+    assert!(
+        succeeded && stdout.contains(&format!("cache    {}", root.join("target/layerwright").display())),
+        "{stdout}"
+    );
 
     let (succeeded, _, stderr) = cli_in(&subdirectory, &["build-image", "nope"]);
     assert!(!succeeded);
