@@ -144,6 +144,24 @@ impl fmt::Debug for BuilderOptions {
 
 /// Builds images into a persistent cache directory. Cheap to clone (clones share the cache
 /// state); `Send + Sync`.
+///
+/// ```no_run
+/// use layerwright::{Builder, BuilderOptions, Compression, Context, Image};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let context = Context::dir("app")?;
+/// let base = Image::scratch().copy(&context, "bin", "/app/bin");
+/// let api = base.clone().entrypoint(["/app/bin/api"]);
+/// let worker = base.entrypoint(["/app/bin/worker"]);
+///
+/// let builder = Builder::with_options("target/layerwright", BuilderOptions::default().compression(Compression::Zstd))?;
+/// let built = builder.build_all(&[&api, &worker])?; // the shared COPY is built once
+/// for step in built[0].steps() {
+///     println!("{} {}", if step.cached { "cached" } else { "built " }, step.label);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Builder {
     store: Store,
@@ -246,6 +264,22 @@ fn solve_options(options: &BuilderOptions) -> SolveOptions {
 
 /// A built image: its manifest, config and layers are in the cache store. Outlives the
 /// [`Builder`] that made it; cheap to clone.
+///
+/// ```no_run
+/// use layerwright::{Builder, Image};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let image = Image::scratch().write_file("/etc/motd", "hello\n").cmd(["/bin/sh"]);
+/// let built = Builder::new("target/layerwright")?.build(&image)?;
+/// println!("{} ({} bytes of layers)", built.manifest_digest(), built.size());
+/// built.write_oci_layout("out/motd", "motd:latest")?;
+/// built.write_docker_archive("out/motd.tar", "motd:latest")?; // docker load -i out/motd.tar
+/// let config = built.config()?; // the image config document
+/// assert_eq!(config["config"]["Cmd"][0], "/bin/sh");
+/// print!("{}", built.listing()?); // one line per path, for snapshot tests
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct BuiltImage {
     inner: Arc<SolvedImage>,

@@ -213,11 +213,32 @@ struct Arguments {
 /// The whole `main` of a workspace's xtask: parses the process's arguments and runs the
 /// command on `images` (see the module docs). Errors are printed; the exit code says whether
 /// the command succeeded.
+///
+/// ```no_run
+/// use layerwright::{Image, cli::Images};
+///
+/// fn main() -> std::process::ExitCode {
+///     layerwright::cli::main(Images::new().add("motd", motd))
+/// }
+///
+/// fn motd() -> Result<Image, Box<dyn std::error::Error + Send + Sync>> {
+///     Ok(Image::scratch().write_file("/etc/motd", "hello\n"))
+/// }
+/// ```
 pub fn main(images: Images) -> ExitCode {
     run(&images, std::env::args_os())
 }
 
 /// [`main`] with the arguments given (the first one is the program's name).
+///
+/// ```no_run
+/// use layerwright::Image;
+/// use layerwright::cli::{self, Images};
+///
+/// let images = Images::new().add("empty", || Ok::<_, std::io::Error>(Image::scratch()));
+/// let code = cli::run(&images, ["xtask", "build-image", "empty", "--output", "oci:out/empty"]);
+/// assert_eq!(code, std::process::ExitCode::SUCCESS);
+/// ```
 pub fn run<I, T>(images: &Images, arguments: I) -> ExitCode
 where
     I: IntoIterator<Item = T>,
