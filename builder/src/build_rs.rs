@@ -445,4 +445,27 @@ mod tests {
         let index = std::fs::read_to_string(out_dir.join("layerwright/web-site/index.json")).unwrap();
         assert!(index.contains(&output.digest) && index.contains("web-site:latest"), "{index}");
     }
+
+    #[test]
+    fn a_sandbox_that_cannot_start_names_the_step_and_the_cache_not_this_repository() {
+        let source = layerwright_sandbox::SandboxError::Clone {
+            flags: "CLONE_NEWUSER | CLONE_NEWNS".into(),
+            source: std::io::Error::from_raw_os_error(1),
+            hint: None,
+        };
+        let run = RunError::Sandbox { step: "RUN make install".into(), command: "make install".into(), source };
+        let error = BuildError::Step { step: "RUN make install".into(), source: Box::new(StepError::Run(run)) };
+        let error = build_error("tools", Path::new("/cache/dir"), error);
+        assert!(matches!(error, BuildRsError::RunNeedsPrivilege { .. }), "{error:?}");
+        let message = error.to_string();
+        for expected in
+            ["image `tools`: step `RUN make install`", "user namespaces", "/cache/dir", "LAYERWRIGHT_CACHE_DIR"]
+        {
+            assert!(message.contains(expected), "{expected}: {message}");
+        }
+        assert!(!message.contains("cargo xtask"), "{message}");
+        // Any other failure stays a build error.
+        let other = BuildError::Workers("no threads".into());
+        assert!(matches!(build_error("tools", Path::new("/c"), other), BuildRsError::Build { .. }));
+    }
 }

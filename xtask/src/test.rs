@@ -2,7 +2,7 @@
 //! the `preserve_order` build in an invocation of its own, and the template workspace of
 //! `examples/template` built and tested there as a new user would.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result};
@@ -12,6 +12,19 @@ use crate::docker::DockerEngine;
 /// Runs `cargo test --workspace`, with `DOCKER_HOST` pointing at a Docker engine: the one
 /// already set, or one started here (as root) and stopped afterwards.
 pub fn run(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
+    // This binary, pinned: a cargo build of xtask while the tests run (another checkout sharing
+    // the target directory) replaces the file `current_exe` names.
+    let target_dir = target_dir(workspace);
+    std::fs::create_dir_all(&target_dir).with_context(|| format!("creating {}", target_dir.display()))?;
+    let pinned = tempfile::Builder::new()
+        .prefix("xtask-under-test")
+        .tempdir_in(&target_dir)
+        .context("creating a directory for the pinned xtask binary")?;
+    let xtask = pinned.path().join("xtask");
+    let current = std::env::current_exe().context("finding the xtask binary")?;
+    if std::fs::hard_link(&current, &xtask).is_err() {
+        std::fs::copy(&current, &xtask).with_context(|| format!("copying {}", current.display()))?;
+    }
     let engine = match std::env::var_os("DOCKER_HOST") {
         Some(host) => {
             eprintln!("xtask test: using the Docker engine at DOCKER_HOST={}", host.to_string_lossy());
@@ -40,7 +53,7 @@ pub fn run(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
     let status = Command::new(&cargo)
         .current_dir(workspace)
         .args(["test", "-p", PRESERVE_ORDER_CRATE])
-        .env("LAYERWRIGHT_XTASK_BIN", std::env::current_exe().context("finding the xtask binary")?)
+        .env("LAYERWRIGHT_XTASK_BIN", &xtask)
         .status()
         .context("running cargo test -p layerwright-preserve-order")?;
     if !status.success() {
@@ -54,7 +67,7 @@ pub fn run(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
 /// target directory so that the dependencies they share are built once.
 fn template(workspace: &Path) -> Result<ExitCode> {
     let template = workspace.join("examples/template");
-    let target_dir = workspace.join(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()));
+    let target_dir = target_dir(workspace);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     for arguments in [&["test"][..], &["xtask", "build-image", "app"]] {
         eprintln!("xtask test: in examples/template: cargo {}", arguments.join(" "));
@@ -74,3 +87,8 @@ fn template(workspace: &Path) -> Result<ExitCode> {
 
 /// The test crate that builds the examples with serde_json's `preserve_order` on.
 const PRESERVE_ORDER_CRATE: &str = "layerwright-preserve-order";
+
+/// The target directory of this workspace's builds: `CARGO_TARGET_DIR`, else `target`.
+fn target_dir(workspace: &Path) -> PathBuf {
+    workspace.join(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()))
+}
