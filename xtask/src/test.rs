@@ -12,8 +12,9 @@ use crate::docker::DockerEngine;
 /// Runs `cargo test --workspace`, with `DOCKER_HOST` pointing at a Docker engine: the one
 /// already set, or one started here (as root) and stopped afterwards.
 pub fn run(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
-    // This binary, pinned: a cargo build of xtask while the tests run (another checkout sharing
-    // the target directory) replaces the file `current_exe` names.
+    // This binary, pinned: a cargo build of xtask while tidy and the tests run (another checkout
+    // sharing the target directory) replaces the file `current_exe` names; /proc/self/exe still
+    // reads the running one.
     let target_dir = target_dir(workspace);
     std::fs::create_dir_all(&target_dir).with_context(|| format!("creating {}", target_dir.display()))?;
     let pinned = tempfile::Builder::new()
@@ -21,10 +22,7 @@ pub fn run(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
         .tempdir_in(&target_dir)
         .context("creating a directory for the pinned xtask binary")?;
     let xtask = pinned.path().join("xtask");
-    let current = std::env::current_exe().context("finding the xtask binary")?;
-    if std::fs::hard_link(&current, &xtask).is_err() {
-        std::fs::copy(&current, &xtask).with_context(|| format!("copying {}", current.display()))?;
-    }
+    std::fs::copy("/proc/self/exe", &xtask).context("copying the running xtask binary (/proc/self/exe)")?;
     let engine = match std::env::var_os("DOCKER_HOST") {
         Some(host) => {
             eprintln!("xtask test: using the Docker engine at DOCKER_HOST={}", host.to_string_lossy());
