@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use crate::attest::{AttestError, Attestation, Subject, attest};
 use crate::inspect::InspectOptions;
-use crate::layer::{self, Compression, LayerIndex, TreeError};
+use crate::layer::{self, Compression, IndexKind, LayerIndex, TreeError};
 use crate::oci::{Platform, canonical, media_types};
 use crate::output::{ExportError, ImageParts, IndexParts, LoadError, LoadReport};
 #[cfg(feature = "testing")]
@@ -150,6 +150,24 @@ impl fmt::Debug for BuilderOptions {
 
 /// Builds images into a persistent cache directory. Cheap to clone (clones share the cache
 /// state); `Send + Sync`.
+///
+/// ```no_run
+/// use layerwright::{Builder, BuilderOptions, Compression, Context, Image};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let context = Context::dir("app")?;
+/// let base = Image::scratch().copy(&context, "bin", "/app/bin");
+/// let api = base.clone().entrypoint(["/app/bin/api"]);
+/// let worker = base.entrypoint(["/app/bin/worker"]);
+///
+/// let builder = Builder::with_options("target/layerwright", BuilderOptions::default().compression(Compression::Zstd))?;
+/// let built = builder.build_all(&[&api, &worker])?; // the shared COPY is built once
+/// for step in built[0].steps() {
+///     println!("{} {}", if step.cached { "cached" } else { "built " }, step.label);
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Builder {
     store: Store,
@@ -287,6 +305,22 @@ fn solve_options(options: &BuilderOptions) -> SolveOptions {
 
 /// A built image: its manifest, config and layers are in the cache store. Outlives the
 /// [`Builder`] that made it; cheap to clone.
+///
+/// ```no_run
+/// use layerwright::{Builder, Image};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let image = Image::scratch().write_file("/etc/motd", "hello\n").cmd(["/bin/sh"]);
+/// let built = Builder::new("target/layerwright")?.build(&image)?;
+/// println!("{} ({} bytes of layers)", built.manifest_digest(), built.size());
+/// built.write_oci_layout("out/motd", "motd:latest")?;
+/// built.write_docker_archive("out/motd.tar", "motd:latest")?; // docker load -i out/motd.tar
+/// let config = built.config()?; // the image config document
+/// assert_eq!(config["config"]["Cmd"][0], "/bin/sh");
+/// print!("{}", built.listing()?); // one line per path, for snapshot tests
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct BuiltImage {
     inner: Arc<SolvedImage>,
@@ -418,14 +452,62 @@ impl BuiltImage {
     pub fn listing(&self) -> Result<String, BuildError> {
         let mut tree = FsTree::default();
         for (position, layer) in self.inner.layers.iter().enumerate() {
-            let index = match LayerIndex::load(&self.inner.store, &layer.diff_id)? {
-                Some(index) => index,
-                None => layer::index_layer(&self.inner.store, layer)?,
-            };
-            tree.apply(position, &layer.digest, &index)?;
+            tree.apply(position, &layer.digest, &self.layer_index(layer)?)?;
         }
         Ok(tree.listing())
     }
+
+    /// Each layer, bottom first, with what it holds on its own: its entries in the format of
+    /// [`BuiltImage::listing`], then a `whiteout /PATH` line for each path it deletes from the
+    /// layers below and an `opaque /PATH` line for each directory it makes opaque.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let built = layerwright::Builder::new("target/layerwright")?.build(&layerwright::Image::scratch().write_file("/a", "a"))?;
+    /// for layer in built.layer_listings()? {
+    ///     println!("{} {} bytes, {} paths", layer.layer.digest, layer.layer.size, layer.listing.lines().count());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn layer_listings(&self) -> Result<Vec<LayerListing>, BuildError> {
+        let mut listings = Vec::with_capacity(self.inner.layers.len());
+        for layer in &self.inner.layers {
+            let index = self.layer_index(layer)?;
+            let (deletions, entries): (Vec<_>, Vec<_>) = index
+                .entries
+                .into_iter()
+                .partition(|entry| matches!(entry.kind, IndexKind::Whiteout | IndexKind::OpaqueWhiteout));
+            let mut tree = FsTree::default();
+            tree.apply(0, &layer.digest, &LayerIndex { entries })?;
+            let mut listing = tree.listing();
+            for deletion in deletions {
+                let kind = if deletion.kind == IndexKind::Whiteout { "whiteout" } else { "opaque" };
+                listing.push_str(&format!("{kind} /{}\n", crate::tree::escape_for_listing(&deletion.path)));
+            }
+            listings.push(LayerListing { layer: layer.clone(), listing });
+        }
+        Ok(listings)
+    }
+
+    /// The index of one of this image's layers: saved next to the blob, or read from it.
+    fn layer_index(&self, layer: &LayerRecord) -> Result<LayerIndex, BuildError> {
+        Ok(match LayerIndex::load(&self.inner.store, &layer.diff_id)? {
+            Some(index) => index,
+            None => layer::index_layer(&self.inner.store, layer)?,
+        })
+    }
+}
+
+/// One layer of a built image and what it holds on its own (see [`BuiltImage::layer_listings`]).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct LayerListing {
+    /// The layer: blob digest, diff id, blob size and media type.
+    pub layer: LayerRecord,
+    /// Its entries, one line per path, as [`BuiltImage::listing`] writes them, then its
+    /// deletions (`whiteout /PATH`, `opaque /PATH`).
+    pub listing: String,
 }
 
 /// Images of several platforms and the OCI image index that names them (see

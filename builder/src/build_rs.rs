@@ -18,10 +18,12 @@
 //! Cargo runs build scripts in parallel; they share layers through the cache, and concurrent
 //! builds on one cache are safe (the store's lock and atomic renames).
 //!
-//! RUN steps need privileges a build script does not have (root, for the mount namespace and
-//! overlayfs): an image with one, built by a non-root build script, fails with a
-//! `cargo::error` that names the step and suggests building it with `cargo xtask build-image`.
-//! Every other failure is reported as a `cargo::error` too, and returned.
+//! RUN steps: an image whose RUN steps are all in the cache builds for any user, running
+//! nothing. A RUN step that misses runs as it does anywhere else: as root, or as a plain user
+//! where the kernel allows user namespaces. Where its sandbox cannot start, the error
+//! ([`BuildRsError::RunNeedsPrivilege`]) names the step and the cache directory: build the image
+//! once where RUN steps work, on that cache, and the build script reuses the result. Every other
+//! failure is reported as a `cargo::error` too, and returned.
 //!
 //! Keep build-time dependencies light: depend on layerwright with `default-features = false`
 //! in `[build-dependencies]` (no registry client, so no tokio or TLS in the build script), and
@@ -62,6 +64,8 @@ use crate::build::{BuildError, Builder, BuilderOptions, BuiltImage};
 use crate::context::{self, ContextError, StatLookup};
 use crate::layer::Compression;
 use crate::output::ExportError;
+use crate::run::RunError;
+use crate::solve::StepError;
 
 /// Why [`build`] could not build and write the image.
 #[derive(Debug, Error)]
@@ -76,18 +80,24 @@ pub enum BuildRsError {
         /// The name as given.
         name: String,
     },
-    /// The image has a RUN step, and the build script does not run as root, which RUN steps
-    /// need.
+    /// A RUN step missed the cache and its sandbox could not start here (no root, and no user
+    /// namespaces for this user).
     #[error(
-        "image `{name}`: step `{step}` runs a command, which needs root (a mount namespace and overlayfs) that this \
-         build script does not have; build the image outside cargo's build, with `cargo xtask build-image {name}` \
-         (or a binary of yours that calls layerwright), and read it from there"
+        "image `{name}`: step `{step}` runs a command, and its sandbox cannot start in this build script: {source}\n\
+         RUN steps need root, or a kernel that lets this user create user namespaces. A step in the cache runs \
+         nothing: build this image once where RUN steps work on the same cache directory ({}; \
+         LAYERWRIGHT_CACHE_DIR sets it), and this build script reuses the result.",
+        cache_dir.display()
     )]
     RunNeedsPrivilege {
         /// The image's name, as [`BuildRsOptions::name`] gives it.
         name: String,
-        /// The label of the (first found) RUN step.
+        /// The label of the RUN step.
         step: String,
+        /// The cache directory the build script used.
+        cache_dir: PathBuf,
+        /// Why the sandbox could not start.
+        source: Box<crate::RunError>,
     },
     /// A `copy` step's context could not be opened, or its source selected, while listing the
     /// paths for `cargo::rerun-if-changed`.
@@ -193,10 +203,7 @@ pub fn build(image: &Image, options: BuildRsOptions) -> Result<BuildRsOutput, Bu
     let out_dir = std::env::var_os("OUT_DIR").map(PathBuf::from);
     let cache_dir = options.cache_dir.clone().or_else(|| std::env::var_os("LAYERWRIGHT_CACHE_DIR").map(PathBuf::from));
     let result = match out_dir {
-        Some(out_dir) => {
-            let privileged = rustix::process::geteuid().is_root();
-            build_into(image, &options, &out_dir, cache_dir, privileged, &mut stdout)
-        }
+        Some(out_dir) => build_into(image, &options, &out_dir, cache_dir, &mut stdout),
         None => Err(BuildRsError::NoOutDir),
     };
     if let Err(error) = &result {
@@ -208,24 +215,17 @@ pub fn build(image: &Image, options: BuildRsOptions) -> Result<BuildRsOutput, Bu
     result
 }
 
-/// [`build`] with its environment given: the cargo directives go to `directives`; `privileged`
-/// says whether RUN steps can run (the process is root).
+/// [`build`] with its environment given: the cargo directives go to `directives`.
 pub(crate) fn build_into(
     image: &Image,
     options: &BuildRsOptions,
     out_dir: &Path,
     cache_dir: Option<PathBuf>,
-    privileged: bool,
     directives: &mut dyn Write,
 ) -> Result<BuildRsOutput, BuildRsError> {
     let name = options.name.clone();
     let variable = variable_name(&name)?;
     let nodes = reachable_nodes(image);
-    if let Some(run) = nodes.iter().find(|node| matches!(node.step(), Step::Run(_)))
-        && !privileged
-    {
-        return Err(BuildRsError::RunNeedsPrivilege { name, step: run.step().label() });
-    }
 
     let cache_dir = cache_dir.unwrap_or_else(|| shared_cache_dir(out_dir));
     let mut builder_options = BuilderOptions::default().compression(options.compression);
@@ -233,8 +233,7 @@ pub(crate) fn build_into(
     let builder = Builder::with_options(&cache_dir, builder_options)
         .map_err(|source| BuildRsError::Build { name: name.clone(), source: Box::new(source) })?;
     let rerun_if_changed = read_paths(&nodes, builder.store(), &name)?;
-    let built =
-        builder.build(image).map_err(|source| BuildRsError::Build { name: name.clone(), source: Box::new(source) })?;
+    let built = builder.build(image).map_err(|source| build_error(&name, &cache_dir, source))?;
 
     let output_dir = out_dir.join("layerwright");
     std::fs::create_dir_all(&output_dir).map_err(|source| BuildRsError::CreateDir {
@@ -275,6 +274,24 @@ pub(crate) fn build_into(
         let _ = writeln!(directives, "{line}");
     }
     Ok(BuildRsOutput { digest: built.manifest_digest(), path, rerun_if_changed, built })
+}
+
+/// The error of a failed build: a RUN step whose sandbox could not start says what to do.
+fn build_error(name: &str, cache_dir: &Path, error: BuildError) -> BuildRsError {
+    match error {
+        BuildError::Step { step, source }
+            if matches!(*source, StepError::Run(RunError::Sandbox { .. } | RunError::Overlay { .. })) =>
+        {
+            let StepError::Run(run) = *source else { unreachable!("matched above") };
+            BuildRsError::RunNeedsPrivilege {
+                name: name.to_owned(),
+                step,
+                cache_dir: cache_dir.to_owned(),
+                source: Box::new(run),
+            }
+        }
+        error => BuildRsError::Build { name: name.to_owned(), source: Box::new(error) },
+    }
 }
 
 /// `my-app` → `MY_APP`; refuses names that are empty or hold anything but letters, digits,
@@ -409,8 +426,7 @@ mod tests {
         let out_dir = dir.path().join("out");
         let mut directives = Vec::new();
         let options = BuildRsOptions::new("web-site");
-        let output =
-            build_into(&image, &options, &out_dir, Some(dir.path().join("cache")), false, &mut directives).unwrap();
+        let output = build_into(&image, &options, &out_dir, Some(dir.path().join("cache")), &mut directives).unwrap();
         let directives = String::from_utf8(directives).unwrap();
         let root = std::fs::canonicalize(&context_root).unwrap();
         let expected_reads = [root.join(".dockerignore"), root.join("site"), root.join("site/index.html")];
@@ -431,12 +447,25 @@ mod tests {
     }
 
     #[test]
-    fn run_steps_without_privilege_name_the_step_and_the_xtask() {
-        let dir = tempfile::tempdir().unwrap();
-        let image = Image::scratch().write_file("/a", "a").run("make install");
-        let options = BuildRsOptions::new("tools");
-        let error = build_into(&image, &options, dir.path(), None, false, &mut Vec::new()).unwrap_err();
+    fn a_sandbox_that_cannot_start_names_the_step_and_the_cache_not_this_repository() {
+        let source = layerwright_sandbox::SandboxError::Clone {
+            flags: "CLONE_NEWUSER | CLONE_NEWNS".into(),
+            source: std::io::Error::from_raw_os_error(1),
+            hint: None,
+        };
+        let run = RunError::Sandbox { step: "RUN make install".into(), command: "make install".into(), source };
+        let error = BuildError::Step { step: "RUN make install".into(), source: Box::new(StepError::Run(run)) };
+        let error = build_error("tools", Path::new("/cache/dir"), error);
+        assert!(matches!(error, BuildRsError::RunNeedsPrivilege { .. }), "{error:?}");
         let message = error.to_string();
-        assert!(message.contains("RUN make install") && message.contains("cargo xtask build-image tools"), "{message}");
+        for expected in
+            ["image `tools`: step `RUN make install`", "user namespaces", "/cache/dir", "LAYERWRIGHT_CACHE_DIR"]
+        {
+            assert!(message.contains(expected), "{expected}: {message}");
+        }
+        assert!(!message.contains("cargo xtask"), "{message}");
+        // Any other failure stays a build error.
+        let other = BuildError::Workers("no threads".into());
+        assert!(matches!(build_error("tools", Path::new("/c"), other), BuildRsError::Build { .. }));
     }
 }

@@ -1,7 +1,7 @@
 //! Example images declared with layerwright: each is a function from an
-//! [`ExampleEnvironment`] to an [`Image`], listed in [`EXAMPLES`] so that
-//! `cargo xtask build-image NAME` finds it, and each has an insta snapshot test of its
-//! `listing()` in `tests/`.
+//! [`ExampleEnvironment`] to an [`Image`], listed in [`EXAMPLES`] and registered for
+//! `layerwright::cli` by [`images`] so that `cargo xtask build-image NAME` finds it, and each
+//! has an insta snapshot test of its `listing()` in `tests/`.
 //!
 //! They are made only of what a fresh clone has: a static Rust binary built from this
 //! workspace, and Debian's `busybox-static`. What this crate is not: a library of base images
@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub mod workloads;
 
+use layerwright::cli::Images;
 use layerwright::host::{self, HostError, StaticBinaryOptions};
 use layerwright::{Context, FileOptions, Image, ImagePathError};
 use thiserror::Error;
@@ -86,6 +87,16 @@ pub const EXAMPLES: &[Example] = &[
         declare: multi_stage,
     },
 ];
+
+/// Every example, registered for `layerwright::cli` (`cargo xtask build-image NAME`, `list`,
+/// `inspect`): each declaration is a closure over `environment`.
+pub fn images(environment: &ExampleEnvironment) -> Images {
+    EXAMPLES.iter().fold(Images::new(), |images, example| {
+        let environment = environment.clone();
+        let declare = example.declare;
+        images.add_described(example.name, example.description, move || declare(&environment))
+    })
+}
 
 pub fn find(name: &str) -> Option<&'static Example> {
     EXAMPLES.iter().find(|example| example.name == name)

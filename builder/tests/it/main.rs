@@ -3,6 +3,8 @@
 //! rather than a binary of its own (`cargo test -p layerwright --test it [FILTER]`).
 //!
 //! - `build`: end-to-end builds: reproducibility, caching, bad input.
+//! - `build_script`: `build_rs` as a plain user: cached RUN steps, and what an uncached one says.
+//! - `cli`: `layerwright::cli` as a user's xtask runs it, from a subdirectory of a workspace.
 //! - `compression`: changing the compression recompresses, never re-executes.
 //! - `hostile`: crafted base archives and build contexts.
 //! - `incremental`: what is rebuilt and why, the parallel solver, salsa's re-execution.
@@ -15,6 +17,8 @@
 mod support;
 
 mod build;
+mod build_script;
+mod cli;
 mod compression;
 mod hostile;
 mod incremental;

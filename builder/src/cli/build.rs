@@ -1,9 +1,8 @@
-//! The command-line front of a build, shared by `cargo xtask build-image` and any binary that
-//! declares images: output specs, the progress display and the closing summary.
+//! `build-image`: output specs, the progress display and the closing summary.
 //!
 //! It draws progress with indicatif on a terminal (one line per step with its state and time)
-//! and prints plain lines otherwise, so CI logs stay readable. It deliberately does not parse
-//! arguments: the binaries own their clap definitions and call [`build_image`].
+//! and prints plain lines otherwise, so CI logs stay readable. It does not parse arguments
+//! (`args` does) nor know which images exist (`Images`, in the parent module, does).
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -12,44 +11,9 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::error::CliError;
+use crate::{Builder, BuilderOptions, BuiltImage, Compression, Image, ProgressEvent};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use thiserror::Error;
-
-use crate::{BuildError, Builder, BuilderOptions, Compression, ExportError, Image, ProgressEvent};
-
-/// Why a command-line build failed: a bad argument, or the build, export or push.
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum CliError {
-    /// An output spec is not `oci:DIR`, `oci-archive:FILE` or `docker-archive:FILE`.
-    #[error("invalid output {spec:?}: expected oci:DIR, oci-archive:FILE or docker-archive:FILE")]
-    InvalidOutput {
-        /// The spec as given.
-        spec: String,
-    },
-    /// A compression name is not `gzip`, `zstd` or `none`.
-    #[error("invalid compression {name:?}: expected gzip, zstd or none")]
-    InvalidCompression {
-        /// The name as given.
-        name: String,
-    },
-    /// The build failed.
-    #[error(transparent)]
-    Build(#[from] BuildError),
-    /// Writing one of the outputs failed.
-    #[error(transparent)]
-    Export(#[from] ExportError),
-    /// Pushing the image to the registry failed.
-    #[cfg(feature = "registry")]
-    #[error(transparent)]
-    Push(#[from] crate::registry::RegistryError),
-    /// A push was asked for, but this build of layerwright leaves out the `registry` feature.
-    #[error("pushing to {reference} needs the `registry` feature of layerwright, which this build of it leaves out")]
-    RegistryDisabled {
-        /// The reference the image was to be pushed to.
-        reference: String,
-    },
-}
 
 /// Where a built image goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,19 +129,22 @@ impl fmt::Display for BuildSummary {
     }
 }
 
-/// Builds `image` with progress, writes every output, and returns the summary.
+/// Builds `image` with progress, writes every output (creating their parent directories),
+/// pushes it if asked, and returns the summary.
 pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary, CliError> {
     let started = Instant::now();
-    let display = ProgressDisplay::new();
-    let options = BuilderOptions {
-        compression: command.compression,
-        progress: Some(Arc::new(move |event: &ProgressEvent| display.show(event))),
-        cache_from: command.cache_from.clone(),
-        cache_to: command.cache_to.clone(),
-        ..BuilderOptions::default()
-    };
-    let built = Builder::with_options(&command.cache_dir, options)?.build(image)?;
+    let built = build_with_progress(image, command)?;
     for output in &command.outputs {
+        let path = match output {
+            OutputSpec::OciLayout(path) | OutputSpec::OciArchive(path) | OutputSpec::DockerArchive(path) => path,
+        };
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|source| CliError::Io {
+                action: "creating",
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
         match output {
             OutputSpec::OciLayout(dir) => built.write_oci_layout(dir, &command.tag)?,
             OutputSpec::OciArchive(file) => built.write_oci_archive(file, &command.tag)?,
@@ -200,6 +167,20 @@ pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary
         pushed,
         remote_cache: built.remote_cache().map(|report| describe_remote_cache(report, &command.cache_from)),
     })
+}
+
+/// Builds `image` on `command`'s cache, compression and remote caches, showing progress on
+/// stderr; writes no output.
+pub fn build_with_progress(image: &Image, command: &BuildCommand) -> Result<BuiltImage, CliError> {
+    let display = ProgressDisplay::new();
+    let options = BuilderOptions {
+        compression: command.compression,
+        progress: Some(Arc::new(move |event: &ProgressEvent| display.show(event))),
+        cache_from: command.cache_from.clone(),
+        cache_to: command.cache_to.clone(),
+        ..BuilderOptions::default()
+    };
+    Ok(Builder::with_options(&command.cache_dir, options)?.build(image)?)
 }
 
 /// One line on what the remote caches did.

@@ -1,0 +1,242 @@
+//! The subcommands and their arguments (clap), and what they resolve to: paths given on the
+//! command line are relative to the directory the command was started in; defaults are under
+//! the workspace root.
+
+use std::path::{Path, PathBuf};
+
+use super::build::{BuildCommand, OutputSpec, parse_compression};
+use crate::Compression;
+
+/// The subcommands of [`crate::cli::main`]. A binary with commands of its own flattens these
+/// into its clap enum (`#[command(flatten)]`) and hands them to [`crate::cli::execute`].
+#[derive(Debug, Clone, clap::Subcommand)]
+#[non_exhaustive]
+pub enum Command {
+    /// Build an image and write it out (default: docker-archive:target/images/NAME.tar).
+    BuildImage(BuildImageArgs),
+    /// List the images.
+    List,
+    /// Build an image and show its config, its layers and what each layer holds.
+    Inspect(InspectArgs),
+    /// Show or shrink the build cache.
+    Cache(CacheArgs),
+}
+
+/// `build-image NAME [--output SPEC].. [--tag REF] [--cache DIR] [--compression C] [--push REF
+/// [--insecure]] [--cache-from REF].. [--cache-to REF]`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct BuildImageArgs {
+    /// The image's name (`list` shows them).
+    pub name: String,
+    /// oci:DIR, oci-archive:FILE or docker-archive:FILE; may be repeated. Default:
+    /// docker-archive:target/images/NAME.tar under the workspace root.
+    #[arg(long = "output", value_name = "SPEC")]
+    pub outputs: Vec<OutputSpec>,
+    /// The tag written into the outputs. Default: NAME:latest
+    #[arg(long, value_name = "REF")]
+    pub tag: Option<String>,
+    /// The cache directory. Default: target/layerwright under the workspace root.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// The layers' compression: gzip, zstd or none.
+    #[arg(long, default_value = "gzip", value_parser = parse_compression, value_name = "C")]
+    pub compression: Compression,
+    /// Also push the image to a registry: `registry/repository[:tag]`. Registries on
+    /// localhost or 127.0.0.1 are spoken to in plain HTTP; credentials come from
+    /// ~/.docker/config.json.
+    #[arg(long, value_name = "REF")]
+    pub push: Option<String>,
+    /// Plain HTTP for a --push to a registry that is not on this machine.
+    #[arg(long, requires = "push")]
+    pub insecure: bool,
+    /// A remote cache in a registry (registry/repository:tag) to take steps from when they
+    /// miss locally; may be repeated (asked in order).
+    #[arg(long = "cache-from", value_name = "REF")]
+    pub cache_from: Vec<String>,
+    /// A remote cache to export every step's record to after the build (uploading only the
+    /// blobs the registry lacks). An unreachable cache is a warning, never a failed build.
+    #[arg(long = "cache-to", value_name = "REF")]
+    pub cache_to: Option<String>,
+}
+
+impl BuildImageArgs {
+    /// What to do: relative paths given here resolve against `invocation_dir`, defaults are
+    /// under the workspace `root`.
+    pub fn resolve(&self, invocation_dir: &Path, root: &Path) -> BuildCommand {
+        let mut outputs: Vec<OutputSpec> = self
+            .outputs
+            .iter()
+            .map(|output| match output {
+                OutputSpec::OciLayout(path) => OutputSpec::OciLayout(invocation_dir.join(path)),
+                OutputSpec::OciArchive(path) => OutputSpec::OciArchive(invocation_dir.join(path)),
+                OutputSpec::DockerArchive(path) => OutputSpec::DockerArchive(invocation_dir.join(path)),
+            })
+            .collect();
+        if outputs.is_empty() {
+            outputs.push(OutputSpec::DockerArchive(root.join("target/images").join(format!("{}.tar", self.name))));
+        }
+        BuildCommand {
+            cache_dir: cache_dir(self.cache.as_deref(), invocation_dir, root),
+            outputs,
+            tag: self.tag.clone().unwrap_or_else(|| format!("{}:latest", self.name)),
+            compression: self.compression,
+            push: self.push.clone(),
+            insecure: self.insecure,
+            cache_from: self.cache_from.clone(),
+            cache_to: self.cache_to.clone(),
+        }
+    }
+}
+
+/// `inspect NAME [--cache DIR] [--full]`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct InspectArgs {
+    /// The image's name (`list` shows them).
+    pub name: String,
+    /// The cache directory. Default: target/layerwright under the workspace root.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Every path of every layer, not the first ones of each.
+    #[arg(long)]
+    pub full: bool,
+}
+
+/// `cache du`, `cache prune --keep-bytes N`.
+#[derive(Debug, Clone, clap::Args)]
+#[non_exhaustive]
+pub struct CacheArgs {
+    /// What to do with the cache.
+    #[command(subcommand)]
+    pub command: CacheCommand,
+    /// The cache directory. Default: target/layerwright under the workspace root.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+/// What `cache` does.
+#[derive(Debug, Clone, clap::Subcommand)]
+#[non_exhaustive]
+pub enum CacheCommand {
+    /// How much the cache holds, by kind.
+    Du,
+    /// Remove least recently used entries until the cache holds at most N bytes. Waits up to a
+    /// minute for running builds to finish (they hold the cache's lock), never removing what
+    /// they use.
+    Prune {
+        /// The most bytes the cache keeps.
+        #[arg(long = "keep-bytes", value_name = "N")]
+        keep_bytes: u64,
+    },
+}
+
+/// `--cache DIR` against the invocation directory, else `target/layerwright` under `root`.
+pub(crate) fn cache_dir(given: Option<&Path>, invocation_dir: &Path, root: &Path) -> PathBuf {
+    given.map_or_else(|| root.join("target/layerwright"), |dir| invocation_dir.join(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Arguments {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    fn parse(arguments: &[&str]) -> Result<Command, clap::Error> {
+        Arguments::try_parse_from(std::iter::once("xtask").chain(arguments.iter().copied()))
+            .map(|arguments| arguments.command)
+    }
+
+    #[test]
+    fn build_image_takes_every_flag() {
+        let command = parse(&[
+            "build-image",
+            "api",
+            "--output",
+            "oci:out/api",
+            "--output",
+            "docker-archive:/abs/api.tar",
+            "--tag",
+            "api:1",
+            "--cache",
+            "c",
+            "--compression",
+            "zstd",
+            "--push",
+            "registry.example/api:1",
+            "--insecure",
+            "--cache-from",
+            "registry.example/cache:a",
+            "--cache-from",
+            "registry.example/cache:b",
+            "--cache-to",
+            "registry.example/cache:a",
+        ])
+        .unwrap();
+        let Command::BuildImage(arguments) = command else { panic!("{command:?}") };
+        let resolved = arguments.resolve(Path::new("/ws/sub"), Path::new("/ws"));
+        assert_eq!(
+            resolved.outputs,
+            [OutputSpec::OciLayout("/ws/sub/out/api".into()), OutputSpec::DockerArchive("/abs/api.tar".into())]
+        );
+        assert_eq!(resolved.tag, "api:1");
+        assert_eq!(resolved.cache_dir, Path::new("/ws/sub/c"));
+        assert_eq!(resolved.compression, Compression::Zstd);
+        assert_eq!(resolved.push.as_deref(), Some("registry.example/api:1"));
+        assert!(resolved.insecure);
+        assert_eq!(resolved.cache_from, ["registry.example/cache:a", "registry.example/cache:b"]);
+        assert_eq!(resolved.cache_to.as_deref(), Some("registry.example/cache:a"));
+    }
+
+    #[test]
+    fn build_image_defaults_are_under_the_workspace_root() {
+        let Command::BuildImage(arguments) = parse(&["build-image", "api"]).unwrap() else { panic!() };
+        let resolved = arguments.resolve(Path::new("/ws/deep/er"), Path::new("/ws"));
+        assert_eq!(resolved.outputs, [OutputSpec::DockerArchive("/ws/target/images/api.tar".into())]);
+        assert_eq!(resolved.cache_dir, Path::new("/ws/target/layerwright"));
+        assert_eq!(resolved.tag, "api:latest");
+        assert_eq!(resolved.compression, Compression::Gzip);
+        assert!(resolved.push.is_none() && resolved.cache_from.is_empty() && resolved.cache_to.is_none());
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_by_the_parser() {
+        for bad in [
+            &["build-image", "api", "--output", "tar:x"][..],
+            &["build-image", "api", "--output", "oci:"],
+            &["build-image", "api", "--compression", "lz4"],
+            &["build-image", "api", "--insecure"],
+            &["build-image"],
+            &["inspect"],
+            &["cache", "prune"],
+            &["cache", "prune", "--keep-bytes", "lots"],
+            &["frobnicate"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let error = parse(&["build-image", "api", "--output", "tar:x"]).unwrap_err().to_string();
+        assert!(error.contains("oci:DIR, oci-archive:FILE or docker-archive:FILE"), "{error}");
+    }
+
+    #[test]
+    fn list_inspect_and_cache_parse() {
+        assert!(matches!(parse(&["list"]).unwrap(), Command::List));
+        let Command::Inspect(inspect) = parse(&["inspect", "api", "--full"]).unwrap() else { panic!() };
+        assert_eq!(inspect.name, "api");
+        assert!(inspect.full);
+        let Command::Cache(cache) = parse(&["cache", "--cache", "/c", "prune", "--keep-bytes", "100"]).unwrap() else {
+            panic!()
+        };
+        assert!(matches!(cache.command, CacheCommand::Prune { keep_bytes: 100 }));
+        assert_eq!(cache.cache.as_deref(), Some(Path::new("/c")));
+        let Command::Cache(cache) = parse(&["cache", "du", "--cache", "d"]).unwrap() else { panic!() };
+        assert!(matches!(cache.command, CacheCommand::Du));
+        assert_eq!(cache_dir(cache.cache.as_deref(), Path::new("/here"), Path::new("/ws")), Path::new("/here/d"));
+    }
+}

@@ -1,0 +1,5 @@
+//! The application the `app` image runs.
+
+fn main() {
+    println!("hello from app");
+}
