@@ -26,6 +26,7 @@ use layerwright_examples::{EXAMPLES, ExampleEnvironment};
 
 mod bench;
 mod bench_remote;
+mod conformance;
 mod docker;
 mod tidy;
 
@@ -124,6 +125,16 @@ enum Commands {
         #[arg(last = true)]
         cargo_arguments: Vec<String>,
     },
+    /// Build each conformance case from its Dockerfile with BuildKit and from its DSL graph with
+    /// layerwright, and compare the exported trees and configs (needs root and dockerd).
+    Conformance {
+        /// Only the cases whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+        /// Keep the work directory (Dockerfiles, contexts, listings).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Check the repository's rules (no module cycles, unsafe code only in the sandbox crate, no
     /// printing from library code, documented library crates), then cargo fmt, clippy and doc
     /// with warnings denied. Reports every violation with its file and line.
@@ -189,6 +200,10 @@ fn main() -> Result<ExitCode> {
                 .status()
                 .context("running cargo bench")?;
             Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Commands::Conformance { only, keep } => {
+            let conforming = conformance::run(&workspace, &conformance::ConformanceOptions { only, keep })?;
+            Ok(if conforming { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Commands::Fuzz { seconds, target } => fuzz(&workspace, seconds, target.as_deref()),
         Commands::Cache { command, cache } => {
