@@ -5,8 +5,8 @@
 //! the image configs. Real clients decide: both images go through the same engine, and the
 //! listings are made from what the engine exports.
 //!
-//! The suite is data-driven: [`cases`] is a table of [`Case`]s (a Dockerfile, the context files
-//! it needs, the same graph in the DSL), and one runner, [`check`], builds and compares a case.
+//! The suite is data-driven: [`cases()`] is a table of [`Case`]s (a Dockerfile, the context files
+//! it needs, the same graph in the DSL), and one runner, [`Work::check`], builds and compares a case.
 //! Differences that are intended are listed in [`INTENDED`] with their reason, printed when
 //! they are met, and documented in `docs/conformance.md`.
 
@@ -98,6 +98,7 @@ pub const KNOWN: &[Intended] = &[
 ];
 
 /// Options of a conformance run.
+#[derive(Default)]
 pub struct ConformanceOptions {
     /// Only the cases whose name contains this.
     pub only: Option<String>,
@@ -105,20 +106,23 @@ pub struct ConformanceOptions {
     pub keep: bool,
 }
 
-/// Runs the suite against the engine at `DOCKER_HOST`, or a private one started here.
-/// Returns whether every case conformed.
-pub fn run(workspace: &Path, options: &ConformanceOptions) -> Result<bool> {
+/// Runs the suite against the engine at `docker_host`, else at `DOCKER_HOST`, else a private
+/// one started here. Returns whether every case conformed.
+pub fn run(workspace: &Path, options: &ConformanceOptions, docker_host: Option<String>) -> Result<bool> {
     let started = Instant::now();
-    let (_engine, docker_host) = match std::env::var("DOCKER_HOST") {
-        Ok(host) => (None, host),
-        Err(_) => {
+    let (_engine, docker_host) = match docker_host.or_else(|| std::env::var("DOCKER_HOST").ok()) {
+        Some(host) => (None, host),
+        None => {
             let engine = DockerEngine::start()?.context("the conformance suite needs root and dockerd")?;
             let host = engine.host();
             (Some(engine), host)
         }
     };
     let dir = tempfile::Builder::new().prefix("lw-conformance-").tempdir().context("creating the work directory")?;
-    let work = Work { dir: dir.path().to_owned(), docker_host, builder: Builder::new(dir.path().join("cache"))?,
+    let work = Work {
+        dir: dir.path().to_owned(),
+        docker_host,
+        builder: Builder::new(dir.path().join("cache"))?,
         keep: options.keep,
     };
     let base_archive = work.prepare_base(workspace)?;
@@ -158,7 +162,10 @@ pub fn run(workspace: &Path, options: &ConformanceOptions) -> Result<bool> {
                     println!("{name}: intended difference at {}: {}\n  {line}", intended.what, intended.reason);
                 }
                 for (known, line) in &outcome.known {
-                    println!("{name}: KNOWN difference (a bug, still open) at {}: {}\n  {line}", known.what, known.reason);
+                    println!(
+                        "{name}: KNOWN difference (a bug, still open) at {}: {}\n  {line}",
+                        known.what, known.reason
+                    );
                 }
                 if let Some((reason, line)) = &outcome.refused {
                     println!("{name}: refused by design: {reason}\n  {line}");
@@ -247,7 +254,12 @@ impl Work {
             Err(error) => {
                 if let Some((_, reason)) = REFUSED.iter().find(|(name, _)| *name == case.name) {
                     let line = format!("layerwright refused: {error}");
-                    return Ok(Outcome { differences: Vec::new(), intended: Vec::new(), known: Vec::new(), refused: Some((reason, line)) });
+                    return Ok(Outcome {
+                        differences: Vec::new(),
+                        intended: Vec::new(),
+                        known: Vec::new(),
+                        refused: Some((reason, line)),
+                    });
                 }
                 return Err(error).context("layerwright build");
             }
@@ -414,18 +426,8 @@ fn tree_listing(reader: impl std::io::Read) -> Result<BTreeMap<String, String>> 
         } else {
             bail!("{path}: an entry of type {kind:?} in the exported tree");
         };
-        entries.insert(
-            path,
-            Entry {
-                kind: name.to_owned(),
-                mode,
-                owner,
-                size,
-                digest,
-                detail,
-                xattrs: xattrs.join(","),
-            },
-        );
+        entries
+            .insert(path, Entry { kind: name.to_owned(), mode, owner, size, digest, detail, xattrs: xattrs.join(",") });
     }
     let mut group_of: BTreeMap<String, String> = BTreeMap::new();
     for names in links.values() {

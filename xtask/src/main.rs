@@ -202,7 +202,7 @@ fn main() -> Result<ExitCode> {
             Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Commands::Conformance { only, keep } => {
-            let conforming = conformance::run(&workspace, &conformance::ConformanceOptions { only, keep })?;
+            let conforming = conformance::run(&workspace, &conformance::ConformanceOptions { only, keep }, None)?;
             Ok(if conforming { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Commands::Fuzz { seconds, target } => fuzz(&workspace, seconds, target.as_deref()),
@@ -341,7 +341,19 @@ fn test(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
         .env("LAYERWRIGHT_XTASK_BIN", std::env::current_exe().context("finding the xtask binary")?)
         .status()
         .context("running cargo test -p layerwright-preserve-order")?;
-    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    if !status.success() {
+        return Ok(ExitCode::FAILURE);
+    }
+    // The BuildKit conformance suite, where a Docker engine runs.
+    let host = engine.as_ref().map(DockerEngine::host).or_else(|| std::env::var("DOCKER_HOST").ok());
+    let conforming = match host {
+        Some(host) => conformance::run(workspace, &conformance::ConformanceOptions::default(), Some(host))?,
+        None => {
+            eprintln!("xtask test: no Docker engine, so the conformance suite was not run");
+            true
+        }
+    };
+    Ok(if conforming { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// The test crate that builds the examples with serde_json's `preserve_order` on.

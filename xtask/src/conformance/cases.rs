@@ -22,7 +22,6 @@ pub struct Case {
     pub dsl: fn(&Image, &Context) -> Image,
 }
 
-
 /// Writes `content` at `root/path` with permission bits `mode`, creating its parents.
 fn file(root: &Path, path: &str, content: &str, mode: u32) -> std::io::Result<()> {
     let path = root.join(path);
@@ -161,7 +160,9 @@ pub fn cases() -> Vec<Case> {
             name: "15-rename-dir",
             dockerfile: "FROM busybox\nRUN mkdir -p /d/s && echo x > /d/s/f && chmod 711 /d/s\nRUN mv /d /e && mv /e/s /e/t\n",
             context: no_context,
-            dsl: |base, _| run(&run(base, "mkdir -p /d/s && echo x > /d/s/f && chmod 711 /d/s"), "mv /d /e && mv /e/s /e/t"),
+            dsl: |base, _| {
+                run(&run(base, "mkdir -p /d/s && echo x > /d/s/f && chmod 711 /d/s"), "mv /d /e && mv /e/s /e/t")
+            },
         },
         Case {
             name: "16-rename-base-dir",
@@ -192,7 +193,10 @@ pub fn cases() -> Vec<Case> {
             dockerfile: "FROM busybox\nRUN echo a > /a && mkdir /d\nRUN chmod 700 /a && chown 5:6 /a && chmod 750 /d && chown 7:8 /d\n",
             context: no_context,
             dsl: |base, _| {
-                run(&run(base, "echo a > /a && mkdir /d"), "chmod 700 /a && chown 5:6 /a && chmod 750 /d && chown 7:8 /d")
+                run(
+                    &run(base, "echo a > /a && mkdir /d"),
+                    "chmod 700 /a && chown 5:6 /a && chmod 750 /d && chown 7:8 /d",
+                )
             },
         },
         Case {
@@ -234,7 +238,10 @@ pub fn cases() -> Vec<Case> {
             dockerfile: "FROM busybox\nRUN dd if=/dev/zero of=/sparse bs=1 count=0 seek=8M 2>/dev/null && echo end >> /sparse && truncate -s 3M /holes\n",
             context: no_context,
             dsl: |base, _| {
-                run(base, "dd if=/dev/zero of=/sparse bs=1 count=0 seek=8M 2>/dev/null && echo end >> /sparse && truncate -s 3M /holes")
+                run(
+                    base,
+                    "dd if=/dev/zero of=/sparse bs=1 count=0 seek=8M 2>/dev/null && echo end >> /sparse && truncate -s 3M /holes",
+                )
             },
         },
         Case {
@@ -242,7 +249,10 @@ pub fn cases() -> Vec<Case> {
             dockerfile: "FROM busybox\nRUN n=$(printf 'n%.0s' $(seq 1 200)) && mkdir -p /l/$n/$n && echo x > /l/$n/$n/$n && ln -s /l/$n/$n/$n /l/s && ln /l/$n/$n/$n /l/h\n",
             context: no_context,
             dsl: |base, _| {
-                run(base, "n=$(printf 'n%.0s' $(seq 1 200)) && mkdir -p /l/$n/$n && echo x > /l/$n/$n/$n && ln -s /l/$n/$n/$n /l/s && ln /l/$n/$n/$n /l/h")
+                run(
+                    base,
+                    "n=$(printf 'n%.0s' $(seq 1 200)) && mkdir -p /l/$n/$n && echo x > /l/$n/$n/$n && ln -s /l/$n/$n/$n /l/s && ln /l/$n/$n/$n /l/h",
+                )
             },
         },
         Case {
@@ -250,14 +260,22 @@ pub fn cases() -> Vec<Case> {
             dockerfile: "FROM busybox\nRUN mkdir /n && touch '/n/sp ace' '/n/ünï' \"$(printf '/n/tab\\tx')\" '/n/-dash' '/n/.hidden' '/n/a\\b'\n",
             context: no_context,
             dsl: |base, _| {
-                run(base, "mkdir /n && touch '/n/sp ace' '/n/ünï' \"$(printf '/n/tab\\tx')\" '/n/-dash' '/n/.hidden' '/n/a\\b'")
+                run(
+                    base,
+                    "mkdir /n && touch '/n/sp ace' '/n/ünï' \"$(printf '/n/tab\\tx')\" '/n/-dash' '/n/.hidden' '/n/a\\b'",
+                )
             },
         },
         Case {
             name: "28-umask-and-modes",
             dockerfile: "FROM busybox\nRUN mkdir /m && touch /m/default && mkdir /m/dd && (umask 077 && touch /m/private && mkdir /m/pd)\n",
             context: no_context,
-            dsl: |base, _| run(base, "mkdir /m && touch /m/default && mkdir /m/dd && (umask 077 && touch /m/private && mkdir /m/pd)"),
+            dsl: |base, _| {
+                run(
+                    base,
+                    "mkdir /m && touch /m/default && mkdir /m/dd && (umask 077 && touch /m/private && mkdir /m/pd)",
+                )
+            },
         },
         // Config.
         Case {
@@ -282,7 +300,10 @@ pub fn cases() -> Vec<Case> {
             dockerfile: "FROM busybox\nENV X=1 PATH=/opt/bin:/bin\nRUN echo \"$X $PATH $HOME\" > /env && env | sort > /envs\n",
             context: no_context,
             dsl: |base, _| {
-                run(&base.env("X", "1").env("PATH", "/opt/bin:/bin"), "echo \"$X $PATH $HOME\" > /env && env | sort > /envs")
+                run(
+                    &base.env("X", "1").env("PATH", "/opt/bin:/bin"),
+                    "echo \"$X $PATH $HOME\" > /env && env | sort > /envs",
+                )
             },
         },
         Case {
@@ -330,8 +351,11 @@ pub fn cases() -> Vec<Case> {
             context: no_context,
             dsl: |base, _| {
                 run(
-                    &run(base, "echo 'app:x:1234:2345::/tmp:/bin/sh' >> /etc/passwd && echo 'grp:x:777:' >> /etc/group")
-                        .user("app:grp"),
+                    &run(
+                        base,
+                        "echo 'app:x:1234:2345::/tmp:/bin/sh' >> /etc/passwd && echo 'grp:x:777:' >> /etc/group",
+                    )
+                    .user("app:grp"),
                     "id > /tmp/id && touch /tmp/x",
                 )
             },
@@ -360,7 +384,12 @@ pub fn cases() -> Vec<Case> {
             dockerfile: "FROM busybox\nCOPY --chown=1000:1001 dir /app\nCOPY --chown=7:7 a.txt /app/sub/\n",
             context: small_context,
             dsl: |base, context| {
-                base.copy_with(context, "dir", "/app", chown(1000, 1001)).copy_with(context, "a.txt", "/app/sub/", chown(7, 7))
+                base.copy_with(context, "dir", "/app", chown(1000, 1001)).copy_with(
+                    context,
+                    "a.txt",
+                    "/app/sub/",
+                    chown(7, 7),
+                )
             },
         },
         Case {
@@ -421,7 +450,8 @@ pub fn cases() -> Vec<Case> {
             dockerfile: "FROM busybox\nRUN mkdir -p /app/sub && echo old > /app/one && ln -s /etc /app/run.sh\nCOPY dir /app\n",
             context: small_context,
             dsl: |base, context| {
-                run(base, "mkdir -p /app/sub && echo old > /app/one && ln -s /etc /app/run.sh").copy(context, "dir", "/app")
+                run(base, "mkdir -p /app/sub && echo old > /app/one && ln -s /etc /app/run.sh")
+                    .copy(context, "dir", "/app")
             },
         },
         Case {
@@ -447,7 +477,10 @@ pub fn cases() -> Vec<Case> {
             dockerfile: "FROM busybox\nCOPY dir /app\nRUN chmod 600 /app/one && rm /app/run.sh && mv /app/sub /app/moved\n",
             context: small_context,
             dsl: |base, context| {
-                run(&base.copy(context, "dir", "/app"), "chmod 600 /app/one && rm /app/run.sh && mv /app/sub /app/moved")
+                run(
+                    &base.copy(context, "dir", "/app"),
+                    "chmod 600 /app/one && rm /app/run.sh && mv /app/sub /app/moved",
+                )
             },
         },
         Case {
