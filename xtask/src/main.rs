@@ -26,6 +26,7 @@ use layerwright_examples::{EXAMPLES, ExampleEnvironment};
 
 mod bench;
 mod bench_remote;
+mod bench_scale;
 mod conformance;
 mod docker;
 mod tidy;
@@ -97,6 +98,10 @@ enum Commands {
         /// then built from that export by an empty one (needs root and docker-registry).
         #[arg(long, conflicts_with = "micro")]
         remote_cache: bool,
+        /// Print the scaling curves instead: files in a context, steps in a chain, images in a
+        /// build_all (cold, no-op, one change at the tail).
+        #[arg(long, conflicts_with_all = ["micro", "remote_cache"])]
+        scale: bool,
         /// Arguments passed on to the criterion harness with --micro (a name filter).
         #[arg(last = true)]
         arguments: Vec<String>,
@@ -182,6 +187,10 @@ fn main() -> Result<ExitCode> {
         Commands::Tidy { no_cargo } => {
             let clean = tidy::run(&workspace, &TidyOptions { cargo_checks: !no_cargo })?;
             Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Commands::Bench { quick, scale: true, .. } => {
+            bench_scale::run(&workspace, quick)?;
+            Ok(ExitCode::SUCCESS)
         }
         Commands::Bench { quick, remote_cache: true, .. } => {
             bench_remote::run(&workspace, quick)?;
