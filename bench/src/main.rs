@@ -32,11 +32,15 @@ fn peak_rss_kib() -> u64 {
 
 fn main() -> ExitCode {
     let mut arguments: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(mode @ ("--scale" | "--scale-noop")) = arguments.first().map(String::as_str) {
+    if let Some(mode @ ("--scale" | "--scale-noop" | "--scale-chain")) = arguments.first().map(String::as_str) {
         let result = match (mode, &arguments[1..]) {
             ("--scale", [workdir, runs, max_files]) => match (runs.parse(), max_files.parse()) {
                 (Ok(runs), Ok(max_files)) => scale::run(Path::new(workdir), runs, max_files),
                 _ => Err("--scale WORKDIR RUNS MAX_FILES: numbers expected".into()),
+            },
+            ("--scale-chain", [workdir, length, rounds]) => match (length.parse(), rounds.parse()) {
+                (Ok(length), Ok(rounds)) => scale::chain_point(Path::new(workdir), length, rounds),
+                _ => Err("--scale-chain WORKDIR LENGTH ROUNDS: numbers expected".into()),
             },
             ("--scale-noop", [workdir, files]) => match files.parse() {
                 Ok(files) => scale::no_op(Path::new(workdir), files),

@@ -81,6 +81,23 @@ pub fn no_op(workdir: &Path, files: usize) -> Result<()> {
     Ok(())
 }
 
+/// For a profiler: a chain of `length` steps built once (if its cache lacks it), then `rounds`
+/// no-op builds and `rounds` builds with a change at the tail.
+pub fn chain_point(workdir: &Path, length: usize, rounds: usize) -> Result<()> {
+    let cache = workdir.join(format!("cache-chain-{length}"));
+    let image = chain(length, 0);
+    Builder::new(&cache)?.build(&image)?;
+    let no_op = median(rounds, || timed(|| Builder::new(&cache)?.build(&image).map(drop).map_err(Into::into)))?;
+    let mut round = 1000;
+    let tail = median(rounds, || {
+        round += 1;
+        let changed = chain(length, round);
+        timed(|| Builder::new(&cache)?.build(&changed).map(drop).map_err(Into::into))
+    })?;
+    row(&format!("chain {length}"), None, Some(no_op), Some(tail));
+    Ok(())
+}
+
 fn files_image(context_dir: &Path) -> Result<Image> {
     Ok(Image::scratch().copy(&Context::dir(context_dir)?, ".", "/app"))
 }

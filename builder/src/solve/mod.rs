@@ -211,7 +211,7 @@ fn finish(
     blob_bytes_written: u64,
     remote_cache: Option<Arc<RemoteCacheReport>>,
 ) -> Result<SolvedImage, StepError> {
-    let mut config = state.config.clone();
+    let mut config = state.full_config();
     config::set_created(&mut config, created);
     let config_blob = store.put_blob(&config::to_bytes(&config))?;
     let manifest = config::manifest(&config_blob.digest, config_blob.size, &state.layers);
