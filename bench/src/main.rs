@@ -7,6 +7,9 @@
 //! every tool starts from, and `WORKLOAD/context/`); OUTPUT is `oci:DIR` or
 //! `docker-archive:FILE`; the cache flags name remote caches in a registry. Prints the manifest
 //! digest, the steps built, the process's peak RSS and what the remote caches did.
+//!
+//! `layerwright-bench --scale WORKDIR RUNS MAX_FILES` and `--scale-noop WORKDIR FILES`: the
+//! scaling curves of `cargo xtask bench --scale` (see `scale.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -15,6 +18,8 @@ use std::process::ExitCode;
 
 use layerwright::{Builder, BuilderOptions, Compression};
 use layerwright_examples::workloads;
+
+mod scale;
 
 fn peak_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -27,6 +32,30 @@ fn peak_rss_kib() -> u64 {
 
 fn main() -> ExitCode {
     let mut arguments: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(mode @ ("--scale" | "--scale-noop" | "--scale-chain")) = arguments.first().map(String::as_str) {
+        let result = match (mode, &arguments[1..]) {
+            ("--scale", [workdir, runs, max_files]) => match (runs.parse(), max_files.parse()) {
+                (Ok(runs), Ok(max_files)) => scale::run(Path::new(workdir), runs, max_files),
+                _ => Err("--scale WORKDIR RUNS MAX_FILES: numbers expected".into()),
+            },
+            ("--scale-chain", [workdir, length, rounds]) => match (length.parse(), rounds.parse()) {
+                (Ok(length), Ok(rounds)) => scale::chain_point(Path::new(workdir), length, rounds),
+                _ => Err("--scale-chain WORKDIR LENGTH ROUNDS: numbers expected".into()),
+            },
+            ("--scale-noop", [workdir, files]) => match files.parse() {
+                Ok(files) => scale::no_op(Path::new(workdir), files),
+                Err(_) => Err("--scale-noop WORKDIR FILES: a number expected".into()),
+            },
+            _ => Err("usage: layerwright-bench --scale WORKDIR RUNS MAX_FILES | --scale-noop WORKDIR FILES".into()),
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("layerwright-bench: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut cache_from = Vec::new();
     let mut cache_to = None;
     while let Some(position) = arguments.iter().position(|argument| argument.starts_with("--cache-")) {

@@ -38,15 +38,93 @@ pub enum ExecutionError {
 #[derive(Debug)]
 pub struct NodeState {
     pub layers: Vec<LayerRecord>,
-    pub config: Value,
+    /// The image config as of this step, except for the `history` entries and `rootfs.diff_ids`
+    /// that `log` holds: its runtime part (`config.Env`, `User`, ...) is always current. A step
+    /// shares its parent's document (`Arc`) and adds one log entry, so a chain of n steps costs
+    /// O(n), not O(n²); [`NodeState::full_config`] writes the log in.
+    pub config: Arc<Value>,
+    /// What the steps since `config` was last copied appended to the config, newest first.
+    pub log: ConfigLog,
     pub parent: Option<Arc<NodeState>>,
     /// The merged tree, computed when a step above needs it.
     tree: OnceLock<Arc<FsTree>>,
 }
 
 impl NodeState {
+    /// A state whose `config` is complete (nothing pending in the log).
+    #[cfg(test)]
     pub fn new(layers: Vec<LayerRecord>, config: Value, parent: Option<Arc<NodeState>>) -> NodeState {
-        NodeState { layers, config, parent, tree: OnceLock::new() }
+        NodeState::with_log(layers, Arc::new(config), ConfigLog::default(), parent)
+    }
+
+    pub fn with_log(
+        layers: Vec<LayerRecord>,
+        config: Arc<Value>,
+        log: ConfigLog,
+        parent: Option<Arc<NodeState>>,
+    ) -> NodeState {
+        NodeState { layers, config, log, parent, tree: OnceLock::new() }
+    }
+
+    /// The whole config document: `config` with the log's entries appended, oldest first.
+    pub fn full_config(&self) -> Value {
+        let mut entries = Vec::new();
+        let mut next = self.log.0.as_deref();
+        while let Some(entry) = next {
+            entries.push(&entry.appended);
+            next = entry.previous.0.as_deref();
+        }
+        let mut config = (*self.config).clone();
+        for appended in entries.into_iter().rev() {
+            match appended {
+                Appended::Layer { layer, created_by, created } => {
+                    crate::oci::config::push_layer(&mut config, layer, created_by, created)
+                }
+                Appended::Change { created_by, created } => {
+                    crate::oci::config::push_change_history(&mut config, created_by, created)
+                }
+            }
+        }
+        config
+    }
+}
+
+/// A persistent list of what steps appended to the config, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigLog(Option<Arc<LogEntry>>);
+
+#[derive(Debug)]
+pub struct LogEntry {
+    appended: Appended,
+    previous: ConfigLog,
+}
+
+/// What one step appended to the config.
+#[derive(Debug)]
+pub enum Appended {
+    /// A layer: its diff id and a history entry.
+    Layer { layer: LayerRecord, created_by: String, created: String },
+    /// A config step's empty-layer history entry.
+    Change { created_by: String, created: String },
+}
+
+impl ConfigLog {
+    /// This log with `appended` added on top.
+    pub fn with(&self, appended: Appended) -> ConfigLog {
+        ConfigLog(Some(Arc::new(LogEntry { appended, previous: self.clone() })))
+    }
+}
+
+impl Drop for LogEntry {
+    // Unlinks a long chain iteratively: a recursive drop of 100k entries would overflow the stack.
+    fn drop(&mut self) {
+        let mut next = self.previous.0.take();
+        while let Some(entry) = next {
+            match Arc::try_unwrap(entry) {
+                Ok(mut entry) => next = entry.previous.0.take(),
+                Err(_) => break,
+            }
+        }
     }
 }
 
@@ -100,37 +178,31 @@ impl Execution<'_> {
         if let Some(tree) = state.tree.get() {
             return Ok(Arc::clone(tree));
         }
-        // Walk down to the nearest known tree without recursion (chains can be deep).
-        let mut pending = vec![Arc::clone(state)];
-        while let Some(parent) = pending.last().and_then(|node| node.parent.clone()) {
-            if parent.tree.get().is_some() {
-                pending.push(parent);
-                break;
+        // Start from the nearest ancestor whose tree is known (else from nothing) and apply the
+        // layers above it, once: the trees of the steps in between are not made, so that a
+        // change at the tail of a long chain costs one tree, not one per step.
+        let mut ancestor = state.parent.as_ref();
+        let known = loop {
+            match ancestor {
+                Some(node) => match node.tree.get() {
+                    Some(tree) => break Some((Arc::clone(tree), node.layers.len())),
+                    None => ancestor = node.parent.as_ref(),
+                },
+                None => break None,
             }
-            pending.push(parent);
+        };
+        let (mut tree, first_own_layer) = match known {
+            Some((tree, applied)) => (FsTree::clone(&tree), applied),
+            None => (FsTree::default(), 0),
+        };
+        for (position, layer) in state.layers.iter().enumerate().skip(first_own_layer) {
+            tree.apply(position, &layer.digest, &*self.indexes.get(self.store, layer)?)?;
         }
-        let mut tree: Option<Arc<FsTree>> = None;
-        while let Some(node) = pending.pop() {
-            if let Some(known) = node.tree.get() {
-                tree = Some(Arc::clone(known));
-                continue;
-            }
-            let mut next = tree.as_deref().cloned().unwrap_or_default();
-            let first_own_layer = match &tree {
-                Some(_) => node.parent.as_ref().map_or(0, |parent| parent.layers.len()),
-                None => 0,
-            };
-            for (position, layer) in node.layers.iter().enumerate().skip(first_own_layer) {
-                next.apply(position, &layer.digest, &*self.indexes.get(self.store, layer)?)?;
-            }
-            let next = Arc::new(next);
-            let _ = node.tree.set(Arc::clone(&next));
-            tree = Some(next);
-        }
-        Ok(tree.expect("at least the node itself was processed"))
+        let tree = Arc::new(tree);
+        let _ = state.tree.set(Arc::clone(&tree));
+        Ok(tree)
     }
 
-    /// Writes `entries` as a layer and commits the record under `key`.
     pub fn commit_layer(&self, key: &StepKey, entries: Vec<LayerEntry>) -> Result<NewLayer, ExecutionError> {
         // Only an accelerator: without it (it could not start), the RUN unpacks the blob.
         let mut snapshot =

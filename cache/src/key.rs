@@ -21,7 +21,10 @@ use std::fmt;
 /// 3: gzip as one member made of blocks compressed independently (each primed with the 32 KiB
 ///    before it, the pigz scheme), so that layers compress on every core; blocks end at entries
 ///    picked by a hash of their path (64-256 KiB), so that unchanged blocks can be reused.
-pub const KEY_FORMAT_VERSION: u32 = 3;
+/// 4: file steps' layers carry every parent directory of what they write (existing ones with
+///    their mode and owner), and a copied directory's destination is created 0755 with the
+///    copy's owner, as BuildKit's are (`cargo xtask conformance`).
+pub const KEY_FORMAT_VERSION: u32 = 4;
 
 /// The cache key of a step: 32 bytes of blake3 over everything the step's result depends on.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

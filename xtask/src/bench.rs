@@ -181,7 +181,8 @@ pub fn build_bench_binary(workspace: &Path) -> Result<PathBuf> {
     if !status.success() {
         bail!("building layerwright-bench failed");
     }
-    Ok(workspace.join("target/release/layerwright-bench"))
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
+    Ok(target.join("release/layerwright-bench"))
 }
 
 impl Bench {

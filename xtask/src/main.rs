@@ -25,6 +25,8 @@ use layerwright_examples::ExampleEnvironment;
 
 mod bench;
 mod bench_remote;
+mod bench_scale;
+mod conformance;
 mod docker;
 mod fuzz;
 mod test;
@@ -60,6 +62,10 @@ enum Commands {
         /// then built from that export by an empty one (needs root and docker-registry).
         #[arg(long, conflicts_with = "micro")]
         remote_cache: bool,
+        /// Print the scaling curves instead: files in a context, steps in a chain, images in a
+        /// build_all (cold, no-op, one change at the tail).
+        #[arg(long, conflicts_with_all = ["micro", "remote_cache"])]
+        scale: bool,
         /// Arguments passed on to the criterion harness with --micro (a name filter).
         #[arg(last = true)]
         arguments: Vec<String>,
@@ -80,6 +86,16 @@ enum Commands {
         /// Arguments passed on to `cargo test`.
         #[arg(last = true)]
         cargo_arguments: Vec<String>,
+    },
+    /// Build each conformance case from its Dockerfile with BuildKit and from its DSL graph with
+    /// layerwright, and compare the exported trees and configs (needs root and dockerd).
+    Conformance {
+        /// Only the cases whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+        /// Keep the work directory (Dockerfiles, contexts, listings).
+        #[arg(long)]
+        keep: bool,
     },
     /// Check the repository's rules (no module cycles, unsafe code only in the sandbox crate, no
     /// printing from library code, documented library crates), then cargo fmt, clippy and doc
@@ -110,6 +126,10 @@ fn main() -> Result<ExitCode> {
             let clean = tidy::run(&workspace, &TidyOptions { cargo_checks: !no_cargo })?;
             Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Commands::Bench { quick, scale: true, .. } => {
+            bench_scale::run(&workspace, quick)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Commands::Bench { quick, remote_cache: true, .. } => {
             bench_remote::run(&workspace, quick)?;
             Ok(ExitCode::SUCCESS)
@@ -127,6 +147,10 @@ fn main() -> Result<ExitCode> {
                 .status()
                 .context("running cargo bench")?;
             Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Commands::Conformance { only, keep } => {
+            let conforming = conformance::run(&workspace, &conformance::ConformanceOptions { only, keep }, None)?;
+            Ok(if conforming { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Commands::Fuzz { seconds, target } => fuzz::run(&workspace, seconds, target.as_deref()),
     }

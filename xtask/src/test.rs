@@ -57,6 +57,20 @@ pub fn run(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
     if !status.success() {
         return Ok(ExitCode::FAILURE);
     }
+    // The BuildKit conformance suite, where a Docker engine runs.
+    let host = engine.as_ref().map(DockerEngine::host).or_else(|| std::env::var("DOCKER_HOST").ok());
+    let conforming = match host {
+        Some(host) => {
+            crate::conformance::run(workspace, &crate::conformance::ConformanceOptions::default(), Some(host))?
+        }
+        None => {
+            eprintln!("xtask test: no Docker engine, so the conformance suite was not run");
+            true
+        }
+    };
+    if !conforming {
+        return Ok(ExitCode::FAILURE);
+    }
     template(workspace)
 }
 

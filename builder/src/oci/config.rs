@@ -51,7 +51,19 @@ pub fn push_layer(config: &mut Value, layer: &LayerRecord, created_by: &str, cre
 }
 
 /// Applies a config step and records it as an empty-layer history entry.
+#[cfg(test)]
 pub fn apply_change(config: &mut Value, change: &ConfigChange, created_by: &str, created: &str) {
+    apply_runtime_change(config, change);
+    push_change_history(config, created_by, created);
+}
+
+/// The empty-layer history entry of a config step.
+pub fn push_change_history(config: &mut Value, created_by: &str, created: &str) {
+    push_history(config, json!({ "created": created, "created_by": created_by, "empty_layer": true }));
+}
+
+/// Applies a config step to the runtime config (`config.Env`, ...), without its history entry.
+pub fn apply_runtime_change(config: &mut Value, change: &ConfigChange) {
     let runtime = object(object(config).entry("config").or_insert_with(|| json!({})));
     match change {
         ConfigChange::Env { key, value } => {
@@ -93,7 +105,6 @@ pub fn apply_change(config: &mut Value, change: &ConfigChange, created_by: &str,
             runtime.insert("StopSignal".into(), Value::String(signal.clone()));
         }
     }
-    push_history(config, json!({ "created": created, "created_by": created_by, "empty_layer": true }));
 }
 
 fn push_history(config: &mut Value, entry: Value) {

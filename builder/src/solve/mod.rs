@@ -234,7 +234,7 @@ fn finish(
     remote_cache: Option<Arc<RemoteCacheReport>>,
     inputs: BuildInputs,
 ) -> Result<SolvedImage, StepError> {
-    let mut config = state.config.clone();
+    let mut config = state.full_config();
     config::set_created(&mut config, created);
     let config_blob = store.put_blob(&config::to_bytes(&config))?;
     let manifest = config::manifest(&config_blob.digest, config_blob.size, &state.layers);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use layerwright_cache::{Digest, StoreError};
 use layerwright_dsl::{
-    CopyFromStep, CopyStep, FileOptions, ImagePathError, MkdirStep, Owner, SymlinkStep, WriteFileStep,
+    CopyFromStep, CopyOptions, CopyStep, FileOptions, ImagePathError, MkdirStep, Owner, SymlinkStep, WriteFileStep,
     normalize_image_path,
 };
 use serde_json::Value;
@@ -49,19 +49,18 @@ impl Execution<'_> {
             let name = copy.source.trim_end_matches('/').rsplit('/').next().unwrap_or_default().to_owned();
             file_destination(&tree, &copy.destination, destination, &name)
         };
-        let mut entries = parent_directories(&tree, &root)?;
+        let mut entries = parent_directories(&tree, &root, owner)?;
         let replace = copy.options.replace_directory && !root.is_empty() && tree_is_directory(&tree, &root);
         if replace {
             entries.push(entry(&root, EntryKind::OpaqueWhiteout, 0, Owner::ROOT));
         }
+        if selection.source_is_directory {
+            entries.extend(destination_directory(&tree, &root, &copy.options, replace));
+        }
         for file in &selection.files {
             let path = join(&root, &file.relative);
-            if path.is_empty() {
-                continue;
-            }
-            let is_source_directory = file.relative.is_empty() && selection.source_is_directory;
-            if is_source_directory && tree_is_directory(&tree, &path) && !replace {
-                // Copying into an existing directory merges, and leaves the directory as it is.
+            if path.is_empty() || (file.relative.is_empty() && selection.source_is_directory) {
+                // The destination directory's entry is made above.
                 continue;
             }
             let kind = match &file.kind {
@@ -149,17 +148,19 @@ impl Execution<'_> {
         let spool = tempfile::tempdir_in(&tmp).map_err(|source| StepError::Spool { path: tmp, source })?;
         let spooled = tree::extract_files(self.store, &source.layers, &wanted, spool.path())?;
 
-        let mut entries = parent_directories(&tree, &root)?;
+        let missing_owner = copy.options.file.owner.unwrap_or(Owner::ROOT);
+        let mut entries = parent_directories(&tree, &root, missing_owner)?;
         let replace = copy.options.replace_directory && !root.is_empty() && tree_is_directory(&tree, &root);
         if replace {
             entries.push(entry(&root, EntryKind::OpaqueWhiteout, 0, Owner::ROOT));
         }
+        if source_is_directory {
+            entries.extend(destination_directory(&tree, &root, &copy.options, replace));
+        }
         for (relative, node) in &selected {
             let path = join(&root, relative);
-            if path.is_empty() {
-                continue;
-            }
-            if relative.is_empty() && source_is_directory && tree_is_directory(&tree, &path) && !replace {
+            if path.is_empty() || (relative.is_empty() && source_is_directory) {
+                // The destination directory's entry is made above.
                 continue;
             }
             let source_full = join(&source_path, relative);
@@ -205,7 +206,7 @@ impl Execution<'_> {
     ) -> Result<Vec<LayerEntry>, StepError> {
         let tree = self.tree(parent)?;
         let path = non_root_path(&write.path)?;
-        let mut entries = parent_directories(&tree, &path)?;
+        let mut entries = parent_directories(&tree, &path, Owner::ROOT)?;
         let content = Content::Inline(Arc::clone(&write.content));
         let kind = EntryKind::File { content, size: write.content.len() as u64 };
         entries.push(file_entry(&path, kind, write.options, 0o644));
@@ -215,7 +216,7 @@ impl Execution<'_> {
     pub fn mkdir_entries(&self, mkdir: &MkdirStep, parent: &Arc<NodeState>) -> Result<Vec<LayerEntry>, StepError> {
         let tree = self.tree(parent)?;
         let path = non_root_path(&mkdir.path)?;
-        let mut entries = parent_directories(&tree, &path)?;
+        let mut entries = parent_directories(&tree, &path, Owner::ROOT)?;
         entries.push(file_entry(&path, EntryKind::Directory, mkdir.options, 0o755));
         Ok(entries)
     }
@@ -227,7 +228,7 @@ impl Execution<'_> {
     ) -> Result<Vec<LayerEntry>, StepError> {
         let tree = self.tree(parent)?;
         let path = non_root_path(&symlink.link_path)?;
-        let mut entries = parent_directories(&tree, &path)?;
+        let mut entries = parent_directories(&tree, &path, Owner::ROOT)?;
         let kind = EntryKind::Symlink { target: symlink.target.clone() };
         entries.push(entry(&path, kind, 0o777, symlink.owner.unwrap_or(Owner::ROOT)));
         Ok(entries)
@@ -239,7 +240,9 @@ impl Execution<'_> {
         if tree.get(&normalised).is_none() {
             return Err(StepError::NotInImage { path: path.to_owned() });
         }
-        Ok(vec![entry(&normalised, EntryKind::Whiteout, 0, Owner::ROOT)])
+        let mut entries = parent_directories(&tree, &normalised, Owner::ROOT)?;
+        entries.push(entry(&normalised, EntryKind::Whiteout, 0, Owner::ROOT));
+        Ok(entries)
     }
 }
 
@@ -276,21 +279,50 @@ fn tree_is_directory(tree: &FsTree, path: &str) -> bool {
     path.is_empty() || tree.get(path).is_some_and(|node| matches!(node.entry.kind, IndexKind::Directory))
 }
 
-/// Entries for the missing parents of `path` (0755, root), as Docker creates them. Existing
-/// parents are left out so that their mode and owner stay as the lower layers have them.
-fn parent_directories(tree: &FsTree, path: &str) -> Result<Vec<LayerEntry>, StepError> {
+/// Entries for the parents of `path`: the missing ones created (0755, owned by `owner`), as
+/// Docker creates them, and the existing ones repeated with the mode and owner the lower
+/// layers give them. An engine applying a layer creates a directory that the layer does not
+/// carry with its own defaults (0755, root), and that directory then hides the lower one's
+/// metadata in the merged tree: BuildKit's layers carry every parent for the same reason.
+fn parent_directories(tree: &FsTree, path: &str, owner: Owner) -> Result<Vec<LayerEntry>, StepError> {
     let mut entries = Vec::new();
     for (end, _) in path.match_indices('/') {
         let parent = &path[..end];
-        match tree.get(parent).map(|node| &node.entry.kind) {
-            Some(IndexKind::Directory) => {}
-            Some(other) => {
-                return Err(StepError::ParentNotDirectory { path: parent.to_owned(), kind: kind_name(other) });
+        match tree.get(parent) {
+            Some(node) if matches!(node.entry.kind, IndexKind::Directory) => entries.push(existing_directory(node)),
+            Some(node) => {
+                return Err(StepError::ParentNotDirectory {
+                    path: parent.to_owned(),
+                    kind: kind_name(&node.entry.kind),
+                });
             }
-            None => entries.push(entry(parent, EntryKind::Directory, 0o755, Owner::ROOT)),
+            None => entries.push(entry(parent, EntryKind::Directory, 0o755, owner)),
         }
     }
     Ok(entries)
+}
+
+/// An entry repeating an existing directory of the lower layers as it is.
+fn existing_directory(node: &TreeNode) -> LayerEntry {
+    entry(&node.entry.path, EntryKind::Directory, node.entry.mode, Owner { uid: node.entry.uid, gid: node.entry.gid })
+}
+
+/// The entry of a copy's destination directory when the source is a directory: the existing
+/// directory as it is (a copy merges into it), or a new one, 0755 and owned by the copy's
+/// owner, as BuildKit creates it (the source directory's own mode and owner are not copied).
+fn destination_directory(tree: &FsTree, root: &str, options: &CopyOptions, replace: bool) -> Option<LayerEntry> {
+    if root.is_empty() {
+        return None;
+    }
+    match tree.get(root) {
+        Some(node) if !replace && matches!(node.entry.kind, IndexKind::Directory) => Some(existing_directory(node)),
+        _ => Some(entry(
+            root,
+            EntryKind::Directory,
+            options.file.mode.unwrap_or(0o755),
+            options.file.owner.unwrap_or(Owner::ROOT),
+        )),
+    }
 }
 
 fn kind_name(kind: &IndexKind) -> &'static str {

@@ -16,7 +16,7 @@ use super::Session;
 use super::error::{StepError, StepFailure};
 use super::plan::PlannedNode;
 use crate::base;
-use crate::execution::{Execution, IndexCache, NodeState};
+use crate::execution::{Appended, ConfigLog, Execution, IndexCache, NodeState};
 use crate::layer::recompress;
 use crate::layer::{LayerEntry, LayerOptions};
 use crate::oci::{Platform, config};
@@ -69,7 +69,9 @@ pub(super) enum NodeResult {
 /// How a step was satisfied.
 struct Outcome {
     layers: Vec<layerwright_cache::LayerRecord>,
-    config: serde_json::Value,
+    config: Arc<serde_json::Value>,
+    /// What the step appended to its parent's config log (see `NodeState::config`).
+    log: ConfigLog,
     cached: bool,
     layer: Option<String>,
     miss: Option<MissReason>,
@@ -140,7 +142,7 @@ impl<'a> Walk<'a> {
             miss: outcome.miss,
         };
         self.session.options.progress.emit(ProgressEvent::Finished(report.clone()));
-        Ok((Arc::new(NodeState::new(outcome.layers, outcome.config, parent)), report))
+        Ok((Arc::new(NodeState::with_log(outcome.layers, outcome.config, outcome.log, parent)), report))
     }
 
     fn execution(&self) -> Execution<'_> {
@@ -194,8 +196,17 @@ impl<'a> Walk<'a> {
         let execution = Execution { snapshot_for_run: self.snapshot_for_run[index], ..self.execution() };
         let (parent, step) = match (parent, step) {
             (_, Step::Scratch) => {
-                let config = config::scratch_config_for(&self.created, self.platform.as_ref());
-                return Ok(Outcome { layers: Vec::new(), config, cached: true, layer: None, miss: None, record: None });
+                let config = Arc::new(config::scratch_config_for(&self.created, self.platform.as_ref()));
+                let log = ConfigLog::default();
+                return Ok(Outcome {
+                    layers: Vec::new(),
+                    config,
+                    log,
+                    cached: true,
+                    layer: None,
+                    miss: None,
+                    record: None,
+                });
             }
             (_, Step::FromArchive { path }) => return self.import_base(index, key, path),
             (_, Step::Pull { reference }) => return self.pull_base(index, key, reference),
@@ -290,9 +301,10 @@ impl<'a> Walk<'a> {
         if let Some(record) = found
             && let Some(config_digest) = &record.config
         {
-            let config = self.execution().read_config(config_digest)?;
+            let config = Arc::new(self.execution().read_config(config_digest)?);
             let layers = record.layers.clone();
-            return Ok(Outcome { layers, config, cached: true, layer: None, miss: None, record: Some(record) });
+            let log = ConfigLog::default();
+            return Ok(Outcome { layers, config, log, cached: true, layer: None, miss: None, record: Some(record) });
         }
         let miss = self.explain_miss(index);
         let base = fetch()?;
@@ -302,15 +314,17 @@ impl<'a> Walk<'a> {
         }
         let record = ActionRecord { layers: base.layers.clone(), config: Some(config_blob.digest) };
         self.store.write_action(&key, &record)?;
-        let (layers, config) = (base.layers, base.config);
-        Ok(Outcome { layers, config, cached: false, layer: None, miss: Some(miss), record: Some(record) })
+        let (layers, config, log) = (base.layers, Arc::new(base.config), ConfigLog::default());
+        Ok(Outcome { layers, config, log, cached: false, layer: None, miss: Some(miss), record: Some(record) })
     }
 }
 
 fn config_outcome(parent: &NodeState, change: &ConfigChange, label: &str, created: &str) -> Outcome {
-    let mut config = parent.config.clone();
-    config::apply_change(&mut config, change, label, created);
-    Outcome { layers: parent.layers.clone(), config, cached: true, layer: None, miss: None, record: None }
+    let mut config = (*parent.config).clone();
+    config::apply_runtime_change(&mut config, change);
+    let log = parent.log.with(Appended::Change { created_by: label.to_owned(), created: created.to_owned() });
+    let config = Arc::new(config);
+    Outcome { layers: parent.layers.clone(), config, log, cached: true, layer: None, miss: None, record: None }
 }
 
 fn layer_outcome(
@@ -321,11 +335,12 @@ fn layer_outcome(
     cached: bool,
     miss: Option<MissReason>,
 ) -> Outcome {
-    let mut config = parent.config.clone();
-    config::push_layer(&mut config, &layer, label, created);
+    let config = Arc::clone(&parent.config);
+    let appended = Appended::Layer { layer: layer.clone(), created_by: label.to_owned(), created: created.to_owned() };
+    let log = parent.log.with(appended);
     let mut layers = parent.layers.clone();
     let digest = layer.digest.to_string();
     let record = ActionRecord { layers: vec![layer.clone()], config: None };
     layers.push(layer);
-    Outcome { layers, config, cached, layer: Some(digest), miss, record: Some(record) }
+    Outcome { layers, config, log, cached, layer: Some(digest), miss, record: Some(record) }
 }
