@@ -262,9 +262,9 @@ fn inspect_shows_each_layer_its_step_and_its_files_largest_first() {
           +         5000 /app/big
           +            6 /app/small
           +            0 /app
-      2           95 WRITE /app/small (8 bytes)  built (no cache record (first build of this step))
+      2          116 WRITE /app/small (8 bytes)  built (no cache record (first build of this step))
           ~            8 /app/small
-      3           68 REMOVE /app/big  built (no cache record (first build of this step))
+      3          100 REMOVE /app/big  built (no cache record (first build of this step))
           -         5000 /app/big
     ");
     let rebuilt = builder.build(&image).unwrap();
