@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::build::{BuildCommand, OutputSpec, parse_compression};
-use crate::Compression;
+use crate::{Compression, Platform};
 
 /// The subcommands of [`crate::cli::main`]. A binary with commands of its own flattens these
 /// into its clap enum (`#[command(flatten)]`) and hands them to [`crate::cli::execute`].
@@ -58,6 +58,22 @@ pub struct BuildImageArgs {
     /// blobs the registry lacks). An unreachable cache is a warning, never a failed build.
     #[arg(long = "cache-to", value_name = "REF")]
     pub cache_to: Option<String>,
+    /// Also load the image into the Docker engine at DOCKER_HOST, sending only the layers it
+    /// lacks (of an index: the image for this host's platform).
+    #[arg(long)]
+    pub load: bool,
+    /// Build for these platforms (os/arch[/variant], comma-separated): one gives a plain image,
+    /// several an OCI image index (not a docker-archive).
+    #[arg(long, value_delimiter = ',', value_parser = parse_platform, value_name = "P,..")]
+    pub platform: Vec<Platform>,
+    /// Keep running: rebuild (and deliver to the outputs, --load and --push) whenever a file the
+    /// image reads changes. Ctrl-C stops.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+fn parse_platform(text: &str) -> Result<Platform, crate::PlatformError> {
+    Platform::parse(text)
 }
 
 impl BuildImageArgs {
@@ -85,6 +101,8 @@ impl BuildImageArgs {
             insecure: self.insecure,
             cache_from: self.cache_from.clone(),
             cache_to: self.cache_to.clone(),
+            load: self.load,
+            platforms: self.platform.clone(),
         }
     }
 }
@@ -192,6 +210,20 @@ mod tests {
         assert!(resolved.insecure);
         assert_eq!(resolved.cache_from, ["registry.example/cache:a", "registry.example/cache:b"]);
         assert_eq!(resolved.cache_to.as_deref(), Some("registry.example/cache:a"));
+    }
+
+    #[test]
+    fn load_platforms_and_watch_parse() {
+        let command =
+            parse(&["build-image", "api", "--load", "--watch", "--platform", "linux/amd64,linux/arm/v7"]).unwrap();
+        let Command::BuildImage(arguments) = command else { panic!() };
+        assert!(arguments.load && arguments.watch);
+        let platforms: Vec<String> = arguments.platform.iter().map(ToString::to_string).collect();
+        assert_eq!(platforms, ["linux/amd64", "linux/arm/v7"]);
+        let resolved = arguments.resolve(Path::new("/ws"), Path::new("/ws"));
+        assert!(resolved.load);
+        assert_eq!(resolved.platforms.len(), 2);
+        assert!(parse(&["build-image", "api", "--platform", "arm64"]).is_err());
     }
 
     #[test]

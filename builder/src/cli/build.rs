@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::error::CliError;
-use crate::{Builder, BuilderOptions, BuiltImage, Compression, Image, ProgressEvent};
+use crate::{Builder, BuilderOptions, BuiltImage, BuiltIndex, Compression, Image, Platform, ProgressEvent};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// Where a built image goes.
@@ -84,6 +84,10 @@ pub struct BuildCommand {
     pub cache_from: Vec<String>,
     /// The remote cache to export the build's steps to, if any.
     pub cache_to: Option<String>,
+    /// Load the image into the local Docker engine.
+    pub load: bool,
+    /// The platforms to build for (none: this host's, a plain image).
+    pub platforms: Vec<Platform>,
 }
 
 /// What a build did, printed at the end.
@@ -108,6 +112,8 @@ pub struct BuildSummary {
     pub pushed: Option<String>,
     /// What the remote caches did, as a line.
     pub remote_cache: Option<String>,
+    /// What the load into the Docker engine sent, as a line.
+    pub loaded: Option<String>,
 }
 
 impl fmt::Display for BuildSummary {
@@ -125,26 +131,41 @@ impl fmt::Display for BuildSummary {
         if let Some(remote_cache) = &self.remote_cache {
             writeln!(formatter, "cache   {remote_cache}")?;
         }
+        if let Some(loaded) = &self.loaded {
+            writeln!(formatter, "load    {loaded}")?;
+        }
         write!(formatter, "time    {:.2?}", self.elapsed)
     }
 }
 
 /// Builds `image` with progress, writes every output (creating their parent directories),
-/// pushes it if asked, and returns the summary.
+/// pushes and loads it if asked, and returns the summary.
 pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary, CliError> {
+    let builder = builder_with_progress(command)?;
+    build_and_deliver(&builder, image, command)
+}
+
+/// [`build_image`] on a builder that lives on (`--watch` rebuilds through one).
+pub(crate) fn build_and_deliver(
+    builder: &Builder,
+    image: &Image,
+    command: &BuildCommand,
+) -> Result<BuildSummary, CliError> {
     let started = Instant::now();
-    let built = build_with_progress(image, command)?;
-    for output in &command.outputs {
-        let path = match output {
-            OutputSpec::OciLayout(path) | OutputSpec::OciArchive(path) | OutputSpec::DockerArchive(path) => path,
-        };
-        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| CliError::Io {
-                action: "creating",
-                path: parent.to_owned(),
-                source,
-            })?;
+    match command.platforms.as_slice() {
+        [] => deliver(builder.build(image)?, command, started),
+        [platform] => deliver(builder.build_for(image, platform)?, command, started),
+        platforms => {
+            let pairs: Vec<(Platform, &Image)> = platforms.iter().map(|platform| (platform.clone(), image)).collect();
+            deliver_index(builder.build_index(&pairs)?, command, started)
         }
+    }
+}
+
+/// Writes, pushes and loads one built image.
+pub(crate) fn deliver(built: BuiltImage, command: &BuildCommand, started: Instant) -> Result<BuildSummary, CliError> {
+    for output in &command.outputs {
+        create_parent(output)?;
         match output {
             OutputSpec::OciLayout(dir) => built.write_oci_layout(dir, &command.tag)?,
             OutputSpec::OciArchive(file) => built.write_oci_archive(file, &command.tag)?,
@@ -155,6 +176,7 @@ pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary
         Some(reference) => Some(push(&built, reference, command.insecure)?),
         None => None,
     };
+    let loaded = if command.load { Some(describe_load(&built.load(&command.tag)?)) } else { None };
     let steps_cached = built.steps().iter().filter(|step| step.cached).count();
     Ok(BuildSummary {
         tag: command.tag.clone(),
@@ -166,21 +188,89 @@ pub fn build_image(image: &Image, command: &BuildCommand) -> Result<BuildSummary
         outputs: command.outputs.clone(),
         pushed,
         remote_cache: built.remote_cache().map(|report| describe_remote_cache(report, &command.cache_from)),
+        loaded,
     })
+}
+
+/// Writes, pushes and loads an image index (a docker-archive cannot hold one).
+fn deliver_index(index: BuiltIndex, command: &BuildCommand, started: Instant) -> Result<BuildSummary, CliError> {
+    for output in &command.outputs {
+        create_parent(output)?;
+        match output {
+            OutputSpec::OciLayout(dir) => index.write_oci_layout(dir, &command.tag)?,
+            OutputSpec::OciArchive(file) => index.write_oci_archive(file, &command.tag)?,
+            OutputSpec::DockerArchive(file) => {
+                return Err(CliError::MultiPlatformDockerArchive { path: file.clone() });
+            }
+        }
+    }
+    let pushed = match &command.push {
+        Some(reference) => Some(push_index(&index, reference, command.insecure)?),
+        None => None,
+    };
+    let loaded = if command.load {
+        let host = index.images().iter().find(|(platform, _)| platform.is_native());
+        let Some((_, image)) = host else { return Err(CliError::NoHostPlatform) };
+        Some(describe_load(&image.load(&command.tag)?))
+    } else {
+        None
+    };
+    let steps = index.images().iter().flat_map(|(_, image)| image.steps());
+    let (cached, total) = steps.fold((0, 0), |(cached, total), step| (cached + usize::from(step.cached), total + 1));
+    Ok(BuildSummary {
+        tag: command.tag.clone(),
+        digest: index.manifest_digest(),
+        size: index.images().iter().map(|(_, image)| image.size()).sum(),
+        steps_cached: cached,
+        steps_built: total - cached,
+        elapsed: started.elapsed(),
+        outputs: command.outputs.clone(),
+        pushed,
+        remote_cache: None,
+        loaded,
+    })
+}
+
+fn create_parent(output: &OutputSpec) -> Result<(), CliError> {
+    let path = match output {
+        OutputSpec::OciLayout(path) | OutputSpec::OciArchive(path) | OutputSpec::DockerArchive(path) => path,
+    };
+    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| CliError::Io {
+            action: "creating",
+            path: parent.to_owned(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn describe_load(report: &crate::LoadReport) -> String {
+    format!(
+        "{}: {} layers sent ({} bytes), {} already in the engine{}",
+        report.tag,
+        report.layers_sent,
+        report.layer_bytes_sent,
+        report.layers_skipped,
+        if report.resent_whole { " (sent whole after the engine refused the trimmed stream)" } else { "" }
+    )
+}
+
+/// The builder of `command` (cache, compression, remote caches) drawing progress on stderr.
+pub(crate) fn builder_with_progress(command: &BuildCommand) -> Result<Builder, CliError> {
+    let display = ProgressDisplay::new();
+    let mut options = BuilderOptions::default()
+        .compression(command.compression)
+        .progress(Arc::new(move |event: &ProgressEvent| display.show(event)));
+    options.cache_from = command.cache_from.clone();
+    options.cache_to = command.cache_to.clone();
+    Ok(Builder::with_options(&command.cache_dir, options)?)
 }
 
 /// Builds `image` on `command`'s cache, compression and remote caches, showing progress on
 /// stderr; writes no output.
 pub fn build_with_progress(image: &Image, command: &BuildCommand) -> Result<BuiltImage, CliError> {
-    let display = ProgressDisplay::new();
-    let options = BuilderOptions {
-        compression: command.compression,
-        progress: Some(Arc::new(move |event: &ProgressEvent| display.show(event))),
-        cache_from: command.cache_from.clone(),
-        cache_to: command.cache_to.clone(),
-        ..BuilderOptions::default()
-    };
-    Ok(Builder::with_options(&command.cache_dir, options)?.build(image)?)
+    Ok(builder_with_progress(command)?.build(image)?)
 }
 
 /// One line on what the remote caches did.
@@ -214,6 +304,17 @@ fn push(built: &crate::BuiltImage, reference: &str, insecure: bool) -> Result<St
 
 #[cfg(not(feature = "registry"))]
 fn push(_built: &crate::BuiltImage, reference: &str, _insecure: bool) -> Result<String, CliError> {
+    Err(CliError::RegistryDisabled { reference: reference.to_owned() })
+}
+
+#[cfg(feature = "registry")]
+fn push_index(index: &BuiltIndex, reference: &str, insecure: bool) -> Result<String, CliError> {
+    let report = index.push_with(reference, &crate::registry::PushOptions { insecure })?;
+    Ok(report.to_string())
+}
+
+#[cfg(not(feature = "registry"))]
+fn push_index(_index: &BuiltIndex, reference: &str, _insecure: bool) -> Result<String, CliError> {
     Err(CliError::RegistryDisabled { reference: reference.to_owned() })
 }
 
@@ -288,5 +389,41 @@ fn warning_text(event: &ProgressEvent) -> String {
         ProgressEvent::Warning { step: Some(step), message } => format!("warning: {step}: {message}"),
         ProgressEvent::Warning { step: None, message } => format!("warning: {message}"),
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod multi_platform_tests {
+    use super::*;
+
+    #[test]
+    fn a_docker_archive_of_several_platforms_is_refused_naming_the_way_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("app.tar");
+        let command = BuildCommand {
+            cache_dir: dir.path().join("cache"),
+            outputs: vec![OutputSpec::DockerArchive(archive.clone())],
+            tag: "app:1".into(),
+            compression: Compression::Gzip,
+            push: None,
+            insecure: false,
+            cache_from: Vec::new(),
+            cache_to: None,
+            load: false,
+            platforms: vec![Platform::parse("linux/amd64").unwrap(), Platform::parse("linux/arm64").unwrap()],
+        };
+        let image = Image::scratch().write_file("/hello", "hi\n");
+        let error = build_image(&image, &command).unwrap_err();
+        assert!(matches!(error, CliError::MultiPlatformDockerArchive { .. }), "{error}");
+        assert!(error.to_string().contains("--platform") && error.to_string().contains("oci:DIR"), "{error}");
+        assert!(!archive.exists());
+        // With an OCI output the same build writes an index.
+        let layout = dir.path().join("layout");
+        let command = BuildCommand { outputs: vec![OutputSpec::OciLayout(layout.clone())], ..command };
+        let summary = build_image(&image, &command).unwrap();
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+        assert_eq!(index["manifests"][0]["digest"], summary.digest);
+        assert_eq!(index["manifests"][0]["mediaType"], "application/vnd.oci.image.index.v1+json");
     }
 }

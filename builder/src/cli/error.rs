@@ -75,6 +75,24 @@ pub enum CliError {
     #[cfg(feature = "registry")]
     #[error(transparent)]
     Push(#[from] crate::registry::RegistryError),
+    /// Loading the image into the Docker engine failed.
+    #[error(transparent)]
+    Load(#[from] crate::LoadError),
+    /// The watch loop could not start or stopped.
+    #[error(transparent)]
+    Watch(#[from] crate::watch::WatchError),
+    /// A docker-archive holds one image, and the build is for several platforms.
+    #[error(
+        "{} cannot hold images of several platforms: pick one with --platform, or write an OCI output (oci:DIR, oci-archive:FILE)",
+        path.display()
+    )]
+    MultiPlatformDockerArchive {
+        /// The docker-archive asked for.
+        path: PathBuf,
+    },
+    /// `--load` of a multi-platform build whose platforms do not include this host's.
+    #[error("--load loads the image for this host's platform, and --platform does not name it")]
+    NoHostPlatform,
     /// A push was asked for, but this build of layerwright leaves out the `registry` feature.
     #[error("pushing to {reference} needs the `registry` feature of layerwright, which this build of it leaves out")]
     RegistryDisabled {

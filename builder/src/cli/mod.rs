@@ -274,6 +274,11 @@ fn try_execute(images: &Images, command: Command) -> Result<(), CliError> {
     let root = workspace_root()?;
     match command {
         Command::List => print!("{}", images.list()),
+        Command::BuildImage(arguments) if arguments.watch => {
+            let command = arguments.resolve(&invocation_dir, &root);
+            let image = declare_in(images, &arguments.name, &root)?;
+            watch_and_deliver(&image, &command)?;
+        }
         Command::BuildImage(arguments) => {
             let command = arguments.resolve(&invocation_dir, &root);
             let image = declare_in(images, &arguments.name, &root)?;
@@ -291,6 +296,9 @@ fn try_execute(images: &Images, command: Command) -> Result<(), CliError> {
                 insecure: false,
                 cache_from: Vec::new(),
                 cache_to: None,
+                load: false,
+                platform: Vec::new(),
+                watch: false,
             };
             let command = BuildCommand { outputs: Vec::new(), ..build.resolve(&invocation_dir, &root) };
             let image = declare_in(images, &arguments.name, &root)?;
@@ -359,6 +367,45 @@ fn error_chain(error: &dyn Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// `build-image --watch`: one builder rebuilds whenever what the image reads changes, and each
+/// good build is delivered (outputs, `--push`, `--load`); Ctrl-C stops after the build under way
+/// (a second Ctrl-C ends the process at once).
+fn watch_and_deliver(image: &crate::Image, command: &BuildCommand) -> Result<(), CliError> {
+    use std::ops::ControlFlow;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let handler_stop = Arc::clone(&stop);
+    // Failing to install the handler leaves Ctrl-C's default: the process ends at once, and
+    // the store clears what it left in its tmp directory the next time it opens.
+    let _ = ctrlc::set_handler(move || {
+        if handler_stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("stopping after the build under way (Ctrl-C again to stop now)");
+    });
+    let builder = build::builder_with_progress(command)?;
+    let watched = crate::watch::watched_paths(&[image]);
+    eprintln!("watching {} paths; Ctrl-C stops", watched.len());
+    crate::watch::watch(&builder, &[image], &crate::watch::WatchOptions::default(), &stop, |watched_build| {
+        if !watched_build.changed.is_empty() {
+            let names: Vec<String> =
+                watched_build.changed.iter().take(3).map(|path| path.display().to_string()).collect();
+            eprintln!("changed: {}", names.join(", "));
+        }
+        let summary = watched_build.result.map_err(CliError::from).and_then(|mut built| {
+            build::deliver(built.remove(0), command, std::time::Instant::now() - watched_build.duration)
+        });
+        match summary {
+            Ok(summary) => println!("{summary}"),
+            Err(error) => eprintln!("error: {error}"),
+        }
+        ControlFlow::Continue(())
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]
