@@ -207,8 +207,9 @@ pub(crate) fn build_all(
         .collect()
 }
 
-/// The reports of the nodes `top` depends on (itself included), in plan order.
-fn reports_of(plan: &[plan::PlannedNode], outcomes: &[Option<Finished>], top: usize) -> Vec<StepReport> {
+/// By node: whether `top` depends on it (itself included). Inputs come before the nodes that
+/// use them in the plan, so one backward pass settles every node.
+fn needed_by(plan: &[plan::PlannedNode], top: usize) -> Vec<bool> {
     let mut needed = vec![false; plan.len()];
     needed[top] = true;
     for index in (0..=top).rev() {
@@ -218,6 +219,12 @@ fn reports_of(plan: &[plan::PlannedNode], outcomes: &[Option<Finished>], top: us
             }
         }
     }
+    needed
+}
+
+/// The reports of the nodes `top` depends on (itself included), in plan order.
+fn reports_of(plan: &[plan::PlannedNode], outcomes: &[Option<Finished>], top: usize) -> Vec<StepReport> {
+    let needed = needed_by(plan, top);
     (0..=top)
         .filter(|index| needed[*index])
         .filter_map(|index| outcomes[index].as_ref().map(|(_, report)| report.clone()))
@@ -254,15 +261,7 @@ fn finish(
 
 /// The inputs of the nodes `top` depends on (itself included), in plan order.
 fn inputs_of(plan: &[plan::PlannedNode], top: usize) -> BuildInputs {
-    let mut needed = vec![false; plan.len()];
-    needed[top] = true;
-    for index in (0..=top).rev() {
-        if needed[index] {
-            for input in &plan[index].inputs {
-                needed[*input] = true;
-            }
-        }
-    }
+    let needed = needed_by(plan, top);
     let mut declaration = blake3::Hasher::new();
     let mut inputs = BuildInputs::default();
     for node in (0..=top).filter(|index| needed[*index]).map(|index| &plan[index]) {
