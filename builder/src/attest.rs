@@ -22,11 +22,11 @@ use layerwright_cache::{Digest, LayerRecord, Store, StoreError};
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use crate::layer::{self, IndexKind, LayerIndex, TreeError};
+use crate::layer::{IndexKind, TreeError};
 use crate::oci::{Platform, canonical, media_types};
 use crate::progress::StepReport;
 use crate::solve::BuildInputs;
-use crate::tree::{self, FsTree};
+use crate::tree;
 
 /// The media type of an in-toto statement layer.
 const IN_TOTO_MEDIA_TYPE: &str = "application/vnd.in-toto+json";
@@ -180,14 +180,7 @@ fn provenance(subject: &Subject<'_>) -> Value {
 
 /// The SPDX 2.3 document of the image's final tree: dpkg packages and context-copied files.
 fn sbom(subject: &Subject<'_>, created: &str) -> Result<Value, AttestError> {
-    let mut tree = FsTree::default();
-    for (position, record) in subject.layers.iter().enumerate() {
-        let index = match LayerIndex::load(subject.store, &record.diff_id)? {
-            Some(index) => index,
-            None => layer::index_layer(subject.store, record)?,
-        };
-        tree.apply(position, &record.digest, &index)?;
-    }
+    let tree = tree::of_layers(subject.store, subject.layers)?;
     let packages = match tree.get(DPKG_STATUS) {
         Some(node) if matches!(node.entry.kind, IndexKind::File { .. }) => {
             let spool = tempfile::tempdir_in(subject.store.tmp_dir()).map_err(AttestError::Spool)?;

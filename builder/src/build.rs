@@ -450,11 +450,7 @@ impl BuiltImage {
     /// A stable text listing of the final filesystem, one line per path, for insta (format:
     /// see `FsTree::listing`).
     pub fn listing(&self) -> Result<String, BuildError> {
-        let mut tree = FsTree::default();
-        for (position, layer) in self.inner.layers.iter().enumerate() {
-            tree.apply(position, &layer.digest, &self.layer_index(layer)?)?;
-        }
-        Ok(tree.listing())
+        Ok(crate::tree::of_layers(&self.inner.store, &self.inner.layers)?.listing())
     }
 
     /// Each layer, bottom first, with what it holds on its own: its entries in the format of
@@ -473,7 +469,7 @@ impl BuiltImage {
     pub fn layer_listings(&self) -> Result<Vec<LayerListing>, BuildError> {
         let mut listings = Vec::with_capacity(self.inner.layers.len());
         for layer in &self.inner.layers {
-            let index = self.layer_index(layer)?;
+            let index = layer::saved_or_indexed(&self.inner.store, layer)?;
             let (deletions, entries): (Vec<_>, Vec<_>) = index
                 .entries
                 .into_iter()
@@ -488,14 +484,6 @@ impl BuiltImage {
             listings.push(LayerListing { layer: layer.clone(), listing });
         }
         Ok(listings)
-    }
-
-    /// The index of one of this image's layers: saved next to the blob, or read from it.
-    fn layer_index(&self, layer: &LayerRecord) -> Result<LayerIndex, BuildError> {
-        Ok(match LayerIndex::load(&self.inner.store, &layer.diff_id)? {
-            Some(index) => index,
-            None => layer::index_layer(&self.inner.store, layer)?,
-        })
     }
 }
 

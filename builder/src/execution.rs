@@ -143,10 +143,7 @@ impl IndexCache {
         if let Some(index) = self.indexes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&layer.diff_id) {
             return Ok(Arc::clone(index));
         }
-        let index = match LayerIndex::load(store, &layer.diff_id)? {
-            Some(index) => index,
-            None => layer::index_layer(store, layer)?,
-        };
+        let index = layer::saved_or_indexed(store, layer)?;
         let index = Arc::new(index);
         self.indexes
             .lock()

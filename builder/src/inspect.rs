@@ -51,10 +51,7 @@ pub(crate) fn layer_report(
     let mut text = String::new();
     let mut tree = FsTree::default();
     for (position, record) in layers.iter().enumerate() {
-        let index = match LayerIndex::load(store, &record.diff_id)? {
-            Some(index) => index,
-            None => layer::index_layer(store, record)?,
-        };
+        let index = layer::saved_or_indexed(store, record)?;
         let digest = record.digest.to_string();
         let step = steps.iter().find(|step| step.layer.as_deref() == Some(digest.as_str()));
         let (state, label) = match step {
@@ -80,18 +77,15 @@ pub(crate) fn layer_report(
 fn changes_of(tree: &FsTree, index: &LayerIndex) -> Vec<Change> {
     let mut changes = Vec::new();
     for entry in &index.entries {
-        let size = match &entry.kind {
-            IndexKind::File { size, .. } => *size,
-            _ => 0,
-        };
+        let size = entry.kind.file_size();
         match (&entry.kind, tree.get(&entry.path)) {
             (IndexKind::Whiteout, Some(_)) => {
-                let freed = tree.subtree(&entry.path).map(|(_, node)| file_size(&node.entry.kind)).sum();
+                let freed = tree.subtree(&entry.path).map(|(_, node)| node.entry.kind.file_size()).sum();
                 changes.push(Change { sign: '-', size: freed, path: entry.path.clone() });
             }
             (IndexKind::OpaqueWhiteout, Some(_)) => {
                 for (path, node) in tree.subtree(&entry.path).filter(|(path, _)| *path != entry.path) {
-                    let removed = Change { sign: '-', size: file_size(&node.entry.kind), path: path.to_owned() };
+                    let removed = Change { sign: '-', size: node.entry.kind.file_size(), path: path.to_owned() };
                     changes.push(removed);
                 }
             }
@@ -106,11 +100,4 @@ fn changes_of(tree: &FsTree, index: &LayerIndex) -> Vec<Change> {
     }
     changes.sort_by(|left, right| right.size.cmp(&left.size).then_with(|| left.path.cmp(&right.path)));
     changes
-}
-
-fn file_size(kind: &IndexKind) -> u64 {
-    match kind {
-        IndexKind::File { size, .. } => *size,
-        _ => 0,
-    }
 }

@@ -35,6 +35,16 @@ use crate::layer::{
     normalise_member_path, open_layer_stream, verify_diff_id,
 };
 
+/// The merged tree of a stored image's `layers`, bottom first, each from its saved index (or
+/// indexed now when it has none).
+pub fn of_layers(store: &Store, layers: &[LayerRecord]) -> Result<FsTree, TreeError> {
+    let mut tree = FsTree::default();
+    for (position, layer) in layers.iter().enumerate() {
+        tree.apply(position, &layer.digest, &crate::layer::saved_or_indexed(store, layer)?)?;
+    }
+    Ok(tree)
+}
+
 /// Applies the indexes of a base image's layers to one tree, bottom layer first, which refuses
 /// writes through symlinks (what `index_and_apply_layers` does after indexing each layer).
 pub fn apply_indexes(layers: &[LayerRecord], indexes: &[LayerIndex]) -> Result<(), TreeError> {

@@ -193,3 +193,13 @@ impl LayerIndex {
         Ok(())
     }
 }
+
+impl IndexKind {
+    /// The size of a regular file's content; 0 for every other kind.
+    pub fn file_size(&self) -> u64 {
+        match self {
+            IndexKind::File { size, .. } => *size,
+            _ => 0,
+        }
+    }
+}

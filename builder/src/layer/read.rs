@@ -262,3 +262,12 @@ pub(crate) fn verify_diff_id<R: Read>(mut stream: HashingReader<R>, layer: &Laye
     }
     Ok(())
 }
+
+/// The index of a stored layer: the one saved next to its blob, or, when there is none (or it
+/// no longer parses), one made by reading the blob (and saved for next time).
+pub fn saved_or_indexed(store: &Store, layer: &LayerRecord) -> Result<LayerIndex, TreeError> {
+    match LayerIndex::load(store, &layer.diff_id)? {
+        Some(index) => Ok(index),
+        None => index_layer(store, layer),
+    }
+}
