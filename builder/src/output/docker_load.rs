@@ -28,14 +28,13 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use layerwright_cache::Digest;
 use serde_json::{Value, json};
 use thiserror::Error;
 
 use super::blobs::copy_verified_blob;
-use super::documents::image_blob_sizes;
+use super::documents::{blob_member, image_blob_sizes};
 use super::tags::ImageReference;
-use super::tar_archive::tar_header;
+use super::tar_archive::{TarMember, write_members};
 use super::{ExportError, ImageParts};
 use crate::oci::canonical::to_bytes as canonical_json;
 
@@ -278,9 +277,6 @@ impl Engine {
 trait Connection: Read + Write {}
 impl<T: Read + Write> Connection for T {}
 
-/// One member of the load tar: a document's bytes, or a blob of the store and its size.
-type LoadMember = (Option<Vec<u8>>, Option<(Digest, u64)>);
-
 /// Writes the load tar: `manifest.json` naming every layer, the config, and the content of the
 /// layers above the bottom `held` ones. Returns the layer bytes written.
 fn write_load_stream(
@@ -289,37 +285,25 @@ fn write_load_stream(
     held: usize,
     output: &mut impl Write,
 ) -> Result<u64, ExportError> {
-    let member = |digest: &Digest| format!("blobs/sha256/{}", digest.hex());
     let manifest = json!([{
-        "Config": member(parts.config),
+        "Config": blob_member(parts.config),
         "RepoTags": [reference.full_name],
-        "Layers": parts.layers.iter().map(|layer| member(&layer.digest)).collect::<Vec<_>>(),
+        "Layers": parts.layers.iter().map(|layer| blob_member(&layer.digest)).collect::<Vec<_>>(),
     }]);
-    let mut members: BTreeMap<String, LoadMember> = BTreeMap::new();
-    members.insert("manifest.json".into(), (Some(canonical_json(&manifest)), None));
     let config_size = image_blob_sizes(parts)?.get(parts.config).copied().unwrap_or(0);
-    members.insert(member(parts.config), (None, Some((parts.config.clone(), config_size))));
-    let mut layer_bytes = 0;
-    for layer in &parts.layers[held.min(parts.layers.len())..] {
-        layer_bytes += layer.size;
-        members.insert(member(&layer.digest), (None, Some((layer.digest.clone(), layer.size))));
+    let mut members = BTreeMap::from([
+        ("manifest.json".to_owned(), TarMember::Document(canonical_json(&manifest))),
+        (blob_member(parts.config), TarMember::Blob { digest: parts.config.clone(), size: config_size }),
+    ]);
+    let sent = &parts.layers[held.min(parts.layers.len())..];
+    for layer in sent {
+        members.insert(blob_member(&layer.digest), TarMember::Blob { digest: layer.digest.clone(), size: layer.size });
     }
     let stream = PathBuf::from("docker load stream");
-    let write_error = |source| ExportError::Write { path: stream.clone(), source };
-    for (name, (document, blob)) in &members {
-        let size =
-            document.as_ref().map_or_else(|| blob.as_ref().map_or(0, |(_, size)| *size), |bytes| bytes.len() as u64);
-        output.write_all(tar_header(name, tar::EntryType::Regular, 0o644, size).as_bytes()).map_err(write_error)?;
-        match (document, blob) {
-            (Some(bytes), _) => output.write_all(bytes).map_err(write_error)?,
-            (None, Some((digest, size))) => copy_verified_blob(parts.store, digest, *size, output, &stream)?,
-            (None, None) => {}
-        }
-        let padding = (512 - size % 512) % 512;
-        output.write_all(&[0; 512][..padding as usize]).map_err(write_error)?;
-    }
-    output.write_all(&[0; 1024]).map_err(write_error)?;
-    Ok(layer_bytes)
+    write_members(&members, output, &stream, &mut |digest, size, output| {
+        copy_verified_blob(parts.store, digest, *size, output, &stream)
+    })?;
+    Ok(sent.iter().map(|layer| layer.size).sum())
 }
 
 /// The size of the chunks of the request body.

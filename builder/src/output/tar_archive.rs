@@ -55,27 +55,41 @@ pub(super) fn write_layout_tar(
     }
     // Written by hand rather than through `tar::Builder`, so that blob content can go from
     // the store into the archive file without passing through this process (`copy_blob`).
+    let store = exported.store();
     write_atomically(file, |output| {
-        for (name, member) in &members {
-            let (header, size) = match member {
-                TarMember::Directory => (tar_header(name, tar::EntryType::Directory, 0o755, 0), 0),
-                TarMember::Document(bytes) => {
-                    (tar_header(name, tar::EntryType::Regular, 0o644, bytes.len() as u64), bytes.len() as u64)
-                }
-                TarMember::Blob { size, .. } => (tar_header(name, tar::EntryType::Regular, 0o644, *size), *size),
-            };
-            output.write_all(header.as_bytes()).map_err(write_error(file))?;
-            match member {
-                TarMember::Directory => {}
-                TarMember::Document(bytes) => output.write_all(bytes).map_err(write_error(file))?,
-                TarMember::Blob { digest, size } => copy_blob(exported.store(), digest, *size, output, file)?,
-            }
-            let padding = (TAR_BLOCK - size % TAR_BLOCK) % TAR_BLOCK;
-            output.write_all(&[0; TAR_BLOCK as usize][..padding as usize]).map_err(write_error(file))?;
-        }
-        // Two zero blocks end a tar archive.
-        output.write_all(&[0; 2 * TAR_BLOCK as usize]).map_err(write_error(file))
+        write_members(&members, output, file, &mut |digest, size, output| copy_blob(store, digest, *size, output, file))
     })
+}
+
+/// Writes `members` as a tar to `output` (sorted by name, every header explicit), each blob
+/// through `copy_blob`, then the two zero blocks that end an archive. `destination` names the
+/// output in errors.
+pub(super) fn write_members<W: Write + ?Sized>(
+    members: &BTreeMap<String, TarMember>,
+    output: &mut W,
+    destination: &Path,
+    copy_blob: &mut dyn FnMut(&Digest, &u64, &mut W) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    let write_error = |source| ExportError::Write { path: destination.to_owned(), source };
+    for (name, member) in members {
+        let (header, size) = match member {
+            TarMember::Directory => (tar_header(name, tar::EntryType::Directory, 0o755, 0), 0),
+            TarMember::Document(bytes) => {
+                (tar_header(name, tar::EntryType::Regular, 0o644, bytes.len() as u64), bytes.len() as u64)
+            }
+            TarMember::Blob { size, .. } => (tar_header(name, tar::EntryType::Regular, 0o644, *size), *size),
+        };
+        output.write_all(header.as_bytes()).map_err(write_error)?;
+        match member {
+            TarMember::Directory => {}
+            TarMember::Document(bytes) => output.write_all(bytes).map_err(write_error)?,
+            TarMember::Blob { digest, size } => copy_blob(digest, size, output)?,
+        }
+        let padding = (TAR_BLOCK - size % TAR_BLOCK) % TAR_BLOCK;
+        output.write_all(&[0; TAR_BLOCK as usize][..padding as usize]).map_err(write_error)?;
+    }
+    // Two zero blocks end a tar archive.
+    output.write_all(&[0; 2 * TAR_BLOCK as usize]).map_err(write_error)
 }
 
 /// Whether `file` is already the archive `members` describe: the same member names and sizes
