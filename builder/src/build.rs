@@ -23,7 +23,7 @@ use crate::output::{ExportError, ImageParts, IndexParts, LoadError, LoadReport};
 use crate::progress::StepHook;
 use crate::progress::{Progress, ProgressSink, StepReport};
 use crate::remote_cache::RemoteCacheReport;
-use crate::solve::{self, KeyState, Session, SolveOptions, SolvedImage, StepError, StepFailure};
+use crate::solve::{self, KeyState, Session, SolveOptions, SolvedImage, StepError, StepFailure, Target};
 use crate::tree::FsTree;
 
 /// Why a build failed: which step, and what about it.
@@ -240,14 +240,14 @@ impl Builder {
 
     /// Builds several images in one walk: a step they share is built once.
     pub fn build_all(&self, images: &[&Image]) -> Result<Vec<BuiltImage>, BuildError> {
-        self.build_all_for(images, None)
+        self.build_all_for(images, Target::default())
     }
 
     /// Builds `image` for `platform`: its RUN steps execute for that platform (a foreign one
     /// through binfmt_misc and qemu-user-static), its bases are that platform's image of an
     /// index, and its config names the platform.
     pub fn build_for(&self, image: &Image, platform: &Platform) -> Result<BuiltImage, BuildError> {
-        let mut built = self.build_all_for(&[image], Some(platform))?;
+        let mut built = self.build_all_for(&[image], Target { platform: Some(platform), provenance: false })?;
         Ok(built.pop().expect("one image in, one out"))
     }
 
@@ -269,15 +269,17 @@ impl Builder {
     ) -> Result<BuiltIndex, BuildError> {
         let mut built = Vec::with_capacity(images.len());
         for (platform, image) in images {
-            built.push((platform.clone(), self.build_for(image, platform)?));
+            let target = Target { platform: Some(platform), provenance: options.attestations };
+            let image = self.build_all_for(&[image], target)?.pop().expect("one image in, one out");
+            built.push((platform.clone(), image));
         }
         BuiltIndex::new(&self.store, built, options)
     }
 
-    fn build_all_for(&self, images: &[&Image], platform: Option<&Platform>) -> Result<Vec<BuiltImage>, BuildError> {
+    fn build_all_for(&self, images: &[&Image], target: Target<'_>) -> Result<Vec<BuiltImage>, BuildError> {
         let session =
             Session { store: &self.store, options: &self.solve_options, state: &self.state, workers: &self.workers };
-        let solved = solve::build_all(session, images, platform)?;
+        let solved = solve::build_all(session, images, target)?;
         Ok(solved.into_iter().map(|image| BuiltImage { inner: Arc::new(image) }).collect())
     }
 

@@ -68,6 +68,14 @@ pub(crate) struct Session<'a> {
     pub workers: &'a rayon::ThreadPool,
 }
 
+/// What a build is for: a platform (`None`: this host's), and whether the images' provenance
+/// inputs are wanted (for attestations).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Target<'a> {
+    pub platform: Option<&'a Platform>,
+    pub provenance: bool,
+}
+
 /// A built image: its manifest, config and layers are in `store`.
 #[derive(Debug)]
 pub(crate) struct SolvedImage {
@@ -102,8 +110,9 @@ pub(crate) struct BuildInputs {
 pub(crate) fn build_all(
     session: Session<'_>,
     images: &[&Image],
-    platform: Option<&Platform>,
+    target: Target<'_>,
 ) -> Result<Vec<SolvedImage>, StepFailure> {
+    let platform = target.platform;
     let builder = session;
     let epoch = builder.options.source_date_epoch.or_else(source_date_epoch_from_env).unwrap_or(0);
     let order = collect(images);
@@ -200,7 +209,9 @@ pub(crate) fn build_all(
         .map(|top| {
             let steps = reports_of(&plan, &outcomes, *top);
             let (top_state, _) = outcomes[*top].as_ref().expect("requested images are required");
-            let inputs = inputs_of(&plan, *top);
+            // Only attestations read the inputs: a plain build (a no-op rebuild above all) does
+            // not hash every selected file's digest again for them.
+            let inputs = if target.provenance { inputs_of(&plan, *top) } else { BuildInputs::default() };
             finish(builder.store, top_state, &created, steps, bytes_written, remote_cache.clone(), inputs)
                 .map_err(|source| StepFailure::new("write manifest", source))
         })
