@@ -8,8 +8,14 @@
 //! `docker-archive:FILE`; the cache flags name remote caches in a registry. Prints the manifest
 //! digest, the steps built, the process's peak RSS and what the remote caches did.
 //!
+//! OUTPUT may also be `load:TAG`: the image goes into the Docker engine at `DOCKER_HOST`
+//! (`BuiltImage::load`, sending only the layers the engine lacks), as `docker build -t` leaves it.
+//!
 //! `layerwright-bench --scale WORKDIR RUNS MAX_FILES` and `--scale-noop WORKDIR FILES`: the
 //! scaling curves of `cargo xtask bench --scale` (see `scale.rs`).
+//!
+//! `layerwright-bench --watch-rounds WORKLOAD WORKDIR CACHE TAG ROUNDS`: the edit → runnable
+//! loop of `--watch` in one process (see `watch_rounds.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +26,7 @@ use layerwright::{Builder, BuilderOptions, Compression};
 use layerwright_examples::workloads;
 
 mod scale;
+mod watch_rounds;
 
 fn peak_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -32,6 +39,22 @@ fn peak_rss_kib() -> u64 {
 
 fn main() -> ExitCode {
     let mut arguments: Vec<String> = std::env::args().skip(1).collect();
+    if arguments.first().map(String::as_str) == Some("--watch-rounds") {
+        let result = match &arguments[1..] {
+            [workload, workdir, cache, tag, rounds] => match rounds.parse() {
+                Ok(rounds) => watch_rounds::run(workload, Path::new(workdir), Path::new(cache), tag, rounds),
+                Err(_) => Err("--watch-rounds: ROUNDS must be a number".into()),
+            },
+            _ => Err("usage: layerwright-bench --watch-rounds WORKLOAD WORKDIR CACHE TAG ROUNDS".into()),
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("layerwright-bench: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(mode @ ("--scale" | "--scale-noop" | "--scale-chain")) = arguments.first().map(String::as_str) {
         let result = match (mode, &arguments[1..]) {
             ("--scale", [workdir, runs, max_files]) => match (runs.parse(), max_files.parse()) {
@@ -76,7 +99,7 @@ fn main() -> ExitCode {
     }
     let [workload, workdir, cache, output] = arguments.as_slice() else {
         eprintln!(
-            "usage: layerwright-bench w1|w2|w3 WORKDIR CACHE oci:DIR|docker-archive:FILE [--cache-from REF]... \\
+            "usage: layerwright-bench w1|w2|w3|w4 WORKDIR CACHE oci:DIR|docker-archive:FILE|load:TAG [--cache-from REF]... \\
              [--cache-to REF]"
         );
         return ExitCode::from(2);
@@ -105,6 +128,17 @@ fn main() -> ExitCode {
         built.write_oci_layout(dir, &format!("{workload}:latest"))
     } else if let Some(file) = output.strip_prefix("docker-archive:") {
         built.write_docker_archive(file, &format!("{workload}:latest"))
+    } else if let Some(tag) = output.strip_prefix("load:") {
+        match built.load(tag) {
+            Ok(report) => {
+                println!("layers-sent {} ({} bytes)", report.layers_sent, report.layer_bytes_sent);
+                Ok(())
+            }
+            Err(error) => {
+                eprintln!("layerwright-bench: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
     } else {
         eprintln!("unknown output {output}");
         return ExitCode::from(2);

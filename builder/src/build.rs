@@ -261,6 +261,15 @@ impl Builder {
         self.build_index_with(images, &IndexOptions::default())
     }
 
+    /// Builds `image` for this host's platform with its attestations: an index that names the
+    /// image and its attestation manifest (SLSA provenance and an SPDX SBOM), as
+    /// [`Builder::build_index`] gives for several platforms. The image inside has the manifest
+    /// digest [`Builder::build`] gives it; only the index is new. A plain `build` stays a plain
+    /// manifest: attestations of a single image are asked for by name.
+    pub fn build_attested(&self, image: &Image) -> Result<BuiltIndex, BuildError> {
+        self.build_index(&[(Platform::host(), image)])
+    }
+
     /// [`Builder::build_index`] with options.
     pub fn build_index_with(
         &self,

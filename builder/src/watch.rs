@@ -43,6 +43,14 @@ impl Default for WatchOptions {
     }
 }
 
+impl WatchOptions {
+    /// These options with another debounce: how long the paths must stay quiet after a change.
+    pub fn debounce(mut self, debounce: Duration) -> WatchOptions {
+        self.debounce = debounce;
+        self
+    }
+}
+
 /// One build of a watch loop, as it is handed to the caller.
 #[derive(Debug)]
 #[non_exhaustive]

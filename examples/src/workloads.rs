@@ -1,9 +1,12 @@
-//! The benchmark workloads (W1, W2, W3 of `cargo xtask bench`): their generated inputs, their
-//! layerwright declarations and the equivalent Dockerfiles, kept side by side so that they
-//! change together. The bench binary, the xtask and the remote-cache tests share them.
+//! The benchmark workloads (W1, W2, W3 of `cargo xtask bench`, W4 of `cargo xtask bench
+//! --distro`): their generated inputs, their layerwright declarations and the equivalent
+//! Dockerfiles, kept side by side so that they change together. The bench binary, the xtask and
+//! the remote-cache tests share them.
 //!
 //! A workload directory holds `base.tar` (the busybox example as a docker-archive, the base
-//! every tool starts from) and `WORKLOAD/context/` (generated deterministically, once).
+//! W1–W3 start from), for W4 `debian.tar` (a Debian minbase made by `mmdebstrap`, as a
+//! docker-archive tagged [`DEBIAN_BASE_TAG`]), and `WORKLOAD/context/` (generated
+//! deterministically, once).
 //! What this module is not: the measuring, which is `xtask/src/bench.rs`.
 
 use std::fmt::Write as _;
@@ -19,12 +22,27 @@ use crate::{ExampleEnvironment, ExampleError};
 /// The tag of the base image, in `base.tar` and in the Dockerfiles.
 pub const BASE_TAG: &str = "localhost/lw-bench-base:1";
 
+/// The tag of W4's Debian base, in `debian.tar` and in its Dockerfile.
+pub const DEBIAN_BASE_TAG: &str = "localhost/lw-bench-debian:1";
+
 /// The workloads, by name.
-pub const WORKLOADS: [&str; 3] = ["w1", "w2", "w3"];
+pub const WORKLOADS: [&str; 4] = ["w1", "w2", "w3", "w4"];
+
+/// The context file W4's "one file changed" scenarios rewrite (relative to `w4/context`).
+pub const W4_CHANGED_FILE: &str = "app/src/m150.txt";
+
+/// W4's network step: the package lists and one small package (with its libraries) from
+/// Debian's mirror.
+const W4_APT: &str = "apt-get update && apt-get install -y --no-install-recommends jq && rm -rf /var/lib/apt/lists/*";
+
+/// W4's user step, and the build step it runs as that user.
+const W4_USER: &str = "useradd --create-home app && chown -R app:app /app";
+const W4_BUILD: &str =
+    "cd /app && cat src/* | sha256sum > build.sum && jq -n --arg sum \"$(cat build.sum)\" '{sum: $sum}' > build.json";
 
 #[derive(Debug, Error)]
 pub enum WorkloadError {
-    #[error("unknown workload {name:?} (expected w1, w2 or w3)")]
+    #[error("unknown workload {name:?} (expected w1, w2, w3 or w4)")]
     Unknown { name: String },
     #[error("workload {workload}: cannot write {path}: {source}")]
     Io { workload: String, path: PathBuf, source: io::Error },
@@ -76,6 +94,14 @@ pub fn generate(workload: &str, workdir: &Path) -> Result<(), WorkloadError> {
                     write(&path, &layerwright::host::incompressible_bytes(4096, index + 1))?;
                 }
             }
+            "w4" => {
+                // A small application's sources: 300 text files of 1–3 KiB.
+                for index in 0..300u64 {
+                    let line = format!("line of module {index:03}\n");
+                    let content = line.repeat(40 + (index as usize % 3) * 40);
+                    write(&context.join(format!("app/src/m{index:03}.txt")), content.as_bytes())?;
+                }
+            }
             "w2" => {
                 for index in 0..256u64 {
                     let path = context.join(format!("blobs/b{index:03}"));
@@ -115,6 +141,16 @@ pub fn declare(workload: &str, workdir: &Path) -> Result<Image, WorkloadError> {
             Ok(image.run("rm /data/d00/f0000").env("W1", "done").cmd(["/bin/sh"]))
         }
         "w2" => Ok(base.copy(&context(workload)?, "blobs", "/blobs").cmd(["/bin/sh"])),
+        "w4" => {
+            let debian = Image::from_archive(workdir.join("debian.tar"));
+            Ok(debian
+                .run(layerwright::Run::shell(W4_APT).network(true))
+                .copy(&context(workload)?, "app", "/app")
+                .run(W4_USER)
+                .user("app")
+                .run(W4_BUILD)
+                .cmd(["/bin/sh"]))
+        }
         "w3" => {
             let context = context(workload)?;
             let stages: Vec<Image> = (0..20)
@@ -150,6 +186,10 @@ pub fn dockerfile(workload: &str) -> String {
         }
         "w2" => {
             let _ = writeln!(text, "FROM {BASE_TAG}\nCOPY blobs /blobs\nCMD [\"/bin/sh\"]");
+        }
+        "w4" => {
+            let _ = writeln!(text, "FROM {DEBIAN_BASE_TAG}\nRUN {W4_APT}\nCOPY app /app\nRUN {W4_USER}\nUSER app");
+            let _ = writeln!(text, "RUN {W4_BUILD}\nCMD [\"/bin/sh\"]");
         }
         _ => {
             for stage in 0..20 {

@@ -38,7 +38,7 @@
 //! use std::path::{Path, PathBuf};
 //!
 //! use layerwright_sandbox::{
-//!     NamespaceSandbox, OverlayMount, OverlayPaths, ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination,
+//!     NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination,
 //! };
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -57,7 +57,7 @@
 //! };
 //! let plan = SandboxPlan {
 //!     base_dir: store.to_owned(),
-//!     overlay: OverlayMount::new(&paths, false, false)?,
+//!     overlay: OverlayMount::new(&paths, &OverlayOptions::default())?,
 //!     upper: run.join("upper"),
 //!     merged: run.join("merged"),
 //!     rootless: None,
@@ -96,6 +96,6 @@ mod writeback;
 
 pub use failure::SandboxError;
 pub use namespace::NamespaceSandbox;
-pub use overlay::{MAX_LOWER_LAYERS, OverlayError, OverlayMount, OverlayPaths};
+pub use overlay::{MAX_LOWER_LAYERS, OverlayError, OverlayMount, OverlayOptions, OverlayPaths};
 pub use plan::{ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination};
 pub use writeback::start_writeback;

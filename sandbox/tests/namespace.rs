@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use rustix::thread::CapabilitySet;
 
 use layerwright_sandbox::{
-    NamespaceSandbox, OverlayMount, OverlayPaths, ProcessSpec, Sandbox, SandboxError, SandboxMounts, SandboxPlan,
-    Termination,
+    NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, ProcessSpec, Sandbox, SandboxError, SandboxMounts,
+    SandboxPlan, Termination,
 };
 
 /// `LAYERWRIGHT_SKIP_PRIVILEGED=1`: tests that need a working sandbox may skip.
@@ -77,21 +77,13 @@ impl Fixture {
     /// builder does for its caller).
     fn rootless_plan(&self, script: &str) -> SandboxPlan {
         let mut plan = self.plan(false, script);
-        let lowers = [self.path("lower")];
-        let paths = OverlayPaths {
-            base_dir: self.root.path(),
-            lowers: &lowers,
-            upper: &self.path("run/upper"),
-            work: &self.path("run/work"),
-            target: &self.path("run/merged"),
-            short_lowers: &self.path("run/lowers"),
-        };
-        plan.overlay = OverlayMount::new(&paths, true, false).unwrap();
+        plan.overlay = self.overlay(&OverlayOptions { userxattr: true, ..OverlayOptions::default() });
         plan.rootless = Some((0, 0));
         plan
     }
 
-    fn plan(&self, classic: bool, script: &str) -> SandboxPlan {
+    /// The overlay of the fixture's lower directory with its run directory's upper and work.
+    fn overlay(&self, options: &OverlayOptions) -> OverlayMount {
         let lowers = [self.path("lower")];
         let paths = OverlayPaths {
             base_dir: self.root.path(),
@@ -101,9 +93,13 @@ impl Fixture {
             target: &self.path("run/merged"),
             short_lowers: &self.path("run/lowers"),
         };
+        OverlayMount::new(&paths, options).unwrap()
+    }
+
+    fn plan(&self, classic: bool, script: &str) -> SandboxPlan {
         SandboxPlan {
             base_dir: self.root.path().to_owned(),
-            overlay: OverlayMount::new(&paths, false, classic).unwrap(),
+            overlay: self.overlay(&OverlayOptions { prefer_classic: classic, ..OverlayOptions::default() }),
             upper: self.path("run/upper"),
             merged: self.path("run/merged"),
             rootless: None,
@@ -141,7 +137,11 @@ fn a_command_runs_as_pid_1_on_the_overlay_with_the_new_mount_api_and_the_classic
         let Some(fixture) = Fixture::new() else { return };
         let script = "echo pid=$$; hostname; cat /etc/hosts; pwd; [ -f /proc/self/status ] && echo proc; \
                       [ -c /dev/null ] && [ -d /dev/pts ] && echo dev; echo err >&2; echo hi > new; rm /old";
-        let (ended, output) = run(&fixture.plan(classic, script));
+        // As the builder mounts it: `volatile`, on a run directory used once.
+        let mut plan = fixture.plan(classic, script);
+        plan.overlay =
+            fixture.overlay(&OverlayOptions { volatile: true, prefer_classic: classic, ..Default::default() });
+        let (ended, output) = run(&plan);
         assert_eq!(ended.unwrap(), Termination::Exited(0), "classic {classic}: {output}");
         assert_eq!(output, "pid=1\nsandbox\n127.0.0.1\tlocalhost sandbox\n/work/dir\nproc\ndev\nerr\n");
         // Every write is in the upper directory; the lower is untouched.
@@ -151,6 +151,11 @@ fn a_command_runs_as_pid_1_on_the_overlay_with_the_new_mount_api_and_the_classic
         assert!(fixture.path("lower/old").is_file());
         // Nothing stays mounted on the host.
         assert_eq!(fs::read_dir(fixture.path("run/merged")).unwrap().count(), 0);
+        // A volatile overlay marks its work directory; the kernel refuses to mount it again,
+        // which is why every RUN step gets a fresh run directory.
+        assert!(fixture.path("run/work/work/incompat/volatile").is_dir());
+        let (again, output) = run(&plan);
+        assert!(matches!(again, Err(SandboxError::Setup { .. })), "classic {classic}: {again:?} {output}");
     }
 }
 

@@ -110,7 +110,7 @@ struct Measured {
     peak_rss_kib: Option<u64>,
 }
 
-fn median(durations: &[Duration]) -> Duration {
+pub(crate) fn median(durations: &[Duration]) -> Duration {
     let mut sorted = durations.to_vec();
     sorted.sort();
     sorted[sorted.len() / 2]
@@ -467,7 +467,7 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Runs a command, returning its stdout; a failure is an error with its stderr.
-fn run_quiet(command: &mut Command) -> Result<String> {
+pub(crate) fn run_quiet(command: &mut Command) -> Result<String> {
     let described = format!("{command:?}");
     let output = command.stdin(Stdio::null()).output().with_context(|| format!("running {described}"))?;
     if !output.status.success() {

@@ -10,7 +10,7 @@
 //! - `cargo xtask test [-- CARGO TEST ARGS]` (runs `cargo xtask tidy` first)
 //! - `cargo xtask tidy [--no-cargo]`
 //! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`,
-//!   `cargo xtask bench --remote-cache [--quick]`
+//!   `cargo xtask bench --remote-cache [--quick]`, `cargo xtask bench --scale`, `cargo xtask bench --distro`
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`
 
 #![forbid(unsafe_code)]
@@ -24,6 +24,7 @@ use layerwright::cli;
 use layerwright_examples::ExampleEnvironment;
 
 mod bench;
+mod bench_distro;
 mod bench_remote;
 mod bench_scale;
 mod conformance;
@@ -66,6 +67,11 @@ enum Commands {
         /// build_all (cold, no-op, one change at the tail).
         #[arg(long, conflicts_with_all = ["micro", "remote_cache"])]
         scale: bool,
+        /// Measure W4 instead: a Debian minbase (mmdebstrap), apt-get over the network, 300
+        /// source files, a user and a build step, against BuildKit; and the edit → runnable loop
+        /// with `--load` and in one `--watch` process (needs root, dockerd, mmdebstrap).
+        #[arg(long, conflicts_with_all = ["micro", "remote_cache", "scale"])]
+        distro: bool,
         /// Arguments passed on to the criterion harness with --micro (a name filter).
         #[arg(last = true)]
         arguments: Vec<String>,
@@ -128,6 +134,10 @@ fn main() -> Result<ExitCode> {
         }
         Commands::Bench { quick, scale: true, .. } => {
             bench_scale::run(&workspace, quick)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Bench { quick, distro: true, .. } => {
+            bench_distro::run(&workspace, quick)?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Bench { quick, remote_cache: true, .. } => {

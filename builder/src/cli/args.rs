@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::build::{BuildCommand, OutputSpec, parse_compression};
+use super::build::{Attestations, BuildCommand, OutputSpec, parse_compression};
 use crate::{Compression, Platform};
 
 /// The subcommands of [`crate::cli::main`]. A binary with commands of its own flattens these
@@ -66,6 +66,14 @@ pub struct BuildImageArgs {
     /// several an OCI image index (not a docker-archive).
     #[arg(long, value_delimiter = ',', value_parser = parse_platform, value_name = "P,..")]
     pub platform: Vec<Platform>,
+    /// Attach an SLSA provenance statement and an SPDX SBOM to a single-platform build too: the
+    /// output becomes an image index of the image and its attestations (an OCI output, --push or
+    /// --load; not a docker-archive). Several platforms get them without asking.
+    #[arg(long, conflicts_with = "no_attest")]
+    pub attest: bool,
+    /// Leave the attestations out of a build for several platforms.
+    #[arg(long)]
+    pub no_attest: bool,
     /// Keep running: rebuild (and deliver to the outputs, --load and --push) whenever a file the
     /// image reads changes. Ctrl-C stops.
     #[arg(long)]
@@ -103,11 +111,16 @@ impl BuildImageArgs {
             cache_to: self.cache_to.clone(),
             load: self.load,
             platforms: self.platform.clone(),
+            attestations: match (self.attest, self.no_attest) {
+                (true, _) => Attestations::Always,
+                (false, true) => Attestations::Never,
+                (false, false) => Attestations::Default,
+            },
         }
     }
 }
 
-/// `inspect NAME [--cache DIR] [--full]`.
+/// `inspect NAME [--cache DIR] [--files]`.
 #[derive(Debug, Clone, clap::Args)]
 #[non_exhaustive]
 pub struct InspectArgs {
@@ -116,9 +129,10 @@ pub struct InspectArgs {
     /// The cache directory. Default: target/layerwright under the workspace root.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
-    /// Every path of every layer, not the first ones of each.
-    #[arg(long)]
-    pub full: bool,
+    /// Under each layer, the files it adds (`+`), changes (`~`) and removes (`-`), largest
+    /// first.
+    #[arg(long, alias = "full")]
+    pub files: bool,
 }
 
 /// `cache du`, `cache prune --keep-bytes N`.
@@ -259,9 +273,9 @@ mod tests {
     #[test]
     fn list_inspect_and_cache_parse() {
         assert!(matches!(parse(&["list"]).unwrap(), Command::List));
-        let Command::Inspect(inspect) = parse(&["inspect", "api", "--full"]).unwrap() else { panic!() };
+        let Command::Inspect(inspect) = parse(&["inspect", "api", "--files"]).unwrap() else { panic!() };
         assert_eq!(inspect.name, "api");
-        assert!(inspect.full);
+        assert!(inspect.files);
         let Command::Cache(cache) = parse(&["cache", "--cache", "/c", "prune", "--keep-bytes", "100"]).unwrap() else {
             panic!()
         };

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::error::CliError;
-use crate::{Builder, BuilderOptions, BuiltImage, BuiltIndex, Compression, Image, Platform, ProgressEvent};
+use crate::{
+    Builder, BuilderOptions, BuiltImage, BuiltIndex, Compression, Image, IndexOptions, Platform, ProgressEvent,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 /// Where a built image goes.
@@ -88,6 +90,21 @@ pub struct BuildCommand {
     pub load: bool,
     /// The platforms to build for (none: this host's, a plain image).
     pub platforms: Vec<Platform>,
+    /// Whether the build attaches attestations (provenance and SBOM).
+    pub attestations: Attestations,
+}
+
+/// Whether a build attaches attestations: an SLSA provenance statement and an SPDX SBOM per
+/// image, in an image index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Attestations {
+    /// A build for several platforms gets them; a single image stays a plain manifest.
+    #[default]
+    Default,
+    /// Every build gets them: a single image becomes an index of itself and its attestations.
+    Always,
+    /// No build gets them.
+    Never,
 }
 
 /// What a build did, printed at the end.
@@ -152,12 +169,19 @@ pub(crate) fn build_and_deliver(
     command: &BuildCommand,
 ) -> Result<BuildSummary, CliError> {
     let started = Instant::now();
+    let attested = command.attestations == Attestations::Always;
     match command.platforms.as_slice() {
-        [] => deliver(builder.build(image)?, command, started),
-        [platform] => deliver(builder.build_for(image, platform)?, command, started),
+        [] if !attested => deliver(builder.build(image)?, command, started),
+        [platform] if !attested => deliver(builder.build_for(image, platform)?, command, started),
         platforms => {
+            let host = [Platform::host()];
+            let platforms = if platforms.is_empty() { &host[..] } else { platforms };
             let pairs: Vec<(Platform, &Image)> = platforms.iter().map(|platform| (platform.clone(), image)).collect();
-            deliver_index(builder.build_index(&pairs)?, command, started)
+            let options = match command.attestations {
+                Attestations::Never => IndexOptions::default().without_attestations(),
+                Attestations::Default | Attestations::Always => IndexOptions::default(),
+            };
+            deliver_index(builder.build_index_with(&pairs, &options)?, command, started)
         }
     }
 }
@@ -200,7 +224,7 @@ fn deliver_index(index: BuiltIndex, command: &BuildCommand, started: Instant) ->
             OutputSpec::OciLayout(dir) => index.write_oci_layout(dir, &command.tag)?,
             OutputSpec::OciArchive(file) => index.write_oci_archive(file, &command.tag)?,
             OutputSpec::DockerArchive(file) => {
-                return Err(CliError::MultiPlatformDockerArchive { path: file.clone() });
+                return Err(CliError::IndexDockerArchive { path: file.clone() });
             }
         }
     }
@@ -411,10 +435,11 @@ mod multi_platform_tests {
             cache_to: None,
             load: false,
             platforms: vec![Platform::parse("linux/amd64").unwrap(), Platform::parse("linux/arm64").unwrap()],
+            attestations: Attestations::Default,
         };
         let image = Image::scratch().write_file("/hello", "hi\n");
         let error = build_image(&image, &command).unwrap_err();
-        assert!(matches!(error, CliError::MultiPlatformDockerArchive { .. }), "{error}");
+        assert!(matches!(error, CliError::IndexDockerArchive { .. }), "{error}");
         assert!(error.to_string().contains("--platform") && error.to_string().contains("oci:DIR"), "{error}");
         assert!(!archive.exists());
         // With an OCI output the same build writes an index.

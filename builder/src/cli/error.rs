@@ -81,12 +81,14 @@ pub enum CliError {
     /// The watch loop could not start or stopped.
     #[error(transparent)]
     Watch(#[from] crate::watch::WatchError),
-    /// A docker-archive holds one image, and the build is for several platforms.
+    /// A docker-archive holds one image, and the build gives an image index (several platforms,
+    /// or `--attest`).
     #[error(
-        "{} cannot hold images of several platforms: pick one with --platform, or write an OCI output (oci:DIR, oci-archive:FILE)",
+        "{} cannot hold an image index (several platforms, or attestations): pick one with --platform and leave out \
+         --attest, or write an OCI output (oci:DIR, oci-archive:FILE)",
         path.display()
     )]
-    MultiPlatformDockerArchive {
+    IndexDockerArchive {
         /// The docker-archive asked for.
         path: PathBuf,
     },

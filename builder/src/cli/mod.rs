@@ -85,7 +85,9 @@ use std::time::Duration;
 use clap::Parser as _;
 
 pub use args::{BuildImageArgs, CacheArgs, CacheCommand, Command, InspectArgs};
-pub use build::{BuildCommand, BuildSummary, OutputSpec, build_image, build_with_progress, parse_compression};
+pub use build::{
+    Attestations, BuildCommand, BuildSummary, OutputSpec, build_image, build_with_progress, parse_compression,
+};
 pub use error::CliError;
 pub use workspace::workspace_root;
 
@@ -298,12 +300,14 @@ fn try_execute(images: &Images, command: Command) -> Result<(), CliError> {
                 cache_to: None,
                 load: false,
                 platform: Vec::new(),
+                attest: false,
+                no_attest: false,
                 watch: false,
             };
             let command = BuildCommand { outputs: Vec::new(), ..build.resolve(&invocation_dir, &root) };
             let image = declare_in(images, &arguments.name, &root)?;
             let built = build_with_progress(&image, &command)?;
-            print!("{}", inspect::describe(&arguments.name, &built, arguments.full)?);
+            print!("{}", inspect::describe(&arguments.name, &built, arguments.files)?);
         }
         Command::Cache(arguments) => {
             let cache = args::cache_dir(arguments.cache.as_deref(), &invocation_dir, &root);

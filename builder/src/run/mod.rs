@@ -44,7 +44,7 @@ use std::sync::Arc;
 use layerwright_cache::{LayerRecord, StepKey, Store};
 use layerwright_dsl::{Run, RunCommand};
 use layerwright_sandbox::{
-    NamespaceSandbox, OverlayMount, OverlayPaths, Sandbox, SandboxMounts, SandboxPlan, Termination,
+    NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, Sandbox, SandboxMounts, SandboxPlan, Termination,
 };
 use rayon::prelude::*;
 use thiserror::Error;
@@ -223,6 +223,8 @@ struct Identity {
     /// Mount the overlay the way kernels before 6.8 need: their overlayfs lacks `lowerdir+`
     /// (before 6.5 it even accepts it into a legacy option string and fails only at the end).
     classic_overlay: bool,
+    /// The kernel's overlayfs takes `volatile` (5.10+): no syncs to the scratch upper directory.
+    volatile_overlay: bool,
 }
 
 impl Identity {
@@ -230,7 +232,11 @@ impl Identity {
         let rootless = (!rustix::process::geteuid().is_root())
             .then(|| (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()));
         let release = rustix::system::uname().release().to_string_lossy().into_owned();
-        Identity { rootless, classic_overlay: !kernel_at_least(&release, (6, 8)) }
+        Identity {
+            rootless,
+            classic_overlay: !kernel_at_least(&release, (6, 8)),
+            volatile_overlay: kernel_at_least(&release, (5, 10)),
+        }
     }
 
     fn flavour(self) -> SnapshotFlavour {
@@ -332,7 +338,12 @@ fn execute_run_with(
         target: &merged,
         short_lowers: &short_lowers,
     };
-    let overlay = OverlayMount::new(&paths, identity.rootless.is_some(), identity.classic_overlay)
+    let overlay_options = OverlayOptions {
+        userxattr: identity.rootless.is_some(),
+        volatile: identity.volatile_overlay,
+        prefer_classic: identity.classic_overlay,
+    };
+    let overlay = OverlayMount::new(&paths, &overlay_options)
         .map_err(|source| RunError::Overlay { step: step.clone(), source })?;
     let plan = SandboxPlan {
         base_dir: store.root().to_owned(),

@@ -82,24 +82,36 @@ fn an_index_names_each_platform_and_shares_what_does_not_depend_on_it() {
     }
 }
 
-#[test]
-fn a_foreign_platform_runs_its_programs_under_emulation() {
-    let busybox = PathBuf::from(ARM64_BUSYBOX);
-    if !busybox.is_file() {
-        return support::skip_or_panic::<()>(&format!(
-            "the test needs an arm64 busybox at {ARM64_BUSYBOX} (`.ci/run` extracts Debian's busybox-static:arm64)"
-        ))
-        .unwrap_or_default();
-    }
-    let arm64 = Platform::parse("linux/arm64").unwrap();
-    let dir = tempfile::tempdir().unwrap();
+/// A busybox base for `busybox` (a static binary of the image's platform), with `sh`, `uname`
+/// and `cat`.
+fn busybox_base(busybox: &std::path::Path) -> Image {
     let context = Context::dir(busybox.parent().unwrap()).unwrap();
-    let base = Image::scratch()
-        .copy_with(&context, "busybox-arm64", "/bin/busybox", layerwright::CopyOptions::default().with_mode(0o755))
+    let name = busybox.file_name().unwrap().to_str().unwrap();
+    Image::scratch()
+        .copy_with(&context, name, "/bin/busybox", layerwright::CopyOptions::default().with_mode(0o755))
         .symlink("/bin/sh", "busybox")
         .symlink("/bin/uname", "busybox")
-        .write_file_with("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", FileOptions::mode(0o644));
-    let image = base.run("uname -m > /arch");
+        .symlink("/bin/cat", "busybox")
+        .write_file_with("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", FileOptions::mode(0o644))
+}
+
+/// The arm64 busybox `.ci/run` provides, or why the test cannot run.
+fn arm64_busybox() -> Option<PathBuf> {
+    let busybox = PathBuf::from(ARM64_BUSYBOX);
+    if busybox.is_file() {
+        return Some(busybox);
+    }
+    support::skip_or_panic(&format!(
+        "the test needs an arm64 busybox at {ARM64_BUSYBOX} (`.ci/run` extracts Debian's busybox-static:arm64)"
+    ))
+}
+
+#[test]
+fn a_foreign_platform_runs_its_programs_under_emulation() {
+    let Some(busybox) = arm64_busybox() else { return };
+    let arm64 = Platform::parse("linux/arm64").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_base(&busybox).run("uname -m > /arch");
     let builder = Builder::new(dir.path().join("cache")).unwrap();
     let built = match builder.build_for(&image, &arm64) {
         Ok(built) => built,
@@ -112,6 +124,57 @@ fn a_foreign_platform_runs_its_programs_under_emulation() {
     let listing = built.listing().unwrap();
     assert!(listing.contains(&format!("file 0644 0:0 8 {} /arch", support::sha256("aarch64\n"))), "{listing}");
     assert_eq!(built.config().unwrap()["architecture"], "arm64");
+}
+
+/// The path for a user of an index: `skopeo copy --override-arch arm64` out of it into a
+/// docker-archive, `docker load`, `docker run --platform linux/arm64`: the container runs under
+/// the engine's emulation and shows what the RUN step saw when it ran under the builder's.
+#[test]
+fn the_arm64_image_of_an_index_runs_in_docker() {
+    let Some(arm64_busybox) = arm64_busybox() else { return };
+    let Some(host_busybox) = support::require_tool("busybox") else { return };
+    if !support::tools_present(&["skopeo"]) {
+        return;
+    }
+    let Some(docker) = support::docker() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let image_of = |busybox: &std::path::Path| busybox_base(busybox).run("uname -m > /arch").cmd(["/bin/cat", "/arch"]);
+    let (amd64_image, arm64_image) = (image_of(&host_busybox), image_of(&arm64_busybox));
+    let builder = Builder::new(dir.path().join("cache")).unwrap();
+    let pairs = [
+        (Platform::parse("linux/amd64").unwrap(), &amd64_image),
+        (Platform::parse("linux/arm64").unwrap(), &arm64_image),
+    ];
+    let index = match builder.build_index(&pairs) {
+        Ok(index) => index,
+        Err(error) if error.to_string().contains("binfmt_misc") => {
+            return support::skip_or_panic::<()>(&error.to_string()).unwrap_or_default();
+        }
+        Err(error) if support::sandbox_unavailable(&error) => return,
+        Err(error) => panic!("{error}"),
+    };
+    let layout = dir.path().join("layout");
+    index.write_oci_layout(&layout, "arch:1").unwrap();
+    let archive = dir.path().join("arm64.tar");
+    let tag = "layerwright-test/arch:arm64";
+    let skopeo = support::require_tool("skopeo").unwrap();
+    support::run_checked(
+        std::process::Command::new(skopeo).args([
+            "--override-arch",
+            "arm64",
+            "copy",
+            &format!("oci:{}:1", layout.display()),
+            &format!("docker-archive:{}:{tag}", archive.display()),
+        ]),
+        std::time::Duration::from_secs(60),
+    );
+    assert_eq!(docker.load(&archive), tag);
+    let output = docker.run_on_platform("linux/arm64", tag, &[]);
+    let uname = docker.run_on_platform("linux/arm64", tag, &["uname", "-m"]);
+    docker.remove_image(tag);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "aarch64\n", "what the RUN step saw");
+    assert_eq!(String::from_utf8_lossy(&uname.stdout), "aarch64\n", "{}", String::from_utf8_lossy(&uname.stderr));
 }
 
 /// The blob `digest` (`sha256:…`) of an OCI layout, as JSON.

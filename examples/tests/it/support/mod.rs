@@ -299,6 +299,14 @@ impl DockerClient {
         run_with_timeout(&mut command, COMMAND_TIMEOUT)
     }
 
+    /// `docker run --rm --network none --platform platform image args…` (an image of another
+    /// platform runs under the engine's binfmt_misc emulation).
+    pub fn run_on_platform(&self, platform: &str, image: &str, args: &[&str]) -> Output {
+        let mut command = self.command();
+        command.args(["run", "--rm", "--network", "none", "--platform", platform, image]).args(args);
+        run_with_timeout(&mut command, COMMAND_TIMEOUT)
+    }
+
     /// `docker rmi -f name`; an image that is already gone is fine.
     pub fn remove_image(&self, name: &str) {
         let mut command = self.command();
