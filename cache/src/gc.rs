@@ -5,7 +5,8 @@
 //! under the exclusive lock ([`Store::open_exclusive`]), so it waits for running builds (which
 //! hold the lock shared) and never removes what one of them holds. What it removes: first blobs
 //! no record names (configs and manifests of old builds, orphans of crashes), then the oldest
-//! records and the blobs and layer indexes only they named, until the cache fits.
+//! records and the blobs and layer indexes only they named, then the least recently used RUN
+//! cache mount directories, until the cache fits.
 //!
 //! What it does not do: remove unpacked snapshots, provenance records or gzip block maps
 //! (they count towards the total, so the cache can stay above the size asked for by theirs),
@@ -37,12 +38,14 @@ pub struct DiskUsage {
     pub snapshots: u64,
     /// Bytes of everything else: provenance, temp files, gzip block maps, the stat cache.
     pub other: u64,
+    /// Bytes of the RUN cache mounts' directories (see [`Store::cache_mount_usage`]).
+    pub cache_mounts: u64,
 }
 
 impl DiskUsage {
     /// All the bytes counted.
     pub fn total(&self) -> u64 {
-        self.blobs + self.records + self.indexes + self.snapshots + self.other
+        self.blobs + self.records + self.indexes + self.snapshots + self.other + self.cache_mounts
     }
 }
 
@@ -58,10 +61,12 @@ pub struct PruneReport {
     pub freed_bytes: u64,
     /// Bytes the cache holds afterwards.
     pub remaining_bytes: u64,
+    /// How many RUN cache mount directories were removed.
+    pub removed_cache_mounts: u64,
 }
 
 /// Sizes of the files below `dir`, recursively (not following symlinks).
-fn tree_size(dir: &Path) -> (u64, u64) {
+pub(crate) fn tree_size(dir: &Path) -> (u64, u64) {
     let Ok(entries) = fs::read_dir(dir) else { return (0, 0) };
     let mut total = (0, 0);
     for entry in entries.flatten() {
@@ -88,7 +93,8 @@ impl Store {
         let (block_maps, _) = tree_size(&self.root().join("gzip-blocks"));
         let stat_cache = fs::metadata(self.root().join("stat-cache")).map(|metadata| metadata.len()).unwrap_or(0);
         let other = provenance + tmp + block_maps + stat_cache;
-        DiskUsage { blobs, blob_count, records, record_count, indexes, snapshots, other }
+        let (cache_mounts, _) = tree_size(&self.root().join("mounts"));
+        DiskUsage { blobs, blob_count, records, record_count, indexes, snapshots, other, cache_mounts }
     }
 
     /// Removes least recently used entries until the cache holds at most `keep_bytes`. Call it
@@ -148,6 +154,10 @@ impl Store {
                 }
             }
         }
+        // Then RUN cache mounts, least recently used first (see `cache_mounts`).
+        let (removed, freed) = self.prune_cache_mounts(keep_bytes, &mut total)?;
+        report.removed_cache_mounts = removed;
+        report.freed_bytes += freed;
         report.remaining_bytes = total;
         Ok(report)
     }

@@ -33,6 +33,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod cache_mounts;
 mod db;
 mod digest;
 mod explain;
@@ -41,6 +42,7 @@ mod key;
 mod stat_cache;
 mod store;
 
+pub use cache_mounts::{CacheMountLease, CacheMountOptions, CacheMountSharing, CacheMountUsage};
 pub use db::{
     ContextFileInput, ExecutionLog, FileMaterial, FileSetInput, KeyDatabase, KeyQueries, StepInput, file_set_digest,
     step_key,

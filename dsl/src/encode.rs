@@ -9,7 +9,16 @@
 //! What is deliberately *not* encoded: the context's location on disk and the archive path of a
 //! `FromArchive` step (their content enters the key instead, so a key does not depend on the
 //! working directory), and the source image of `copy_from` (its key enters instead).
+//!
+//! A RUN step's mounts are a section appended after everything else, present only when the step
+//! has mounts, so that the bytes (and keys) of a RUN step without mounts are those of before
+//! mounts existed. A mount encodes its kind and declared options, never contents: a cache mount
+//! its id, target, sharing, owner and mode; a tmpfs its target and size; a secret its id,
+//! target, owner and mode (never its bytes); a bind mount its source path, target and
+//! writability (the source image's key or the selected context files' digests enter the key
+//! through the builder, as `copy_from` and `copy` sources do); an SSH agent its id and target.
 
+use crate::mount::{Mount, MountSource};
 use crate::step::{ConfigChange, CopyOptions, FileOptions, Owner, RunCommand, Step};
 
 /// Version of the step encoding; part of every key.
@@ -73,6 +82,49 @@ impl Encoder {
     fn copy_options(&mut self, options: &CopyOptions) -> &mut Self {
         self.file_options(&options.file).tag(options.replace_directory as u8)
     }
+
+    fn optional_u32(&mut self, value: Option<u32>) -> &mut Self {
+        match value {
+            None => self.tag(0),
+            Some(value) => self.tag(1).u32(value),
+        }
+    }
+
+    fn optional_u64(&mut self, value: Option<u64>) -> &mut Self {
+        match value {
+            None => self.tag(0),
+            Some(value) => {
+                self.tag(1);
+                self.bytes.extend_from_slice(&value.to_le_bytes());
+                self
+            }
+        }
+    }
+
+    /// The mounts section of a RUN step: a marker, the count, then each mount tagged by kind.
+    fn mounts(&mut self, mounts: &[Mount]) -> &mut Self {
+        self.tag(b'M').u32(mounts.len() as u32);
+        for mount in mounts {
+            match mount {
+                Mount::Cache { target, id, sharing, owner, mode } => {
+                    self.tag(1).str(id).str(target).tag(sharing.key_byte()).owner(*owner).optional_u32(*mode)
+                }
+                Mount::Tmpfs { target, size } => self.tag(2).str(target).optional_u64(*size),
+                Mount::Secret { target, id, owner, mode } => {
+                    self.tag(3).str(id).str(target).owner(*owner).optional_u32(*mode)
+                }
+                Mount::Bind { source, path, target, writable } => {
+                    let source_tag = match source {
+                        MountSource::Image(_) => 1,
+                        MountSource::Context(_) => 2,
+                    };
+                    self.tag(4).tag(source_tag).str(path).str(target).tag(*writable as u8)
+                }
+                Mount::Ssh { id, target } => self.tag(5).str(id).str(target),
+            };
+        }
+        self
+    }
 }
 
 impl Step {
@@ -120,13 +172,19 @@ impl Step {
                 }
             }
         };
+        // Only a RUN step with mounts has this section (see the module docs).
+        if let Step::Run(run) = self
+            && !run.mounts.is_empty()
+        {
+            encoder.mounts(&run.mounts);
+        }
         encoder.bytes
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::{Context, CopyOptions, FileOptions, Image, Run};
+    use crate::{Context, CopyOptions, FileOptions, Image, Mount, Run, Sharing};
 
     fn encoding(image: &Image) -> Vec<u8> {
         image.step().encode()
@@ -173,5 +231,66 @@ mod tests {
         // The context's location does not enter the encoding: its files' digests do, elsewhere.
         assert_eq!(encoding(&variants[0]), encoding(&base.copy(&elsewhere, "src", "/app")));
         assert_eq!(encoding(&base.env("A", "1")), encoding(&Image::scratch().env("A", "1")));
+    }
+
+    #[test]
+    fn a_run_without_mounts_encodes_exactly_as_before_mounts_existed() {
+        let run = Run::shell("echo hi").env("A", "1").workdir("/w").user("1:2").network(true);
+        let bytes = Image::scratch().run(run).step().encode();
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&1u32.to_le_bytes()); // ENCODING_VERSION
+        expected.push(10); // RUN
+        expected.push(1); // shell
+        expected.extend_from_slice(&7u64.to_le_bytes());
+        expected.extend_from_slice(b"echo hi");
+        expected.extend_from_slice(&1u32.to_le_bytes()); // one env pair
+        expected.extend_from_slice(&1u64.to_le_bytes());
+        expected.extend_from_slice(b"A");
+        expected.extend_from_slice(&1u64.to_le_bytes());
+        expected.extend_from_slice(b"1");
+        expected.push(1); // workdir
+        expected.extend_from_slice(&2u64.to_le_bytes());
+        expected.extend_from_slice(b"/w");
+        expected.push(1); // user
+        expected.extend_from_slice(&3u64.to_le_bytes());
+        expected.extend_from_slice(b"1:2");
+        expected.push(1); // network
+        assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn mounts_append_a_section_and_every_option_changes_it() {
+        let base = Image::scratch();
+        let plain = encoding(&base.run("make"));
+        let with = |mount: Mount| encoding(&base.run(Run::shell("make").mount(mount)));
+        let variants = [
+            with(Mount::cache("/c")),
+            with(Mount::cache("/c").id("other")),
+            with(Mount::cache("/d").id("/c")),
+            with(Mount::cache("/c").sharing(Sharing::Locked)),
+            with(Mount::cache("/c").sharing(Sharing::Private)),
+            with(Mount::cache("/c").owner(1, 1)),
+            with(Mount::cache("/c").mode(0o700)),
+            with(Mount::tmpfs("/c")),
+            with(Mount::tmpfs("/c").size(1 << 20)),
+            with(Mount::secret("/c", "token")),
+            with(Mount::secret("/c", "other")),
+            with(Mount::secret("/c", "token").mode(0o444)),
+            with(Mount::bind(&base, "/out", "/c")),
+            with(Mount::bind(&base, "/out", "/c").writable()),
+            with(Mount::context(&Context::dir("/somewhere").unwrap(), "src", "/c")),
+            with(Mount::ssh()),
+            encoding(&base.run(Run::shell("make").mount(Mount::tmpfs("/a")).mount(Mount::tmpfs("/b")))),
+            encoding(&base.run(Run::shell("make").mount(Mount::tmpfs("/b")).mount(Mount::tmpfs("/a")))),
+        ];
+        for (index, left) in variants.iter().enumerate() {
+            assert!(left.starts_with(&plain), "the section is appended after the mount-less bytes");
+            assert_ne!(left, &plain);
+            for right in &variants[index + 1..] {
+                assert_ne!(left, right);
+            }
+        }
+        // The default id of a cache mount is its target.
+        assert_eq!(with(Mount::cache("/c")), with(Mount::cache("/c").id("/c")));
     }
 }

@@ -33,6 +33,7 @@ mod dockerignore;
 mod encode;
 mod image;
 mod image_path;
+mod mount;
 mod step;
 
 pub use context::Context;
@@ -40,6 +41,7 @@ pub use dockerignore::{DockerIgnore, DockerIgnoreError};
 pub use encode::ENCODING_VERSION;
 pub use image::{ExposedPort, Image};
 pub use image_path::{ImagePathError, clean_lexically, normalize_context_path, normalize_image_path};
+pub use mount::{Mount, MountSource, SSH_AGENT_TARGET, Sharing};
 pub use step::{
     ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Owner, Run, RunCommand, Step,
     SymlinkStep, WriteFileStep,

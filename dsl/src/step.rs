@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::Context;
+use crate::mount::Mount;
 
 /// One node of the step graph: a step on top of its parent image.
 #[derive(Debug)]
@@ -266,6 +267,9 @@ pub struct Run {
     pub user: Option<String>,
     /// Off by default: a RUN step is hermetic unless it asks for the network.
     pub network: bool,
+    /// What is mounted while the command runs, in declaration order (see [`Mount`]); nothing
+    /// of it enters the layer.
+    pub mounts: Vec<Mount>,
 }
 
 impl Run {
@@ -354,11 +358,26 @@ impl Run {
         self.network = enabled;
         self
     }
+
+    /// This command with `mount` mounted while it runs (a cache directory, a tmpfs, a secret,
+    /// files of another image or of the context, the SSH agent). Nothing of a mount enters the
+    /// layer; what enters the key depends on the kind (see [`Mount`]).
+    ///
+    /// ```
+    /// use layerwright_dsl::{Mount, Run};
+    ///
+    /// let run = Run::shell("apt-get update").mount(Mount::cache("/var/lib/apt/lists"));
+    /// assert_eq!(run.mounts, [Mount::cache("/var/lib/apt/lists")]);
+    /// ```
+    pub fn mount(mut self, mount: Mount) -> Run {
+        self.mounts.push(mount);
+        self
+    }
 }
 
 impl From<RunCommand> for Run {
     fn from(command: RunCommand) -> Run {
-        Run { command, env: Vec::new(), workdir: None, user: None, network: false }
+        Run { command, env: Vec::new(), workdir: None, user: None, network: false, mounts: Vec::new() }
     }
 }
 
