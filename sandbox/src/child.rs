@@ -18,7 +18,8 @@
 //!    reachable; makes `/proc/sys`, `/proc/sysrq-trigger`, `/proc/irq`, `/proc/bus` and
 //!    `/proc/fs` read-only and masks runc's paths (`/proc/kcore`, `/proc/keys`, timers, ...);
 //! 6. mounts a `nodev` tmpfs `/dev` with the device binds, `pts`, `shm` and the usual links, and
-//!    the `hosts`/`resolv.conf` binds;
+//!    the `hosts`/`resolv.conf` binds; then the step's own mounts (cache directories and tmpfs,
+//!    detached in step 4, see `mounts`);
 //! 7. creates and enters the working directory, joins a fresh session keyring, installs the
 //!    seccomp filter (Docker's default profile, see `seccomp`), sets the capability sets as Docker does
 //!    (bounding, effective and permitted: Docker's default set for root, nothing for another
@@ -51,6 +52,7 @@ use rustix::process::Signal;
 use rustix::thread::CapabilitySet;
 
 use crate::failure::{Failure, SandboxError, Stage};
+use crate::mounts::PreparedMounts;
 use crate::plan::SandboxPlan;
 
 /// The device nodes of the sandbox's `/dev`, bound from the host's.
@@ -136,6 +138,8 @@ pub(crate) struct ChildProgram<'a> {
     pub(crate) cgroup_procs: Option<CString>,
     argv_pointers: Vec<*const c_char>,
     env_pointers: Vec<*const c_char>,
+    /// The step's own mounts (see `mounts`).
+    step_mounts: PreparedMounts,
 }
 
 fn c_string(text: &str) -> Result<CString, SandboxError> {
@@ -207,6 +211,7 @@ impl<'a> ChildProgram<'a> {
             cgroup_procs: None,
             argv_pointers,
             env_pointers,
+            step_mounts: PreparedMounts::new(&plan.mounts.step)?,
         })
     }
 
@@ -315,6 +320,7 @@ impl<'a> ChildProgram<'a> {
             Stage::SetUid => format!("setuid({})", process.uid),
             Stage::CloseDescriptors => "close_range(3, ~0, CLOSE_RANGE_CLOEXEC)".to_owned(),
             Stage::Exec => format!("execve({:?})", process.exec_candidates.get(detail).map_or("", String::as_str)),
+            Stage::StepMount => self.step_mounts.describe(failure.detail),
         }
     }
 }
@@ -404,6 +410,8 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
         .map_err(fail(Stage::OpenBind, index))?;
         bind_mounts[index] = Some(clone);
     }
+    // The step's own mounts, detached while the host's directories are in this namespace.
+    let step_mounts = program.step_mounts.detach()?;
 
     // `/proc` before the host's root goes: in a user namespace the kernel mounts a new proc only
     // while one is fully visible in the mount namespace. It is mounted through a descriptor of
@@ -484,6 +492,9 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
             rustix::fs::symlink(*target, *link).map_err(fail(Stage::DevLink, index))?;
         }
     }
+
+    // The step's own mounts on top of everything, their targets resolved in the new root.
+    program.step_mounts.attach(&step_mounts)?;
 
     // 7. The process's own settings. Docker creates a missing working directory as root.
     rustix::process::umask(Mode::from_raw_mode(0o022));

@@ -61,6 +61,14 @@ pub enum SandboxError {
         /// How it ended (`exited with code 2`, `was killed by signal 9`).
         ended: String,
     },
+    /// A step's own mount could not be prepared by the parent (its host directory opened).
+    #[error("cannot prepare a RUN mount: {action} failed: {source}")]
+    StepMount {
+        /// The call, with the mount's target and path.
+        action: String,
+        /// Why it failed.
+        source: io::Error,
+    },
     /// The parent's side (pipes, reading the output, waiting) failed, or the plan holds a
     /// string the kernel cannot take.
     #[error("cannot {action}: {source}")]
@@ -169,11 +177,13 @@ pub(crate) enum Stage {
     CloseDescriptors,
     /// `execve` (the detail is the candidate).
     Exec,
+    /// A step's own mount (the detail is `mount * 8 + call`, see `mounts`).
+    StepMount,
 }
 
 impl Stage {
     /// Every stage, in declaration order (`Stage::ALL[stage as usize] == stage`).
-    pub(crate) const ALL: [Stage; 42] = [
+    pub(crate) const ALL: [Stage; 43] = [
         Stage::ParentGone,
         Stage::ParentDeathSignal,
         Stage::Stdio,
@@ -216,6 +226,7 @@ impl Stage {
         Stage::SetUid,
         Stage::CloseDescriptors,
         Stage::Exec,
+        Stage::StepMount,
     ];
 }
 
@@ -309,6 +320,9 @@ pub(crate) fn hint(stage: Stage, errno: Errno, rootless: bool) -> Option<&'stati
             "this kernel lacks seccomp filters (CONFIG_SECCOMP_FILTER); the RUN sandbox does not run commands \
              without them",
         ),
+        (Stage::StepMount, Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV, _) => {
+            Some("a mount's target must be a directory of the image, reached without symlinks")
+        }
         (Stage::SetUid | Stage::SetGid, Errno::INVAL, true) => {
             Some("a rootless run maps only root (the calling user); other users and groups do not exist in it")
         }

@@ -19,7 +19,8 @@
 //!   [`NamespaceSandbox`] is the real one; a caller's tests use a fake.
 //!
 //! Modules, arrows pointing down only: `namespace` (the parent: clone, wait, errors) → `child`
-//! (between clone and execve: raw syscalls, no allocation) → `plan` (the data) → `overlay`
+//! (between clone and execve: raw syscalls, no allocation) → `mounts` (a step's own cache
+//! directories and tmpfs, prepared by the parent, made by the child) → `plan` (the data) → `overlay`
 //! (the overlay's options and mount), `seccomp` (Docker's profile, compiled once) → `failure`
 //! (stages, the child's failure record, errors).
 //!
@@ -88,6 +89,7 @@
 mod child;
 mod failure;
 mod limits;
+mod mounts;
 mod namespace;
 mod overlay;
 mod plan;
@@ -95,6 +97,7 @@ mod seccomp;
 mod writeback;
 
 pub use failure::SandboxError;
+pub use mounts::{MAX_STEP_MOUNTS, StepMount};
 pub use namespace::NamespaceSandbox;
 pub use overlay::{MAX_LOWER_LAYERS, OverlayError, OverlayMount, OverlayOptions, OverlayPaths};
 pub use plan::{ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination};

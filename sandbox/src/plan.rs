@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 
 use crate::failure::SandboxError;
+use crate::mounts::StepMount;
 use crate::overlay::OverlayMount;
 
 /// What the sandbox runs: prepared by the caller, executed by a [`Sandbox`].
@@ -52,6 +53,8 @@ pub struct SandboxMounts {
     pub hosts: Option<PathBuf>,
     /// The generated `/etc/resolv.conf` to bind over the image's.
     pub resolv_conf: Option<PathBuf>,
+    /// The step's own mounts (cache directories, tmpfs), in order, after the runner's.
+    pub step: Vec<StepMount>,
 }
 
 /// The process a sandbox starts, resolved by the caller from the image config and the step.

@@ -10,7 +10,7 @@ use rustix::thread::CapabilitySet;
 
 use layerwright_sandbox::{
     NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, ProcessSpec, Sandbox, SandboxError, SandboxMounts,
-    SandboxPlan, Termination,
+    SandboxPlan, StepMount, Termination,
 };
 
 /// `LAYERWRIGHT_SKIP_PRIVILEGED=1`: tests that need a working sandbox may skip.
@@ -109,6 +109,7 @@ impl Fixture {
                 dev: true,
                 hosts: Some(self.path("run/hosts")),
                 resolv_conf: Some(self.path("run/resolv.conf")),
+                step: Vec::new(),
             },
             hostname: "sandbox".to_owned(),
             process: ProcessSpec {
@@ -366,4 +367,74 @@ fn a_fork_bomb_hits_the_process_limit_and_fails_with_a_clear_error() {
     let mut plan = fixture.plan(false, "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo fine");
     plan.pids_limit = Some(32);
     assert_eq!(output_of(&plan), "fine\n");
+}
+
+#[test]
+fn step_mounts_bind_a_directory_and_a_tmpfs_whose_writes_never_reach_the_upper() {
+    for rootless in [false, true] {
+        let Some(fixture) = Fixture::new() else { return };
+        for directory in ["lower/cache", "lower/scratch"] {
+            fs::create_dir_all(fixture.path(directory)).unwrap();
+        }
+        let host = fixture.path("mounts");
+        fs::create_dir_all(host.join("cache-1")).unwrap();
+        fs::write(host.join("cache-1/earlier"), "from an earlier step\n").unwrap();
+        // A link an earlier step left in the cache directory is not followed by the mount.
+        symlink("/", host.join("cache-1/escape")).unwrap();
+        let script = "cat /cache/earlier; echo new > /cache/new; [ -L /cache/escape ] && echo link; \
+                      echo scratch > /scratch/x; grep -E ' /(cache|scratch) ' /proc/self/mounts | cut -d' ' -f2-4; \
+                      (mknod /cache/null c 1 3 && echo x > /cache/null) 2>/dev/null && echo opened || echo refused";
+        let mut plan = if rootless { fixture.rootless_plan(script) } else { fixture.plan(false, script) };
+        plan.mounts.step = vec![
+            StepMount::Directory { parent: host.clone(), name: "cache-1".into(), target: "/cache".into() },
+            StepMount::Tmpfs { target: "/scratch".into(), size: Some(1 << 20) },
+        ];
+        let output = output_of(&plan);
+        let mut lines = output.lines();
+        assert_eq!(lines.next(), Some("from an earlier step"), "{output}");
+        assert_eq!(lines.next(), Some("link"), "{output}");
+        let mounts: Vec<&str> = lines.by_ref().take(2).collect();
+        assert!(mounts[0].starts_with("/cache ") && mounts[0].contains("nosuid,nodev"), "{output}");
+        assert!(mounts[1].starts_with("/scratch tmpfs ") && mounts[1].contains("nosuid,nodev"), "{output}");
+        assert!(mounts[1].contains("size=1024k"), "{output}");
+        assert_eq!(lines.next(), Some("refused"), "a device node made in a cache directory does not open");
+        assert_eq!(host.join("cache-1/null").exists(), !rootless, "root may make the node, not open it");
+        assert_eq!(fs::read_to_string(host.join("cache-1/new")).unwrap(), "new\n");
+        // Nothing of either mount is in the upper directory.
+        let upper: Vec<String> = fs::read_dir(fixture.path("run/upper"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(upper.iter().all(|name| name != "cache" && name != "scratch"), "{upper:?}");
+        let _ = fs::remove_file(host.join("cache-1/null"));
+    }
+}
+
+#[test]
+fn a_step_mount_refuses_a_target_through_a_symlink_and_a_source_that_is_a_symlink() {
+    let Some(fixture) = Fixture::new() else { return };
+    symlink("/bin", fixture.path("lower/linked")).unwrap();
+    let host = fixture.path("mounts");
+    fs::create_dir_all(host.join("real")).unwrap();
+    symlink(host.join("real"), host.join("link")).unwrap();
+    let mut plan = fixture.plan(false, "true");
+    plan.mounts.step = vec![StepMount::Tmpfs { target: "/linked".into(), size: None }];
+    match run(&plan).0 {
+        Err(error @ SandboxError::Setup { .. }) => {
+            let text = error.to_string();
+            assert!(
+                text.contains("openat2(RESOLVE_NO_SYMLINKS, O_DIRECTORY) of the target for the tmpfs on /linked"),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    plan.mounts.step = vec![StepMount::Directory { parent: host.clone(), name: "link".into(), target: "/bin".into() }];
+    match run(&plan).0 {
+        Err(error @ SandboxError::StepMount { .. }) => {
+            assert!(error.to_string().contains("O_NOFOLLOW"), "{error}");
+            assert!(error.to_string().contains("/bin"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
 }

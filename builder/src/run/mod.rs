@@ -357,6 +357,7 @@ fn execute_run_with(
             dev: mountpoints.dev,
             hosts: mountpoints.hosts.then(|| hosts.clone()),
             resolv_conf: mountpoints.resolv_conf.then(|| resolv_conf.clone()),
+            step: Vec::new(),
         },
         hostname: HOSTNAME.to_owned(),
         process,
