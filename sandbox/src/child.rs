@@ -139,7 +139,7 @@ pub(crate) struct ChildProgram<'a> {
     argv_pointers: Vec<*const c_char>,
     env_pointers: Vec<*const c_char>,
     /// The step's own mounts (see `mounts`).
-    step_mounts: PreparedMounts,
+    step_mounts: PreparedMounts<'a>,
 }
 
 fn c_string(text: &str) -> Result<CString, SandboxError> {

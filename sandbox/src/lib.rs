@@ -97,7 +97,7 @@ mod seccomp;
 mod writeback;
 
 pub use failure::SandboxError;
-pub use mounts::{MAX_STEP_MOUNTS, StepMount};
+pub use mounts::{MAX_STEP_MOUNTS, SecretBytes, StepMount};
 pub use namespace::NamespaceSandbox;
 pub use overlay::{MAX_LOWER_LAYERS, OverlayError, OverlayMount, OverlayOptions, OverlayPaths};
 pub use plan::{ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination};

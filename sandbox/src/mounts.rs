@@ -22,8 +22,13 @@
 //! Writes below a mount go to the mounted filesystem, never to the overlay's upper directory:
 //! nothing of a mount's contents can enter the step's layer.
 //!
+//! A secret ([`StepMount::Secret`]) is written by the child onto a tmpfs of its own, attached
+//! on a staging directory in the child's mount namespace only, and bound read-only on its
+//! target (a file): its bytes never touch a disk. [`SecretBytes`] never prints them.
+//!
 //! What this module deliberately is not: where a cache directory lives or how it is shared and
-//! locked (the caller's), or the place for secrets and bind mounts of images (later kinds).
+//! locked (the caller's), where a secret comes from, or the place for bind mounts of images
+//! (a later kind).
 
 use std::ffi::CString;
 use std::io;
@@ -59,13 +64,70 @@ pub enum StepMount {
         /// Its size limit in bytes; the kernel's default when `None`.
         size: Option<u64>,
     },
+    /// A secret: a file written by the child on a tmpfs of its own (the bytes never touch a
+    /// disk), bound read-only (`nosuid,nodev,noexec`) on `target`.
+    Secret {
+        /// Absolute, normalised path inside the image; must be a regular file there.
+        target: String,
+        /// An empty directory of the caller's, where the child attaches the secret's tmpfs in
+        /// its own mount namespace (gone with it: nothing is attached on the host).
+        staging: PathBuf,
+        /// The bytes; never printed.
+        bytes: SecretBytes,
+        /// The file's owner.
+        uid: u32,
+        /// The file's group.
+        gid: u32,
+        /// The file's permission bits.
+        mode: u32,
+    },
+}
+
+/// A secret's bytes. Its `Debug` shows their length only, so that no plan, error or log line
+/// holds them; they are overwritten with zeros when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(Vec<u8>);
+
+impl SecretBytes {
+    /// Holds `bytes`.
+    pub fn new(bytes: Vec<u8>) -> SecretBytes {
+        SecretBytes(bytes)
+    }
+
+    /// How many bytes there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "SecretBytes({} bytes)", self.0.len())
+    }
+}
+
+impl Drop for SecretBytes {
+    fn drop(&mut self) {
+        for byte in self.0.iter_mut() {
+            // SAFETY: a valid, aligned pointer to a byte we own; volatile so that the zeroing
+            // is not optimised away.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
 }
 
 impl StepMount {
     /// Where it is mounted.
     pub fn target(&self) -> &str {
         match self {
-            StepMount::Directory { target, .. } | StepMount::Tmpfs { target, .. } => target,
+            StepMount::Directory { target, .. }
+            | StepMount::Tmpfs { target, .. }
+            | StepMount::Secret { target, .. } => target,
         }
     }
 }
@@ -91,14 +153,33 @@ enum Prepared {
     Tmpfs {
         size: Option<CString>,
     },
+    /// The index of the secret in the plan's mounts (the bytes stay there), its staging
+    /// directory and its tmpfs's size.
+    Secret {
+        index: usize,
+        staging: CString,
+        size: CString,
+    },
 }
 
 /// The step's mounts, ready for the child.
-pub(crate) struct PreparedMounts {
+pub(crate) struct PreparedMounts<'a> {
     mounts: Vec<(Prepared, CString)>,
-    /// The plan's mounts, for describing a failure.
-    described: Vec<StepMount>,
+    /// The plan's mounts: a secret's bytes, and for describing a failure.
+    plan: &'a [StepMount],
 }
+
+/// The calls of a secret mount a failure can name (the detail is `mount * 8 + call`).
+const SECRET_CALLS: [&str; 8] = [
+    "fsopen(\"tmpfs\") and fsconfig of the secret's tmpfs",
+    "fsmount(nosuid, nodev, noexec) of the secret's tmpfs",
+    "move_mount of the secret's tmpfs onto its staging directory",
+    "writing the secret's file (openat, write, fchown, fchmod)",
+    "open_tree(OPEN_TREE_CLONE) of the secret's file",
+    "mount_setattr(ro, nosuid, nodev, noexec) of the secret's bind",
+    "openat2(RESOLVE_NO_SYMLINKS) of the target",
+    "move_mount onto the target",
+];
 
 /// The calls of a step mount a failure can name (the detail is `mount * 8 + call`).
 const CALLS: [&str; 8] = [
@@ -112,10 +193,10 @@ const CALLS: [&str; 8] = [
     "move_mount onto the target",
 ];
 
-impl PreparedMounts {
+impl<'a> PreparedMounts<'a> {
     /// Opens every host directory (relative to its parent, `O_NOFOLLOW`) and prepares every
     /// string. Errors name the mount's target and the path.
-    pub(crate) fn new(mounts: &[StepMount]) -> Result<PreparedMounts, SandboxError> {
+    pub(crate) fn new(mounts: &'a [StepMount]) -> Result<PreparedMounts<'a>, SandboxError> {
         if mounts.len() > MAX_STEP_MOUNTS {
             return Err(SandboxError::StepMount {
                 action: format!("make {} mounts (at most {MAX_STEP_MOUNTS})", mounts.len()),
@@ -123,7 +204,7 @@ impl PreparedMounts {
             });
         }
         let mut prepared = Vec::with_capacity(mounts.len());
-        for mount in mounts {
+        for (index, mount) in mounts.iter().enumerate() {
             let target = CString::new(mount.target()).map_err(|_| SandboxError::StepMount {
                 action: format!("mount on {:?}, which holds a NUL byte", mount.target()),
                 source: io::Error::from(io::ErrorKind::InvalidInput),
@@ -158,10 +239,22 @@ impl PreparedMounts {
                 StepMount::Tmpfs { size, .. } => Prepared::Tmpfs {
                     size: size.map(|size| CString::new(size.to_string()).expect("digits hold no NUL")),
                 },
+                StepMount::Secret { staging, bytes, target, .. } => Prepared::Secret {
+                    index,
+                    staging: CString::new(staging.as_os_str().as_encoded_bytes()).map_err(|_| {
+                        SandboxError::StepMount {
+                            action: format!("stage the secret for {target} in {staging:?}, which holds a NUL byte"),
+                            source: io::Error::from(io::ErrorKind::InvalidInput),
+                        }
+                    })?,
+                    // The file, rounded up to pages, and a page for the directory.
+                    size: CString::new((bytes.len().div_ceil(4096) * 4096 + 4096).to_string())
+                        .expect("digits hold no NUL"),
+                },
             };
             prepared.push((made, target));
         }
-        Ok(PreparedMounts { mounts: prepared, described: mounts.to_vec() })
+        Ok(PreparedMounts { mounts: prepared, plan: mounts })
     }
 
     /// Step 1 in the child (before `pivot_root`): a detached mount per step mount. Raw
@@ -186,29 +279,8 @@ impl PreparedMounts {
                             | OpenTreeFlags::AT_EMPTY_PATH,
                     )
                     .map_err(fail(0))?;
-                    let attributes = MountAttr {
-                        attr_set: u64::from(
-                            (MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV).bits(),
-                        ),
-                        attr_clr: 0,
-                        propagation: 0,
-                        userns_fd: 0,
-                    };
-                    // SAFETY: a raw syscall on a descriptor we own, an empty C string and a
-                    // `struct mount_attr` of the size passed.
-                    let result = unsafe {
-                        libc::syscall(
-                            libc::SYS_mount_setattr,
-                            std::os::fd::AsRawFd::as_raw_fd(&clone),
-                            c"".as_ptr(),
-                            libc::AT_EMPTY_PATH as libc::c_uint,
-                            &attributes as *const MountAttr,
-                            std::mem::size_of::<MountAttr>(),
-                        )
-                    };
-                    if result != 0 {
-                        return Err(fail(1)(last_errno()));
-                    }
+                    set_attributes(&clone, MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV)
+                        .map_err(fail(1))?;
                     clone
                 }
                 Prepared::Tmpfs { size } => {
@@ -223,6 +295,12 @@ impl PreparedMounts {
                     rustix::mount::fsmount(&filesystem, FsMountFlags::FSMOUNT_CLOEXEC, attributes)
                         .map_err(|error| fail(5)(error).with_log(&filesystem))?
                 }
+                Prepared::Secret { index: position, staging, size } => {
+                    let StepMount::Secret { bytes, uid, gid, mode, .. } = &self.plan[*position] else {
+                        unreachable!("prepared from a secret")
+                    };
+                    secret_file(index, &bytes.0, (*uid, *gid, *mode), staging, size)?
+                }
             };
             detached[index] = Some(made);
         }
@@ -234,13 +312,15 @@ impl PreparedMounts {
     // The failure is returned by value: the child must not allocate a Box.
     #[allow(clippy::result_large_err)]
     pub(crate) fn attach(&self, detached: &[Option<OwnedFd>; MAX_STEP_MOUNTS]) -> Result<(), Failure> {
-        for (index, (_, target)) in self.mounts.iter().enumerate() {
+        for (index, (prepared, target)) in self.mounts.iter().enumerate() {
             let fail = |call: u32| move |error: Errno| Failure::new(Stage::StepMount, index as u32 * 8 + call, error);
             let Some(mount) = &detached[index] else { continue };
+            // A secret's target is a file; every other one a directory.
+            let kind = if matches!(prepared, Prepared::Secret { .. }) { OFlags::empty() } else { OFlags::DIRECTORY };
             let directory = rustix::fs::openat2(
                 rustix::fs::CWD,
                 target.as_c_str(),
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                OFlags::PATH | kind | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
                 ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
             )
@@ -260,8 +340,9 @@ impl PreparedMounts {
     /// The call a [`Stage::StepMount`] failure is about, with its arguments.
     pub(crate) fn describe(&self, detail: u32) -> String {
         let (index, call) = ((detail / 8) as usize, (detail % 8) as usize);
-        let call = CALLS.get(call).copied().unwrap_or("mounting");
-        match self.described.get(index) {
+        let calls = if matches!(self.plan.get(index), Some(StepMount::Secret { .. })) { SECRET_CALLS } else { CALLS };
+        let call = calls.get(call).copied().unwrap_or("mounting");
+        match self.plan.get(index) {
             Some(StepMount::Directory { parent, name, target }) => {
                 format!("{call} for the mount of {:?} on {target}", parent.join(name))
             }
@@ -269,9 +350,89 @@ impl PreparedMounts {
                 Some(size) => format!("{call} for the tmpfs (size={size}) on {target}"),
                 None => format!("{call} for the tmpfs on {target}"),
             },
+            // Never the bytes.
+            Some(StepMount::Secret { target, staging, .. }) => {
+                format!("{call} for the secret on {target} (staged in {staging:?})")
+            }
             None => format!("{call} for step mount {index}"),
         }
     }
+}
+
+/// A secret's file, made in the child (before `pivot_root`): a tmpfs of its own attached on
+/// `staging` (in the child's mount namespace only: `open_tree` clones only attached mounts),
+/// the file written there with its owner and mode, and a detached read-only bind of that file.
+/// Raw syscalls only.
+// The failure is returned by value: the child must not allocate a Box.
+#[allow(clippy::result_large_err)]
+fn secret_file(
+    mount: usize,
+    bytes: &[u8],
+    (uid, gid, mode): (u32, u32, u32),
+    staging: &CString,
+    size: &CString,
+) -> Result<OwnedFd, Failure> {
+    let fail = |call: u32| move |error: Errno| Failure::new(Stage::StepMount, mount as u32 * 8 + call, error);
+    let filesystem = rustix::mount::fsopen(c"tmpfs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(fail(0))?;
+    rustix::mount::fsconfig_set_string(&filesystem, c"size", size.as_c_str())
+        .map_err(|error| fail(0)(error).with_log(&filesystem))?;
+    rustix::mount::fsconfig_set_string(&filesystem, c"mode", c"0700")
+        .map_err(|error| fail(0)(error).with_log(&filesystem))?;
+    rustix::mount::fsconfig_create(&filesystem).map_err(|error| fail(0)(error).with_log(&filesystem))?;
+    let attributes =
+        MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV | MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    let tmpfs = rustix::mount::fsmount(&filesystem, FsMountFlags::FSMOUNT_CLOEXEC, attributes)
+        .map_err(|error| fail(1)(error).with_log(&filesystem))?;
+    rustix::mount::move_mount(
+        tmpfs.as_fd(),
+        c"",
+        rustix::fs::CWD,
+        staging.as_c_str(),
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(fail(2))?;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let file = rustix::fs::openat(&tmpfs, c"secret", flags, Mode::from_raw_mode(0o600)).map_err(fail(3))?;
+    let mut written = 0;
+    while written < bytes.len() {
+        match rustix::io::write(&file, &bytes[written..]) {
+            Ok(0) => return Err(fail(3)(Errno::IO)),
+            Ok(count) => written += count,
+            Err(Errno::INTR) => continue,
+            Err(error) => return Err(fail(3)(error)),
+        }
+    }
+    rustix::fs::fchown(&file, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))
+        .map_err(fail(3))?;
+    rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).map_err(fail(3))?;
+    drop(file);
+    let clone =
+        rustix::mount::open_tree(&tmpfs, c"secret", OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC)
+            .map_err(fail(4))?;
+    let read_only = MountAttrFlags::MOUNT_ATTR_RDONLY
+        | MountAttrFlags::MOUNT_ATTR_NOSUID
+        | MountAttrFlags::MOUNT_ATTR_NODEV
+        | MountAttrFlags::MOUNT_ATTR_NOEXEC;
+    set_attributes(&clone, read_only).map_err(fail(5))?;
+    Ok(clone)
+}
+
+/// `mount_setattr(mount, "", AT_EMPTY_PATH, {attr_set: attributes})`. A raw syscall.
+fn set_attributes(mount: &OwnedFd, attributes: MountAttrFlags) -> Result<(), Errno> {
+    let attributes = MountAttr { attr_set: u64::from(attributes.bits()), attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: a raw syscall on a descriptor we own, an empty C string and a `struct
+    // mount_attr` of the size passed.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            std::os::fd::AsRawFd::as_raw_fd(mount),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attributes as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if result != 0 { Err(last_errno()) } else { Ok(()) }
 }
 
 fn last_errno() -> Errno {

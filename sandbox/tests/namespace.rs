@@ -10,7 +10,7 @@ use rustix::thread::CapabilitySet;
 
 use layerwright_sandbox::{
     NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, ProcessSpec, Sandbox, SandboxError, SandboxMounts,
-    SandboxPlan, StepMount, Termination,
+    SandboxPlan, SecretBytes, StepMount, Termination,
 };
 
 /// `LAYERWRIGHT_SKIP_PRIVILEGED=1`: tests that need a working sandbox may skip.
@@ -436,5 +436,41 @@ fn a_step_mount_refuses_a_target_through_a_symlink_and_a_source_that_is_a_symlin
             assert!(error.to_string().contains("/bin"), "{error}");
         }
         other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_secret_is_a_read_only_file_of_its_owner_on_a_tmpfs_and_never_in_the_upper() {
+    for rootless in [false, true] {
+        let Some(fixture) = Fixture::new() else { return };
+        fs::create_dir_all(fixture.path("lower/run/secrets")).unwrap();
+        fs::write(fixture.path("lower/run/secrets/token"), "").unwrap();
+        fs::create_dir_all(fixture.path("run/staging")).unwrap();
+        let secret = b"s3cr3t-value\n".to_vec();
+        let script = "cat /run/secrets/token; ls -ln /run/secrets/token | cut -c1-10; \
+                      grep ' /run/secrets/token ' /proc/self/mounts | cut -d' ' -f3,4; \
+                      (echo x > /run/secrets/token) 2>/dev/null && echo written || echo read-only";
+        let mut plan = if rootless { fixture.rootless_plan(script) } else { fixture.plan(false, script) };
+        let (uid, gid) = if rootless { (0, 0) } else { (1000, 1000) };
+        plan.mounts.step = vec![StepMount::Secret {
+            target: "/run/secrets/token".into(),
+            staging: fixture.path("run/staging"),
+            bytes: SecretBytes::new(secret.clone()),
+            uid,
+            gid,
+            mode: 0o400,
+        }];
+        assert_eq!(format!("{:?}", plan.mounts.step).matches("s3cr3t").count(), 0, "Debug never shows the bytes");
+        let output = output_of(&plan);
+        let mut lines = output.lines();
+        assert_eq!(lines.next(), Some("s3cr3t-value"), "{output}");
+        assert_eq!(lines.next(), Some("-r--------"), "{output}");
+        let mount = lines.next().unwrap();
+        assert!(mount.starts_with("tmpfs ro,nosuid,nodev,noexec"), "{output}");
+        assert_eq!(lines.next(), Some("read-only"), "{output}");
+        // Nothing on the host: no file in the upper, the staging directory empty.
+        assert!(!fixture.path("run/upper/run").exists());
+        assert_eq!(fs::read_dir(fixture.path("run/staging")).unwrap().count(), 0);
+        assert_eq!(fs::read(fixture.path("lower/run/secrets/token")).unwrap(), b"");
     }
 }
