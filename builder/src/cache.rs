@@ -7,7 +7,8 @@
 use std::path::Path;
 
 pub use layerwright_cache::{
-    ActionRecord, Digest, DigestError, DiskUsage, LayerRecord, MissReason, PruneReport, Store, StoreError,
+    ActionRecord, CacheMountLease, CacheMountOptions, CacheMountSharing, CacheMountUsage, Digest, DigestError,
+    DiskUsage, LayerRecord, MissReason, PruneReport, Store, StoreError,
 };
 
 /// Opens the cache directory `path` (created if missing) for inspection or pruning.

@@ -332,8 +332,9 @@ fn cache_command(cache: &Path, command: &CacheCommand) -> Result<String, CliErro
     let store_error = |source| CliError::Cache { path: cache.to_owned(), source };
     Ok(match command {
         CacheCommand::Du => {
-            let usage = Store::open(cache).map_err(store_error)?.disk_usage();
-            format!(
+            let store = Store::open(cache).map_err(store_error)?;
+            let usage = store.disk_usage();
+            let mut text = format!(
                 "cache    {}\nblobs    {:>14} bytes in {} blobs\nrecords  {:>14} bytes in {} action records\n\
                  indexes  {:>14} bytes\nsnapshots{:>14} bytes\nother    {:>14} bytes\ntotal    {:>14} bytes\n",
                 cache.display(),
@@ -345,17 +346,38 @@ fn cache_command(cache: &Path, command: &CacheCommand) -> Result<String, CliErro
                 usage.snapshots,
                 usage.other,
                 usage.total()
-            )
+            );
+            text.push_str(&cache_mounts_text(&store, usage.cache_mounts));
+            text
         }
         CacheCommand::Prune { keep_bytes } => {
             let store = Store::open_exclusive(cache, Duration::from_secs(60)).map_err(store_error)?;
             let report = store.prune(*keep_bytes).map_err(store_error)?;
             format!(
-                "removed {} records and {} blobs, freed {} bytes; {} bytes remain\n",
-                report.removed_records, report.removed_blobs, report.freed_bytes, report.remaining_bytes
+                "removed {} records, {} blobs and {} cache mounts, freed {} bytes; {} bytes remain\n",
+                report.removed_records,
+                report.removed_blobs,
+                report.removed_cache_mounts,
+                report.freed_bytes,
+                report.remaining_bytes
             )
         }
     })
+}
+
+/// The RUN cache mounts' lines of `cache du` (none when there are none): their total (counted
+/// in `total` above), then each, least recently used first.
+fn cache_mounts_text(store: &Store, bytes: u64) -> String {
+    let mounts = store.cache_mount_usage();
+    if mounts.is_empty() {
+        return String::new();
+    }
+    let mut text = format!("cache mounts {bytes} bytes in {} directories, least recently used first:\n", mounts.len());
+    for mount in mounts {
+        let name = mount.path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        text.push_str(&format!("  {:>14} bytes  id {:?} ({name})\n", mount.bytes, mount.id));
+    }
+    text
 }
 
 /// An error and its causes, each once: `a: b: c`.

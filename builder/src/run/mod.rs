@@ -31,6 +31,7 @@
 //! key up first), or keep anything of a failed run but its log.
 
 pub(crate) mod emulation;
+mod mounts;
 mod spec;
 mod upper;
 
@@ -56,6 +57,7 @@ use crate::progress::{Progress, ProgressEvent};
 use crate::tree::FsTree;
 
 pub use layerwright_sandbox::{OverlayError, SandboxError};
+pub use mounts::{MountError, validate as validate_mounts};
 pub use spec::SpecError;
 pub use upper::UpperError;
 
@@ -178,6 +180,9 @@ pub enum RunError {
     /// The merged tree of the parent could not be read, or the layer not written.
     #[error(transparent)]
     Execution(#[from] ExecutionError),
+    /// A mount of the step could not be made ready (its target, a cache directory).
+    #[error(transparent)]
+    Mount(#[from] MountError),
 }
 
 impl From<TreeError> for RunError {
@@ -312,12 +317,17 @@ fn execute_run_with(
         parent.layers.iter().map(|layer| execution.indexes.get(store, layer)).collect::<Result<Vec<_>, _>>()?;
     let mut created = mountpoints.created.clone();
     created.extend(implied_directory_fixes(&tree, &indexes));
+    // The step's own mounts: mountpoints, and cache directories leased (locked) until the
+    // command has ended.
+    let step_mounts = mounts::prepare(store, &step, request.run, &tree, identity.rootless.is_some())?;
+    created.extend(step_mounts.copied_parents.iter().cloned());
     created.sort_by(|left, right| compare_paths(&left.path, &right.path));
     created.dedup_by(|later, earlier| later.path == earlier.path);
     create_in_upper(&upper, &created, identity.rootless.is_none()).map_err(|(path, source)| {
         log::warn!("{step}: cannot prepare {} in the upper directory: {source}", path.display());
         RunError::Io { step: step.clone(), action: "prepare in the upper directory", path, source }
     })?;
+    step_mounts.create_mountpoints(&step, request.run, &upper)?;
     let hosts = run_dir.path().join("hosts");
     fs::write(&hosts, hosts_file()).map_err(io_error("write", &hosts))?;
     let resolv_conf = run_dir.path().join("resolv.conf");
@@ -357,7 +367,7 @@ fn execute_run_with(
             dev: mountpoints.dev,
             hosts: mountpoints.hosts.then(|| hosts.clone()),
             resolv_conf: mountpoints.resolv_conf.then(|| resolv_conf.clone()),
-            step: Vec::new(),
+            step: step_mounts.sandbox.clone(),
         },
         hostname: HOSTNAME.to_owned(),
         process,
@@ -382,6 +392,7 @@ fn execute_run_with(
     log.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io_error("chmod 0600", &log_path))?;
     let mut collector = OutputCollector::new(request.label, request.progress, log);
     let ended = sandbox.run(&plan, &mut |chunk| collector.push(chunk));
+    drop(step_mounts);
     let last_lines = collector.finish();
     let termination =
         ended.map_err(|source| RunError::Sandbox { step: step.clone(), command: command.clone(), source })?;

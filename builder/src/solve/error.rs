@@ -89,6 +89,10 @@ pub enum StepError {
     /// A RUN step failed.
     #[error(transparent)]
     Run(#[from] RunError),
+    /// A RUN step's mounts are declared wrong (a relative, duplicate or `/` target, a kind not
+    /// supported yet): found before anything executes.
+    #[error(transparent)]
+    Mount(#[from] crate::run::MountError),
     /// A base image could not be pulled.
     #[cfg(feature = "registry")]
     #[error(transparent)]

@@ -116,6 +116,13 @@ pub(crate) fn build_all(
     let builder = session;
     let epoch = builder.options.source_date_epoch.or_else(source_date_epoch_from_env).unwrap_or(0);
     let order = collect(images);
+    // A RUN step's mounts are checked before anything executes.
+    for image in &order {
+        if let Step::Run(run) = image.step() {
+            crate::run::validate_mounts(&image.step().label(), run)
+                .map_err(|error| StepFailure::new(image.step().label(), error))?;
+        }
+    }
     let plan = {
         let mut state = builder.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let plan = plan(&order, builder.store, &mut state, builder.workers, &builder.options.progress, platform)?;

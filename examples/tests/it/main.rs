@@ -9,6 +9,7 @@
 //! - `registry`: push and pull against a local `docker-registry`.
 //! - `remote_cache`: the remote cache between machines, through a local registry.
 //! - `run`: RUN steps for real, on the busybox example base.
+//! - `mounts`: RUN mounts (cache, tmpfs) for real, on the busybox example base.
 //! - `escape`: a hostile RUN step's attempts to reach the host, each refused as it should be.
 //!
 //! `support` is their shared harness: finding and running the real clients, a local registry.
@@ -17,6 +18,7 @@ mod support;
 
 mod escape;
 mod load;
+mod mounts;
 mod platforms;
 mod real_clients;
 mod registry;
