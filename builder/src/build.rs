@@ -23,6 +23,7 @@ use crate::output::{ExportError, ImageParts, IndexParts, LoadError, LoadReport};
 use crate::progress::StepHook;
 use crate::progress::{Progress, ProgressSink, StepReport};
 use crate::remote_cache::RemoteCacheReport;
+use crate::run::SecretSource;
 use crate::solve::{self, KeyState, Session, SolveOptions, SolvedImage, StepError, StepFailure, Target};
 use crate::tree::FsTree;
 
@@ -86,6 +87,9 @@ pub struct BuilderOptions {
     pub cache_from: Vec<String>,
     /// The remote cache this build's records are exported to after it succeeds.
     pub cache_to: Option<String>,
+    /// The secrets RUN steps may mount ([`crate::Mount::secret`]), by id: see
+    /// [`BuilderOptions::secret`].
+    pub secrets: crate::run::Secrets,
 }
 
 impl BuilderOptions {
@@ -110,6 +114,14 @@ impl BuilderOptions {
     /// These options with at most `jobs` steps executing at once.
     pub fn jobs(mut self, jobs: usize) -> BuilderOptions {
         self.jobs = Some(jobs);
+        self
+    }
+
+    /// These options with secret `id` read from `source` when a RUN step that mounts it runs.
+    /// Its bytes never enter a key, a layer, a record, a log line of the builder's or an error
+    /// message; a changed secret does not rebuild a step (as in BuildKit).
+    pub fn secret(mut self, id: impl Into<String>, source: SecretSource) -> BuilderOptions {
+        self.secrets.insert(id.into(), source);
         self
     }
 
@@ -144,6 +156,7 @@ impl fmt::Debug for BuilderOptions {
             .field("jobs", &self.jobs)
             .field("cache_from", &self.cache_from)
             .field("cache_to", &self.cache_to)
+            .field("secrets", &self.secrets)
             .finish_non_exhaustive()
     }
 }
@@ -232,6 +245,23 @@ impl Builder {
         self
     }
 
+    /// This builder with secret `id` read from `source` when a RUN step mounting it
+    /// ([`crate::Mount::secret`]) runs; see [`BuilderOptions::secret`].
+    ///
+    /// ```no_run
+    /// use layerwright::{Builder, SecretSource};
+    ///
+    /// let builder = Builder::new("target/layerwright")?
+    ///     .secret("token", SecretSource::File("token.txt".into()))
+    ///     .secret("npm", SecretSource::Env("NPM_TOKEN".into()));
+    /// # Ok::<(), layerwright::BuildError>(())
+    /// ```
+    pub fn secret(mut self, id: impl Into<String>, source: SecretSource) -> Builder {
+        self.options.secrets.insert(id.into(), source);
+        self.solve_options = solve_options(&self.options);
+        self
+    }
+
     /// Builds `image`: unchanged steps come from the cache, independent ones run at once.
     pub fn build(&self, image: &Image) -> Result<BuiltImage, BuildError> {
         let mut built = self.build_all(&[image])?;
@@ -311,6 +341,7 @@ fn solve_options(options: &BuilderOptions) -> SolveOptions {
         before_execute: None,
         cache_from: options.cache_from.clone(),
         cache_to: options.cache_to.clone(),
+        secrets: options.secrets.clone(),
     }
 }
 

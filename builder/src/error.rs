@@ -24,7 +24,7 @@ pub use crate::output::{ExportError, LoadError};
 #[cfg(feature = "registry")]
 pub use crate::registry::RegistryError;
 pub use crate::run::emulation::EmulationError;
-pub use crate::run::{OverlayError, RunError, SandboxError, SpecError, UpperError};
+pub use crate::run::{MountError, OverlayError, RunError, SandboxError, SpecError, UpperError};
 pub use crate::solve::StepError;
 pub use layerwright_cache::{DigestError, StoreError};
 pub use layerwright_dsl::{DockerIgnoreError, ImagePathError};

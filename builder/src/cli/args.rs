@@ -78,6 +78,33 @@ pub struct BuildImageArgs {
     /// image reads changes. Ctrl-C stops.
     #[arg(long)]
     pub watch: bool,
+    /// A secret RUN steps may mount (`Mount::secret`): `id=ID,src=FILE` (a file, relative to the
+    /// current directory) or `id=ID,env=VAR` (an environment variable); may be repeated. Its
+    /// bytes never enter the cache, a layer or the output.
+    #[arg(long = "secret", value_parser = parse_secret, value_name = "id=ID,src=FILE|env=VAR")]
+    pub secrets: Vec<(String, crate::SecretSource)>,
+}
+
+/// `id=ID,src=FILE` or `id=ID,env=VAR` (`source=` for `src=`, as BuildKit takes both).
+fn parse_secret(text: &str) -> Result<(String, crate::SecretSource), String> {
+    let (mut id, mut source) = (None, None);
+    for part in text.split(',') {
+        let (key, value) = part.split_once('=').ok_or_else(|| format!("{part:?} is not KEY=VALUE"))?;
+        if value.is_empty() {
+            return Err(format!("{key}= is empty"));
+        }
+        match key {
+            "id" => id = Some(value.to_owned()),
+            "src" | "source" => source = Some(crate::SecretSource::File(value.into())),
+            "env" => source = Some(crate::SecretSource::Env(value.to_owned())),
+            other => return Err(format!("unknown key {other:?} (id, src or env)")),
+        }
+    }
+    match (id, source) {
+        (Some(id), Some(source)) => Ok((id, source)),
+        (None, _) => Err("no id=".to_owned()),
+        (_, None) => Err("neither src=FILE nor env=VAR".to_owned()),
+    }
 }
 
 fn parse_platform(text: &str) -> Result<Platform, crate::PlatformError> {
@@ -109,6 +136,17 @@ impl BuildImageArgs {
             insecure: self.insecure,
             cache_from: self.cache_from.clone(),
             cache_to: self.cache_to.clone(),
+            secrets: self
+                .secrets
+                .iter()
+                .map(|(id, source)| {
+                    let source = match source {
+                        crate::SecretSource::File(path) => crate::SecretSource::File(invocation_dir.join(path)),
+                        other => other.clone(),
+                    };
+                    (id.clone(), source)
+                })
+                .collect(),
             load: self.load,
             platforms: self.platform.clone(),
             attestations: match (self.attest, self.no_attest) {
@@ -224,6 +262,34 @@ mod tests {
         assert!(resolved.insecure);
         assert_eq!(resolved.cache_from, ["registry.example/cache:a", "registry.example/cache:b"]);
         assert_eq!(resolved.cache_to.as_deref(), Some("registry.example/cache:a"));
+    }
+
+    #[test]
+    fn secrets_parse_and_their_files_resolve_against_the_invocation_directory() {
+        let command = parse(&[
+            "build-image",
+            "api",
+            "--secret",
+            "id=token,src=token.txt",
+            "--secret",
+            "id=npm,env=NPM_TOKEN",
+            "--secret",
+            "source=/abs/key,id=key",
+        ])
+        .unwrap();
+        let Command::BuildImage(arguments) = command else { panic!("{command:?}") };
+        let resolved = arguments.resolve(Path::new("/ws/sub"), Path::new("/ws"));
+        assert_eq!(
+            resolved.secrets,
+            [
+                ("token".to_owned(), crate::SecretSource::File("/ws/sub/token.txt".into())),
+                ("npm".to_owned(), crate::SecretSource::Env("NPM_TOKEN".into())),
+                ("key".to_owned(), crate::SecretSource::File("/abs/key".into())),
+            ]
+        );
+        for bad in ["src=x", "id=x", "id=x,src=", "id=x,path=y", "id"] {
+            assert!(parse(&["build-image", "api", "--secret", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

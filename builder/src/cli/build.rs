@@ -86,6 +86,8 @@ pub struct BuildCommand {
     pub cache_from: Vec<String>,
     /// The remote cache to export the build's steps to, if any.
     pub cache_to: Option<String>,
+    /// The secrets RUN steps may mount, by id (`--secret`).
+    pub secrets: Vec<(String, crate::SecretSource)>,
     /// Load the image into the local Docker engine.
     pub load: bool,
     /// The platforms to build for (none: this host's, a plain image).
@@ -288,6 +290,9 @@ pub(crate) fn builder_with_progress(command: &BuildCommand) -> Result<Builder, C
         .progress(Arc::new(move |event: &ProgressEvent| display.show(event)));
     options.cache_from = command.cache_from.clone();
     options.cache_to = command.cache_to.clone();
+    for (id, source) in &command.secrets {
+        options = options.secret(id.clone(), source.clone());
+    }
     Ok(Builder::with_options(&command.cache_dir, options)?)
 }
 
@@ -433,6 +438,7 @@ mod multi_platform_tests {
             insecure: false,
             cache_from: Vec::new(),
             cache_to: None,
+            secrets: Vec::new(),
             load: false,
             platforms: vec![Platform::parse("linux/amd64").unwrap(), Platform::parse("linux/arm64").unwrap()],
             attestations: Attestations::Default,

@@ -57,7 +57,7 @@ use crate::progress::{Progress, ProgressEvent};
 use crate::tree::FsTree;
 
 pub use layerwright_sandbox::{OverlayError, SandboxError};
-pub use mounts::{MountError, validate as validate_mounts};
+pub use mounts::{MountError, SecretSource, Secrets, validate as validate_mounts};
 pub use spec::SpecError;
 pub use upper::UpperError;
 
@@ -213,6 +213,8 @@ pub struct RunRequest<'a> {
     pub run: &'a Run,
     pub parent: &'a Arc<NodeState>,
     pub progress: &'a Progress,
+    /// The builder's secrets, for the step's secret mounts.
+    pub secrets: &'a Secrets,
 }
 
 /// Runs the step and commits its layer under its key; nothing is committed on failure.
@@ -319,7 +321,14 @@ fn execute_run_with(
     created.extend(implied_directory_fixes(&tree, &indexes));
     // The step's own mounts: mountpoints, and cache directories leased (locked) until the
     // command has ended.
-    let step_mounts = mounts::prepare(store, &step, request.run, &tree, identity.rootless.is_some())?;
+    let mount_context = mounts::MountContext {
+        store,
+        tree: &tree,
+        rootless: identity.rootless.is_some(),
+        secrets: request.secrets,
+        run_dir: run_dir.path(),
+    };
+    let step_mounts = mounts::prepare(&mount_context, &step, request.run)?;
     created.extend(step_mounts.copied_parents.iter().cloned());
     created.sort_by(|left, right| compare_paths(&left.path, &right.path));
     created.dedup_by(|later, earlier| later.path == earlier.path);

@@ -85,7 +85,9 @@ impl Fixture {
         let key = StepKey::builder().str(&format!("{run:?}")).finish();
         let label = format!("RUN {}", command_text(run));
         let progress = Progress::new(progress.cloned());
-        let request = RunRequest { key: &key, label: &label, run, parent: &self.parent, progress: &progress };
+        let secrets = Secrets::new();
+        let request =
+            RunRequest { key: &key, label: &label, run, parent: &self.parent, progress: &progress, secrets: &secrets };
         execute_run_with(&self.execution(), &request, sandbox, Identity::of_process())
     }
 
@@ -424,7 +426,15 @@ fn the_real_sandbox_runs_with_the_new_mount_api_and_with_the_classic_fallback() 
             }
         });
         let progress = Progress::new(Some(progress));
-        let request = RunRequest { key: &key, label: "RUN test", run: &run, parent: &parent, progress: &progress };
+        let secrets = Secrets::new();
+        let request = RunRequest {
+            key: &key,
+            label: "RUN test",
+            run: &run,
+            parent: &parent,
+            progress: &progress,
+            secrets: &secrets,
+        };
         let identity = Identity { classic_overlay, ..Identity::of_process() };
         let written = match execute_run_with(&execution, &request, &NamespaceSandbox, identity) {
             Ok(written) => written,

@@ -57,6 +57,8 @@ pub(crate) struct SolveOptions {
     pub before_execute: Option<StepHook>,
     pub cache_from: Vec<String>,
     pub cache_to: Option<String>,
+    /// The secrets RUN steps may mount, by id.
+    pub secrets: crate::run::Secrets,
 }
 
 /// What a build reads from the builder that runs it.
@@ -119,7 +121,7 @@ pub(crate) fn build_all(
     // A RUN step's mounts are checked before anything executes.
     for image in &order {
         if let Step::Run(run) = image.step() {
-            crate::run::validate_mounts(&image.step().label(), run)
+            crate::run::validate_mounts(&image.step().label(), run, &builder.options.secrets)
                 .map_err(|error| StepFailure::new(image.step().label(), error))?;
         }
     }

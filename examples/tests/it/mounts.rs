@@ -1,6 +1,7 @@
 //! RUN mounts for real, on the busybox example base: cache mounts kept across builds and never
 //! in a layer, `Locked` and `Private` sharing across concurrent builds, the empty mountpoint a
-//! missing target leaves, tmpfs mounts, and declarations refused before anything runs.
+//! missing target leaves, tmpfs mounts, secrets (whose bytes are searched for in every file of
+//! the cache and the outputs), and declarations refused before anything runs.
 //!
 //! They need root, or user namespaces for a rootless run; without either a test fails saying
 //! so, unless `LAYERWRIGHT_SKIP_PRIVILEGED=1`.
@@ -81,8 +82,10 @@ fn a_cache_mount_keeps_its_contents_across_builds_and_leaves_only_its_empty_moun
 fn a_tmpfs_mount_is_empty_sized_and_never_in_the_layer() {
     let dir = tempfile::tempdir().unwrap();
     let builder = Builder::new(dir.path().join("cache")).unwrap();
-    let run = Run::shell("echo scratch > /tmp/x && grep ' /tmp ' /proc/self/mounts | cut -d' ' -f3 > /fs && echo done > /out")
-        .mount(Mount::tmpfs("/tmp").size(1 << 20));
+    let run = Run::shell(
+        "echo scratch > /tmp/x && grep ' /tmp ' /proc/self/mounts | cut -d' ' -f3 > /fs && echo done > /out",
+    )
+    .mount(Mount::tmpfs("/tmp").size(1 << 20));
     let Some(built) = support::build_with_runs(&builder, &busybox().run(run)) else { return };
     let members = top_layer(&builder, &built);
     // `/tmp` exists in the image: the layer does not even hold its mountpoint.
@@ -105,7 +108,8 @@ fn concurrent_builds(sharing: Sharing, id: &str, script: &str) -> Option<Concurr
     let threads: Vec<_> = ["a", "b"]
         .into_iter()
         .map(|name| {
-            let image = base.run(Run::shell(script).env("NAME", name).mount(Mount::cache("/shared").id(id).sharing(sharing)));
+            let image =
+                base.run(Run::shell(script).env("NAME", name).mount(Mount::cache("/shared").id(id).sharing(sharing)));
             let cache = cache.clone();
             std::thread::spawn(move || {
                 let builder = Builder::new(&cache).unwrap();
@@ -180,5 +184,66 @@ fn mounts_declared_wrong_fail_the_build_naming_the_step_and_the_target_before_an
         }
     } else {
         panic!("a mount below a file built");
+    }
+}
+
+/// Every file below `dir` (not following symlinks), with its bytes; gzip blobs also decompressed.
+fn files_below(dir: &std::path::Path, found: &mut Vec<(PathBuf, Vec<u8>)>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            files_below(&entry.path(), found);
+        } else if kind.is_file() {
+            let bytes = std::fs::read(entry.path()).unwrap_or_default();
+            let mut decompressed = Vec::new();
+            if flate2::read::GzDecoder::new(&bytes[..]).read_to_end(&mut decompressed).is_ok() {
+                found.push((entry.path(), decompressed));
+            }
+            found.push((entry.path(), bytes));
+        }
+    }
+}
+
+#[test]
+fn a_secret_is_read_by_its_step_and_its_bytes_are_in_no_file_of_the_cache_no_layer_and_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    // Made at run time so that no source file of the test holds it either.
+    let secret = format!("lw-secret-{}-{}", std::process::id(), dir.path().display().to_string().len() * 7919);
+    std::fs::write(dir.path().join("token.txt"), &secret).unwrap();
+    let run = || {
+        Run::shell(
+            "sha256sum /run/secrets/token | cut -c1-64 > /digest && ls -ln /run/secrets/token | cut -c1-10 > /mode \
+             && grep ' /run/secrets/token ' /proc/self/mounts | cut -d' ' -f4 | cut -d, -f1 > /options",
+        )
+        .mount(Mount::secret("/run/secrets/token", "token"))
+    };
+
+    // Without the secret: an error naming the step and the id, before anything runs.
+    let unprovided = Builder::new(dir.path().join("other-cache")).unwrap();
+    let error = unprovided.build(&busybox().run(run())).unwrap_err().to_string();
+    assert!(error.contains("RUN sha256sum /run/secrets/token") && error.contains("secret \"token\""), "{error}");
+    assert!(!dir.path().join("other-cache/logs").exists(), "nothing ran");
+
+    let builder = Builder::new(dir.path().join("cache"))
+        .unwrap()
+        .secret("token", layerwright::SecretSource::File(dir.path().join("token.txt")));
+    let Some(built) = support::build_with_runs(&builder, &busybox().run(run())) else { return };
+    let members = top_layer(&builder, &built);
+    // The file's mountpoint (and `/run/secrets`, if made for it) are not in the layer.
+    assert_eq!(paths(&members), ["digest", "mode", "options"], "{members:?}");
+    assert_eq!(format!("sha256:{}", content(&members, "digest").trim()), support::sha256(&secret));
+    assert_eq!(content(&members, "mode"), "-r--------\n");
+    assert_eq!(content(&members, "options"), "ro\n");
+
+    built.write_oci_archive(dir.path().join("out.tar"), "secret:1").unwrap();
+    built.write_oci_layout(dir.path().join("layout"), "secret:1").unwrap();
+    let mut files = Vec::new();
+    files_below(&dir.path().join("cache"), &mut files);
+    files_below(&dir.path().join("layout"), &mut files);
+    let archive = std::fs::read(dir.path().join("out.tar")).unwrap();
+    files.push((dir.path().join("out.tar"), archive));
+    assert!(files.len() > 10, "{} files searched", files.len());
+    for (path, bytes) in &files {
+        assert!(!bytes.windows(secret.len()).any(|window| window == secret.as_bytes()), "the secret is in {path:?}");
     }
 }
