@@ -18,8 +18,7 @@
 //! writability (the source image's key or the selected context files' digests enter the key
 //! through the builder, as `copy_from` and `copy` sources do); an SSH agent its id and target.
 
-use crate::mount::{Mount, MountSource};
-use crate::step::{ConfigChange, CopyOptions, FileOptions, Owner, RunCommand, Step};
+use crate::step::{ConfigChange, CopyOptions, FileOptions, Mount, MountSource, Owner, RunCommand, Step};
 
 /// Version of the step encoding; part of every key.
 pub const ENCODING_VERSION: u32 = 1;

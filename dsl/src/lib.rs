@@ -33,7 +33,6 @@ mod dockerignore;
 mod encode;
 mod image;
 mod image_path;
-mod mount;
 mod step;
 
 pub use context::Context;
@@ -41,8 +40,7 @@ pub use dockerignore::{DockerIgnore, DockerIgnoreError};
 pub use encode::ENCODING_VERSION;
 pub use image::{ExposedPort, Image};
 pub use image_path::{ImagePathError, clean_lexically, normalize_context_path, normalize_image_path};
-pub use mount::{Mount, MountSource, SSH_AGENT_TARGET, Sharing};
 pub use step::{
-    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Owner, Run, RunCommand, Step,
-    SymlinkStep, WriteFileStep,
+    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Mount, MountSource, Owner, Run,
+    RunCommand, SSH_AGENT_TARGET, Sharing, Step, SymlinkStep, WriteFileStep,
 };

@@ -455,6 +455,27 @@ mod tests {
     }
 
     #[test]
+    fn cache_du_lists_cache_mounts_and_prune_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        {
+            let store = Store::open(&cache).unwrap();
+            let options = layerwright_cache::CacheMountOptions { mode: 0o755, owner: None };
+            let lease = store
+                .acquire_cache_mount("/var/cache/apt", layerwright_cache::CacheMountSharing::Shared, options)
+                .unwrap();
+            std::fs::write(lease.parent().join(lease.name()).join("pkg.deb"), vec![0u8; 4096]).unwrap();
+        }
+        let du = cache_command(&cache, &CacheCommand::Du).unwrap();
+        // The total counts the id and lock files too.
+        assert!(du.contains(" bytes in 1 directories, least recently used first"), "{du}");
+        assert!(du.contains("4096 bytes  id \"/var/cache/apt\""), "{du}");
+        let pruned = cache_command(&cache, &CacheCommand::Prune { keep_bytes: 0 }).unwrap();
+        assert!(pruned.contains("1 cache mounts"), "{pruned}");
+        assert!(!cache_command(&cache, &CacheCommand::Du).unwrap().contains("cache mounts"));
+    }
+
+    #[test]
     #[should_panic(expected = "image \"a\" is added twice")]
     fn a_name_names_one_image() {
         let declare = || Ok::<_, std::io::Error>(Image::scratch());
