@@ -16,6 +16,9 @@
 //!
 //! `layerwright-bench --watch-rounds WORKLOAD WORKDIR CACHE TAG ROUNDS`: the edit → runnable
 //! loop of `--watch` in one process (see `watch_rounds.rs`).
+//!
+//! `layerwright-bench --platforms WORKDIR RUNS`: a RUN step native and under emulation, and an
+//! index against two single builds (see `platforms.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +28,7 @@ use std::process::ExitCode;
 use layerwright::{Builder, BuilderOptions, Compression};
 use layerwright_examples::workloads;
 
+mod platforms;
 mod scale;
 mod watch_rounds;
 
@@ -39,6 +43,22 @@ fn peak_rss_kib() -> u64 {
 
 fn main() -> ExitCode {
     let mut arguments: Vec<String> = std::env::args().skip(1).collect();
+    if arguments.first().map(String::as_str) == Some("--platforms") {
+        let result = match &arguments[1..] {
+            [workdir, runs] => match runs.parse() {
+                Ok(runs) => platforms::run(Path::new(workdir), runs),
+                Err(_) => Err("--platforms: RUNS must be a number".into()),
+            },
+            _ => Err("usage: layerwright-bench --platforms WORKDIR RUNS".into()),
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("layerwright-bench: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if arguments.first().map(String::as_str) == Some("--watch-rounds") {
         let result = match &arguments[1..] {
             [workload, workdir, cache, tag, rounds] => match rounds.parse() {
