@@ -51,6 +51,7 @@ pub mod watch;
 mod attest;
 mod base;
 mod context;
+mod error_text;
 mod execution;
 mod inspect;
 mod layer;

@@ -261,7 +261,7 @@ pub fn execute(images: &Images, command: Command) -> ExitCode {
     match try_execute(images, command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", error_chain(&error));
+            eprintln!("error: {}", crate::error_text::describe_chain(&error));
             ExitCode::FAILURE
         }
     }
@@ -358,21 +358,6 @@ fn cache_command(cache: &Path, command: &CacheCommand) -> Result<String, CliErro
     })
 }
 
-/// An error and its causes, each once: `a: b: c`.
-fn error_chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// `build-image --watch`: one builder rebuilds whenever what the image reads changes, and each
 /// good build is delivered (outputs, `--push`, `--load`); Ctrl-C stops after the build under way
 /// (a second Ctrl-C ends the process at once).
@@ -450,6 +435,6 @@ mod tests {
     #[test]
     fn error_chains_show_each_cause_once() {
         let error = CliError::Declare { name: "x".into(), source: Box::new(std::io::Error::other("inner")) };
-        assert_eq!(error_chain(&error), "declaring image x: inner");
+        assert_eq!(crate::error_text::describe_chain(&error), "declaring image x: inner");
     }
 }
