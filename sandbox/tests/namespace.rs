@@ -301,6 +301,11 @@ fn fixed_cost() {
             SandboxNetwork::None,
         ),
     ];
+    configurations.push((
+        "pids limit, host network",
+        ResourceLimits { pids: Some(4096), memory: None },
+        SandboxNetwork::Host,
+    ));
     if let Some(isolated) = isolated {
         configurations.push((
             "pids limit, isolated network",
