@@ -106,7 +106,7 @@ pub enum SandboxError {
 
 /// `64 MiB (67108864 bytes)`, or just the bytes when they are not a whole number of MiB.
 fn bytes_text(bytes: u64) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{} MiB ({bytes} bytes)", bytes >> 20)
     } else {
         format!("{bytes} bytes")
@@ -382,6 +382,19 @@ mod tests {
         for (position, stage) in Stage::ALL.iter().enumerate() {
             assert_eq!(*stage as usize, position, "Stage::ALL is in declaration order");
         }
+    }
+
+    #[test]
+    fn limit_and_network_errors_name_the_limit_and_the_package() {
+        let missing = SandboxError::NetworkHelperMissing { program: "slirp4netns", package: "slirp4netns" };
+        assert_eq!(
+            missing.to_string(),
+            "a RUN step with network access needs `slirp4netns`, which is not on PATH: install the Debian package \
+             `slirp4netns` (apt-get install slirp4netns)"
+        );
+        let memory = SandboxError::MemoryLimit { limit: 3 << 30, ended: "was killed by signal 9".into() };
+        assert!(memory.to_string().starts_with("the command hit its memory limit of 3072 MiB (3221225472 bytes)"));
+        assert_eq!(bytes_text(1000), "1000 bytes");
     }
 
     #[test]
