@@ -86,6 +86,10 @@ pub struct BuilderOptions {
     pub cache_from: Vec<String>,
     /// The remote cache this build's records are exported to after it succeeds.
     pub cache_to: Option<String>,
+    /// Resource limits of every RUN step (a step's own [`Limits`](crate::Limits) win); a
+    /// `None` field takes layerwright's default: 4096 processes, no memory limit. Limits do
+    /// not enter step keys.
+    pub run_limits: crate::Limits,
 }
 
 impl BuilderOptions {
@@ -123,6 +127,20 @@ impl BuilderOptions {
     /// These options with the build's records exported to `reference` after it succeeds.
     pub fn cache_to(mut self, reference: impl Into<String>) -> BuilderOptions {
         self.cache_to = Some(reference.into());
+        self
+    }
+
+    /// These options with every RUN step limited to `pids` processes (and threads) at once,
+    /// unless the step sets its own limit (default 4096).
+    pub fn pids_limit(mut self, pids: u64) -> BuilderOptions {
+        self.run_limits.pids = Some(pids);
+        self
+    }
+
+    /// These options with every RUN step limited to `bytes` of memory, unless the step sets
+    /// its own limit (default: none). A step that goes past it fails naming the limit.
+    pub fn memory_limit(mut self, bytes: u64) -> BuilderOptions {
+        self.run_limits.memory = Some(bytes);
         self
     }
 
@@ -311,6 +329,7 @@ fn solve_options(options: &BuilderOptions) -> SolveOptions {
         before_execute: None,
         cache_from: options.cache_from.clone(),
         cache_to: options.cache_to.clone(),
+        run_limits: options.run_limits,
     }
 }
 

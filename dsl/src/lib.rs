@@ -41,6 +41,6 @@ pub use encode::ENCODING_VERSION;
 pub use image::{ExposedPort, Image};
 pub use image_path::{ImagePathError, clean_lexically, normalize_context_path, normalize_image_path};
 pub use step::{
-    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Owner, Run, RunCommand, Step,
-    SymlinkStep, WriteFileStep,
+    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, Limits, MkdirStep, NetworkMode, Owner, Run,
+    RunCommand, Step, SymlinkStep, WriteFileStep,
 };

@@ -57,6 +57,8 @@ pub(crate) struct SolveOptions {
     pub before_execute: Option<StepHook>,
     pub cache_from: Vec<String>,
     pub cache_to: Option<String>,
+    /// The builder's limits for every RUN step.
+    pub run_limits: layerwright_dsl::Limits,
 }
 
 /// What a build reads from the builder that runs it.

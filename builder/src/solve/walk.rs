@@ -243,7 +243,8 @@ impl<'a> Walk<'a> {
                     run::emulation::check(platform)?;
                 }
                 let progress = &self.session.options.progress;
-                let request = RunRequest { key: &key, label: &node.label, run, parent, progress };
+                let defaults = self.session.options.run_limits;
+                let request = RunRequest { key: &key, label: &node.label, run, parent, progress, defaults };
                 let written = run::execute_run(&execution, &request)?;
                 self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
                 return Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)));
