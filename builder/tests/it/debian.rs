@@ -80,7 +80,7 @@ fn rootfs_as_layout(rootfs: &Path, dir: &Path) -> PathBuf {
 }
 
 #[test]
-fn apt_get_installs_a_package_in_a_debian_base_with_isolated_networking() {
+fn apt_installs_in_a_debian_base_with_isolated_networking_and_the_sbom_lists_what_dpkg_shows() {
     if !rustix::process::geteuid().is_root() {
         assert!(
             skip_privileged(),
@@ -109,21 +109,53 @@ fn apt_get_installs_a_package_in_a_debian_base_with_isolated_networking() {
         }
     }));
     let builder = Builder::with_options(dir.path().join("cache"), options).unwrap();
-    let image = Image::from_archive(&layout).run(
-        Run::shell(
-            "grep nameserver /etc/resolv.conf && apt-get update -q && apt-get install -y -q --no-install-recommends \
-             hello && dpkg -l hello | tail -n 1 | cut -c1-9 && hello",
+    // Built with its attestations: the SBOM must list what `dpkg -l` shows installed.
+    let image = Image::from_archive(&layout)
+        .run(
+            Run::shell(
+                "grep nameserver /etc/resolv.conf && apt-get update -q && apt-get install -y -q \
+                 --no-install-recommends hello && dpkg -l hello | tail -n 1 | cut -c1-9 && hello",
+            )
+            .network(true),
         )
-        .network(true),
-    );
-    let built = builder.build(&image).unwrap_or_else(|error| panic!("the apt step failed: {error}"));
+        .run("dpkg -l | awk '/^ii/ { sub(/:.*/, \"\", $2); print \"installed \" $2 }'");
+    let index = builder.build_attested(&image).unwrap_or_else(|error| panic!("the apt step failed: {error}"));
+    let built = &index.images()[0].1;
     let lines = lines.lock().unwrap().clone();
     assert_eq!(lines.first().map(String::as_str), Some("nameserver 10.0.2.3"), "{lines:#?}");
     assert!(lines.iter().any(|line| line == "ii  hello"), "dpkg -l hello did not list it installed: {lines:#?}");
-    assert_eq!(lines.last().map(String::as_str), Some("Hello, world!"), "{lines:#?}");
+    assert!(lines.iter().any(|line| line == "Hello, world!"), "{lines:#?}");
     let listing = built.listing().unwrap();
     assert!(
         listing.lines().any(|line| line.ends_with(" /usr/bin/hello") && line.starts_with("file")),
         "/usr/bin/hello is not in the image"
     );
+
+    let installed: std::collections::BTreeSet<&str> =
+        lines.iter().filter_map(|line| line.strip_prefix("installed ")).collect();
+    assert!(installed.contains("hello") && installed.len() > 50, "{installed:?}");
+    let sbom = sbom_of(&index, &dir.path().join("attested"));
+    let packages: std::collections::BTreeSet<&str> =
+        sbom["packages"].as_array().unwrap().iter().filter_map(|package| package["name"].as_str()).collect();
+    assert_eq!(packages, installed, "the SBOM's packages are what dpkg -l shows installed");
+}
+
+/// The SPDX document of the first image of `index`, read back from an OCI layout of it at `dir`.
+fn sbom_of(index: &layerwright::BuiltIndex, dir: &Path) -> serde_json::Value {
+    index.write_oci_layout(dir, "debian:1").unwrap();
+    let blob = |digest: &str| -> serde_json::Value {
+        let path = dir.join("blobs/sha256").join(digest.strip_prefix("sha256:").unwrap());
+        serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+    };
+    let layout_index: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let image_index = blob(layout_index["manifests"][0]["digest"].as_str().unwrap());
+    let attestation = blob(image_index["manifests"][1]["digest"].as_str().unwrap());
+    attestation["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|layer| blob(layer["digest"].as_str().unwrap()))
+        .find(|statement| statement["predicateType"] == "https://spdx.dev/Document")
+        .map(|statement| statement["predicate"].clone())
+        .expect("an SPDX statement")
 }
