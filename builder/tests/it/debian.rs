@@ -2,7 +2,8 @@
 //! networking (its own network namespace, outbound through slirp4netns, DNS through its
 //! forwarder). The base is the bookworm minbase rootfs `.ci/run` makes once per machine with
 //! `mmdebstrap` ([`MINBASE`]), wrapped here as a one-layer OCI image layout; the step fetches
-//! from deb.debian.org, the only non-loopback host any test reaches.
+//! from deb.debian.org, the only non-loopback host any test reaches. The image is built with its
+//! attestations, and its SPDX SBOM must list exactly the packages `dpkg -l` shows installed.
 //!
 //! It needs root (the sandbox's namespaces and mounts, and apt's switch to its `_apt` user):
 //! without root, or without the tarball, it fails saying what is missing, unless
