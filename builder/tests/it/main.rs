@@ -8,6 +8,7 @@
 //! - `compression`: changing the compression recompresses, never re-executes.
 //! - `hostile`: crafted base archives and build contexts.
 //! - `incremental`: what is rebuilt and why, the parallel solver, salsa's re-execution.
+//! - `prune`: `cache prune` policies, `cache du`, pruning after a build and beside one.
 //! - `reliability`: killed builds, racing processes, a corrupt cache, a full disk.
 //! - `watch`: the rebuild loop of `--watch`.
 //!
@@ -22,6 +23,7 @@ mod cli;
 mod compression;
 mod hostile;
 mod incremental;
+mod prune;
 mod reliability;
 mod watch;
 
