@@ -10,7 +10,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use layerwright::cache::{PrunePolicy, Store};
 use layerwright::{Builder, BuilderOptions, Compression, Context, Image};
