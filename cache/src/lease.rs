@@ -1,7 +1,7 @@
 //! Leases: what the open stores use, so that a prune running beside them (in this process or in
 //! another) never removes it.
 //!
-//! Every open [`Store`](crate::Store) holds one lease: a file `leases/<pid>-<ns>-<n>` that it
+//! Every open `Store` holds one lease: a file `leases/<pid>-<ns>-<n>` that it
 //! keeps locked (`flock`, exclusive) for as long as it (or a clone: a builder, a built image) is
 //! alive, and removes when the last clone is dropped. The file says when the store was opened
 //! (`start <ns since the epoch>`) and then names, one a line, what the store relies on:
@@ -20,7 +20,7 @@
 //! write (blobs being committed, their indexes, snapshots and logs) before a record names it.
 //!
 //! What it deliberately is not: a lock on the cache as a whole (that is `lock`, taken by
-//! [`Store::open_exclusive`](crate::Store::open_exclusive)), or a record of use for LRU
+//! `Store::open_exclusive`), or a record of use for LRU
 //! ordering (that is the mtime of action records).
 
 use std::collections::HashSet;
@@ -33,7 +33,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{FlockOperation, flock};
 
-use crate::StoreError;
+use thiserror::Error;
+
+/// A lease file or `gc.lock` could not be made, locked, written or read.
+#[derive(Debug, Error)]
+#[error("cache lease: cannot {action} {path}: {source}")]
+pub struct LeaseError {
+    /// What was being done ("create lease", "lock").
+    pub action: &'static str,
+    /// The file it was done to.
+    pub path: PathBuf,
+    /// The operating system's error.
+    pub source: io::Error,
+}
 
 /// The directory of lease files, below the cache root.
 pub(crate) const LEASES: &str = "leases";
@@ -56,7 +68,7 @@ pub(crate) struct Lease {
 
 impl Lease {
     /// Creates and locks a new lease under `root` (whose `leases/` exists).
-    pub(crate) fn create(root: &Path) -> Result<Lease, StoreError> {
+    pub(crate) fn create(root: &Path) -> Result<Lease, LeaseError> {
         use std::os::unix::fs::OpenOptionsExt;
         let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
         let name = format!("{}-{started}-{}", std::process::id(), NEXT_LEASE.fetch_add(1, Ordering::Relaxed));
@@ -66,8 +78,8 @@ impl Lease {
             .append(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|source| StoreError::Io { action: "create lease", path: path.clone(), source })?;
-        flock(&file, FlockOperation::LockExclusive).map_err(|error| StoreError::Io {
+            .map_err(|source| LeaseError { action: "create lease", path: path.clone(), source })?;
+        flock(&file, FlockOperation::LockExclusive).map_err(|error| LeaseError {
             action: "lock lease",
             path: path.clone(),
             source: error.into(),
@@ -75,7 +87,7 @@ impl Lease {
         let lease = Lease { path, file, gc_lock: root.join(GC_LOCK), written: Mutex::default() };
         // The start line needs no gc lock: a prune that reads the lease before it is written
         // takes the lease's start as its own (see `read_live`), which is earlier.
-        (&lease.file).write_all(format!("start {started}\n").as_bytes()).map_err(|source| StoreError::Io {
+        (&lease.file).write_all(format!("start {started}\n").as_bytes()).map_err(|source| LeaseError {
             action: "write lease",
             path: lease.path.clone(),
             source,
@@ -84,7 +96,7 @@ impl Lease {
     }
 
     /// Adds `names` (each `kind hex`) to the lease, excluding a prune while doing so.
-    pub(crate) fn add(&self, names: impl IntoIterator<Item = String>) -> Result<(), StoreError> {
+    pub(crate) fn add(&self, names: impl IntoIterator<Item = String>) -> Result<(), LeaseError> {
         let mut written = self.written.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut lines = String::new();
         let mut new = Vec::new();
@@ -99,12 +111,12 @@ impl Lease {
             return Ok(());
         }
         let gc = open_gc_lock(&self.gc_lock)?;
-        flock(&gc, FlockOperation::LockShared).map_err(|error| StoreError::Io {
+        flock(&gc, FlockOperation::LockShared).map_err(|error| LeaseError {
             action: "lock (shared)",
             path: self.gc_lock.clone(),
             source: error.into(),
         })?;
-        (&self.file).write_all(lines.as_bytes()).map_err(|source| StoreError::Io {
+        (&self.file).write_all(lines.as_bytes()).map_err(|source| LeaseError {
             action: "write lease",
             path: self.path.clone(),
             source,
@@ -121,7 +133,7 @@ impl Drop for Lease {
     }
 }
 
-fn open_gc_lock(path: &Path) -> Result<File, StoreError> {
+fn open_gc_lock(path: &Path) -> Result<File, LeaseError> {
     use std::os::unix::fs::OpenOptionsExt;
     File::options()
         .create(true)
@@ -130,7 +142,7 @@ fn open_gc_lock(path: &Path) -> Result<File, StoreError> {
         .write(true)
         .mode(0o600)
         .open(path)
-        .map_err(|source| StoreError::Io { action: "open lock file", path: path.to_owned(), source })
+        .map_err(|source| LeaseError { action: "open lock file", path: path.to_owned(), source })
 }
 
 /// `gc.lock` held exclusively: no store registers anything while it is alive.
@@ -141,10 +153,10 @@ pub(crate) struct GcGuard {
 
 impl GcGuard {
     /// Waits for registrations under way to finish and holds them off.
-    pub(crate) fn acquire(root: &Path) -> Result<GcGuard, StoreError> {
+    pub(crate) fn acquire(root: &Path) -> Result<GcGuard, LeaseError> {
         let path = root.join(GC_LOCK);
         let file = open_gc_lock(&path)?;
-        flock(&file, FlockOperation::LockExclusive).map_err(|error| StoreError::Io {
+        flock(&file, FlockOperation::LockExclusive).map_err(|error| LeaseError {
             action: "lock",
             path,
             source: error.into(),

@@ -96,6 +96,9 @@ pub enum StoreError {
         /// The effective uid of this process.
         uid: u32,
     },
+    /// A lease (what an open store uses, for prunes beside it) could not be kept.
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
     /// An action record cannot be parsed.
     #[error("cache store: action record {path} is unreadable: {reason}")]
     CorruptRecord {
@@ -192,12 +195,12 @@ impl Store {
     /// dropped: a prune, here or in another process, keeps them and everything they name.
     /// Call it before looking the records up.
     pub fn protect_keys<'a>(&self, keys: impl IntoIterator<Item = &'a StepKey>) -> Result<(), StoreError> {
-        self.lease.add(keys.into_iter().map(|key| format!("key {}", key.to_hex())))
+        Ok(self.lease.add(keys.into_iter().map(|key| format!("key {}", key.to_hex())))?)
     }
 
     /// Marks the blob `digest` as in use by this store (see [`Store::protect_keys`]).
     pub fn protect_blob(&self, digest: &Digest) -> Result<(), StoreError> {
-        self.lease.add([format!("blob {}", digest.hex())])
+        Ok(self.lease.add([format!("blob {}", digest.hex())])?)
     }
 
     /// Opens the store holding the lock exclusively (for `prune`): waits up to `timeout` for
