@@ -68,6 +68,7 @@ mod tree;
 pub mod cache;
 
 pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, BuiltIndex, IndexOptions, LayerListing};
+pub use cache::PrunePolicy;
 pub use inspect::InspectOptions;
 pub use layer::Compression;
 pub use layerwright_dsl::*;

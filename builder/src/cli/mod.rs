@@ -27,7 +27,7 @@
 //!                             [--push REF [--insecure]] [--cache-from REF].. [--cache-to REF]
 //! cargo xtask list
 //! cargo xtask inspect api [--full]
-//! cargo xtask cache du | cache prune --keep-bytes N
+//! cargo xtask cache du | cache prune [--keep-bytes SIZE] [--keep-duration D] [--min-free SIZE] [--reserved SIZE]
 //! ```
 //!
 //! It works from any subdirectory of the workspace: before an image function runs, the process
@@ -80,7 +80,6 @@ use std::fmt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser as _;
 
@@ -333,26 +332,35 @@ fn cache_command(cache: &Path, command: &CacheCommand) -> Result<String, CliErro
     Ok(match command {
         CacheCommand::Du => {
             let usage = Store::open(cache).map_err(store_error)?.disk_usage();
-            format!(
-                "cache    {}\nblobs    {:>14} bytes in {} blobs\nrecords  {:>14} bytes in {} action records\n\
-                 indexes  {:>14} bytes\nsnapshots{:>14} bytes\nother    {:>14} bytes\ntotal    {:>14} bytes\n",
+            let mut text = format!(
+                "cache    {}\nblobs    {:>14} bytes in {} blobs\nrecords  {:>14} bytes in {} action records\n",
                 cache.display(),
                 usage.blobs,
                 usage.blob_count,
                 usage.records,
                 usage.record_count,
-                usage.indexes,
-                usage.snapshots,
-                usage.other,
-                usage.total()
-            )
+            );
+            for (name, bytes) in usage.parts.iter().filter(|(name, _)| !matches!(name.as_str(), "blobs" | "actions")) {
+                text.push_str(&format!("{:<17}{bytes:>14} bytes\n", format!("  {name}")));
+            }
+            text.push_str(&format!("total    {:>14} bytes (du -sb)\n", usage.total()));
+            text
         }
-        CacheCommand::Prune { keep_bytes } => {
-            let store = Store::open_exclusive(cache, Duration::from_secs(60)).map_err(store_error)?;
-            let report = store.prune(*keep_bytes).map_err(store_error)?;
+        CacheCommand::Prune { keep_bytes, keep_duration, min_free, reserved } => {
+            let store = Store::open(cache).map_err(store_error)?;
+            let mut policy = crate::cache::PrunePolicy::new();
+            policy.keep_bytes = *keep_bytes;
+            policy.keep_duration = *keep_duration;
+            policy.min_free_bytes = *min_free;
+            policy.reserved_bytes = *reserved;
+            let report = crate::cache::prune(&store, &policy).map_err(store_error)?;
             format!(
-                "removed {} records and {} blobs, freed {} bytes; {} bytes remain\n",
-                report.removed_records, report.removed_blobs, report.freed_bytes, report.remaining_bytes
+                "removed {} records, {} blobs and {} other entries, freed {} bytes; {} bytes remain\n",
+                report.removed_records,
+                report.removed_blobs,
+                report.removed_other,
+                report.freed_bytes,
+                report.remaining_bytes
             )
         }
     })

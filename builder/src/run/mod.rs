@@ -312,7 +312,8 @@ fn execute_run_with(
     let limits = resolve_limits(&request.run.limits, &request.defaults);
 
     let parent = request.parent;
-    let (by_position, lowers) = lower_snapshots(store, &parent.layers, identity.flavour())
+    let parent_layers = parent.layers.to_vec();
+    let (by_position, lowers) = lower_snapshots(store, &parent_layers, identity.flavour())
         .map_err(|source| RunError::Snapshot { step: step.clone(), source })?;
     let tree = execution.tree(parent)?;
     let passwd = image_file(&tree, &by_position, "etc/passwd");
@@ -334,7 +335,7 @@ fn execute_run_with(
     }
     let mountpoints = plan_mountpoints(&tree);
     let indexes =
-        parent.layers.iter().map(|layer| execution.indexes.get(store, layer)).collect::<Result<Vec<_>, _>>()?;
+        parent_layers.iter().map(|layer| execution.indexes.get(store, layer)).collect::<Result<Vec<_>, _>>()?;
     let mut created = mountpoints.created.clone();
     created.extend(implied_directory_fixes(&tree, &indexes));
     created.sort_by(|left, right| compare_paths(&left.path, &right.path));

@@ -9,6 +9,7 @@
 //! - `debian`: `apt-get install` in a real Debian base with isolated networking.
 //! - `hostile`: crafted base archives and build contexts.
 //! - `incremental`: what is rebuilt and why, the parallel solver, salsa's re-execution.
+//! - `prune`: `cache prune` policies, `cache du`, pruning after a build and beside one.
 //! - `reliability`: killed builds, racing processes, a corrupt cache, a full disk.
 //! - `watch`: the rebuild loop of `--watch`.
 //!
@@ -24,6 +25,7 @@ mod compression;
 mod debian;
 mod hostile;
 mod incremental;
+mod prune;
 mod reliability;
 mod watch;
 
