@@ -16,6 +16,9 @@
 //!
 //! `layerwright-bench --watch-rounds WORKLOAD WORKDIR CACHE TAG ROUNDS`: the edit → runnable
 //! loop of `--watch` in one process (see `watch_rounds.rs`).
+//!
+//! `layerwright-bench --platforms WORKDIR RUNS`: a RUN step native and under emulation, and an
+//! index against two single builds (see `platforms.rs`).
 
 #![forbid(unsafe_code)]
 
@@ -25,6 +28,7 @@ use std::process::ExitCode;
 use layerwright::{Builder, BuilderOptions, Compression};
 use layerwright_examples::workloads;
 
+mod platforms;
 mod scale;
 mod watch_rounds;
 
@@ -37,40 +41,44 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+type ModeError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The measuring modes (`--scale`, `--platforms`, ...); `None` for a workload build.
+fn run_mode(mode: &str, arguments: &[String]) -> Option<Result<(), ModeError>> {
+    let result = match (mode, arguments) {
+        ("--platforms", [workdir, runs]) => match runs.parse() {
+            Ok(runs) => platforms::run(Path::new(workdir), runs),
+            Err(_) => Err("--platforms WORKDIR RUNS: a number expected".into()),
+        },
+        ("--watch-rounds", [workload, workdir, cache, tag, rounds]) => match rounds.parse() {
+            Ok(rounds) => watch_rounds::run(workload, Path::new(workdir), Path::new(cache), tag, rounds),
+            Err(_) => Err("--watch-rounds WORKLOAD WORKDIR CACHE TAG ROUNDS: a number expected".into()),
+        },
+        ("--scale", [workdir, runs, max_files]) => match (runs.parse(), max_files.parse()) {
+            (Ok(runs), Ok(max_files)) => scale::run(Path::new(workdir), runs, max_files),
+            _ => Err("--scale WORKDIR RUNS MAX_FILES: numbers expected".into()),
+        },
+        ("--scale-chain", [workdir, length, rounds]) => match (length.parse(), rounds.parse()) {
+            (Ok(length), Ok(rounds)) => scale::chain_point(Path::new(workdir), length, rounds),
+            _ => Err("--scale-chain WORKDIR LENGTH ROUNDS: numbers expected".into()),
+        },
+        ("--scale-noop", [workdir, files]) => match files.parse() {
+            Ok(files) => scale::no_op(Path::new(workdir), files),
+            Err(_) => Err("--scale-noop WORKDIR FILES: a number expected".into()),
+        },
+        ("--platforms" | "--watch-rounds" | "--scale" | "--scale-chain" | "--scale-noop", _) => {
+            Err("usage: layerwright-bench --scale WORKDIR RUNS MAX_FILES | --scale-chain WORKDIR LENGTH ROUNDS | \
+             --scale-noop WORKDIR FILES | --platforms WORKDIR RUNS | --watch-rounds WORKLOAD WORKDIR CACHE TAG ROUNDS"
+                .into())
+        }
+        _ => return None,
+    };
+    Some(result)
+}
+
 fn main() -> ExitCode {
     let mut arguments: Vec<String> = std::env::args().skip(1).collect();
-    if arguments.first().map(String::as_str) == Some("--watch-rounds") {
-        let result = match &arguments[1..] {
-            [workload, workdir, cache, tag, rounds] => match rounds.parse() {
-                Ok(rounds) => watch_rounds::run(workload, Path::new(workdir), Path::new(cache), tag, rounds),
-                Err(_) => Err("--watch-rounds: ROUNDS must be a number".into()),
-            },
-            _ => Err("usage: layerwright-bench --watch-rounds WORKLOAD WORKDIR CACHE TAG ROUNDS".into()),
-        };
-        return match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("layerwright-bench: {error}");
-                ExitCode::FAILURE
-            }
-        };
-    }
-    if let Some(mode @ ("--scale" | "--scale-noop" | "--scale-chain")) = arguments.first().map(String::as_str) {
-        let result = match (mode, &arguments[1..]) {
-            ("--scale", [workdir, runs, max_files]) => match (runs.parse(), max_files.parse()) {
-                (Ok(runs), Ok(max_files)) => scale::run(Path::new(workdir), runs, max_files),
-                _ => Err("--scale WORKDIR RUNS MAX_FILES: numbers expected".into()),
-            },
-            ("--scale-chain", [workdir, length, rounds]) => match (length.parse(), rounds.parse()) {
-                (Ok(length), Ok(rounds)) => scale::chain_point(Path::new(workdir), length, rounds),
-                _ => Err("--scale-chain WORKDIR LENGTH ROUNDS: numbers expected".into()),
-            },
-            ("--scale-noop", [workdir, files]) => match files.parse() {
-                Ok(files) => scale::no_op(Path::new(workdir), files),
-                Err(_) => Err("--scale-noop WORKDIR FILES: a number expected".into()),
-            },
-            _ => Err("usage: layerwright-bench --scale WORKDIR RUNS MAX_FILES | --scale-noop WORKDIR FILES".into()),
-        };
+    if let Some(result) = arguments.split_first().and_then(|(mode, rest)| run_mode(mode, rest)) {
         return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

@@ -22,7 +22,7 @@ use layerwright_examples::workloads;
 /// one write.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
-type BoxError = Box<dyn std::error::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Runs `rounds` edits of the workload's changed file through one watch loop.
 pub fn run(workload: &str, workdir: &Path, cache: &Path, tag: &str, rounds: u32) -> Result<(), BoxError> {

@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use layerwright_cache::{KeyDatabase, LayerRecord, StatCache, Store, StoreError};
+use layerwright_cache::{KeyDatabase, LayerRecord, PrunePolicy, PruneReport, StatCache, Store, StoreError};
 use layerwright_dsl::Image;
 use serde_json::Value;
 use thiserror::Error;
@@ -90,6 +90,13 @@ pub struct BuilderOptions {
     /// The secrets RUN steps may mount ([`crate::Mount::secret`]), by id: see
     /// [`BuilderOptions::secret`].
     pub secrets: crate::run::Secrets,
+    /// Resource limits of every RUN step (a step's own [`Limits`](crate::Limits) win); a
+    /// `None` field takes layerwright's default: 4096 processes, no memory limit. Limits do
+    /// not enter step keys.
+    pub run_limits: crate::Limits,
+    /// The policy the cache is pruned to after a build that leaves it over the policy; see
+    /// [`BuilderOptions::prune_policy`].
+    pub prune_policy: Option<PrunePolicy>,
 }
 
 impl BuilderOptions {
@@ -138,6 +145,31 @@ impl BuilderOptions {
         self
     }
 
+    /// These options with every RUN step limited to `pids` processes (and threads) at once,
+    /// unless the step sets its own limit (default 4096).
+    pub fn pids_limit(mut self, pids: u64) -> BuilderOptions {
+        self.run_limits.pids = Some(pids);
+        self
+    }
+
+    /// These options with every RUN step limited to `bytes` of memory, unless the step sets
+    /// its own limit (default: none). A step that goes past it fails naming the limit.
+    pub fn memory_limit(mut self, bytes: u64) -> BuilderOptions {
+        self.run_limits.memory = Some(bytes);
+        self
+    }
+
+    /// These options with the cache pruned to `policy` after every successful build that leaves
+    /// it over the policy (more than `keep_bytes`, less than `min_free_bytes` free on its
+    /// filesystem, or anything unused for `keep_duration`), least recently used first. What
+    /// this builder and its built images use, and what other running builds use, is kept: see
+    /// `layerwright::cache`. Checking costs a walk of the cache directory per build; a failed
+    /// prune is a warning, never a failed build. [`Builder::last_prune`] tells what it did.
+    pub fn prune_policy(mut self, policy: PrunePolicy) -> BuilderOptions {
+        self.prune_policy = Some(policy);
+        self
+    }
+
     /// These options with `hook` called with a step's label just before it executes.
     #[cfg(feature = "testing")]
     pub fn before_execute(mut self, hook: StepHook) -> BuilderOptions {
@@ -157,6 +189,8 @@ impl fmt::Debug for BuilderOptions {
             .field("cache_from", &self.cache_from)
             .field("cache_to", &self.cache_to)
             .field("secrets", &self.secrets)
+            .field("run_limits", &self.run_limits)
+            .field("prune_policy", &self.prune_policy)
             .finish_non_exhaustive()
     }
 }
@@ -188,6 +222,8 @@ pub struct Builder {
     solve_options: SolveOptions,
     state: Arc<Mutex<KeyState>>,
     workers: Arc<rayon::ThreadPool>,
+    /// What the last automatic prune removed.
+    last_prune: Arc<Mutex<Option<PruneReport>>>,
 }
 
 impl fmt::Debug for Builder {
@@ -215,7 +251,14 @@ impl Builder {
             .map_err(|error| BuildError::Workers(error.to_string()))?;
         let state = KeyState { keys: KeyDatabase::new(), stat_cache };
         let solve_options = solve_options(&options);
-        Ok(Builder { store, options, solve_options, state: Arc::new(Mutex::new(state)), workers: Arc::new(workers) })
+        Ok(Builder {
+            store,
+            options,
+            solve_options,
+            state: Arc::new(Mutex::new(state)),
+            workers: Arc::new(workers),
+            last_prune: Arc::default(),
+        })
     }
 
     /// The store of the cache directory: its blobs, records, disk usage and pruning.
@@ -319,7 +362,31 @@ impl Builder {
         let session =
             Session { store: &self.store, options: &self.solve_options, state: &self.state, workers: &self.workers };
         let solved = solve::build_all(session, images, target)?;
-        Ok(solved.into_iter().map(|image| BuiltImage { inner: Arc::new(image) }).collect())
+        let built = solved.into_iter().map(|image| BuiltImage { inner: Arc::new(image) }).collect();
+        // What the images name is protected by the store's lease (see `layerwright::cache`).
+        self.prune_after_build();
+        Ok(built)
+    }
+
+    /// Prunes the cache when it is over the policy of [`BuilderOptions::prune_policy`].
+    fn prune_after_build(&self) {
+        let Some(policy) = self.options.prune_policy.as_ref().filter(|policy| !policy.keeps_everything()) else {
+            return;
+        };
+        let progress = &self.solve_options.progress;
+        let free = crate::cache::free_bytes(self.store.root()).unwrap_or(u64::MAX);
+        if !policy.is_exceeded_by(&self.store.disk_usage(), free) {
+            return;
+        }
+        match crate::cache::prune(&self.store, policy) {
+            Ok(report) => *self.last_prune.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(report),
+            Err(error) => progress.warn(None, format!("cannot prune the cache: {error}")),
+        }
+    }
+
+    /// What the last automatic prune (see [`BuilderOptions::prune_policy`]) removed, if one ran.
+    pub fn last_prune(&self) -> Option<PruneReport> {
+        self.last_prune.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     /// The salsa queries that executed since the last call (for tests of incrementality).
@@ -342,6 +409,7 @@ fn solve_options(options: &BuilderOptions) -> SolveOptions {
         cache_from: options.cache_from.clone(),
         cache_to: options.cache_to.clone(),
         secrets: options.secrets.clone(),
+        run_limits: options.run_limits,
     }
 }
 

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use layerwright_cache::{ActionRecord, Digest, LayerRecord, StepKey, Store, StoreError};
+use rayon::prelude::*;
 use serde_json::Value;
 use thiserror::Error;
 
@@ -37,7 +38,8 @@ pub enum ExecutionError {
 /// The result of one node: everything the steps above it need.
 #[derive(Debug)]
 pub struct NodeState {
-    pub layers: Vec<LayerRecord>,
+    /// The layers, bottom first, shared with the parent's (see [`LayerStack`]).
+    pub layers: LayerStack,
     /// The image config as of this step, except for the `history` entries and `rootfs.diff_ids`
     /// that `log` holds: its runtime part (`config.Env`, `User`, ...) is always current. A step
     /// shares its parent's document (`Arc`) and adds one log entry, so a chain of n steps costs
@@ -54,11 +56,11 @@ impl NodeState {
     /// A state whose `config` is complete (nothing pending in the log).
     #[cfg(test)]
     pub fn new(layers: Vec<LayerRecord>, config: Value, parent: Option<Arc<NodeState>>) -> NodeState {
-        NodeState::with_log(layers, Arc::new(config), ConfigLog::default(), parent)
+        NodeState::with_log(LayerStack::from_layers(layers), Arc::new(config), ConfigLog::default(), parent)
     }
 
     pub fn with_log(
-        layers: Vec<LayerRecord>,
+        layers: LayerStack,
         config: Arc<Value>,
         log: ConfigLog,
         parent: Option<Arc<NodeState>>,
@@ -86,6 +88,69 @@ impl NodeState {
             }
         }
         config
+    }
+}
+
+/// The layers of a state, bottom first, as a persistent list: a step's stack is its parent's
+/// with one layer on top, sharing every entry below (`Arc`), so a chain of n steps holds n
+/// entries, not n²/2 copies. [`LayerStack::to_vec`] materialises it where a slice is needed
+/// (the final manifest, a RUN step's lowers).
+#[derive(Debug, Clone, Default)]
+pub struct LayerStack(Option<Arc<StackEntry>>);
+
+#[derive(Debug)]
+pub struct StackEntry {
+    layer: LayerRecord,
+    below: LayerStack,
+    /// How many layers the stack holds with this one on top.
+    len: usize,
+}
+
+impl LayerStack {
+    /// A stack of `layers`, bottom first.
+    pub fn from_layers(layers: impl IntoIterator<Item = LayerRecord>) -> LayerStack {
+        layers.into_iter().fold(LayerStack::default(), |stack, layer| stack.with(layer))
+    }
+
+    /// This stack with `layer` on top.
+    pub fn with(&self, layer: LayerRecord) -> LayerStack {
+        LayerStack(Some(Arc::new(StackEntry { layer, below: self.clone(), len: self.len() + 1 })))
+    }
+
+    /// How many layers the stack holds.
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |entry| entry.len)
+    }
+
+    /// The layers at positions `from..` (0 is the bottom), bottom first: the cost is that of
+    /// the layers returned, not of the whole stack.
+    pub fn above(&self, from: usize) -> Vec<&LayerRecord> {
+        let mut layers = Vec::with_capacity(self.len().saturating_sub(from));
+        let mut next = self.0.as_deref();
+        while let Some(entry) = next.filter(|entry| entry.len > from) {
+            layers.push(&entry.layer);
+            next = entry.below.0.as_deref();
+        }
+        layers.reverse();
+        layers
+    }
+
+    /// Every layer, bottom first.
+    pub fn to_vec(&self) -> Vec<LayerRecord> {
+        self.above(0).into_iter().cloned().collect()
+    }
+}
+
+impl Drop for StackEntry {
+    // Unlinks a long stack iteratively, as `LogEntry` does.
+    fn drop(&mut self) {
+        let mut next = self.below.0.take();
+        while let Some(entry) = next {
+            match Arc::try_unwrap(entry) {
+                Ok(mut entry) => next = entry.below.0.take(),
+                Err(_) => break,
+            }
+        }
     }
 }
 
@@ -192,8 +257,12 @@ impl Execution<'_> {
             Some((tree, applied)) => (FsTree::clone(&tree), applied),
             None => (FsTree::default(), 0),
         };
-        for (position, layer) in state.layers.iter().enumerate().skip(first_own_layer) {
-            tree.apply(position, &layer.digest, &*self.indexes.get(self.store, layer)?)?;
+        // The indexes are loaded in parallel (each a small file read and parsed: a change at the
+        // tail of a long chain loads one per step below it), and applied in order.
+        let own = state.layers.above(first_own_layer);
+        let indexes = own.par_iter().map(|layer| self.indexes.get(self.store, layer)).collect::<Result<Vec<_>, _>>()?;
+        for (offset, (layer, index)) in own.iter().zip(&indexes).enumerate() {
+            tree.apply(first_own_layer + offset, &layer.digest, index)?;
         }
         let tree = Arc::new(tree);
         let _ = state.tree.set(Arc::clone(&tree));

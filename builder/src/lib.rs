@@ -51,6 +51,7 @@ pub mod watch;
 mod attest;
 mod base;
 mod context;
+mod error_text;
 mod execution;
 mod inspect;
 mod layer;
@@ -67,6 +68,7 @@ mod tree;
 pub mod cache;
 
 pub use build::{BuildError, Builder, BuilderOptions, BuiltImage, BuiltIndex, IndexOptions, LayerListing};
+pub use cache::PrunePolicy;
 pub use inspect::InspectOptions;
 pub use layer::Compression;
 pub use layerwright_dsl::*;

@@ -193,7 +193,7 @@ impl Store {
             let last_used = fs::metadata(parent.join(format!("{name}.lock")))
                 .and_then(|metadata| metadata.modified())
                 .unwrap_or(SystemTime::UNIX_EPOCH);
-            let (bytes, _) = crate::gc::tree_size(&entry.path());
+            let (bytes, _) = crate::gc::Walk::default().size(&entry.path());
             usage.push(CacheMountUsage { id, path: entry.path(), bytes, last_used });
         }
         usage.sort_by(|left, right| (left.last_used, &left.path).cmp(&(right.last_used, &right.path)));
@@ -302,7 +302,9 @@ mod tests {
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o700, "an existing directory is left as it is");
         let usage = store.cache_mount_usage();
         assert_eq!(usage.len(), 1);
-        assert_eq!((usage[0].id.as_str(), usage[0].bytes), ("/root/.cache", 1));
+        // As `du -sb` counts: the directory itself and the one-byte file.
+        let directory_bytes = fs::symlink_metadata(&path).unwrap().len();
+        assert_eq!((usage[0].id.as_str(), usage[0].bytes), ("/root/.cache", directory_bytes + 1));
     }
 
     fn lease_name(id: &str) -> String {
@@ -340,10 +342,12 @@ mod tests {
             let lock = File::options().write(true).open(lease.parent().join(format!("{}.lock", lease.name()))).unwrap();
             lock.set_modified(SystemTime::now() - std::time::Duration::from_secs(age)).unwrap();
         }
-        let mut total = 1500;
-        let (removed, freed) = store.prune_cache_mounts(1000, &mut total).unwrap();
-        // The link counts too (its length).
-        assert_eq!((removed, total), (1, 1500 - freed));
+        // One directory over the limit: only the least recently used one goes.
+        let before: u64 = store.cache_mount_usage().iter().map(|usage| usage.bytes).sum();
+        let mut total = before;
+        let (removed, freed) = store.prune_cache_mounts(before - 1, &mut total).unwrap();
+        // The directory, its file and its link (the link's length) are freed.
+        assert_eq!((removed, total), (1, before - freed));
         assert!(freed >= 1000);
         let left: Vec<String> = store.cache_mount_usage().into_iter().map(|usage| usage.id).collect();
         assert_eq!(left, ["new"]);

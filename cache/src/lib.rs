@@ -39,6 +39,7 @@ mod digest;
 mod explain;
 mod gc;
 mod key;
+mod lease;
 mod stat_cache;
 mod store;
 
@@ -49,8 +50,9 @@ pub use db::{
 };
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use explain::{MissReason, Provenance};
-pub use gc::{DiskUsage, PruneReport};
+pub use gc::{Attachment, CacheDirectory, DiskUsage, PrunePolicy, PruneReport, free_bytes};
 pub use key::{KEY_FORMAT_VERSION, StepKey, StepKeyBuilder};
+pub use lease::LeaseError;
 pub use stat_cache::{FileStat, StatCache};
 pub use store::{
     ActionRecord, BlobInfo, BlobWriter, LayerRecord, Store, StoreError, WRITEBACK_CHUNK, create_private_dir_all,

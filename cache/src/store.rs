@@ -9,6 +9,11 @@
 //!   shape are in its blob, so that an almost identical layer reuses them (owned by the
 //!   builder; a map naming a missing blob is ignored).
 //! - `tmp/`: files being written; anything left there by a crash is garbage.
+//! - `leases/`, `gc.lock`: what each open store uses, for pruning beside running builds (see
+//!   the `lease` module).
+//! - `provenance/<slot>`: what each step was last built from, to explain its next miss.
+//! - `stat-cache`, `lock`: the stat cache and the lock `prune` waits on.
+//! - directories the builder declares (see [`crate::CacheDirectory`]), such as RUN logs.
 //!
 //! The cache directory holds other users' secrets in effect (snapshots with setuid-root files
 //! and image device nodes, RUN logs, build outputs), so it is private: [`Store::open`] makes
@@ -38,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use tempfile::NamedTempFile;
 use thiserror::Error;
 
+use crate::lease::Lease;
 use crate::{Digest, Sha256Writer, StepKey};
 
 /// Why a store operation failed. Every variant names the path or digest concerned.
@@ -90,6 +96,9 @@ pub enum StoreError {
         /// The effective uid of this process.
         uid: u32,
     },
+    /// A lease (what an open store uses, for prunes beside it) could not be kept.
+    #[error(transparent)]
+    Lease(#[from] crate::lease::LeaseError),
     /// An action record cannot be parsed.
     #[error("cache store: action record {path} is unreadable: {reason}")]
     CorruptRecord {
@@ -150,6 +159,8 @@ pub struct BlobInfo {
 pub struct Store {
     root: PathBuf,
     _lock: Arc<File>,
+    /// What this store (any clone of it) uses, for prunes running beside it.
+    lease: Arc<Lease>,
     /// Blobs this store (any clone of it) committed after hashing every byte on the way in, and
     /// how their files looked then: see [`Store::unchanged_since_hashed`].
     hashed_here: Arc<Mutex<HashMap<Digest, FileStamp>>>,
@@ -172,11 +183,24 @@ impl Store {
             log::warn!("flock({}, LOCK_SH) failed: {error}", lock_path.display());
             StoreError::Io { action: "lock", path: lock_path, source: error.into() }
         })?;
-        Ok(Store::with_lock(root, lock))
+        Store::with_lock(root, lock)
     }
 
-    fn with_lock(root: PathBuf, lock: File) -> Store {
-        Store { root, _lock: Arc::new(lock), hashed_here: Arc::default() }
+    fn with_lock(root: PathBuf, lock: File) -> Result<Store, StoreError> {
+        let lease = Lease::create(&root)?;
+        Ok(Store { root, _lock: Arc::new(lock), lease: Arc::new(lease), hashed_here: Arc::default() })
+    }
+
+    /// Marks the records of `keys` as in use by this store until it (its last clone) is
+    /// dropped: a prune, here or in another process, keeps them and everything they name.
+    /// Call it before looking the records up.
+    pub fn protect_keys<'a>(&self, keys: impl IntoIterator<Item = &'a StepKey>) -> Result<(), StoreError> {
+        Ok(self.lease.add(keys.into_iter().map(|key| format!("key {}", key.to_hex())))?)
+    }
+
+    /// Marks the blob `digest` as in use by this store (see [`Store::protect_keys`]).
+    pub fn protect_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+        Ok(self.lease.add([format!("blob {}", digest.hex())])?)
     }
 
     /// Opens the store holding the lock exclusively (for `prune`): waits up to `timeout` for
@@ -194,7 +218,7 @@ impl Store {
         }
         remove_stale_temp_files(&root.join("tmp"));
         create_private_layout(&root)?;
-        Ok(Store::with_lock(root, lock))
+        Store::with_lock(root, lock)
     }
 
     /// The cache directory.
@@ -284,6 +308,7 @@ impl Store {
     /// Stores `bytes` as a blob (for configs and manifests, which are small).
     pub fn put_blob(&self, bytes: &[u8]) -> Result<BlobInfo, StoreError> {
         let digest = Digest::of_bytes(bytes);
+        self.protect_blob(&digest)?;
         if self.has_blob(&digest) {
             return Ok(BlobInfo { path: self.blob_path(&digest), digest, size: bytes.len() as u64 });
         }
@@ -297,6 +322,7 @@ impl Store {
     /// The bytes are verified even when the store already holds the blob, so that a corrupt
     /// source is reported rather than silently replaced by the good copy.
     pub fn import_blob(&self, reader: &mut dyn Read, expected: &Digest) -> Result<BlobInfo, StoreError> {
+        self.protect_blob(expected)?;
         if self.has_blob(expected) {
             let path = self.blob_path(expected);
             let mut hasher = Sha256Writer::new(io::sink());
@@ -313,7 +339,7 @@ impl Store {
         writer.commit_expecting(expected)
     }
 
-    fn action_path(&self, key: &StepKey) -> PathBuf {
+    pub(crate) fn action_path(&self, key: &StepKey) -> PathBuf {
         let hex = key.to_hex();
         self.root.join("actions").join(&hex[..2]).join(format!("{hex}.json"))
     }
@@ -438,7 +464,8 @@ impl FileStamp {
 }
 
 /// The directories of the store's layout, below its root.
-const LAYOUT: [&str; 7] = ["blobs", "blobs/sha256", "actions", "indexes", "provenance", "snapshots", "tmp"];
+const LAYOUT: [&str; 8] =
+    ["blobs", "blobs/sha256", "actions", "indexes", "provenance", "snapshots", "tmp", crate::lease::LEASES];
 
 /// Creates (or checks) the root with [`create_private_directory`], then each directory of
 /// [`LAYOUT`] with mode 0700.
@@ -525,7 +552,7 @@ fn remove_stale_temp_files(tmp: &Path) {
 
 /// Gives every directory below `path` (itself included) mode 0700, not following symlinks;
 /// errors are left for the removal that follows to report.
-fn make_directories_searchable(path: &Path) {
+pub(crate) fn make_directories_searchable(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o700));
     let Ok(entries) = fs::read_dir(path) else { return };
@@ -660,6 +687,7 @@ impl BlobWriter {
             return Err(StoreError::DigestMismatch { expected: expected.clone(), actual: digest });
         }
         let path = self.store.blob_path(&digest);
+        self.store.protect_blob(&digest)?;
         if path.is_file() {
             // Someone else's copy, which this process has not read: not recorded as hashed here.
             return Ok(BlobInfo { digest, size, path });

@@ -154,7 +154,10 @@ impl Step {
                 for (key, value) in &run.env {
                     encoder.str(key).str(value);
                 }
-                encoder.optional_str(run.workdir.as_deref()).optional_str(run.user.as_deref()).tag(run.network as u8)
+                encoder
+                    .optional_str(run.workdir.as_deref())
+                    .optional_str(run.user.as_deref())
+                    .tag(run.network.key_byte())
             }
             Step::Config(change) => {
                 encoder.tag(11);
@@ -215,6 +218,7 @@ mod tests {
             base.run("true"),
             base.run(["true"]),
             base.run(Run::shell("true").network(true)),
+            base.run(Run::shell("true").host_network()),
             base.env("A", "1"),
             base.env("A1", ""),
             base.label("A", "1"),
@@ -291,5 +295,17 @@ mod tests {
         }
         // The default id of a cache mount is its target.
         assert_eq!(with(Mount::cache("/c")), with(Mount::cache("/c").id("/c")));
+    }
+
+    #[test]
+    fn the_network_mode_keeps_the_bytes_of_the_old_flag_and_limits_are_not_encoded() {
+        let base = Image::scratch();
+        // Before `NetworkMode`, the encoding ended with the flag as one byte: 0 off, 1 on.
+        let last_byte = |run: Run| *encoding(&base.run(run)).last().unwrap();
+        assert_eq!(last_byte(Run::shell("true")), 0);
+        assert_eq!(last_byte(Run::shell("true").network(true)), 1);
+        assert_eq!(last_byte(Run::shell("true").host_network()), 2);
+        let limited = Run::shell("true").network(true).memory_limit(1 << 20).pids_limit(8);
+        assert_eq!(encoding(&base.run(limited)), encoding(&base.run(Run::shell("true").network(true))));
     }
 }

@@ -41,6 +41,6 @@ pub use encode::ENCODING_VERSION;
 pub use image::{ExposedPort, Image};
 pub use image_path::{ImagePathError, clean_lexically, normalize_context_path, normalize_image_path};
 pub use step::{
-    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, MkdirStep, Mount, MountSource, Owner, Run,
-    RunCommand, SSH_AGENT_TARGET, Sharing, Step, SymlinkStep, WriteFileStep,
+    ConfigChange, CopyFromStep, CopyOptions, CopyStep, FileOptions, Limits, MkdirStep, Mount, MountSource, NetworkMode,
+    Owner, Run, RunCommand, SSH_AGENT_TARGET, Sharing, Step, SymlinkStep, WriteFileStep,
 };

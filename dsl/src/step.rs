@@ -244,7 +244,7 @@ pub enum RunCommand {
 /// `image.run("make")` and `image.run(Run::shell("make"))` declare the same step.
 ///
 /// ```
-/// use layerwright_dsl::{Image, Run, RunCommand};
+/// use layerwright_dsl::{Image, NetworkMode, Run, RunCommand};
 ///
 /// let base = Image::from_archive("busybox.tar");
 /// let run = Run::shell("make install")
@@ -252,7 +252,7 @@ pub enum RunCommand {
 ///     .workdir("/src")
 ///     .user("1000:1000");
 /// assert_eq!(run.command, RunCommand::Shell("make install".into()));
-/// assert!(!run.network, "off unless asked for");
+/// assert_eq!(run.network, NetworkMode::None, "off unless asked for");
 /// let installed = base.run(run);
 /// assert_eq!(installed.step().label(), "RUN make install");
 /// ```
@@ -269,11 +269,61 @@ pub struct Run {
     pub workdir: Option<String>,
     /// The user the command runs as (`uid[:gid]` or names); `None` for the config's `USER`.
     pub user: Option<String>,
-    /// Off by default: a RUN step is hermetic unless it asks for the network.
-    pub network: bool,
+    /// The network the command gets: none by default (a RUN step is hermetic unless it asks
+    /// for the network), a namespace of its own with outbound access, or the host's.
+    pub network: NetworkMode,
+    /// Resource limits of the command; `None` fields take the builder's defaults. They do not
+    /// enter the step's key: a limit decides whether the command may finish, not what it
+    /// writes, so raising one to get a step through must not rebuild what was already built.
+    pub limits: Limits,
     /// What is mounted while the command runs, in declaration order (see [`Mount`]); nothing
     /// of it enters the layer.
     pub mounts: Vec<Mount>,
+}
+
+/// The network namespace a RUN command runs in. Encoded in the step's key as one byte
+/// (`None` 0, `Isolated` 1, `Host` 2: a step declared with `network(true)` before this type
+/// existed keeps its key).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum NetworkMode {
+    /// A network namespace of its own with only a loopback interface: no network at all.
+    #[default]
+    None,
+    /// A network namespace of its own with outbound access through a user-mode network stack
+    /// (`slirp4netns`), DNS through its forwarder, and the host's loopback out of reach.
+    Isolated,
+    /// The host's network namespace: every interface and service of the host, its loopback
+    /// included (BuildKit's `network.host` entitlement). An explicit opt-in.
+    Host,
+}
+
+impl NetworkMode {
+    /// The byte the step's key encodes this mode as.
+    pub fn key_byte(self) -> u8 {
+        match self {
+            NetworkMode::None => 0,
+            NetworkMode::Isolated => 1,
+            NetworkMode::Host => 2,
+        }
+    }
+}
+
+/// Resource limits of a RUN command, each `None` for the builder's default. Not part of the
+/// step's key (see [`Run::limits`]).
+///
+/// ```
+/// use layerwright_dsl::{Limits, Run};
+///
+/// let run = Run::shell("make -j8").memory_limit(2 << 30).pids_limit(512);
+/// assert_eq!(run.limits, Limits { pids: Some(512), memory: Some(2 << 30) });
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Limits {
+    /// The most processes (and threads) the command may have at once.
+    pub pids: Option<u64>,
+    /// The most memory, in bytes, the command's processes may use together (page cache
+    /// included, as the kernel's memory cgroup counts it) before the kernel kills one.
+    pub memory: Option<u64>,
 }
 
 impl Run {
@@ -349,17 +399,73 @@ impl Run {
         self
     }
 
-    /// This command with outbound network access (`true`) or without any (`false`, the
-    /// default). A networked step is still cached by its declaration alone: what it downloads
-    /// does not enter its key.
+    /// This command with outbound network access (`true`: [`NetworkMode::Isolated`], a network
+    /// namespace of its own that reaches the internet but not the host's loopback) or without
+    /// any (`false`, the default). A networked step is still cached by its declaration alone:
+    /// what it downloads does not enter its key.
+    ///
+    /// ```
+    /// use layerwright_dsl::{NetworkMode, Run};
+    ///
+    /// assert_eq!(Run::shell("apt-get update").network(true).network, NetworkMode::Isolated);
+    /// ```
+    pub fn network(mut self, enabled: bool) -> Run {
+        self.network = if enabled { NetworkMode::Isolated } else { NetworkMode::None };
+        self
+    }
+
+    /// This command in the host's network namespace: it reaches every service of the host,
+    /// those listening on its loopback included. The explicit opt-in that BuildKit calls the
+    /// `network.host` entitlement; use [`Run::network`] unless the step needs the host.
+    ///
+    /// ```
+    /// use layerwright_dsl::{NetworkMode, Run};
+    ///
+    /// assert_eq!(Run::shell("curl http://127.0.0.1:8080/").host_network().network, NetworkMode::Host);
+    /// ```
+    pub fn host_network(mut self) -> Run {
+        self.network = NetworkMode::Host;
+        self
+    }
+
+    /// This command with these resource limits (a `None` field takes the builder's default).
+    /// Limits are not part of the step's key: they decide whether the command may finish, not
+    /// what it writes, so changing one does not rebuild a step that was built.
+    ///
+    /// ```
+    /// use layerwright_dsl::{Limits, Run};
+    ///
+    /// let limits = Limits { pids: Some(64), memory: None };
+    /// assert_eq!(Run::shell("make").limits(limits).limits, limits);
+    /// ```
+    pub fn limits(mut self, limits: Limits) -> Run {
+        self.limits = limits;
+        self
+    }
+
+    /// This command limited to `pids` processes (and threads) at once: a fork bomb fails the
+    /// step. The builder's default is 4096.
     ///
     /// ```
     /// use layerwright_dsl::Run;
     ///
-    /// assert!(Run::shell("apt-get update").network(true).network);
+    /// assert_eq!(Run::shell("make").pids_limit(64).limits.pids, Some(64));
     /// ```
-    pub fn network(mut self, enabled: bool) -> Run {
-        self.network = enabled;
+    pub fn pids_limit(mut self, pids: u64) -> Run {
+        self.limits.pids = Some(pids);
+        self
+    }
+
+    /// This command limited to `bytes` of memory: past it the kernel kills a process of the
+    /// command and the step fails saying so. The builder's default is no limit.
+    ///
+    /// ```
+    /// use layerwright_dsl::Run;
+    ///
+    /// assert_eq!(Run::shell("make").memory_limit(1 << 30).limits.memory, Some(1 << 30));
+    /// ```
+    pub fn memory_limit(mut self, bytes: u64) -> Run {
+        self.limits.memory = Some(bytes);
         self
     }
 
@@ -381,7 +487,15 @@ impl Run {
 
 impl From<RunCommand> for Run {
     fn from(command: RunCommand) -> Run {
-        Run { command, env: Vec::new(), workdir: None, user: None, network: false, mounts: Vec::new() }
+        Run {
+            command,
+            env: Vec::new(),
+            workdir: None,
+            user: None,
+            network: NetworkMode::None,
+            limits: Limits::default(),
+            mounts: Vec::new(),
+        }
     }
 }
 

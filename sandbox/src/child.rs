@@ -5,7 +5,7 @@
 //!
 //! 1. asks for SIGKILL when the builder thread dies (and quits if it already has), resets
 //!    signal dispositions and mask, points stdin at `/dev/null` and stdout/stderr at the
-//!    output pipe, and starts a session of its own (`setsid`: no controlling terminal, so the
+//!    output pipe, joins the command's cgroups, and starts a session of its own (`setsid`: no controlling terminal, so the
 //!    builder's terminal and `/dev/tty` are out of reach);
 //! 2. (rootless) maps root to the caller in `/proc/self/{setgroups,uid_map,gid_map}`;
 //! 3. makes every mount private (nothing propagates back to the host), sets the hostname;
@@ -20,7 +20,9 @@
 //! 6. mounts a `nodev` tmpfs `/dev` with the device binds, `pts`, `shm` and the usual links, and
 //!    the `hosts`/`resolv.conf` binds; then the step's own mounts (cache directories and tmpfs,
 //!    detached in step 4, see `mounts`);
-//! 7. creates and enters the working directory, joins a fresh session keyring, installs the
+//! 7. creates and enters the working directory, waits for the parent to bring its network up
+//!    (isolated networking), sets `RLIMIT_NPROC` (rootless without a cgroup), joins a fresh
+//!    session keyring, installs the
 //!    seccomp filter (Docker's default profile, see `seccomp`), sets the capability sets as Docker does
 //!    (bounding, effective and permitted: Docker's default set for root, nothing for another
 //!    user; inheritable and ambient empty), switches to the step's user and groups, arms the
@@ -34,7 +36,8 @@
 //!
 //! What this module deliberately is not: the parent's side (`clone`, reading the output,
 //! waiting, turning a record into an error: see `namespace`), the overlay's options (see
-//! `overlay`), or a full container runtime (no cgroups or resource limits yet).
+//! `overlay`), or a full container runtime (no CPU or IO limits; the cgroups are the parent's,
+//! see `limits`; the network helper too, see `network`).
 
 use std::convert::Infallible;
 use std::ffi::{CStr, CString};
@@ -134,8 +137,14 @@ pub(crate) struct ChildProgram<'a> {
     _env: Vec<CString>,
     exec_candidates: Vec<CString>,
     seccomp: &'static crate::seccomp::Programs,
-    /// The `cgroup.procs` of the command's cgroup, when it has one.
-    pub(crate) cgroup_procs: Option<CString>,
+    /// The files to write `0` to, to join the command's cgroups (`tasks` on v1,
+    /// `cgroup.procs` on v2).
+    pub(crate) cgroup_joins: Vec<CString>,
+    /// Wait for the parent's byte on the alive pipe before the command (its network is being
+    /// set up).
+    pub(crate) wait_for_network: bool,
+    /// `RLIMIT_NPROC` to set in the command's user namespace (rootless, no cgroup).
+    pub(crate) nproc_limit: Option<u64>,
     argv_pointers: Vec<*const c_char>,
     env_pointers: Vec<*const c_char>,
     /// The step's own mounts (see `mounts`).
@@ -208,7 +217,9 @@ impl<'a> ChildProgram<'a> {
             _env: env,
             exec_candidates,
             seccomp: crate::seccomp::programs()?,
-            cgroup_procs: None,
+            cgroup_joins: Vec::new(),
+            wait_for_network: false,
+            nproc_limit: None,
             argv_pointers,
             env_pointers,
             step_mounts: PreparedMounts::new(&plan.mounts.step)?,
@@ -235,8 +246,10 @@ impl<'a> ChildProgram<'a> {
             Stage::Setsid => "setsid()".to_owned(),
             Stage::JoinCgroup => format!(
                 "write({:?}, \"0\") to join the command's cgroup",
-                self.cgroup_procs.as_deref().unwrap_or(c"cgroup.procs")
+                self.cgroup_joins.get(detail).map_or(c"cgroup.procs", CString::as_c_str)
             ),
+            Stage::WaitNetwork => "reading the alive pipe while the parent starts the network".to_owned(),
+            Stage::ProcessRlimit => format!("setrlimit(RLIMIT_NPROC, {})", self.nproc_limit.unwrap_or(0)),
             Stage::SetgroupsDeny => "write(/proc/self/setgroups, \"deny\")".to_owned(),
             Stage::UidMap => format!(
                 "write(/proc/self/uid_map, {:?})",
@@ -378,8 +391,8 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
     rustix::stdio::dup2_stdout(output).map_err(fail(Stage::Stdio, 1))?;
     rustix::stdio::dup2_stderr(output).map_err(fail(Stage::Stdio, 2))?;
     // Into the command's cgroup before anything of the command can fork.
-    if let Some(procs) = &program.cgroup_procs {
-        write_file(procs.as_c_str(), b"0").map_err(fail(Stage::JoinCgroup, 0))?;
+    for (index, join) in program.cgroup_joins.iter().enumerate() {
+        write_file(join.as_c_str(), b"0").map_err(fail(Stage::JoinCgroup, index))?;
     }
     // A session of its own, without a controlling terminal: the builder's terminal (and
     // TIOCSTI on it) is out of reach, and `/dev/tty` does not open.
@@ -505,6 +518,26 @@ fn child_setup(program: &ChildProgram<'_>, descriptors: ChildDescriptors) -> Res
         }
     }
     rustix::process::chdir(program.workdir.as_c_str()).map_err(fail(Stage::ChdirWorkdir, 0))?;
+    // The parent started the network helper for this process while it set up its mounts; one
+    // byte says the interfaces are up, EOF that the builder is gone.
+    if program.wait_for_network {
+        // SAFETY: open in this process until it exits.
+        let alive = unsafe { BorrowedFd::borrow_raw(descriptors.alive_read) };
+        let mut byte = [0u8; 1];
+        loop {
+            match rustix::io::read(alive, &mut byte) {
+                Ok(1) => break,
+                Ok(_) => return Err(Failure::new(Stage::ParentGone, 0, Errno::SRCH)),
+                Err(Errno::INTR) => continue,
+                Err(error) => return Err(Failure::new(Stage::WaitNetwork, 0, error)),
+            }
+        }
+    }
+    // Without a cgroup, a rootless command's processes are counted in its own user namespace.
+    if let Some(limit) = program.nproc_limit {
+        let limit = rustix::process::Rlimit { current: Some(limit), maximum: Some(limit) };
+        rustix::process::setrlimit(rustix::process::Resource::Nproc, limit).map_err(fail(Stage::ProcessRlimit, 0))?;
+    }
     set_capabilities(program, descriptors)?;
     // Whatever the builder's process had open (a library user's descriptors included) must not
     // reach the command: an open directory of the host would be a way out.

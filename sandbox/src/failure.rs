@@ -69,6 +69,38 @@ pub enum SandboxError {
         /// Why it failed.
         source: io::Error,
     },
+    /// The command failed after the kernel killed a process of it for going past its memory
+    /// limit.
+    #[error(
+        "the command hit its memory limit of {} (the kernel's OOM killer ended a process of it in its cgroup) and \
+         {ended}",
+        bytes_text(*limit)
+    )]
+    MemoryLimit {
+        /// The limit, in bytes.
+        limit: u64,
+        /// How it ended (`exited with code 137`, `was killed by signal 9`).
+        ended: String,
+    },
+    /// The program that gives a step its isolated network is not installed.
+    #[error(
+        "a RUN step with network access needs `{program}`, which is not on PATH: install the Debian package \
+         `{package}` (apt-get install {package})"
+    )]
+    NetworkHelperMissing {
+        /// The program.
+        program: &'static str,
+        /// The Debian package that has it.
+        package: &'static str,
+    },
+    /// The step's isolated network could not be set up.
+    #[error("cannot give the command its network with {}: {reason}", program.display())]
+    Network {
+        /// The program that failed (`slirp4netns`).
+        program: std::path::PathBuf,
+        /// What went wrong, with what it printed.
+        reason: String,
+    },
     /// The parent's side (pipes, reading the output, waiting) failed, or the plan holds a
     /// string the kernel cannot take.
     #[error("cannot {action}: {source}")]
@@ -78,6 +110,15 @@ pub enum SandboxError {
         /// Why it could not.
         source: io::Error,
     },
+}
+
+/// `64 MiB (67108864 bytes)`, or just the bytes when they are not a whole number of MiB.
+fn bytes_text(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB ({bytes} bytes)", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 fn hint_text(hint: &Option<&'static str>) -> String {
@@ -158,6 +199,10 @@ pub(crate) enum Stage {
     Workdir,
     /// `chdir` to the working directory.
     ChdirWorkdir,
+    /// Waiting for the parent to start the command's network (reading the alive pipe).
+    WaitNetwork,
+    /// `setrlimit(RLIMIT_NPROC)`, the process limit without a cgroup (rootless).
+    ProcessRlimit,
     /// Dropping a capability from the bounding set (the detail is the capability).
     DropCapabilities,
     /// Setting the other capability sets (the detail is the call: keep-caps off, ambient
@@ -183,7 +228,7 @@ pub(crate) enum Stage {
 
 impl Stage {
     /// Every stage, in declaration order (`Stage::ALL[stage as usize] == stage`).
-    pub(crate) const ALL: [Stage; 43] = [
+    pub(crate) const ALL: [Stage; 45] = [
         Stage::ParentGone,
         Stage::ParentDeathSignal,
         Stage::Stdio,
@@ -217,6 +262,8 @@ impl Stage {
         Stage::DevLink,
         Stage::Workdir,
         Stage::ChdirWorkdir,
+        Stage::WaitNetwork,
+        Stage::ProcessRlimit,
         Stage::DropCapabilities,
         Stage::CapabilitySets,
         Stage::SessionKeyring,
@@ -349,6 +396,19 @@ mod tests {
         for (position, stage) in Stage::ALL.iter().enumerate() {
             assert_eq!(*stage as usize, position, "Stage::ALL is in declaration order");
         }
+    }
+
+    #[test]
+    fn limit_and_network_errors_name_the_limit_and_the_package() {
+        let missing = SandboxError::NetworkHelperMissing { program: "slirp4netns", package: "slirp4netns" };
+        assert_eq!(
+            missing.to_string(),
+            "a RUN step with network access needs `slirp4netns`, which is not on PATH: install the Debian package \
+             `slirp4netns` (apt-get install slirp4netns)"
+        );
+        let memory = SandboxError::MemoryLimit { limit: 3 << 30, ended: "was killed by signal 9".into() };
+        assert!(memory.to_string().starts_with("the command hit its memory limit of 3072 MiB (3221225472 bytes)"));
+        assert_eq!(bytes_text(1000), "1000 bytes");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! layerwright-sandbox: the sandbox a RUN step's command executes in. One child process in
-//! fresh mount, pid, ipc, uts and (unless the step enables networking) net namespaces, plus a
+//! fresh mount, pid, ipc, uts and (unless the step asks for the host's) net namespaces, plus a
 //! user namespace when not root, whose root is an overlay mount of the image's layers; what the
 //! command writes lands in the overlay's upper directory, which the caller turns into a layer.
 //!
@@ -13,7 +13,8 @@
 //!   [`OverlayError`]) and mounted in the child with the new mount API, or `mount(2)` on kernels
 //!   whose overlayfs lacks `lowerdir+`;
 //! - [`SandboxPlan`]: the overlay, the mounts the caller wants ([`SandboxMounts`]), the process
-//!   ([`ProcessSpec`]), rootless or not, networking or not;
+//!   ([`ProcessSpec`]), rootless or not, its network ([`SandboxNetwork`]: none, isolated
+//!   through [`slirp4netns`], or the host's) and limits ([`ResourceLimits`]);
 //! - [`Sandbox`]: runs a plan and returns how the command ended ([`Termination`]) or why it
 //!   could not run ([`SandboxError`], whose variants name the failed call with its arguments).
 //!   [`NamespaceSandbox`] is the real one; a caller's tests use a fake.
@@ -27,10 +28,14 @@
 //! The command gets what runc and Docker give a container by default where it matters for a
 //! hostile base image: its own session, a read-only and masked `/proc`, `nodev` mounts,
 //! Docker's default capability set (nothing for a non-root user), Docker's default seccomp
-//! profile, a fresh session keyring, death with the builder even after a user switch, and a
-//! cgroup of its own with a process limit (where the builder can make one).
+//! profile, a fresh session keyring, death with the builder even after a user switch, cgroups
+//! of its own with a process and a memory limit (where the builder can make them), and a
+//! network namespace of its own even when it has network access.
 //!
-//! What it deliberately is not: a full container runtime (no memory or CPU limits yet), or
+//! Modules added since: `limits` (the cgroups), `network` (slirp4netns), both used by
+//! `namespace`.
+//!
+//! What it deliberately is not: a full container runtime (no CPU or IO limits), or
 //! the place where a plan is decided or its
 //! result read: the builder resolves the user and environment from the image config, lays out
 //! the run directory, and reads the upper directory afterwards.
@@ -39,7 +44,8 @@
 //! use std::path::{Path, PathBuf};
 //!
 //! use layerwright_sandbox::{
-//!     NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination,
+//!     NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, ProcessSpec, ResourceLimits, Sandbox,
+//!     SandboxMounts, SandboxNetwork, SandboxPlan, Termination,
 //! };
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -62,7 +68,7 @@
 //!     upper: run.join("upper"),
 //!     merged: run.join("merged"),
 //!     rootless: None,
-//!     network: false,
+//!     network: SandboxNetwork::None,
 //!     mounts: SandboxMounts::default(),
 //!     hostname: "sandbox".to_owned(),
 //!     process: ProcessSpec {
@@ -71,10 +77,10 @@
 //!         workdir: "/".into(),
 //!         uid: 0,
 //!         gid: 0,
-//!         groups: vec![0],
+//!         groups: vec![],
 //!         exec_candidates: vec!["/bin/busybox".into()],
 //!     },
-//!     pids_limit: Some(4096),
+//!     limits: ResourceLimits { pids: Some(4096), memory: None },
 //! };
 //! let ended = NamespaceSandbox.run(&plan, &mut |output| print!("{}", String::from_utf8_lossy(output)))?;
 //! assert_eq!(ended, Termination::Exited(0));
@@ -91,6 +97,7 @@ mod failure;
 mod limits;
 mod mounts;
 mod namespace;
+mod network;
 mod overlay;
 mod plan;
 mod seccomp;
@@ -99,6 +106,7 @@ mod writeback;
 pub use failure::SandboxError;
 pub use mounts::{MAX_STEP_MOUNTS, SecretBytes, StepMount};
 pub use namespace::NamespaceSandbox;
+pub use network::{ISOLATED_NAMESERVER, slirp4netns};
 pub use overlay::{MAX_LOWER_LAYERS, OverlayError, OverlayMount, OverlayOptions, OverlayPaths};
-pub use plan::{ProcessSpec, Sandbox, SandboxMounts, SandboxPlan, Termination};
+pub use plan::{ProcessSpec, ResourceLimits, Sandbox, SandboxMounts, SandboxNetwork, SandboxPlan, Termination};
 pub use writeback::start_writeback;

@@ -4,14 +4,16 @@
 //! names the call with its arguments (logged as it is returned).
 //!
 //! The builder is multi-threaded (rayon), so the calling process never changes namespaces:
-//! `clone` with fresh mount, pid, ipc, uts and (unless the plan asks for the network) net
-//! namespaces, plus a user namespace when rootless, makes a child that is pid 1 of its own pid
+//! `clone` with fresh mount, pid, ipc, uts and (unless the plan asks for the host's network)
+//! net namespaces, plus a user namespace when rootless, makes a child that is pid 1 of its own pid
 //! namespace and owns its own mount namespace; it runs `child::child_main` and never returns.
 //!
 //! Cleanup is structural: every mount lives in the child's mount namespace, which the kernel
 //! tears down when pid 1 (the command) exits, and pid 1's exit kills whatever it left running.
 //! The parent kills and reaps the child if it is unwound early (error, panic), and the child
-//! gets SIGKILL if the builder dies (Ctrl-C).
+//! gets SIGKILL if the builder dies (Ctrl-C). With isolated networking, slirp4netns is started
+//! for the child's pid right after the `clone` and stopped (killed and reaped) when the run
+//! ends, however it ends (see `network`); the child waits for it before its command.
 //!
 //! What this module deliberately is not: the child's setup (see `child`), or the place where
 //! the upper directory is read (the caller reads it after a successful run).
@@ -25,8 +27,9 @@ use rustix::process::{Pid, Signal, WaitOptions};
 
 use crate::child::{ChildDescriptors, ChildProgram, child_main};
 use crate::failure::{Failure, RECORD_SIZE, SandboxError, Stage, hint};
-use crate::limits::CommandCgroup;
-use crate::plan::{Sandbox, SandboxPlan, Termination};
+use crate::limits::CommandCgroups;
+use crate::network::Forwarder;
+use crate::plan::{Sandbox, SandboxNetwork, SandboxPlan, Termination};
 
 /// The real sandbox: namespaces, overlay, pivot_root, exec.
 #[derive(Debug, Clone, Copy, Default)]
@@ -67,8 +70,20 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
 impl Sandbox for NamespaceSandbox {
     fn run(&self, plan: &SandboxPlan, output: &mut dyn FnMut(&[u8])) -> Result<Termination, SandboxError> {
         let mut program = ChildProgram::new(plan)?;
-        let cgroup = plan.pids_limit.and_then(CommandCgroup::create);
-        program.cgroup_procs = cgroup.as_ref().map(|cgroup| cgroup.procs.clone());
+        let cgroups = if plan.limits.pids.is_some() || plan.limits.memory.is_some() {
+            CommandCgroups::create(&plan.limits)
+        } else {
+            None
+        };
+        program.cgroup_joins = cgroups.as_ref().map(CommandCgroups::join_files).unwrap_or_default();
+        if cgroups.is_none() && plan.rootless.is_some() {
+            program.nproc_limit = plan.limits.pids;
+        }
+        let helper = match &plan.network {
+            SandboxNetwork::Isolated { slirp4netns } => Some(slirp4netns),
+            SandboxNetwork::None | SandboxNetwork::Host => None,
+        };
+        program.wait_for_network = helper.is_some();
         let (output_read, output_write) = pipe()?;
         let (failure_read, failure_write) = pipe()?;
         // The parent holds the write end for as long as it waits: a child that finds it closed
@@ -81,7 +96,7 @@ impl Sandbox for NamespaceSandbox {
             alive_write: alive_write.as_raw_fd(),
         };
         let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-        if !plan.network {
+        if plan.network != SandboxNetwork::Host {
             flags |= libc::CLONE_NEWNET;
         }
         if plan.rootless.is_some() {
@@ -119,6 +134,34 @@ impl Sandbox for NamespaceSandbox {
         drop(failure_write);
         drop(alive_read);
 
+        // The network helper starts while the child sets up its mounts; the child waits for one
+        // byte on the alive pipe before its command. Dropped before the guard: the helper goes
+        // first, then the child.
+        let _forwarder = match helper {
+            None => None,
+            Some(program_path) => match Forwarder::start(program_path, pid) {
+                Ok(forwarder) => {
+                    // A child that is gone already (EPIPE) left its failure record, read below.
+                    let _ = rustix::io::write(&alive_write, b"1");
+                    Some(forwarder)
+                }
+                Err(error) => {
+                    // A child that failed its own setup first explains the failure better.
+                    let _ = rustix::process::kill_process(pid, Signal::KILL);
+                    let _ = wait(pid);
+                    guard.reaped = true;
+                    let mut record = [0u8; RECORD_SIZE];
+                    let mut failure_file = File::from(failure_read);
+                    if let Ok(true) = read_full(&mut failure_file, &mut record)
+                        && let Some(failure) = Failure::decode(&record)
+                    {
+                        return Err(failure_error(&program, &failure));
+                    }
+                    return Err(error);
+                }
+            },
+        };
+
         let mut output_file = File::from(output_read);
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
@@ -152,14 +195,22 @@ impl Sandbox for NamespaceSandbox {
             });
         };
         if ended != Termination::Exited(0)
-            && let (Some(cgroup), Some(limit)) = (&cgroup, plan.pids_limit)
-            && cgroup.limit_hit()
+            && let Some(cgroups) = &cgroups
         {
-            let ended = match ended {
+            let how = match ended {
                 Termination::Exited(code) => format!("exited with code {code}"),
                 Termination::Signaled(signal) => format!("was killed by signal {signal}"),
             };
-            return Err(SandboxError::ProcessLimit { limit, ended });
+            if let Some(limit) = plan.limits.memory
+                && cgroups.memory_limit_hit()
+            {
+                return Err(SandboxError::MemoryLimit { limit, ended: how });
+            }
+            if let Some(limit) = plan.limits.pids
+                && cgroups.process_limit_hit()
+            {
+                return Err(SandboxError::ProcessLimit { limit, ended: how });
+            }
         }
         Ok(ended)
     }

@@ -29,17 +29,43 @@ pub struct SandboxPlan {
     pub merged: PathBuf,
     /// Rootless: the caller's (uid, gid), mapped to root in a new user namespace.
     pub rootless: Option<(u32, u32)>,
-    /// Share the host's network namespace (else the command gets a new, empty one).
-    pub network: bool,
+    /// The network namespace of the command.
+    pub network: SandboxNetwork,
     /// Which of the caller's mounts to make.
     pub mounts: SandboxMounts,
     /// The hostname inside (in a new UTS namespace).
     pub hostname: String,
     /// The command, and who it runs as.
     pub process: ProcessSpec,
-    /// The most processes the command may have at once (its own cgroup's `pids.max`); `None`:
-    /// no limit of its own.
-    pub pids_limit: Option<u64>,
+    /// The command's resource limits (its own cgroups).
+    pub limits: ResourceLimits,
+}
+
+/// The network namespace a command runs in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SandboxNetwork {
+    /// A new one with only `lo`: no network.
+    #[default]
+    None,
+    /// A new one with outbound access through this `slirp4netns` program (see
+    /// [`slirp4netns`](crate::slirp4netns)), the host's loopback out of reach; the caller
+    /// points the command's `/etc/resolv.conf` at [`ISOLATED_NAMESERVER`](crate::ISOLATED_NAMESERVER).
+    Isolated {
+        /// The program, found by the caller before the step runs.
+        slirp4netns: PathBuf,
+    },
+    /// The host's own.
+    Host,
+}
+
+/// The resource limits of a command, each `None` for no limit of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceLimits {
+    /// The most processes (and threads) the command may have at once (`pids.max`).
+    pub pids: Option<u64>,
+    /// The most bytes of memory its processes may use together (`memory.max`, or
+    /// `memory.limit_in_bytes` on cgroup v1) before the kernel kills one of them.
+    pub memory: Option<u64>,
 }
 
 /// Which of the runner's own mounts to make (the mountpoints exist in the merged tree).
@@ -70,7 +96,8 @@ pub struct ProcessSpec {
     pub uid: u32,
     /// Its primary group.
     pub gid: u32,
-    /// Supplementary groups (the primary group included), sorted, each once.
+    /// Supplementary groups, sorted, each once: as runc, the image's groups that name the user,
+    /// without the primary group.
     pub groups: Vec<u32>,
     /// Paths to `execve`, in order, until one is found (one unless `argv[0]` is a bare name).
     pub exec_candidates: Vec<String>,

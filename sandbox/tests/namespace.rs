@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use rustix::thread::CapabilitySet;
 
 use layerwright_sandbox::{
-    NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, ProcessSpec, Sandbox, SandboxError, SandboxMounts,
-    SandboxPlan, SecretBytes, StepMount, Termination,
+    NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, ProcessSpec, ResourceLimits, Sandbox, SandboxError,
+    SandboxMounts, SandboxNetwork, SandboxPlan, SecretBytes, StepMount, Termination,
 };
 
 /// `LAYERWRIGHT_SKIP_PRIVILEGED=1`: tests that need a working sandbox may skip.
@@ -42,9 +42,10 @@ impl Fixture {
             fs::create_dir_all(lower.join(directory)).unwrap();
         }
         fs::copy(busybox, lower.join("bin/busybox")).unwrap();
-        for applet in
-            ["sh", "cat", "hostname", "id", "rm", "grep", "mknod", "unshare", "wc", "ls", "cut", "touch", "mount"]
-        {
+        for applet in [
+            "sh", "cat", "hostname", "id", "rm", "grep", "mknod", "unshare", "wc", "ls", "cut", "touch", "mount", "nc",
+            "head", "tail", "ip", "sleep", "echo", "dd",
+        ] {
             symlink("busybox", lower.join("bin").join(applet)).unwrap();
         }
         fs::write(lower.join("etc/hosts"), "").unwrap();
@@ -103,7 +104,7 @@ impl Fixture {
             upper: self.path("run/upper"),
             merged: self.path("run/merged"),
             rootless: None,
-            network: false,
+            network: SandboxNetwork::None,
             mounts: SandboxMounts {
                 proc: true,
                 dev: true,
@@ -121,7 +122,7 @@ impl Fixture {
                 groups: vec![0],
                 exec_candidates: vec!["/bin/sh".into()],
             },
-            pids_limit: Some(4096),
+            limits: ResourceLimits { pids: Some(4096), memory: None },
         }
     }
 }
@@ -289,32 +290,181 @@ fn capability_sets_are_dockers_for_root_and_empty_for_other_users() {
 }
 
 /// One RUN's fixed cost in the sandbox: the median of 30 runs of `true` on a one-layer
-/// overlay, printed (`cargo test -p layerwright-sandbox --test namespace fixed_cost -- --ignored
+/// overlay in each configuration (interleaved, so that the machine's load hits them alike),
+/// printed (`cargo test -p layerwright-sandbox --test namespace fixed_cost -- --ignored
 /// --nocapture`).
 #[test]
 #[ignore = "a measurement, not a check"]
 fn fixed_cost() {
     let Some(fixture) = Fixture::new() else { return };
-    for pids_limit in [Some(4096), None, Some(4096), None] {
-        let mut times = Vec::new();
-        for _ in 0..30 {
+    let isolated = layerwright_sandbox::slirp4netns().ok().map(|slirp4netns| SandboxNetwork::Isolated { slirp4netns });
+    let mut configurations = vec![
+        ("no cgroup, no network", ResourceLimits::default(), SandboxNetwork::None),
+        ("pids limit, no network", ResourceLimits { pids: Some(4096), memory: None }, SandboxNetwork::None),
+        (
+            "pids and memory limits, no network",
+            ResourceLimits { pids: Some(4096), memory: Some(1 << 30) },
+            SandboxNetwork::None,
+        ),
+    ];
+    configurations.push((
+        "pids limit, host network",
+        ResourceLimits { pids: Some(4096), memory: None },
+        SandboxNetwork::Host,
+    ));
+    if let Some(isolated) = isolated {
+        configurations.push((
+            "pids limit, isolated network",
+            ResourceLimits { pids: Some(4096), memory: None },
+            isolated,
+        ));
+    }
+    let mut times = vec![Vec::new(); configurations.len()];
+    for _ in 0..30 {
+        for (index, (_, limits, network)) in configurations.iter().enumerate() {
             for directory in ["upper", "work"] {
                 let path = fixture.path(&format!("run/{directory}"));
                 fs::remove_dir_all(&path).unwrap();
                 fs::create_dir(&path).unwrap();
             }
             let mut plan = fixture.plan(false, "true");
-            plan.pids_limit = pids_limit;
+            plan.limits = *limits;
+            plan.network = network.clone();
             let started = std::time::Instant::now();
             assert_eq!(run(&plan).0.unwrap(), Termination::Exited(0));
-            times.push(started.elapsed());
+            times[index].push(started.elapsed());
         }
+    }
+    for ((name, _, _), mut times) in configurations.iter().zip(times) {
         times.sort();
         println!(
-            "pids limit {pids_limit:?}: median of 30 sandbox runs of `true`: {:?} (min {:?}, max {:?})",
+            "{name}: median of 30 sandbox runs of `true`: {:?} (min {:?}, max {:?})",
             times[15], times[0], times[29]
         );
     }
+}
+
+/// The isolated network, or `None` (after checking that skipping is allowed) without
+/// slirp4netns.
+fn isolated_network() -> Option<SandboxNetwork> {
+    match layerwright_sandbox::slirp4netns() {
+        Ok(slirp4netns) => Some(SandboxNetwork::Isolated { slirp4netns }),
+        Err(error) => {
+            assert!(skip_privileged(), "{error}");
+            None
+        }
+    }
+}
+
+/// The slirp4netns processes that are children of this process, once they had up to 5 s to
+/// be reaped (a reaper thread waits for them after the step).
+fn forwarders_left() -> usize {
+    for _ in 0..500 {
+        if forwarders() == 0 {
+            return 0;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    forwarders()
+}
+
+fn forwarders() -> usize {
+    let me = std::process::id().to_string();
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...
+            let Some((comm, rest)) = stat.split_once(") ") else { return false };
+            comm.ends_with("(slirp4netns") && rest.split(' ').nth(1) == Some(me.as_str())
+        })
+        .count()
+}
+
+#[test]
+fn isolated_networking_has_its_own_interfaces_and_cannot_reach_the_hosts_loopback() {
+    let Some(fixture) = Fixture::new() else { return };
+    let Some(network) = isolated_network() else { return };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "ip -4 -o addr show | cut -d' ' -f2,7
+for address in 127.0.0.1 10.0.2.2; do
+  if echo hello | nc -w 2 $address {port}; then echo \"reached $address\"; else echo \"refused $address\"; fi
+done"
+    );
+    for plan in [fixture.plan(false, &script), fixture.rootless_plan(&script)] {
+        let mut plan = plan;
+        plan.network = network.clone();
+        let output = output_of(&plan);
+        assert_eq!(
+            output,
+            "lo 127.0.0.1/8\ntap0 10.0.2.100/24\n\
+             nc: can't connect to remote host (127.0.0.1): Connection refused\nrefused 127.0.0.1\n\
+             nc: can't connect to remote host (10.0.2.2): Network is unreachable\nrefused 10.0.2.2\n",
+            "rootless {:?}",
+            plan.rootless
+        );
+        assert_eq!(listener.accept().map(drop).map_err(|error| error.kind()), Err(std::io::ErrorKind::WouldBlock));
+        assert_eq!(forwarders_left(), 0, "slirp4netns is stopped and reaped with the step");
+    }
+    // The namespace's own loopback is the command's (`Connection refused`: nothing listens
+    // there), and slirp4netns's gateway does not lead to the host's (`--disable-host-loopback`).
+    // A failing command stops it too.
+    let mut plan = fixture.plan(false, "exit 3");
+    plan.network = network.clone();
+    assert_eq!(run(&plan).0.unwrap(), Termination::Exited(3));
+    assert_eq!(forwarders_left(), 0);
+    // And a missing program is a clear error before anything runs.
+    let mut plan = fixture.plan(false, "true");
+    plan.network = SandboxNetwork::Isolated { slirp4netns: "/nonexistent/slirp4netns".into() };
+    let error = run(&plan).0.unwrap_err().to_string();
+    assert!(
+        error.starts_with("cannot give the command its network with /nonexistent/slirp4netns: cannot start it"),
+        "{error}"
+    );
+}
+
+#[test]
+fn host_networking_reaches_the_hosts_loopback() {
+    let Some(fixture) = Fixture::new() else { return };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+        text
+    });
+    let mut plan = fixture.plan(false, &format!("echo hello | nc -w 2 127.0.0.1 {port} && echo reached"));
+    plan.network = SandboxNetwork::Host;
+    assert_eq!(output_of(&plan), "reached\n");
+    assert_eq!(accepted.join().unwrap(), "hello\n");
+}
+
+#[test]
+fn a_memory_hog_hits_the_memory_limit_and_fails_with_a_clear_error() {
+    let Some(fixture) = Fixture::new() else { return };
+    // dd's buffer is one block: 600 MiB, written to before each copy.
+    let mut plan =
+        fixture.plan(false, "dd if=/dev/zero of=/dev/null bs=600M count=1 2>/dev/null; echo \"dd: $?\"; exit 1");
+    plan.limits.memory = Some(64 << 20);
+    let (ended, output) = run(&plan);
+    match ended {
+        Err(error @ SandboxError::MemoryLimit { limit, .. }) if limit == 64 << 20 => assert_eq!(
+            error.to_string(),
+            "the command hit its memory limit of 64 MiB (67108864 bytes) (the kernel's OOM killer ended a process of \
+             it in its cgroup) and exited with code 1"
+        ),
+        other => panic!("{other:?}, output {output:?}"),
+    }
+    assert_eq!(output, "dd: 137\n");
+    // Below the limit (in a reused cgroup, whose earlier kills do not count) all is well.
+    let mut plan = fixture.plan(false, "dd if=/dev/zero of=/dev/null bs=8M count=4 2>/dev/null && echo fine");
+    plan.limits.memory = Some(64 << 20);
+    assert_eq!(output_of(&plan), "fine\n");
 }
 
 #[test]
@@ -351,7 +501,7 @@ true";
 fn a_fork_bomb_hits_the_process_limit_and_fails_with_a_clear_error() {
     let Some(fixture) = Fixture::new() else { return };
     let mut plan = fixture.plan(false, "bomb() { bomb | bomb & }; bomb; sleep 2; exit 1");
-    plan.pids_limit = Some(32);
+    plan.limits.pids = Some(32);
     let started = std::time::Instant::now();
     let (ended, _) = run(&plan);
     match ended {
@@ -365,7 +515,7 @@ fn a_fork_bomb_hits_the_process_limit_and_fails_with_a_clear_error() {
     // A command below the limit is unaffected (in a reused cgroup, whose earlier refusals do
     // not count).
     let mut plan = fixture.plan(false, "for i in 1 2 3 4 5 6 7 8; do sleep 0 & done; wait; echo fine");
-    plan.pids_limit = Some(32);
+    plan.limits.pids = Some(32);
     assert_eq!(output_of(&plan), "fine\n");
 }
 

@@ -131,14 +131,7 @@ pub fn run(workspace: &Path, options: &BenchOptions) -> Result<()> {
     let dir = workspace.join("target/bench");
     fs::create_dir_all(&dir)?;
     let layerwright = build_bench_binary(workspace)?;
-    let (engine, docker_host) = match std::env::var("DOCKER_HOST") {
-        Ok(host) => (None, host),
-        Err(_) => {
-            let engine = DockerEngine::start()?.context("the BuildKit comparison needs root and dockerd")?;
-            let host = engine.host();
-            (Some(engine), host)
-        }
-    };
+    let (engine, docker_host) = DockerEngine::from_environment_or_start()?;
     let mut bench = Bench {
         workspace: workspace.to_owned(),
         layerwright,

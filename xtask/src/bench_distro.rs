@@ -83,14 +83,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let dir = workspace.join("target/bench");
     fs::create_dir_all(&dir)?;
     let layerwright = build_bench_binary(workspace)?;
-    let (engine, docker_host) = match std::env::var("DOCKER_HOST") {
-        Ok(host) => (None, host),
-        Err(_) => {
-            let engine = DockerEngine::start()?.context("the BuildKit comparison needs root and dockerd")?;
-            let host = engine.host();
-            (Some(engine), host)
-        }
-    };
+    let (engine, docker_host) = DockerEngine::from_environment_or_start()?;
     let mut bench = DistroBench { dir, layerwright, docker_host, edits: 0 };
     bench.prepare_base()?;
     workloads::generate("w4", &bench.dir)?;

@@ -85,17 +85,7 @@ pub const REFUSED: &[(&str, &str)] = &[
 
 /// Differences that are bugs still open, with where they are to be fixed: reported at every
 /// run, not failing it, and failing it once they are gone (so that the entry is removed).
-pub const KNOWN: &[Intended] = &[
-    Intended {
-        case: "34-user-numeric",
-        what: "/tmp/id",
-        reason: "supplementary groups: layerwright's RUN adds the primary gid to the process's groups \
-                 (builder/src/run/spec.rs, resolve_user: `vec![gid]`); BuildKit sets only the groups \
-                 that /etc/group lists the user in, and none for `USER u:g`",
-    },
-    Intended { case: "35-user-by-name", what: "/home/app/id", reason: "supplementary groups, as in 34-user-numeric" },
-    Intended { case: "36-user-name-and-group", what: "/tmp/id", reason: "supplementary groups, as in 34-user-numeric" },
-];
+pub const KNOWN: &[Intended] = &[];
 
 /// Options of a conformance run.
 #[derive(Default)]

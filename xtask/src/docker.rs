@@ -57,6 +57,17 @@ impl DockerEngine {
         Ok(Some(engine))
     }
 
+    /// For the benchmarks: the engine at `DOCKER_HOST` when it is set (and no engine of ours),
+    /// else one started here, with its `DOCKER_HOST` value. Keep the engine until the end.
+    pub fn from_environment_or_start() -> Result<(Option<DockerEngine>, String)> {
+        if let Ok(host) = std::env::var("DOCKER_HOST") {
+            return Ok((None, host));
+        }
+        let engine = DockerEngine::start()?.context("the BuildKit comparison needs root and dockerd")?;
+        let host = engine.host();
+        Ok((Some(engine), host))
+    }
+
     pub fn host(&self) -> String {
         format!("unix://{}", self.dir.join("docker.sock").display())
     }

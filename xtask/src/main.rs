@@ -10,7 +10,8 @@
 //! - `cargo xtask test [-- CARGO TEST ARGS]` (runs `cargo xtask tidy` first)
 //! - `cargo xtask tidy [--no-cargo]`
 //! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`,
-//!   `cargo xtask bench --remote-cache [--quick]`, `cargo xtask bench --scale`, `cargo xtask bench --distro`
+//!   `cargo xtask bench --remote-cache [--quick]`, `cargo xtask bench --scale`, `cargo xtask bench --distro`,
+//!   `cargo xtask bench --platforms`
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`
 
 #![forbid(unsafe_code)]
@@ -72,6 +73,11 @@ enum Commands {
         /// with `--load` and in one `--watch` process (needs root, dockerd, mmdebstrap).
         #[arg(long, conflicts_with_all = ["micro", "remote_cache", "scale"])]
         distro: bool,
+        /// Measure a RUN step native and under qemu-user emulation (linux/arm64), and an index
+        /// of both platforms against two single builds (needs root and `.ci/run`'s binfmt and
+        /// arm64 busybox).
+        #[arg(long, conflicts_with_all = ["micro", "remote_cache", "scale", "distro"])]
+        platforms: bool,
         /// Arguments passed on to the criterion harness with --micro (a name filter).
         #[arg(last = true)]
         arguments: Vec<String>,
@@ -135,6 +141,16 @@ fn main() -> Result<ExitCode> {
         Commands::Bench { quick, scale: true, .. } => {
             bench_scale::run(&workspace, quick)?;
             Ok(ExitCode::SUCCESS)
+        }
+        Commands::Bench { quick, platforms: true, .. } => {
+            let binary = bench::build_bench_binary(&workspace)?;
+            let workdir = workspace.join("target/bench-platforms");
+            let status = std::process::Command::new(binary)
+                .arg("--platforms")
+                .arg(&workdir)
+                .arg(if quick { "3" } else { "7" })
+                .status()?;
+            Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Commands::Bench { quick, distro: true, .. } => {
             bench_distro::run(&workspace, quick)?;

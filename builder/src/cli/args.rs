@@ -173,7 +173,7 @@ pub struct InspectArgs {
     pub files: bool,
 }
 
-/// `cache du`, `cache prune --keep-bytes N`.
+/// `cache du`, `cache prune [--keep-bytes N] [--keep-duration D] [--min-free N] [--reserved N]`.
 #[derive(Debug, Clone, clap::Args)]
 #[non_exhaustive]
 pub struct CacheArgs {
@@ -191,14 +191,64 @@ pub struct CacheArgs {
 pub enum CacheCommand {
     /// How much the cache holds, by kind.
     Du,
-    /// Remove least recently used entries until the cache holds at most N bytes. Waits up to a
-    /// minute for running builds to finish (they hold the cache's lock), never removing what
-    /// they use.
+    /// Remove what the policy says must go, least recently used first: snapshots, logs,
+    /// records, blobs and everything else the cache holds. Runs beside builds, never removing
+    /// what one of them uses. Sizes take K, M, G, T (powers of 1000) or Ki, Mi, Gi, Ti
+    /// suffixes; durations s, m, h, d.
+    #[command(group(clap::ArgGroup::new("policy").multiple(true).required(true)
+        .args(["keep_bytes", "keep_duration", "min_free"])))]
     Prune {
-        /// The most bytes the cache keeps.
-        #[arg(long = "keep-bytes", value_name = "N")]
-        keep_bytes: u64,
+        /// The most bytes the cache keeps (BuildKit's maxUsedSpace).
+        #[arg(long = "keep-bytes", value_name = "SIZE", value_parser = parse_size)]
+        keep_bytes: Option<u64>,
+        /// Remove what was not used for this long (BuildKit's keepDuration), e.g. 7d, 12h.
+        #[arg(long = "keep-duration", value_name = "DURATION", value_parser = parse_duration)]
+        keep_duration: Option<std::time::Duration>,
+        /// Remove until the cache's filesystem has this much free (BuildKit's minFreeSpace).
+        #[arg(long = "min-free", value_name = "SIZE", value_parser = parse_size)]
+        min_free: Option<u64>,
+        /// Never prune the cache below this size (BuildKit's reservedSpace).
+        #[arg(long = "reserved", value_name = "SIZE", value_parser = parse_size)]
+        reserved: Option<u64>,
     },
+}
+
+/// A size in bytes: a number with an optional K, M, G, T (powers of 1000) or Ki, Mi, Gi, Ti
+/// (powers of 1024) suffix, `B` allowed after it.
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let digits = trimmed.find(|character: char| !character.is_ascii_digit()).unwrap_or(trimmed.len());
+    let (number, suffix) = trimmed.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a size (e.g. 500M, 10GiB, 1000000)"))?;
+    let unit: u64 = match suffix.trim().trim_end_matches(['B', 'b']).to_ascii_lowercase().as_str() {
+        "" => 1,
+        "k" => 1_000,
+        "m" => 1_000_000,
+        "g" => 1_000_000_000,
+        "t" => 1_000_000_000_000,
+        "ki" => 1 << 10,
+        "mi" => 1 << 20,
+        "gi" => 1 << 30,
+        "ti" => 1 << 40,
+        _ => return Err(format!("{text:?}: unknown size suffix {suffix:?} (K, M, G, T, Ki, Mi, Gi, Ti)")),
+    };
+    number.checked_mul(unit).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// A duration: a number with an s, m, h or d suffix.
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let trimmed = text.trim();
+    let digits = trimmed.find(|character: char| !character.is_ascii_digit()).unwrap_or(trimmed.len());
+    let (number, suffix) = trimmed.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration (e.g. 90s, 30m, 12h, 7d)"))?;
+    let seconds = match suffix {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: a duration needs a unit: s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(number.saturating_mul(seconds)))
 }
 
 /// `--cache DIR` against the invocation directory, else `target/layerwright` under `root`.
@@ -328,6 +378,8 @@ mod tests {
             &["inspect"],
             &["cache", "prune"],
             &["cache", "prune", "--keep-bytes", "lots"],
+            &["cache", "prune", "--reserved", "1G"],
+            &["cache", "prune", "--keep-duration", "7"],
             &["frobnicate"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
@@ -345,8 +397,14 @@ mod tests {
         let Command::Cache(cache) = parse(&["cache", "--cache", "/c", "prune", "--keep-bytes", "100"]).unwrap() else {
             panic!()
         };
-        assert!(matches!(cache.command, CacheCommand::Prune { keep_bytes: 100 }));
+        assert!(matches!(cache.command, CacheCommand::Prune { keep_bytes: Some(100), .. }));
         assert_eq!(cache.cache.as_deref(), Some(Path::new("/c")));
+        let prune = ["cache", "prune", "--keep-bytes", "2GiB", "--keep-duration", "7d", "--min-free", "10G"];
+        let Command::Cache(cache) = parse(&[&prune[..], &["--reserved", "512M"]].concat()).unwrap() else { panic!() };
+        let CacheCommand::Prune { keep_bytes, keep_duration, min_free, reserved } = cache.command else { panic!() };
+        assert_eq!(keep_bytes, Some(2 << 30));
+        assert_eq!(keep_duration, Some(std::time::Duration::from_secs(7 * 86_400)));
+        assert_eq!((min_free, reserved), (Some(10_000_000_000), Some(512_000_000)));
         let Command::Cache(cache) = parse(&["cache", "du", "--cache", "d"]).unwrap() else { panic!() };
         assert!(matches!(cache.command, CacheCommand::Du));
         assert_eq!(cache_dir(cache.cache.as_deref(), Path::new("/here"), Path::new("/ws")), Path::new("/here/d"));

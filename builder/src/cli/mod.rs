@@ -27,7 +27,7 @@
 //!                             [--push REF [--insecure]] [--cache-from REF].. [--cache-to REF]
 //! cargo xtask list
 //! cargo xtask inspect api [--full]
-//! cargo xtask cache du | cache prune --keep-bytes N
+//! cargo xtask cache du | cache prune [--keep-bytes SIZE] [--keep-duration D] [--min-free SIZE] [--reserved SIZE]
 //! ```
 //!
 //! It works from any subdirectory of the workspace: before an image function runs, the process
@@ -80,7 +80,6 @@ use std::fmt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser as _;
 
@@ -261,7 +260,7 @@ pub fn execute(images: &Images, command: Command) -> ExitCode {
     match try_execute(images, command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", error_chain(&error));
+            eprintln!("error: {}", crate::error_text::describe_chain(&error));
             ExitCode::FAILURE
         }
     }
@@ -336,29 +335,34 @@ fn cache_command(cache: &Path, command: &CacheCommand) -> Result<String, CliErro
             let store = Store::open(cache).map_err(store_error)?;
             let usage = store.disk_usage();
             let mut text = format!(
-                "cache    {}\nblobs    {:>14} bytes in {} blobs\nrecords  {:>14} bytes in {} action records\n\
-                 indexes  {:>14} bytes\nsnapshots{:>14} bytes\nother    {:>14} bytes\ntotal    {:>14} bytes\n",
+                "cache    {}\nblobs    {:>14} bytes in {} blobs\nrecords  {:>14} bytes in {} action records\n",
                 cache.display(),
                 usage.blobs,
                 usage.blob_count,
                 usage.records,
                 usage.record_count,
-                usage.indexes,
-                usage.snapshots,
-                usage.other,
-                usage.total()
             );
-            text.push_str(&cache_mounts_text(&store, usage.cache_mounts));
+            for (name, bytes) in usage.parts.iter().filter(|(name, _)| !matches!(name.as_str(), "blobs" | "actions")) {
+                text.push_str(&format!("{:<17}{bytes:>14} bytes\n", format!("  {name}")));
+            }
+            text.push_str(&format!("total    {:>14} bytes (du -sb)\n", usage.total()));
+            text.push_str(&cache_mounts_text(&store, usage.parts.get("mounts").copied().unwrap_or(0)));
             text
         }
-        CacheCommand::Prune { keep_bytes } => {
-            let store = Store::open_exclusive(cache, Duration::from_secs(60)).map_err(store_error)?;
-            let report = store.prune(*keep_bytes).map_err(store_error)?;
+        CacheCommand::Prune { keep_bytes, keep_duration, min_free, reserved } => {
+            let store = Store::open(cache).map_err(store_error)?;
+            let mut policy = crate::cache::PrunePolicy::new();
+            policy.keep_bytes = *keep_bytes;
+            policy.keep_duration = *keep_duration;
+            policy.min_free_bytes = *min_free;
+            policy.reserved_bytes = *reserved;
+            let report = crate::cache::prune(&store, &policy).map_err(store_error)?;
             format!(
-                "removed {} records, {} blobs and {} cache mounts, freed {} bytes; {} bytes remain\n",
+                "removed {} records, {} blobs, {} cache mounts and {} other entries, freed {} bytes; {} bytes remain\n",
                 report.removed_records,
                 report.removed_blobs,
                 report.removed_cache_mounts,
+                report.removed_other,
                 report.freed_bytes,
                 report.remaining_bytes
             )
@@ -377,21 +381,6 @@ fn cache_mounts_text(store: &Store, bytes: u64) -> String {
     for mount in mounts {
         let name = mount.path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
         text.push_str(&format!("  {:>14} bytes  id {:?} ({name})\n", mount.bytes, mount.id));
-    }
-    text
-}
-
-/// An error and its causes, each once: `a: b: c`.
-fn error_chain(error: &dyn Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
     }
     text
 }
@@ -469,8 +458,18 @@ mod tests {
         let du = cache_command(&cache, &CacheCommand::Du).unwrap();
         // The total counts the id and lock files too.
         assert!(du.contains(" bytes in 1 directories, least recently used first"), "{du}");
-        assert!(du.contains("4096 bytes  id \"/var/cache/apt\""), "{du}");
-        let pruned = cache_command(&cache, &CacheCommand::Prune { keep_bytes: 0 }).unwrap();
+        // The directory and its 4096-byte file, as `du -sb` counts them.
+        let line = du
+            .lines()
+            .find(|line| line.ends_with("id \"/var/cache/apt\"") || line.contains("id \"/var/cache/apt\" ("))
+            .unwrap();
+        let bytes: u64 = line.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(bytes > 4096, "{du}");
+        let pruned = cache_command(
+            &cache,
+            &CacheCommand::Prune { keep_bytes: Some(0), keep_duration: None, min_free: None, reserved: None },
+        )
+        .unwrap();
         assert!(pruned.contains("1 cache mounts"), "{pruned}");
         assert!(!cache_command(&cache, &CacheCommand::Du).unwrap().contains("cache mounts"));
     }
@@ -494,6 +493,6 @@ mod tests {
     #[test]
     fn error_chains_show_each_cause_once() {
         let error = CliError::Declare { name: "x".into(), source: Box::new(std::io::Error::other("inner")) };
-        assert_eq!(error_chain(&error), "declaring image x: inner");
+        assert_eq!(crate::error_text::describe_chain(&error), "declaring image x: inner");
     }
 }

@@ -63,6 +63,8 @@ pub(crate) fn in_compression(
     if let Some(known) = read_mapping(&mapping)
         && known.diff_id == layer.diff_id
         && known.media_type == compression.media_type()
+        // Protected from a concurrent prune before it is looked for (no record names it).
+        && store.protect_blob(&known.digest).is_ok()
         && store.has_blob(&known.digest)
     {
         return Ok((known, 0));

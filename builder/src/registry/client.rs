@@ -127,7 +127,7 @@ impl RegistryClient {
             repository: self.reference.repository().to_owned(),
             action: action.into(),
             status: error.status().map(|status| status.as_u16()),
-            detail: describe_chain(error),
+            detail: crate::error_text::describe_chain(error),
         }
     }
 
@@ -344,28 +344,13 @@ fn status_and_detail(error: &OciDistributionError) -> (Option<u16>, String) {
         }
         OciDistributionError::RequestError(request_error) => {
             let status = request_error.status().map(|status| status.as_u16());
-            (status, describe_chain(request_error))
+            (status, crate::error_text::describe_chain(request_error))
         }
         OciDistributionError::AuthenticationFailure(reason) => {
             (None, format!("the token service refused the credentials: {}", reason.trim()))
         }
-        other => (None, describe_chain(other)),
+        other => (None, crate::error_text::describe_chain(other)),
     }
-}
-
-/// An error with its sources ("error sending request: connection refused").
-fn describe_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The HTTP status the distribution spec gives each error code.

@@ -43,9 +43,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use layerwright_cache::{LayerRecord, StepKey, Store};
-use layerwright_dsl::{Run, RunCommand};
+use layerwright_dsl::{Limits, NetworkMode, Run, RunCommand};
 use layerwright_sandbox::{
-    NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, Sandbox, SandboxMounts, SandboxPlan, Termination,
+    NamespaceSandbox, OverlayMount, OverlayOptions, OverlayPaths, ResourceLimits, Sandbox, SandboxMounts,
+    SandboxNetwork, SandboxPlan, Termination,
 };
 use rayon::prelude::*;
 use thiserror::Error;
@@ -66,9 +67,17 @@ use upper::{CreatedPath, UpperOptions};
 /// How many lines of a failed command's output its error shows.
 pub const ERROR_OUTPUT_LINES: usize = 20;
 
-/// The most processes a RUN command may have at once (the `pids.max` of its own cgroup, where
-/// the builder can make one): a fork bomb fails its step instead of the machine.
+/// The most processes a RUN command may have at once unless the step or the builder says
+/// otherwise (the `pids.max` of its own cgroup, where the builder can make one): a fork bomb
+/// fails its step instead of the machine.
 pub const PIDS_LIMIT: u64 = 4096;
+
+/// The memory limit of a RUN command unless the step or the builder sets one: none. What a
+/// build step needs varies by orders of magnitude (a linker, a JVM, `cargo build -j`), and a
+/// default taken from this machine's RAM would make the same build pass here and fail on a
+/// smaller CI machine; the host's own OOM killer still guards the machine. A build that runs
+/// untrusted steps sets one ([`crate::BuilderOptions::memory_limit`]).
+pub const MEMORY_LIMIT: Option<u64> = None;
 
 /// The longest line of a command's output kept whole: a longer one (or output without
 /// newlines) is passed on in pieces of this size, so that the builder's memory stays bounded
@@ -215,6 +224,9 @@ pub struct RunRequest<'a> {
     pub progress: &'a Progress,
     /// The builder's secrets, for the step's secret mounts.
     pub secrets: &'a Secrets,
+    /// The builder's limits for every RUN step (a `None` field: [`PIDS_LIMIT`],
+    /// [`MEMORY_LIMIT`]); the step's own win.
+    pub defaults: Limits,
 }
 
 /// Runs the step and commits its layer under its key; nothing is committed on failure.
@@ -293,8 +305,22 @@ fn execute_run_with(
         }
     };
 
+    // Before anything runs: a step that asks for the network must be able to get it.
+    let network = match request.run.network {
+        NetworkMode::None => SandboxNetwork::None,
+        NetworkMode::Host => SandboxNetwork::Host,
+        NetworkMode::Isolated => SandboxNetwork::Isolated {
+            slirp4netns: layerwright_sandbox::slirp4netns().map_err(|source| {
+                log::warn!("{step}: {source}");
+                RunError::Sandbox { step: step.clone(), command: command.clone(), source }
+            })?,
+        },
+    };
+    let limits = resolve_limits(&request.run.limits, &request.defaults);
+
     let parent = request.parent;
-    let (by_position, lowers) = lower_snapshots(store, &parent.layers, identity.flavour())
+    let parent_layers = parent.layers.to_vec();
+    let (by_position, lowers) = lower_snapshots(store, &parent_layers, identity.flavour())
         .map_err(|source| RunError::Snapshot { step: step.clone(), source })?;
     let tree = execution.tree(parent)?;
     let passwd = image_file(&tree, &by_position, "etc/passwd");
@@ -316,7 +342,7 @@ fn execute_run_with(
     }
     let mountpoints = plan_mountpoints(&tree);
     let indexes =
-        parent.layers.iter().map(|layer| execution.indexes.get(store, layer)).collect::<Result<Vec<_>, _>>()?;
+        parent_layers.iter().map(|layer| execution.indexes.get(store, layer)).collect::<Result<Vec<_>, _>>()?;
     let mut created = mountpoints.created.clone();
     created.extend(implied_directory_fixes(&tree, &indexes));
     // The step's own mounts: mountpoints, and cache directories leased (locked) until the
@@ -370,7 +396,7 @@ fn execute_run_with(
         upper: upper.clone(),
         merged,
         rootless: identity.rootless,
-        network: request.run.network,
+        network,
         mounts: SandboxMounts {
             proc: mountpoints.proc,
             dev: mountpoints.dev,
@@ -380,7 +406,7 @@ fn execute_run_with(
         },
         hostname: HOSTNAME.to_owned(),
         process,
-        pids_limit: Some(PIDS_LIMIT),
+        limits,
     };
 
     // Logs are private (0600, in a 0700 directory): a command's output may hold what its
@@ -641,10 +667,24 @@ fn hosts_file() -> String {
     format!("127.0.0.1\tlocalhost {HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
 }
 
-/// With the network on, the host's resolver configuration (the command shares the host's
-/// network namespace); with it off there is nothing to resolve with.
-fn resolv_conf_file(network: bool) -> Vec<u8> {
-    if network { fs::read("/etc/resolv.conf").unwrap_or_default() } else { Vec::new() }
+/// The command's resolver configuration: none without a network; slirp4netns's DNS forwarder
+/// with isolated networking (it asks the host's resolvers, which may be on the host's loopback
+/// the command cannot reach itself); the host's own in the host's network namespace.
+fn resolv_conf_file(network: NetworkMode) -> Vec<u8> {
+    match network {
+        NetworkMode::None => Vec::new(),
+        NetworkMode::Isolated => format!("nameserver {}\n", layerwright_sandbox::ISOLATED_NAMESERVER).into_bytes(),
+        NetworkMode::Host => fs::read("/etc/resolv.conf").unwrap_or_default(),
+    }
+}
+
+/// The limits a command runs with: the step's, else the builder's, else [`PIDS_LIMIT`] and
+/// [`MEMORY_LIMIT`].
+fn resolve_limits(step: &Limits, builder: &Limits) -> ResourceLimits {
+    ResourceLimits {
+        pids: Some(step.pids.or(builder.pids).unwrap_or(PIDS_LIMIT)),
+        memory: step.memory.or(builder.memory).or(MEMORY_LIMIT),
+    }
 }
 
 /// Splits the command's output into lines: each goes to the progress sink; everything goes to

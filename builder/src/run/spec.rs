@@ -9,7 +9,8 @@
 //!   defaulted as Docker does, `HOME` from the user's passwd entry (else `/root` or `/`).
 //! - workdir: the step's (relative to the config's), else the config's `WorkingDir`, else `/`.
 //! - user: `uid[:gid]` numeric, or names looked up in the image's `/etc/passwd` and
-//!   `/etc/group`; supplementary groups are the groups that list the user by name.
+//!   `/etc/group`; supplementary groups are the groups that list the user by name (not the
+//!   primary group, and none for `uid:gid`), as runc sets them.
 //!
 //! What it deliberately is not: anything that touches the disk or runs a process. The caller
 //! reads `/etc/passwd` and `/etc/group` out of the image and hands their text in, so every
@@ -245,8 +246,10 @@ fn resolve_user(text: &str, passwd: &str, group: &str) -> Result<ResolvedUser, S
         _ if uid == 0 => "/root".to_owned(),
         _ => "/".to_owned(),
     };
-    let mut groups = vec![gid];
-    // An explicit group replaces the supplementary groups, as `USER u:g` does in Docker.
+    // As runc: the supplementary groups are the groups of the image's /etc/group that name the
+    // user, without the primary group (the process has that as its gid); an explicit group, as
+    // in `USER u:g`, leaves none, and so does a numeric uid passwd does not know.
+    let mut groups = Vec::new();
     if group_part.is_none()
         && let Some(entry) = &entry
     {
@@ -303,7 +306,7 @@ mod tests {
                 "/",
                 0,
                 0,
-                &[0],
+                &[],
             ),
             // The config's Shell, Env, WorkingDir and User; the step's env overrides by name.
             (
@@ -319,7 +322,7 @@ mod tests {
                 "/src",
                 1000,
                 1001,
-                &[50, 1001],
+                &[50],
             ),
             // The step's workdir is relative to the config's; its user wins; uid:group names.
             (
@@ -330,7 +333,7 @@ mod tests {
                 "/src/sub/dir",
                 1000,
                 50,
-                &[50],
+                &[],
             ),
             // A numeric uid passwd does not know: gid 0, HOME /.
             (
@@ -341,7 +344,7 @@ mod tests {
                 "/abs",
                 4242,
                 0,
-                &[0],
+                &[],
             ),
             // A numeric gid; HOME from the config's env is kept.
             (
@@ -352,7 +355,7 @@ mod tests {
                 "/",
                 4242,
                 7,
-                &[7],
+                &[],
             ),
         ];
         for (run, runtime, argv, env, workdir, uid, gid, groups) in cases {

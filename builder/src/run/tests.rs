@@ -86,8 +86,15 @@ impl Fixture {
         let label = format!("RUN {}", command_text(run));
         let progress = Progress::new(progress.cloned());
         let secrets = Secrets::new();
-        let request =
-            RunRequest { key: &key, label: &label, run, parent: &self.parent, progress: &progress, secrets: &secrets };
+        let request = RunRequest {
+            key: &key,
+            label: &label,
+            run,
+            parent: &self.parent,
+            progress: &progress,
+            secrets: &secrets,
+            defaults: Limits { pids: None, memory: Some(1 << 30) },
+        };
         execute_run_with(&self.execution(), &request, sandbox, Identity::of_process())
     }
 
@@ -138,7 +145,9 @@ fn the_upper_directory_becomes_the_layer_and_the_runners_mountpoints_leave_no_tr
     // bound or mounted over.
     assert!(plan.mounts.proc && plan.mounts.dev);
     assert!(plan.mounts.hosts.is_some() && plan.mounts.resolv_conf.is_some());
-    assert!(!plan.network && plan.rootless == Identity::of_process().rootless);
+    assert!(plan.network == SandboxNetwork::None && plan.rootless == Identity::of_process().rootless);
+    // The builder's memory limit (the fixture's), layerwright's process limit.
+    assert_eq!(plan.limits, ResourceLimits { pids: Some(PIDS_LIMIT), memory: Some(1 << 30) });
     // The process: the config's user resolved through the image's passwd, PATH, workdir.
     assert_eq!(plan.process.argv, ["/bin/sh", "-c", "echo new > /srv/new && rm /srv/old"]);
     assert_eq!((plan.process.uid, plan.process.gid), (1000, 1000));
@@ -434,6 +443,7 @@ fn the_real_sandbox_runs_with_the_new_mount_api_and_with_the_classic_fallback() 
             parent: &parent,
             progress: &progress,
             secrets: &secrets,
+            defaults: Limits::default(),
         };
         let identity = Identity { classic_overlay, ..Identity::of_process() };
         let written = match execute_run_with(&execution, &request, &NamespaceSandbox, identity) {
@@ -469,4 +479,21 @@ fn kernel_releases_are_compared_by_major_and_minor() {
     ] {
         assert_eq!(kernel_at_least(release, (6, 8)), expected, "{release}");
     }
+}
+
+#[test]
+fn a_steps_limits_win_over_the_builders_which_win_over_the_defaults() {
+    let none = Limits::default();
+    assert_eq!(resolve_limits(&none, &none), ResourceLimits { pids: Some(PIDS_LIMIT), memory: MEMORY_LIMIT });
+    let builder = Limits { pids: Some(100), memory: Some(1 << 30) };
+    assert_eq!(resolve_limits(&none, &builder), ResourceLimits { pids: Some(100), memory: Some(1 << 30) });
+    let step = Run::shell("x").memory_limit(64 << 20).limits;
+    assert_eq!(resolve_limits(&step, &builder), ResourceLimits { pids: Some(100), memory: Some(64 << 20) });
+}
+
+#[test]
+fn the_resolver_configuration_follows_the_network_mode() {
+    assert_eq!(resolv_conf_file(NetworkMode::None), b"");
+    assert_eq!(resolv_conf_file(NetworkMode::Isolated), b"nameserver 10.0.2.3\n");
+    assert_eq!(resolv_conf_file(NetworkMode::Host), fs::read("/etc/resolv.conf").unwrap_or_default());
 }

@@ -56,6 +56,13 @@ pub(super) fn read_local_records(
     keys: &[StepKey],
     shapes: &[NodeShape],
 ) -> Result<Vec<Option<ActionRecord>>, StepFailure> {
+    // Leased before they are looked up, so that a prune running beside the build keeps them
+    // (and what they name) until the builder and its images are gone.
+    let recorded = keys.iter().zip(shapes).filter(|(_, shape)| shape.recorded).map(|(key, _)| key);
+    if let Err(error) = store.protect_keys(recorded) {
+        let label = plan.last().map(|node| node.label.clone()).unwrap_or_default();
+        return Err(StepFailure::new(label, error));
+    }
     plan.par_iter()
         .zip(keys)
         .zip(shapes)

@@ -59,6 +59,8 @@ pub(crate) struct SolveOptions {
     pub cache_to: Option<String>,
     /// The secrets RUN steps may mount, by id.
     pub secrets: crate::run::Secrets,
+    /// The builder's limits for every RUN step.
+    pub run_limits: layerwright_dsl::Limits,
 }
 
 /// What a build reads from the builder that runs it.
@@ -264,14 +266,15 @@ fn finish(
     let mut config = state.full_config();
     config::set_created(&mut config, created);
     let config_blob = store.put_blob(&config::to_bytes(&config))?;
-    let manifest = config::manifest(&config_blob.digest, config_blob.size, &state.layers);
+    let layers = state.layers.to_vec();
+    let manifest = config::manifest(&config_blob.digest, config_blob.size, &layers);
     let manifest_blob = store.put_blob(&config::to_bytes(&manifest))?;
     Ok(SolvedImage {
         store: store.clone(),
         manifest: manifest_blob.digest,
         manifest_size: manifest_blob.size,
         config: config_blob.digest,
-        layers: state.layers.clone(),
+        layers,
         steps,
         blob_bytes_written,
         remote_cache,

@@ -146,7 +146,7 @@ impl Execution<'_> {
         }
         let tmp = self.store.tmp_dir();
         let spool = tempfile::tempdir_in(&tmp).map_err(|source| StepError::Spool { path: tmp, source })?;
-        let spooled = tree::extract_files(self.store, &source.layers, &wanted, spool.path())?;
+        let spooled = tree::extract_files(self.store, &source.layers.to_vec(), &wanted, spool.path())?;
 
         let missing_owner = copy.options.file.owner.unwrap_or(Owner::ROOT);
         let mut entries = parent_directories(&tree, &root, missing_owner)?;

@@ -16,7 +16,7 @@ use super::Session;
 use super::error::{StepError, StepFailure};
 use super::plan::PlannedNode;
 use crate::base;
-use crate::execution::{Appended, ConfigLog, Execution, IndexCache, NodeState};
+use crate::execution::{Appended, ConfigLog, Execution, IndexCache, LayerStack, NodeState};
 use crate::layer::recompress;
 use crate::layer::{LayerEntry, LayerOptions};
 use crate::oci::{Platform, config};
@@ -68,7 +68,7 @@ pub(super) enum NodeResult {
 
 /// How a step was satisfied.
 struct Outcome {
-    layers: Vec<layerwright_cache::LayerRecord>,
+    layers: LayerStack,
     config: Arc<serde_json::Value>,
     /// What the step appended to its parent's config log (see `NodeState::config`).
     log: ConfigLog,
@@ -199,7 +199,7 @@ impl<'a> Walk<'a> {
                 let config = Arc::new(config::scratch_config_for(&self.created, self.platform.as_ref()));
                 let log = ConfigLog::default();
                 return Ok(Outcome {
-                    layers: Vec::new(),
+                    layers: LayerStack::default(),
                     config,
                     log,
                     cached: true,
@@ -244,7 +244,8 @@ impl<'a> Walk<'a> {
                 }
                 let progress = &self.session.options.progress;
                 let secrets = &self.session.options.secrets;
-                let request = RunRequest { key: &key, label: &node.label, run, parent, progress, secrets };
+                let defaults = self.session.options.run_limits;
+                let request = RunRequest { key: &key, label: &node.label, run, parent, progress, secrets, defaults };
                 let written = run::execute_run(&execution, &request)?;
                 self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
                 return Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)));
@@ -303,7 +304,7 @@ impl<'a> Walk<'a> {
             && let Some(config_digest) = &record.config
         {
             let config = Arc::new(self.execution().read_config(config_digest)?);
-            let layers = record.layers.clone();
+            let layers = LayerStack::from_layers(record.layers.clone());
             let log = ConfigLog::default();
             return Ok(Outcome { layers, config, log, cached: true, layer: None, miss: None, record: Some(record) });
         }
@@ -315,7 +316,7 @@ impl<'a> Walk<'a> {
         }
         let record = ActionRecord { layers: base.layers.clone(), config: Some(config_blob.digest) };
         self.store.write_action(&key, &record)?;
-        let (layers, config, log) = (base.layers, Arc::new(base.config), ConfigLog::default());
+        let (layers, config, log) = (LayerStack::from_layers(base.layers), Arc::new(base.config), ConfigLog::default());
         Ok(Outcome { layers, config, log, cached: false, layer: None, miss: Some(miss), record: Some(record) })
     }
 }
@@ -339,9 +340,8 @@ fn layer_outcome(
     let config = Arc::clone(&parent.config);
     let appended = Appended::Layer { layer: layer.clone(), created_by: label.to_owned(), created: created.to_owned() };
     let log = parent.log.with(appended);
-    let mut layers = parent.layers.clone();
     let digest = layer.digest.to_string();
     let record = ActionRecord { layers: vec![layer.clone()], config: None };
-    layers.push(layer);
+    let layers = parent.layers.with(layer);
     Outcome { layers, config, log, cached, layer: Some(digest), miss, record: Some(record) }
 }

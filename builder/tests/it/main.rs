@@ -6,8 +6,10 @@
 //! - `build_script`: `build_rs` as a plain user: cached RUN steps, and what an uncached one says.
 //! - `cli`: `layerwright::cli` as a user's xtask runs it, from a subdirectory of a workspace.
 //! - `compression`: changing the compression recompresses, never re-executes.
+//! - `debian`: `apt-get install` in a real Debian base with isolated networking.
 //! - `hostile`: crafted base archives and build contexts.
 //! - `incremental`: what is rebuilt and why, the parallel solver, salsa's re-execution.
+//! - `prune`: `cache prune` policies, `cache du`, pruning after a build and beside one.
 //! - `reliability`: killed builds, racing processes, a corrupt cache, a full disk.
 //! - `watch`: the rebuild loop of `--watch`.
 //!
@@ -20,8 +22,10 @@ mod build;
 mod build_script;
 mod cli;
 mod compression;
+mod debian;
 mod hostile;
 mod incremental;
+mod prune;
 mod reliability;
 mod watch;
 

@@ -166,3 +166,99 @@ grep -E '^(Seccomp|CapEff):' /proc/self/status",
         ]
     );
 }
+
+#[test]
+fn a_networked_step_cannot_reach_the_hosts_loopback_and_a_host_network_step_can() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Isolated (`network(true)`): the namespace's own loopback has nothing listening, and
+    // slirp4netns's gateway does not lead to the host's loopback.
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&lines);
+    let options = BuilderOptions::default().progress(Arc::new(move |event: &ProgressEvent| {
+        if let ProgressEvent::Output { line, .. } = event {
+            seen.lock().unwrap().push(line.clone());
+        }
+    }));
+    let builder = Builder::with_options(dir.path().join("cache"), options).unwrap();
+    let script = format!(
+        "cat /etc/resolv.conf
+for address in 127.0.0.1 10.0.2.2; do
+  if echo hello | nc -w 2 $address {port}; then echo \"reached $address\"; else echo \"refused $address\"; fi
+done"
+    );
+    support::build_with_runs(&builder, &busybox().run(Run::shell(script).network(true))).unwrap();
+    assert_eq!(
+        *lines.lock().unwrap(),
+        [
+            "nameserver 10.0.2.3",
+            "nc: can't connect to remote host (127.0.0.1): Connection refused",
+            "refused 127.0.0.1",
+            "nc: can't connect to remote host (10.0.2.2): Network is unreachable",
+            "refused 10.0.2.2",
+        ]
+    );
+    assert_eq!(listener.accept().map(drop).map_err(|error| error.kind()), Err(std::io::ErrorKind::WouldBlock));
+
+    // `host_network()`, the explicit opt-in, reaches it.
+    listener.set_nonblocking(false).unwrap();
+    let accepted = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stream, &mut text).unwrap();
+        text
+    });
+    lines.lock().unwrap().clear();
+    let script = format!("echo hello | nc -w 2 127.0.0.1 {port} && echo reached");
+    support::build_with_runs(&builder, &busybox().run(Run::shell(script).host_network())).unwrap();
+    assert_eq!(*lines.lock().unwrap(), ["reached"]);
+    assert_eq!(accepted.join().unwrap(), "hello\n");
+}
+
+#[test]
+fn a_memory_hog_fails_its_step_naming_the_memory_limit() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // dd's one block of 600 MiB is more than the step's 64 MiB.
+    let hog = "dd if=/dev/zero of=/dev/null bs=600M count=1";
+    let builder = Builder::new(dir.path().join("cache")).unwrap();
+    let error = builder.build(&busybox().run(Run::shell(hog).memory_limit(64 << 20))).map(drop).unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains(&format!("RUN {hog}")), "{text}");
+    assert!(
+        text.contains("the command hit its memory limit of 64 MiB (67108864 bytes) (the kernel's OOM killer ended"),
+        "{text}"
+    );
+    // The builder's limit applies to every step; the step's own wins over it.
+    let options = BuilderOptions::default().memory_limit(64 << 20);
+    let builder = Builder::with_options(dir.path().join("cache"), options).unwrap();
+    let error = builder.build(&busybox().run(hog)).map(drop).unwrap_err().to_string();
+    assert!(error.contains("memory limit of 64 MiB"), "{error}");
+    let roomy = busybox().run(Run::shell("dd if=/dev/zero of=/dev/null bs=100M count=1").memory_limit(1 << 30));
+    support::build_with_runs(&builder, &roomy).unwrap();
+}
+
+#[test]
+fn a_fork_bomb_fails_its_step_naming_the_process_limit() {
+    if !needs_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let options = BuilderOptions::default().pids_limit(64);
+    let builder = Builder::with_options(dir.path().join("cache"), options).unwrap();
+    let started = std::time::Instant::now();
+    let error = builder
+        .build(&busybox().run("bomb() { bomb | bomb & }; bomb; sleep 2; exit 1"))
+        .map(drop)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("the command hit its limit of 64 processes (pids.max of its cgroup)"), "{error}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}

@@ -269,16 +269,21 @@ echo isolated"#,
     let Some((_, lines)) = build_with_output(&dir.path().join("cache"), &image) else { return };
     assert_eq!(lines, ["uid=0 cwd=/", "isolated"]);
 
-    // With the network enabled, the host's interfaces are there.
-    let host_interfaces = fs::read_dir("/sys/class/net").map(|entries| entries.count()).unwrap_or(0);
-    if host_interfaces > 1 {
-        let image = busybox().run(
-            Run::shell("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | grep -vx lo | head -1").network(true),
-        );
-        let Some((_, lines)) = build_with_output(&dir.path().join("cache"), &image) else { return };
-        assert_eq!(lines.len(), 1, "{lines:?}");
-        assert_ne!(lines[0], "");
-    }
+    // With the network enabled, the step has a network namespace of its own with slirp4netns's
+    // tap0; with the host's, the host's interfaces are there.
+    let interfaces = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | grep -vx lo | sort | tr '\\n' ' '";
+    let image = busybox().run(Run::shell(interfaces).network(true));
+    let Some((_, lines)) = build_with_output(&dir.path().join("cache"), &image) else { return };
+    assert_eq!(lines, ["tap0 "]);
+    let mut host_interfaces: Vec<String> = fs::read_dir("/sys/class/net")
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name != "lo")
+        .collect();
+    host_interfaces.sort();
+    let image = busybox().run(Run::shell(interfaces).host_network());
+    let Some((_, lines)) = build_with_output(&dir.path().join("cache"), &image) else { return };
+    assert_eq!(lines, [host_interfaces.iter().map(|name| format!("{name} ")).collect::<String>()]);
 }
 
 #[test]
@@ -454,7 +459,13 @@ fn a_panic_while_the_command_runs_kills_it() {
 
 #[test]
 fn ctrl_c_kills_the_command_and_leaves_no_mount() {
-    ctrl_c_kills_the_command_of(None, "sleep 986");
+    ctrl_c_kills_the_command_of(None, "sleep 986", false);
+}
+
+/// A networked step's slirp4netns dies with the builder too.
+#[test]
+fn ctrl_c_kills_the_command_and_the_network_helper_of_a_networked_step() {
+    ctrl_c_kills_the_command_of(None, "sleep 984", true);
 }
 
 /// A command that switched to another user (which clears the parent-death signal) still dies
@@ -464,10 +475,24 @@ fn ctrl_c_kills_the_command_of_a_non_root_user() {
     if !is_root() {
         return; // A rootless run maps only root.
     }
-    ctrl_c_kills_the_command_of(Some("nobody"), "sleep 985");
+    ctrl_c_kills_the_command_of(Some("nobody"), "sleep 985", false);
 }
 
-fn ctrl_c_kills_the_command_of(user: Option<&str>, command: &str) {
+/// The pids of the slirp4netns processes whose parent is `parent`.
+fn network_helpers_of(parent: u32) -> Vec<String> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let stat = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let Some((comm, rest)) = stat.split_once(") ") else { return false };
+            comm.ends_with("(slirp4netns") && rest.split(' ').nth(1) == Some(parent.to_string().as_str())
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn ctrl_c_kills_the_command_of(user: Option<&str>, command: &str, network: bool) {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let mut helper = entry_point!(helper_a_build_whose_command_sleeps)
@@ -475,6 +500,7 @@ fn ctrl_c_kills_the_command_of(user: Option<&str>, command: &str) {
         .env("LAYERWRIGHT_RUN_HELPER_CACHE", &cache)
         .env("LAYERWRIGHT_RUN_HELPER_COMMAND", command)
         .env("LAYERWRIGHT_RUN_HELPER_USER", user.unwrap_or(""))
+        .env("LAYERWRIGHT_RUN_HELPER_NETWORK", if network { "1" } else { "" })
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -492,6 +518,8 @@ fn ctrl_c_kills_the_command_of(user: Option<&str>, command: &str) {
         }
         panic!("the helper build never ran its command:\n{stderr}");
     }
+    let helpers = network_helpers_of(helper.id());
+    assert_eq!(helpers.len(), usize::from(network), "slirp4netns of the networked step: {helpers:?}");
     // What a terminal's Ctrl-C sends; the builder has no handler, so it dies at once, as it
     // does under SIGKILL (the parent-death signal takes the command down either way).
     let signal =
@@ -500,6 +528,12 @@ fn ctrl_c_kills_the_command_of(user: Option<&str>, command: &str) {
     let status = helper.wait().unwrap();
     assert!(!status.success());
     assert!(eventually(Duration::from_secs(5), || processes_with(command).is_empty()), "{:?}", processes_with(command));
+    // slirp4netns, reparented when the builder died, goes too (exit descriptor, parent-death
+    // signal).
+    assert!(
+        eventually(Duration::from_secs(5), || helpers.iter().all(|pid| !Path::new("/proc").join(pid).exists())),
+        "slirp4netns {helpers:?} outlived the builder"
+    );
     assert_eq!(our_mounts(&cache), Vec::<String>::new());
     // The run directory the killed build left in the cache's tmp/ goes when the cache is next
     // opened by a builder alone.
@@ -536,5 +570,7 @@ fn helper_a_build_whose_command_sleeps() {
     let user = std::env::var("LAYERWRIGHT_RUN_HELPER_USER").unwrap_or_default();
     let builder = Builder::new(PathBuf::from(cache)).unwrap();
     let run = if user.is_empty() { Run::shell(command) } else { Run::shell(command).user(user) };
+    let network = std::env::var("LAYERWRIGHT_RUN_HELPER_NETWORK").is_ok_and(|value| value == "1");
+    let run = run.network(network);
     support::build_with_runs(&builder, &busybox().run(run));
 }
