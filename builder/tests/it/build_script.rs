@@ -8,28 +8,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 
+use layerwright::Builder;
 use layerwright::build_rs::{self, BuildRsOptions};
-use layerwright::{Builder, Context, FileOptions, Image};
 
 use crate::support::subprocess::{self, entry_point};
 
 const PARENT: &str = "build_script::a_build_script_without_root_reuses_cached_run_steps";
-
-/// An image on a busybox base with one RUN step, `command`.
-fn image_running(command: &str) -> Image {
-    let busybox = layerwright::host::find_busybox().expect("busybox-static (apt-get install busybox-static)");
-    let bin = Context::dir(busybox.parent().unwrap()).unwrap();
-    let name = busybox.file_name().unwrap().to_str().unwrap();
-    Image::scratch()
-        .copy_with(
-            &bin,
-            name,
-            "/bin/busybox",
-            layerwright::CopyOptions { file: FileOptions::mode(0o755), ..Default::default() },
-        )
-        .symlink("/bin/sh", "busybox")
-        .run(command)
-}
 
 #[test]
 #[ignore = "subprocess entry point of build_script::a_build_script_without_root_reuses_cached_run_steps"]
@@ -40,7 +24,7 @@ fn helper_build_script() {
     let mut options = BuildRsOptions::new("tools");
     options.cache_dir = Some(cache.into());
     // `build` reads OUT_DIR, which the parent set, as cargo does for a build script.
-    match build_rs::build(&image_running(command.to_str().unwrap()), options) {
+    match build_rs::build(&crate::support::busybox_running(command.to_str().unwrap()), options) {
         Ok(output) => println!("\nBUILT {}", output.digest),
         Err(error) => println!("\nFAILED {}", error.to_string().replace('\n', " ")),
     }
@@ -90,7 +74,8 @@ fn a_build_script_without_root_reuses_cached_run_steps() {
     let cache = dir.path().join("cache");
     std::fs::create_dir_all(dir.path().join("out")).unwrap();
     let cached = "echo built > /built";
-    let expected = Builder::new(&cache).unwrap().build(&image_running(cached)).unwrap().manifest_digest();
+    let expected =
+        Builder::new(&cache).unwrap().build(&crate::support::busybox_running(cached)).unwrap().manifest_digest();
     open_to_everyone(dir.path());
 
     assert_eq!(build_as_nobody(dir.path(), &cache, cached), format!("BUILT {expected}"));

@@ -12,24 +12,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime};
 
 use layerwright::cache::{DIRECTORIES, PrunePolicy, Store};
-use layerwright::{Builder, BuilderOptions, Context, FileOptions, Image};
-
-/// An image on a busybox base with a RUN step (a snapshot and a log in the cache).
-fn with_run(tag: &str) -> Image {
-    let busybox = layerwright::host::find_busybox().expect("busybox-static (apt-get install busybox-static)");
-    let bin = Context::dir(busybox.parent().unwrap()).unwrap();
-    let name = busybox.file_name().unwrap().to_str().unwrap();
-    Image::scratch()
-        .copy_with(
-            &bin,
-            name,
-            "/bin/busybox",
-            layerwright::CopyOptions { file: FileOptions::mode(0o755), ..Default::default() },
-        )
-        .symlink("/bin/sh", "busybox")
-        .run(format!("echo {tag} > /made-by-run"))
-        .write_file("/after-run", tag.as_bytes())
-}
+use layerwright::{Builder, BuilderOptions, Image};
 
 /// An image of file steps only.
 fn plain(tag: &str) -> Image {
@@ -78,7 +61,7 @@ fn layer_snapshots(cache: &Path) -> usize {
 fn each_prune_policy_removes_the_least_recently_used_and_the_cache_still_builds_the_same_digests() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let (old, new) = (with_run("old"), plain("new"));
+    let (old, new) = (crate::support::busybox_running("echo old > /made-by-run"), plain("new"));
     let expected_old = digest(&dir.path().join("reference"), &old);
     let expected_new = digest(&dir.path().join("reference"), &new);
 
@@ -151,7 +134,7 @@ fn each_prune_policy_removes_the_least_recently_used_and_the_cache_still_builds_
 fn du_counts_every_byte_under_the_cache_directory() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    digest(&cache, &with_run("du"));
+    digest(&cache, &crate::support::busybox_running("echo du > /made-by-run"));
     digest(&cache, &plain("du"));
     let usage = Store::open(&cache).unwrap().disk_usage();
     // An independent walk: every inode once, directories included (`du -sb`).
@@ -179,7 +162,7 @@ fn du_counts_every_byte_under_the_cache_directory() {
 fn a_builder_prunes_after_a_build_that_leaves_the_cache_over_its_policy() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let (old, new) = (with_run("old"), plain("new"));
+    let (old, new) = (crate::support::busybox_running("echo old > /made-by-run"), plain("new"));
     let expected_new = digest(&dir.path().join("reference"), &new);
     digest(&cache, &old);
     age_recent(&cache, 7_200);
@@ -211,7 +194,7 @@ fn a_builder_prunes_after_a_build_that_leaves_the_cache_over_its_policy() {
 fn a_build_running_beside_a_prune_keeps_what_it_uses() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let base = with_run("base");
+    let base = crate::support::busybox_running("echo base > /made-by-run");
     let image = base.write_file("/tail", b"tail");
     let expected = digest(&dir.path().join("reference"), &image);
     let other = plain("other");
