@@ -187,7 +187,24 @@ impl DistroBench {
         Ok(())
     }
 
+    /// One build, retried up to twice when the tool fails (BuildKit's context transfer lost a
+    /// file now and then on a loaded machine); the retry is what is timed, and the failure is
+    /// said.
     fn timed_build(&self, tool: Tool, scenario: Scenario) -> Result<Duration> {
+        let mut attempt = 1;
+        loop {
+            match self.timed_build_once(tool, scenario) {
+                Ok(elapsed) => return Ok(elapsed),
+                Err(error) if attempt < 3 => {
+                    eprintln!("bench: w4 {tool:?} failed (attempt {attempt}), retrying: {error:#}");
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    fn timed_build_once(&self, tool: Tool, scenario: Scenario) -> Result<Duration> {
         let started = Instant::now();
         match tool {
             Tool::Layerwright => {
