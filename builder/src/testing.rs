@@ -32,14 +32,31 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use layerwright_dsl::Image;
 
 use crate::build::{Builder, BuiltImage};
+use crate::progress::{ProgressEvent, ProgressSink};
 
 /// A regular expression matching every content digest of a listing, for insta filters.
 pub const DIGEST_PATTERN: &str = r"sha256:[0-9a-f]{64}";
+
+/// The output lines of RUN steps, in the order a progress sink received them.
+pub type OutputLines = Arc<Mutex<Vec<String>>>;
+
+/// A progress sink for [`crate::BuilderOptions::progress`] that collects the output lines of RUN
+/// steps, and the lines it has collected so far.
+pub fn output_collector() -> (ProgressSink, OutputLines) {
+    let lines = OutputLines::default();
+    let seen = Arc::clone(&lines);
+    let sink: ProgressSink = Arc::new(move |event: &ProgressEvent| {
+        if let ProgressEvent::Output { line, .. } = event {
+            seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line.clone());
+        }
+    });
+    (sink, lines)
+}
 
 /// The listing of a built image (see the module docs).
 pub fn listing(built: &BuiltImage) -> String {

@@ -282,21 +282,7 @@ impl Bench {
     /// now and then with "sealing memfd copy: Device or resource busy"); the retry is what is
     /// timed, and the failure is said.
     fn timed_build(&self, tool: Tool, workload: &Workload) -> Result<(Duration, Option<u64>)> {
-        let mut attempt = 1;
-        loop {
-            match self.timed_build_once(tool, workload) {
-                Ok(result) => return Ok(result),
-                Err(error) if attempt < 3 => {
-                    eprintln!(
-                        "bench: {} {} failed (attempt {attempt}), retrying: {error:#}",
-                        workload.name,
-                        tool.name()
-                    );
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        retried(&format!("{} {}", workload.name, tool.name()), || self.timed_build_once(tool, workload))
     }
 
     /// One build (and, for W2, export to a loadable archive), timed as whole processes.
@@ -460,6 +446,18 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// Runs a command, returning its stdout; a failure is an error with its stderr.
+/// `attempt` run up to three times while it fails, each failure said on stderr with `label`;
+/// the result of the last attempt.
+pub(crate) fn retried<T>(label: &str, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    for number in 1..3 {
+        match attempt() {
+            Ok(result) => return Ok(result),
+            Err(error) => eprintln!("bench: {label} failed (attempt {number}), retrying: {error:#}"),
+        }
+    }
+    attempt()
+}
+
 pub(crate) fn run_quiet(command: &mut Command) -> Result<String> {
     let described = format!("{command:?}");
     let output = command.stdin(Stdio::null()).output().with_context(|| format!("running {described}"))?;

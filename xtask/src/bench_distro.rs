@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use layerwright_examples::workloads::{self, DEBIAN_BASE_TAG, W4_CHANGED_FILE};
 
-use crate::bench::{build_bench_binary, median, run_quiet};
+use crate::bench::{build_bench_binary, median, retried, run_quiet};
 use crate::docker::DockerEngine;
 
 /// Where `.ci/run` leaves the minbase tar (the tests use it too); made here when absent.
@@ -191,17 +191,7 @@ impl DistroBench {
     /// file now and then on a loaded machine); the retry is what is timed, and the failure is
     /// said.
     fn timed_build(&self, tool: Tool, scenario: Scenario) -> Result<Duration> {
-        let mut attempt = 1;
-        loop {
-            match self.timed_build_once(tool, scenario) {
-                Ok(elapsed) => return Ok(elapsed),
-                Err(error) if attempt < 3 => {
-                    eprintln!("bench: w4 {tool:?} failed (attempt {attempt}), retrying: {error:#}");
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        retried(&format!("w4 {tool:?}"), || self.timed_build_once(tool, scenario))
     }
 
     fn timed_build_once(&self, tool: Tool, scenario: Scenario) -> Result<Duration> {

@@ -13,9 +13,8 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use layerwright::{Builder, BuilderOptions, Image, ProgressEvent, Run};
+use layerwright::{Builder, BuilderOptions, Image, Run};
 use sha2::Digest as _;
 
 /// The rootfs tarball `.ci/run` makes with
@@ -102,13 +101,8 @@ fn apt_installs_in_a_debian_base_with_isolated_networking_and_the_sbom_lists_wha
     }
     let dir = tempfile::tempdir().unwrap();
     let layout = rootfs_as_layout(Path::new(MINBASE), &dir.path().join("layout"));
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&lines);
-    let options = BuilderOptions::default().progress(Arc::new(move |event: &ProgressEvent| {
-        if let ProgressEvent::Output { line, .. } = event {
-            seen.lock().unwrap().push(line.clone());
-        }
-    }));
+    let (sink, lines) = layerwright::testing::output_collector();
+    let options = BuilderOptions::default().progress(sink);
     let builder = Builder::with_options(dir.path().join("cache"), options).unwrap();
     // Built with its attestations: the SBOM must list what `dpkg -l` shows installed.
     let image = Image::from_archive(&layout)

@@ -10,9 +10,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use layerwright::{Builder, BuilderOptions, Image, ProgressEvent, Run};
+use layerwright::{Builder, BuilderOptions, Image, Run};
 use layerwright_examples::ExampleEnvironment;
 
 use crate::support;
@@ -38,13 +37,8 @@ fn needs_root() -> bool {
 
 /// The output lines of the RUN step `script` (which must succeed) built into `cache`.
 fn attempt(cache: &Path, script: &str) -> Vec<String> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&lines);
-    let options = BuilderOptions::default().progress(Arc::new(move |event: &ProgressEvent| {
-        if let ProgressEvent::Output { line, .. } = event {
-            seen.lock().unwrap().push(line.clone());
-        }
-    }));
+    let (sink, lines) = layerwright::testing::output_collector();
+    let options = BuilderOptions::default().progress(sink);
     let builder = Builder::with_options(cache, options).unwrap();
     support::build_with_runs(&builder, &busybox().run(Run::shell(format!("{script}\ntrue"))))
         .expect("needs_root() was checked");
@@ -178,13 +172,8 @@ fn a_networked_step_cannot_reach_the_hosts_loopback_and_a_host_network_step_can(
     let port = listener.local_addr().unwrap().port();
     // Isolated (`network(true)`): the namespace's own loopback has nothing listening, and
     // slirp4netns's gateway does not lead to the host's loopback.
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&lines);
-    let options = BuilderOptions::default().progress(Arc::new(move |event: &ProgressEvent| {
-        if let ProgressEvent::Output { line, .. } = event {
-            seen.lock().unwrap().push(line.clone());
-        }
-    }));
+    let (sink, lines) = layerwright::testing::output_collector();
+    let options = BuilderOptions::default().progress(sink);
     let builder = Builder::with_options(dir.path().join("cache"), options).unwrap();
     let script = format!(
         "cat /etc/resolv.conf

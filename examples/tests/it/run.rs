@@ -11,7 +11,7 @@ use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use layerwright::{
@@ -231,13 +231,8 @@ fn a_chain_of_200_run_steps_mounts_runs_and_rebuilds_from_the_cache() {
 
 /// Builds `image` collecting the output lines of its RUN steps.
 fn build_with_output(cache: &Path, image: &Image) -> Option<(BuiltImage, Vec<String>)> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&lines);
-    let options = BuilderOptions::default().progress(Arc::new(move |event: &ProgressEvent| {
-        if let ProgressEvent::Output { line, .. } = event {
-            seen.lock().unwrap().push(line.clone());
-        }
-    }));
+    let (sink, lines) = layerwright::testing::output_collector();
+    let options = BuilderOptions::default().progress(sink);
     let built = support::build_with_runs(&Builder::with_options(cache, options).unwrap(), image)?;
     let lines = lines.lock().unwrap().clone();
     Some((built, lines))
