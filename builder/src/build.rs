@@ -23,7 +23,7 @@ use crate::output::{ExportError, ImageParts, IndexParts, LoadError, LoadReport};
 use crate::progress::StepHook;
 use crate::progress::{Progress, ProgressSink, StepReport};
 use crate::remote_cache::RemoteCacheReport;
-use crate::run::SecretSource;
+use crate::run::{SecretSource, SshSource};
 use crate::solve::{self, KeyState, Session, SolveOptions, SolvedImage, StepError, StepFailure, Target};
 use crate::tree::FsTree;
 
@@ -90,6 +90,9 @@ pub struct BuilderOptions {
     /// The secrets RUN steps may mount ([`crate::Mount::secret`]), by id: see
     /// [`BuilderOptions::secret`].
     pub secrets: crate::run::Secrets,
+    /// The SSH agents RUN steps may mount ([`crate::Mount::ssh`]), by id: see
+    /// [`BuilderOptions::ssh`]. None unless asked for, as `docker build` without `--ssh`.
+    pub ssh_agents: crate::run::SshAgents,
     /// Resource limits of every RUN step (a step's own [`Limits`](crate::Limits) win); a
     /// `None` field takes layerwright's default: 4096 processes, no memory limit. Limits do
     /// not enter step keys.
@@ -129,6 +132,17 @@ impl BuilderOptions {
     /// message; a changed secret does not rebuild a step (as in BuildKit).
     pub fn secret(mut self, id: impl Into<String>, source: SecretSource) -> BuilderOptions {
         self.secrets.insert(id.into(), source);
+        self
+    }
+
+    /// These options with SSH agent `id` ([`SshSource::Agent`]: the builder's `SSH_AUTH_SOCK`,
+    /// or a socket's path) bound into the RUN steps that mount it ([`crate::Mount::ssh`]), as
+    /// `docker build --ssh id[=SOCKET]`. The socket is bound as it is on the host (its owner
+    /// and mode: a step running as another user than the agent's cannot connect unless the
+    /// socket lets it). A step that mounts an agent the builder lacks, or whose socket is not
+    /// one, fails before anything runs. The agent does not enter a key.
+    pub fn ssh(mut self, id: impl Into<String>, source: SshSource) -> BuilderOptions {
+        self.ssh_agents.insert(id.into(), source);
         self
     }
 
@@ -189,6 +203,7 @@ impl fmt::Debug for BuilderOptions {
             .field("cache_from", &self.cache_from)
             .field("cache_to", &self.cache_to)
             .field("secrets", &self.secrets)
+            .field("ssh_agents", &self.ssh_agents)
             .field("run_limits", &self.run_limits)
             .field("prune_policy", &self.prune_policy)
             .finish_non_exhaustive()
@@ -305,6 +320,21 @@ impl Builder {
         self
     }
 
+    /// This builder with SSH agent `id` bound into the RUN steps that mount it
+    /// ([`crate::Mount::ssh`]); see [`BuilderOptions::ssh`].
+    ///
+    /// ```no_run
+    /// use layerwright::{Builder, SshSource};
+    ///
+    /// let builder = Builder::new("target/layerwright")?.ssh("default", SshSource::Agent);
+    /// # Ok::<(), layerwright::BuildError>(())
+    /// ```
+    pub fn ssh(mut self, id: impl Into<String>, source: SshSource) -> Builder {
+        self.options.ssh_agents.insert(id.into(), source);
+        self.solve_options = solve_options(&self.options);
+        self
+    }
+
     /// Builds `image`: unchanged steps come from the cache, independent ones run at once.
     pub fn build(&self, image: &Image) -> Result<BuiltImage, BuildError> {
         let mut built = self.build_all(&[image])?;
@@ -409,6 +439,7 @@ fn solve_options(options: &BuilderOptions) -> SolveOptions {
         cache_from: options.cache_from.clone(),
         cache_to: options.cache_to.clone(),
         secrets: options.secrets.clone(),
+        ssh_agents: options.ssh_agents.clone(),
         run_limits: options.run_limits,
     }
 }

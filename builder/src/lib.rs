@@ -78,7 +78,7 @@ pub use progress::{ProgressEvent, ProgressSink, StepHook, StepReport};
 #[cfg(feature = "registry")]
 pub use registry::{PushOptions, PushReport, RegistryError};
 pub use remote_cache::{CacheExportReport, RemoteCacheReport};
-pub use run::{MountError, RunError, SecretSource};
+pub use run::{MountError, RunError, SecretSource, SshSource};
 pub use solve::StepError;
 
 /// The building blocks of a build, exposed for the criterion micro-benchmarks of the hot paths

@@ -95,6 +95,28 @@ mod inputs {
         pub extra: Vec<u8>,
         /// The context files a `copy` selects.
         pub files: Option<FileSetInput>,
+        /// A RUN step's bind mounts: their source images' final steps and the context files
+        /// they select, in declaration order (empty for every other step).
+        #[returns(ref)]
+        pub mounts: crate::db::MountInputs,
+    }
+}
+
+/// What a RUN step's bind mounts add to its key: the source images' final steps and the
+/// context files each context bind mount selects, both in declaration order. Empty for a step
+/// without bind mounts, whose key then hashes exactly what it did before bind mounts existed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct MountInputs {
+    /// The final steps of the images bound by `Mount::bind`.
+    pub images: Vec<StepInput>,
+    /// The selections of `Mount::context`.
+    pub files: Vec<FileSetInput>,
+}
+
+impl MountInputs {
+    /// Whether there is nothing (the key then has no mounts section).
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty() && self.files.is_empty()
     }
 }
 
@@ -148,7 +170,8 @@ pub fn file_set_digest(db: &dyn salsa::Database, set: FileSetInput) -> [u8; 32] 
 }
 
 /// The key of a step: format version, canonical encoding, parent key, source key, extra
-/// identity and the digest of the selected context files.
+/// identity, the digest of the selected context files and, for bind mounts, their source
+/// images' keys and selected files' digests.
 #[salsa::tracked(returns(copy))]
 pub fn step_key(db: &dyn salsa::Database, step: StepInput) -> StepKey {
     let parent = step.parent(db).map(|parent| step_key(db, parent));
@@ -161,6 +184,18 @@ pub fn step_key(db: &dyn salsa::Database, step: StepInput) -> StepKey {
         None => builder.u64(0),
         Some(digest) => builder.u64(1).bytes(&digest),
     };
+    // Only a step with bind mounts has this section, so every other key stays as it was.
+    let mounts = step.mounts(db);
+    if !mounts.is_empty() {
+        builder = builder.str("bind mounts").u64(mounts.images.len() as u64);
+        for image in &mounts.images {
+            builder = builder.key(&step_key(db, *image));
+        }
+        builder = builder.u64(mounts.files.len() as u64);
+        for set in &mounts.files {
+            builder = builder.bytes(&file_set_digest(db, *set));
+        }
+    }
     builder.finish()
 }
 
@@ -203,6 +238,7 @@ struct StepIdentity {
     source: Option<StepInput>,
     extra: Vec<u8>,
     files: Option<FileSetInput>,
+    mounts: MountInputs,
 }
 
 /// The long-lived key database of a builder: salsa storage plus the identity maps that let a
@@ -276,7 +312,20 @@ impl KeyDatabase {
         extra: Vec<u8>,
         files: Option<FileSetInput>,
     ) -> StepInput {
-        let identity = StepIdentity { encoding, parent, source, extra, files };
+        self.step_with_mounts(encoding, parent, source, extra, files, MountInputs::default())
+    }
+
+    /// As [`KeyDatabase::step`], for a RUN step with bind mounts.
+    pub fn step_with_mounts(
+        &mut self,
+        encoding: Vec<u8>,
+        parent: Option<StepInput>,
+        source: Option<StepInput>,
+        extra: Vec<u8>,
+        files: Option<FileSetInput>,
+        mounts: MountInputs,
+    ) -> StepInput {
+        let identity = StepIdentity { encoding, parent, source, extra, files, mounts };
         if let Some(step) = self.steps.get(&identity) {
             return *step;
         }
@@ -287,6 +336,7 @@ impl KeyDatabase {
             identity.source,
             identity.extra.clone(),
             identity.files,
+            identity.mounts.clone(),
         );
         self.steps.insert(identity, step);
         step
@@ -377,5 +427,34 @@ mod tests {
         let log = database.execution_log().take();
         assert_eq!(log.iter().filter(|entry| entry.contains("step_key")).count(), 2, "{log:#?}");
         assert_eq!(log.iter().filter(|entry| entry.contains("file_set_digest")).count(), 1, "{log:#?}");
+    }
+
+    #[test]
+    fn bind_mount_inputs_enter_the_key_only_when_a_step_has_them() {
+        let mut database = KeyDatabase::new();
+        let root = Path::new("/ctx");
+        let base = database.step(b"scratch".to_vec(), None, None, Vec::new(), None);
+        let stage = database.step(b"stage".to_vec(), Some(base), None, Vec::new(), None);
+        let other_stage = database.step(b"other stage".to_vec(), Some(base), None, Vec::new(), None);
+        let set = database.file_set(root, "mount src", vec![("a".into(), file(1, 1))]);
+        let run = |database: &mut KeyDatabase, mounts: MountInputs| {
+            let step = database.step_with_mounts(b"run".to_vec(), Some(base), None, Vec::new(), None, mounts);
+            database.key(step)
+        };
+        let plain = run(&mut database, MountInputs::default());
+        let same = database.step(b"run".to_vec(), Some(base), None, Vec::new(), None);
+        assert_eq!(plain, database.key(same));
+        let bound = run(&mut database, MountInputs { images: vec![stage], files: Vec::new() });
+        let bound_elsewhere = run(&mut database, MountInputs { images: vec![other_stage], files: Vec::new() });
+        let with_files = run(&mut database, MountInputs { images: Vec::new(), files: vec![set] });
+        let keys = [plain, bound, bound_elsewhere, with_files];
+        for (index, left) in keys.iter().enumerate() {
+            for right in &keys[index + 1..] {
+                assert_ne!(left, right);
+            }
+        }
+        // A bound file changes: the key follows it.
+        database.file_set(root, "mount src", vec![("a".into(), file(1, 2))]);
+        assert_ne!(run(&mut database, MountInputs { images: Vec::new(), files: vec![set] }), with_files);
     }
 }

@@ -14,7 +14,8 @@
 //! has mounts, so that the bytes (and keys) of a RUN step without mounts are those of before
 //! mounts existed. A mount encodes its kind and declared options, never contents: a cache mount
 //! its id, target, sharing, owner and mode; a tmpfs its target and size; a secret its id,
-//! target, owner and mode (never its bytes); a bind mount its source path, target and
+//! target, owner and mode (never its bytes; one keyed by its digest has a tag of its own, and
+//! the builder adds the digest); a bind mount its source path, target and
 //! writability (the source image's key or the selected context files' digests enter the key
 //! through the builder, as `copy_from` and `copy` sources do); an SSH agent its id and target.
 
@@ -109,8 +110,11 @@ impl Encoder {
                     self.tag(1).str(id).str(target).tag(sharing.key_byte()).owner(*owner).optional_u32(*mode)
                 }
                 Mount::Tmpfs { target, size } => self.tag(2).str(target).optional_u64(*size),
-                Mount::Secret { target, id, owner, mode } => {
-                    self.tag(3).str(id).str(target).owner(*owner).optional_u32(*mode)
+                // Keyed by its digest: another tag, so that a secret without the opt-in keeps
+                // its bytes; the digest itself enters the key through the builder.
+                Mount::Secret { target, id, owner, mode, key_by_digest } => {
+                    let tag = if *key_by_digest { 6 } else { 3 };
+                    self.tag(tag).str(id).str(target).owner(*owner).optional_u32(*mode)
                 }
                 Mount::Bind { source, path, target, writable } => {
                     let source_tag = match source {
@@ -279,6 +283,7 @@ mod tests {
             with(Mount::secret("/c", "token")),
             with(Mount::secret("/c", "other")),
             with(Mount::secret("/c", "token").mode(0o444)),
+            with(Mount::secret("/c", "token").key_by_digest()),
             with(Mount::bind(&base, "/out", "/c")),
             with(Mount::bind(&base, "/out", "/c").writable()),
             with(Mount::context(&Context::dir("/somewhere").unwrap(), "src", "/c")),

@@ -115,11 +115,15 @@ impl Image {
         chain
     }
 
-    /// The images this step needs built first: its parent and, for `copy_from`, its source.
+    /// The images this step needs built first: its parent, for `copy_from` its source, and
+    /// for a RUN step the source images of its bind mounts ([`crate::Mount::bind`]), in
+    /// declaration order.
     pub fn inputs(&self) -> Vec<Image> {
         let mut inputs: Vec<Image> = self.parent().cloned().into_iter().collect();
-        if let Step::CopyFrom(copy) = self.step() {
-            inputs.push(copy.image.clone());
+        match self.step() {
+            Step::CopyFrom(copy) => inputs.push(copy.image.clone()),
+            Step::Run(run) => inputs.extend(run.bind_images().cloned()),
+            _ => {}
         }
         inputs
     }

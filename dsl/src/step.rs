@@ -485,6 +485,16 @@ impl Run {
     }
 }
 
+impl Run {
+    /// The source images of this step's bind mounts ([`Mount::bind`]), in declaration order.
+    pub fn bind_images(&self) -> impl Iterator<Item = &Image> {
+        self.mounts.iter().filter_map(|mount| match mount {
+            Mount::Bind { source: MountSource::Image(image), .. } => Some(image),
+            _ => None,
+        })
+    }
+}
+
 impl From<RunCommand> for Run {
     fn from(command: RunCommand) -> Run {
         Run {
@@ -750,7 +760,8 @@ pub enum Mount {
     },
     /// A read-only file holding a secret the builder was given under `id`. Its bytes never
     /// enter the key, a layer, a log or a record; a changed secret does not rebuild the step
-    /// (as in BuildKit) unless the builder was told to key it by its digest.
+    /// (as in BuildKit) unless the mount opts in with [`Mount::key_by_digest`]: then a digest
+    /// of its bytes (never the bytes) enters the key.
     Secret {
         /// Absolute path of the file inside the image, as declared.
         target: String,
@@ -760,6 +771,9 @@ pub enum Mount {
         owner: Option<Owner>,
         /// The file's permission bits; 0400 by default.
         mode: Option<u32>,
+        /// Whether a digest of the secret's bytes enters the step's key (so that a changed
+        /// secret rebuilds the step); `false` by default, as in BuildKit.
+        key_by_digest: bool,
     },
     /// Files of another image or of the build context, read-only unless writable (then writes
     /// go to a throwaway layer). What is mounted enters the key.
@@ -821,10 +835,22 @@ impl Mount {
     /// assert_eq!(mount.target(), "/run/secrets/token");
     /// ```
     pub fn secret(target: impl Into<String>, id: impl Into<String>) -> Mount {
-        Mount::Secret { target: target.into(), id: id.into(), owner: None, mode: None }
+        Mount::Secret { target: target.into(), id: id.into(), owner: None, mode: None, key_by_digest: false }
     }
 
-    /// `source` of `image`'s final filesystem, read-only at `target`.
+    /// `source` (a directory or a file) of `image`'s final filesystem, read-only at `target`
+    /// ([`Mount::writable`]: writes go to a throwaway layer). `image` is built before the step,
+    /// and its key enters the step's key: a changed source image rebuilds the step. Nothing
+    /// of it enters the layer.
+    ///
+    /// ```
+    /// use layerwright_dsl::{Image, Mount, Run};
+    ///
+    /// let base = Image::from_archive("busybox.tar");
+    /// let tools = base.run("mkdir -p /out && echo hi > /out/hi");
+    /// let step = base.run(Run::shell("cat /in/hi > /copied").mount(Mount::bind(&tools, "/out", "/in")));
+    /// assert!(step.inputs()[1].same_node(&tools), "the source image is an input of the step");
+    /// ```
     pub fn bind(image: &Image, source: impl Into<String>, target: impl Into<String>) -> Mount {
         Mount::Bind {
             source: MountSource::Image(image.clone()),
@@ -834,7 +860,20 @@ impl Mount {
         }
     }
 
-    /// `source` of the build context `context`, read-only at `target`.
+    /// `source` (a directory or a file) of the build context `context`, read-only at `target`
+    /// ([`Mount::writable`]: writes go to a throwaway copy). The source is selected as `copy`
+    /// selects it (`..`, absolute paths and symlinks leading out of the context are errors,
+    /// `.dockerignore` applies: an excluded file is not in the mount) and the selected files'
+    /// digests enter the step's key. Nothing of it enters the layer.
+    ///
+    /// ```
+    /// use layerwright_dsl::{Context, Image, Mount, Run};
+    ///
+    /// let context = Context::dir("app")?;
+    /// let run = Run::shell("make -C /src").mount(Mount::context(&context, ".", "/src").writable());
+    /// assert!(matches!(run.mounts[0], Mount::Bind { writable: true, .. }));
+    /// # Ok::<(), layerwright_dsl::ImagePathError>(())
+    /// ```
     pub fn context(context: &Context, source: impl Into<String>, target: impl Into<String>) -> Mount {
         Mount::Bind {
             source: MountSource::Context(context.clone()),
@@ -844,7 +883,17 @@ impl Mount {
         }
     }
 
-    /// The builder's default SSH agent at [`SSH_AGENT_TARGET`].
+    /// The builder's SSH agent `default` (see [`Mount::id`]) at [`SSH_AGENT_TARGET`] (see
+    /// [`Mount::at`]), with `SSH_AUTH_SOCK` set to it for the command. The builder must have
+    /// been given the agent (as `docker build --ssh`): a step that mounts an agent it lacks
+    /// fails before anything runs. Keyed by its id and target, never by the agent's keys.
+    ///
+    /// ```
+    /// use layerwright_dsl::{Mount, SSH_AGENT_TARGET};
+    ///
+    /// assert_eq!(Mount::ssh().target(), SSH_AGENT_TARGET);
+    /// assert_eq!(Mount::ssh().id("deploy").at("/run/agent.sock").target(), "/run/agent.sock");
+    /// ```
     pub fn ssh() -> Mount {
         Mount::Ssh { id: "default".to_owned(), target: SSH_AGENT_TARGET.to_owned() }
     }
@@ -905,6 +954,24 @@ impl Mount {
     pub fn writable(mut self) -> Mount {
         if let Mount::Bind { writable, .. } = &mut self {
             *writable = true;
+        }
+        self
+    }
+
+    /// A secret mount whose secret's digest enters the step's key, so that a changed secret
+    /// rebuilds the step (no effect on other kinds). The digest is blake3 of the bytes under
+    /// a domain of layerwright's own; the bytes never enter the key. Off by default: a
+    /// secret is usually a credential, whose rotation should not rebuild anything.
+    ///
+    /// ```
+    /// use layerwright_dsl::Mount;
+    ///
+    /// let mount = Mount::secret("/run/secrets/config", "config").key_by_digest();
+    /// assert!(matches!(mount, Mount::Secret { key_by_digest: true, .. }));
+    /// ```
+    pub fn key_by_digest(mut self) -> Mount {
+        if let Mount::Secret { key_by_digest, .. } = &mut self {
+            *key_by_digest = true;
         }
         self
     }

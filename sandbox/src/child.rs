@@ -222,7 +222,7 @@ impl<'a> ChildProgram<'a> {
             nproc_limit: None,
             argv_pointers,
             env_pointers,
-            step_mounts: PreparedMounts::new(&plan.mounts.step)?,
+            step_mounts: PreparedMounts::new(&plan.mounts.step, &plan.base_dir)?,
         })
     }
 

@@ -310,6 +310,12 @@ impl Failure {
         Failure { stage, detail, errno: errno.raw_os_error(), message: [0; MESSAGE_CAPACITY], message_length: 0 }
     }
 
+    /// The same failure (errno and kernel message) reported at another stage: a call shared
+    /// by two stages (the overlay of a bind mount) is described by the one that made it.
+    pub(crate) fn at(self, stage: Stage, detail: u32) -> Failure {
+        Failure { stage, detail, ..self }
+    }
+
     /// Adds the last message of the kernel's log of a filesystem context (what `mount(8)`
     /// shows after "see dmesg"). No allocation: it is read straight into the record.
     pub(crate) fn with_log(mut self, filesystem: &OwnedFd) -> Failure {

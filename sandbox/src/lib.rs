@@ -104,7 +104,7 @@ mod seccomp;
 mod writeback;
 
 pub use failure::SandboxError;
-pub use mounts::{MAX_STEP_MOUNTS, SecretBytes, StepMount};
+pub use mounts::{HostKind, MAX_STEP_MOUNTS, SecretBytes, StepMount};
 pub use namespace::NamespaceSandbox;
 pub use network::{ISOLATED_NAMESERVER, slirp4netns};
 pub use overlay::{MAX_LOWER_LAYERS, OverlayError, OverlayMount, OverlayOptions, OverlayPaths};

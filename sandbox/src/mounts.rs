@@ -26,9 +26,17 @@
 //! on a staging directory in the child's mount namespace only, and bound read-only on its
 //! target (a file): its bytes never touch a disk. [`SecretBytes`] never prints them.
 //!
+//! A bind mount of an image's files ([`StepMount::Image`]) is an overlay of that image's
+//! snapshots with an upper directory of its own (thrown away with the run directory), mounted
+//! by the child in its own namespace only; the source path is opened in it with `openat2`
+//! (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), cloned with `open_tree` and bound read-only unless
+//! writable. A host file, directory or socket of the caller's ([`StepMount::Host`]: a context
+//! bind's staged copy, an SSH agent's socket) is opened as a cache directory is, relative to
+//! its parent with `O_NOFOLLOW`, and bound read-only when asked.
+//!
 //! What this module deliberately is not: where a cache directory lives or how it is shared and
-//! locked (the caller's), where a secret comes from, or the place for bind mounts of images
-//! (a later kind).
+//! locked (the caller's), where a secret or an SSH agent comes from, or which files a bind
+//! mount shows (the caller plans the overlay and stages a context's selection).
 
 use std::ffi::CString;
 use std::io;
@@ -40,6 +48,7 @@ use rustix::io::Errno;
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags};
 
 use crate::failure::{Failure, SandboxError, Stage};
+use crate::overlay::OverlayMount;
 
 /// The most mounts one step may have (the child holds their descriptors in a fixed array).
 pub const MAX_STEP_MOUNTS: usize = 32;
@@ -81,6 +90,52 @@ pub enum StepMount {
         /// The file's permission bits.
         mode: u32,
     },
+    /// A host directory, file or socket of the caller's own (no step can change it), bound
+    /// `nosuid,nodev` (and `ro` when `read_only`): `parent/name`, opened with `O_NOFOLLOW`
+    /// relative to `parent`.
+    Host {
+        /// The directory holding it.
+        parent: PathBuf,
+        /// One path component: the entry in `parent`.
+        name: String,
+        /// Absolute, normalised path inside the image; a directory there for a directory, a
+        /// regular file otherwise.
+        target: String,
+        /// What it is.
+        kind: HostKind,
+        /// Bound read-only.
+        read_only: bool,
+    },
+    /// Files of an image: `overlay` (its snapshots as lowers, an upper of its own) mounted on
+    /// its merged directory in the child's namespace, and `path` below it bound on `target`,
+    /// `nosuid,nodev`, read-only unless `writable` (then writes land in the throwaway upper).
+    Image {
+        /// The overlay, attached at `merged`.
+        overlay: Box<OverlayMount>,
+        /// The overlay's merged directory, below the store root (the child's working
+        /// directory when it mounts).
+        merged: PathBuf,
+        /// The normalised path inside the image's tree (empty for its root); no symlink on the
+        /// way (it is opened with `RESOLVE_NO_SYMLINKS`).
+        path: String,
+        /// Absolute, normalised path inside the step's image.
+        target: String,
+        /// A regular file rather than a directory.
+        file: bool,
+        /// Writes allowed (to the overlay's upper).
+        writable: bool,
+    },
+}
+
+/// What a [`StepMount::Host`] binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    /// A directory (the target must be a directory in the image).
+    Directory,
+    /// A regular file (the target must be a regular file in the image).
+    File,
+    /// A unix socket, such as an SSH agent's (the target must be a regular file in the image).
+    Socket,
 }
 
 /// A secret's bytes. Its `Debug` shows their length only, so that no plan, error or log line
@@ -92,6 +147,11 @@ impl SecretBytes {
     /// Holds `bytes`.
     pub fn new(bytes: Vec<u8>) -> SecretBytes {
         SecretBytes(bytes)
+    }
+
+    /// The bytes, to hash or write; never to print.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 
     /// How many bytes there are.
@@ -127,7 +187,9 @@ impl StepMount {
         match self {
             StepMount::Directory { target, .. }
             | StepMount::Tmpfs { target, .. }
-            | StepMount::Secret { target, .. } => target,
+            | StepMount::Secret { target, .. }
+            | StepMount::Host { target, .. }
+            | StepMount::Image { target, .. } => target,
         }
     }
 }
@@ -160,6 +222,21 @@ enum Prepared {
         staging: CString,
         size: CString,
     },
+    Host {
+        parent: CString,
+        name: CString,
+        directory: bool,
+        attributes: MountAttrFlags,
+    },
+    /// The index of the mount in the plan's (the overlay stays there), the merged directory
+    /// relative to the store root, and the path below it (`.` for its root).
+    Image {
+        index: usize,
+        merged: CString,
+        path: CString,
+        directory: bool,
+        attributes: MountAttrFlags,
+    },
 }
 
 /// The step's mounts, ready for the child.
@@ -181,6 +258,30 @@ const SECRET_CALLS: [&str; 8] = [
     "move_mount onto the target",
 ];
 
+/// The calls of a host bind a failure can name (the detail is `mount * 8 + call`).
+const HOST_CALLS: [&str; 8] = [
+    "open(parent, O_PATH | O_DIRECTORY)",
+    "openat(name, O_PATH | O_NOFOLLOW)",
+    "open_tree(OPEN_TREE_CLONE)",
+    "mount_setattr(nosuid, nodev) of the bind",
+    "",
+    "",
+    "openat2(RESOLVE_NO_SYMLINKS) of the target",
+    "move_mount onto the target",
+];
+
+/// The calls of an image bind a failure can name (the detail is `mount * 8 + call`).
+const IMAGE_CALLS: [&str; 8] = [
+    "mounting the overlay of the source image's layers",
+    "open(merged directory, O_PATH | O_NOFOLLOW)",
+    "openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) of the source path",
+    "open_tree(OPEN_TREE_CLONE) of the source path",
+    "mount_setattr(nosuid, nodev, ro unless writable) of the bind",
+    "",
+    "openat2(RESOLVE_NO_SYMLINKS) of the target",
+    "move_mount onto the target",
+];
+
 /// The calls of a step mount a failure can name (the detail is `mount * 8 + call`).
 const CALLS: [&str; 8] = [
     "open(parent, O_PATH), openat(name, O_NOFOLLOW) and open_tree(OPEN_TREE_CLONE) of the directory",
@@ -196,7 +297,11 @@ const CALLS: [&str; 8] = [
 impl<'a> PreparedMounts<'a> {
     /// Opens every host directory (relative to its parent, `O_NOFOLLOW`) and prepares every
     /// string. Errors name the mount's target and the path.
-    pub(crate) fn new(mounts: &'a [StepMount]) -> Result<PreparedMounts<'a>, SandboxError> {
+    pub(crate) fn new(mounts: &'a [StepMount], base_dir: &std::path::Path) -> Result<PreparedMounts<'a>, SandboxError> {
+        let invalid = |action: String| SandboxError::StepMount {
+            action,
+            source: io::Error::from(io::ErrorKind::InvalidInput),
+        };
         if mounts.len() > MAX_STEP_MOUNTS {
             return Err(SandboxError::StepMount {
                 action: format!("make {} mounts (at most {MAX_STEP_MOUNTS})", mounts.len()),
@@ -251,6 +356,39 @@ impl<'a> PreparedMounts<'a> {
                     size: CString::new((bytes.len().div_ceil(4096) * 4096 + 4096).to_string())
                         .expect("digits hold no NUL"),
                 },
+                StepMount::Host { parent, name, kind, read_only, target } => {
+                    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+                        return Err(invalid(format!("bind {name:?} (not one path component) on {target}")));
+                    }
+                    let c_string = |text: &[u8]| {
+                        CString::new(text).map_err(|_| invalid(format!("bind {parent:?}/{name:?} (a NUL byte)")))
+                    };
+                    let mut attributes = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+                    if *read_only {
+                        attributes |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+                    }
+                    if *kind != HostKind::Directory {
+                        attributes |= MountAttrFlags::MOUNT_ATTR_NOEXEC;
+                    }
+                    Prepared::Host {
+                        parent: c_string(parent.as_os_str().as_encoded_bytes())?,
+                        name: c_string(name.as_bytes())?,
+                        directory: *kind == HostKind::Directory,
+                        attributes,
+                    }
+                }
+                StepMount::Image { merged, path, writable, file, target, .. } => {
+                    let below = merged.strip_prefix(base_dir).unwrap_or(merged);
+                    let path = if path.is_empty() { "." } else { path.as_str() };
+                    let merged = CString::new(below.as_os_str().as_encoded_bytes())
+                        .map_err(|_| invalid(format!("bind from {merged:?} (a NUL byte) on {target}")))?;
+                    let path = CString::new(path).map_err(|_| invalid(format!("bind {path:?} (a NUL byte)")))?;
+                    let mut attributes = MountAttrFlags::MOUNT_ATTR_NOSUID | MountAttrFlags::MOUNT_ATTR_NODEV;
+                    if !writable {
+                        attributes |= MountAttrFlags::MOUNT_ATTR_RDONLY;
+                    }
+                    Prepared::Image { index, merged, path, directory: !file, attributes }
+                }
             };
             prepared.push((made, target));
         }
@@ -301,6 +439,46 @@ impl<'a> PreparedMounts<'a> {
                     };
                     secret_file(index, &bytes.0, (*uid, *gid, *mode), staging, size)?
                 }
+                Prepared::Host { parent, name, directory, attributes } => {
+                    let kind = if *directory { OFlags::DIRECTORY } else { OFlags::empty() };
+                    let parent = rustix::fs::open(
+                        parent.as_c_str(),
+                        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(fail(0))?;
+                    let flags = OFlags::PATH | kind | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                    let source = rustix::fs::openat(&parent, name.as_c_str(), flags, Mode::empty()).map_err(fail(1))?;
+                    let clone = clone_tree(&source).map_err(fail(2))?;
+                    set_attributes(&clone, *attributes).map_err(fail(3))?;
+                    clone
+                }
+                Prepared::Image { index: position, merged, path, directory, attributes } => {
+                    let StepMount::Image { overlay, .. } = &self.plan[*position] else {
+                        unreachable!("prepared from an image bind")
+                    };
+                    // The overlay attaches at `merged`, relative to the store root (the working
+                    // directory here), in this namespace only.
+                    overlay.mount().map_err(|failure| failure.at(Stage::StepMount, index as u32 * 8))?;
+                    let root = rustix::fs::open(
+                        merged.as_c_str(),
+                        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(fail(1))?;
+                    let kind = if *directory { OFlags::DIRECTORY } else { OFlags::empty() };
+                    let source = rustix::fs::openat2(
+                        &root,
+                        path.as_c_str(),
+                        OFlags::PATH | kind | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+                    )
+                    .map_err(fail(2))?;
+                    let clone = clone_tree(&source).map_err(fail(3))?;
+                    set_attributes(&clone, *attributes).map_err(fail(4))?;
+                    clone
+                }
             };
             detached[index] = Some(made);
         }
@@ -315,8 +493,14 @@ impl<'a> PreparedMounts<'a> {
         for (index, (prepared, target)) in self.mounts.iter().enumerate() {
             let fail = |call: u32| move |error: Errno| Failure::new(Stage::StepMount, index as u32 * 8 + call, error);
             let Some(mount) = &detached[index] else { continue };
-            // A secret's target is a file; every other one a directory.
-            let kind = if matches!(prepared, Prepared::Secret { .. }) { OFlags::empty() } else { OFlags::DIRECTORY };
+            // A secret's, a host file's and a socket's target is a file; every other one a
+            // directory.
+            let file = match prepared {
+                Prepared::Secret { .. } => true,
+                Prepared::Host { directory, .. } | Prepared::Image { directory, .. } => !directory,
+                Prepared::Directory { .. } | Prepared::Tmpfs { .. } => false,
+            };
+            let kind = if file { OFlags::empty() } else { OFlags::DIRECTORY };
             let directory = rustix::fs::openat2(
                 rustix::fs::CWD,
                 target.as_c_str(),
@@ -340,7 +524,12 @@ impl<'a> PreparedMounts<'a> {
     /// The call a [`Stage::StepMount`] failure is about, with its arguments.
     pub(crate) fn describe(&self, detail: u32) -> String {
         let (index, call) = ((detail / 8) as usize, (detail % 8) as usize);
-        let calls = if matches!(self.plan.get(index), Some(StepMount::Secret { .. })) { SECRET_CALLS } else { CALLS };
+        let calls = match self.plan.get(index) {
+            Some(StepMount::Secret { .. }) => SECRET_CALLS,
+            Some(StepMount::Host { .. }) => HOST_CALLS,
+            Some(StepMount::Image { .. }) => IMAGE_CALLS,
+            _ => CALLS,
+        };
         let call = calls.get(call).copied().unwrap_or("mounting");
         match self.plan.get(index) {
             Some(StepMount::Directory { parent, name, target }) => {
@@ -353,6 +542,12 @@ impl<'a> PreparedMounts<'a> {
             // Never the bytes.
             Some(StepMount::Secret { target, staging, .. }) => {
                 format!("{call} for the secret on {target} (staged in {staging:?})")
+            }
+            Some(StepMount::Host { parent, name, target, .. }) => {
+                format!("{call} for the bind of {:?} on {target}", parent.join(name))
+            }
+            Some(StepMount::Image { overlay, path, target, .. }) => {
+                format!("{call} for the bind of /{path} on {target} (overlay {})", overlay.summary())
             }
             None => format!("{call} for step mount {index}"),
         }
@@ -415,6 +610,16 @@ fn secret_file(
         | MountAttrFlags::MOUNT_ATTR_NOEXEC;
     set_attributes(&clone, read_only).map_err(fail(5))?;
     Ok(clone)
+}
+
+/// `open_tree(source, "", OPEN_TREE_CLONE | AT_EMPTY_PATH)`: a detached bind of what `source`
+/// (an `O_PATH` descriptor) is. A raw syscall.
+fn clone_tree(source: &OwnedFd) -> Result<OwnedFd, Errno> {
+    rustix::mount::open_tree(
+        source.as_fd(),
+        c"",
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC | OpenTreeFlags::AT_EMPTY_PATH,
+    )
 }
 
 /// `mount_setattr(mount, "", AT_EMPTY_PATH, {attr_set: attributes})`. A raw syscall.

@@ -71,7 +71,7 @@ pub enum OverlayError {
 }
 
 /// One `fsconfig` call: a key and its string value, or a flag.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct ConfigOption {
     key: CString,
     value: Option<CString>,
@@ -110,7 +110,7 @@ pub struct OverlayPaths<'a> {
 
 /// The classic `mount(2)` of the same overlay, for kernels without `lowerdir+` (before 6.8):
 /// one option string of at most a page, made from the directory of short lower links.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct ClassicOverlay {
     /// The directory of short links (relative to the store root).
     directory: CString,
@@ -162,7 +162,7 @@ impl ClassicOverlay {
 }
 
 /// An overlay mount, ready to be made by the sandbox child.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlayMount {
     options: Vec<ConfigOption>,
     /// Where the mount is attached (relative to the store root).

@@ -6,10 +6,11 @@
 use layerwright_cache::{ActionRecord, Digest};
 
 /// The shape of one planned node, as far as the remote cache cares.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct NodeShape {
     pub parent: Option<usize>,
-    pub source: Option<usize>,
+    /// The other images it reads: a `copy_from` source, a RUN step's bind mount sources.
+    pub sources: Vec<usize>,
     /// Whether the node's result is an action record (layer and base steps); scratch and
     /// config changes are computed.
     pub recorded: bool,
@@ -74,10 +75,10 @@ pub(crate) fn decide(
             if let Some(parent) = shapes[index].parent {
                 required[parent] = true;
             }
-            if served[index] == Served::Execute
-                && let Some(source) = shapes[index].source
-            {
-                required[source] = true;
+            if served[index] == Served::Execute {
+                for source in &shapes[index].sources {
+                    required[*source] = true;
+                }
             }
         }
         let mut changed = false;

@@ -58,7 +58,7 @@ use crate::progress::{Progress, ProgressEvent};
 use crate::tree::FsTree;
 
 pub use layerwright_sandbox::{OverlayError, SandboxError};
-pub use mounts::{MountError, SecretSource, Secrets, validate as validate_mounts};
+pub use mounts::{Given, MountError, SecretSource, Secrets, SshAgents, SshSource, secret_digest, validate as validate_mounts};
 pub use spec::SpecError;
 pub use upper::UpperError;
 
@@ -222,8 +222,12 @@ pub struct RunRequest<'a> {
     pub run: &'a Run,
     pub parent: &'a Arc<NodeState>,
     pub progress: &'a Progress,
-    /// The builder's secrets, for the step's secret mounts.
-    pub secrets: &'a Secrets,
+    /// The builder's secrets and SSH agents, for the step's secret and SSH mounts.
+    pub given: Given<'a>,
+    /// The source images of the step's bind mounts of images, in declaration order.
+    pub bind_images: &'a [Arc<NodeState>],
+    /// The selections of the step's bind mounts of the context, in declaration order.
+    pub bind_contexts: &'a [crate::context::Selection],
     /// The builder's limits for every RUN step (a `None` field: [`PIDS_LIMIT`],
     /// [`MEMORY_LIMIT`]); the step's own win.
     pub defaults: Limits,
@@ -276,6 +280,20 @@ fn kernel_at_least(release: &str, (major, minor): (u32, u32)) -> bool {
     }
 }
 
+/// The step as its command sees it: with `SSH_AUTH_SOCK` naming the target of its SSH mount
+/// (the first, if several), after the step's own variables so that it wins. The key was made
+/// from the declaration; this changes only what runs.
+fn with_agent_env(run: &Run) -> std::borrow::Cow<'_, Run> {
+    let agent = run.mounts.iter().find_map(|mount| match mount {
+        layerwright_dsl::Mount::Ssh { target, .. } => Some(target.clone()),
+        _ => None,
+    });
+    match agent {
+        None => std::borrow::Cow::Borrowed(run),
+        Some(target) => std::borrow::Cow::Owned(run.clone().env("SSH_AUTH_SOCK", target)),
+    }
+}
+
 /// The command as its error messages show it.
 fn command_text(run: &Run) -> String {
     match &run.command {
@@ -325,8 +343,23 @@ fn execute_run_with(
     let tree = execution.tree(parent)?;
     let passwd = image_file(&tree, &by_position, "etc/passwd");
     let group = image_file(&tree, &by_position, "etc/group");
-    let process = spec::resolve(request.run, &parent.config, passwd.as_deref(), group.as_deref())
+    let process = spec::resolve(&with_agent_env(request.run), &parent.config, passwd.as_deref(), group.as_deref())
         .map_err(|source| RunError::Spec { step: step.clone(), source })?;
+    // The source images of bind mounts: their snapshots, as a RUN step on them would have.
+    let bound_images = request
+        .bind_images
+        .iter()
+        .map(|source| {
+            let (_, lowers) = lower_snapshots(store, &source.layers.to_vec(), identity.flavour())
+                .map_err(|error| RunError::Snapshot { step: step.clone(), source: error })?;
+            Ok(mounts::BoundImage { lowers, tree: execution.tree(source)? })
+        })
+        .collect::<Result<Vec<_>, RunError>>()?;
+    let overlay_options = OverlayOptions {
+        userxattr: identity.rootless.is_some(),
+        volatile: identity.volatile_overlay,
+        prefer_classic: identity.classic_overlay,
+    };
 
     let tmp = store.tmp_dir();
     let run_dir =
@@ -351,8 +384,11 @@ fn execute_run_with(
         store,
         tree: &tree,
         rootless: identity.rootless.is_some(),
-        secrets: request.secrets,
+        given: request.given,
         run_dir: run_dir.path(),
+        images: &bound_images,
+        contexts: request.bind_contexts,
+        overlay: overlay_options,
     };
     let step_mounts = mounts::prepare(&mount_context, &step, request.run)?;
     created.extend(step_mounts.copied_parents.iter().cloned());
@@ -382,11 +418,6 @@ fn execute_run_with(
         work: &work,
         target: &merged,
         short_lowers: &short_lowers,
-    };
-    let overlay_options = OverlayOptions {
-        userxattr: identity.rootless.is_some(),
-        volatile: identity.volatile_overlay,
-        prefer_classic: identity.classic_overlay,
     };
     let overlay = OverlayMount::new(&paths, &overlay_options)
         .map_err(|source| RunError::Overlay { step: step.clone(), source })?;

@@ -16,10 +16,21 @@
 //! missing parents, as BuildKit leaves them; existing parents are copied up with their metadata
 //! (see [`CreatedPath`]).
 //!
+//! A bind mount of an image ([`BoundImage`]) is an overlay of that image's snapshots (the
+//! same ones a RUN step on it would have as lowers) with an upper of its own in the run
+//! directory, read-only unless writable; its source path must be a directory or a regular file
+//! of the image, reached through directories only (a symlink on the way is an error naming the
+//! step and the path). A bind mount of the context is the selection a `copy` of the same path
+//! would make (`.dockerignore` applied, nothing outside the context), staged in the run
+//! directory through the context's capability and bound read-only unless writable (writes then
+//! change only the staged copy, thrown away with the run directory). An SSH agent is the
+//! builder's socket ([`SshSource`]) bound on a file mountpoint, checked to be a socket before
+//! anything runs.
+//!
 //! What this module deliberately is not: the mount itself (`layerwright_sandbox`), where cache
 //! directories live or how they are locked (`layerwright_cache`), or keys (a mount's declaration
-//! is in the step's encoding). Bind, context and SSH mounts are refused at plan time for now,
-//! naming the step and the target.
+//! is in the step's encoding; the planner adds a bound image's key, the bound context files'
+//! digests and, for a secret keyed by its digest, [`secret_digest`]).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -27,12 +38,17 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use layerwright_cache::{CacheMountLease, CacheMountOptions, CacheMountSharing, Store, StoreError};
-use layerwright_dsl::{ImagePathError, Mount, Run, Sharing, normalize_image_path};
-use layerwright_sandbox::{MAX_STEP_MOUNTS, SecretBytes, StepMount};
+use layerwright_dsl::{ImagePathError, Mount, MountSource, Run, Sharing, normalize_image_path};
+use layerwright_sandbox::{
+    HostKind, MAX_STEP_MOUNTS, OverlayError, OverlayMount, OverlayOptions, OverlayPaths, SecretBytes, StepMount,
+};
 use thiserror::Error;
 
 use super::upper::CreatedPath;
+use crate::context::{ContextKind, Selection};
 use crate::layer::IndexKind;
 use crate::tree::FsTree;
 
@@ -57,6 +73,36 @@ impl std::fmt::Display for SecretSource {
 
 /// The secrets a builder was given, by id.
 pub type Secrets = BTreeMap<String, SecretSource>;
+
+/// Where an SSH agent's socket is ([`crate::Builder::ssh`]), as `docker build --ssh` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SshSource {
+    /// The agent of the process that builds: its `SSH_AUTH_SOCK` (`--ssh default`).
+    Agent,
+    /// A socket at this path (`--ssh id=PATH`).
+    Socket(PathBuf),
+}
+
+impl std::fmt::Display for SshSource {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SshSource::Agent => formatter.write_str("the builder's SSH_AUTH_SOCK"),
+            SshSource::Socket(path) => write!(formatter, "socket {}", path.display()),
+        }
+    }
+}
+
+/// The SSH agents a builder was given, by id.
+pub type SshAgents = BTreeMap<String, SshSource>;
+
+/// What a builder was given for its steps' mounts: secrets and SSH agents, by id.
+#[derive(Debug, Clone, Copy)]
+pub struct Given<'a> {
+    /// The secrets ([`crate::Builder::secret`]).
+    pub secrets: &'a Secrets,
+    /// The SSH agents ([`crate::Builder::ssh`]).
+    pub ssh: &'a SshAgents,
+}
 
 /// Why a RUN step's mounts cannot be made. The step's label is carried for callers that match;
 /// the message names the target (the build error around it names the step).
@@ -105,15 +151,53 @@ pub enum MountError {
         /// How many were declared.
         count: usize,
     },
-    /// A kind of mount this version does not make yet.
-    #[error("{kind} mounts are not supported yet (the mount on {target:?})")]
-    Unsupported {
+    /// An SSH mount names an agent the builder was not given.
+    #[error(
+        "ssh agent {id:?} (mounted on {target:?}) was not given to the builder (Builder::ssh, --ssh {id} or --ssh \
+         {id}=SOCKET)"
+    )]
+    MissingSshAgent {
         /// The step's label.
         step: String,
-        /// The kind (`secret`, `bind`, `ssh`).
-        kind: &'static str,
+        /// The agent's id.
+        id: String,
         /// The target, as declared.
         target: String,
+    },
+    /// The builder's SSH agent cannot be used: `SSH_AUTH_SOCK` is unset, or not a socket.
+    #[error("ssh agent {id:?} ({from}): {reason}")]
+    SshAgentUnusable {
+        /// The step's label.
+        step: String,
+        /// The agent's id.
+        id: String,
+        /// Where it was to be found.
+        from: SshSource,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A bind mount's source path is not a directory or regular file of its source image, or
+    /// passes through something else than a directory (a symlink included).
+    #[error("bind mount source {path:?} (mounted on {target:?}): {reason}")]
+    BindSource {
+        /// The step's label.
+        step: String,
+        /// The source path, as declared.
+        path: String,
+        /// The target, as declared.
+        target: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A bind mount's overlay of its source image cannot be planned.
+    #[error("bind mount on {target:?}: {source}")]
+    BindOverlay {
+        /// The step's label.
+        step: String,
+        /// The target, as declared.
+        target: String,
+        /// Why the overlay cannot be planned.
+        source: OverlayError,
     },
     /// The target, or a directory on the way to it, is something else than a directory in the
     /// image (a symlink included: a mount is never placed through one).
@@ -152,8 +236,9 @@ pub enum MountError {
         /// Why it could not be read.
         source: io::Error,
     },
-    /// A secret's target exists in the image as something else than a regular file.
-    #[error("secret target {target:?} is a {kind} in the image, not a file")]
+    /// A file mount's (a secret's, a bound file's, an SSH agent's) target exists in the image
+    /// as something else than a regular file.
+    #[error("file mount target {target:?} is a {kind} in the image, not a file")]
     SecretTargetNotFile {
         /// The step's label.
         step: String,
@@ -189,9 +274,10 @@ pub enum MountError {
 }
 
 /// Checks a RUN step's mounts before anything executes: absolute targets, none `/`, no two on
-/// one target, at most [`MAX_STEP_MOUNTS`], and only the kinds this version makes. Returns the
-/// normalised targets (image-relative, `var/cache/apt`) in declaration order.
-pub fn validate(step: &str, run: &Run, secrets: &Secrets) -> Result<Vec<String>, MountError> {
+/// one target, at most [`MAX_STEP_MOUNTS`], every secret and SSH agent given to the builder
+/// (an agent's socket present). Returns the normalised targets (image-relative,
+/// `var/cache/apt`) in declaration order.
+pub fn validate(step: &str, run: &Run, given: Given<'_>) -> Result<Vec<String>, MountError> {
     let step = step.to_owned();
     if run.mounts.len() > MAX_STEP_MOUNTS {
         return Err(MountError::TooMany { step, count: run.mounts.len() });
@@ -200,18 +286,14 @@ pub fn validate(step: &str, run: &Run, secrets: &Secrets) -> Result<Vec<String>,
     let mut targets = Vec::with_capacity(run.mounts.len());
     for mount in &run.mounts {
         let target = mount.target().to_owned();
-        let unsupported = match mount {
-            Mount::Cache { .. } | Mount::Tmpfs { .. } => None,
-            Mount::Secret { id, .. } if !secrets.contains_key(id) => {
+        match mount {
+            Mount::Secret { id, .. } if !given.secrets.contains_key(id) => {
                 return Err(MountError::MissingSecret { step, id: id.clone(), target });
             }
-            Mount::Secret { .. } => None,
-            Mount::Bind { .. } => Some("bind"),
-            Mount::Ssh { .. } => Some("ssh"),
-            _ => Some("this kind of"),
-        };
-        if let Some(kind) = unsupported {
-            return Err(MountError::Unsupported { step, kind, target });
+            Mount::Ssh { id, .. } => {
+                agent_socket(&step, id, &target, given.ssh)?;
+            }
+            _ => {}
         }
         if !target.starts_with('/') {
             return Err(MountError::NotAbsolute { step, target });
@@ -253,17 +335,35 @@ pub struct MountContext<'a> {
     pub tree: &'a FsTree,
     /// Owners cannot be set (only root exists in the run).
     pub rootless: bool,
-    /// The builder's secrets.
-    pub secrets: &'a Secrets,
-    /// The step's run directory (secrets are staged in empty directories made there).
+    /// The builder's secrets and SSH agents.
+    pub given: Given<'a>,
+    /// The step's run directory (secrets, bind overlays and context copies are staged there).
     pub run_dir: &'a Path,
+    /// The source images of the step's bind mounts of images, in declaration order.
+    pub images: &'a [BoundImage],
+    /// The selections of the step's bind mounts of the context, in declaration order.
+    pub contexts: &'a [Selection],
+    /// How the step's own overlay is mounted (bind overlays are mounted alike).
+    pub overlay: OverlayOptions,
+}
+
+/// The source image of a bind mount: its snapshots as overlay lowers (top first, as a RUN step
+/// on it would have them) and its merged tree.
+pub struct BoundImage {
+    /// The overlay's lower directories, top first.
+    pub lowers: Vec<PathBuf>,
+    /// The image's merged tree (to check the source path).
+    pub tree: Arc<FsTree>,
 }
 
 /// Plans the mountpoints of `run`'s mounts in the parent's tree, leases the cache mounts'
 /// directories from the store (waiting for a `Locked` id) and reads the secrets.
 pub fn prepare(context: &MountContext<'_>, step: &str, run: &Run) -> Result<PreparedMounts, MountError> {
-    let MountContext { store, tree, rootless, secrets, run_dir } = *context;
-    let targets = validate(step, run, secrets)?;
+    let MountContext { store, tree, rootless, given, run_dir, .. } = *context;
+    let secrets = given.secrets;
+    let targets = validate(step, run, given)?;
+    let mut images = context.images.iter();
+    let mut contexts = context.contexts.iter();
     let mut prepared = PreparedMounts {
         sandbox: Vec::new(),
         copied_parents: Vec::new(),
@@ -273,7 +373,7 @@ pub fn prepare(context: &MountContext<'_>, step: &str, run: &Run) -> Result<Prep
     for (index, (mount, target)) in run.mounts.iter().zip(&targets).enumerate() {
         let absolute = format!("/{target}");
         if let Mount::Secret { id, owner, mode, .. } = mount {
-            plan_secret_mountpoint(step, mount.target(), target, tree, &mut prepared)?;
+            plan_file_mountpoint(step, mount.target(), target, tree, &mut prepared)?;
             let from = secrets.get(id).expect("validated: the builder has it").clone();
             let bytes = read_secret(&from).map_err(|source| {
                 log::warn!("{step}: cannot read secret {id:?} from its {from}: {source}");
@@ -296,6 +396,76 @@ pub fn prepare(context: &MountContext<'_>, step: &str, run: &Run) -> Result<Prep
                 mode: mode.unwrap_or(0o400),
             });
             continue;
+        }
+        let mountpoint_error = |path: PathBuf| {
+            let step = step.to_owned();
+            let target = mount.target().to_owned();
+            move |source: io::Error| {
+                log::warn!("{step}: cannot stage the mount on {target} in {}: {source}", path.display());
+                MountError::Mountpoint { step, target, path, source }
+            }
+        };
+        match mount {
+            Mount::Ssh { id, .. } => {
+                plan_file_mountpoint(step, mount.target(), target, tree, &mut prepared)?;
+                let socket = agent_socket(step, id, mount.target(), given.ssh)?;
+                let (parent, name) = split_host_path(&socket);
+                let kind = HostKind::Socket;
+                prepared.sandbox.push(StepMount::Host { parent, name, target: absolute, kind, read_only: false });
+                continue;
+            }
+            Mount::Bind { source: MountSource::Image(_), path, writable, .. } => {
+                let bound = images.next().expect("one bound image per image bind mount");
+                let (inside, file) = bind_source(step, path, mount.target(), &bound.tree)?;
+                plan_target(step, mount.target(), target, file, tree, &mut prepared)?;
+                let directory = run_dir.join(format!("bind-{index}"));
+                let [upper, work, merged, short_lowers] = ["upper", "work", "merged", "lowers"].map(|name| directory.join(name));
+                for made in [&directory, &upper, &work, &merged, &short_lowers] {
+                    fs::create_dir(made).map_err(mountpoint_error(made.clone()))?;
+                }
+                for (position, lower) in bound.lowers.iter().enumerate() {
+                    let link = short_lowers.join(position.to_string());
+                    std::os::unix::fs::symlink(lower, &link).map_err(mountpoint_error(link.clone()))?;
+                }
+                let paths = OverlayPaths {
+                    base_dir: store.root(),
+                    lowers: &bound.lowers,
+                    upper: &upper,
+                    work: &work,
+                    target: &merged,
+                    short_lowers: &short_lowers,
+                };
+                let overlay = OverlayMount::new(&paths, &context.overlay).map_err(|source| MountError::BindOverlay {
+                    step: step.to_owned(),
+                    target: mount.target().to_owned(),
+                    source,
+                })?;
+                prepared.sandbox.push(StepMount::Image {
+                    overlay: Box::new(overlay),
+                    merged,
+                    path: inside,
+                    target: absolute,
+                    file,
+                    writable: *writable,
+                });
+                continue;
+            }
+            Mount::Bind { source: MountSource::Context(_), writable, .. } => {
+                let selection = contexts.next().expect("one selection per context bind mount");
+                let file = !selection.source_is_directory;
+                plan_target(step, mount.target(), target, file, tree, &mut prepared)?;
+                let parent = run_dir.join(format!("bind-{index}"));
+                fs::create_dir(&parent).map_err(mountpoint_error(parent.clone()))?;
+                stage_selection(selection, &parent.join("content")).map_err(|(path, source)| {
+                    log::warn!("{step}: cannot stage the context's files in {}: {source}", path.display());
+                    MountError::Mountpoint { step: step.to_owned(), target: mount.target().to_owned(), path, source }
+                })?;
+                let kind = if file { HostKind::File } else { HostKind::Directory };
+                let name = "content".to_owned();
+                prepared.sandbox.push(StepMount::Host { parent, name, target: absolute, kind, read_only: !writable });
+                continue;
+            }
+            _ => {}
         }
         plan_mountpoint(step, mount.target(), target, tree, &mut prepared)?;
         match mount {
@@ -321,13 +491,8 @@ pub fn prepare(context: &MountContext<'_>, step: &str, run: &Run) -> Result<Prep
                 prepared._leases.push(lease);
             }
             Mount::Tmpfs { size, .. } => prepared.sandbox.push(StepMount::Tmpfs { target: absolute, size: *size }),
-            other => {
-                let kind = match other {
-                    Mount::Bind { .. } => "bind",
-                    _ => "ssh",
-                };
-                return Err(MountError::Unsupported { step: step.to_owned(), kind, target: other.target().to_owned() });
-            }
+            Mount::Secret { .. } | Mount::Bind { .. } | Mount::Ssh { .. } => unreachable!("handled above"),
+            _ => unreachable!("validated: every kind of this version"),
         }
     }
     prepared.copied_parents.sort_by(|left, right| crate::layer::compare_paths(&left.path, &right.path));
@@ -380,10 +545,11 @@ fn plan_mountpoint(
     Ok(())
 }
 
-/// Where a secret's `target` (normalised) needs a mountpoint: nothing when it is a file of the
-/// image; else an empty file, with its missing parents, all made as the runner's own (left out
-/// of the layer while the command leaves them as they were), existing parents copied up.
-fn plan_secret_mountpoint(
+/// Where a file mount's (a secret's, a bound file's, an SSH agent's) `target` (normalised)
+/// needs a mountpoint: nothing when it is a file of the image; else an empty file, with its
+/// missing parents, all made as the runner's own (left out of the layer while the command
+/// leaves them as they were), existing parents copied up.
+fn plan_file_mountpoint(
     step: &str,
     declared: &str,
     target: &str,
@@ -430,6 +596,139 @@ fn plan_secret_mountpoint(
         gid: 0,
     });
     Ok(())
+}
+
+/// A directory or file mountpoint for `target`, as the bound source is one or the other.
+fn plan_target(
+    step: &str,
+    declared: &str,
+    target: &str,
+    file: bool,
+    tree: &FsTree,
+    prepared: &mut PreparedMounts,
+) -> Result<(), MountError> {
+    if file {
+        plan_file_mountpoint(step, declared, target, tree, prepared)
+    } else {
+        plan_mountpoint(step, declared, target, tree, prepared)
+    }
+}
+
+/// A bind mount's source path in its image's tree, normalised, and whether it is a file: a
+/// directory or a regular file, reached through directories only.
+fn bind_source(step: &str, path: &str, declared: &str, tree: &FsTree) -> Result<(String, bool), MountError> {
+    let error = |reason: String| MountError::BindSource {
+        step: step.to_owned(),
+        path: path.to_owned(),
+        target: declared.to_owned(),
+        reason,
+    };
+    let inside = normalize_image_path(path).map_err(|source| error(source.to_string()))?;
+    if inside.is_empty() {
+        return Ok((inside, false));
+    }
+    let mut prefixes: Vec<&str> = inside.match_indices('/').map(|(end, _)| &inside[..end]).collect();
+    prefixes.push(&inside);
+    let last = prefixes.len() - 1;
+    for (position, prefix) in prefixes.iter().enumerate() {
+        let Some(node) = tree.get(prefix) else {
+            return Err(error(format!("/{prefix} is not in the source image")));
+        };
+        match &node.entry.kind {
+            IndexKind::Directory => {}
+            IndexKind::File { .. } | IndexKind::HardLink { .. } if position == last => return Ok((inside, true)),
+            kind => {
+                return Err(error(format!(
+                    "/{prefix} is a {} in the source image, not a directory{}",
+                    kind_name(kind),
+                    if position == last { " or a regular file" } else { "" }
+                )));
+            }
+        }
+    }
+    Ok((inside, false))
+}
+
+/// Copies a context selection to `destination` (a directory made there, or a file) through
+/// the context's capability: directories, files, symlinks and hard links as the selection
+/// has them, owned by the builder. Directory modes are set last, children first, so that a
+/// read-only directory does not stop its children being made.
+fn stage_selection(selection: &Selection, destination: &Path) -> Result<(), (PathBuf, io::Error)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut directories = Vec::new();
+    for file in &selection.files {
+        let path = if file.relative.is_empty() { destination.to_owned() } else { destination.join(&file.relative) };
+        let failed = |error: io::Error| (path.clone(), error);
+        match &file.kind {
+            ContextKind::Directory => {
+                fs::create_dir(&path).map_err(failed)?;
+                directories.push((path, file.mode));
+            }
+            ContextKind::File { .. } => {
+                let mut source = selection.dir.open(&file.open_path).map_err(failed)?;
+                let mut copy =
+                    fs::File::options().write(true).create_new(true).mode(0o600).open(&path).map_err(failed)?;
+                io::copy(&mut source, &mut copy).map_err(failed)?;
+                copy.set_permissions(fs::Permissions::from_mode(file.mode)).map_err(failed)?;
+            }
+            ContextKind::Symlink { target } => std::os::unix::fs::symlink(target, &path).map_err(failed)?,
+            ContextKind::HardLink { target } => fs::hard_link(destination.join(target), &path).map_err(failed)?,
+        }
+    }
+    for (path, mode) in directories.into_iter().rev() {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(|error| (path, error))?;
+    }
+    Ok(())
+}
+
+/// The socket of SSH agent `id`, checked to be one.
+fn agent_socket(step: &str, id: &str, target: &str, agents: &SshAgents) -> Result<PathBuf, MountError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(from) = agents.get(id) else {
+        return Err(MountError::MissingSshAgent { step: step.to_owned(), id: id.to_owned(), target: target.to_owned() });
+    };
+    let unusable = |reason: String| MountError::SshAgentUnusable {
+        step: step.to_owned(),
+        id: id.to_owned(),
+        from: from.clone(),
+        reason,
+    };
+    let path = match from {
+        SshSource::Socket(path) => path.clone(),
+        SshSource::Agent => match std::env::var_os("SSH_AUTH_SOCK") {
+            Some(path) if !path.is_empty() => PathBuf::from(path),
+            _ => return Err(unusable("SSH_AUTH_SOCK is not set (start an ssh-agent, or name a socket)".to_owned())),
+        },
+    };
+    match fs::metadata(&path) {
+        Ok(metadata) if metadata.file_type().is_socket() => Ok(path),
+        Ok(_) => Err(unusable(format!("{} is not a socket", path.display()))),
+        Err(error) => Err(unusable(format!("{}: {error}", path.display()))),
+    }
+}
+
+/// A host path as (its parent directory, its last component), for [`StepMount::Host`].
+fn split_host_path(path: &Path) -> (PathBuf, String) {
+    let parent = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+    (parent.to_owned(), name)
+}
+
+/// The digest of secret `id` that enters the key of a step whose mount opts in
+/// ([`Mount::key_by_digest`]): blake3 in a key-derivation domain of layerwright's own, so
+/// that it matches no other digest of the same bytes. Read before anything runs; an error
+/// names the step and the id, never the bytes.
+pub fn secret_digest(step: &str, id: &str, target: &str, secrets: &Secrets) -> Result<[u8; 32], MountError> {
+    let Some(from) = secrets.get(id) else {
+        return Err(MountError::MissingSecret { step: step.to_owned(), id: id.to_owned(), target: target.to_owned() });
+    };
+    let bytes = read_secret(from).map_err(|source| {
+        log::warn!("{step}: cannot read secret {id:?} from its {from}: {source}");
+        MountError::SecretUnreadable { step: step.to_owned(), id: id.to_owned(), from: from.clone(), source }
+    })?;
+    let mut hasher = blake3::Hasher::new_derive_key("layerwright 2026 secret mount key digest");
+    hasher.update(bytes.as_bytes());
+    Ok(*hasher.finalize().as_bytes())
 }
 
 /// A secret's bytes, from its source.
@@ -484,8 +783,12 @@ mod tests {
 
     use super::*;
 
+    fn given<'a>(secrets: &'a Secrets, ssh: &'a SshAgents) -> Given<'a> {
+        Given { secrets, ssh }
+    }
+
     fn error(run: Run) -> String {
-        validate("RUN make", &run, &Secrets::new()).unwrap_err().to_string()
+        validate("RUN make", &run, given(&Secrets::new(), &SshAgents::new())).unwrap_err().to_string()
     }
 
     #[test]
@@ -494,7 +797,7 @@ mod tests {
             validate(
                 "RUN make",
                 &Run::shell("make").mount(Mount::cache("/a//b/")).mount(Mount::tmpfs("/c")),
-                &Secrets::new()
+                given(&Secrets::new(), &SshAgents::new())
             )
             .unwrap(),
             ["a/b", "c"]
@@ -516,12 +819,28 @@ mod tests {
         );
         let secrets = Secrets::from([("t".to_owned(), SecretSource::Env("T".into()))]);
         assert!(
-            validate("RUN make", &Run::shell("make").mount(Mount::secret("/run/secrets/t", "t")), &secrets).is_ok()
+            validate(
+                "RUN make",
+                &Run::shell("make").mount(Mount::secret("/run/secrets/t", "t")),
+                given(&secrets, &SshAgents::new())
+            )
+            .is_ok()
         );
         assert_eq!(
             error(Run::shell("make").mount(Mount::ssh())),
-            format!("ssh mounts are not supported yet (the mount on {:?})", layerwright_dsl::SSH_AGENT_TARGET)
+            format!(
+                "ssh agent \"default\" (mounted on {:?}) was not given to the builder (Builder::ssh, --ssh default \
+                 or --ssh default=SOCKET)",
+                layerwright_dsl::SSH_AGENT_TARGET
+            )
         );
+        // Given, but not a socket: named before anything runs.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let agents = SshAgents::from([("default".to_owned(), SshSource::Socket(file.path().to_owned()))]);
+        let message = validate("RUN make", &Run::shell("make").mount(Mount::ssh()), given(&Secrets::new(), &agents))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(message, format!("ssh agent \"default\" (socket {0}): {0} is not a socket", file.path().display()));
         let many =
             (0..=MAX_STEP_MOUNTS).fold(Run::shell("make"), |run, index| run.mount(Mount::tmpfs(format!("/t{index}"))));
         assert_eq!(

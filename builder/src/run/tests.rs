@@ -92,7 +92,9 @@ impl Fixture {
             run,
             parent: &self.parent,
             progress: &progress,
-            secrets: &secrets,
+            given: Given { secrets: &secrets, ssh: &SshAgents::new() },
+            bind_images: &[],
+            bind_contexts: &[],
             defaults: Limits { pids: None, memory: Some(1 << 30) },
         };
         execute_run_with(&self.execution(), &request, sandbox, Identity::of_process())
@@ -442,7 +444,9 @@ fn the_real_sandbox_runs_with_the_new_mount_api_and_with_the_classic_fallback() 
             run: &run,
             parent: &parent,
             progress: &progress,
-            secrets: &secrets,
+            given: Given { secrets: &secrets, ssh: &SshAgents::new() },
+            bind_images: &[],
+            bind_contexts: &[],
             defaults: Limits::default(),
         };
         let identity = Identity { classic_overlay, ..Identity::of_process() };

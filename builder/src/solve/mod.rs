@@ -59,8 +59,17 @@ pub(crate) struct SolveOptions {
     pub cache_to: Option<String>,
     /// The secrets RUN steps may mount, by id.
     pub secrets: crate::run::Secrets,
+    /// The SSH agents RUN steps may mount, by id.
+    pub ssh_agents: crate::run::SshAgents,
     /// The builder's limits for every RUN step.
     pub run_limits: layerwright_dsl::Limits,
+}
+
+impl SolveOptions {
+    /// The secrets and SSH agents, as the steps' mounts take them.
+    pub fn given(&self) -> crate::run::Given<'_> {
+        crate::run::Given { secrets: &self.secrets, ssh: &self.ssh_agents }
+    }
 }
 
 /// What a build reads from the builder that runs it.
@@ -123,13 +132,13 @@ pub(crate) fn build_all(
     // A RUN step's mounts are checked before anything executes.
     for image in &order {
         if let Step::Run(run) = image.step() {
-            crate::run::validate_mounts(&image.step().label(), run, &builder.options.secrets)
+            crate::run::validate_mounts(&image.step().label(), run, builder.options.given())
                 .map_err(|error| StepFailure::new(image.step().label(), error))?;
         }
     }
     let plan = {
         let mut state = builder.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let plan = plan(&order, builder.store, &mut state, builder.workers, &builder.options.progress, platform)?;
+        let plan = plan(&order, builder.store, &mut state, builder.workers, builder.options, platform)?;
         if let Err(error) = state.stat_cache.save(builder.store) {
             // Only an accelerator: the next build re-hashes what it cannot find.
             builder.options.progress.warn(None, format!("cannot save the stat cache: {error}"));
@@ -145,7 +154,7 @@ pub(crate) fn build_all(
         .iter()
         .map(|node| NodeShape {
             parent: node.parent,
-            source: node.source,
+            sources: node.source.into_iter().chain(node.mount_sources.iter().copied()).collect(),
             recorded: !matches!(node.image.step(), Step::Scratch | Step::Config(_)),
         })
         .collect();

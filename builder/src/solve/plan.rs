@@ -6,20 +6,22 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use layerwright_cache::{FileMaterial, FileSetInput, FileStat, StepInput, StepKey, Store};
-use layerwright_dsl::{Image, Step};
+use layerwright_cache::{FileMaterial, FileSetInput, FileStat, MountInputs, StepInput, StepKey, Store};
+use layerwright_dsl::{Context, Image, Mount, MountSource, Step};
 use rayon::prelude::*;
 
-use super::KeyState;
+use super::{KeyState, SolveOptions};
 use super::error::{StepError, StepFailure};
 use crate::base;
 use crate::context::{self, OpenedContext, Selection, StatLookup};
 use crate::oci::Platform;
-use crate::progress::Progress;
 use crate::remote_cache::{Decision, Served};
 
 /// What separates a step's own identity from the platform in its key's extra bytes.
 pub(super) const PLATFORM_SEPARATOR: &[u8] = b"\0platform=";
+
+/// What precedes the id and digest of a secret keyed by its digest in a RUN step's extra bytes.
+const SECRET_DIGEST_SEPARATOR: &[u8] = b"\0secret-digest=";
 
 /// One node of the plan.
 pub(super) struct PlannedNode {
@@ -27,12 +29,16 @@ pub(super) struct PlannedNode {
     pub(super) label: String,
     pub(super) parent: Option<usize>,
     pub(super) source: Option<usize>,
-    /// `parent` and `source`, for the dependency counts.
+    /// The source images of a RUN step's bind mounts, in declaration order.
+    pub(super) mount_sources: Vec<usize>,
+    /// `parent`, `source` and `mount_sources`, for the dependency counts.
     pub(super) inputs: Vec<usize>,
     pub(super) input: StepInput,
     /// A position-based identity that survives changes of the step's inputs (for miss reasons).
     pub(super) slot: StepKey,
     pub(super) selection: Option<Selection>,
+    /// What a RUN step's bind mounts of the context select, in declaration order.
+    pub(super) mount_selections: Vec<Selection>,
     /// Provenance without the keys, which are known only after the key phase.
     pub(super) definition: String,
     pub(super) extra: Vec<u8>,
@@ -70,17 +76,25 @@ pub(super) fn collect(images: &[&Image]) -> Vec<Image> {
     order
 }
 
-/// By node: whether a RUN step that will execute has the node's layer among its overlay's
-/// lowers (the RUN's parent, and everything down that parent's chain).
+/// By node: whether a RUN step that will execute has the node's layer among its overlays'
+/// lowers (the RUN's parent and its bind mounts' source images, and everything down their
+/// chains).
 pub(super) fn below_run(plan: &[PlannedNode], decision: &Decision) -> Vec<bool> {
     let mut below = vec![false; plan.len()];
     let executes = |index: usize| decision.required[index] && decision.served[index] == Served::Execute;
     // Nodes come after their inputs: walking backwards, a node is settled before its parent.
     for index in (0..plan.len()).rev() {
+        let executing_run = matches!(plan[index].image.step(), Step::Run(_)) && executes(index);
         if let Some(parent) = plan[index].parent
-            && (below[index] || (matches!(plan[index].image.step(), Step::Run(_)) && executes(index)))
+            && (below[index] || executing_run)
         {
             below[parent] = true;
+        }
+        // A bind mount's source image is an overlay's lowers too.
+        if executing_run {
+            for source in &plan[index].mount_sources {
+                below[*source] = true;
+            }
         }
     }
     below
@@ -96,55 +110,65 @@ pub(super) fn dependents(plan: &[PlannedNode]) -> Vec<Vec<usize>> {
     dependents
 }
 
-/// Walks the contexts of every `copy` step, in parallel (each walk is mostly `stat` calls, and
-/// the steps of a graph usually copy different trees). Indexed like `order`.
+/// The context paths a step selects: a `copy` step's source, a RUN step's context bind
+/// mounts' sources (in declaration order).
+fn context_requests(step: &Step) -> Vec<(&Context, &str)> {
+    match step {
+        Step::Copy(copy) => vec![(&copy.context, copy.source.as_str())],
+        Step::Run(run) => run
+            .mounts
+            .iter()
+            .filter_map(|mount| match mount {
+                Mount::Bind { source: MountSource::Context(context), path, .. } => Some((context, path.as_str())),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Walks the contexts of every `copy` step and context bind mount, in parallel (each walk is
+/// mostly `stat` calls, and the steps of a graph usually select different trees). Indexed like
+/// `order`; one selection per request of [`context_requests`].
 pub(super) fn select_contexts(
     order: &[Image],
     state: &mut KeyState,
     workers: &rayon::ThreadPool,
-) -> Result<Vec<Option<Selection>>, StepFailure> {
+) -> Result<Vec<Vec<Selection>>, StepFailure> {
     let mut contexts: HashMap<PathBuf, OpenedContext> = HashMap::new();
-    let mut opened: Vec<Option<OpenedContext>> = Vec::with_capacity(order.len());
-    for image in order {
-        let Step::Copy(copy) = image.step() else {
-            opened.push(None);
-            continue;
-        };
-        let root = copy.context.root().to_owned();
-        let context = match contexts.get(&root) {
-            Some(context) => context.clone(),
-            None => {
-                let context = context::open_context(&copy.context)
-                    .map_err(|error| StepFailure::new(image.step().label(), error))?;
-                contexts.insert(root, context.clone());
-                context
-            }
-        };
-        opened.push(Some(context));
+    let mut requests: Vec<(usize, OpenedContext, String)> = Vec::new();
+    for (position, image) in order.iter().enumerate() {
+        for (context, source) in context_requests(image.step()) {
+            let root = context.root().to_owned();
+            let opened = match contexts.get(&root) {
+                Some(opened) => opened.clone(),
+                None => {
+                    let opened = context::open_context(context)
+                        .map_err(|error| StepFailure::new(image.step().label(), error))?;
+                    contexts.insert(root, opened.clone());
+                    opened
+                }
+            };
+            requests.push((position, opened, source.to_owned()));
+        }
     }
     let stat_cache = &state.stat_cache;
-    let walked: Vec<Result<Option<(Selection, Vec<_>)>, StepFailure>> = workers.install(|| {
-        order
+    let walked: Vec<Result<(Selection, Vec<_>), StepFailure>> = workers.install(|| {
+        requests
             .par_iter()
-            .zip(opened.par_iter())
-            .map(|(image, context)| {
-                let (Step::Copy(copy), Some(context)) = (image.step(), context) else { return Ok(None) };
+            .map(|(position, context, source)| {
                 let mut lookup = StatLookup::new(stat_cache);
-                let selection = context::select(context, &copy.source, &mut lookup)
-                    .map_err(|error| StepFailure::new(image.step().label(), error))?;
-                Ok(Some((selection, lookup.computed)))
+                let selection = context::select(context, source, &mut lookup)
+                    .map_err(|error| StepFailure::new(order[*position].step().label(), error))?;
+                Ok((selection, lookup.computed))
             })
             .collect()
     });
-    let mut selections = Vec::with_capacity(order.len());
-    for result in walked {
-        match result? {
-            Some((selection, computed)) => {
-                StatLookup::record_into(computed, &mut state.stat_cache);
-                selections.push(Some(selection));
-            }
-            None => selections.push(None),
-        }
+    let mut selections: Vec<Vec<Selection>> = order.iter().map(|_| Vec::new()).collect();
+    for ((position, _, _), result) in requests.iter().zip(walked) {
+        let (selection, computed) = result?;
+        StatLookup::record_into(computed, &mut state.stat_cache);
+        selections[*position].push(selection);
     }
     Ok(selections)
 }
@@ -154,9 +178,10 @@ pub(super) fn plan(
     store: &Store,
     state: &mut KeyState,
     workers: &rayon::ThreadPool,
-    progress: &Progress,
+    options: &SolveOptions,
     platform: Option<&Platform>,
 ) -> Result<Vec<PlannedNode>, StepFailure> {
+    let progress = &options.progress;
     let mut selections = select_contexts(order, state, workers)?;
     let mut positions: HashMap<usize, usize> = HashMap::new();
     let mut plan: Vec<PlannedNode> = Vec::with_capacity(order.len());
@@ -174,9 +199,12 @@ pub(super) fn plan(
         let mut keep_mode = true;
         let mut file_set: Option<FileSetInput> = None;
         let mut selection = None;
+        let mut mount_selections = Vec::new();
+        let mut mounts = MountInputs::default();
+        let mut mount_sources = Vec::new();
         match step {
             Step::Copy(copy) => {
-                let selected = selections[position].take().expect("copy steps were walked");
+                let selected = selections[position].pop().expect("copy steps were walked");
                 // A mode the step overrides does not enter the key: only what the layer carries.
                 keep_mode = copy.options.file.mode.is_none();
                 let materials: Vec<(String, FileMaterial)> =
@@ -193,6 +221,34 @@ pub(super) fn plan(
             Step::Pull { reference } => {
                 extra = base::identity(store, reference, progress).map_err(|error| step_error(error.into()))?
             }
+            Step::Run(run) => {
+                mount_sources = run.bind_images().map(|source| positions[&source.node_id()]).collect();
+                mounts.images = mount_sources.iter().map(|index| plan[*index].input).collect();
+                mount_selections = std::mem::take(&mut selections[position]);
+                let context_paths = run.mounts.iter().filter_map(|mount| match mount {
+                    Mount::Bind { source: MountSource::Context(_), path, .. } => Some(path),
+                    _ => None,
+                });
+                for (selected, path) in mount_selections.iter().zip(context_paths) {
+                    // As a `copy` without a mode override selects (the mount shows the modes).
+                    let materials: Vec<(String, FileMaterial)> =
+                        selected.files.iter().map(|file| (file.relative.clone(), file.material(true))).collect();
+                    let set_identity = format!("mount\0{path}\0{}", selected.source_is_directory);
+                    mounts.files.push(state.keys.file_set(&selected.root, &set_identity, materials));
+                }
+                // A secret keyed by its digest: the digest (never the bytes) after the step's
+                // identity; a step without one keeps its extra bytes.
+                for mount in &run.mounts {
+                    if let Mount::Secret { id, target, key_by_digest: true, .. } = mount {
+                        let digest = crate::run::secret_digest(&label, id, target, &options.secrets)
+                            .map_err(|error| step_error(StepError::from(crate::run::RunError::from(error))))?;
+                        extra.extend_from_slice(SECRET_DIGEST_SEPARATOR);
+                        extra.extend_from_slice(&(id.len() as u64).to_le_bytes());
+                        extra.extend_from_slice(id.as_bytes());
+                        extra.extend_from_slice(&digest);
+                    }
+                }
+            }
             _ => {}
         }
         // What a step makes depends on the platform only when it runs the image's programs or
@@ -207,18 +263,21 @@ pub(super) fn plan(
         let parent_input = parent.map(|index| plan[index].input);
         let source_input = source.map(|index| plan[index].input);
         let slot = slot_of(step, parent.map(|index| &plan[index].slot), source.map(|index| &plan[index].slot));
-        let input = state.keys.step(encoding.clone(), parent_input, source_input, extra.clone(), file_set);
-        let inputs = parent.into_iter().chain(source).collect();
+        let input =
+            state.keys.step_with_mounts(encoding.clone(), parent_input, source_input, extra.clone(), file_set, mounts);
+        let inputs = parent.into_iter().chain(source).chain(mount_sources.iter().copied()).collect();
         positions.insert(image.node_id(), plan.len());
         plan.push(PlannedNode {
             image: image.clone(),
             label,
             parent,
             source,
+            mount_sources,
             inputs,
             input,
             slot,
             selection,
+            mount_selections,
             definition: blake3::hash(&encoding).to_hex()[..32].to_owned(),
             extra,
             keep_mode,

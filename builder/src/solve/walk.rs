@@ -243,9 +243,28 @@ impl<'a> Walk<'a> {
                     run::emulation::check(platform)?;
                 }
                 let progress = &self.session.options.progress;
-                let secrets = &self.session.options.secrets;
                 let defaults = self.session.options.run_limits;
-                let request = RunRequest { key: &key, label: &node.label, run, parent, progress, secrets, defaults };
+                // A RUN that executes has its bind mounts' sources required: only a record that
+                // vanished since the plan could leave one unbuilt.
+                let bind_images = node
+                    .mount_sources
+                    .iter()
+                    .map(|source| {
+                        self.state(Some(*source))
+                            .ok_or_else(|| StepError::InputNotBuilt { input: self.plan[*source].label.clone() })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let request = RunRequest {
+                    key: &key,
+                    label: &node.label,
+                    run,
+                    parent,
+                    progress,
+                    given: self.session.options.given(),
+                    bind_images: &bind_images,
+                    bind_contexts: &node.mount_selections,
+                    defaults,
+                };
                 let written = run::execute_run(&execution, &request)?;
                 self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
                 return Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)));

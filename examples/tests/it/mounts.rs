@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use layerwright::cache::{CacheMountOptions, CacheMountSharing};
-use layerwright::{Builder, BuiltImage, Image, Mount, Run, Sharing};
+use layerwright::{Builder, BuiltImage, Image, Mount, Run, Sharing, SshSource};
 
 use crate::support;
 
@@ -245,5 +245,225 @@ fn a_secret_is_read_by_its_step_and_its_bytes_are_in_no_file_of_the_cache_no_lay
     assert!(files.len() > 10, "{} files searched", files.len());
     for (path, bytes) in &files {
         assert!(!bytes.windows(secret.len()).any(|window| window == secret.as_bytes()), "the secret is in {path:?}");
+    }
+}
+
+/// One step built on `builder`: the top layer's members must be exactly `paths`, and each of
+/// `contents` (path, content) must be there; returns whether the step came from the cache.
+fn check_step(builder: &Builder, image: &Image, paths_expected: &[&str], contents: &[(&str, &str)]) -> Option<bool> {
+    let built = support::build_with_runs(builder, image)?;
+    let members = top_layer(builder, &built);
+    assert_eq!(paths(&members), paths_expected, "{}: {members:?}", image.step().label());
+    for (path, expected) in contents {
+        assert_eq!(content(&members, path), *expected, "{}: {path}", image.step().label());
+    }
+    Some(built.steps().last().expect("a step").cached)
+}
+
+/// A stage whose `/out` holds `sub/data` with `content` (made by a RUN step, so that the bind
+/// mount reads the snapshot of a RUN layer).
+fn stage_with(content: &str) -> Image {
+    busybox().run(format!("mkdir -p /out/sub && echo {content} > /out/sub/data"))
+}
+
+#[test]
+fn a_bind_mount_of_an_image_is_keyed_by_its_source_read_only_unless_writable_and_never_in_the_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = Builder::new(dir.path().join("cache")).unwrap();
+    let reader = "cat /in/sub/data > /seen; if touch /in/x 2>/dev/null; then echo writable; else echo read-only; fi > /ro";
+    let read = |stage: &Image| busybox().run(Run::shell(reader).mount(Mount::bind(stage, "/out", "/in")));
+    let writer = "echo new > /in/new && cat /in/new /in/sub/data > /wrote";
+    let write = |stage: &Image| busybox().run(Run::shell(writer).mount(Mount::bind(stage, "/out", "/in").writable()));
+    let after = "if test -e /in/new; then echo present; else echo absent; fi > /after";
+    let after_write = |stage: &Image| {
+        write(stage).run(Run::shell(after).mount(Mount::bind(stage, "/out", "/in")))
+    };
+    let file = |stage: &Image| {
+        busybox().run(Run::shell("cat /etc/data.txt > /seen").mount(Mount::bind(stage, "/out/sub/data", "/etc/data.txt")))
+    };
+    let (one, two) = (stage_with("one"), stage_with("two"));
+    // (image, layer paths, contents, cached): the mountpoint `/in` is all a bind leaves; a file
+    // bind's mountpoint is left out; writes to a writable bind vanish with the step.
+    let cases: Vec<(Image, Vec<&str>, Vec<(&str, &str)>, bool)> = vec![
+        (read(&one), vec!["in/", "ro", "seen"], vec![("seen", "one\n"), ("ro", "read-only\n")], false),
+        (read(&one), vec!["in/", "ro", "seen"], vec![("seen", "one\n")], true),
+        // The source image changed: the step runs again and sees it.
+        (read(&two), vec!["in/", "ro", "seen"], vec![("seen", "two\n"), ("ro", "read-only\n")], false),
+        (write(&one), vec!["in/", "wrote"], vec![("wrote", "new\none\n")], false),
+        (after_write(&one), vec!["after"], vec![("after", "absent\n")], false),
+        (file(&two), vec!["seen"], vec![("seen", "two\n")], false),
+    ];
+    for (image, layer, contents, cached) in cases {
+        let Some(was_cached) = check_step(&builder, &image, &layer, &contents) else { return };
+        assert_eq!(was_cached, cached, "{}", image.step().label());
+    }
+
+    // A source path that is not in the source image, or that goes through a symlink: an error
+    // naming the step and the path.
+    let linked = busybox().run("mkdir -p /real && ln -s /real /out");
+    let cases = [
+        (Mount::bind(&one, "/nope", "/in"), "bind mount source \"/nope\" (mounted on \"/in\"): /nope is not in the source image"),
+        (Mount::bind(&linked, "/out", "/in"), "bind mount source \"/out\" (mounted on \"/in\"): /out is a symlink in the source image"),
+    ];
+    for (mount, expected) in cases {
+        let error = builder.build(&busybox().run(Run::shell("touch /ran").mount(mount))).unwrap_err().to_string();
+        assert!(error.contains("RUN touch /ran") && error.contains(expected), "{error}");
+    }
+}
+
+#[test]
+fn a_bind_mount_of_the_context_is_its_selection_keyed_by_its_files_and_refuses_symlinks_out_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let context_dir = dir.path().join("context");
+    std::fs::create_dir_all(context_dir.join("src")).unwrap();
+    std::fs::write(context_dir.join("src/a.txt"), "first\n").unwrap();
+    std::fs::write(context_dir.join("src/ignored"), "left out\n").unwrap();
+    std::fs::write(context_dir.join(".dockerignore"), "src/ignored\n").unwrap();
+    std::fs::create_dir(dir.path().join("outside")).unwrap();
+    std::os::unix::fs::symlink("../outside", context_dir.join("escape")).unwrap();
+    let context = layerwright::Context::dir(&context_dir).unwrap();
+    let builder = Builder::new(dir.path().join("cache")).unwrap();
+    let script = "ls /src > /listing; cat /src/a.txt > /seen; if touch /src/x 2>/dev/null; then echo writable; else echo read-only; fi > /ro";
+    let read = busybox().run(Run::shell(script).mount(Mount::context(&context, "src", "/src")));
+    let writable = busybox().run(Run::shell(script).mount(Mount::context(&context, "src", "/src").writable()));
+    let layer = ["listing", "ro", "seen", "src/"];
+    let cases: Vec<(&Image, Option<&str>, Vec<(&str, &str)>, bool)> = vec![
+        (&read, None, vec![("listing", "a.txt\n"), ("seen", "first\n"), ("ro", "read-only\n")], false),
+        // An ignored file changes: not in the mount, not in the key.
+        (&read, Some("src/ignored"), vec![("seen", "first\n")], true),
+        (&read, Some("src/a.txt"), vec![("seen", "second\n")], false),
+        (&writable, None, vec![("ro", "writable\n")], false),
+    ];
+    for (image, change, contents, cached) in cases {
+        if let Some(path) = change {
+            std::fs::write(context_dir.join(path), "second\n").unwrap();
+        }
+        let Some(was_cached) = check_step(&builder, image, &layer, &contents) else { return };
+        assert_eq!(was_cached, cached, "after changing {change:?}");
+    }
+    // The writable mount's write went to a throwaway copy.
+    assert!(!context_dir.join("src/x").exists());
+
+    let escaping = busybox().run(Run::shell("touch /ran").mount(Mount::context(&context, "escape", "/x")));
+    let error = builder.build(&escaping).unwrap_err().to_string();
+    assert!(
+        error.contains("RUN touch /ran") && error.contains("\"escape\"") && error.contains("leads outside the context"),
+        "{error}"
+    );
+}
+
+/// An `ssh-agent` of the test's own, on a socket in `dir`, holding one new key; stopped on drop.
+struct Agent {
+    process: std::process::Child,
+    socket: PathBuf,
+    fingerprint: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+fn ssh_agent(dir: &std::path::Path) -> Option<Agent> {
+    use std::process::Command;
+    if !support::tools_present(&["ssh-agent", "ssh-add", "ssh-keygen"]) {
+        return support::skip_or_panic("ssh-agent, ssh-add and ssh-keygen (Debian package openssh-client) are needed");
+    }
+    let socket = dir.join("agent.sock");
+    let process = Command::new("ssh-agent").arg("-D").arg("-a").arg(&socket).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut agent = Agent { process, socket, fingerprint: String::new() };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !agent.socket.exists() {
+        assert!(std::time::Instant::now() < deadline, "ssh-agent did not make its socket");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let key = dir.join("key");
+    let timeout = std::time::Duration::from_secs(30);
+    support::run_checked(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key), timeout);
+    support::run_checked(Command::new("ssh-add").arg(&key).env("SSH_AUTH_SOCK", &agent.socket), timeout);
+    let listed = support::run_checked(Command::new("ssh-keygen").arg("-lf").arg(key.with_extension("pub")), timeout);
+    agent.fingerprint = String::from_utf8_lossy(&listed.stdout).split_whitespace().nth(1).unwrap().to_owned();
+    Some(agent)
+}
+
+/// The host's `ssh-add` and the shared libraries it loads, as a context laid out as `/`.
+fn ssh_add_context(dir: &std::path::Path) -> layerwright::Context {
+    let root = dir.join("ssh-add-root");
+    let binary = support::require_tool("ssh-add").expect("checked");
+    let listed = support::run_checked(
+        std::process::Command::new("ldd").arg(&binary),
+        std::time::Duration::from_secs(30),
+    );
+    let libraries = String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .filter(|word| word.starts_with('/'))
+        .map(PathBuf::from)
+        .collect::<Vec<_>>();
+    for file in libraries.iter().chain([&binary]) {
+        let destination = root.join(file.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(destination.parent().unwrap()).unwrap();
+        std::fs::copy(file, &destination).unwrap();
+    }
+    layerwright::Context::dir(&root).unwrap()
+}
+
+#[test]
+fn an_ssh_mount_binds_the_builders_agent_and_a_builder_without_one_fails_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(agent) = ssh_agent(dir.path()) else { return };
+    let context = ssh_add_context(dir.path());
+    let image = busybox()
+        .copy(&context, ".", "/")
+        .run(Run::shell("echo $SSH_AUTH_SOCK > /sock && ssh-add -l > /keys").mount(Mount::ssh()));
+
+    // Without the agent: named with the step and the id, before anything runs.
+    let without = Builder::new(dir.path().join("other-cache")).unwrap();
+    let error = without.build(&image).unwrap_err().to_string();
+    assert!(error.contains("RUN echo $SSH_AUTH_SOCK") && error.contains("ssh agent \"default\""), "{error}");
+    assert!(!dir.path().join("other-cache/logs").exists(), "nothing ran");
+    let not_a_socket =
+        Builder::new(dir.path().join("other-cache")).unwrap().ssh("default", SshSource::Socket(dir.path().join("key")));
+    let error = not_a_socket.build(&image).unwrap_err().to_string();
+    assert!(error.contains("is not a socket"), "{error}");
+
+    let builder = Builder::new(dir.path().join("cache")).unwrap().ssh("default", SshSource::Socket(agent.socket.clone()));
+    // The socket's file mountpoint (and `/run/layerwright`, made for it) are not in the layer.
+    let Some(_) = check_step(&builder, &image, &["keys", "sock"], &[("sock", &format!("{}\n", layerwright::SSH_AGENT_TARGET))])
+    else {
+        return;
+    };
+    let built = builder.build(&image).unwrap();
+    let keys = top_layer(&builder, &built);
+    assert!(content(&keys, "keys").contains(&agent.fingerprint), "{keys:?} lacks {}", agent.fingerprint);
+}
+
+#[test]
+fn a_secret_keyed_by_its_digest_rebuilds_when_it_changes_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token.txt");
+    let secret = |round: usize| format!("lw-digest-secret-{}-{round}", std::process::id());
+    std::fs::write(&token, secret(1)).unwrap();
+    let builder = Builder::new(dir.path().join("cache")).unwrap().secret("token", layerwright::SecretSource::File(token.clone()));
+    let step = |mount: Mount| busybox().run(Run::shell("wc -c < /run/secrets/token > /length").mount(mount));
+    let plain = step(Mount::secret("/run/secrets/token", "token"));
+    let keyed = step(Mount::secret("/run/secrets/token", "token").key_by_digest());
+    // (which step, the secret's round written before, cached)
+    let cases = [("plain", 1, false), ("keyed", 1, false), ("plain", 2, true), ("keyed", 2, false), ("keyed", 2, true)];
+    for (which, round, cached) in cases {
+        std::fs::write(&token, secret(round)).unwrap();
+        let image = if which == "keyed" { &keyed } else { &plain };
+        let Some(was_cached) = check_step(&builder, image, &["length"], &[]) else { return };
+        assert_eq!(was_cached, cached, "the {which} step after round {round}");
+    }
+    // The digest entered the key; the bytes are in no file of the cache.
+    let mut files = Vec::new();
+    files_below(&dir.path().join("cache"), &mut files);
+    for round in [1, 2] {
+        let bytes = secret(round);
+        for (path, content) in &files {
+            assert!(!content.windows(bytes.len()).any(|window| window == bytes.as_bytes()), "the secret is in {path:?}");
+        }
     }
 }
