@@ -731,9 +731,18 @@ impl Hash for MountSource {
 /// One mount of a RUN step. Made with [`Mount::cache`], [`Mount::tmpfs`], [`Mount::secret`],
 /// [`Mount::bind`], [`Mount::context`] or [`Mount::ssh`] and the chainable options.
 ///
-/// Nothing a mount holds while the command runs enters the step's layer. Where its target did
-/// not exist in the image, the layer gets the empty mountpoint directory (with any missing
-/// parents), as BuildKit leaves it.
+/// Nothing a mount holds while the command runs enters the step's layer, for every kind. Where
+/// a directory target (a cache, a tmpfs, a bind of a directory) did not exist in the image, the
+/// layer gets the empty mountpoint directory (0755, root, with any missing parents), as
+/// BuildKit leaves it; a file target (a secret, a bind of a file, an SSH agent's socket) that
+/// did not exist is made as an empty file and left out of the layer, with the directories made
+/// for it.
+///
+/// What enters the step's key: a cache mount's id, target and options (never its contents); a
+/// tmpfs's target and size; a secret's id, target, owner and mode (its bytes never; a digest
+/// of them with [`Mount::key_by_digest`]); a bind mount's source path, target and writability,
+/// and the source image's key or the selected context files' digests; an SSH agent's id and
+/// target.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Mount {

@@ -83,6 +83,22 @@ pub struct BuildImageArgs {
     /// bytes never enter the cache, a layer or the output.
     #[arg(long = "secret", value_parser = parse_secret, value_name = "id=ID,src=FILE|env=VAR")]
     pub secrets: Vec<(String, crate::SecretSource)>,
+    /// An SSH agent RUN steps may mount (`Mount::ssh`), as `docker build --ssh`: `ID` (this
+    /// process's `SSH_AUTH_SOCK`, usually `default`) or `ID=SOCKET` (a socket, relative to the
+    /// current directory); may be repeated. None unless given.
+    #[arg(long = "ssh", value_parser = parse_ssh, value_name = "ID[=SOCKET]")]
+    pub ssh_agents: Vec<(String, crate::SshSource)>,
+}
+
+/// `ID` or `ID=SOCKET`.
+fn parse_ssh(text: &str) -> Result<(String, crate::SshSource), String> {
+    match text.split_once('=') {
+        None if !text.is_empty() => Ok((text.to_owned(), crate::SshSource::Agent)),
+        Some((id, socket)) if !id.is_empty() && !socket.is_empty() => {
+            Ok((id.to_owned(), crate::SshSource::Socket(socket.into())))
+        }
+        _ => Err(format!("{text:?} is neither ID nor ID=SOCKET")),
+    }
 }
 
 /// `id=ID,src=FILE` or `id=ID,env=VAR` (`source=` for `src=`, as BuildKit takes both).
@@ -142,6 +158,17 @@ impl BuildImageArgs {
                 .map(|(id, source)| {
                     let source = match source {
                         crate::SecretSource::File(path) => crate::SecretSource::File(invocation_dir.join(path)),
+                        other => other.clone(),
+                    };
+                    (id.clone(), source)
+                })
+                .collect(),
+            ssh_agents: self
+                .ssh_agents
+                .iter()
+                .map(|(id, source)| {
+                    let source = match source {
+                        crate::SshSource::Socket(path) => crate::SshSource::Socket(invocation_dir.join(path)),
                         other => other.clone(),
                     };
                     (id.clone(), source)
@@ -339,6 +366,23 @@ mod tests {
         );
         for bad in ["src=x", "id=x", "id=x,src=", "id=x,path=y", "id"] {
             assert!(parse(&["build-image", "api", "--secret", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ssh_agents_parse_as_docker_build_takes_them() {
+        let command = parse(&["build-image", "api", "--ssh", "default", "--ssh", "deploy=agent.sock"]).unwrap();
+        let Command::BuildImage(arguments) = command else { panic!("{command:?}") };
+        let resolved = arguments.resolve(Path::new("/ws/sub"), Path::new("/ws"));
+        assert_eq!(
+            resolved.ssh_agents,
+            [
+                ("default".to_owned(), crate::SshSource::Agent),
+                ("deploy".to_owned(), crate::SshSource::Socket("/ws/sub/agent.sock".into())),
+            ]
+        );
+        for bad in ["", "=x", "x="] {
+            assert!(parse(&["build-image", "api", "--ssh", bad]).is_err(), "{bad:?}");
         }
     }
 

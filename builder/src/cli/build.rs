@@ -88,6 +88,8 @@ pub struct BuildCommand {
     pub cache_to: Option<String>,
     /// The secrets RUN steps may mount, by id (`--secret`).
     pub secrets: Vec<(String, crate::SecretSource)>,
+    /// The SSH agents RUN steps may mount, by id (`--ssh`).
+    pub ssh_agents: Vec<(String, crate::SshSource)>,
     /// Load the image into the local Docker engine.
     pub load: bool,
     /// The platforms to build for (none: this host's, a plain image).
@@ -293,6 +295,9 @@ pub(crate) fn builder_with_progress(command: &BuildCommand) -> Result<Builder, C
     for (id, source) in &command.secrets {
         options = options.secret(id.clone(), source.clone());
     }
+    for (id, source) in &command.ssh_agents {
+        options = options.ssh(id.clone(), source.clone());
+    }
     Ok(Builder::with_options(&command.cache_dir, options)?)
 }
 
@@ -439,6 +444,7 @@ mod multi_platform_tests {
             cache_from: Vec::new(),
             cache_to: None,
             secrets: Vec::new(),
+            ssh_agents: Vec::new(),
             load: false,
             platforms: vec![Platform::parse("linux/amd64").unwrap(), Platform::parse("linux/arm64").unwrap()],
             attestations: Attestations::Default,

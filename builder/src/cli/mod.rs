@@ -303,6 +303,7 @@ fn try_execute(images: &Images, command: Command) -> Result<(), CliError> {
                 no_attest: false,
                 watch: false,
                 secrets: Vec::new(),
+                ssh_agents: Vec::new(),
             };
             let command = BuildCommand { outputs: Vec::new(), ..build.resolve(&invocation_dir, &root) };
             let image = declare_in(images, &arguments.name, &root)?;
