@@ -252,3 +252,47 @@ pub fn incompressible_bytes(length: usize, seed: u64) -> Vec<u8> {
     bytes.truncate(length);
     bytes
 }
+
+/// Where `.ci/run` leaves the Debian bookworm minbase rootfs it makes once per machine with
+/// `mmdebstrap --variant=minbase --mode=root bookworm` (the base of the apt tests).
+pub const DEBIAN_MINBASE_TAR: &str = "/usr/local/lib/layerwright-test/debian-bookworm-minbase.tar";
+
+/// An OCI image layout at `dir` whose one (uncompressed) layer is the rootfs tar `rootfs`
+/// (hard-linked into it when they share a filesystem, else copied), for this host's
+/// architecture, with a `PATH` and `Cmd ["bash"]`. Returns `dir`.
+pub fn rootfs_tar_as_oci_layout(rootfs: &Path, dir: &Path) -> io::Result<PathBuf> {
+    use sha2::Digest as _;
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs)?;
+    let mut hasher = sha2::Sha256::new();
+    let layer_size = io::copy(&mut std::fs::File::open(rootfs)?, &mut hasher)?;
+    let layer_digest = format!("sha256:{:x}", hasher.finalize());
+    let layer_path = blobs.join(&layer_digest["sha256:".len()..]);
+    if std::fs::hard_link(rootfs, &layer_path).is_err() {
+        std::fs::copy(rootfs, &layer_path)?;
+    }
+    let blob = |bytes: &[u8]| -> io::Result<String> {
+        let digest = format!("sha256:{:x}", sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&digest["sha256:".len()..]), bytes)?;
+        Ok(digest)
+    };
+    let architecture = crate::oci::Platform::host().architecture;
+    let config = format!(
+        r#"{{"architecture":"{architecture}","os":"linux","config":{{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["bash"]}},"rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#
+    );
+    let config_digest = blob(config.as_bytes())?;
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{layer_size}}}]}}"#,
+        config.len()
+    );
+    let manifest_digest = blob(manifest.as_bytes())?;
+    std::fs::write(
+        dir.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{}}}]}}"#,
+            manifest.len()
+        ),
+    )?;
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    Ok(dir.to_owned())
+}

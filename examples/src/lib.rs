@@ -102,6 +102,29 @@ pub fn find(name: &str) -> Option<&'static Example> {
     EXAMPLES.iter().find(|example| example.name == name)
 }
 
+/// Makes apt keep what it downloads, as BuildKit's documentation of cache mounts does: a Debian
+/// image from Docker's official ones deletes `.deb` files after every install
+/// (`/etc/apt/apt.conf.d/docker-clean`), and the `apt` front end keeps none by default.
+pub const APT_KEEP_DOWNLOADS: &str = "rm -f /etc/apt/apt.conf.d/docker-clean && echo \
+     'Binary::apt::APT::Keep-Downloaded-Packages \"true\";' > /etc/apt/apt.conf.d/keep-cache";
+
+/// `apt-get update && apt-get install` of `packages` (space-separated) on `debian`, with
+/// `/var/cache/apt` (the downloaded packages) and `/var/lib/apt/lists` (the package lists) as
+/// cache mounts, `Locked` as apt takes its own locks there, in a networked RUN step: when the
+/// step runs again (its package list changed), apt finds the lists and the packages it
+/// fetched before, and neither ever enters a layer. The equivalent of
+/// `RUN --mount=type=cache,target=/var/cache/apt,sharing=locked
+/// --mount=type=cache,target=/var/lib/apt/lists,sharing=locked apt-get update && apt-get install`.
+pub fn apt_install_with_cache_mounts(debian: &Image, packages: &str) -> Image {
+    let install = format!("apt-get update -q && apt-get install -y -q --no-install-recommends {packages}");
+    debian.run(APT_KEEP_DOWNLOADS).run(
+        layerwright::Run::shell(install)
+            .network(true)
+            .mount(layerwright::Mount::cache("/var/cache/apt").sharing(layerwright::Sharing::Locked))
+            .mount(layerwright::Mount::cache("/var/lib/apt/lists").sharing(layerwright::Sharing::Locked)),
+    )
+}
+
 /// FROM scratch: the `hello` binary of `examples/hello-bin`, statically linked, as the
 /// entrypoint.
 pub fn hello(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {

@@ -11,72 +11,17 @@
 //! apt, or of the network's isolation (the sandbox's and the escape suite's tests do that).
 
 use std::fs;
-use std::io;
-use std::path::{Path, PathBuf};
+
+use std::path::Path;
 
 use layerwright::{Builder, BuilderOptions, Image, Run};
-use sha2::Digest as _;
 
 /// The rootfs tarball `.ci/run` makes with
 /// `mmdebstrap --variant=minbase --mode=root bookworm MINBASE`.
-const MINBASE: &str = "/usr/local/lib/layerwright-test/debian-bookworm-minbase.tar";
+const MINBASE: &str = layerwright::host::DEBIAN_MINBASE_TAR;
 
 fn skip_privileged() -> bool {
     std::env::var("LAYERWRIGHT_SKIP_PRIVILEGED").is_ok_and(|value| value == "1")
-}
-
-/// `sha256:...` of a file, streamed.
-fn file_digest(path: &Path) -> (String, u64) {
-    let mut hasher = sha2::Sha256::new();
-    let size = io::copy(&mut fs::File::open(path).unwrap(), &mut hasher).unwrap();
-    (format!("sha256:{:x}", hasher.finalize()), size)
-}
-
-fn bytes_digest(bytes: &[u8]) -> String {
-    format!("sha256:{:x}", sha2::Sha256::digest(bytes))
-}
-
-/// Writes `bytes` as a blob of the layout at `dir`.
-fn blob(dir: &Path, bytes: &[u8]) -> String {
-    let digest = bytes_digest(bytes);
-    fs::write(dir.join("blobs/sha256").join(&digest["sha256:".len()..]), bytes).unwrap();
-    digest
-}
-
-/// An OCI image layout at `dir` whose one (uncompressed) layer is the rootfs tar `rootfs`,
-/// hard-linked into it when they share a filesystem, else copied.
-fn rootfs_as_layout(rootfs: &Path, dir: &Path) -> PathBuf {
-    let blobs = dir.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let (layer_digest, layer_size) = file_digest(rootfs);
-    let layer_path = blobs.join(&layer_digest["sha256:".len()..]);
-    if fs::hard_link(rootfs, &layer_path).is_err() {
-        fs::copy(rootfs, &layer_path).unwrap();
-    }
-    let architecture = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    let config = format!(
-        r#"{{"architecture":"{architecture}","os":"linux","config":{{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["bash"]}},"rootfs":{{"type":"layers","diff_ids":["{layer_digest}"]}}}}"#
-    );
-    let config_digest = blob(dir, config.as_bytes());
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer_digest}","size":{layer_size}}}]}}"#,
-        config.len()
-    );
-    let manifest_digest = blob(dir, manifest.as_bytes());
-    fs::write(
-        dir.join("index.json"),
-        format!(
-            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{manifest_digest}","size":{}}}]}}"#,
-            manifest.len()
-        ),
-    )
-    .unwrap();
-    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    dir.to_owned()
 }
 
 #[test]
@@ -100,7 +45,7 @@ fn apt_installs_in_a_debian_base_with_isolated_networking_and_the_sbom_lists_wha
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let layout = rootfs_as_layout(Path::new(MINBASE), &dir.path().join("layout"));
+    let layout = layerwright::host::rootfs_tar_as_oci_layout(Path::new(MINBASE), &dir.path().join("layout")).unwrap();
     let (sink, lines) = layerwright::testing::output_collector();
     let options = BuilderOptions::default().progress(sink);
     let builder = Builder::with_options(dir.path().join("cache"), options).unwrap();

@@ -467,3 +467,50 @@ fn a_secret_keyed_by_its_digest_rebuilds_when_it_changes_and_only_then() {
         }
     }
 }
+
+#[test]
+fn apt_with_cache_mounts_reuses_its_lists_and_packages_when_the_step_changes_and_keeps_them_out_of_the_layer() {
+    let minbase = std::path::Path::new(layerwright::host::DEBIAN_MINBASE_TAR);
+    if !support::is_root() {
+        return support::skip_or_panic("the apt cache mount test needs root (apt's switch to its _apt user)")
+            .unwrap_or(());
+    }
+    if !minbase.is_file() {
+        return support::skip_or_panic(&format!("{} is missing: run .ci/run, which makes it", minbase.display()))
+            .unwrap_or(());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layerwright::host::rootfs_tar_as_oci_layout(minbase, &dir.path().join("layout")).unwrap();
+    let debian = Image::from_archive(&layout);
+    let (sink, lines) = layerwright::testing::output_collector();
+    let builder =
+        Builder::with_options(dir.path().join("cache"), layerwright::BuilderOptions::default().progress(sink)).unwrap();
+    // (packages, whether the package indexes and `hello`'s package must be downloaded): the
+    // second run fetches only the signed release files again (`InRelease`), which apt asks
+    // for every time.
+    for (packages, downloads) in [("hello", true), ("hello libjq1", false)] {
+        lines.lock().unwrap().clear();
+        let image = layerwright_examples::apt_install_with_cache_mounts(&debian, packages);
+        let built = builder.build(&image).unwrap_or_else(|error| panic!("installing {packages}: {error}"));
+        let output = lines.lock().unwrap().clone();
+        let fetched = |what: &str| output.iter().any(|line| line.starts_with("Get:") && line.contains(what));
+        assert_eq!(fetched(" hello "), downloads, "installing {packages}: {output:#?}");
+        assert_eq!(fetched(" Packages "), downloads, "installing {packages}: {output:#?}");
+        // Nothing of either cache in the layer: at most the mountpoints, which the image has.
+        let members = top_layer(&builder, &built);
+        let cached: Vec<&str> = paths(&members)
+            .into_iter()
+            .filter(|path| path.starts_with("var/cache/apt/") || path.starts_with("var/lib/apt/lists/"))
+            .collect();
+        assert!(cached.is_empty(), "{cached:?}");
+        assert!(paths(&members).contains(&"usr/bin/hello"), "{:?}", paths(&members));
+    }
+    // The packages are kept for the next run.
+    let archives = cache_directories(&builder, "/var/cache/apt")[0].join("archives");
+    let kept: Vec<String> = std::fs::read_dir(&archives)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".deb"))
+        .collect();
+    assert!(kept.iter().any(|name| name.starts_with("hello_")) && kept.iter().any(|name| name.starts_with("libjq1_")), "{kept:?}");
+}
