@@ -125,6 +125,36 @@ pub fn apt_install_with_cache_mounts(debian: &Image, packages: &str) -> Image {
     )
 }
 
+/// Before `cargo build` on a target directory kept in a cache mount: touches the sources whose
+/// content changed since the last build there. Files copied into an image carry the
+/// reproducible mtime (`SOURCE_DATE_EPOCH`, else 0), so an edited file has the mtime of the
+/// one it replaces and cargo's mtime-based freshness check would call the old build fresh;
+/// the content digests of the last build are kept in the target directory.
+pub const TOUCH_CHANGED_SOURCES: &str = "find . -path ./target -prune -o -type f -print | sort | xargs sha256sum \
+     > /tmp/sources && touch target/.sources && comm -13 target/.sources /tmp/sources | cut -c67- | xargs -r touch";
+
+/// `cargo build --offline --release` of the workspace in `context` (its `.` copied to `/src`)
+/// on `rust` (an image with cargo), with cargo's registry and the target directory as cache
+/// mounts: a build after a change recompiles only what changed, and neither the registry nor
+/// the target directory enters a layer; the binary `bin` is copied out of the target directory
+/// to `/usr/local/bin` in the same step (the mount is gone after it). The equivalent of
+/// `RUN --mount=type=cache,target=/usr/local/cargo/registry --mount=type=cache,target=/src/target
+/// cargo build --release && cp target/release/BIN /usr/local/bin/`, with
+/// [`TOUCH_CHANGED_SOURCES`] first.
+pub fn cargo_build_with_cache_mounts(rust: &Image, context: &Context, bin: &str) -> Image {
+    let build = format!(
+        "{TOUCH_CHANGED_SOURCES} && cargo build --offline --release && cp /tmp/sources target/.sources && cp \
+         target/release/{bin} /usr/local/bin/{bin}"
+    );
+    rust.copy(context, ".", "/src").run(
+        layerwright::Run::shell(build)
+            .workdir("/src")
+            .env("CARGO_HOME", "/usr/local/cargo")
+            .mount(layerwright::Mount::cache("/usr/local/cargo/registry").id("cargo-registry"))
+            .mount(layerwright::Mount::cache("/src/target").id(format!("cargo-target-{bin}"))),
+    )
+}
+
 /// FROM scratch: the `hello` binary of `examples/hello-bin`, statically linked, as the
 /// entrypoint.
 pub fn hello(environment: &ExampleEnvironment) -> Result<Image, ExampleError> {

@@ -298,10 +298,8 @@ impl<'a> PreparedMounts<'a> {
     /// Opens every host directory (relative to its parent, `O_NOFOLLOW`) and prepares every
     /// string. Errors name the mount's target and the path.
     pub(crate) fn new(mounts: &'a [StepMount], base_dir: &std::path::Path) -> Result<PreparedMounts<'a>, SandboxError> {
-        let invalid = |action: String| SandboxError::StepMount {
-            action,
-            source: io::Error::from(io::ErrorKind::InvalidInput),
-        };
+        let invalid =
+            |action: String| SandboxError::StepMount { action, source: io::Error::from(io::ErrorKind::InvalidInput) };
         if mounts.len() > MAX_STEP_MOUNTS {
             return Err(SandboxError::StepMount {
                 action: format!("make {} mounts (at most {MAX_STEP_MOUNTS})", mounts.len()),

@@ -395,7 +395,11 @@ mod tests {
     fn check(nodes: &[Node], requested: &[usize], missing: &[&str], expected: &str) {
         let shapes: Vec<NodeShape> = nodes
             .iter()
-            .map(|node| NodeShape { parent: node.parent, sources: node.source.into_iter().collect(), recorded: node.recorded })
+            .map(|node| NodeShape {
+                parent: node.parent,
+                sources: node.source.into_iter().collect(),
+                recorded: node.recorded,
+            })
             .collect();
         let local: Vec<bool> = nodes.iter().map(|node| node.local).collect();
         let remote: Vec<Option<&ActionRecord>> = nodes.iter().map(|node| node.remote.as_ref()).collect();

@@ -58,7 +58,9 @@ use crate::progress::{Progress, ProgressEvent};
 use crate::tree::FsTree;
 
 pub use layerwright_sandbox::{OverlayError, SandboxError};
-pub use mounts::{Given, MountError, SecretSource, Secrets, SshAgents, SshSource, secret_digest, validate as validate_mounts};
+pub use mounts::{
+    Given, MountError, SecretSource, Secrets, SshAgents, SshSource, secret_digest, validate as validate_mounts,
+};
 pub use spec::SpecError;
 pub use upper::UpperError;
 

@@ -419,7 +419,8 @@ pub fn prepare(context: &MountContext<'_>, step: &str, run: &Run) -> Result<Prep
                 let (inside, file) = bind_source(step, path, mount.target(), &bound.tree)?;
                 plan_target(step, mount.target(), target, file, tree, &mut prepared)?;
                 let directory = run_dir.join(format!("bind-{index}"));
-                let [upper, work, merged, short_lowers] = ["upper", "work", "merged", "lowers"].map(|name| directory.join(name));
+                let [upper, work, merged, short_lowers] =
+                    ["upper", "work", "merged", "lowers"].map(|name| directory.join(name));
                 for made in [&directory, &upper, &work, &merged, &short_lowers] {
                     fs::create_dir(made).map_err(mountpoint_error(made.clone()))?;
                 }
@@ -435,10 +436,8 @@ pub fn prepare(context: &MountContext<'_>, step: &str, run: &Run) -> Result<Prep
                     target: &merged,
                     short_lowers: &short_lowers,
                 };
-                let overlay = OverlayMount::new(&paths, &context.overlay).map_err(|source| MountError::BindOverlay {
-                    step: step.to_owned(),
-                    target: mount.target().to_owned(),
-                    source,
+                let overlay = OverlayMount::new(&paths, &context.overlay).map_err(|source| {
+                    MountError::BindOverlay { step: step.to_owned(), target: mount.target().to_owned(), source }
                 })?;
                 prepared.sandbox.push(StepMount::Image {
                     overlay: Box::new(overlay),
@@ -685,7 +684,11 @@ fn stage_selection(selection: &Selection, destination: &Path) -> Result<(), (Pat
 fn agent_socket(step: &str, id: &str, target: &str, agents: &SshAgents) -> Result<PathBuf, MountError> {
     use std::os::unix::fs::FileTypeExt;
     let Some(from) = agents.get(id) else {
-        return Err(MountError::MissingSshAgent { step: step.to_owned(), id: id.to_owned(), target: target.to_owned() });
+        return Err(MountError::MissingSshAgent {
+            step: step.to_owned(),
+            id: id.to_owned(),
+            target: target.to_owned(),
+        });
     };
     let unusable = |reason: String| MountError::SshAgentUnusable {
         step: step.to_owned(),

@@ -10,8 +10,8 @@ use layerwright_cache::{FileMaterial, FileSetInput, FileStat, MountInputs, StepI
 use layerwright_dsl::{Context, Image, Mount, MountSource, Step};
 use rayon::prelude::*;
 
-use super::{KeyState, SolveOptions};
 use super::error::{StepError, StepFailure};
+use super::{KeyState, SolveOptions};
 use crate::base;
 use crate::context::{self, OpenedContext, Selection, StatLookup};
 use crate::oci::Platform;

@@ -270,16 +270,19 @@ fn stage_with(content: &str) -> Image {
 fn a_bind_mount_of_an_image_is_keyed_by_its_source_read_only_unless_writable_and_never_in_the_layer() {
     let dir = tempfile::tempdir().unwrap();
     let builder = Builder::new(dir.path().join("cache")).unwrap();
-    let reader = "cat /in/sub/data > /seen; if touch /in/x 2>/dev/null; then echo writable; else echo read-only; fi > /ro";
+    let reader =
+        "cat /in/sub/data > /seen; if touch /in/x 2>/dev/null; then echo writable; else echo read-only; fi > /ro";
     let read = |stage: &Image| busybox().run(Run::shell(reader).mount(Mount::bind(stage, "/out", "/in")));
     let writer = "echo new > /in/new && cat /in/new /in/sub/data > /wrote";
     let write = |stage: &Image| busybox().run(Run::shell(writer).mount(Mount::bind(stage, "/out", "/in").writable()));
     let after = "if test -e /in/new; then echo present; else echo absent; fi > /after";
-    let after_write = |stage: &Image| {
-        write(stage).run(Run::shell(after).mount(Mount::bind(stage, "/out", "/in")))
-    };
+    let after_write = |stage: &Image| write(stage).run(Run::shell(after).mount(Mount::bind(stage, "/out", "/in")));
     let file = |stage: &Image| {
-        busybox().run(Run::shell("cat /etc/data.txt > /seen").mount(Mount::bind(stage, "/out/sub/data", "/etc/data.txt")))
+        busybox().run(Run::shell("cat /etc/data.txt > /seen").mount(Mount::bind(
+            stage,
+            "/out/sub/data",
+            "/etc/data.txt",
+        )))
     };
     let (one, two) = (stage_with("one"), stage_with("two"));
     // (image, layer paths, contents, cached): the mountpoint `/in` is all a bind leaves; a file
@@ -302,8 +305,14 @@ fn a_bind_mount_of_an_image_is_keyed_by_its_source_read_only_unless_writable_and
     // naming the step and the path.
     let linked = busybox().run("mkdir -p /real && ln -s /real /out");
     let cases = [
-        (Mount::bind(&one, "/nope", "/in"), "bind mount source \"/nope\" (mounted on \"/in\"): /nope is not in the source image"),
-        (Mount::bind(&linked, "/out", "/in"), "bind mount source \"/out\" (mounted on \"/in\"): /out is a symlink in the source image"),
+        (
+            Mount::bind(&one, "/nope", "/in"),
+            "bind mount source \"/nope\" (mounted on \"/in\"): /nope is not in the source image",
+        ),
+        (
+            Mount::bind(&linked, "/out", "/in"),
+            "bind mount source \"/out\" (mounted on \"/in\"): /out is a symlink in the source image",
+        ),
     ];
     for (mount, expected) in cases {
         let error = builder.build(&busybox().run(Run::shell("touch /ran").mount(mount))).unwrap_err().to_string();
@@ -372,7 +381,8 @@ fn ssh_agent(dir: &std::path::Path) -> Option<Agent> {
         return support::skip_or_panic("ssh-agent, ssh-add and ssh-keygen (Debian package openssh-client) are needed");
     }
     let socket = dir.join("agent.sock");
-    let process = Command::new("ssh-agent").arg("-D").arg("-a").arg(&socket).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let process =
+        Command::new("ssh-agent").arg("-D").arg("-a").arg(&socket).stdout(std::process::Stdio::null()).spawn().unwrap();
     let mut agent = Agent { process, socket, fingerprint: String::new() };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !agent.socket.exists() {
@@ -392,10 +402,8 @@ fn ssh_agent(dir: &std::path::Path) -> Option<Agent> {
 fn ssh_add_context(dir: &std::path::Path) -> layerwright::Context {
     let root = dir.join("ssh-add-root");
     let binary = support::require_tool("ssh-add").expect("checked");
-    let listed = support::run_checked(
-        std::process::Command::new("ldd").arg(&binary),
-        std::time::Duration::from_secs(30),
-    );
+    let listed =
+        support::run_checked(std::process::Command::new("ldd").arg(&binary), std::time::Duration::from_secs(30));
     let libraries = String::from_utf8_lossy(&listed.stdout)
         .split_whitespace()
         .filter(|word| word.starts_with('/'))
@@ -428,9 +436,11 @@ fn an_ssh_mount_binds_the_builders_agent_and_a_builder_without_one_fails_before_
     let error = not_a_socket.build(&image).unwrap_err().to_string();
     assert!(error.contains("is not a socket"), "{error}");
 
-    let builder = Builder::new(dir.path().join("cache")).unwrap().ssh("default", SshSource::Socket(agent.socket.clone()));
+    let builder =
+        Builder::new(dir.path().join("cache")).unwrap().ssh("default", SshSource::Socket(agent.socket.clone()));
     // The socket's file mountpoint (and `/run/layerwright`, made for it) are not in the layer.
-    let Some(_) = check_step(&builder, &image, &["keys", "sock"], &[("sock", &format!("{}\n", layerwright::SSH_AGENT_TARGET))])
+    let Some(_) =
+        check_step(&builder, &image, &["keys", "sock"], &[("sock", &format!("{}\n", layerwright::SSH_AGENT_TARGET))])
     else {
         return;
     };
@@ -445,7 +455,8 @@ fn a_secret_keyed_by_its_digest_rebuilds_when_it_changes_and_only_then() {
     let token = dir.path().join("token.txt");
     let secret = |round: usize| format!("lw-digest-secret-{}-{round}", std::process::id());
     std::fs::write(&token, secret(1)).unwrap();
-    let builder = Builder::new(dir.path().join("cache")).unwrap().secret("token", layerwright::SecretSource::File(token.clone()));
+    let builder =
+        Builder::new(dir.path().join("cache")).unwrap().secret("token", layerwright::SecretSource::File(token.clone()));
     let step = |mount: Mount| busybox().run(Run::shell("wc -c < /run/secrets/token > /length").mount(mount));
     let plain = step(Mount::secret("/run/secrets/token", "token"));
     let keyed = step(Mount::secret("/run/secrets/token", "token").key_by_digest());
@@ -463,7 +474,10 @@ fn a_secret_keyed_by_its_digest_rebuilds_when_it_changes_and_only_then() {
     for round in [1, 2] {
         let bytes = secret(round);
         for (path, content) in &files {
-            assert!(!content.windows(bytes.len()).any(|window| window == bytes.as_bytes()), "the secret is in {path:?}");
+            assert!(
+                !content.windows(bytes.len()).any(|window| window == bytes.as_bytes()),
+                "the secret is in {path:?}"
+            );
         }
     }
 }
@@ -512,5 +526,67 @@ fn apt_with_cache_mounts_reuses_its_lists_and_packages_when_the_step_changes_and
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|name| name.ends_with(".deb"))
         .collect();
-    assert!(kept.iter().any(|name| name.starts_with("hello_")) && kept.iter().any(|name| name.starts_with("libjq1_")), "{kept:?}");
+    assert!(
+        kept.iter().any(|name| name.starts_with("hello_")) && kept.iter().any(|name| name.starts_with("libjq1_")),
+        "{kept:?}"
+    );
+}
+
+/// A workspace of two crates: the binary `greet` and its path dependency `greeting`.
+fn write_cargo_workspace(root: &std::path::Path, greeting: &str) {
+    let files = [
+        ("Cargo.toml", "[workspace]\nmembers = [\"greet\", \"greeting\"]\nresolver = \"2\"\n".to_owned()),
+        ("greet/Cargo.toml", "[package]\nname = \"greet\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n[dependencies]\ngreeting = { path = \"../greeting\" }\n".to_owned()),
+        ("greet/src/main.rs", format!("fn main() {{\n    println!(\"{{}}\", greeting::greeting(\"{greeting}\"));\n}}\n")),
+        ("greeting/Cargo.toml", "[package]\nname = \"greeting\"\nversion = \"0.1.0\"\nedition = \"2021\"\n".to_owned()),
+        ("greeting/src/lib.rs", "pub fn greeting(name: &str) -> String {\n    format!(\"hello, {name}\")\n}\n".to_owned()),
+    ];
+    for (path, text) in files {
+        std::fs::create_dir_all(root.join(path).parent().unwrap()).unwrap();
+        std::fs::write(root.join(path), text).unwrap();
+    }
+}
+
+#[test]
+fn cargo_build_with_cache_mounts_recompiles_only_what_changed_and_keeps_the_target_out_of_the_layer() {
+    let minbase = std::path::Path::new(layerwright::host::DEBIAN_MINBASE_TAR);
+    if !support::is_root() {
+        return support::skip_or_panic("the cargo cache mount test needs root (apt's switch to its _apt user)")
+            .unwrap_or(());
+    }
+    if !minbase.is_file() {
+        return support::skip_or_panic(&format!("{} is missing: run .ci/run, which makes it", minbase.display()))
+            .unwrap_or(());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let layout = layerwright::host::rootfs_tar_as_oci_layout(minbase, &dir.path().join("layout")).unwrap();
+    // Debian's own cargo and rustc, installed with the apt caches mounted.
+    let rust = layerwright_examples::apt_install_with_cache_mounts(&Image::from_archive(&layout), "cargo");
+    let workspace = dir.path().join("workspace");
+    let context = layerwright::Context::dir(&workspace).unwrap();
+    let (sink, lines) = layerwright::testing::output_collector();
+    let builder =
+        Builder::with_options(dir.path().join("cache"), layerwright::BuilderOptions::default().progress(sink)).unwrap();
+    // (the greeting, the crates compiled): the dependency is compiled once, then found in the
+    // target directory's cache mount.
+    for (greeting, compiled) in [("world", vec!["greeting", "greet"]), ("cache mounts", vec!["greet"])] {
+        write_cargo_workspace(&workspace, greeting);
+        let image =
+            layerwright_examples::cargo_build_with_cache_mounts(&rust, &context, "greet").run("greet > /greeting");
+        lines.lock().unwrap().clear();
+        let built = builder.build(&image).unwrap_or_else(|error| panic!("building {greeting}: {error}"));
+        let output = lines.lock().unwrap().clone();
+        let compiling: Vec<&str> = output
+            .iter()
+            .filter_map(|line| line.trim().strip_prefix("Compiling "))
+            .map(|crate_and_version| crate_and_version.split(' ').next().unwrap_or_default())
+            .collect();
+        assert_eq!(compiling, compiled, "{output:#?}");
+        assert_eq!(content(&top_layer(&builder, &built), "greeting"), format!("hello, {greeting}\n"));
+        // The build step's layer: the binary, and of the target directory only its mountpoint.
+        let listing = built.listing().unwrap();
+        assert!(listing.lines().any(|line| line.ends_with(" /usr/local/bin/greet")), "{listing}");
+        let target: Vec<&str> = listing.lines().filter(|line| line.contains(" /src/target/")).collect();
+        assert!(target.is_empty(), "{target:?}");
+    }
 }
