@@ -45,8 +45,7 @@ mod store;
 
 pub use cache_mounts::{CacheMountLease, CacheMountOptions, CacheMountSharing, CacheMountUsage};
 pub use db::{
-    ContextFileInput, ExecutionLog, FileMaterial, FileSetInput, KeyDatabase, KeyQueries, MountInputs, StepInput,
-    file_set_digest, step_key,
+    ExecutionLog, FileMaterial, FileSetDigest, FileSetInput, KeyDatabase, KeyQueries, MountInputs, StepInput, step_key,
 };
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use explain::{MissReason, Provenance};

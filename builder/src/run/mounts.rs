@@ -664,7 +664,7 @@ fn stage_selection(selection: &Selection, destination: &Path) -> Result<(), (Pat
                 directories.push((path, file.mode));
             }
             ContextKind::File { .. } => {
-                let mut source = selection.dir.open(&file.open_path).map_err(failed)?;
+                let mut source = selection.dir.open(selection.open_path(file)).map_err(failed)?;
                 let mut copy =
                     fs::File::options().write(true).create_new(true).mode(0o600).open(&path).map_err(failed)?;
                 io::copy(&mut source, &mut copy).map_err(failed)?;

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use layerwright_cache::{FileMaterial, FileSetInput, FileStat, MountInputs, StepInput, StepKey, Store};
+use layerwright_cache::{FileSetDigest, FileSetInput, FileStat, MountInputs, StepInput, StepKey, Store};
 use layerwright_dsl::{Context, Image, Mount, MountSource, Step};
 use rayon::prelude::*;
 
@@ -207,10 +207,11 @@ pub(super) fn plan(
                 let selected = selections[position].pop().expect("copy steps were walked");
                 // A mode the step overrides does not enter the key: only what the layer carries.
                 keep_mode = copy.options.file.mode.is_none();
-                let materials: Vec<(String, FileMaterial)> =
-                    selected.files.iter().map(|file| (file.relative.clone(), file.material(keep_mode))).collect();
+                let digest = FileSetDigest::of(
+                    selected.files.iter().map(|file| (file.relative.as_str(), file.material(keep_mode))),
+                );
                 let set_identity = format!("{}\0{}\0{}", copy.source, keep_mode, selected.source_is_directory);
-                file_set = Some(state.keys.file_set(&selected.root, &set_identity, materials));
+                file_set = Some(state.keys.file_set(&selected.root, &set_identity, digest));
                 selection = Some(selected);
             }
             Step::FromArchive { path } => {
@@ -231,10 +232,11 @@ pub(super) fn plan(
                 });
                 for (selected, path) in mount_selections.iter().zip(context_paths) {
                     // As a `copy` without a mode override selects (the mount shows the modes).
-                    let materials: Vec<(String, FileMaterial)> =
-                        selected.files.iter().map(|file| (file.relative.clone(), file.material(true))).collect();
+                    let digest = FileSetDigest::of(
+                        selected.files.iter().map(|file| (file.relative.as_str(), file.material(true))),
+                    );
                     let set_identity = format!("mount\0{path}\0{}", selected.source_is_directory);
-                    mounts.files.push(state.keys.file_set(&selected.root, &set_identity, materials));
+                    mounts.files.push(state.keys.file_set(&selected.root, &set_identity, digest));
                 }
                 // A secret keyed by its digest: the digest (never the bytes) after the step's
                 // identity; a step without one keeps its extra bytes.
