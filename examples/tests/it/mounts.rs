@@ -248,6 +248,13 @@ fn a_secret_is_read_by_its_step_and_its_bytes_are_in_no_file_of_the_cache_no_lay
     }
 }
 
+/// A case of the image bind mount test: the image, its layer's paths, contents, cached.
+type ImageCase<'a> = (Image, Vec<&'a str>, Vec<(&'a str, &'a str)>, bool);
+
+/// A case of the context bind mount test: the image, the context file changed before, the
+/// layer's contents, cached.
+type ContextCase<'a> = (&'a Image, Option<&'a str>, Vec<(&'a str, &'a str)>, bool);
+
 /// One step built on `builder`: the top layer's members must be exactly `paths`, and each of
 /// `contents` (path, content) must be there; returns whether the step came from the cache.
 fn check_step(builder: &Builder, image: &Image, paths_expected: &[&str], contents: &[(&str, &str)]) -> Option<bool> {
@@ -287,7 +294,7 @@ fn a_bind_mount_of_an_image_is_keyed_by_its_source_read_only_unless_writable_and
     let (one, two) = (stage_with("one"), stage_with("two"));
     // (image, layer paths, contents, cached): the mountpoint `/in` is all a bind leaves; a file
     // bind's mountpoint is left out; writes to a writable bind vanish with the step.
-    let cases: Vec<(Image, Vec<&str>, Vec<(&str, &str)>, bool)> = vec![
+    let cases: Vec<ImageCase> = vec![
         (read(&one), vec!["in/", "ro", "seen"], vec![("seen", "one\n"), ("ro", "read-only\n")], false),
         (read(&one), vec!["in/", "ro", "seen"], vec![("seen", "one\n")], true),
         // The source image changed: the step runs again and sees it.
@@ -336,7 +343,7 @@ fn a_bind_mount_of_the_context_is_its_selection_keyed_by_its_files_and_refuses_s
     let read = busybox().run(Run::shell(script).mount(Mount::context(&context, "src", "/src")));
     let writable = busybox().run(Run::shell(script).mount(Mount::context(&context, "src", "/src").writable()));
     let layer = ["listing", "ro", "seen", "src/"];
-    let cases: Vec<(&Image, Option<&str>, Vec<(&str, &str)>, bool)> = vec![
+    let cases: Vec<ContextCase> = vec![
         (&read, None, vec![("listing", "a.txt\n"), ("seen", "first\n"), ("ro", "read-only\n")], false),
         // An ignored file changes: not in the mount, not in the key.
         (&read, Some("src/ignored"), vec![("seen", "first\n")], true),
