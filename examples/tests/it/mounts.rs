@@ -489,20 +489,24 @@ fn a_secret_keyed_by_its_digest_rebuilds_when_it_changes_and_only_then() {
     }
 }
 
-#[test]
-fn apt_with_cache_mounts_reuses_its_lists_and_packages_when_the_step_changes_and_keeps_them_out_of_the_layer() {
+/// The Debian bookworm minbase `.ci/run` makes, as an image (an OCI layout in `dir`); `None`
+/// (after saying why) when skipping without root or without the tarball.
+fn debian_minbase(dir: &std::path::Path) -> Option<Image> {
     let minbase = std::path::Path::new(layerwright::host::DEBIAN_MINBASE_TAR);
     if !support::is_root() {
-        return support::skip_or_panic("the apt cache mount test needs root (apt's switch to its _apt user)")
-            .unwrap_or(());
+        return support::skip_or_panic("the apt and cargo cache mount tests need root (apt's switch to its _apt user)");
     }
     if !minbase.is_file() {
-        return support::skip_or_panic(&format!("{} is missing: run .ci/run, which makes it", minbase.display()))
-            .unwrap_or(());
+        return support::skip_or_panic(&format!("{} is missing: run .ci/run, which makes it", minbase.display()));
     }
+    let layout = layerwright::host::rootfs_tar_as_oci_layout(minbase, &dir.join("layout")).unwrap();
+    Some(Image::from_archive(&layout))
+}
+
+#[test]
+fn apt_with_cache_mounts_reuses_its_lists_and_packages_when_the_step_changes_and_keeps_them_out_of_the_layer() {
     let dir = tempfile::tempdir().unwrap();
-    let layout = layerwright::host::rootfs_tar_as_oci_layout(minbase, &dir.path().join("layout")).unwrap();
-    let debian = Image::from_archive(&layout);
+    let Some(debian) = debian_minbase(dir.path()) else { return };
     let (sink, lines) = layerwright::testing::output_collector();
     let builder =
         Builder::with_options(dir.path().join("cache"), layerwright::BuilderOptions::default().progress(sink)).unwrap();
@@ -556,19 +560,10 @@ fn write_cargo_workspace(root: &std::path::Path, greeting: &str) {
 
 #[test]
 fn cargo_build_with_cache_mounts_recompiles_only_what_changed_and_keeps_the_target_out_of_the_layer() {
-    let minbase = std::path::Path::new(layerwright::host::DEBIAN_MINBASE_TAR);
-    if !support::is_root() {
-        return support::skip_or_panic("the cargo cache mount test needs root (apt's switch to its _apt user)")
-            .unwrap_or(());
-    }
-    if !minbase.is_file() {
-        return support::skip_or_panic(&format!("{} is missing: run .ci/run, which makes it", minbase.display()))
-            .unwrap_or(());
-    }
     let dir = tempfile::tempdir().unwrap();
-    let layout = layerwright::host::rootfs_tar_as_oci_layout(minbase, &dir.path().join("layout")).unwrap();
+    let Some(debian) = debian_minbase(dir.path()) else { return };
     // Debian's own cargo and rustc, installed with the apt caches mounted.
-    let rust = layerwright_examples::apt_install_with_cache_mounts(&Image::from_archive(&layout), "cargo");
+    let rust = layerwright_examples::apt_install_with_cache_mounts(&debian, "cargo");
     let workspace = dir.path().join("workspace");
     let context = layerwright::Context::dir(&workspace).unwrap();
     let (sink, lines) = layerwright::testing::output_collector();
