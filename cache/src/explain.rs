@@ -24,7 +24,8 @@ pub struct Provenance {
     pub definition: String,
     /// The parent step's key, in hex; `None` for a base step.
     pub parent: Option<String>,
-    /// The `copy_from` source's key, in hex; `None` for every other step.
+    /// The `copy_from` source's key, in hex (for a RUN step, its bind mounts' source images'
+    /// keys joined with `+`); `None` for every other step.
     pub source: Option<String>,
     /// Extra identity (an archive's digest).
     pub extra: String,
@@ -42,7 +43,7 @@ pub enum MissReason {
     DefinitionChanged,
     /// A step below it changed, so its parent's key did.
     ParentChanged,
-    /// The `copy_from` source image changed.
+    /// The `copy_from` source image, or a RUN step's bind mount source image, changed.
     SourceChanged,
     /// The base image changed: the archive's content, or the digest a pulled tag names.
     ArchiveChanged,
@@ -73,7 +74,9 @@ impl fmt::Display for MissReason {
             MissReason::NoRecord => formatter.write_str("no cache record (first build of this step)"),
             MissReason::DefinitionChanged => formatter.write_str("the step's definition changed"),
             MissReason::ParentChanged => formatter.write_str("a step below it changed"),
-            MissReason::SourceChanged => formatter.write_str("the copy_from source image changed"),
+            MissReason::SourceChanged => {
+                formatter.write_str("a source image changed (of the copy_from, or of a bind mount)")
+            }
             MissReason::ArchiveChanged => {
                 formatter.write_str("the base image changed (its archive, or the digest its tag names)")
             }

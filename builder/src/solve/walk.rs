@@ -79,6 +79,28 @@ struct Outcome {
     record: Option<ActionRecord>,
 }
 
+/// The context files of a RUN step's bind mounts, by context path (the declared source joined
+/// with the path below it), with the hex digest of their key material.
+fn mount_files(node: &PlannedNode) -> Vec<(String, String)> {
+    let Step::Run(run) = node.image.step() else { return Vec::new() };
+    let sources = run.mounts.iter().filter_map(|mount| match mount {
+        layerwright_dsl::Mount::Bind { source: layerwright_dsl::MountSource::Context(_), path, .. } => Some(path),
+        _ => None,
+    });
+    node.mount_selections
+        .iter()
+        .zip(sources)
+        .flat_map(|(selection, source)| {
+            let source = source.trim_end_matches('/');
+            selection.files.iter().map(move |file| {
+                let path =
+                    if file.relative.is_empty() { source.to_owned() } else { format!("{source}/{}", file.relative) };
+                (path, file.material(true).digest_hex())
+            })
+        })
+        .collect()
+}
+
 impl<'a> Walk<'a> {
     pub(super) fn run<'scope>(&'scope self, index: usize, scope: &rayon::Scope<'scope>)
     where
@@ -160,14 +182,23 @@ impl<'a> Walk<'a> {
             key: self.keys[index].to_hex(),
             definition: node.definition.clone(),
             parent: node.parent.map(|parent| self.keys[parent].to_hex()),
-            source: node.source.map(|source| self.keys[source].to_hex()),
+            // A RUN step's bind mount sources stand where a `copy_from` source does.
+            source: match (node.source, node.mount_sources.as_slice()) {
+                (Some(source), _) => Some(self.keys[source].to_hex()),
+                (None, []) => None,
+                (None, sources) => {
+                    Some(sources.iter().map(|source| self.keys[*source].to_hex()).collect::<Vec<_>>().join("+"))
+                }
+            },
             extra: hex::encode(&node.extra),
-            // Hashed only here, on a miss: a no-op rebuild never pays for it.
+            // Hashed only here, on a miss: a no-op rebuild never pays for it. A bind mount's
+            // files are named by their context path.
             files: node
                 .selection
                 .iter()
                 .flat_map(|selection| &selection.files)
                 .map(|file| (file.relative.clone(), file.material(node.keep_mode).digest_hex()))
+                .chain(mount_files(node))
                 .collect(),
         }
     }

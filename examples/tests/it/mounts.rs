@@ -307,6 +307,15 @@ fn a_bind_mount_of_an_image_is_keyed_by_its_source_read_only_unless_writable_and
         let Some(was_cached) = check_step(&builder, &image, &layer, &contents) else { return };
         assert_eq!(was_cached, cached, "{}", image.step().label());
     }
+    // Why it ran again: its source image changed. (Miss reasons compare with the last step
+    // built in the same position, which for a RUN step on busybox is also the stage's RUN: the
+    // reader is put on a position of its own.)
+    let positioned =
+        |stage: &Image| busybox().workdir("/").run(Run::shell(reader).mount(Mount::bind(stage, "/out", "/in")));
+    builder.build(&positioned(&stage_with("three"))).unwrap();
+    let built = builder.build(&positioned(&stage_with("four"))).unwrap();
+    let miss = built.steps().last().and_then(|step| step.miss.clone()).map(|miss| miss.to_string());
+    assert_eq!(miss.as_deref(), Some("a source image changed (of the copy_from, or of a bind mount)"));
 
     // A source path that is not in the source image, or that goes through a symlink: an error
     // naming the step and the path.
@@ -357,6 +366,14 @@ fn a_bind_mount_of_the_context_is_its_selection_keyed_by_its_files_and_refuses_s
         let Some(was_cached) = check_step(&builder, image, &layer, &contents) else { return };
         assert_eq!(was_cached, cached, "after changing {change:?}");
     }
+    // Why it ran again: the bound file, by its context path (the slot's last build was the
+    // writable step).
+    std::fs::write(context_dir.join("src/a.txt"), "third\n").unwrap();
+    builder.build(&read).unwrap();
+    std::fs::write(context_dir.join("src/a.txt"), "fourth\n").unwrap();
+    let built = builder.build(&read).unwrap();
+    let miss = built.steps().last().and_then(|step| step.miss.clone()).map(|miss| miss.to_string());
+    assert_eq!(miss.as_deref(), Some("context files changed: changed: src/a.txt;"));
     // The writable mount's write went to a throwaway copy.
     assert!(!context_dir.join("src/x").exists());
 
