@@ -292,6 +292,18 @@ fn finish(
 }
 
 /// The inputs of the nodes `top` depends on (itself included), in plan order.
+/// blake3 of (path, material digest) pairs, in order, as a provenance's context entry.
+fn files_blake3(files: impl Iterator<Item = (String, String)>) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for (path, digest) in files {
+        hasher.update(path.as_bytes());
+        hasher.update(b"\0");
+        hasher.update(digest.as_bytes());
+        hasher.update(b"\n");
+    }
+    hasher.finalize().to_hex().to_string()
+}
+
 fn inputs_of(plan: &[plan::PlannedNode], top: usize) -> BuildInputs {
     let needed = needed_by(plan, top);
     let mut declaration = blake3::Hasher::new();
@@ -310,14 +322,16 @@ fn inputs_of(plan: &[plan::PlannedNode], top: usize) -> BuildInputs {
                 inputs.bases.push((node.label.clone(), "blake3", hex::encode(identity)));
             }
             Step::Copy(_) => {
-                let mut files = blake3::Hasher::new();
-                for file in node.selection.iter().flat_map(|selection| &selection.files) {
-                    files.update(file.relative.as_bytes());
-                    files.update(b"\0");
-                    files.update(file.material(node.keep_mode).digest_hex().as_bytes());
-                    files.update(b"\n");
-                }
-                inputs.contexts.push((node.label.clone(), files.finalize().to_hex().to_string()));
+                let files = node
+                    .selection
+                    .iter()
+                    .flat_map(|selection| &selection.files)
+                    .map(|file| (file.relative.clone(), file.material(node.keep_mode).digest_hex()));
+                inputs.contexts.push((node.label.clone(), files_blake3(files)));
+            }
+            // The context files of bind mounts, by context path.
+            Step::Run(_) if !node.mount_selections.is_empty() => {
+                inputs.contexts.push((node.label.clone(), files_blake3(walk::mount_files(node).into_iter())));
             }
             _ => {}
         }

@@ -81,7 +81,7 @@ struct Outcome {
 
 /// The context files of a RUN step's bind mounts, by context path (the declared source joined
 /// with the path below it), with the hex digest of their key material.
-fn mount_files(node: &PlannedNode) -> Vec<(String, String)> {
+pub(super) fn mount_files(node: &PlannedNode) -> Vec<(String, String)> {
     let Step::Run(run) = node.image.step() else { return Vec::new() };
     let sources = run.mounts.iter().filter_map(|mount| match mount {
         layerwright_dsl::Mount::Bind { source: layerwright_dsl::MountSource::Context(_), path, .. } => Some(path),
