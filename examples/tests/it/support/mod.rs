@@ -505,9 +505,9 @@ impl LocalRegistry {
     }
 }
 
-/// A TCP proxy on `127.0.0.1:PORT` in front of a local registry that SIGKILLs the registry
-/// once it has passed `kill_after_bytes` bytes of answers: a registry dying in the middle of a
-/// transfer, at a point the test chooses. Stops accepting when dropped.
+/// A TCP proxy on `127.0.0.1:PORT` in front of a local server (a registry, BuildGrid) that
+/// SIGKILLs the server once it has passed `kill_after_bytes` bytes of answers: a server dying
+/// in the middle of a transfer, at a point the test chooses. Stops accepting when dropped.
 pub struct KillingProxy {
     port: u16,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -517,6 +517,12 @@ pub struct KillingProxy {
 
 impl KillingProxy {
     pub fn start(registry: &LocalRegistry, kill_after_bytes: u64) -> KillingProxy {
+        KillingProxy::in_front_of(registry.port, registry.pid(), kill_after_bytes)
+    }
+
+    /// A proxy in front of the server listening on `127.0.0.1:upstream_port` whose process is
+    /// `server_pid`.
+    pub fn in_front_of(upstream_port: u16, server_pid: u32, kill_after_bytes: u64) -> KillingProxy {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port for the proxy");
@@ -524,7 +530,6 @@ impl KillingProxy {
         let port = listener.local_addr().expect("the proxy's address").port();
         let (stop, killed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let passed = Arc::new(AtomicU64::new(0));
-        let (upstream_port, registry_pid) = (registry.port, registry.pid());
         let (stop_flag, killed_flag) = (stop.clone(), killed.clone());
         thread::spawn(move || {
             while !stop_flag.load(Ordering::Relaxed) {
@@ -559,7 +564,7 @@ impl KillingProxy {
                         }
                         let total = passed.fetch_add(read as u64, Ordering::Relaxed) + read as u64;
                         if total >= kill_after_bytes && !killed.swap(true, Ordering::Relaxed) {
-                            let pid = rustix::process::Pid::from_raw(registry_pid as i32).expect("a pid");
+                            let pid = rustix::process::Pid::from_raw(server_pid as i32).expect("a pid");
                             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                             break;
                         }
@@ -587,5 +592,140 @@ impl Drop for LocalRegistry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A local BuildGrid (REAPI cache server)
+
+/// Where `.ci/run` installs BuildGrid (a Python virtual environment); `LAYERWRIGHT_BUILDGRID`
+/// names another.
+const BUILDGRID_DEFAULT: &str = "/opt/layerwright-buildgrid";
+/// How long a started BuildGrid may take to answer (a Python server: a few seconds).
+const BUILDGRID_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A BuildGrid cache server (CAS, action cache, ByteStream; no execution, so no database)
+/// serving on `127.0.0.1:PORT`, instance "", with its CAS on disk in a temp directory. Killed,
+/// and its directory removed, when dropped (so also when a test panics).
+pub struct LocalBuildGrid {
+    child: Child,
+    port: u16,
+    /// Holds the config, the CAS and the log; removed after the child is gone.
+    dir: tempfile::TempDir,
+}
+
+/// Starts BuildGrid on a free port and waits until it speaks HTTP/2. Missing BuildGrid: `None`
+/// under `skip_privileged()`, else a panic naming what to install.
+pub fn buildgrid() -> Option<LocalBuildGrid> {
+    let venv =
+        std::env::var_os("LAYERWRIGHT_BUILDGRID").map_or_else(|| PathBuf::from(BUILDGRID_DEFAULT), PathBuf::from);
+    let bgd = venv.join("bin/bgd");
+    if !bgd.is_file() {
+        return skip_or_panic(&format!(
+            "BuildGrid is missing: no {} (install it as .ci/run does: `python3 -m venv {BUILDGRID_DEFAULT} && \
+             {BUILDGRID_DEFAULT}/bin/pip install buildgrid==0.4.4`, or point LAYERWRIGHT_BUILDGRID at a virtualenv \
+             that has it)",
+            bgd.display()
+        ));
+    }
+    let dir = tempfile::tempdir().expect("a temp dir for BuildGrid");
+    let storage = dir.path().join("storage");
+    fs::create_dir(&storage).expect("creating BuildGrid's storage");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port();
+    let config = dir.path().join("config.yml");
+    fs::write(
+        &config,
+        format!(
+            "server:\n  - !channel\n    address: \"127.0.0.1:{port}\"\n    insecure-mode: true\n\
+             authorization:\n  method: none\n\
+             storages:\n  - !disk-storage &cas-storage\n    path: {storage}\n\
+             caches:\n  - !lru-action-cache &action-cache\n    storage: *cas-storage\n    max-cached-refs: 100000\n    \
+             allow-updates: true\n    cache-failed-actions: false\n\
+             instances:\n  - name: \"\"\n    services:\n      - !action-cache\n        cache: *action-cache\n      \
+             - !cas\n        storage: *cas-storage\n      - !bytestream\n        storage: *cas-storage\n",
+            storage = storage.display()
+        ),
+    )
+    .expect("writing BuildGrid's config");
+    let log = fs::File::create(dir.path().join("buildgrid.log")).expect("creating BuildGrid's log");
+    let child = Command::new(&bgd)
+        .args(["server", "start"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("a second handle on the log"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|error| panic!("cannot start {}: {error}", bgd.display()));
+    let mut server = LocalBuildGrid { child, port, dir };
+    let deadline = Instant::now() + BUILDGRID_START_TIMEOUT;
+    loop {
+        if server.speaks_http2() {
+            return Some(server);
+        }
+        if let Some(status) = server.child.try_wait().expect("waiting for BuildGrid") {
+            panic!("BuildGrid exited ({status}) before answering:\n{}", server.log());
+        }
+        if Instant::now() >= deadline {
+            panic!("BuildGrid did not answer within {BUILDGRID_START_TIMEOUT:?}:\n{}", server.log());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl LocalBuildGrid {
+    /// `http://127.0.0.1:PORT`, the endpoint a builder is given.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What BuildGrid logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("buildgrid.log")).unwrap_or_default()
+    }
+
+    /// Where the server's disk CAS keeps blob `sha256:HEX`, for tests that corrupt what it
+    /// serves.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.dir.path().join(format!("storage/cas/objects/{}/{}", &hex[..2], &hex[2..]))
+    }
+
+    /// Kills the server (SIGKILL) as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the server answers an HTTP/2 connection preface with its SETTINGS frame: a gRPC
+    /// server that is serving, not only a bound port.
+    fn speaks_http2(&self) -> bool {
+        use std::io::Write as _;
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        // The client preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        if stream.write_all(&hello).is_err() {
+            return false;
+        }
+        let mut header = [0u8; 9];
+        stream.read_exact(&mut header).is_ok() && header[3] == 4
+    }
+}
+
+impl Drop for LocalBuildGrid {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
