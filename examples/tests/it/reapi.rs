@@ -133,7 +133,8 @@ fn machine_b_builds_w1_from_machine_a_s_reapi_cache_executing_nothing() {
     // Only what the final image needs came down: its layers and the base's config (from which
     // the image config is built); B wrote the config and manifest itself. No stage layer.
     let stored = stored_blobs(&cache_b);
-    let extra: Vec<&String> = stored.difference(&final_image_blobs(&built_b)).collect();
+    let final_blobs = final_image_blobs(&built_b);
+    let extra: Vec<&String> = stored.difference(&final_blobs).collect();
     assert_eq!(extra.len(), 1, "B downloaded more than the final image and the base config: {extra:?}");
     assert!(stored.is_disjoint(&stage_layers), "B downloaded a stage's layer");
     let distinct_layers: BTreeSet<_> = built_b.layers().iter().map(|layer| &layer.digest).collect();

@@ -102,8 +102,7 @@ impl Connection {
         };
         let mut target = Endpoint::from_shared(endpoint.url.clone())
             .map_err(|error| invalid(error.to_string()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(CALL_TIMEOUT);
+            .connect_timeout(CONNECT_TIMEOUT);
         if tls {
             target = target
                 .tls_config(ClientTlsConfig::new().with_native_roots())

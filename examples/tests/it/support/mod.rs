@@ -603,6 +603,8 @@ impl Drop for LocalRegistry {
 const BUILDGRID_DEFAULT: &str = "/opt/layerwright-buildgrid";
 /// How long a started BuildGrid may take to answer (a Python server: a few seconds).
 const BUILDGRID_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many ports a start tries.
+const BUILDGRID_START_ATTEMPTS: usize = 3;
 
 /// A BuildGrid cache server (CAS, action cache, ByteStream; no execution, so no database)
 /// serving on `127.0.0.1:PORT`, instance "", with its CAS on disk in a temp directory. Killed,
@@ -628,6 +630,20 @@ pub fn buildgrid() -> Option<LocalBuildGrid> {
             bgd.display()
         ));
     }
+    // A port handed out by the kernel and released can be taken by someone else before
+    // BuildGrid binds it (it then exits): a few attempts, each on a new port.
+    let mut last_log = String::new();
+    for _ in 0..BUILDGRID_START_ATTEMPTS {
+        match start_buildgrid(&bgd) {
+            Ok(server) => return Some(server),
+            Err(log) => last_log = log,
+        }
+    }
+    panic!("BuildGrid did not start in {BUILDGRID_START_ATTEMPTS} attempts; its last log:\n{last_log}");
+}
+
+/// Starts BuildGrid once, on a free port; its log when it exits before answering.
+fn start_buildgrid(bgd: &Path) -> Result<LocalBuildGrid, String> {
     let dir = tempfile::tempdir().expect("a temp dir for BuildGrid");
     let storage = dir.path().join("storage");
     fs::create_dir(&storage).expect("creating BuildGrid's storage");
@@ -636,10 +652,13 @@ pub fn buildgrid() -> Option<LocalBuildGrid> {
         .expect("a free port on 127.0.0.1")
         .port();
     let config = dir.path().join("config.yml");
+    // gRPC servers share a port with SO_REUSEPORT by default: two servers on one port would
+    // each get some of the connections. Off, a taken port makes BuildGrid exit instead.
     fs::write(
         &config,
         format!(
             "server:\n  - !channel\n    address: \"127.0.0.1:{port}\"\n    insecure-mode: true\n\
+             grpc-server-options:\n  grpc.so_reuseport: 0\n\
              authorization:\n  method: none\n\
              storages:\n  - !disk-storage &cas-storage\n    path: {storage}\n\
              caches:\n  - !lru-action-cache &action-cache\n    storage: *cas-storage\n    max-cached-refs: 100000\n    \
@@ -651,7 +670,7 @@ pub fn buildgrid() -> Option<LocalBuildGrid> {
     )
     .expect("writing BuildGrid's config");
     let log = fs::File::create(dir.path().join("buildgrid.log")).expect("creating BuildGrid's log");
-    let child = Command::new(&bgd)
+    let child = Command::new(bgd)
         .args(["server", "start"])
         .arg(&config)
         .stdin(Stdio::null())
@@ -663,10 +682,10 @@ pub fn buildgrid() -> Option<LocalBuildGrid> {
     let deadline = Instant::now() + BUILDGRID_START_TIMEOUT;
     loop {
         if server.speaks_http2() {
-            return Some(server);
+            return Ok(server);
         }
         if let Some(status) = server.child.try_wait().expect("waiting for BuildGrid") {
-            panic!("BuildGrid exited ({status}) before answering:\n{}", server.log());
+            return Err(format!("(exited: {status})\n{}", server.log()));
         }
         if Instant::now() >= deadline {
             panic!("BuildGrid did not answer within {BUILDGRID_START_TIMEOUT:?}:\n{}", server.log());
