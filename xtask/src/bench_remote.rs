@@ -137,11 +137,23 @@ impl Drop for BuildGrid {
     }
 }
 
-/// One timed `layerwright-bench w1` process: its wall time and what it printed.
+/// One timed `layerwright-bench w1` process on an empty cache: its wall time and what it
+/// printed.
 fn timed(binary: &Path, workdir: &Path, cache: &Path, output: &Path, flags: &[&str]) -> Result<(Duration, String)> {
     if cache.exists() {
         fs::remove_dir_all(cache)?;
     }
+    timed_on_cache(binary, workdir, cache, output, flags)
+}
+
+/// One timed `layerwright-bench w1` process on `cache` as it is.
+fn timed_on_cache(
+    binary: &Path,
+    workdir: &Path,
+    cache: &Path,
+    output: &Path,
+    flags: &[&str],
+) -> Result<(Duration, String)> {
     if output.exists() {
         fs::remove_dir_all(output)?;
     }
@@ -181,7 +193,7 @@ pub fn run(workspace: &Path, quick: bool, reapi: bool) -> Result<()> {
     workloads::generate("w1", &dir)?;
     let registry = if reapi { None } else { Some(Registry::start(&dir.join("remote-registry"))?) };
     let runs = if quick { 3 } else { 5 };
-    let (mut local, mut machine_a, mut machine_b) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut local, mut machine_a, mut machine_b, mut noop) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut downloaded = String::new();
     let mut exported = String::new();
     let mut steps_remote = 0usize;
@@ -209,6 +221,10 @@ pub fn run(workspace: &Path, quick: bool, reapi: bool) -> Result<()> {
             timed(&binary, &dir, &dir.join("remote-a-cache"), &dir.join("remote-a-out"), &export_flags)?;
         let (b_time, b_out) =
             timed(&binary, &dir, &dir.join("remote-b-cache"), &dir.join("remote-b-out"), &import_flags)?;
+        // The same build on B's cache, now whole, without the remote: what B's time costs
+        // beyond asking and downloading.
+        let (noop_time, _) =
+            timed_on_cache(&binary, &dir, &dir.join("remote-b-cache"), &dir.join("remote-b-out"), &[])?;
         if run % 2 == 1 {
             local.push(local_run()?.0);
         }
@@ -220,8 +236,10 @@ pub fn run(workspace: &Path, quick: bool, reapi: bool) -> Result<()> {
         steps_remote = field(&b_out, "steps-remote").parse().unwrap_or(0);
         machine_a.push(a_time);
         machine_b.push(b_time);
+        noop.push(noop_time);
     }
     let (local, machine_a, machine_b) = (median(&local), median(&machine_a), median(&machine_b));
+    let noop = median(&noop);
     let mut report = String::new();
     let through = if reapi { "a local BuildGrid (REAPI)" } else { "a local registry" };
     let _ = writeln!(report, "| W1 through {through}, {runs} runs (medians) | time | ratio to a cold local build |");
@@ -230,6 +248,7 @@ pub fn run(workspace: &Path, quick: bool, reapi: bool) -> Result<()> {
         ("cold, local cache only", local),
         ("machine A: cold, exporting (--cache-to / --reapi)", machine_a),
         ("machine B: empty cache, from A's export (--cache-from / --reapi)", machine_b),
+        ("machine B again: a local no-op rebuild, no remote", noop),
     ] {
         let _ = writeln!(
             report,
@@ -241,9 +260,9 @@ pub fn run(workspace: &Path, quick: bool, reapi: bool) -> Result<()> {
     let _ = writeln!(
         report,
         "\nB / A = {:.3}; A exported {exported}; B downloaded {downloaded}; B built no step and took {steps_remote} \
-         from the remote: {:.1} ms per step of B's whole time.",
+         from the remote: (B - B's no-op) / {steps_remote} = {:.1} ms per step taken from the remote.",
         machine_b.as_secs_f64() / machine_a.as_secs_f64(),
-        machine_b.as_secs_f64() * 1000.0 / steps_remote.max(1) as f64
+        machine_b.saturating_sub(noop).as_secs_f64() * 1000.0 / steps_remote.max(1) as f64
     );
     println!("{report}");
     fs::write(dir.join(if reapi { "remote-cache-reapi.md" } else { "remote-cache.md" }), &report)?;

@@ -47,7 +47,7 @@ struct Arguments {
 enum Commands {
     /// `build-image`, `list`, `inspect`, `cache`: `layerwright::cli` on the example images.
     #[command(flatten)]
-    Images(cli::Command),
+    Images(Box<cli::Command>),
     /// Build the benchmark workloads with layerwright, BuildKit and buildah, side by side
     /// (needs root, dockerd and buildah); `--micro` runs the criterion micro-benchmarks instead.
     Bench {
@@ -129,7 +129,7 @@ fn main() -> Result<ExitCode> {
     match arguments.command {
         Commands::Images(command) => {
             let images = layerwright_examples::images(&ExampleEnvironment::for_workspace(&workspace));
-            Ok(cli::execute(&images, command))
+            Ok(cli::execute(&images, *command))
         }
         Commands::Test { cargo_arguments } => {
             if !tidy::run(&workspace, &TidyOptions { cargo_checks: true })? {
