@@ -307,6 +307,10 @@ mod tests {
             "registry.example/cache:b",
             "--cache-to",
             "registry.example/cache:a",
+            "--reapi",
+            "https://cache.example:443",
+            "--reapi-instance",
+            "main",
         ])
         .unwrap();
         let Command::BuildImage(arguments) = command else { panic!("{command:?}") };
@@ -322,6 +326,7 @@ mod tests {
         assert!(resolved.insecure);
         assert_eq!(resolved.cache_from, ["registry.example/cache:a", "registry.example/cache:b"]);
         assert_eq!(resolved.cache_to.as_deref(), Some("registry.example/cache:a"));
+        assert_eq!(resolved.reapi, Some(crate::ReapiEndpoint::new("https://cache.example:443", "main")));
     }
 
     #[test]

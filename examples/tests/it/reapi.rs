@@ -18,59 +18,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use layerwright::{Builder, BuilderOptions, BuiltImage, Image};
-use layerwright_examples::workloads;
 
 use crate::support;
-
-/// A generated W1 workload directory, shared by the tests of this module.
-fn w1_workdir() -> PathBuf {
-    static WORKDIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    WORKDIR
-        .get_or_init(|| {
-            let environment = support::environment();
-            let workdir = environment.work_dir.join("reapi-w1");
-            std::fs::create_dir_all(&workdir).unwrap();
-            workloads::write_base_archive(&environment, &workdir).unwrap_or_else(|error| panic!("{error}"));
-            workloads::generate("w1", &workdir).unwrap_or_else(|error| panic!("{error}"));
-            workdir
-        })
-        .clone()
-}
-
-fn w1() -> Image {
-    workloads::declare("w1", &w1_workdir()).unwrap()
-}
 
 /// A builder on `cache` with the REAPI cache at `url` (if any) that counts the steps it
 /// executes.
 fn machine(cache: &Path, url: Option<&str>) -> (Builder, Arc<AtomicUsize>) {
-    let executed = Arc::new(AtomicUsize::new(0));
-    let counter = executed.clone();
-    let mut options = BuilderOptions::default().before_execute(Arc::new(move |_label: &str| {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }));
+    let (mut options, executed) = support::counting_executions();
     if let Some(url) = url {
         options = options.reapi(url, "");
     }
     (Builder::with_options(cache, options).unwrap(), executed)
-}
-
-/// The digests of the blobs in a cache directory's store.
-fn stored_blobs(cache: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(cache.join("blobs/sha256"))
-        .unwrap()
-        .map(|entry| format!("sha256:{}", entry.unwrap().file_name().to_string_lossy()))
-        .collect()
-}
-
-/// What the final image of `built` is made of: its layers, its config and its manifest.
-fn final_image_blobs(built: &BuiltImage) -> BTreeSet<String> {
-    built
-        .layers()
-        .iter()
-        .map(|layer| layer.digest.to_string())
-        .chain([built.config_digest(), built.manifest_digest()])
-        .collect()
 }
 
 /// A small image of file steps (no RUN: no root needed), different per `name`. Its data file
@@ -92,7 +50,7 @@ fn machine_b_builds_w1_from_machine_a_s_reapi_cache_executing_nothing() {
     let machines = tempfile::tempdir().unwrap();
 
     let (machine_a, executed_a) = machine(&machines.path().join("a"), Some(&server.url()));
-    let Some(built_a) = support::build_with_runs(&machine_a, &w1()) else { return };
+    let Some(built_a) = support::build_with_runs(&machine_a, &support::w1()) else { return };
     let report_a = built_a.remote_cache().expect("a build with a REAPI cache reports on it");
     assert!(report_a.warnings.is_empty(), "{:?}\n{}", report_a.warnings, server.log());
     let upload = report_a.reapi_upload.as_ref().expect("A uploaded");
@@ -112,7 +70,7 @@ fn machine_b_builds_w1_from_machine_a_s_reapi_cache_executing_nothing() {
 
     // A's next build is a local no-op: nothing is asked, nothing uploaded.
     let (machine_a_again, executed_again) = machine(&machines.path().join("a"), Some(&server.url()));
-    let again = support::build_with_runs(&machine_a_again, &w1()).unwrap();
+    let again = support::build_with_runs(&machine_a_again, &support::w1()).unwrap();
     assert_eq!(executed_again.load(Ordering::Relaxed), 0);
     let report_again = again.remote_cache().unwrap();
     assert!(!report_again.consulted, "{report_again:?}");
@@ -120,7 +78,7 @@ fn machine_b_builds_w1_from_machine_a_s_reapi_cache_executing_nothing() {
 
     let cache_b = machines.path().join("b");
     let (machine_b, executed_b) = machine(&cache_b, Some(&server.url()));
-    let built_b = support::build_with_runs(&machine_b, &w1()).unwrap();
+    let built_b = support::build_with_runs(&machine_b, &support::w1()).unwrap();
     assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
     assert_eq!(executed_b.load(Ordering::Relaxed), 0, "B executed steps: {:#?}", built_b.steps());
     assert!(built_b.steps().iter().all(|step| step.cached), "{:#?}", built_b.steps());
@@ -132,8 +90,8 @@ fn machine_b_builds_w1_from_machine_a_s_reapi_cache_executing_nothing() {
 
     // Only what the final image needs came down: its layers and the base's config (from which
     // the image config is built); B wrote the config and manifest itself. No stage layer.
-    let stored = stored_blobs(&cache_b);
-    let final_blobs = final_image_blobs(&built_b);
+    let stored = support::stored_blobs(&cache_b);
+    let final_blobs = support::final_image_blobs(&built_b);
     let extra: Vec<&String> = stored.difference(&final_blobs).collect();
     assert_eq!(extra.len(), 1, "B downloaded more than the final image and the base config: {extra:?}");
     assert!(stored.is_disjoint(&stage_layers), "B downloaded a stage's layer");
@@ -143,7 +101,7 @@ fn machine_b_builds_w1_from_machine_a_s_reapi_cache_executing_nothing() {
 
     // B's next build is a local no-op that asks the server nothing.
     let (machine_b_again, executed_b_again) = machine(&cache_b, Some(&server.url()));
-    let rebuilt_b = support::build_with_runs(&machine_b_again, &w1()).unwrap();
+    let rebuilt_b = support::build_with_runs(&machine_b_again, &support::w1()).unwrap();
     assert_eq!(rebuilt_b.manifest_digest(), built_a.manifest_digest());
     assert_eq!(executed_b_again.load(Ordering::Relaxed), 0);
     assert!(!rebuilt_b.remote_cache().unwrap().consulted);
@@ -154,7 +112,7 @@ fn killing_buildgrid_in_the_middle_of_a_build_leaves_a_correct_build_and_one_war
     let Some(server) = support::buildgrid() else { return };
     let machines = tempfile::tempdir().unwrap();
     let (machine_a, _) = machine(&machines.path().join("a"), Some(&server.url()));
-    let Some(built_a) = support::build_with_runs(&machine_a, &w1()) else { return };
+    let Some(built_a) = support::build_with_runs(&machine_a, &support::w1()) else { return };
     assert!(built_a.remote_cache().unwrap().reapi_upload.is_some(), "{:?}", built_a.remote_cache());
 
     // B reaches BuildGrid through a proxy that kills it after 3 MiB of answers: the action
@@ -164,7 +122,7 @@ fn killing_buildgrid_in_the_middle_of_a_build_leaves_a_correct_build_and_one_war
     let through_proxy = format!("http://{}", proxy.address());
     let cache_b = machines.path().join("b");
     let (machine_b, executed_b) = machine(&cache_b, Some(&through_proxy));
-    let built_b = support::build_with_runs(&machine_b, &w1()).unwrap();
+    let built_b = support::build_with_runs(&machine_b, &support::w1()).unwrap();
     assert!(proxy.killed.load(Ordering::Relaxed), "BuildGrid was not killed mid-build");
     assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
     let report_b = built_b.remote_cache().unwrap();
@@ -175,7 +133,7 @@ fn killing_buildgrid_in_the_middle_of_a_build_leaves_a_correct_build_and_one_war
 
     // What B's store holds is consistent: a local rebuild agrees and builds nothing.
     let (machine_b_again, executed_again) = machine(&cache_b, None);
-    let rebuilt = support::build_with_runs(&machine_b_again, &w1()).unwrap();
+    let rebuilt = support::build_with_runs(&machine_b_again, &support::w1()).unwrap();
     assert_eq!(rebuilt.manifest_digest(), built_a.manifest_digest());
     assert_eq!(executed_again.load(Ordering::Relaxed), 0, "{:#?}", rebuilt.steps());
 }
@@ -207,7 +165,7 @@ fn a_blob_corrupted_in_buildgrid_s_cas_is_refused_and_its_step_built_locally() {
     assert!(report.warnings[0].contains(&layer.digest.to_string()), "{:?}", report.warnings);
     assert_eq!(executed.load(Ordering::Relaxed), 1, "the refused layer's step alone was built");
     // Whatever B stored is what its name says.
-    for digest in stored_blobs(&cache_b) {
+    for digest in support::stored_blobs(&cache_b) {
         let parsed = layerwright::cache::Digest::parse(&digest).unwrap();
         assert!(reader.store().verify_blob(&parsed).unwrap(), "{digest} is corrupt");
     }

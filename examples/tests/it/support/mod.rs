@@ -96,6 +96,56 @@ pub fn build_example(name: &str, cache: &Path, compression: Compression) -> Buil
         .unwrap_or_else(|error| panic!("building {name}: {error}"))
 }
 
+/// A generated W1 workload directory (the benchmark workload: a base, a 2,000-file COPY, three
+/// RUN stages, RUNs and `copy_from`s), shared by the tests of this binary.
+pub fn w1_workdir() -> PathBuf {
+    static WORKDIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    WORKDIR
+        .get_or_init(|| {
+            let environment = environment();
+            let workdir = environment.work_dir.join("remote-cache-w1");
+            fs::create_dir_all(&workdir).unwrap();
+            layerwright_examples::workloads::write_base_archive(&environment, &workdir)
+                .unwrap_or_else(|error| panic!("{error}"));
+            layerwright_examples::workloads::generate("w1", &workdir).unwrap_or_else(|error| panic!("{error}"));
+            workdir
+        })
+        .clone()
+}
+
+/// W1, declared on [`w1_workdir`].
+pub fn w1() -> layerwright::Image {
+    layerwright_examples::workloads::declare("w1", &w1_workdir()).unwrap()
+}
+
+/// Options whose `before_execute` hook counts the steps a build executes, and the count.
+pub fn counting_executions() -> (BuilderOptions, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let executed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = executed.clone();
+    let options = BuilderOptions::default().before_execute(std::sync::Arc::new(move |_label: &str| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }));
+    (options, executed)
+}
+
+/// The digests of the blobs in a cache directory's store.
+pub fn stored_blobs(cache: &Path) -> std::collections::BTreeSet<String> {
+    fs::read_dir(cache.join("blobs/sha256"))
+        .unwrap()
+        .map(|entry| format!("sha256:{}", entry.unwrap().file_name().to_string_lossy()))
+        .collect()
+}
+
+/// What the final image of `built` is made of: its layers, its config and its manifest.
+pub fn final_image_blobs(built: &BuiltImage) -> std::collections::BTreeSet<String> {
+    built
+        .layers()
+        .iter()
+        .map(|layer| layer.digest.to_string())
+        .chain([built.config_digest(), built.manifest_digest()])
+        .collect()
+}
+
 /// `sha256:HEX` of `content`, as listings and descriptors name blobs.
 pub fn sha256(content: impl AsRef<[u8]>) -> String {
     use sha2::Digest as _;
@@ -430,28 +480,56 @@ pub fn registry() -> Option<LocalRegistry> {
         ),
     )
     .expect("writing the registry config");
-    let log = fs::File::create(dir.path().join("registry.log")).expect("creating the registry log");
-    let child = Command::new(&binary)
-        .arg("serve")
-        .arg(&config)
+    let child = spawn_server(Command::new(&binary).arg("serve").arg(&config), &dir.path().join("registry.log"));
+    let mut registry = LocalRegistry { child, port, _dir: dir };
+    let answers = |registry: &LocalRegistry| {
+        registry.request("GET", "/v2/", &[], b"").is_ok_and(|response| response.starts_with("HTTP/1.1 200"))
+    };
+    match wait_until_serving(&mut registry, |registry| &mut registry.child, answers, REGISTRY_START_TIMEOUT) {
+        Start::Serving => Some(registry),
+        Start::Exited(status) => panic!("docker-registry exited ({status}) before answering:\n{}", registry.log()),
+        Start::Silent(timeout) => {
+            panic!("docker-registry did not answer GET /v2/ within {timeout:?}:\n{}", registry.log())
+        }
+    }
+}
+
+/// Starts a server process with its stdout and stderr going to the file `log`.
+fn spawn_server(command: &mut Command, log: &Path) -> Child {
+    let log = fs::File::create(log).unwrap_or_else(|error| panic!("creating {}: {error}", log.display()));
+    command
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("a second handle on the log"))
         .stderr(log)
         .spawn()
-        .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
-    let mut registry = LocalRegistry { child, port, _dir: dir };
-    let deadline = Instant::now() + REGISTRY_START_TIMEOUT;
+        .unwrap_or_else(|error| panic!("cannot start {}: {error}", describe(command)))
+}
+
+/// What became of a started server process.
+enum Start {
+    Serving,
+    Exited(std::process::ExitStatus),
+    Silent(Duration),
+}
+
+/// Polls `answers(server)` until a started server serves, its process (`child_of(server)`)
+/// ends, or `timeout` passes.
+fn wait_until_serving<S>(
+    server: &mut S,
+    child_of: impl Fn(&mut S) -> &mut Child,
+    answers: impl Fn(&S) -> bool,
+    timeout: Duration,
+) -> Start {
+    let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(response) = registry.request("GET", "/v2/", &[], b"")
-            && response.starts_with("HTTP/1.1 200")
-        {
-            return Some(registry);
+        if answers(server) {
+            return Start::Serving;
         }
-        if let Some(status) = registry.child.try_wait().expect("waiting for the registry") {
-            panic!("docker-registry exited ({status}) before answering:\n{}", registry.log());
+        if let Some(status) = child_of(server).try_wait().expect("waiting for a server process") {
+            return Start::Exited(status);
         }
         if Instant::now() >= deadline {
-            panic!("docker-registry did not answer GET /v2/ within {REGISTRY_START_TIMEOUT:?}:\n{}", registry.log());
+            return Start::Silent(timeout);
         }
         thread::sleep(Duration::from_millis(50));
     }
@@ -669,28 +747,18 @@ fn start_buildgrid(bgd: &Path) -> Result<LocalBuildGrid, String> {
         ),
     )
     .expect("writing BuildGrid's config");
-    let log = fs::File::create(dir.path().join("buildgrid.log")).expect("creating BuildGrid's log");
-    let child = Command::new(bgd)
-        .args(["server", "start"])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("a second handle on the log"))
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|error| panic!("cannot start {}: {error}", bgd.display()));
+    let child =
+        spawn_server(Command::new(bgd).args(["server", "start"]).arg(&config), &dir.path().join("buildgrid.log"));
     let mut server = LocalBuildGrid { child, port, dir };
-    let deadline = Instant::now() + BUILDGRID_START_TIMEOUT;
-    loop {
-        if server.speaks_http2() {
-            return Ok(server);
-        }
-        if let Some(status) = server.child.try_wait().expect("waiting for BuildGrid") {
-            return Err(format!("(exited: {status})\n{}", server.log()));
-        }
-        if Instant::now() >= deadline {
-            panic!("BuildGrid did not answer within {BUILDGRID_START_TIMEOUT:?}:\n{}", server.log());
-        }
-        thread::sleep(Duration::from_millis(100));
+    match wait_until_serving(
+        &mut server,
+        |server| &mut server.child,
+        LocalBuildGrid::speaks_http2,
+        BUILDGRID_START_TIMEOUT,
+    ) {
+        Start::Serving => Ok(server),
+        Start::Exited(status) => Err(format!("(exited: {status})\n{}", server.log())),
+        Start::Silent(timeout) => panic!("BuildGrid did not answer within {timeout:?}:\n{}", server.log()),
     }
 }
 
