@@ -10,8 +10,10 @@
 //! That is the build step's job; this module reports what the context holds.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::io::{self, Read};
-use std::path::PathBuf;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cap_std::fs::{Dir, Metadata, MetadataExt};
@@ -158,8 +160,6 @@ pub enum ContextKind {
 /// One path of a selection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContextFile {
-    /// Path relative to the selection's directory handle, for opening the content.
-    pub open_path: String,
     /// Path relative to the selected source (empty for the source itself).
     pub relative: String,
     pub kind: ContextKind,
@@ -172,9 +172,11 @@ pub struct ContextFile {
 pub struct Selection {
     /// The canonical root of the context it was selected from.
     pub root: PathBuf,
-    /// The handle `open_path`s are relative to.
+    /// The handle [`Selection::open_path`]s are relative to.
     pub dir: Arc<Dir>,
     pub source_is_directory: bool,
+    /// The selected path, relative to the context's root (normalised).
+    pub source: String,
     /// Sorted by `relative`, component-wise; the source itself first.
     pub files: Vec<ContextFile>,
 }
@@ -226,7 +228,6 @@ pub fn select(
             Arc::new(opened)
         };
         walked.files.push(ContextFile {
-            open_path: String::new(),
             relative: String::new(),
             kind: ContextKind::Directory,
             mode: metadata.mode() & 0o7777,
@@ -234,11 +235,10 @@ pub fn select(
         walked.append(walker.walk_directory(&dir, &source)?);
         dir
     } else {
-        let (kind, link) = walker.classify(&context.dir, &source, &source, &mut walked.computed, &metadata)?;
-        walked.push_file(
-            ContextFile { open_path: source.clone(), relative: String::new(), kind, mode: metadata.mode() & 0o7777 },
-            link,
-        );
+        let absolute = context.root.join(&source);
+        let names = Names { name: &source, context_path: &source, absolute: &absolute };
+        let (kind, link) = walker.classify(&context.dir, names, &mut walked.computed, &metadata)?;
+        walked.push_file(ContextFile { relative: String::new(), kind, mode: metadata.mode() & 0o7777 }, link);
         Arc::clone(&context.dir)
     };
     stat_cache.computed.extend(walked.computed);
@@ -254,7 +254,15 @@ pub fn select(
             }
         }
     }
-    Ok(Selection { root: context.root.clone(), dir, source_is_directory: metadata.is_dir(), files })
+    Ok(Selection { root: context.root.clone(), dir, source_is_directory: metadata.is_dir(), source, files })
+}
+
+impl Selection {
+    /// Where `file`'s content opens, relative to [`Selection::dir`]: its relative path below a
+    /// selected directory (which `dir` is), or the selected file's path from the context's root.
+    pub fn open_path<'a>(&'a self, file: &'a ContextFile) -> &'a str {
+        if self.source_is_directory { &file.relative } else { &self.source }
+    }
 }
 
 /// The metadata of the selected source, following a symlink only inside the context.
@@ -313,6 +321,15 @@ impl Walked {
         self.links.extend(later.links.into_iter().map(|(position, identity)| (position + offset, identity)));
         self.computed.extend(later.computed);
     }
+}
+
+/// The names of one path met in a walk: in its directory, in the context, and on the host
+/// (the stat cache's key).
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    name: &'a str,
+    context_path: &'a str,
+    absolute: &'a Path,
 }
 
 /// A subdirectory met in a walk.
@@ -388,18 +405,27 @@ impl Walker<'_> {
         let entries = dir.entries().map_err(|error| self.read_error(context_path, error))?;
         for entry in entries {
             let entry = entry.map_err(|error| self.read_error(context_path, error))?;
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else {
-                let path = join(context_path, &name.to_string_lossy());
-                return Err(ContextError::NotUtf8 { root: self.context.root.clone(), path });
-            };
-            names.push(name.to_owned());
+            let name = entry.file_name().into_string().map_err(|name| ContextError::NotUtf8 {
+                root: self.context.root.clone(),
+                path: join(context_path, &name.to_string_lossy()),
+            })?;
+            names.push(name);
         }
-        names.sort();
+        names.sort_unstable();
+        // The children's context paths and absolute paths (the stat cache's keys) are built in
+        // one buffer each: a directory of a large context has thousands of files.
+        let mut child_context_path = String::from(context_path);
+        if !context_path.is_empty() {
+            child_context_path.push('/');
+        }
+        let context_prefix = child_context_path.len();
+        let mut absolute = self.context.root.join(context_path).into_os_string().into_vec();
+        absolute.push(b'/');
+        let absolute_prefix = absolute.len();
         let mut listing = Listing::default();
         for name in names {
-            let child_context_path = join(context_path, &name);
-            let child_relative = join(relative, &name);
+            child_context_path.truncate(context_prefix);
+            child_context_path.push_str(&name);
             let excluded = self.context.ignore.is_excluded(&child_context_path);
             let metadata = dir.symlink_metadata(&name).map_err(|error| self.read_error(&child_context_path, error))?;
             let mode = metadata.mode() & 0o7777;
@@ -407,8 +433,12 @@ impl Walker<'_> {
                 if excluded && !self.context.ignore.has_exceptions() {
                     continue;
                 }
-                let subdirectory =
-                    Subdirectory { context_path: child_context_path, relative: child_relative, excluded, mode };
+                let subdirectory = Subdirectory {
+                    context_path: child_context_path.clone(),
+                    relative: join(relative, &name),
+                    excluded,
+                    mode,
+                };
                 // Its listing's position is set when it is scheduled.
                 listing.children.push(Child::Directory(subdirectory, 0));
                 continue;
@@ -416,25 +446,29 @@ impl Walker<'_> {
             if excluded {
                 continue;
             }
-            let (kind, link) = self.classify(dir, &name, &child_context_path, &mut listing.computed, &metadata)?;
-            listing.children.push(Child::File(
-                ContextFile { open_path: child_relative.clone(), relative: child_relative, kind, mode },
-                link,
-            ));
+            absolute.truncate(absolute_prefix);
+            absolute.extend_from_slice(name.as_bytes());
+            let names = Names {
+                name: &name,
+                context_path: &child_context_path,
+                absolute: Path::new(OsStr::from_bytes(&absolute)),
+            };
+            let (kind, link) = self.classify(dir, names, &mut listing.computed, &metadata)?;
+            listing.children.push(Child::File(ContextFile { relative: join(relative, &name), kind, mode }, link));
         }
         Ok(listing)
     }
 
-    /// The kind of a non-directory at `name` in `dir`, and its (device, inode) when it has
-    /// several links. A digest it had to compute is added to `computed`.
+    /// The kind of a non-directory at `names.name` in `dir`, and its (device, inode) when it
+    /// has several links. A digest it had to compute is added to `computed`.
     fn classify(
         &self,
         dir: &Dir,
-        name: &str,
-        context_path: &str,
+        names: Names<'_>,
         computed: &mut Vec<(PathBuf, FileStat, [u8; 32])>,
         metadata: &Metadata,
     ) -> Result<(ContextKind, Option<(u64, u64)>), ContextError> {
+        let Names { name, context_path, absolute } = names;
         let file_type = metadata.file_type();
         if file_type.is_symlink() {
             let target = dir.read_link_contents(name).map_err(|error| self.read_error(context_path, error))?;
@@ -457,8 +491,7 @@ impl Walker<'_> {
             metadata.ino(),
             metadata.dev(),
         );
-        let absolute = self.context.root.join(context_path);
-        if let Some(blake3) = self.cache.lookup(&absolute, &stat) {
+        if let Some(blake3) = self.cache.lookup(absolute, &stat) {
             return Ok((ContextKind::File { size: stat.size, blake3 }, link));
         }
         let mut file = dir.open(name).map_err(|error| self.read_error(context_path, error))?;
@@ -479,7 +512,7 @@ impl Walker<'_> {
         // file rewritten within the filesystem's timestamp granularity keeps its mtime, ctime
         // and size, and would be served its old digest ("racily clean", as git calls it).
         if size == stat.size && changed_long_enough_ago(&stat) {
-            computed.push((absolute, stat, blake3));
+            computed.push((absolute.to_owned(), stat, blake3));
         }
         Ok((ContextKind::File { size, blake3 }, link))
     }
@@ -517,7 +550,6 @@ fn assemble(mut listings: Vec<Listing>) -> Walked {
             Child::Directory(subdirectory, below) => {
                 if !subdirectory.excluded || keeps_something[below] {
                     walked.files.push(ContextFile {
-                        open_path: subdirectory.relative.clone(),
                         relative: subdirectory.relative,
                         kind: ContextKind::Directory,
                         mode: subdirectory.mode,

@@ -2,11 +2,17 @@
 //!
 //! Inputs: one [`StepInput`] per distinct step (its canonical encoding, its parent, its
 //! `copy_from` source, extra identity bytes such as an archive's digest, and the context files
-//! it selects) and one [`ContextFileInput`] per context file (its key material: kind, mode,
-//! size and blake3 digest, never its mtime). The tracked query [`step_key`] hashes them as the
-//! module `key` describes, so in a long-lived [`KeyDatabase`] a changed context file re-executes
-//! only the key queries that read it and the ones above them; salsa backdates an unchanged
-//! result, so a change that does not alter a key stops there.
+//! it selects) and one [`FileSetInput`] per selection of context files, holding the
+//! [`FileSetDigest`] of their key material (kind, mode, size and blake3 digest, never mtimes).
+//! The tracked query [`step_key`] hashes them as the module `key` describes, so in a long-lived
+//! [`KeyDatabase`] a changed context file re-executes only the key queries that read its
+//! selection and the ones above them; salsa backdates an unchanged result, so a change that
+//! does not alter a key stops there.
+//!
+//! A selection is one input, not one input per file: its digest reads every file anyway, and
+//! 200,000 salsa inputs cost a fresh process more than the walk that found the files. The
+//! digest is computed from the walk's materials (see [`FileSetDigest::of`]) and set only when it
+//! changed, which is what keeps an unchanged selection from starting a revision.
 //!
 //! Inputs are interned by identity in [`KeyDatabase`]: declaring the same graph again maps to the
 //! same inputs and changes no revision. What this module does not do: stat or read files (the
@@ -20,7 +26,7 @@ use salsa::Setter;
 
 use crate::StepKey;
 
-pub use inputs::{ContextFileInput, FileSetInput, StepInput};
+pub use inputs::{FileSetInput, StepInput};
 
 /// What a context file contributes to a key. Mtimes never appear here; a mode the step
 /// overrides is given as 0, so that changing it on disk does not change the key.
@@ -58,25 +64,14 @@ pub enum FileMaterial {
 /// starts a new revision.
 #[allow(missing_docs)]
 mod inputs {
-    use super::FileMaterial;
+    use super::FileSetDigest;
 
-    /// A salsa input: one context file, by its context-relative path, and its key material.
-    #[salsa::input(debug)]
-    pub struct ContextFileInput {
-        /// The file's path relative to the context root, `/`-separated.
-        #[returns(ref)]
-        pub relative: String,
-        /// What the file contributes to a key.
-        #[returns(ref)]
-        pub material: FileMaterial,
-    }
-
-    /// A salsa input: the context files one step selects, in walk order.
+    /// A salsa input: the context files one step selects, by the digest of their key material
+    /// in walk order.
     #[salsa::input(debug)]
     pub struct FileSetInput {
-        /// The selected files.
-        #[returns(ref)]
-        pub files: Vec<ContextFileInput>,
+        /// The digest of the selected files.
+        pub digest: FileSetDigest,
     }
 
     /// A salsa input: one step definition and the inputs its key reads.
@@ -102,6 +97,12 @@ impl FileMaterial {
     /// The canonical bytes of this material, fed to key hashes.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(48);
+        self.write_canonical_bytes(&mut bytes);
+        bytes
+    }
+
+    /// Appends [`FileMaterial::canonical_bytes`] to `bytes`.
+    pub fn write_canonical_bytes(&self, bytes: &mut Vec<u8>) {
         let text = |tag: u8, text: &str, bytes: &mut Vec<u8>| {
             bytes.push(tag);
             bytes.extend_from_slice(&(text.len() as u64).to_le_bytes());
@@ -118,10 +119,9 @@ impl FileMaterial {
                 bytes.extend_from_slice(&size.to_le_bytes());
                 bytes.extend_from_slice(blake3);
             }
-            FileMaterial::Symlink { target } => text(3, target, &mut bytes),
-            FileMaterial::HardLink { target } => text(4, target, &mut bytes),
+            FileMaterial::Symlink { target } => text(3, target, bytes),
+            FileMaterial::HardLink { target } => text(4, target, bytes),
         }
-        bytes
     }
 
     /// A short hex digest of the material, for provenance records.
@@ -130,21 +130,27 @@ impl FileMaterial {
     }
 }
 
-/// blake3 over the key material of a selection, in order.
-#[salsa::tracked(returns(copy))]
-pub fn file_set_digest(db: &dyn salsa::Database, set: FileSetInput) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new();
-    let files = set.files(db);
-    hasher.update(&(files.len() as u64).to_le_bytes());
-    for file in files {
-        let relative = file.relative(db);
-        hasher.update(&(relative.len() as u64).to_le_bytes());
-        hasher.update(relative.as_bytes());
-        let material = file.material(db).canonical_bytes();
-        hasher.update(&(material.len() as u64).to_le_bytes());
-        hasher.update(&material);
+/// blake3 over the key material of a selection of context files, in walk order: the count,
+/// then for each file its relative path and its canonical material, each length-prefixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileSetDigest(pub [u8; 32]);
+
+impl FileSetDigest {
+    /// The digest of `files` (relative path, material), in the order given.
+    pub fn of<'a>(files: impl ExactSizeIterator<Item = (&'a str, FileMaterial)>) -> FileSetDigest {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&(files.len() as u64).to_le_bytes());
+        let mut material_bytes = Vec::with_capacity(64);
+        for (relative, material) in files {
+            hasher.update(&(relative.len() as u64).to_le_bytes());
+            hasher.update(relative.as_bytes());
+            material_bytes.clear();
+            material.write_canonical_bytes(&mut material_bytes);
+            hasher.update(&(material_bytes.len() as u64).to_le_bytes());
+            hasher.update(&material_bytes);
+        }
+        FileSetDigest(*hasher.finalize().as_bytes())
     }
-    *hasher.finalize().as_bytes()
 }
 
 /// The key of a step: format version, canonical encoding, parent key, source key, extra
@@ -153,7 +159,7 @@ pub fn file_set_digest(db: &dyn salsa::Database, set: FileSetInput) -> [u8; 32] 
 pub fn step_key(db: &dyn salsa::Database, step: StepInput) -> StepKey {
     let parent = step.parent(db).map(|parent| step_key(db, parent));
     let source = step.source(db).map(|source| step_key(db, source));
-    let files = step.files(db).map(|set| file_set_digest(db, set));
+    let files = step.files(db).map(|set| set.digest(db).0);
     let mut builder =
         StepKey::builder().bytes(step.encoding(db)).optional_key(parent.as_ref()).optional_key(source.as_ref());
     builder = builder.bytes(step.extra(db));
@@ -211,7 +217,7 @@ pub struct KeyDatabase {
     queries: KeyQueries,
     log: ExecutionLog,
     steps: HashMap<StepIdentity, StepInput>,
-    sets: HashMap<(PathBuf, String), KnownSet>,
+    sets: HashMap<(PathBuf, String), FileSetInput>,
 }
 
 impl Default for KeyDatabase {
@@ -225,12 +231,13 @@ impl KeyDatabase {
     ///
     /// ```
     /// use std::path::Path;
-    /// use layerwright_cache::{FileMaterial, KeyDatabase};
+    /// use layerwright_cache::{FileMaterial, FileSetDigest, KeyDatabase};
     ///
     /// let mut database = KeyDatabase::new();
     /// let base = database.step(b"scratch".to_vec(), None, None, Vec::new(), None);
     /// let material = FileMaterial::File { mode: 0o644, size: 1, blake3: [7; 32] };
-    /// let files = database.file_set(Path::new("/ctx"), "src", vec![("src/a".into(), material)]);
+    /// let digest = FileSetDigest::of([("src/a", material)].into_iter());
+    /// let files = database.file_set(Path::new("/ctx"), "src", digest);
     /// let copy = database.step(b"copy src".to_vec(), Some(base), None, Vec::new(), Some(files));
     /// let key = database.key(copy);
     /// assert_ne!(key, database.key(base));
@@ -293,57 +300,32 @@ impl KeyDatabase {
     }
 
     /// The file set a step selects from the context at `root` (the selection `selection`, for
-    /// example the source path and options), updated to `files`. Only the inputs whose material
-    /// changed are set, so unchanged files start no new revision.
-    pub fn file_set(&mut self, root: &Path, selection: &str, files: Vec<(String, FileMaterial)>) -> FileSetInput {
+    /// example the source path and options), updated to `digest`. The digest is set only when it
+    /// changed, so an unchanged selection starts no new revision.
+    pub fn file_set(&mut self, root: &Path, selection: &str, digest: FileSetDigest) -> FileSetInput {
         let set_identity = (root.to_owned(), selection.to_owned());
-        let known = self.sets.entry(set_identity).or_default();
-        let mut inputs = Vec::with_capacity(files.len());
-        for (relative, material) in files {
-            let input = match known.files.get(relative.as_str()) {
-                Some(input) => {
-                    if *input.material(&self.queries) != material {
-                        input.set_material(&mut self.queries).to(material);
-                    }
-                    *input
-                }
-                None => {
-                    let input = ContextFileInput::new(&self.queries, relative.clone(), material);
-                    known.files.insert(relative, input);
-                    input
-                }
-            };
-            inputs.push(input);
-        }
-        match known.set {
+        match self.sets.get(&set_identity) {
             Some(set) => {
-                if *set.files(&self.queries) != inputs {
-                    set.set_files(&mut self.queries).to(inputs);
+                if *set.digest(&self.queries) != digest {
+                    set.set_digest(&mut self.queries).to(digest);
                 }
-                set
+                *set
             }
             None => {
-                let set = FileSetInput::new(&self.queries, inputs);
-                known.set = Some(set);
+                let set = FileSetInput::new(&self.queries, digest);
+                self.sets.insert(set_identity, set);
                 set
             }
         }
     }
 }
 
-/// The inputs of one selection: its set and its files by relative path.
-#[derive(Default)]
-struct KnownSet {
-    set: Option<FileSetInput>,
-    files: HashMap<String, ContextFileInput>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn file(size: u64, byte: u8) -> FileMaterial {
-        FileMaterial::File { mode: 0o644, size, blake3: [byte; 32] }
+    fn set_of(relative: &str, size: u64, byte: u8) -> FileSetDigest {
+        FileSetDigest::of([(relative, FileMaterial::File { mode: 0o644, size, blake3: [byte; 32] })].into_iter())
     }
 
     fn executed(database: &KeyDatabase, name: &str) -> usize {
@@ -355,8 +337,8 @@ mod tests {
         let mut database = KeyDatabase::new();
         let root = Path::new("/ctx");
         let base = database.step(b"scratch".to_vec(), None, None, Vec::new(), None);
-        let set_a = database.file_set(root, "a", vec![("x".into(), file(1, 1))]);
-        let set_b = database.file_set(root, "b", vec![("y".into(), file(1, 2))]);
+        let set_a = database.file_set(root, "a", set_of("x", 1, 1));
+        let set_b = database.file_set(root, "b", set_of("y", 1, 2));
         let copy_a = database.step(b"copy a".to_vec(), Some(base), None, Vec::new(), Some(set_a));
         let copy_b = database.step(b"copy b".to_vec(), Some(copy_a), None, Vec::new(), Some(set_b));
         let other = database.step(b"copy b".to_vec(), Some(base), None, Vec::new(), Some(set_b));
@@ -365,17 +347,16 @@ mod tests {
 
         // The same declaration again: no new inputs, nothing executes.
         assert_eq!(database.step(b"copy a".to_vec(), Some(base), None, Vec::new(), Some(set_a)), copy_a);
-        database.file_set(root, "a", vec![("x".into(), file(1, 1))]);
+        database.file_set(root, "a", set_of("x", 1, 1));
         assert_eq!((database.key(copy_b), database.key(other)), first);
         assert_eq!(executed(&database, "step_key"), 0);
 
         // `x` changes: copy_a and copy_b re-execute; `other` does not depend on it.
-        database.file_set(root, "a", vec![("x".into(), file(1, 9))]);
+        database.file_set(root, "a", set_of("x", 1, 9));
         let second = (database.key(copy_b), database.key(other));
         assert_ne!(second.0, first.0);
         assert_eq!(second.1, first.1);
         let log = database.execution_log().take();
         assert_eq!(log.iter().filter(|entry| entry.contains("step_key")).count(), 2, "{log:#?}");
-        assert_eq!(log.iter().filter(|entry| entry.contains("file_set_digest")).count(), 1, "{log:#?}");
     }
 }

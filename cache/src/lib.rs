@@ -44,10 +44,7 @@ mod stat_cache;
 mod store;
 
 pub use cache_mounts::{CacheMountLease, CacheMountOptions, CacheMountSharing, CacheMountUsage};
-pub use db::{
-    ContextFileInput, ExecutionLog, FileMaterial, FileSetInput, KeyDatabase, KeyQueries, StepInput, file_set_digest,
-    step_key,
-};
+pub use db::{ExecutionLog, FileMaterial, FileSetDigest, FileSetInput, KeyDatabase, KeyQueries, StepInput, step_key};
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use explain::{MissReason, Provenance};
 pub use gc::{Attachment, CacheDirectory, DiskUsage, PrunePolicy, PruneReport, free_bytes};

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use layerwright_cache::{FileMaterial, FileSetInput, FileStat, StepInput, StepKey, Store};
+use layerwright_cache::{FileSetDigest, FileSetInput, FileStat, StepInput, StepKey, Store};
 use layerwright_dsl::{Image, Step};
 use rayon::prelude::*;
 
@@ -179,10 +179,11 @@ pub(super) fn plan(
                 let selected = selections[position].take().expect("copy steps were walked");
                 // A mode the step overrides does not enter the key: only what the layer carries.
                 keep_mode = copy.options.file.mode.is_none();
-                let materials: Vec<(String, FileMaterial)> =
-                    selected.files.iter().map(|file| (file.relative.clone(), file.material(keep_mode))).collect();
+                let digest = FileSetDigest::of(
+                    selected.files.iter().map(|file| (file.relative.as_str(), file.material(keep_mode))),
+                );
                 let set_identity = format!("{}\0{}\0{}", copy.source, keep_mode, selected.source_is_directory);
-                file_set = Some(state.keys.file_set(&selected.root, &set_identity, materials));
+                file_set = Some(state.keys.file_set(&selected.root, &set_identity, digest));
                 selection = Some(selected);
             }
             Step::FromArchive { path } => {

@@ -66,7 +66,10 @@ impl Execution<'_> {
             let kind = match &file.kind {
                 ContextKind::Directory => EntryKind::Directory,
                 ContextKind::File { size, .. } => EntryKind::File {
-                    content: Content::Context { dir: Arc::clone(&selection.dir), path: file.open_path.clone() },
+                    content: Content::Context {
+                        dir: Arc::clone(&selection.dir),
+                        path: selection.open_path(file).to_owned(),
+                    },
                     size: *size,
                 },
                 ContextKind::Symlink { target } => EntryKind::Symlink { target: target.clone() },
