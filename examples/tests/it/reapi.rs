@@ -13,11 +13,11 @@
 //! from `.ci/run` (a virtualenv at /opt/layerwright-buildgrid, or `LAYERWRIGHT_BUILDGRID`).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use layerwright::{Builder, BuilderOptions, BuiltImage, Image};
+use layerwright::{Builder, Image};
 
 use crate::support;
 

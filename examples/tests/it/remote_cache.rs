@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use layerwright::{Builder, BuilderOptions, BuiltImage, Image};
+use layerwright::{Builder, Image};
 
 use crate::support;
 

@@ -461,15 +461,7 @@ pub struct LocalRegistry {
 /// `docker-registry`: `None` under `skip_privileged()`, else a panic naming the package.
 pub fn registry() -> Option<LocalRegistry> {
     let binary = require_tool("docker-registry")?;
-    let dir = tempfile::tempdir().expect("a temp dir for the registry");
-    let storage = dir.path().join("storage");
-    fs::create_dir(&storage).expect("creating the registry storage");
-    // A port the kernel just handed out, released for the registry to bind; nothing else on
-    // this machine picks ports from that range on purpose.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port on 127.0.0.1")
-        .port();
+    let (dir, storage, port) = server_place();
     let config = dir.path().join("config.yml");
     fs::write(
         &config,
@@ -492,6 +484,19 @@ pub fn registry() -> Option<LocalRegistry> {
             panic!("docker-registry did not answer GET /v2/ within {timeout:?}:\n{}", registry.log())
         }
     }
+}
+
+/// Where a local server lives: a temp directory (removed when dropped), its `storage`
+/// directory, and a port the kernel just handed out, released for the server to bind.
+fn server_place() -> (tempfile::TempDir, PathBuf, u16) {
+    let dir = tempfile::tempdir().expect("a temp dir for a server");
+    let storage = dir.path().join("storage");
+    fs::create_dir(&storage).expect("creating a server's storage");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port();
+    (dir, storage, port)
 }
 
 /// Starts a server process with its stdout and stderr going to the file `log`.
@@ -722,13 +727,7 @@ pub fn buildgrid() -> Option<LocalBuildGrid> {
 
 /// Starts BuildGrid once, on a free port; its log when it exits before answering.
 fn start_buildgrid(bgd: &Path) -> Result<LocalBuildGrid, String> {
-    let dir = tempfile::tempdir().expect("a temp dir for BuildGrid");
-    let storage = dir.path().join("storage");
-    fs::create_dir(&storage).expect("creating BuildGrid's storage");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port on 127.0.0.1")
-        .port();
+    let (dir, storage, port) = server_place();
     let config = dir.path().join("config.yml");
     // gRPC servers share a port with SO_REUSEPORT by default: two servers on one port would
     // each get some of the connections. Off, a taken port makes BuildGrid exit instead.
