@@ -1,12 +1,13 @@
 //! The benchmark workloads of `cargo xtask bench`, declared with layerwright, as a binary so
 //! that layerwright is timed as a whole process, exactly like `docker build` and `buildah bud`.
 //!
-//! `layerwright-bench WORKLOAD WORKDIR CACHE OUTPUT [--cache-from REF]... [--cache-to REF]`:
-//! WORKLOAD is `w1`, `w2` or `w3` (declared in `layerwright_examples::workloads`, beside their
-//! Dockerfiles); WORKDIR holds what `cargo xtask bench` generated (`base.tar`, the base image
-//! every tool starts from, and `WORKLOAD/context/`); OUTPUT is `oci:DIR` or
-//! `docker-archive:FILE`; the cache flags name remote caches in a registry. Prints the manifest
-//! digest, the steps built, the process's peak RSS and what the remote caches did.
+//! `layerwright-bench WORKLOAD WORKDIR CACHE OUTPUT [--cache-from REF]... [--cache-to REF]
+//! [--reapi URL]`: WORKLOAD is `w1`, `w2` or `w3` (declared in `layerwright_examples::workloads`,
+//! beside their Dockerfiles); WORKDIR holds what `cargo xtask bench` generated (`base.tar`, the
+//! base image every tool starts from, and `WORKLOAD/context/`); OUTPUT is `oci:DIR` or
+//! `docker-archive:FILE`; the cache flags name remote caches in a registry, `--reapi` a REAPI
+//! server. Prints the manifest digest, the steps built, the process's peak RSS and what the
+//! remote caches did.
 //!
 //! OUTPUT may also be `load:TAG`: the image goes into the Docker engine at `DOCKER_HOST`
 //! (`BuiltImage::load`, sending only the layers the engine lacks), as `docker build -t` leaves it.
@@ -89,7 +90,10 @@ fn main() -> ExitCode {
     }
     let mut cache_from = Vec::new();
     let mut cache_to = None;
-    while let Some(position) = arguments.iter().position(|argument| argument.starts_with("--cache-")) {
+    let mut reapi = None;
+    while let Some(position) =
+        arguments.iter().position(|argument| argument.starts_with("--cache-") || argument == "--reapi")
+    {
         let flag = arguments.remove(position);
         if position >= arguments.len() {
             eprintln!("{flag} needs a value");
@@ -99,6 +103,7 @@ fn main() -> ExitCode {
         match flag.as_str() {
             "--cache-from" => cache_from.push(value),
             "--cache-to" => cache_to = Some(value),
+            "--reapi" => reapi = Some(value),
             _ => {
                 eprintln!("unknown flag {flag}");
                 return ExitCode::from(2);
@@ -108,7 +113,7 @@ fn main() -> ExitCode {
     let [workload, workdir, cache, output] = arguments.as_slice() else {
         eprintln!(
             "usage: layerwright-bench w1|w2|w3|w4 WORKDIR CACHE oci:DIR|docker-archive:FILE|load:TAG [--cache-from REF]... \\
-             [--cache-to REF]"
+             [--cache-to REF] [--reapi URL]"
         );
         return ExitCode::from(2);
     };
@@ -125,6 +130,9 @@ fn main() -> ExitCode {
     let mut options = BuilderOptions::default().compression(compression);
     options.cache_from = cache_from;
     options.cache_to = cache_to;
+    if let Some(url) = reapi {
+        options = options.reapi(url, "");
+    }
     let built = match Builder::with_options(cache, options).and_then(|builder| builder.build(&image)) {
         Ok(built) => built,
         Err(error) => {
@@ -169,6 +177,12 @@ fn main() -> ExitCode {
         let steps_remote = built.steps().iter().filter(|step| step.remote).count();
         println!("steps-remote {steps_remote}");
         println!("blobs-downloaded {} ({} bytes)", remote.blobs_downloaded, remote.bytes_downloaded);
+        if let Some(upload) = &remote.reapi_upload {
+            println!(
+                "uploaded {} steps, {} blobs ({} bytes)",
+                upload.action_results, upload.blobs_uploaded, upload.bytes_uploaded
+            );
+        }
         if let Some(export) = &remote.export {
             println!(
                 "exported {} records, {} blobs uploaded ({} bytes)",

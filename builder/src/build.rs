@@ -22,7 +22,7 @@ use crate::output::{ExportError, ImageParts, IndexParts, LoadError, LoadReport};
 #[cfg(feature = "testing")]
 use crate::progress::StepHook;
 use crate::progress::{Progress, ProgressSink, StepReport};
-use crate::remote_cache::RemoteCacheReport;
+use crate::remote_cache::{ReapiEndpoint, RemoteCacheReport};
 use crate::run::{SecretSource, SshSource};
 use crate::solve::{self, KeyState, Session, SolveOptions, SolvedImage, StepError, StepFailure, Target};
 use crate::tree::FsTree;
@@ -87,6 +87,8 @@ pub struct BuilderOptions {
     pub cache_from: Vec<String>,
     /// The remote cache this build's records are exported to after it succeeds.
     pub cache_to: Option<String>,
+    /// A REAPI server used as a shared step cache; see [`Builder::reapi`].
+    pub reapi: Option<ReapiEndpoint>,
     /// The secrets RUN steps may mount ([`crate::Mount::secret`]), by id: see
     /// [`BuilderOptions::secret`].
     pub secrets: crate::run::Secrets,
@@ -159,6 +161,13 @@ impl BuilderOptions {
         self
     }
 
+    /// These options with the REAPI server at `url` (`http://HOST:PORT`, or `https://` for TLS),
+    /// instance `instance`, as a shared step cache; see [`Builder::reapi`].
+    pub fn reapi(mut self, url: impl Into<String>, instance: impl Into<String>) -> BuilderOptions {
+        self.reapi = Some(ReapiEndpoint::new(url, instance));
+        self
+    }
+
     /// These options with every RUN step limited to `pids` processes (and threads) at once,
     /// unless the step sets its own limit (default 4096).
     pub fn pids_limit(mut self, pids: u64) -> BuilderOptions {
@@ -202,6 +211,7 @@ impl fmt::Debug for BuilderOptions {
             .field("jobs", &self.jobs)
             .field("cache_from", &self.cache_from)
             .field("cache_to", &self.cache_to)
+            .field("reapi", &self.reapi)
             .field("secrets", &self.secrets)
             .field("ssh_agents", &self.ssh_agents)
             .field("run_limits", &self.run_limits)
@@ -299,6 +309,27 @@ impl Builder {
     pub fn remote_cache(mut self, reference: &str) -> Builder {
         self.options.cache_from.push(reference.to_owned());
         self.options.cache_to = Some(reference.to_owned());
+        self.solve_options = solve_options(&self.options);
+        self
+    }
+
+    /// Shares this builder's steps through a REAPI server (BuildGrid, Buildbarn, BuildBuddy,
+    /// NativeLink, ...) at `url` (`http://HOST:PORT` plaintext, `https://HOST:PORT` TLS),
+    /// instance `instance` (empty for the default): a step that misses locally is looked up in
+    /// the server's action cache before it executes, under an action that is a pure function of
+    /// the step's key, and after a successful build the steps it executed are uploaded there
+    /// (only the blobs the server's CAS lacks). Everything downloaded is checked by digest,
+    /// size and diff id before it is used; an unreachable, slow or corrupt server costs one
+    /// warning, never the build. Remote execution of RUN steps is not implemented yet.
+    ///
+    /// ```no_run
+    /// use layerwright::Builder;
+    ///
+    /// let builder = Builder::new("target/layerwright")?.reapi("http://127.0.0.1:50051", "");
+    /// # Ok::<(), layerwright::BuildError>(())
+    /// ```
+    pub fn reapi(mut self, url: &str, instance: &str) -> Builder {
+        self.options.reapi = Some(ReapiEndpoint::new(url, instance));
         self.solve_options = solve_options(&self.options);
         self
     }
@@ -438,6 +469,7 @@ fn solve_options(options: &BuilderOptions) -> SolveOptions {
         before_execute: None,
         cache_from: options.cache_from.clone(),
         cache_to: options.cache_to.clone(),
+        reapi: options.reapi.clone(),
         secrets: options.secrets.clone(),
         ssh_agents: options.ssh_agents.clone(),
         run_limits: options.run_limits,

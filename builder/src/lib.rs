@@ -6,7 +6,9 @@
 //! [`BuiltImage`] (OCI layout, OCI archive, docker-archive).
 //!
 //! Features: `registry` (default) adds pushing to and pulling from registries
-//! (`BuiltImage::push`, `Image::pull`; see `registry`), which brings tokio and TLS; `cli`
+//! (`BuiltImage::push`, `Image::pull`; see `registry`), which brings tokio and TLS; `reapi`
+//! (default) adds a shared step cache on a REAPI server ([`Builder::reapi`]), which brings
+//! tonic (gRPC) and tokio; `cli`
 //! (default) adds the command-line front (`cli`) with its progress display. A build script that
 //! only writes images ([`build_rs`]) leaves both out. `testing` adds listings and diffs of images
 //! for insta snapshot tests (`testing`), host helpers (`host`) and the test seams.
@@ -62,6 +64,8 @@ mod progress;
 pub mod registry;
 mod remote_cache;
 mod run;
+#[cfg(any(feature = "registry", feature = "reapi"))]
+mod runtime;
 mod solve;
 mod tree;
 
@@ -77,7 +81,7 @@ pub use output::{ExportError, LoadError, LoadReport};
 pub use progress::{ProgressEvent, ProgressSink, StepHook, StepReport};
 #[cfg(feature = "registry")]
 pub use registry::{PushOptions, PushReport, RegistryError};
-pub use remote_cache::{CacheExportReport, RemoteCacheReport};
+pub use remote_cache::{CacheExportReport, ReapiEndpoint, ReapiUploadReport, RemoteCacheReport};
 pub use run::{MountError, RunError, SecretSource, SshSource};
 pub use solve::StepError;
 

@@ -10,7 +10,7 @@
 //! - `cargo xtask test [-- CARGO TEST ARGS]` (runs `cargo xtask tidy` first)
 //! - `cargo xtask tidy [--no-cargo]`
 //! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`,
-//!   `cargo xtask bench --remote-cache [--quick]`, `cargo xtask bench --scale`, `cargo xtask bench --distro`,
+//!   `cargo xtask bench --remote-cache [--reapi] [--quick]`, `cargo xtask bench --scale`, `cargo xtask bench --distro`,
 //!   `cargo xtask bench --platforms`
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`
 
@@ -47,7 +47,7 @@ struct Arguments {
 enum Commands {
     /// `build-image`, `list`, `inspect`, `cache`: `layerwright::cli` on the example images.
     #[command(flatten)]
-    Images(cli::Command),
+    Images(Box<cli::Command>),
     /// Build the benchmark workloads with layerwright, BuildKit and buildah, side by side
     /// (needs root, dockerd and buildah); `--micro` runs the criterion micro-benchmarks instead.
     Bench {
@@ -64,6 +64,10 @@ enum Commands {
         /// then built from that export by an empty one (needs root and docker-registry).
         #[arg(long, conflicts_with = "micro")]
         remote_cache: bool,
+        /// With --remote-cache: share through a local BuildGrid (REAPI, `--reapi`) instead of a
+        /// registry (needs BuildGrid, as `.ci/run` installs it).
+        #[arg(long, requires = "remote_cache")]
+        reapi: bool,
         /// Print the scaling curves instead: files in a context, steps in a chain, images in a
         /// build_all (cold, no-op, one change at the tail).
         #[arg(long, conflicts_with_all = ["micro", "remote_cache"])]
@@ -125,7 +129,7 @@ fn main() -> Result<ExitCode> {
     match arguments.command {
         Commands::Images(command) => {
             let images = layerwright_examples::images(&ExampleEnvironment::for_workspace(&workspace));
-            Ok(cli::execute(&images, command))
+            Ok(cli::execute(&images, *command))
         }
         Commands::Test { cargo_arguments } => {
             if !tidy::run(&workspace, &TidyOptions { cargo_checks: true })? {
@@ -156,8 +160,8 @@ fn main() -> Result<ExitCode> {
             bench_distro::run(&workspace, quick)?;
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Bench { quick, remote_cache: true, .. } => {
-            bench_remote::run(&workspace, quick)?;
+        Commands::Bench { quick, remote_cache: true, reapi, .. } => {
+            bench_remote::run(&workspace, quick, reapi)?;
             Ok(ExitCode::SUCCESS)
         }
         Commands::Bench { quick, only, micro: false, .. } => {

@@ -58,6 +58,15 @@ pub struct BuildImageArgs {
     /// blobs the registry lacks). An unreachable cache is a warning, never a failed build.
     #[arg(long = "cache-to", value_name = "REF")]
     pub cache_to: Option<String>,
+    /// A REAPI server (BuildGrid, Buildbarn, ...) as a shared step cache: http://HOST:PORT
+    /// (plaintext) or https://HOST:PORT (TLS). Steps that miss locally are looked up in its
+    /// action cache; the steps this build executes are uploaded to it. An unreachable server
+    /// is a warning, never a failed build.
+    #[arg(long, value_name = "URL")]
+    pub reapi: Option<String>,
+    /// The REAPI instance name (default: the server's default instance, "").
+    #[arg(long = "reapi-instance", value_name = "NAME", requires = "reapi", default_value = "")]
+    pub reapi_instance: String,
     /// Also load the image into the Docker engine at DOCKER_HOST, sending only the layers it
     /// lacks (of an index: the image for this host's platform).
     #[arg(long)]
@@ -152,6 +161,7 @@ impl BuildImageArgs {
             insecure: self.insecure,
             cache_from: self.cache_from.clone(),
             cache_to: self.cache_to.clone(),
+            reapi: self.reapi.as_ref().map(|url| crate::ReapiEndpoint::new(url, &self.reapi_instance)),
             secrets: self
                 .secrets
                 .iter()
@@ -324,6 +334,10 @@ mod tests {
             "registry.example/cache:b",
             "--cache-to",
             "registry.example/cache:a",
+            "--reapi",
+            "https://cache.example:443",
+            "--reapi-instance",
+            "main",
         ])
         .unwrap();
         let Command::BuildImage(arguments) = command else { panic!("{command:?}") };
@@ -339,6 +353,7 @@ mod tests {
         assert!(resolved.insecure);
         assert_eq!(resolved.cache_from, ["registry.example/cache:a", "registry.example/cache:b"]);
         assert_eq!(resolved.cache_to.as_deref(), Some("registry.example/cache:a"));
+        assert_eq!(resolved.reapi, Some(crate::ReapiEndpoint::new("https://cache.example:443", "main")));
     }
 
     #[test]

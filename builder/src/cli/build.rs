@@ -86,6 +86,8 @@ pub struct BuildCommand {
     pub cache_from: Vec<String>,
     /// The remote cache to export the build's steps to, if any.
     pub cache_to: Option<String>,
+    /// The REAPI server used as a shared step cache, if any (see [`crate::Builder::reapi`]).
+    pub reapi: Option<crate::ReapiEndpoint>,
     /// The secrets RUN steps may mount, by id (`--secret`).
     pub secrets: Vec<(String, crate::SecretSource)>,
     /// The SSH agents RUN steps may mount, by id (`--ssh`).
@@ -215,7 +217,7 @@ pub(crate) fn deliver(built: BuiltImage, command: &BuildCommand, started: Instan
         elapsed: started.elapsed(),
         outputs: command.outputs.clone(),
         pushed,
-        remote_cache: built.remote_cache().map(|report| describe_remote_cache(report, &command.cache_from)),
+        remote_cache: built.remote_cache().map(|report| describe_remote_cache(report, command)),
         loaded,
     })
 }
@@ -292,6 +294,7 @@ pub(crate) fn builder_with_progress(command: &BuildCommand) -> Result<Builder, C
         .progress(Arc::new(move |event: &ProgressEvent| display.show(event)));
     options.cache_from = command.cache_from.clone();
     options.cache_to = command.cache_to.clone();
+    options.reapi = command.reapi.clone();
     for (id, source) in &command.secrets {
         options = options.secret(id.clone(), source.clone());
     }
@@ -308,20 +311,26 @@ pub fn build_with_progress(image: &Image, command: &BuildCommand) -> Result<Buil
 }
 
 /// One line on what the remote caches did.
-fn describe_remote_cache(report: &crate::RemoteCacheReport, cache_from: &[String]) -> String {
+fn describe_remote_cache(report: &crate::RemoteCacheReport, command: &BuildCommand) -> String {
     let mut parts = Vec::new();
     if report.consulted {
         parts.push(format!(
             "{} steps from remote ({} blobs, {} bytes downloaded)",
             report.steps_served, report.blobs_downloaded, report.bytes_downloaded
         ));
-    } else if !cache_from.is_empty() {
+    } else if !command.cache_from.is_empty() || command.reapi.is_some() {
         parts.push("remote not asked (every step the build needs hit locally)".to_owned());
     }
     if let Some(export) = &report.export {
         parts.push(format!(
             "exported {} records to {} ({} blobs uploaded, {} bytes)",
             export.records, export.reference, export.blobs_uploaded, export.bytes_uploaded
+        ));
+    }
+    if let Some(upload) = &report.reapi_upload {
+        parts.push(format!(
+            "uploaded {} steps to {} ({} blobs, {} bytes)",
+            upload.action_results, upload.endpoint, upload.blobs_uploaded, upload.bytes_uploaded
         ));
     }
     if !report.warnings.is_empty() {
@@ -443,6 +452,7 @@ mod multi_platform_tests {
             insecure: false,
             cache_from: Vec::new(),
             cache_to: None,
+            reapi: None,
             secrets: Vec::new(),
             ssh_agents: Vec::new(),
             load: false,

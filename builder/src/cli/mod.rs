@@ -297,6 +297,8 @@ fn try_execute(images: &Images, command: Command) -> Result<(), CliError> {
                 insecure: false,
                 cache_from: Vec::new(),
                 cache_to: None,
+                reapi: None,
+                reapi_instance: String::new(),
                 load: false,
                 platform: Vec::new(),
                 attest: false,

@@ -14,6 +14,14 @@
 //! The stream is written straight to the engine's socket (chunked HTTP/1.1), never to a file
 //! and never whole into memory.
 //!
+//! Why a load and not a pull from a registry on loopback: Docker 20.10 applies each new layer
+//! the same way on both routes (a re-executed `docker-untar` into the layer's directory), and
+//! that is most of the time. Measured on W4 after one file changed (three new layers, two of
+//! them holding the app's 300 files), a pull took 712 ms and this route 687 ms; a load of a
+//! stream whose layers the engine all holds takes 85–97 ms. An engine-side cost proportional
+//! to the files of the changed layers remains, which BuildKit inside dockerd avoids by writing
+//! to the layer store.
+//!
 //! What it deliberately is not: a Docker client library. It speaks the three requests it needs
 //! (`GET /images/json`, `GET /images/{name}/json`, `POST /images/load`), over a Unix socket
 //! or plain TCP (`DOCKER_HOST=unix://…` or `tcp://…`; TLS engines are not supported). An engine

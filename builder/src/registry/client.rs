@@ -286,29 +286,14 @@ fn install_crypto_provider() {
     });
 }
 
-/// Runs `work` (which drives futures with [`block_on`]) on a thread of its own, so that a caller
-/// inside an async runtime (or a rayon worker) never has a runtime nested in its thread.
+/// Runs `work` on a thread of its own (see `crate::runtime`).
 pub(crate) fn on_own_thread<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| {
-        let worker = std::thread::Builder::new()
-            .name("layerwright-registry".into())
-            .spawn_scoped(scope, work)
-            .expect("spawning a thread (the OS refused: out of memory or threads)");
-        match worker.join() {
-            Ok(value) => value,
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-    })
+    crate::runtime::on_own_thread("layerwright-registry", work)
 }
 
-/// Drives `future` to completion on a current-thread runtime: the registry work is IO-bound
-/// and a handful of concurrent requests need no more than one thread.
+/// Drives `future` to completion on a current-thread runtime (see `crate::runtime`).
 pub(crate) fn block_on<F: Future>(future: F) -> Result<F::Output, RegistryError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|error| RegistryError::Client { reason: format!("cannot start a tokio runtime: {error}") })?;
-    Ok(runtime.block_on(future))
+    crate::runtime::block_on(future).map_err(|reason| RegistryError::Client { reason })
 }
 
 /// The HTTP status of a failed request, when there was one, and what else is known.

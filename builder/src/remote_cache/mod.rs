@@ -1,9 +1,11 @@
-//! The remote cache in a build: which steps a cache held in a registry serves, what has to be
-//! downloaded for that, and the export of a build's records afterwards.
+//! The remote cache in a build: which steps remote caches serve, what has to be downloaded
+//! for that, and the export of a build's records afterwards. A remote cache is a
+//! [`RemoteSource`]: a cache held in a registry (`cache_from`, `registry_io`) or a REAPI
+//! server (`reapi`); the classification and the trust rules below are one algorithm for both.
 //!
-//! Between keying and executing every node is classified (with `cache_from` references, the
-//! caches are asked only when a step the build needs misses locally: a fully cached rebuild
-//! makes no request at all):
+//! Between keying and executing every node is classified (with remote caches, they are asked
+//! only when a step the build needs misses locally: a fully cached rebuild makes no request at
+//! all):
 //! - **computed** (scratch, config changes): nothing to fetch or run;
 //! - **local**: the local store has its record and blobs;
 //! - **remote**: a remote cache has a record for its key;
@@ -27,8 +29,10 @@
 //! writer the cache lists is.
 //!
 //! A remote cache that is unreachable, slow or corrupt never fails a build: it costs one
-//! warning per reference and the build goes on locally. The transfers themselves are in
-//! `registry_io`; `decide` classifies, and this module prepares, exports and reports.
+//! warning per reference or endpoint and the build goes on locally. The transfers themselves
+//! are in `registry_io` and `reapi`; `decide` classifies, and this module prepares, exports
+//! (to `cache_to`; to the REAPI server, the records of the steps the build executed) and
+//! reports.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -38,6 +42,8 @@ use std::path::Path;
 use layerwright_cache::{ActionRecord, Digest, StepKey, Store};
 
 mod decide;
+#[cfg(feature = "reapi")]
+mod reapi;
 #[cfg(feature = "registry")]
 mod registry_io;
 mod report;
@@ -45,9 +51,81 @@ mod report;
 use decide::required_of;
 pub(crate) use decide::{Decision, NodeShape, Served, decide};
 pub(crate) use report::RemoteRecords;
-pub use report::{CacheExportReport, RemoteCacheReport};
+pub use report::{CacheExportReport, ReapiUploadReport, RemoteCacheReport};
 
 use crate::progress::Progress;
+
+/// A REAPI server used as a shared step cache ([`crate::Builder::reapi`]): its gRPC endpoint
+/// (`http://HOST:PORT` in plaintext, `https://HOST:PORT` with TLS) and the instance name
+/// (often empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReapiEndpoint {
+    /// `http://HOST:PORT` or `https://HOST:PORT`.
+    pub url: String,
+    /// The REAPI instance name; empty for the server's default instance.
+    pub instance: String,
+}
+
+impl ReapiEndpoint {
+    /// The endpoint at `url` (`http://` or `https://`), instance `instance`.
+    pub fn new(url: impl Into<String>, instance: impl Into<String>) -> ReapiEndpoint {
+        ReapiEndpoint { url: url.into(), instance: instance.into() }
+    }
+}
+
+impl std::fmt::Display for ReapiEndpoint {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.instance.is_empty() {
+            write!(formatter, "REAPI {}", self.url)
+        } else {
+            write!(formatter, "REAPI {} (instance {})", self.url, self.instance)
+        }
+    }
+}
+
+/// One remote cache a build reads: a registry reference (`cache_from`) or a REAPI server.
+/// `prepare` is one algorithm over any of them; a source only says what it holds and
+/// delivers blobs.
+pub(crate) trait RemoteSource {
+    /// How warnings and `failed` name it.
+    fn name(&self) -> &str;
+    /// Its records for (at least) `keys`, the keys of the recorded nodes that miss locally (a
+    /// registry reads its whole record batch; a REAPI server is asked key by key).
+    fn records(&self, keys: &[StepKey]) -> Result<RemoteRecords, String>;
+    /// Downloads `blobs` (digest, size) into `store`, each checked by size and digest before
+    /// it is committed. An error after some blobs arrived leaves those in the store.
+    fn download_blobs(&self, store: &Store, blobs: &[(Digest, u64)]) -> Result<(), String>;
+}
+
+/// A cache in a registry (`cache_from`).
+struct RegistrySource {
+    reference: String,
+}
+
+impl RemoteSource for RegistrySource {
+    fn name(&self) -> &str {
+        &self.reference
+    }
+
+    fn records(&self, _keys: &[StepKey]) -> Result<RemoteRecords, String> {
+        transport::fetch_records(&self.reference)
+    }
+
+    fn download_blobs(&self, store: &Store, blobs: &[(Digest, u64)]) -> Result<(), String> {
+        transport::download_blobs(&self.reference, store, blobs)
+    }
+}
+
+/// The remote caches a build reads, in the order they are asked: the registry references of
+/// `cache_from`, then the REAPI server.
+pub(crate) fn sources(cache_from: &[String], reapi: Option<&ReapiEndpoint>) -> Vec<Box<dyn RemoteSource>> {
+    let registries = cache_from.iter().map(|reference| {
+        let source: Box<dyn RemoteSource> = Box::new(RegistrySource { reference: reference.clone() });
+        source
+    });
+    registries.chain(reapi.map(reapi_transport::source)).collect()
+}
 
 /// How one build's nodes will be satisfied, decided before anything executes.
 #[derive(Debug)]
@@ -57,24 +135,25 @@ pub(crate) struct Prepared {
     /// content was downloaded have had their record committed to the local store instead).
     pub remote_records: Vec<Option<ActionRecord>>,
     pub report: RemoteCacheReport,
-    /// References that failed; an export to one of them is not tried (one warning is enough).
+    /// Sources that failed (by name); an export or upload to one of them is not tried (one
+    /// warning is enough).
     pub failed: Vec<String>,
 }
 
 /// Reports a remote cache's problem once, as a warning, and keeps it for the report.
-fn warn(progress: &Progress, report: &mut RemoteCacheReport, reference: &str, problem: &str) {
-    let warning = format!("remote cache {reference}: {problem}");
+fn warn(progress: &Progress, report: &mut RemoteCacheReport, name: &str, problem: &str) {
+    let warning = format!("remote cache {name}: {problem}");
     progress.warn(None, warning.clone());
     report.warnings.push(warning);
 }
 
 /// Decides how each node is satisfied. `local_records` holds the local store's record of each
-/// node; when a required node misses locally, the `cache_from` caches are asked, the blobs the
-/// build needs are downloaded from them, and the records of the remote hits whose content
-/// arrived are committed (and added to `local_records`).
+/// node; when a required node misses locally, the `sources` are asked, the blobs the build
+/// needs are downloaded from them, and the records of the remote hits whose content arrived
+/// are committed (and added to `local_records`).
 pub(crate) fn prepare(
     store: &Store,
-    cache_from: &[String],
+    sources: &[Box<dyn RemoteSource>],
     shapes: &[NodeShape],
     keys: &[StepKey],
     requested: &[usize],
@@ -93,25 +172,32 @@ pub(crate) fn prepare(
     let executes = |decision: &Decision| {
         decision.served.iter().zip(&decision.required).any(|(served, required)| *required && *served == Served::Execute)
     };
-    if cache_from.is_empty() || !executes(&prepared.decision) {
+    if sources.is_empty() || !executes(&prepared.decision) {
         return prepared;
     }
     prepared.report.consulted = true;
-    let mut sources: Vec<(&str, RemoteRecords)> = Vec::new();
-    for reference in cache_from {
-        match transport::fetch_records(reference) {
+    // The keys of the nodes a remote cache could serve: recorded, missing locally.
+    let asked: Vec<StepKey> = keys
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| shapes[*index].recorded && !local[*index])
+        .map(|(_, key)| *key)
+        .collect();
+    let mut offers: Vec<(&dyn RemoteSource, RemoteRecords)> = Vec::new();
+    for source in sources {
+        match source.records(&asked) {
             Ok(records) => {
                 if !records.problems.is_empty() {
-                    let problem = format!("skipped unusable writers: {}", records.problems.join("; "));
-                    warn(progress, &mut prepared.report, reference, &problem);
+                    let problem = format!("skipped unusable entries: {}", records.problems.join("; "));
+                    warn(progress, &mut prepared.report, source.name(), &problem);
                 }
                 prepared.report.writers += records.writers;
                 prepared.report.records_available += records.records.len();
-                sources.push((reference, records));
+                offers.push((source.as_ref(), records));
             }
             Err(error) => {
-                warn(progress, &mut prepared.report, reference, &format!("{error}; building without it"));
-                prepared.failed.push(reference.clone());
+                warn(progress, &mut prepared.report, source.name(), &format!("{error}; building without it"));
+                prepared.failed.push(source.name().to_owned());
             }
         }
     }
@@ -123,14 +209,14 @@ pub(crate) fn prepare(
             if !shapes[index].recorded || local[index] {
                 return None;
             }
-            sources.iter().enumerate().find_map(|(source, (_, records))| Some((source, records.records.get(key)?)))
+            offers.iter().enumerate().find_map(|(source, (_, records))| Some((source, records.records.get(key)?)))
         })
         .collect();
     let remote: Vec<Option<&ActionRecord>> = remote_of.iter().map(|entry| entry.map(|(_, record)| record)).collect();
 
     let planned = decide(shapes, &local, &remote, requested, |_| true);
     let mut wanted_total: Vec<Digest> = Vec::new();
-    for (source, (reference, records)) in sources.iter().enumerate() {
+    for (source, (cache, records)) in offers.iter().enumerate() {
         let mut wanted: Vec<(Digest, u64)> = Vec::new();
         for (index, served) in planned.served.iter().enumerate() {
             let (Served::Remote, Some((from, record))) = (served, remote_of[index]) else { continue };
@@ -149,9 +235,10 @@ pub(crate) fn prepare(
             continue;
         }
         wanted_total.extend(wanted.iter().map(|(digest, _)| digest.clone()));
-        if let Err(error) = transport::download_blobs(reference, store, &wanted) {
-            warn(progress, &mut prepared.report, reference, &format!("{error}; building what did not arrive locally"));
-            prepared.failed.push((*reference).to_owned());
+        if let Err(error) = cache.download_blobs(store, &wanted) {
+            let problem = format!("{error}; building what did not arrive locally");
+            warn(progress, &mut prepared.report, cache.name(), &problem);
+            prepared.failed.push(cache.name().to_owned());
         }
     }
     // Counted from what is there now, so that a download cut short counts what it delivered.
@@ -186,7 +273,7 @@ pub(crate) fn prepare(
                 }
             });
             if let Some(error) = bad {
-                let source = remote_of[index].map_or("?", |(source, _)| sources[source].0);
+                let source = remote_of[index].map_or("?", |(source, _)| offers[source].0.name());
                 let problem = format!(
                     "the record of step key {} does not match its layer ({error}); the step is built locally",
                     keys[index].to_hex()
@@ -255,6 +342,85 @@ pub(crate) fn export(
         Err(error) => {
             warn(progress, &mut prepared.report, cache_to, &format!("{error}; this build's records were not exported"))
         }
+    }
+}
+
+/// Uploads the records of the steps this build executed to the REAPI cache; a failure is a
+/// warning.
+pub(crate) fn upload_to_reapi(
+    store: &Store,
+    endpoint: &ReapiEndpoint,
+    executed: &[(StepKey, ActionRecord)],
+    prepared: &mut Prepared,
+    progress: &Progress,
+) {
+    let name = endpoint.to_string();
+    if prepared.failed.contains(&name) {
+        return;
+    }
+    match reapi_transport::upload_records(store, endpoint, executed) {
+        Ok(upload) => prepared.report.reapi_upload = Some(upload),
+        Err(error) => {
+            warn(progress, &mut prepared.report, &name, &format!("{error}; this build's steps were not uploaded"))
+        }
+    }
+}
+
+/// The REAPI cache, or its absence in a build without the `reapi` feature.
+#[cfg(feature = "reapi")]
+mod reapi_transport {
+    use layerwright_cache::{ActionRecord, StepKey, Store};
+
+    use super::reapi::{ReapiSource, upload};
+    use super::{ReapiEndpoint, ReapiUploadReport, RemoteSource};
+
+    pub(super) fn upload_records(
+        store: &Store,
+        endpoint: &ReapiEndpoint,
+        records: &[(StepKey, ActionRecord)],
+    ) -> Result<ReapiUploadReport, String> {
+        upload(store, endpoint, records)
+    }
+
+    pub(super) fn source(endpoint: &ReapiEndpoint) -> Box<dyn RemoteSource> {
+        Box::new(ReapiSource::new(endpoint))
+    }
+}
+
+#[cfg(not(feature = "reapi"))]
+mod reapi_transport {
+    use layerwright_cache::{ActionRecord, Digest, StepKey, Store};
+
+    use super::{ReapiEndpoint, ReapiUploadReport, RemoteRecords, RemoteSource};
+
+    const DISABLED: &str = "a REAPI cache needs the `reapi` feature of layerwright, which this build leaves out";
+
+    struct Disabled(String);
+
+    impl RemoteSource for Disabled {
+        fn name(&self) -> &str {
+            &self.0
+        }
+
+        fn records(&self, _keys: &[StepKey]) -> Result<RemoteRecords, String> {
+            Err(DISABLED.into())
+        }
+
+        fn download_blobs(&self, _store: &Store, _blobs: &[(Digest, u64)]) -> Result<(), String> {
+            Err(DISABLED.into())
+        }
+    }
+
+    pub(super) fn source(endpoint: &ReapiEndpoint) -> Box<dyn RemoteSource> {
+        Box::new(Disabled(endpoint.to_string()))
+    }
+
+    pub(super) fn upload_records(
+        _store: &Store,
+        _endpoint: &ReapiEndpoint,
+        _records: &[(StepKey, ActionRecord)],
+    ) -> Result<ReapiUploadReport, String> {
+        Err(DISABLED.into())
     }
 }
 

@@ -1,5 +1,6 @@
 //! What a build did with remote caches, as the user sees it ([`RemoteCacheReport`],
-//! [`CacheExportReport`]), and the records the caches offered ([`RemoteRecords`]).
+//! [`CacheExportReport`], [`ReapiUploadReport`]), and the records the caches offered
+//! ([`RemoteRecords`]).
 //!
 //! What it deliberately is not: logic; these are plain data.
 
@@ -7,16 +8,16 @@ use std::collections::HashMap;
 
 use layerwright_cache::{ActionRecord, Digest, StepKey};
 
-/// The records remote caches hold for a build's keys, merged over the references (the first
-/// reference that has a key serves it).
+/// The records a remote cache holds for a build's keys.
 #[derive(Debug, Default)]
 pub(crate) struct RemoteRecords {
     pub records: HashMap<StepKey, ActionRecord>,
     /// The size of every blob the caches' manifests name (downloads check it).
     pub blob_sizes: HashMap<Digest, u64>,
-    /// Writers read.
+    /// Writers read (a registry's).
     pub writers: usize,
-    /// Writers skipped because their manifest or batch was unusable, each with why.
+    /// Writers (a registry's) or entries (a REAPI server's) skipped because they were
+    /// unusable, each with why.
     pub problems: Vec<String>,
 }
 
@@ -26,9 +27,10 @@ pub(crate) struct RemoteRecords {
 pub struct RemoteCacheReport {
     /// Whether any remote cache was asked (one is asked only when a step misses locally).
     pub consulted: bool,
-    /// Writers whose records were read.
+    /// Writers whose records were read (registry caches).
     pub writers: usize,
-    /// The records those writers offered.
+    /// The records those writers offered, and the entries a REAPI cache had for the steps
+    /// asked about.
     pub records_available: usize,
     /// Steps whose result came from a remote cache.
     pub steps_served: usize,
@@ -43,6 +45,28 @@ pub struct RemoteCacheReport {
     pub warnings: Vec<String>,
     /// What the export to `cache_to` did, when it succeeded.
     pub export: Option<CacheExportReport>,
+    /// What the upload to the REAPI cache did, when it succeeded.
+    pub reapi_upload: Option<ReapiUploadReport>,
+}
+
+/// What a build uploaded to a REAPI cache ([`crate::Builder::reapi`]): the records of the
+/// steps it executed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReapiUploadReport {
+    /// The endpoint (and instance) uploaded to.
+    pub endpoint: String,
+    /// Action-cache entries written, one per executed step.
+    pub action_results: usize,
+    /// Records left out because a blob they name changed in the local store since it was
+    /// hashed (it is not sent).
+    pub records_left_out: usize,
+    /// Blobs uploaded to the CAS (those it lacked).
+    pub blobs_uploaded: usize,
+    /// The bytes of those blobs.
+    pub bytes_uploaded: u64,
+    /// Blobs the CAS already had, so not uploaded.
+    pub blobs_present: usize,
 }
 
 /// What an export to a remote cache did.

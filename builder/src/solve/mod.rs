@@ -13,9 +13,10 @@
 //!    earliest failed step in plan order is returned.
 //! 4. **Finish**: the config and manifest of each requested image go into the store.
 //!
-//! With remote caches (`cache_from`), `remote::prepare` runs between 2 and 3: it classifies
-//! every node, downloads the blobs the build needs and hands the walk the records it may use
-//! without their content. After 4, the records of every step go to `cache_to`.
+//! With remote caches (`cache_from`, a REAPI server), `remote_cache::prepare` runs between 2
+//! and 3: it classifies every node, downloads the blobs the build needs and hands the walk the
+//! records it may use without their content. After 4, the records of every step go to
+//! `cache_to`, and those of the steps that executed to the REAPI server.
 
 mod error;
 mod keys;
@@ -57,6 +58,8 @@ pub(crate) struct SolveOptions {
     pub before_execute: Option<StepHook>,
     pub cache_from: Vec<String>,
     pub cache_to: Option<String>,
+    /// The REAPI server used as a shared step cache.
+    pub reapi: Option<remote_cache::ReapiEndpoint>,
     /// The secrets RUN steps may mount, by id.
     pub secrets: crate::run::Secrets,
     /// The SSH agents RUN steps may mount, by id.
@@ -159,9 +162,10 @@ pub(crate) fn build_all(
         })
         .collect();
     let mut local_records = builder.workers.install(|| read_local_records(builder.store, &plan, &keys, &shapes))?;
+    let sources = remote_cache::sources(&builder.options.cache_from, builder.options.reapi.as_ref());
     let mut remote = remote_cache::prepare(
         builder.store,
-        &builder.options.cache_from,
+        &sources,
         &shapes,
         &keys,
         &tops,
@@ -213,17 +217,30 @@ pub(crate) fn build_all(
         })
         .collect();
     let bytes_written = walk.bytes_written.load(Ordering::Relaxed);
-    let records: Vec<(StepKey, ActionRecord)> = walk
+    let indexed_records: Vec<(usize, ActionRecord)> = walk
         .records
         .into_iter()
         .enumerate()
-        .filter_map(|(index, record)| Some((keys[index], record.into_inner()?)))
+        .filter_map(|(index, record)| Some((index, record.into_inner()?)))
         .collect();
     let created = walk.created;
+    if let Some(endpoint) = &builder.options.reapi {
+        // Only what this build executed: a hit came from a cache that has it, or was built
+        // (and uploaded) before.
+        let executed: Vec<(StepKey, ActionRecord)> = indexed_records
+            .iter()
+            .filter(|(index, _)| outcomes[*index].as_ref().is_some_and(|(_, report)| !report.cached))
+            .map(|(index, record)| (keys[*index], record.clone()))
+            .collect();
+        remote_cache::upload_to_reapi(builder.store, endpoint, &executed, &mut remote, &builder.options.progress);
+    }
+    let records: Vec<(StepKey, ActionRecord)> =
+        indexed_records.into_iter().map(|(index, record)| (keys[index], record)).collect();
     if let Some(cache_to) = &builder.options.cache_to {
         remote_cache::export(builder.store, cache_to, records, &mut remote, &builder.options.progress);
     }
-    let uses_remote = !builder.options.cache_from.is_empty() || builder.options.cache_to.is_some();
+    let uses_remote =
+        !builder.options.cache_from.is_empty() || builder.options.cache_to.is_some() || builder.options.reapi.is_some();
     let remote_cache = uses_remote.then(|| Arc::new(remote.report));
     tops.iter()
         .map(|top| {

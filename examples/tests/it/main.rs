@@ -8,11 +8,13 @@
 //! - `real_clients`: the images checked by oci-image-tool, skopeo, umoci and a Docker engine.
 //! - `registry`: push and pull against a local `docker-registry`.
 //! - `remote_cache`: the remote cache between machines, through a local registry.
+//! - `reapi`: the shared step cache between machines, through a local BuildGrid (REAPI).
 //! - `run`: RUN steps for real, on the busybox example base.
 //! - `mounts`: RUN mounts (cache, tmpfs) for real, on the busybox example base.
 //! - `escape`: a hostile RUN step's attempts to reach the host, each refused as it should be.
 //!
-//! `support` is their shared harness: finding and running the real clients, a local registry.
+//! `support` is their shared harness: finding and running the real clients, a local registry,
+//! a local BuildGrid.
 
 mod support;
 
@@ -21,6 +23,7 @@ mod load;
 mod mounts;
 mod platforms;
 mod real_clients;
+mod reapi;
 mod registry;
 mod remote_cache;
 mod run;

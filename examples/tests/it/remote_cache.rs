@@ -15,61 +15,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use layerwright::{Builder, BuilderOptions, BuiltImage, Image};
-use layerwright_examples::workloads;
+use layerwright::{Builder, Image};
 
 use crate::support;
 
-/// A generated W1 workload directory, shared by the tests of this binary.
-fn w1_workdir() -> PathBuf {
-    static WORKDIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    WORKDIR
-        .get_or_init(|| {
-            let environment = support::environment();
-            let workdir = environment.work_dir.join("remote-cache-w1");
-            std::fs::create_dir_all(&workdir).unwrap();
-            workloads::write_base_archive(&environment, &workdir).unwrap_or_else(|error| panic!("{error}"));
-            workloads::generate("w1", &workdir).unwrap_or_else(|error| panic!("{error}"));
-            workdir
-        })
-        .clone()
-}
-
-fn w1() -> Image {
-    workloads::declare("w1", &w1_workdir()).unwrap()
-}
-
 /// A builder on `cache` that counts the steps it executes, with the given remote caches.
 fn machine(cache: &Path, cache_from: &[String], cache_to: Option<&str>) -> (Builder, Arc<AtomicUsize>) {
-    let executed = Arc::new(AtomicUsize::new(0));
-    let counter = executed.clone();
-    let options = {
-        let mut options = BuilderOptions::default().before_execute(Arc::new(move |_label: &str| {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }));
-        options.cache_from = cache_from.to_vec();
-        options.cache_to = cache_to.map(str::to_owned);
-        options
-    };
+    let (mut options, executed) = support::counting_executions();
+    options.cache_from = cache_from.to_vec();
+    options.cache_to = cache_to.map(str::to_owned);
     (Builder::with_options(cache, options).unwrap(), executed)
-}
-
-/// The digests of the blobs in a cache directory's store.
-fn stored_blobs(cache: &Path) -> BTreeSet<String> {
-    std::fs::read_dir(cache.join("blobs/sha256"))
-        .unwrap()
-        .map(|entry| format!("sha256:{}", entry.unwrap().file_name().to_string_lossy()))
-        .collect()
-}
-
-/// What the final image of `built` is made of: its layers, its config and its manifest.
-fn final_image_blobs(built: &BuiltImage) -> BTreeSet<String> {
-    built
-        .layers()
-        .iter()
-        .map(|layer| layer.digest.to_string())
-        .chain([built.config_digest(), built.manifest_digest()])
-        .collect()
 }
 
 #[test]
@@ -79,7 +34,7 @@ fn machine_b_builds_w1_from_machine_a_s_export_executing_nothing_and_downloading
     let machines = tempfile::tempdir().unwrap();
 
     let (machine_a, executed_a) = machine(&machines.path().join("a"), &[], Some(&reference));
-    let Some(built_a) = support::build_with_runs(&machine_a, &w1()) else { return };
+    let Some(built_a) = support::build_with_runs(&machine_a, &support::w1()) else { return };
     let report_a = built_a.remote_cache().expect("a build with a remote cache reports on it");
     assert!(report_a.warnings.is_empty(), "{:?}", report_a.warnings);
     let export_a = report_a.export.as_ref().expect("A exported");
@@ -96,17 +51,17 @@ fn machine_b_builds_w1_from_machine_a_s_export_executing_nothing_and_downloading
         .filter_map(|step| step.layer.clone())
         .collect();
     assert_eq!(stage_layers.len(), 3, "{:#?}", built_a.steps());
-    assert!(stage_layers.is_disjoint(&final_image_blobs(&built_a)));
+    assert!(stage_layers.is_disjoint(&support::final_image_blobs(&built_a)));
 
     // Exporting again uploads nothing: the registry has every blob and the same manifest.
     let (machine_a_again, _) = machine(&machines.path().join("a"), &[], Some(&reference));
-    let again = support::build_with_runs(&machine_a_again, &w1()).unwrap();
+    let again = support::build_with_runs(&machine_a_again, &support::w1()).unwrap();
     let export_again = again.remote_cache().unwrap().export.clone().expect("A exported again");
     assert_eq!((export_again.blobs_uploaded, export_again.manifest_uploaded), (0, false), "{export_again:?}");
 
     let cache_b = machines.path().join("b");
     let (machine_b, executed_b) = machine(&cache_b, std::slice::from_ref(&reference), None);
-    let built_b = support::build_with_runs(&machine_b, &w1()).unwrap();
+    let built_b = support::build_with_runs(&machine_b, &support::w1()).unwrap();
     assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
     assert_eq!(executed_b.load(Ordering::Relaxed), 0, "B executed steps: {:#?}", built_b.steps());
     let report_b = built_b.remote_cache().unwrap();
@@ -118,8 +73,8 @@ fn machine_b_builds_w1_from_machine_a_s_export_executing_nothing_and_downloading
     // Only what the final image needs came down: its layers and the base's config (from which
     // the image config is built); B wrote the config and manifest itself. No stage layer.
     let base_config = built_b.config().unwrap();
-    let stored = stored_blobs(&cache_b);
-    let final_blobs = final_image_blobs(&built_b);
+    let stored = support::stored_blobs(&cache_b);
+    let final_blobs = support::final_image_blobs(&built_b);
     let extra: Vec<&String> = stored.difference(&final_blobs).collect();
     assert_eq!(extra.len(), 1, "B downloaded more than the final image and the base config: {extra:?}");
     assert!(stored.is_disjoint(&stage_layers), "B downloaded a stage's layer");
@@ -148,7 +103,7 @@ fn machine_b_builds_w1_from_machine_a_s_export_executing_nothing_and_downloading
 
     // B's next build is a local no-op that asks the registry nothing.
     let (machine_b_again, executed_b_again) = machine(&cache_b, std::slice::from_ref(&reference), None);
-    let rebuilt_b = support::build_with_runs(&machine_b_again, &w1()).unwrap();
+    let rebuilt_b = support::build_with_runs(&machine_b_again, &support::w1()).unwrap();
     assert_eq!(rebuilt_b.manifest_digest(), built_a.manifest_digest());
     assert_eq!(executed_b_again.load(Ordering::Relaxed), 0);
     assert!(!rebuilt_b.remote_cache().unwrap().consulted);
@@ -159,7 +114,7 @@ fn killing_the_registry_in_the_middle_of_an_import_leaves_a_correct_build() {
     let Some(mut registry) = support::registry() else { return };
     let machines = tempfile::tempdir().unwrap();
     let (machine_a, _) = machine(&machines.path().join("a"), &[], Some(&format!("{}/w1:main", registry.address())));
-    let Some(built_a) = support::build_with_runs(&machine_a, &w1()) else { return };
+    let Some(built_a) = support::build_with_runs(&machine_a, &support::w1()) else { return };
     assert!(built_a.remote_cache().unwrap().export.is_some());
 
     // B reaches the registry through a proxy that kills it after 3 MiB of answers: the record
@@ -168,7 +123,7 @@ fn killing_the_registry_in_the_middle_of_an_import_leaves_a_correct_build() {
     let through_proxy = format!("{}/w1:main", proxy.address());
     let cache_b = machines.path().join("b");
     let (machine_b, executed_b) = machine(&cache_b, std::slice::from_ref(&through_proxy), Some(&through_proxy));
-    let built_b = support::build_with_runs(&machine_b, &w1()).unwrap();
+    let built_b = support::build_with_runs(&machine_b, &support::w1()).unwrap();
     assert!(proxy.killed.load(Ordering::Relaxed), "the registry was not killed mid-import");
     assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
     let report_b = built_b.remote_cache().unwrap();
@@ -180,7 +135,7 @@ fn killing_the_registry_in_the_middle_of_an_import_leaves_a_correct_build() {
 
     // What B's store holds is consistent: a local rebuild agrees and builds nothing.
     let (machine_b_again, executed_again) = machine(&cache_b, &[], None);
-    let rebuilt = support::build_with_runs(&machine_b_again, &w1()).unwrap();
+    let rebuilt = support::build_with_runs(&machine_b_again, &support::w1()).unwrap();
     assert_eq!(rebuilt.manifest_digest(), built_a.manifest_digest());
     assert_eq!(executed_again.load(Ordering::Relaxed), 0, "{:#?}", rebuilt.steps());
 }
@@ -352,7 +307,7 @@ fn a_layer_the_registry_serves_corrupted_is_refused_and_built_locally() {
     assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
     assert!(executed.load(Ordering::Relaxed) >= 1, "the refused layer's step was built");
     // Whatever B stored is what its name says.
-    for digest in stored_blobs(&cache_b) {
+    for digest in support::stored_blobs(&cache_b) {
         let parsed = layerwright::cache::Digest::parse(&digest).unwrap();
         assert!(reader.store().verify_blob(&parsed).unwrap(), "{digest} is corrupt");
     }

@@ -96,6 +96,56 @@ pub fn build_example(name: &str, cache: &Path, compression: Compression) -> Buil
         .unwrap_or_else(|error| panic!("building {name}: {error}"))
 }
 
+/// A generated W1 workload directory (the benchmark workload: a base, a 2,000-file COPY, three
+/// RUN stages, RUNs and `copy_from`s), shared by the tests of this binary.
+pub fn w1_workdir() -> PathBuf {
+    static WORKDIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    WORKDIR
+        .get_or_init(|| {
+            let environment = environment();
+            let workdir = environment.work_dir.join("remote-cache-w1");
+            fs::create_dir_all(&workdir).unwrap();
+            layerwright_examples::workloads::write_base_archive(&environment, &workdir)
+                .unwrap_or_else(|error| panic!("{error}"));
+            layerwright_examples::workloads::generate("w1", &workdir).unwrap_or_else(|error| panic!("{error}"));
+            workdir
+        })
+        .clone()
+}
+
+/// W1, declared on [`w1_workdir`].
+pub fn w1() -> layerwright::Image {
+    layerwright_examples::workloads::declare("w1", &w1_workdir()).unwrap()
+}
+
+/// Options whose `before_execute` hook counts the steps a build executes, and the count.
+pub fn counting_executions() -> (BuilderOptions, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let executed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = executed.clone();
+    let options = BuilderOptions::default().before_execute(std::sync::Arc::new(move |_label: &str| {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }));
+    (options, executed)
+}
+
+/// The digests of the blobs in a cache directory's store.
+pub fn stored_blobs(cache: &Path) -> std::collections::BTreeSet<String> {
+    fs::read_dir(cache.join("blobs/sha256"))
+        .unwrap()
+        .map(|entry| format!("sha256:{}", entry.unwrap().file_name().to_string_lossy()))
+        .collect()
+}
+
+/// What the final image of `built` is made of: its layers, its config and its manifest.
+pub fn final_image_blobs(built: &BuiltImage) -> std::collections::BTreeSet<String> {
+    built
+        .layers()
+        .iter()
+        .map(|layer| layer.digest.to_string())
+        .chain([built.config_digest(), built.manifest_digest()])
+        .collect()
+}
+
 /// `sha256:HEX` of `content`, as listings and descriptors name blobs.
 pub fn sha256(content: impl AsRef<[u8]>) -> String {
     use sha2::Digest as _;
@@ -411,15 +461,7 @@ pub struct LocalRegistry {
 /// `docker-registry`: `None` under `skip_privileged()`, else a panic naming the package.
 pub fn registry() -> Option<LocalRegistry> {
     let binary = require_tool("docker-registry")?;
-    let dir = tempfile::tempdir().expect("a temp dir for the registry");
-    let storage = dir.path().join("storage");
-    fs::create_dir(&storage).expect("creating the registry storage");
-    // A port the kernel just handed out, released for the registry to bind; nothing else on
-    // this machine picks ports from that range on purpose.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port on 127.0.0.1")
-        .port();
+    let (dir, storage, port) = server_place();
     let config = dir.path().join("config.yml");
     fs::write(
         &config,
@@ -430,28 +472,69 @@ pub fn registry() -> Option<LocalRegistry> {
         ),
     )
     .expect("writing the registry config");
-    let log = fs::File::create(dir.path().join("registry.log")).expect("creating the registry log");
-    let child = Command::new(&binary)
-        .arg("serve")
-        .arg(&config)
+    let child = spawn_server(Command::new(&binary).arg("serve").arg(&config), &dir.path().join("registry.log"));
+    let mut registry = LocalRegistry { child, port, _dir: dir };
+    let answers = |registry: &LocalRegistry| {
+        registry.request("GET", "/v2/", &[], b"").is_ok_and(|response| response.starts_with("HTTP/1.1 200"))
+    };
+    match wait_until_serving(&mut registry, |registry| &mut registry.child, answers, REGISTRY_START_TIMEOUT) {
+        Start::Serving => Some(registry),
+        Start::Exited(status) => panic!("docker-registry exited ({status}) before answering:\n{}", registry.log()),
+        Start::Silent(timeout) => {
+            panic!("docker-registry did not answer GET /v2/ within {timeout:?}:\n{}", registry.log())
+        }
+    }
+}
+
+/// Where a local server lives: a temp directory (removed when dropped), its `storage`
+/// directory, and a port the kernel just handed out, released for the server to bind.
+fn server_place() -> (tempfile::TempDir, PathBuf, u16) {
+    let dir = tempfile::tempdir().expect("a temp dir for a server");
+    let storage = dir.path().join("storage");
+    fs::create_dir(&storage).expect("creating a server's storage");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port();
+    (dir, storage, port)
+}
+
+/// Starts a server process with its stdout and stderr going to the file `log`.
+fn spawn_server(command: &mut Command, log: &Path) -> Child {
+    let log = fs::File::create(log).unwrap_or_else(|error| panic!("creating {}: {error}", log.display()));
+    command
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("a second handle on the log"))
         .stderr(log)
         .spawn()
-        .unwrap_or_else(|error| panic!("cannot start {}: {error}", binary.display()));
-    let mut registry = LocalRegistry { child, port, _dir: dir };
-    let deadline = Instant::now() + REGISTRY_START_TIMEOUT;
+        .unwrap_or_else(|error| panic!("cannot start {}: {error}", describe(command)))
+}
+
+/// What became of a started server process.
+enum Start {
+    Serving,
+    Exited(std::process::ExitStatus),
+    Silent(Duration),
+}
+
+/// Polls `answers(server)` until a started server serves, its process (`child_of(server)`)
+/// ends, or `timeout` passes.
+fn wait_until_serving<S>(
+    server: &mut S,
+    child_of: impl Fn(&mut S) -> &mut Child,
+    answers: impl Fn(&S) -> bool,
+    timeout: Duration,
+) -> Start {
+    let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(response) = registry.request("GET", "/v2/", &[], b"")
-            && response.starts_with("HTTP/1.1 200")
-        {
-            return Some(registry);
+        if answers(server) {
+            return Start::Serving;
         }
-        if let Some(status) = registry.child.try_wait().expect("waiting for the registry") {
-            panic!("docker-registry exited ({status}) before answering:\n{}", registry.log());
+        if let Some(status) = child_of(server).try_wait().expect("waiting for a server process") {
+            return Start::Exited(status);
         }
         if Instant::now() >= deadline {
-            panic!("docker-registry did not answer GET /v2/ within {REGISTRY_START_TIMEOUT:?}:\n{}", registry.log());
+            return Start::Silent(timeout);
         }
         thread::sleep(Duration::from_millis(50));
     }
@@ -505,9 +588,9 @@ impl LocalRegistry {
     }
 }
 
-/// A TCP proxy on `127.0.0.1:PORT` in front of a local registry that SIGKILLs the registry
-/// once it has passed `kill_after_bytes` bytes of answers: a registry dying in the middle of a
-/// transfer, at a point the test chooses. Stops accepting when dropped.
+/// A TCP proxy on `127.0.0.1:PORT` in front of a local server (a registry, BuildGrid) that
+/// SIGKILLs the server once it has passed `kill_after_bytes` bytes of answers: a server dying
+/// in the middle of a transfer, at a point the test chooses. Stops accepting when dropped.
 pub struct KillingProxy {
     port: u16,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -517,6 +600,12 @@ pub struct KillingProxy {
 
 impl KillingProxy {
     pub fn start(registry: &LocalRegistry, kill_after_bytes: u64) -> KillingProxy {
+        KillingProxy::in_front_of(registry.port, registry.pid(), kill_after_bytes)
+    }
+
+    /// A proxy in front of the server listening on `127.0.0.1:upstream_port` whose process is
+    /// `server_pid`.
+    pub fn in_front_of(upstream_port: u16, server_pid: u32, kill_after_bytes: u64) -> KillingProxy {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port for the proxy");
@@ -524,7 +613,6 @@ impl KillingProxy {
         let port = listener.local_addr().expect("the proxy's address").port();
         let (stop, killed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let passed = Arc::new(AtomicU64::new(0));
-        let (upstream_port, registry_pid) = (registry.port, registry.pid());
         let (stop_flag, killed_flag) = (stop.clone(), killed.clone());
         thread::spawn(move || {
             while !stop_flag.load(Ordering::Relaxed) {
@@ -559,7 +647,7 @@ impl KillingProxy {
                         }
                         let total = passed.fetch_add(read as u64, Ordering::Relaxed) + read as u64;
                         if total >= kill_after_bytes && !killed.swap(true, Ordering::Relaxed) {
-                            let pid = rustix::process::Pid::from_raw(registry_pid as i32).expect("a pid");
+                            let pid = rustix::process::Pid::from_raw(server_pid as i32).expect("a pid");
                             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
                             break;
                         }
@@ -587,5 +675,143 @@ impl Drop for LocalRegistry {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A local BuildGrid (REAPI cache server)
+
+/// Where `.ci/run` installs BuildGrid (a Python virtual environment); `LAYERWRIGHT_BUILDGRID`
+/// names another.
+const BUILDGRID_DEFAULT: &str = "/opt/layerwright-buildgrid";
+/// How long a started BuildGrid may take to answer (a Python server: a few seconds).
+const BUILDGRID_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many ports a start tries.
+const BUILDGRID_START_ATTEMPTS: usize = 3;
+
+/// A BuildGrid cache server (CAS, action cache, ByteStream; no execution, so no database)
+/// serving on `127.0.0.1:PORT`, instance "", with its CAS on disk in a temp directory. Killed,
+/// and its directory removed, when dropped (so also when a test panics).
+pub struct LocalBuildGrid {
+    child: Child,
+    port: u16,
+    /// Holds the config, the CAS and the log; removed after the child is gone.
+    dir: tempfile::TempDir,
+}
+
+/// Starts BuildGrid on a free port and waits until it speaks HTTP/2. Missing BuildGrid: `None`
+/// under `skip_privileged()`, else a panic naming what to install.
+pub fn buildgrid() -> Option<LocalBuildGrid> {
+    let venv =
+        std::env::var_os("LAYERWRIGHT_BUILDGRID").map_or_else(|| PathBuf::from(BUILDGRID_DEFAULT), PathBuf::from);
+    let bgd = venv.join("bin/bgd");
+    if !bgd.is_file() {
+        return skip_or_panic(&format!(
+            "BuildGrid is missing: no {} (install it as .ci/run does: `python3 -m venv {BUILDGRID_DEFAULT} && \
+             {BUILDGRID_DEFAULT}/bin/pip install buildgrid==0.4.4`, or point LAYERWRIGHT_BUILDGRID at a virtualenv \
+             that has it)",
+            bgd.display()
+        ));
+    }
+    // A port handed out by the kernel and released can be taken by someone else before
+    // BuildGrid binds it (it then exits): a few attempts, each on a new port.
+    let mut last_log = String::new();
+    for _ in 0..BUILDGRID_START_ATTEMPTS {
+        match start_buildgrid(&bgd) {
+            Ok(server) => return Some(server),
+            Err(log) => last_log = log,
+        }
+    }
+    panic!("BuildGrid did not start in {BUILDGRID_START_ATTEMPTS} attempts; its last log:\n{last_log}");
+}
+
+/// Starts BuildGrid once, on a free port; its log when it exits before answering.
+fn start_buildgrid(bgd: &Path) -> Result<LocalBuildGrid, String> {
+    let (dir, storage, port) = server_place();
+    let config = dir.path().join("config.yml");
+    // gRPC servers share a port with SO_REUSEPORT by default: two servers on one port would
+    // each get some of the connections. Off, a taken port makes BuildGrid exit instead.
+    fs::write(
+        &config,
+        format!(
+            "server:\n  - !channel\n    address: \"127.0.0.1:{port}\"\n    insecure-mode: true\n\
+             grpc-server-options:\n  grpc.so_reuseport: 0\n\
+             authorization:\n  method: none\n\
+             storages:\n  - !disk-storage &cas-storage\n    path: {storage}\n\
+             caches:\n  - !lru-action-cache &action-cache\n    storage: *cas-storage\n    max-cached-refs: 100000\n    \
+             allow-updates: true\n    cache-failed-actions: false\n\
+             instances:\n  - name: \"\"\n    services:\n      - !action-cache\n        cache: *action-cache\n      \
+             - !cas\n        storage: *cas-storage\n      - !bytestream\n        storage: *cas-storage\n",
+            storage = storage.display()
+        ),
+    )
+    .expect("writing BuildGrid's config");
+    let child =
+        spawn_server(Command::new(bgd).args(["server", "start"]).arg(&config), &dir.path().join("buildgrid.log"));
+    let mut server = LocalBuildGrid { child, port, dir };
+    match wait_until_serving(
+        &mut server,
+        |server| &mut server.child,
+        LocalBuildGrid::speaks_http2,
+        BUILDGRID_START_TIMEOUT,
+    ) {
+        Start::Serving => Ok(server),
+        Start::Exited(status) => Err(format!("(exited: {status})\n{}", server.log())),
+        Start::Silent(timeout) => panic!("BuildGrid did not answer within {timeout:?}:\n{}", server.log()),
+    }
+}
+
+impl LocalBuildGrid {
+    /// `http://127.0.0.1:PORT`, the endpoint a builder is given.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What BuildGrid logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("buildgrid.log")).unwrap_or_default()
+    }
+
+    /// Where the server's disk CAS keeps blob `sha256:HEX`, for tests that corrupt what it
+    /// serves.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.dir.path().join(format!("storage/cas/objects/{}/{}", &hex[..2], &hex[2..]))
+    }
+
+    /// Kills the server (SIGKILL) as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the server answers an HTTP/2 connection preface with its SETTINGS frame: a gRPC
+    /// server that is serving, not only a bound port.
+    fn speaks_http2(&self) -> bool {
+        use std::io::Write as _;
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        // The client preface, then an empty SETTINGS frame (length 0, type 4, no flags, stream 0).
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        if stream.write_all(&hello).is_err() {
+            return false;
+        }
+        let mut header = [0u8; 9];
+        stream.read_exact(&mut header).is_ok() && header[3] == 4
+    }
+}
+
+impl Drop for LocalBuildGrid {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
