@@ -13,7 +13,8 @@ use crate::{Compression, Platform};
 #[non_exhaustive]
 pub enum Command {
     /// Build an image and write it out (default: docker-archive:target/images/NAME.tar).
-    BuildImage(BuildImageArgs),
+    /// Boxed: its many options would make every command as large as it.
+    BuildImage(Box<BuildImageArgs>),
     /// List the images.
     List,
     /// Build an image and show its config, its layers and what each layer holds.
