@@ -35,6 +35,36 @@ pub const W4_CHANGED_FILE: &str = "app/src/m150.txt";
 /// Debian's mirror.
 const W4_APT: &str = "apt-get update && apt-get install -y --no-install-recommends jq && rm -rf /var/lib/apt/lists/*";
 
+/// The packages of the cache-mount benchmark's apt step (`cargo xtask bench --apt-mounts`), by
+/// round: round 0 installs `jq`, and every later round `jq` and one package more, so that each
+/// re-runs the step with one more package than the first (as a Dockerfile edit would).
+pub const APT_BENCH_PACKAGES: [&str; 6] = ["jq", "jq hello", "jq tree", "jq bc", "jq ed", "jq dc"];
+
+/// The cache-mount benchmark's workload names: `apt-mounts-ROUND` (apt with its cache and lists
+/// as cache mounts) and `apt-plain-ROUND` (the usual install-then-clean, no mounts).
+pub fn apt_bench_workload(with_mounts: bool, round: usize) -> String {
+    format!("apt-{}-{round}", if with_mounts { "mounts" } else { "plain" })
+}
+
+/// The mode and round an apt benchmark workload name holds.
+fn parse_apt_bench_workload(name: &str) -> Option<(bool, &'static str)> {
+    let (mode, round) = name.strip_prefix("apt-")?.split_once('-')?;
+    let with_mounts = match mode {
+        "mounts" => true,
+        "plain" => false,
+        _ => return None,
+    };
+    let packages = APT_BENCH_PACKAGES.get(round.parse::<usize>().ok()?)?;
+    Some((with_mounts, packages))
+}
+
+fn apt_plain_install(packages: &str) -> String {
+    format!(
+        "apt-get update -q && apt-get install -y -q --no-install-recommends {packages} && apt-get clean && rm -rf \
+         /var/lib/apt/lists/*"
+    )
+}
+
 /// W4's user step, and the build step it runs as that user.
 const W4_USER: &str = "useradd --create-home app && chown -R app:app /app";
 const W4_BUILD: &str =
@@ -162,8 +192,32 @@ pub fn declare(workload: &str, workdir: &Path) -> Result<Image, WorkloadError> {
             }
             Ok(image.cmd(["/bin/sh"]))
         }
-        other => Err(WorkloadError::Unknown { name: other.to_owned() }),
+        other => {
+            let (with_mounts, packages) =
+                parse_apt_bench_workload(other).ok_or_else(|| WorkloadError::Unknown { name: other.to_owned() })?;
+            let debian = Image::from_archive(workdir.join("debian.tar"));
+            if with_mounts {
+                return Ok(crate::apt_install_with_cache_mounts(&debian, packages));
+            }
+            Ok(debian.run(layerwright::Run::shell(apt_plain_install(packages)).network(true)))
+        }
     }
+}
+
+/// The Dockerfile of an apt benchmark workload ([`apt_bench_workload`]): the same steps as
+/// [`declare`], with BuildKit's `RUN --mount=type=cache` for the mounts.
+pub fn apt_bench_dockerfile(name: &str) -> Result<String, WorkloadError> {
+    let (with_mounts, packages) =
+        parse_apt_bench_workload(name).ok_or_else(|| WorkloadError::Unknown { name: name.to_owned() })?;
+    if !with_mounts {
+        return Ok(format!("FROM {DEBIAN_BASE_TAG}\nRUN {}\n", apt_plain_install(packages)));
+    }
+    Ok(format!(
+        "FROM {DEBIAN_BASE_TAG}\nRUN {}\nRUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
+         --mount=type=cache,target=/var/lib/apt/lists,sharing=locked apt-get update -q && apt-get install -y -q \
+         --no-install-recommends {packages}\n",
+        crate::APT_KEEP_DOWNLOADS
+    ))
 }
 
 /// The Dockerfile of a workload: the same steps as [`declare`].

@@ -79,13 +79,30 @@ struct DistroBench {
     edits: u32,
 }
 
+/// What the benches on the Debian minbase share: their directory (`target/bench`), the release
+/// bench binary, and a Docker engine (`DOCKER_HOST`'s, else one started and kept in `engine`)
+/// holding the minbase as `DEBIAN_BASE_TAG`, which `dir/debian.tar` holds for layerwright.
+pub(crate) struct DebianBench {
+    pub dir: PathBuf,
+    pub layerwright: PathBuf,
+    pub docker_host: String,
+    pub engine: Option<DockerEngine>,
+}
+
+impl DebianBench {
+    pub(crate) fn start(workspace: &Path) -> Result<DebianBench> {
+        let dir = workspace.join("target/bench");
+        fs::create_dir_all(&dir)?;
+        let layerwright = build_bench_binary(workspace)?;
+        let (engine, docker_host) = DockerEngine::from_environment_or_start()?;
+        prepare_debian_base(&dir, &docker_host)?;
+        Ok(DebianBench { dir, layerwright, docker_host, engine })
+    }
+}
+
 pub fn run(workspace: &Path, quick: bool) -> Result<()> {
-    let dir = workspace.join("target/bench");
-    fs::create_dir_all(&dir)?;
-    let layerwright = build_bench_binary(workspace)?;
-    let (engine, docker_host) = DockerEngine::from_environment_or_start()?;
+    let DebianBench { dir, layerwright, docker_host, engine } = DebianBench::start(workspace)?;
     let mut bench = DistroBench { dir, layerwright, docker_host, edits: 0 };
-    bench.prepare_base()?;
     workloads::generate("w4", &bench.dir)?;
     let runs = if quick { 3 } else { 5 };
     let mut rows = Vec::new();
@@ -113,30 +130,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
 
 impl DistroBench {
     fn docker(&self) -> Command {
-        let mut command = Command::new("/usr/bin/docker");
-        command.env("DOCKER_HOST", &self.docker_host).env("DOCKER_BUILDKIT", "1");
-        command
-    }
-
-    /// The minbase tar (made with mmdebstrap when absent), imported into the engine and saved
-    /// as `debian.tar` for layerwright.
-    fn prepare_base(&self) -> Result<()> {
-        let mut minbase = PathBuf::from(MINBASE);
-        if !minbase.is_file() {
-            minbase = self.dir.join("debian-bookworm-minbase.tar");
-            if !minbase.is_file() {
-                eprintln!("bench: making a Debian bookworm minbase with mmdebstrap (Debian's mirror)");
-                run_quiet(
-                    Command::new("mmdebstrap")
-                        .args(["--variant=minbase", "--mode=root", "--quiet", "bookworm"])
-                        .arg(&minbase),
-                )
-                .context("mmdebstrap (Debian package mmdebstrap)")?;
-            }
-        }
-        run_quiet(self.docker().arg("import").arg(&minbase).arg(DEBIAN_BASE_TAG))?;
-        run_quiet(self.docker().args(["save", "-o"]).arg(self.dir.join("debian.tar")).arg(DEBIAN_BASE_TAG))?;
-        Ok(())
+        docker_command(&self.docker_host)
     }
 
     fn measure(&mut self, scenario: Scenario, runs: usize) -> Result<[Vec<Duration>; 2]> {
@@ -212,16 +206,7 @@ impl DistroBench {
                         .arg(output),
                 )?;
             }
-            Tool::BuildKit => {
-                let root = self.dir.join("w4");
-                run_quiet(
-                    self.docker()
-                        .args(["build", "--network=host", "--quiet", "-f"])
-                        .arg(root.join("Dockerfile"))
-                        .args(["-t", TAG])
-                        .arg(root.join("context")),
-                )?;
-            }
+            Tool::BuildKit => buildkit_build(&self.docker_host, &self.dir.join("w4"), TAG)?,
         }
         Ok(started.elapsed())
     }
@@ -254,6 +239,47 @@ impl DistroBench {
         }
         Ok((edit_to_loaded, build_and_load))
     }
+}
+
+/// The engine's own client, with BuildKit, talking to the engine at `docker_host`.
+pub(crate) fn docker_command(docker_host: &str) -> Command {
+    let mut command = Command::new("/usr/bin/docker");
+    command.env("DOCKER_HOST", docker_host).env("DOCKER_BUILDKIT", "1");
+    command
+}
+
+/// `docker build -t tag` with BuildKit of `root/Dockerfile` on the context `root/context`, with
+/// the host's network (the engine runs without a bridge).
+pub(crate) fn buildkit_build(docker_host: &str, root: &Path, tag: &str) -> Result<()> {
+    run_quiet(
+        docker_command(docker_host)
+            .args(["build", "--network=host", "--quiet", "-f"])
+            .arg(root.join("Dockerfile"))
+            .args(["-t", tag])
+            .arg(root.join("context")),
+    )?;
+    Ok(())
+}
+
+/// The Debian minbase tar (made with mmdebstrap when absent), imported into the engine at
+/// `docker_host` as `DEBIAN_BASE_TAG` and saved as `dir/debian.tar` for layerwright.
+fn prepare_debian_base(dir: &Path, docker_host: &str) -> Result<()> {
+    let mut minbase = PathBuf::from(MINBASE);
+    if !minbase.is_file() {
+        minbase = dir.join("debian-bookworm-minbase.tar");
+        if !minbase.is_file() {
+            eprintln!("bench: making a Debian bookworm minbase with mmdebstrap (Debian's mirror)");
+            run_quiet(
+                Command::new("mmdebstrap")
+                    .args(["--variant=minbase", "--mode=root", "--quiet", "bookworm"])
+                    .arg(&minbase),
+            )
+            .context("mmdebstrap (Debian package mmdebstrap)")?;
+        }
+    }
+    run_quiet(docker_command(docker_host).arg("import").arg(&minbase).arg(DEBIAN_BASE_TAG))?;
+    run_quiet(docker_command(docker_host).args(["save", "-o"]).arg(dir.join("debian.tar")).arg(DEBIAN_BASE_TAG))?;
+    Ok(())
 }
 
 fn report(rows: &[(String, [Vec<Duration>; 2], f64)]) -> String {

@@ -11,7 +11,7 @@
 //! - `cargo xtask tidy [--no-cargo]`
 //! - `cargo xtask bench [--quick] [--only W]`, `cargo xtask bench --micro [-- FILTER]`,
 //!   `cargo xtask bench --remote-cache [--reapi] [--quick]`, `cargo xtask bench --scale`, `cargo xtask bench --distro`,
-//!   `cargo xtask bench --platforms`
+//!   `cargo xtask bench --platforms`, `cargo xtask bench --apt-mounts`
 //! - `cargo xtask fuzz [--seconds N] [TARGET]`
 
 #![forbid(unsafe_code)]
@@ -25,6 +25,7 @@ use layerwright::cli;
 use layerwright_examples::ExampleEnvironment;
 
 mod bench;
+mod bench_apt_mounts;
 mod bench_distro;
 mod bench_remote;
 mod bench_scale;
@@ -82,6 +83,11 @@ enum Commands {
         /// arm64 busybox).
         #[arg(long, conflicts_with_all = ["micro", "remote_cache", "scale", "distro"])]
         platforms: bool,
+        /// Measure RUN cache mounts: the apt step re-run with one package more, with
+        /// `/var/cache/apt` and `/var/lib/apt/lists` as cache mounts and without, against
+        /// BuildKit's `RUN --mount=type=cache` (needs root, dockerd, mmdebstrap).
+        #[arg(long, conflicts_with_all = ["micro", "remote_cache", "scale", "distro", "platforms"])]
+        apt_mounts: bool,
         /// Arguments passed on to the criterion harness with --micro (a name filter).
         #[arg(last = true)]
         arguments: Vec<String>,
@@ -155,6 +161,10 @@ fn main() -> Result<ExitCode> {
                 .arg(if quick { "3" } else { "7" })
                 .status()?;
             Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Commands::Bench { quick, apt_mounts: true, .. } => {
+            bench_apt_mounts::run(&workspace, quick)?;
+            Ok(ExitCode::SUCCESS)
         }
         Commands::Bench { quick, distro: true, .. } => {
             bench_distro::run(&workspace, quick)?;
