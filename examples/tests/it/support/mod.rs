@@ -128,6 +128,20 @@ pub fn counting_executions() -> (BuilderOptions, std::sync::Arc<std::sync::atomi
     (options, executed)
 }
 
+/// Builds W1 on `machine` (a builder and its execution count, from [`counting_executions`]),
+/// whose cache already holds it, and checks that the build is a local no-op: `expected`'s
+/// digest, nothing executed, and no remote cache asked.
+pub fn assert_w1_rebuild_is_a_local_no_op(
+    machine: (Builder, std::sync::Arc<std::sync::atomic::AtomicUsize>),
+    expected: &BuiltImage,
+) {
+    let (builder, executed) = machine;
+    let rebuilt = build_with_runs(&builder, &w1()).unwrap();
+    assert_eq!(rebuilt.manifest_digest(), expected.manifest_digest());
+    assert_eq!(executed.load(std::sync::atomic::Ordering::Relaxed), 0, "{:#?}", rebuilt.steps());
+    assert!(rebuilt.remote_cache().is_none_or(|report| !report.consulted), "{:?}", rebuilt.remote_cache());
+}
+
 /// The digests of the blobs in a cache directory's store.
 pub fn stored_blobs(cache: &Path) -> std::collections::BTreeSet<String> {
     fs::read_dir(cache.join("blobs/sha256"))
