@@ -578,23 +578,7 @@ struct MountpointPlan {
 fn plan_mountpoints(tree: &FsTree) -> MountpointPlan {
     let mut created: Vec<CreatedPath> = Vec::new();
     let mut place = |path: &str, directory: bool| -> bool {
-        let mut needed = Vec::new();
-        for (end, _) in path.match_indices('/') {
-            let parent = &path[..end];
-            match tree.get(parent).map(|node| &node.entry) {
-                None => {
-                    needed.push(CreatedPath { path: parent.to_owned(), directory: true, mode: 0o755, uid: 0, gid: 0 })
-                }
-                Some(entry) if entry.kind == IndexKind::Directory => needed.push(CreatedPath {
-                    path: parent.to_owned(),
-                    directory: true,
-                    mode: entry.mode,
-                    uid: entry.uid,
-                    gid: entry.gid,
-                }),
-                Some(_) => return false,
-            }
-        }
+        let Ok(mut needed) = mounts::mountpoint_parents(tree, path) else { return false };
         match tree.get(path).map(|node| &node.entry.kind) {
             Some(IndexKind::Directory) if directory => true,
             Some(IndexKind::File { .. } | IndexKind::HardLink { .. }) if !directory => true,
@@ -644,13 +628,7 @@ fn implied_directory_fixes(tree: &FsTree, indexes: &[Arc<LayerIndex>]) -> Vec<Cr
     }
     let as_created = |path: &str| -> Option<CreatedPath> {
         let entry = &tree.get(path)?.entry;
-        (entry.kind == IndexKind::Directory).then(|| CreatedPath {
-            path: path.to_owned(),
-            directory: true,
-            mode: entry.mode,
-            uid: entry.uid,
-            gid: entry.gid,
-        })
+        (entry.kind == IndexKind::Directory).then(|| mounts::copied_up_directory(path, entry))
     };
     let mut fixes: Vec<CreatedPath> = Vec::new();
     for (path, top) in topmost {

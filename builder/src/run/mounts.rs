@@ -49,7 +49,7 @@ use thiserror::Error;
 
 use super::upper::CreatedPath;
 use crate::context::{ContextKind, Selection};
-use crate::layer::IndexKind;
+use crate::layer::{IndexEntry, IndexKind};
 use crate::tree::FsTree;
 
 /// Where the bytes of a secret come from ([`crate::Builder::secret`]). Read when a step that
@@ -499,6 +499,30 @@ pub fn prepare(context: &MountContext<'_>, step: &str, run: &Run) -> Result<Prep
     Ok(prepared)
 }
 
+/// A directory of the image at `path`, as overlayfs copies it up: its metadata kept.
+pub(super) fn copied_up_directory(path: &str, entry: &IndexEntry) -> CreatedPath {
+    CreatedPath { path: path.to_owned(), directory: true, mode: entry.mode, uid: entry.uid, gid: entry.gid }
+}
+
+/// The parent directories a mountpoint at `path` (normalised) needs in the upper: each one the
+/// image has, copied up; each one it lacks, made by the runner (root's, 0755). The error is the
+/// first parent that is not a directory, and what it is instead.
+pub(super) fn mountpoint_parents<'a>(
+    tree: &'a FsTree,
+    path: &'a str,
+) -> Result<Vec<CreatedPath>, (&'a str, &'a IndexKind)> {
+    let mut parents = Vec::new();
+    for (end, _) in path.match_indices('/') {
+        let parent = &path[..end];
+        parents.push(match tree.get(parent).map(|node| &node.entry) {
+            Some(entry) if entry.kind == IndexKind::Directory => copied_up_directory(parent, entry),
+            Some(entry) => return Err((parent, &entry.kind)),
+            None => CreatedPath { path: parent.to_owned(), directory: true, mode: 0o755, uid: 0, gid: 0 },
+        });
+    }
+    Ok(parents)
+}
+
 /// Where `target` (normalised) needs a mountpoint: nothing when it is a directory of the
 /// image; else its existing parents copied up and the rest created.
 fn plan_mountpoint(
@@ -513,7 +537,7 @@ fn plan_mountpoint(
     let mut existing = Vec::new();
     for (position, prefix) in prefixes.iter().enumerate() {
         match tree.get(prefix).map(|node| &node.entry) {
-            Some(entry) if entry.kind == IndexKind::Directory => existing.push(entry.clone()),
+            Some(entry) if entry.kind == IndexKind::Directory => existing.push((*prefix, entry)),
             Some(entry) => {
                 return Err(MountError::NotDirectory {
                     step: step.to_owned(),
@@ -523,14 +547,8 @@ fn plan_mountpoint(
                 });
             }
             None => {
-                for entry in existing {
-                    prepared.copied_parents.push(CreatedPath {
-                        path: entry.path.clone(),
-                        directory: true,
-                        mode: entry.mode,
-                        uid: entry.uid,
-                        gid: entry.gid,
-                    });
+                for (path, entry) in existing {
+                    prepared.copied_parents.push(copied_up_directory(path, entry));
                 }
                 for missing in &prefixes[position..] {
                     if !prepared.new_directories.iter().any(|made| made == missing) {
@@ -572,21 +590,8 @@ fn plan_file_mountpoint(
         }
         None => {}
     }
-    for (end, _) in target.match_indices('/') {
-        let parent = &target[..end];
-        let made = match tree.get(parent).map(|node| &node.entry) {
-            Some(entry) if entry.kind == IndexKind::Directory => CreatedPath {
-                path: parent.to_owned(),
-                directory: true,
-                mode: entry.mode,
-                uid: entry.uid,
-                gid: entry.gid,
-            },
-            Some(entry) => return Err(not_directory(parent, &entry.kind)),
-            None => CreatedPath { path: parent.to_owned(), directory: true, mode: 0o755, uid: 0, gid: 0 },
-        };
-        prepared.copied_parents.push(made);
-    }
+    let parents = mountpoint_parents(tree, target).map_err(|(parent, kind)| not_directory(parent, kind))?;
+    prepared.copied_parents.extend(parents);
     prepared.copied_parents.push(CreatedPath {
         path: target.to_owned(),
         directory: false,
