@@ -89,6 +89,9 @@ pub struct BuilderOptions {
     pub cache_to: Option<String>,
     /// A REAPI server used as a shared step cache; see [`Builder::reapi`].
     pub reapi: Option<ReapiEndpoint>,
+    /// Whether RUN steps run on the workers of the REAPI server (`reapi`); see
+    /// [`Builder::reapi_execute`].
+    pub reapi_execute: bool,
     /// The secrets RUN steps may mount ([`crate::Mount::secret`]), by id: see
     /// [`BuilderOptions::secret`].
     pub secrets: crate::run::Secrets,
@@ -168,6 +171,13 @@ impl BuilderOptions {
         self
     }
 
+    /// These options with RUN steps run on the REAPI server's workers; see
+    /// [`Builder::reapi_execute`].
+    pub fn reapi_execute(mut self, execute: bool) -> BuilderOptions {
+        self.reapi_execute = execute;
+        self
+    }
+
     /// These options with every RUN step limited to `pids` processes (and threads) at once,
     /// unless the step sets its own limit (default 4096).
     pub fn pids_limit(mut self, pids: u64) -> BuilderOptions {
@@ -212,6 +222,7 @@ impl fmt::Debug for BuilderOptions {
             .field("cache_from", &self.cache_from)
             .field("cache_to", &self.cache_to)
             .field("reapi", &self.reapi)
+            .field("reapi_execute", &self.reapi_execute)
             .field("secrets", &self.secrets)
             .field("ssh_agents", &self.ssh_agents)
             .field("run_limits", &self.run_limits)
@@ -320,7 +331,8 @@ impl Builder {
     /// the step's key, and after a successful build the steps it executed are uploaded there
     /// (only the blobs the server's CAS lacks). Everything downloaded is checked by digest,
     /// size and diff id before it is used; an unreachable, slow or corrupt server costs one
-    /// warning, never the build. Remote execution of RUN steps is not implemented yet.
+    /// warning, never the build. With [`Builder::reapi_execute`] the server's workers run the
+    /// RUN steps too.
     ///
     /// ```no_run
     /// use layerwright::Builder;
@@ -330,6 +342,28 @@ impl Builder {
     /// ```
     pub fn reapi(mut self, url: &str, instance: &str) -> Builder {
         self.options.reapi = Some(ReapiEndpoint::new(url, instance));
+        self.solve_options = solve_options(&self.options);
+        self
+    }
+
+    /// Runs RUN steps that miss both caches on the workers of the REAPI server set with
+    /// [`Builder::reapi`] (`layerwright-worker`s registered with BuildGrid's Bots API): each is
+    /// submitted with `Execute`, with its lower layers as inputs (only those the server lacks
+    /// are uploaded), and the worker's layer comes back checked by digest and diff id; it is
+    /// the layer a local run writes, so the image digest is the same. File steps run locally,
+    /// and so do RUN steps with mounts (cache directories, secrets, SSH agents and bind mounts
+    /// are this machine's). The first failure (no worker within two minutes, the server gone,
+    /// a failed or wrong result) is one warning, and that step and the rest of the build run
+    /// locally. Without [`Builder::reapi`] the build fails at its start.
+    ///
+    /// ```no_run
+    /// use layerwright::Builder;
+    ///
+    /// let builder = Builder::new("target/layerwright")?.reapi("http://127.0.0.1:50051", "").reapi_execute(true);
+    /// # Ok::<(), layerwright::BuildError>(())
+    /// ```
+    pub fn reapi_execute(mut self, execute: bool) -> Builder {
+        self.options.reapi_execute = execute;
         self.solve_options = solve_options(&self.options);
         self
     }
@@ -470,6 +504,7 @@ fn solve_options(options: &BuilderOptions) -> SolveOptions {
         cache_from: options.cache_from.clone(),
         cache_to: options.cache_to.clone(),
         reapi: options.reapi.clone(),
+        reapi_execute: options.reapi_execute,
         secrets: options.secrets.clone(),
         ssh_agents: options.ssh_agents.clone(),
         run_limits: options.run_limits,

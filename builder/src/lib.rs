@@ -48,6 +48,8 @@ pub mod host;
 pub mod testing;
 #[cfg(feature = "cli")]
 pub mod watch;
+#[cfg(feature = "reapi")]
+pub mod worker;
 
 // The rooms below the facade, top to bottom (see ARCHITECTURE.md).
 mod attest;
@@ -81,7 +83,7 @@ pub use output::{ExportError, LoadError, LoadReport};
 pub use progress::{ProgressEvent, ProgressSink, StepHook, StepReport};
 #[cfg(feature = "registry")]
 pub use registry::{PushOptions, PushReport, RegistryError};
-pub use remote_cache::{CacheExportReport, ReapiEndpoint, ReapiUploadReport, RemoteCacheReport};
+pub use remote_cache::{CacheExportReport, ReapiEndpoint, ReapiUploadReport, RemoteCacheReport, RemoteExecution};
 pub use run::{MountError, RunError, SecretSource, SshSource};
 pub use solve::StepError;
 

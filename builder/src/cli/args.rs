@@ -68,6 +68,11 @@ pub struct BuildImageArgs {
     /// The REAPI instance name (default: the server's default instance, "").
     #[arg(long = "reapi-instance", value_name = "NAME", requires = "reapi", default_value = "")]
     pub reapi_instance: String,
+    /// Run RUN steps on the workers of the --reapi server (`layerwright-worker`s registered
+    /// with BuildGrid); file steps and RUN steps with mounts run here. A failing farm is one
+    /// warning, and the rest of the build runs here.
+    #[arg(long = "reapi-execute")]
+    pub reapi_execute: bool,
     /// Also load the image into the Docker engine at DOCKER_HOST, sending only the layers it
     /// lacks (of an index: the image for this host's platform).
     #[arg(long)]
@@ -163,6 +168,7 @@ impl BuildImageArgs {
             cache_from: self.cache_from.clone(),
             cache_to: self.cache_to.clone(),
             reapi: self.reapi.as_ref().map(|url| crate::ReapiEndpoint::new(url, &self.reapi_instance)),
+            reapi_execute: self.reapi_execute,
             secrets: self
                 .secrets
                 .iter()
@@ -339,6 +345,7 @@ mod tests {
             "https://cache.example:443",
             "--reapi-instance",
             "main",
+            "--reapi-execute",
         ])
         .unwrap();
         let Command::BuildImage(arguments) = command else { panic!("{command:?}") };
@@ -355,6 +362,7 @@ mod tests {
         assert_eq!(resolved.cache_from, ["registry.example/cache:a", "registry.example/cache:b"]);
         assert_eq!(resolved.cache_to.as_deref(), Some("registry.example/cache:a"));
         assert_eq!(resolved.reapi, Some(crate::ReapiEndpoint::new("https://cache.example:443", "main")));
+        assert!(resolved.reapi_execute);
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub struct BuildCommand {
     pub cache_to: Option<String>,
     /// The REAPI server used as a shared step cache, if any (see [`crate::Builder::reapi`]).
     pub reapi: Option<crate::ReapiEndpoint>,
+    /// Whether RUN steps run on the REAPI server's workers (see [`crate::Builder::reapi_execute`]).
+    pub reapi_execute: bool,
     /// The secrets RUN steps may mount, by id (`--secret`).
     pub secrets: Vec<(String, crate::SecretSource)>,
     /// The SSH agents RUN steps may mount, by id (`--ssh`).
@@ -295,6 +297,7 @@ pub(crate) fn builder_with_progress(command: &BuildCommand) -> Result<Builder, C
     options.cache_from = command.cache_from.clone();
     options.cache_to = command.cache_to.clone();
     options.reapi = command.reapi.clone();
+    options.reapi_execute = command.reapi_execute;
     for (id, source) in &command.secrets {
         options = options.secret(id.clone(), source.clone());
     }
@@ -453,6 +456,7 @@ mod multi_platform_tests {
             cache_from: Vec::new(),
             cache_to: None,
             reapi: None,
+            reapi_execute: false,
             secrets: Vec::new(),
             ssh_agents: Vec::new(),
             load: false,

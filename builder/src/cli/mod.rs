@@ -299,6 +299,7 @@ fn try_execute(images: &Images, command: Command) -> Result<(), CliError> {
                 cache_to: None,
                 reapi: None,
                 reapi_instance: String::new(),
+                reapi_execute: false,
                 load: false,
                 platform: Vec::new(),
                 attest: false,

@@ -39,7 +39,10 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use layerwright_cache::{ActionRecord, Digest, StepKey, Store};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use layerwright_cache::{ActionRecord, Digest, LayerRecord, StepKey, Store};
 
 mod decide;
 #[cfg(feature = "reapi")]
@@ -51,8 +54,12 @@ mod report;
 use decide::required_of;
 pub(crate) use decide::{Decision, NodeShape, Served, decide};
 pub(crate) use report::RemoteRecords;
-pub use report::{CacheExportReport, ReapiUploadReport, RemoteCacheReport};
+pub use report::{CacheExportReport, ReapiUploadReport, RemoteCacheReport, RemoteExecution};
+#[cfg(feature = "reapi")]
+pub use reapi::worker::{WorkerError, WorkerEvent, WorkerOptions, serve as serve_worker};
 
+use crate::layer::LayerOptions;
+use crate::oci::Platform;
 use crate::progress::Progress;
 
 /// A REAPI server used as a shared step cache ([`crate::Builder::reapi`]): its gRPC endpoint
@@ -366,6 +373,95 @@ pub(crate) fn upload_to_reapi(
     }
 }
 
+/// A RUN step to run on a REAPI server's workers: what the worker needs to run it as this
+/// builder would.
+pub(crate) struct RemoteRun<'a> {
+    pub key: &'a StepKey,
+    pub label: &'a str,
+    pub run: &'a layerwright_dsl::Run,
+    /// The builder's limits for every RUN step.
+    pub defaults: layerwright_dsl::Limits,
+    /// The parent's config document.
+    pub config: &'a serde_json::Value,
+    /// The parent's layers, bottom first.
+    pub layers: Vec<LayerRecord>,
+    pub layer_options: LayerOptions,
+    pub platform: &'a Platform,
+}
+
+/// Remote execution of a build's RUN steps ([`crate::BuilderOptions::reapi_execute`]). The
+/// first failure (the server gone, no worker, a step that failed or came back wrong) is one
+/// warning, and from then on every RUN step of the build runs locally: a build never waits on
+/// a broken farm twice, and never uses a result it could not check.
+pub(crate) struct RemoteExecutor {
+    endpoint: ReapiEndpoint,
+    given_up: AtomicBool,
+    executions: Mutex<Vec<RemoteExecution>>,
+    warnings: Mutex<Vec<String>>,
+}
+
+impl RemoteExecutor {
+    /// Remote execution on `endpoint`; already given up when the build's lookup found the
+    /// server failing (its warning is enough).
+    pub(crate) fn new(endpoint: &ReapiEndpoint, prepared: &Prepared) -> RemoteExecutor {
+        let failed = prepared.failed.contains(&endpoint.to_string());
+        RemoteExecutor {
+            endpoint: endpoint.clone(),
+            given_up: AtomicBool::new(failed),
+            executions: Mutex::default(),
+            warnings: Mutex::default(),
+        }
+    }
+
+    /// Whether `run` goes to the workers (why not, otherwise): a step with mounts runs where
+    /// its mounts are.
+    pub(crate) fn takes(&self, run: &layerwright_dsl::Run) -> Result<(), &'static str> {
+        if self.given_up.load(Ordering::Relaxed) {
+            return Err("remote execution failed earlier in this build");
+        }
+        if !run.mounts.is_empty() {
+            // Cache directories, secrets, SSH agents and bind mounts are the builder's: a secret
+            // must never leave the machine it was given on.
+            return Err("its mounts are the builder's");
+        }
+        Ok(())
+    }
+
+    /// Runs `request` on the workers: the layer, in the store and checked by digest and diff
+    /// id, or `None` when the step must run locally (the first failure is warned about).
+    pub(crate) fn run(&self, store: &Store, request: &RemoteRun<'_>, progress: &Progress) -> Option<LayerRecord> {
+        match reapi_transport::execute(store, &self.endpoint, request) {
+            Ok((layer, execution)) => {
+                self.executions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(execution);
+                Some(layer)
+            }
+            Err(error) => {
+                if !self.given_up.swap(true, Ordering::Relaxed) {
+                    let warning = format!(
+                        "remote execution on {}: {error}; this step and the rest of the build run locally",
+                        self.endpoint
+                    );
+                    progress.warn(Some(request.label), warning.clone());
+                    self.warnings.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(warning);
+                }
+                None
+            }
+        }
+    }
+
+    /// Adds what remote execution did to the build's report. After a failure the server counts
+    /// as failed: the build's upload is not tried (its warning is enough).
+    pub(crate) fn finish(self, prepared: &mut Prepared) {
+        let warnings = self.warnings.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !warnings.is_empty() {
+            prepared.failed.push(self.endpoint.to_string());
+        }
+        prepared.report.warnings.extend(warnings);
+        prepared.report.remote_executions =
+            self.executions.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    }
+}
+
 /// The REAPI cache, or its absence in a build without the `reapi` feature.
 #[cfg(feature = "reapi")]
 mod reapi_transport {
@@ -384,6 +480,14 @@ mod reapi_transport {
 
     pub(super) fn source(endpoint: &ReapiEndpoint) -> Box<dyn RemoteSource> {
         Box::new(ReapiSource::new(endpoint))
+    }
+
+    pub(super) fn execute(
+        store: &Store,
+        endpoint: &ReapiEndpoint,
+        request: &super::RemoteRun<'_>,
+    ) -> Result<(layerwright_cache::LayerRecord, super::RemoteExecution), String> {
+        super::reapi::execute_step(store, endpoint, request)
     }
 }
 
@@ -420,6 +524,13 @@ mod reapi_transport {
         _endpoint: &ReapiEndpoint,
         _records: &[(StepKey, ActionRecord)],
     ) -> Result<ReapiUploadReport, String> {
+        Err(DISABLED.into())
+    }
+    pub(super) fn execute(
+        _store: &Store,
+        _endpoint: &ReapiEndpoint,
+        _request: &super::RemoteRun<'_>,
+    ) -> Result<(layerwright_cache::LayerRecord, super::RemoteExecution), String> {
         Err(DISABLED.into())
     }
 }

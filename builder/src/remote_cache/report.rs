@@ -5,6 +5,7 @@
 //! What it deliberately is not: logic; these are plain data.
 
 use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
 
 use layerwright_cache::{ActionRecord, Digest, StepKey};
 
@@ -47,6 +48,34 @@ pub struct RemoteCacheReport {
     pub export: Option<CacheExportReport>,
     /// What the upload to the REAPI cache did, when it succeeded.
     pub reapi_upload: Option<ReapiUploadReport>,
+    /// The RUN steps the REAPI server's workers executed
+    /// ([`crate::BuilderOptions::reapi_execute`]), in the order they finished.
+    pub remote_executions: Vec<RemoteExecution>,
+}
+
+/// One RUN step a REAPI server's worker executed, and what that cost the builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemoteExecution {
+    /// The step's label.
+    pub step: String,
+    /// The worker that ran it, as it names itself.
+    pub worker: String,
+    /// When the worker started running the command (its clock).
+    pub execution_started: SystemTime,
+    /// When the command had ended and its layer was written (the worker's clock).
+    pub execution_finished: SystemTime,
+    /// The inputs the CAS lacked, uploaded before the step was submitted.
+    pub blobs_uploaded: usize,
+    /// The bytes of those blobs.
+    pub bytes_uploaded: u64,
+    /// How long finding and uploading the missing inputs took.
+    pub upload: Duration,
+    /// From `Execute` to the operation's end: queueing, the worker's fetching, running and
+    /// uploading, and the server's bookkeeping.
+    pub execute: Duration,
+    /// How long fetching the record and the layer took.
+    pub download: Duration,
 }
 
 /// What a build uploaded to a REAPI cache ([`crate::Builder::reapi`]): the records of the

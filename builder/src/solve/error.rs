@@ -44,6 +44,13 @@ pub enum StepError {
     /// The cache store could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Remote execution was asked for ([`crate::BuilderOptions::reapi_execute`]) without a
+    /// REAPI endpoint to execute on.
+    #[error(
+        "remote execution (`reapi_execute`, `--reapi-execute`) needs a REAPI endpoint: set one with \
+         `Builder::reapi(URL, INSTANCE)` or `--reapi URL`"
+    )]
+    RemoteExecutionWithoutEndpoint,
     /// A `remove` names a path the image does not hold.
     #[error("{path:?} does not exist in the image")]
     NotInImage {

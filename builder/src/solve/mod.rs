@@ -60,6 +60,8 @@ pub(crate) struct SolveOptions {
     pub cache_to: Option<String>,
     /// The REAPI server used as a shared step cache.
     pub reapi: Option<remote_cache::ReapiEndpoint>,
+    /// Whether RUN steps run on the REAPI server's workers.
+    pub reapi_execute: bool,
     /// The secrets RUN steps may mount, by id.
     pub secrets: crate::run::Secrets,
     /// The SSH agents RUN steps may mount, by id.
@@ -131,6 +133,9 @@ pub(crate) fn build_all(
     let platform = target.platform;
     let builder = session;
     let epoch = builder.options.source_date_epoch.or_else(source_date_epoch_from_env).unwrap_or(0);
+    if builder.options.reapi_execute && builder.options.reapi.is_none() {
+        return Err(StepFailure::new("remote execution", StepError::RemoteExecutionWithoutEndpoint));
+    }
     let order = collect(images);
     // A RUN step's mounts are checked before anything executes.
     for image in &order {
@@ -172,7 +177,12 @@ pub(crate) fn build_all(
         &mut local_records,
         &builder.options.progress,
     );
+    let remote_executor = match &builder.options.reapi {
+        Some(endpoint) if builder.options.reapi_execute => Some(remote_cache::RemoteExecutor::new(endpoint, &remote)),
+        _ => None,
+    };
     let walk = Walk {
+        remote_executor: remote_executor.as_ref(),
         store: builder.store,
         plan: &plan,
         keys: &keys,
@@ -224,6 +234,9 @@ pub(crate) fn build_all(
         .filter_map(|(index, record)| Some((index, record.into_inner()?)))
         .collect();
     let created = walk.created;
+    if let Some(executor) = remote_executor {
+        executor.finish(&mut remote);
+    }
     if let Some(endpoint) = &builder.options.reapi {
         // Only what this build executed: a hit came from a cache that has it, or was built
         // (and uploaded) before.

@@ -21,7 +21,7 @@ use crate::layer::recompress;
 use crate::layer::{LayerEntry, LayerOptions};
 use crate::oci::{Platform, config};
 use crate::progress::{ProgressEvent, StepReport};
-use crate::remote_cache::{Decision, Served};
+use crate::remote_cache::{Decision, RemoteExecutor, RemoteRun, Served};
 use crate::run::{self, RunRequest};
 
 /// A finished node: its state and its report.
@@ -53,6 +53,8 @@ pub(super) struct Walk<'a> {
     pub(super) records: Vec<OnceLock<ActionRecord>>,
     /// By node: whether a RUN step stacks the node's layer under its overlay.
     pub(super) snapshot_for_run: Vec<bool>,
+    /// Remote execution of RUN steps, when the build asked for it.
+    pub(super) remote_executor: Option<&'a RemoteExecutor>,
 }
 
 /// What became of a node in the walk.
@@ -270,6 +272,11 @@ impl<'a> Walk<'a> {
         let mut _spool = None;
         match step {
             Step::Run(run) => {
+                if let Some(layer) = self.run_remotely(key, &node.label, run, parent) {
+                    let record = ActionRecord { layers: vec![layer.clone()], config: None };
+                    self.store.write_action(&key, &record)?;
+                    return Ok(layer_outcome(parent, layer, &node.label, &self.created, false, Some(miss)));
+                }
                 if let Some(platform) = &self.platform {
                     run::emulation::check(platform)?;
                 }
@@ -324,6 +331,34 @@ impl<'a> Walk<'a> {
         let written = execution.commit_layer(&key, entries)?;
         self.bytes_written.fetch_add(written.blob_bytes_written, Ordering::Relaxed);
         Ok(layer_outcome(parent, written.record, &node.label, &self.created, false, Some(miss)))
+    }
+
+    /// Runs a RUN step on the REAPI server's workers when the build asks for that and the step
+    /// can travel; `None`: it runs locally.
+    fn run_remotely(
+        &self,
+        key: StepKey,
+        label: &str,
+        run: &layerwright_dsl::Run,
+        parent: &Arc<NodeState>,
+    ) -> Option<layerwright_cache::LayerRecord> {
+        let executor = self.remote_executor?;
+        if let Err(reason) = executor.takes(run) {
+            log::info!("{label}: runs locally: {reason}");
+            return None;
+        }
+        let platform = self.platform.clone().unwrap_or_else(Platform::host);
+        let request = RemoteRun {
+            key: &key,
+            label,
+            run,
+            defaults: self.session.options.run_limits,
+            config: &parent.config,
+            layers: parent.layers.to_vec(),
+            layer_options: self.layer_options,
+            platform: &platform,
+        };
+        executor.run(self.store, &request, &self.session.options.progress)
     }
 
     fn import_base(&self, index: usize, key: StepKey, path: &Path) -> Result<Outcome, StepError> {

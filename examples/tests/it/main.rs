@@ -24,6 +24,7 @@ mod mounts;
 mod platforms;
 mod real_clients;
 mod reapi;
+mod reapi_execute;
 mod registry;
 mod remote_cache;
 mod run;

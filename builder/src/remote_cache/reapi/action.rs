@@ -38,7 +38,7 @@ pub(crate) struct EncodedMessage {
 }
 
 impl EncodedMessage {
-    fn of(message: &impl Message) -> EncodedMessage {
+    pub(crate) fn of(message: &impl Message) -> EncodedMessage {
         let bytes = message.encode_to_vec();
         EncodedMessage { digest: digest_of_bytes(&bytes), bytes }
     }

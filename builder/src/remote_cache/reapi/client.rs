@@ -1,6 +1,8 @@
 //! The REAPI calls a shared step cache makes, over one gRPC channel: `GetActionResult` and
 //! `UpdateActionResult` (action cache), `FindMissingBlobs`, `BatchReadBlobs` and
-//! `BatchUpdateBlobs` (CAS) for small blobs, ByteStream `Read` and `Write` for the rest.
+//! `BatchUpdateBlobs` (CAS) for small blobs, ByteStream `Read` and `Write` for the rest; for
+//! remote execution `Execute` (its operation followed to the end) and, for a worker, the Remote
+//! Workers API's `CreateBotSession` and `UpdateBotSession`.
 //!
 //! Every call is bounded in time ([`CALL_TIMEOUT`], for a stream per message), so that a
 //! server that stops answering costs a bounded wait. Blobs stream between the store and the
@@ -20,8 +22,11 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
 use bazel_remote_apis::google::bytestream::{ReadRequest, WriteRequest};
 use layerwright_cache::{Digest, Store, StoreError};
+use googleapis_tonic_google_devtools_remoteworkers_v1test2::google::devtools::remoteworkers::v1test2 as bots;
+use prost::Message;
 use reapi::action_cache_client::ActionCacheClient;
 use reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+use reapi::execution_client::ExecutionClient;
 use thiserror::Error;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -42,6 +47,20 @@ const DIGESTS_PER_CALL: usize = 4096;
 const WRITE_CHUNK: usize = 1 << 20;
 /// The biggest message accepted from the server (a batch of small blobs, with its framing).
 const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+/// How long a bot's session update may be held by the server (it answers earlier: its bot
+/// keepalive bounds the wait).
+const BOT_POLL: Duration = Duration::from_secs(20);
+
+/// When a builder gives up on an `Execute` (see [`Connection::execute`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExecuteLimits {
+    /// The longest the operation may stay queued (no worker takes it).
+    pub queued: Duration,
+    /// The longest the operation stream may say nothing (servers send the operation's state
+    /// every so often while it runs).
+    pub silent: Duration,
+}
 
 /// Why a call to the REAPI server failed.
 #[derive(Debug, Error)]
@@ -321,6 +340,85 @@ impl Connection {
             return Err(ReapiError::Unusable { call: call(), reason });
         }
         Ok(())
+    }
+
+    /// Submits `action` with `Execute` and follows its operation to the end. An operation that
+    /// stays queued longer than `limits.queued`, or a stream that says nothing for
+    /// `limits.silent`, is given up on (the caller runs the step itself).
+    pub(crate) async fn execute(
+        &self,
+        action: &reapi::Digest,
+        limits: ExecuteLimits,
+    ) -> Result<reapi::ExecuteResponse, ReapiError> {
+        let call = || format!("Execute {}", action.hash);
+        let request = reapi::ExecuteRequest {
+            instance_name: self.instance.clone(),
+            action_digest: Some(action.clone()),
+            digest_function: reapi::digest_function::Value::Sha256 as i32,
+            ..Default::default()
+        };
+        let mut client = ExecutionClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut stream = timed(call, client.execute(request)).await?;
+        let submitted = tokio::time::Instant::now();
+        loop {
+            let operation = match tokio::time::timeout(limits.silent, stream.message()).await {
+                Err(_) => return Err(ReapiError::Timeout { call: call(), timeout: limits.silent }),
+                Ok(Err(status)) => return Err(status_error(call(), &status)),
+                Ok(Ok(None)) => {
+                    let reason = "the server ended the operation stream before the operation was done".into();
+                    return Err(ReapiError::Unusable { call: call(), reason });
+                }
+                Ok(Ok(Some(operation))) => operation,
+            };
+            if !operation.done {
+                let stage = operation
+                    .metadata
+                    .as_ref()
+                    .and_then(|metadata| reapi::ExecuteOperationMetadata::decode(metadata.value.as_slice()).ok())
+                    .map(|metadata| metadata.stage);
+                let queued = stage == Some(reapi::execution_stage::Value::Queued as i32);
+                if queued && submitted.elapsed() > limits.queued {
+                    let reason = format!("no worker took the step within {:?}", limits.queued);
+                    return Err(ReapiError::Unusable { call: call(), reason });
+                }
+                continue;
+            }
+            use bazel_remote_apis::google::longrunning::operation::Result as Outcome;
+            return match operation.result {
+                Some(Outcome::Response(response)) => reapi::ExecuteResponse::decode(response.value.as_slice())
+                    .map_err(|error| ReapiError::Unusable { call: call(), reason: format!("its response: {error}") }),
+                Some(Outcome::Error(status)) => Err(ReapiError::Call {
+                    call: call(),
+                    code: tonic::Code::from_i32(status.code),
+                    message: status.message,
+                }),
+                None => Err(ReapiError::Unusable { call: call(), reason: "the operation ended without a result".into() }),
+            };
+        }
+    }
+
+    /// Opens a bot session (the Remote Workers API) for `session`; the session the server made.
+    pub(crate) async fn create_bot_session(&self, session: bots::BotSession) -> Result<bots::BotSession, ReapiError> {
+        let request = bots::CreateBotSessionRequest { parent: self.instance.clone(), bot_session: Some(session) };
+        let mut client = bots::bots_client::BotsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(BOT_POLL);
+        timed(|| "CreateBotSession".to_owned(), client.create_bot_session(request)).await
+    }
+
+    /// Reports `session` (its leases' states) and takes the server's version of it, which may
+    /// hold new leases. The server holds the call while it has nothing for the bot (a long
+    /// poll, bounded by its bot keepalive and [`BOT_POLL`]).
+    pub(crate) async fn update_bot_session(&self, session: bots::BotSession) -> Result<bots::BotSession, ReapiError> {
+        let request = bots::UpdateBotSessionRequest {
+            name: session.name.clone(),
+            bot_session: Some(session),
+            update_mask: None,
+        };
+        let mut client = bots::bots_client::BotsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(BOT_POLL);
+        timed(|| "UpdateBotSession".to_owned(), client.update_bot_session(request)).await
     }
 
     fn prefix(&self) -> String {

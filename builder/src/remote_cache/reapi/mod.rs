@@ -25,6 +25,9 @@
 
 mod action;
 mod client;
+mod execute;
+mod remote_step;
+pub(crate) mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -37,6 +40,7 @@ use super::report::{ReapiUploadReport, RemoteRecords};
 use super::{ReapiEndpoint, RemoteSource};
 use action::{action_of, blob_of, blobs_of, reapi_digest, record_file, record_of, result_of};
 use client::{BATCH_BLOB_LIMIT, Connection, ReapiError};
+pub(crate) use execute::execute_step;
 
 /// How many calls of a lookup, download or upload run at once on the one channel.
 const PARALLEL_CALLS: usize = 16;
@@ -208,52 +212,13 @@ pub(crate) fn upload(
         .map(|(digest, size)| (digest.clone(), *size))
         .chain(in_memory.iter().map(|(digest, bytes)| (digest.clone(), bytes.len() as u64)))
         .collect();
-    let all: Vec<reapi::Digest> = sizes.iter().map(|(digest, size)| reapi_digest(digest, *size)).collect();
 
     let outcome = with_connection(endpoint, async |connection| {
-        let missing: HashSet<Digest> = connection
-            .find_missing(&all)
-            .await?
-            .iter()
-            .filter_map(|digest| blob_of(digest).ok().map(|(digest, _)| digest))
-            .collect();
-        report.blobs_present = all.len() - missing.len();
-        // Blobs of the store are checked before they leave: one that changed since it was
-        // hashed is not sent, and no record naming it is.
-        let mut unsendable: HashSet<Digest> = HashSet::new();
-        let mut small: Vec<(reapi::Digest, Vec<u8>)> = Vec::new();
-        let mut streamed: Vec<(Digest, u64)> = Vec::new();
-        for digest in &missing {
-            let size = sizes[digest];
-            if let Some(bytes) = in_memory.get(digest) {
-                small.push((reapi_digest(digest, size), bytes.clone()));
-            } else if !intact(store, digest) {
-                unsendable.insert(digest.clone());
-            } else if size <= BATCH_BLOB_LIMIT {
-                let bytes = std::fs::read(store.blob_path(digest)).map_err(|source| ReapiError::Store {
-                    digest: digest.clone(),
-                    source: layerwright_cache::StoreError::Io {
-                        action: "read blob",
-                        path: store.blob_path(digest),
-                        source,
-                    },
-                })?;
-                small.push((reapi_digest(digest, size), bytes));
-            } else {
-                streamed.push((digest.clone(), size));
-            }
-        }
-        for (_, bytes) in &small {
-            report.bytes_uploaded += bytes.len() as u64;
-        }
-        report.blobs_uploaded = small.len() + streamed.len();
-        connection.write_small(small).await?;
-        stream::iter(&streamed)
-            .map(|(digest, size)| async move { connection.write_stream(store, digest, *size).await })
-            .buffer_unordered(PARALLEL_STREAMS)
-            .try_collect::<Vec<()>>()
-            .await?;
-        report.bytes_uploaded += streamed.iter().map(|(_, size)| size).sum::<u64>();
+        let sent = send_missing(connection, store, &sizes, &in_memory).await?;
+        report.blobs_present = sent.present;
+        report.blobs_uploaded = sent.uploaded;
+        report.bytes_uploaded = sent.bytes;
+        let unsendable = sent.unsendable;
         let sendable: Vec<&Upload> = uploads
             .iter()
             .filter(|(_, needs)| needs.iter().all(|digest| !unsendable.contains(digest)))
@@ -269,6 +234,63 @@ pub(crate) fn upload(
         Ok(())
     });
     outcome.map(|()| report)
+}
+
+/// What [`send_missing`] did.
+struct Sent {
+    /// Blobs the CAS had.
+    present: usize,
+    uploaded: usize,
+    bytes: u64,
+    /// Blobs of the store that no longer match their digest: not sent.
+    unsendable: HashSet<Digest>,
+}
+
+/// Sends the blobs of `sizes` the CAS lacks: from `in_memory` when it holds them, else from
+/// the store (checked before they leave: one that changed since it was hashed is not sent),
+/// small ones in batches and the rest through ByteStream.
+async fn send_missing(
+    connection: &Connection,
+    store: &Store,
+    sizes: &HashMap<Digest, u64>,
+    in_memory: &HashMap<Digest, Vec<u8>>,
+) -> Result<Sent, ReapiError> {
+    let all: Vec<reapi::Digest> = sizes.iter().map(|(digest, size)| reapi_digest(digest, *size)).collect();
+    let missing: HashSet<Digest> = connection
+        .find_missing(&all)
+        .await?
+        .iter()
+        .filter_map(|digest| blob_of(digest).ok().map(|(digest, _)| digest))
+        .collect();
+    let mut unsendable: HashSet<Digest> = HashSet::new();
+    let mut small: Vec<(reapi::Digest, Vec<u8>)> = Vec::new();
+    let mut streamed: Vec<(Digest, u64)> = Vec::new();
+    for digest in &missing {
+        let size = sizes[digest];
+        if let Some(bytes) = in_memory.get(digest) {
+            small.push((reapi_digest(digest, size), bytes.clone()));
+        } else if !intact(store, digest) {
+            unsendable.insert(digest.clone());
+        } else if size <= BATCH_BLOB_LIMIT {
+            let bytes = std::fs::read(store.blob_path(digest)).map_err(|source| ReapiError::Store {
+                digest: digest.clone(),
+                source: layerwright_cache::StoreError::Io { action: "read blob", path: store.blob_path(digest), source },
+            })?;
+            small.push((reapi_digest(digest, size), bytes));
+        } else {
+            streamed.push((digest.clone(), size));
+        }
+    }
+    let small_bytes: u64 = small.iter().map(|(_, bytes)| bytes.len() as u64).sum();
+    let uploaded = small.len() + streamed.len();
+    connection.write_small(small).await?;
+    stream::iter(&streamed)
+        .map(|(digest, size)| async move { connection.write_stream(store, digest, *size).await })
+        .buffer_unordered(PARALLEL_STREAMS)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let bytes = small_bytes + streamed.iter().map(|(_, size)| size).sum::<u64>();
+    Ok(Sent { present: all.len() - missing.len(), uploaded, bytes, unsendable })
 }
 
 /// The size of a stored blob; `None` when the store lacks it.

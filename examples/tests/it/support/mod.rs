@@ -716,22 +716,34 @@ pub struct LocalBuildGrid {
 /// Starts BuildGrid on a free port and waits until it speaks HTTP/2. Missing BuildGrid: `None`
 /// under `skip_privileged()`, else a panic naming what to install.
 pub fn buildgrid() -> Option<LocalBuildGrid> {
+    start_buildgrid_with(&buildgrid_program()?, "")
+}
+
+/// BuildGrid's `bgd` (see [`BUILDGRID_DEFAULT`]); missing: `None` under `skip_privileged()`,
+/// else a panic naming what to install.
+fn buildgrid_program() -> Option<PathBuf> {
     let venv =
         std::env::var_os("LAYERWRIGHT_BUILDGRID").map_or_else(|| PathBuf::from(BUILDGRID_DEFAULT), PathBuf::from);
     let bgd = venv.join("bin/bgd");
     if !bgd.is_file() {
         return skip_or_panic(&format!(
             "BuildGrid is missing: no {} (install it as .ci/run does: `python3 -m venv {BUILDGRID_DEFAULT} && \
-             {BUILDGRID_DEFAULT}/bin/pip install buildgrid==0.4.4`, or point LAYERWRIGHT_BUILDGRID at a virtualenv \
-             that has it)",
+             {BUILDGRID_DEFAULT}/bin/pip install 'buildgrid[database]==0.4.4'`, or point LAYERWRIGHT_BUILDGRID at a \
+             virtualenv that has it)",
             bgd.display()
         ));
     }
+    Some(bgd)
+}
+
+/// Starts BuildGrid (see [`buildgrid`]); with `execution` (YAML defining a `connections` and a
+/// `schedulers` section with a scheduler `&scheduler`), with its execution and bots services too.
+fn start_buildgrid_with(bgd: &Path, execution: &str) -> Option<LocalBuildGrid> {
     // A port handed out by the kernel and released can be taken by someone else before
     // BuildGrid binds it (it then exits): a few attempts, each on a new port.
     let mut last_log = String::new();
     for _ in 0..BUILDGRID_START_ATTEMPTS {
-        match start_buildgrid(&bgd) {
+        match start_buildgrid(bgd, execution) {
             Ok(server) => return Some(server),
             Err(log) => last_log = log,
         }
@@ -740,9 +752,17 @@ pub fn buildgrid() -> Option<LocalBuildGrid> {
 }
 
 /// Starts BuildGrid once, on a free port; its log when it exits before answering.
-fn start_buildgrid(bgd: &Path) -> Result<LocalBuildGrid, String> {
+fn start_buildgrid(bgd: &Path, execution: &str) -> Result<LocalBuildGrid, String> {
     let (dir, storage, port) = server_place();
     let config = dir.path().join("config.yml");
+    let execution_service = if execution.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "      - !execution\n        scheduler: *scheduler\n        operation-stream-keepalive-timeout: \
+             {FARM_BOT_KEEPALIVE_SECONDS}\n"
+        )
+    };
     // gRPC servers share a port with SO_REUSEPORT by default: two servers on one port would
     // each get some of the connections. Off, a taken port makes BuildGrid exit instead.
     fs::write(
@@ -754,14 +774,20 @@ fn start_buildgrid(bgd: &Path) -> Result<LocalBuildGrid, String> {
              storages:\n  - !disk-storage &cas-storage\n    path: {storage}\n\
              caches:\n  - !lru-action-cache &action-cache\n    storage: *cas-storage\n    max-cached-refs: 100000\n    \
              allow-updates: true\n    cache-failed-actions: false\n\
+             {execution}\
              instances:\n  - name: \"\"\n    services:\n      - !action-cache\n        cache: *action-cache\n      \
-             - !cas\n        storage: *cas-storage\n      - !bytestream\n        storage: *cas-storage\n",
+             - !cas\n        storage: *cas-storage\n      - !bytestream\n        storage: *cas-storage\n{execution_service}",
             storage = storage.display()
         ),
     )
     .expect("writing BuildGrid's config");
-    let child =
-        spawn_server(Command::new(bgd).args(["server", "start"]).arg(&config), &dir.path().join("buildgrid.log"));
+    let mut command = Command::new(bgd);
+    command.args(["server", "start"]);
+    if !execution.is_empty() {
+        // The scheduler's decisions (INFO), for a failing test's message.
+        command.arg("-vv");
+    }
+    let child = spawn_server(command.arg(&config), &dir.path().join("buildgrid.log"));
     let mut server = LocalBuildGrid { child, port, dir };
     match wait_until_serving(
         &mut server,
@@ -827,5 +853,250 @@ impl LocalBuildGrid {
 impl Drop for LocalBuildGrid {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A local build farm: PostgreSQL, BuildGrid with execution, layerwright workers
+
+/// PostgreSQL 15's server programs (Debian's `postgresql-15`, installed by `.ci/run`).
+const POSTGRES_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// How long PostgreSQL may take to accept connections.
+const POSTGRES_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// BuildGrid's bot keepalive in the farm: a worker that stops answering loses its lease (which
+/// is queued again) after this many seconds. BuildGrid assigns leases only to bots whose
+/// long poll can last 3 s, 80 % of this.
+const FARM_BOT_KEEPALIVE_SECONDS: u32 = 5;
+
+/// A PostgreSQL cluster of its own in a temp directory, run as the `postgres` user, listening
+/// on a unix socket only; database `bgd` exists. Stopped (and its directory removed) when
+/// dropped.
+pub struct LocalPostgres {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+/// The uid and gid of the `postgres` user, from /etc/passwd.
+fn postgres_ids() -> Option<(u32, u32)> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.first() == Some(&"postgres") && fields.len() > 3)
+            .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+            .flatten()
+    })
+}
+
+impl LocalPostgres {
+    /// Starts a fresh cluster. Missing PostgreSQL or not root: `None` under
+    /// `skip_privileged()`, else a panic naming what to install.
+    pub fn start() -> Option<LocalPostgres> {
+        use std::os::unix::process::CommandExt;
+        let (Some((uid, gid)), true) = (postgres_ids(), Path::new(POSTGRES_BIN).join("postgres").is_file()) else {
+            return skip_or_panic(&format!(
+                "PostgreSQL is missing: no {POSTGRES_BIN}/postgres or no postgres user (apt-get install \
+                 postgresql-15, as .ci/run does)"
+            ));
+        };
+        if !is_root() {
+            return skip_or_panic("starting PostgreSQL as its own user needs root");
+        }
+        let dir = tempfile::tempdir().expect("a temp dir for PostgreSQL");
+        let (data, socket) = (dir.path().join("data"), dir.path().join("socket"));
+        for directory in [&data, &socket] {
+            fs::create_dir(directory).unwrap();
+            rustix::fs::chown(directory, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))
+                .unwrap();
+        }
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let home = dir.path().to_owned();
+        let as_postgres = |program: &str| {
+            let mut command = Command::new(Path::new(POSTGRES_BIN).join(program));
+            command.uid(uid).gid(gid).current_dir(&home);
+            command
+        };
+        run_checked(
+            as_postgres("initdb").arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "--no-sync"]),
+            COMMAND_TIMEOUT,
+        );
+        let child = spawn_server(
+            as_postgres("postgres")
+                .arg("-D")
+                .arg(&data)
+                .args(["-c", "listen_addresses=", "-c", "fsync=off", "-k"])
+                .arg(&socket),
+            &home.join("postgres.log"),
+        );
+        let mut postgres = LocalPostgres { child, dir };
+        let deadline = Instant::now() + POSTGRES_START_TIMEOUT;
+        loop {
+            let ready = as_postgres("pg_isready").arg("-h").arg(&socket).stdout(Stdio::null()).status();
+            if ready.is_ok_and(|status| status.success()) {
+                break;
+            }
+            if let Some(status) = postgres.child.try_wait().unwrap() {
+                panic!("PostgreSQL exited ({status}):\n{}", postgres.log());
+            }
+            assert!(Instant::now() < deadline, "PostgreSQL did not start:\n{}", postgres.log());
+            thread::sleep(Duration::from_millis(100));
+        }
+        run_checked(as_postgres("createdb").arg("-h").arg(&socket).arg("bgd"), COMMAND_TIMEOUT);
+        Some(postgres)
+    }
+
+    /// The connection string of database `bgd` (SQLAlchemy's, over the unix socket). BuildGrid's
+    /// notifiers need psycopg2 (they poll its connection), which SQLAlchemy 2.1 no longer
+    /// takes by default.
+    pub fn connection_string(&self) -> String {
+        format!("postgresql+psycopg2://postgres@/bgd?host={}", self.dir.path().join("socket").display())
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        // SIGQUIT: an immediate shutdown that takes the server's own processes with it.
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::QUIT);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `layerwright-worker` process, its cache directory and its log; killed when dropped.
+pub struct LocalWorker {
+    child: Child,
+    pub name: String,
+    log: PathBuf,
+}
+
+impl LocalWorker {
+    /// What the worker printed so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the worker (SIGKILL) as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Asks the worker to stop (SIGTERM): it finishes its lease first.
+    pub fn terminate(&self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("a pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+
+    /// Waits up to `timeout` for the worker to exit; its status.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for LocalWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A build farm on 127.0.0.1: PostgreSQL, BuildGrid with its execution and bots services (and
+/// the cache services of [`buildgrid`]), and `workers` layerwright workers, each with a cache
+/// directory of its own. Everything is fresh, and stopped and removed on drop (workers first).
+pub struct LocalFarm {
+    pub workers: Vec<LocalWorker>,
+    pub buildgrid: LocalBuildGrid,
+    pub postgres: LocalPostgres,
+    /// The workers' cache directories and logs.
+    _worker_dir: tempfile::TempDir,
+}
+
+/// The `layerwright-worker` binary beside this test binary (`cargo xtask test` builds it), or
+/// `LAYERWRIGHT_WORKER`.
+fn worker_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("LAYERWRIGHT_WORKER") {
+        return Some(PathBuf::from(path));
+    }
+    let test_binary = std::env::current_exe().ok()?;
+    // target/<profile>/deps/it-HASH → target/<profile>/layerwright-worker
+    let path = test_binary.parent()?.parent()?.join("layerwright-worker");
+    path.is_file().then_some(path)
+}
+
+/// Starts a farm with `workers` workers, or `None` (under `skip_privileged()`) when something
+/// it needs is missing.
+pub fn farm(workers: usize) -> Option<LocalFarm> {
+    let Some(binary) = worker_binary() else {
+        return skip_or_panic(
+            "the layerwright-worker binary is missing beside the test binary: build it first (`cargo build -p \
+             layerwright-worker`; `cargo xtask test` does) or set LAYERWRIGHT_WORKER",
+        );
+    };
+    let postgres = LocalPostgres::start()?;
+    let bgd = buildgrid_program()?;
+    run_checked(Command::new(&bgd).args(["migrate", "apply"]).arg(postgres.connection_string()), COMMAND_TIMEOUT);
+    let execution = format!(
+        "connections:\n  - !sql-connection &sql\n    connection-string: {connection}\n    pool-size: 10\n    \
+         max-overflow: 10\n\
+         schedulers:\n  - !sql-scheduler &scheduler\n    sql: *sql\n    storage: *cas-storage\n    \
+         action-cache: *action-cache\n    bot-session-keepalive-timeout: {FARM_BOT_KEEPALIVE_SECONDS}\n    \
+         max-job-attempts: 3\n    poll-interval: 0.2\n    bot-poll-interval: 0.2\n    \
+         property-set: !dynamic-property-set\n      match-property-keys: [layerwright-step-format]\n    \
+         assigners:\n      - !priority-age-assigner\n        count: 2\n        interval: 0.1\n        \
+         failure-backoff: 0.5\n",
+        connection = postgres.connection_string()
+    );
+    let buildgrid = start_buildgrid_with(&bgd, &execution)?;
+    let worker_dir = tempfile::tempdir().expect("a temp dir for the workers");
+    let workers = (0..workers)
+        .map(|index| {
+            let name = format!("worker-{index}");
+            let log = worker_dir.path().join(format!("{name}.log"));
+            let child = spawn_server(
+                Command::new(&binary)
+                    .args(["--reapi", &buildgrid.url(), "--name", &name, "--cache"])
+                    .arg(worker_dir.path().join(&name)),
+                &log,
+            );
+            LocalWorker { child, name, log }
+        })
+        .collect();
+    let farm = LocalFarm { workers, buildgrid, postgres, _worker_dir: worker_dir };
+    // Every worker has a session before a test submits anything.
+    let deadline = Instant::now() + BUILDGRID_START_TIMEOUT;
+    while !farm.workers.iter().all(|worker| worker.log().contains("connected: session")) {
+        assert!(Instant::now() < deadline, "the workers did not connect:\n{}", farm.logs());
+        thread::sleep(Duration::from_millis(100));
+    }
+    Some(farm)
+}
+
+impl LocalFarm {
+    /// Every log of the farm, for a failing test's message.
+    pub fn logs(&self) -> String {
+        let mut logs = String::new();
+        for worker in &self.workers {
+            logs.push_str(&format!("--- {}:\n{}\n", worker.name, worker.log()));
+        }
+        let buildgrid = self.buildgrid.log();
+        let tail: Vec<&str> = buildgrid.lines().rev().take(200).collect();
+        logs.push_str(&format!("--- BuildGrid (last lines):\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+        logs
     }
 }
