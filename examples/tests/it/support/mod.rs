@@ -1051,8 +1051,11 @@ pub fn farm(workers: usize) -> Option<LocalFarm> {
     let postgres = LocalPostgres::start()?;
     let bgd = buildgrid_program()?;
     run_checked(Command::new(&bgd).args(["migrate", "apply"]).arg(postgres.connection_string()), COMMAND_TIMEOUT);
+    // Every Execute stream and every worker's long poll holds one of BuildGrid's threads (and
+    // RPC slots, 10 by default on two cores) for as long as it lasts.
     let execution = format!(
-        "connections:\n  - !sql-connection &sql\n    connection-string: {connection}\n    pool-size: 10\n    \
+        "thread-pool-size: 64\n\
+         connections:\n  - !sql-connection &sql\n    connection-string: {connection}\n    pool-size: 10\n    \
          max-overflow: 10\n\
          schedulers:\n  - !sql-scheduler &scheduler\n    sql: *sql\n    storage: *cas-storage\n    \
          action-cache: *action-cache\n    bot-session-keepalive-timeout: {FARM_BOT_KEEPALIVE_SECONDS}\n    \
