@@ -31,13 +31,27 @@ pub fn run(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
         None => DockerEngine::start()?,
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // The remote execution tests start `layerwright-worker` processes: `cargo test` builds a
+    // package's binaries only for that package's own integration tests.
+    let release = cargo_arguments.iter().take_while(|argument| *argument != "--").any(|argument| argument == "--release");
+    let status = Command::new(&cargo)
+        .current_dir(workspace)
+        .args(["build", "-p", "layerwright-worker"])
+        .args(release.then_some("--release"))
+        .status()
+        .context("running cargo build -p layerwright-worker")?;
+    if !status.success() {
+        return Ok(ExitCode::FAILURE);
+    }
+    let worker = target_dir.join(if release { "release" } else { "debug" }).join("layerwright-worker");
     let mut command = Command::new(&cargo);
     // The preserve-order crate switches a serde_json feature on for whatever it is built with:
     // it runs in an invocation of its own below.
     command
         .current_dir(workspace)
         .args(["test", "--workspace", "--exclude", PRESERVE_ORDER_CRATE])
-        .args(cargo_arguments);
+        .args(cargo_arguments)
+        .env("LAYERWRIGHT_WORKER", &worker);
     // The engine started here is handed to the tests through their environment only; it is
     // stopped when `engine` is dropped, after they finish.
     if let Some(engine) = &engine {
