@@ -33,7 +33,8 @@ pub fn run(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     // The remote execution tests start `layerwright-worker` processes: `cargo test` builds a
     // package's binaries only for that package's own integration tests.
-    let release = cargo_arguments.iter().take_while(|argument| *argument != "--").any(|argument| argument == "--release");
+    let release =
+        cargo_arguments.iter().take_while(|argument| *argument != "--").any(|argument| argument == "--release");
     let status = Command::new(&cargo)
         .current_dir(workspace)
         .args(["build", "-p", "layerwright-worker"])

@@ -53,10 +53,10 @@ mod report;
 
 use decide::required_of;
 pub(crate) use decide::{Decision, NodeShape, Served, decide};
-pub(crate) use report::RemoteRecords;
-pub use report::{CacheExportReport, ReapiUploadReport, RemoteCacheReport, RemoteExecution};
 #[cfg(feature = "reapi")]
 pub use reapi::worker::{WorkerError, WorkerEvent, WorkerOptions, serve as serve_worker};
+pub(crate) use report::RemoteRecords;
+pub use report::{CacheExportReport, ReapiUploadReport, RemoteCacheReport, RemoteExecution};
 
 use crate::layer::LayerOptions;
 use crate::oci::Platform;

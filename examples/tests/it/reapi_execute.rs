@@ -207,3 +207,42 @@ fn a_worker_s_layer_corrupted_in_buildgrid_s_cas_is_refused_and_its_step_run_loc
         assert!(machine_b.store().verify_blob(&parsed).unwrap(), "{digest} is corrupt");
     }
 }
+
+#[test]
+fn a_worker_asked_to_stop_in_the_middle_of_a_step_finishes_and_reports_it_first() {
+    let Some(local) = local_w1() else { return };
+    let Some(mut farm) = support::farm(2) else { return };
+    let cache = tempfile::tempdir().unwrap();
+    let (builder, _) = machine(cache.path(), &farm.buildgrid.url(), true);
+    let (built, stopped, status) = std::thread::scope(|scope| {
+        let build = scope.spawn(|| builder.build(&support::w1()));
+        let stopped = worker_with_a_lease(&farm);
+        farm.workers[stopped].terminate();
+        let status = farm.workers[stopped].wait_for_exit(LEASE_WAIT);
+        (build.join().unwrap(), stopped, status)
+    });
+    let log = farm.workers[stopped].log();
+    assert!(status.is_some_and(|status| status.success()), "{status:?}\n{}", farm.logs());
+    // The lease it had when asked was finished and reported, and it took no other.
+    assert_eq!(log.matches(" started").count(), 1, "{log}");
+    assert_eq!(log.matches(" finished: ").count(), 1, "{log}");
+    assert!(log.contains("stopping: finishing the running lease first") && log.contains("stopped"), "{log}");
+    let built = built.unwrap_or_else(|error| panic!("{error}\n{}", farm.logs()));
+    assert_eq!(built.manifest_digest(), local.manifest_digest());
+    // Its step's result reached the builder, and the other worker ran the rest: no warning.
+    let report = built.remote_cache().unwrap();
+    assert!(report.warnings.is_empty(), "{:?}\n{}", report.warnings, farm.logs());
+    let worker = &farm.workers[stopped].name;
+    assert_eq!(report.remote_executions.iter().filter(|run| &run.worker == worker).count(), 1, "{report:#?}");
+    assert_eq!(report.remote_executions.len(), run_labels(&built).len(), "{report:#?}");
+}
+
+#[test]
+fn remote_execution_without_a_reapi_endpoint_fails_at_the_start_of_the_build() {
+    let cache = tempfile::tempdir().unwrap();
+    let options = layerwright::BuilderOptions::default().reapi_execute(true);
+    let builder = Builder::with_options(cache.path(), options).unwrap();
+    let error = builder.build(&Image::scratch().write_file("/a", "a\n")).unwrap_err().to_string();
+    assert!(error.contains("needs a REAPI endpoint") && error.contains("--reapi"), "{error}");
+    assert!(support::stored_blobs(cache.path()).is_empty(), "nothing was built");
+}

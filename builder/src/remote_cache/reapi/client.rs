@@ -21,8 +21,8 @@ use std::time::Duration;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
 use bazel_remote_apis::google::bytestream::{ReadRequest, WriteRequest};
-use layerwright_cache::{Digest, Store, StoreError};
 use googleapis_tonic_google_devtools_remoteworkers_v1test2::google::devtools::remoteworkers::v1test2 as bots;
+use layerwright_cache::{Digest, Store, StoreError};
 use prost::Message;
 use reapi::action_cache_client::ActionCacheClient;
 use reapi::content_addressable_storage_client::ContentAddressableStorageClient;
@@ -392,7 +392,9 @@ impl Connection {
                     code: tonic::Code::from_i32(status.code),
                     message: status.message,
                 }),
-                None => Err(ReapiError::Unusable { call: call(), reason: "the operation ended without a result".into() }),
+                None => {
+                    Err(ReapiError::Unusable { call: call(), reason: "the operation ended without a result".into() })
+                }
             };
         }
     }
@@ -400,7 +402,8 @@ impl Connection {
     /// Opens a bot session (the Remote Workers API) for `session`; the session the server made.
     pub(crate) async fn create_bot_session(&self, session: bots::BotSession) -> Result<bots::BotSession, ReapiError> {
         let request = bots::CreateBotSessionRequest { parent: self.instance.clone(), bot_session: Some(session) };
-        let mut client = bots::bots_client::BotsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut client =
+            bots::bots_client::BotsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let mut request = tonic::Request::new(request);
         request.set_timeout(BOT_POLL);
         timed(|| "CreateBotSession".to_owned(), client.create_bot_session(request)).await
@@ -410,12 +413,10 @@ impl Connection {
     /// hold new leases. The server holds the call while it has nothing for the bot (a long
     /// poll, bounded by its bot keepalive and [`BOT_POLL`]).
     pub(crate) async fn update_bot_session(&self, session: bots::BotSession) -> Result<bots::BotSession, ReapiError> {
-        let request = bots::UpdateBotSessionRequest {
-            name: session.name.clone(),
-            bot_session: Some(session),
-            update_mask: None,
-        };
-        let mut client = bots::bots_client::BotsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let request =
+            bots::UpdateBotSessionRequest { name: session.name.clone(), bot_session: Some(session), update_mask: None };
+        let mut client =
+            bots::bots_client::BotsClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let mut request = tonic::Request::new(request);
         request.set_timeout(BOT_POLL);
         timed(|| "UpdateBotSession".to_owned(), client.update_bot_session(request)).await

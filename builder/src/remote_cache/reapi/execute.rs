@@ -14,12 +14,12 @@ use std::time::{Duration, Instant, SystemTime};
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use layerwright_cache::{Digest, LayerRecord, Store};
 
-use super::action::{blob_of, record_file, record_of, reapi_digest};
+use super::action::{blob_of, reapi_digest, record_file, record_of};
 use super::client::{Connection, ExecuteLimits, ReapiError};
 use super::remote_step::{RemoteStep, layer_blobs, step_action};
 use super::with_connection;
-use crate::remote_cache::{ReapiEndpoint, RemoteRun};
 use crate::remote_cache::report::RemoteExecution;
+use crate::remote_cache::{ReapiEndpoint, RemoteRun};
 
 /// When the builder stops waiting for a step's operation (and runs the step itself).
 const LIMITS: ExecuteLimits = ExecuteLimits { queued: Duration::from_secs(120), silent: Duration::from_secs(900) };

@@ -274,7 +274,11 @@ async fn send_missing(
         } else if size <= BATCH_BLOB_LIMIT {
             let bytes = std::fs::read(store.blob_path(digest)).map_err(|source| ReapiError::Store {
                 digest: digest.clone(),
-                source: layerwright_cache::StoreError::Io { action: "read blob", path: store.blob_path(digest), source },
+                source: layerwright_cache::StoreError::Io {
+                    action: "read blob",
+                    path: store.blob_path(digest),
+                    source,
+                },
             })?;
             small.push((reapi_digest(digest, size), bytes));
         } else {

@@ -292,13 +292,8 @@ mod tests {
         let platform = Platform::parse("linux/arm64").unwrap();
         let action = step_action(&read, &platform);
         let decoded = reapi::Action::decode(action.action.bytes.as_slice()).unwrap();
-        let properties: Vec<(String, String)> = decoded
-            .platform
-            .unwrap()
-            .properties
-            .into_iter()
-            .map(|property| (property.name, property.value))
-            .collect();
+        let properties: Vec<(String, String)> =
+            decoded.platform.unwrap().properties.into_iter().map(|property| (property.name, property.value)).collect();
         assert_eq!(properties, platform_properties(&platform));
         assert!(properties.windows(2).all(|pair| pair[0].0 < pair[1].0), "REAPI wants them sorted");
         let root = reapi::Directory::decode(action.input_root.bytes.as_slice()).unwrap();

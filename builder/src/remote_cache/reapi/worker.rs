@@ -170,12 +170,11 @@ pub fn serve(
             let mut running: Option<Running> = None;
             let mut draining_said = false;
             loop {
-                if stop.load(Ordering::Relaxed) && !draining_said {
-                    draining_said = true;
-                    events(WorkerEvent::Draining);
-                }
                 let outcome = match Connection::open(&options.endpoint).await {
-                    Ok(connection) => session(&connection, options, &store, stop, events, &mut running).await,
+                    Ok(connection) => {
+                        let state = SessionState { running: &mut running, draining_said: &mut draining_said };
+                        session(&connection, options, &store, stop, events, state).await
+                    }
                     Err(error) => Err(error),
                 };
                 match outcome {
@@ -194,6 +193,12 @@ pub fn serve(
         })
     })
     .map_err(WorkerError::Runtime)
+}
+
+/// What outlives one bot session: the lease being run, and whether the stop was announced.
+struct SessionState<'a> {
+    running: &'a mut Option<Running>,
+    draining_said: &'a mut bool,
 }
 
 /// A lease being run on its thread.
@@ -217,8 +222,9 @@ async fn session(
     store: &Store,
     stop: &AtomicBool,
     events: &(dyn Fn(WorkerEvent) + Sync),
-    running: &mut Option<Running>,
+    state: SessionState<'_>,
 ) -> Result<(), ReapiError> {
+    let SessionState { running, draining_said } = state;
     // BuildGrid matches a job's platform against the primary device's properties.
     let properties =
         platform_properties(&options.platform).into_iter().map(|(key, value)| bots::device::Property { key, value });
@@ -246,10 +252,11 @@ async fn session(
             match outcome.result {
                 Ok((result, layer)) => {
                     lease.status = Some(Status { code: 0, ..Default::default() });
-                    lease.result = Some(prost_types::Any { type_url: RESULT_TYPE.into(), value: result.encode_to_vec() });
-                    let described = layer.map(|layer| layer.digest.to_string()).ok_or_else(|| {
-                        format!("the command exited with code {}", result.exit_code)
-                    });
+                    lease.result =
+                        Some(prost_types::Any { type_url: RESULT_TYPE.into(), value: result.encode_to_vec() });
+                    let described = layer
+                        .map(|layer| layer.digest.to_string())
+                        .ok_or_else(|| format!("the command exited with code {}", result.exit_code));
                     events(WorkerEvent::LeaseFinished {
                         lease: lease.id.clone(),
                         step: outcome.step,
@@ -272,13 +279,16 @@ async fn session(
             completed = Some(lease);
         }
         let stopping = stop.load(Ordering::Relaxed);
+        if stopping && !*draining_said {
+            *draining_said = true;
+            events(WorkerEvent::Draining);
+        }
         if stopping && running.is_none() && completed.is_none() {
             return Ok(());
         }
         // What the worker knows of its leases: the running one ACTIVE, a finished one COMPLETED.
         session.leases = running.iter().map(|running| running.lease.clone()).chain(completed.clone()).collect();
-        session.status =
-            if stopping { bots::BotStatus::BotTerminating as i32 } else { bots::BotStatus::Ok as i32 };
+        session.status = if stopping { bots::BotStatus::BotTerminating as i32 } else { bots::BotStatus::Ok as i32 };
         session = connection.update_bot_session(session).await?;
         completed = None;
         for lease in std::mem::take(&mut session.leases) {
@@ -314,8 +324,12 @@ fn start_lease(store: Store, options: WorkerOptions, payload: Option<prost_types
 }
 
 fn run_lease(store: &Store, options: &WorkerOptions, payload: Option<prost_types::Any>) -> LeaseOutcome {
-    let mut outcome =
-        LeaseOutcome { step: None, started: SystemTime::now(), finished: SystemTime::now(), result: Err(String::new()) };
+    let mut outcome = LeaseOutcome {
+        step: None,
+        started: SystemTime::now(),
+        finished: SystemTime::now(),
+        result: Err(String::new()),
+    };
     outcome.result = run_lease_step(store, options, payload, &mut outcome);
     outcome
 }
@@ -369,7 +383,8 @@ fn run_lease_step(
     let layer = match ran {
         Ok(written) => written.record,
         Err(RunError::Failed { code, .. }) => {
-            let result = reapi::ActionResult { exit_code: code, execution_metadata: Some(metadata), ..Default::default() };
+            let result =
+                reapi::ActionResult { exit_code: code, execution_metadata: Some(metadata), ..Default::default() };
             return Ok((result, None));
         }
         Err(error) => return Err(format!("{}: {error}", step.label)),

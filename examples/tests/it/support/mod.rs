@@ -1099,7 +1099,16 @@ impl LocalFarm {
         }
         let buildgrid = self.buildgrid.log();
         let tail: Vec<&str> = buildgrid.lines().rev().take(200).collect();
-        logs.push_str(&format!("--- BuildGrid (last lines):\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+        let postgres = self.postgres.log();
+        let postgres_tail: Vec<&str> = postgres.lines().rev().take(20).collect();
+        logs.push_str(&format!(
+            "--- PostgreSQL (last lines):\n{}\n",
+            postgres_tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+        logs.push_str(&format!(
+            "--- BuildGrid (last lines):\n{}\n",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
         logs
     }
 }
