@@ -67,6 +67,22 @@ fn worker_with_a_lease(farm: &support::LocalFarm) -> usize {
     }
 }
 
+/// Builds W1 on `builder` while `disturb` acts on the farm, called once a worker has started
+/// a lease (with that worker's index); the build must succeed.
+fn build_w1_disturbed(
+    builder: &Builder,
+    farm: &mut support::LocalFarm,
+    disturb: impl FnOnce(&mut support::LocalFarm, usize),
+) -> BuiltImage {
+    let built = std::thread::scope(|scope| {
+        let build = scope.spawn(|| builder.build(&support::w1()));
+        let busy = worker_with_a_lease(farm);
+        disturb(farm, busy);
+        build.join().unwrap()
+    });
+    built.unwrap_or_else(|error| panic!("{error}\n{}", farm.logs()))
+}
+
 #[test]
 fn one_worker_runs_w1_s_run_steps_and_a_second_machine_builds_w1_from_the_cache() {
     let Some(local) = local_w1() else { return };
@@ -129,13 +145,7 @@ fn a_worker_killed_in_the_middle_of_a_step_costs_at_most_one_warning_and_not_the
     let Some(mut farm) = support::farm(2) else { return };
     let cache = tempfile::tempdir().unwrap();
     let (builder, _) = machine(cache.path(), &farm.buildgrid.url(), true);
-    let built = std::thread::scope(|scope| {
-        let build = scope.spawn(|| builder.build(&support::w1()));
-        let victim = worker_with_a_lease(&farm);
-        farm.workers[victim].kill();
-        build.join().unwrap()
-    });
-    let built = built.unwrap_or_else(|error| panic!("{error}\n{}", farm.logs()));
+    let built = build_w1_disturbed(&builder, &mut farm, |farm, busy| farm.workers[busy].kill());
     assert_eq!(built.manifest_digest(), local.manifest_digest(), "{}", farm.logs());
     let report = built.remote_cache().unwrap();
     assert!(report.warnings.len() <= 1, "{:?}", report.warnings);
@@ -148,13 +158,7 @@ fn buildgrid_killed_in_the_middle_of_a_step_leaves_a_correct_build_and_one_warni
     let Some(mut farm) = support::farm(1) else { return };
     let cache = tempfile::tempdir().unwrap();
     let (builder, _) = machine(cache.path(), &farm.buildgrid.url(), true);
-    let built = std::thread::scope(|scope| {
-        let build = scope.spawn(|| builder.build(&support::w1()));
-        worker_with_a_lease(&farm);
-        farm.buildgrid.kill();
-        build.join().unwrap()
-    });
-    let built = built.unwrap_or_else(|error| panic!("{error}\n{}", farm.logs()));
+    let built = build_w1_disturbed(&builder, &mut farm, |farm, _| farm.buildgrid.kill());
     assert_eq!(built.manifest_digest(), local.manifest_digest());
     let report = built.remote_cache().unwrap();
     assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
@@ -214,12 +218,10 @@ fn a_worker_asked_to_stop_in_the_middle_of_a_step_finishes_and_reports_it_first(
     let Some(mut farm) = support::farm(2) else { return };
     let cache = tempfile::tempdir().unwrap();
     let (builder, _) = machine(cache.path(), &farm.buildgrid.url(), true);
-    let (built, stopped, status) = std::thread::scope(|scope| {
-        let build = scope.spawn(|| builder.build(&support::w1()));
-        let stopped = worker_with_a_lease(&farm);
-        farm.workers[stopped].terminate();
-        let status = farm.workers[stopped].wait_for_exit(LEASE_WAIT);
-        (build.join().unwrap(), stopped, status)
+    let (mut stopped, mut status) = (0, None);
+    let built = build_w1_disturbed(&builder, &mut farm, |farm, busy| {
+        farm.workers[busy].terminate();
+        (stopped, status) = (busy, farm.workers[busy].wait_for_exit(LEASE_WAIT));
     });
     let log = farm.workers[stopped].log();
     assert!(status.is_some_and(|status| status.success()), "{status:?}\n{}", farm.logs());
@@ -227,7 +229,6 @@ fn a_worker_asked_to_stop_in_the_middle_of_a_step_finishes_and_reports_it_first(
     assert_eq!(log.matches(" started").count(), 1, "{log}");
     assert_eq!(log.matches(" finished: ").count(), 1, "{log}");
     assert!(log.contains("stopping: finishing the running lease first") && log.contains("stopped"), "{log}");
-    let built = built.unwrap_or_else(|error| panic!("{error}\n{}", farm.logs()));
     assert_eq!(built.manifest_digest(), local.manifest_digest());
     // Its step's result reached the builder, and the other worker ran the rest: no warning.
     let report = built.remote_cache().unwrap();
