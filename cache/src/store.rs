@@ -11,7 +11,8 @@
 //! - `tmp/`: files being written; anything left there by a crash is garbage.
 //! - `leases/`, `gc.lock`: what each open store uses, for pruning beside running builds (see
 //!   the `lease` module).
-//! - `provenance/<slot>`: what each step was last built from, to explain its next miss.
+//! - `provenance/<slot>`: what the steps of each slot were last built from, to explain their next
+//!   miss.
 //! - `stat-cache`, `lock`: the stat cache and the lock `prune` waits on.
 //! - directories the builder declares (see [`crate::CacheDirectory`]), such as RUN logs.
 //!
