@@ -105,7 +105,7 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let mut bench = DistroBench { dir, layerwright, docker_host, edits: 0 };
     workloads::generate("w4", &bench.dir)?;
     let runs = if quick { 3 } else { 5 };
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut buildkit_edit_runs = Vec::new();
     for scenario in Scenario::ALL {
         let durations = bench.measure(scenario, runs)?;
@@ -295,9 +295,11 @@ fn prepare_debian_base(dir: &Path, docker_host: &str) -> Result<()> {
     Ok(())
 }
 
-/// One row per scenario: its name, layerwright's and BuildKit's runs, and the target ratio
-/// (`None`: a share of a scenario, shown for reference).
-fn report(rows: &[(String, [Vec<Duration>; 2], Option<f64>)]) -> String {
+/// One row of the report: a scenario's name, layerwright's and BuildKit's runs, and the target
+/// ratio (`None`: a share of a scenario, shown for reference).
+type Row = (String, [Vec<Duration>; 2], Option<f64>);
+
+fn report(rows: &[Row]) -> String {
     let mut text = String::from(
         "| W4 scenario | layerwright | BuildKit | layerwright / BuildKit | target |\n|---|---|---|---|---|\n",
     );
