@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use layerwright_examples::workloads::{self, DEBIAN_BASE_TAG, W4_CHANGED_FILE};
 
-use crate::bench::{build_bench_binary, median, retried, run_quiet};
+use crate::bench::{build_bench_binary, median, retried, run_quiet, settle};
 use crate::docker::DockerEngine;
 
 /// Where `.ci/run` leaves the minbase tar (the tests use it too); made here when absent.
@@ -142,7 +142,7 @@ impl DistroBench {
             for offset in 0..2 {
                 let tool = [Tool::Layerwright, Tool::BuildKit][(run + offset) % 2];
                 self.prepare(tool, scenario)?;
-                run_quiet(&mut Command::new("sync"))?;
+                settle()?;
                 let elapsed = self.timed_build(tool, scenario)?;
                 eprintln!("bench: w4 {} {tool:?}: {:.3} s", scenario.name(), elapsed.as_secs_f64());
                 durations[usize::from(tool == Tool::BuildKit)].push(elapsed);
