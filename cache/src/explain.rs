@@ -160,7 +160,7 @@ impl Store {
 
     /// Explains `provenance`'s miss against its slot's records ([`Provenance::explain_in`]) and
     /// records it there first, in place of the slot's earlier record of the same definition
-    /// (at most [`PROVENANCE_PER_SLOT`] kept), atomically. Within a process the reading and
+    /// (the most recent eight kept), atomically. Within a process the reading and
     /// writing of one slot do not interleave (sibling steps build at once); between processes
     /// a lost record only makes a later explanation less precise. The reason is returned even
     /// when recording failed.
