@@ -1,9 +1,9 @@
 //! The edit → runnable loop of `build-image --watch --load`, measured in one process: the real
 //! watch loop (`layerwright::watch::watch`: notify, debounce, one long-lived builder) rebuilds
 //! after each edit of the workload's changed file, and each result is loaded into the Docker
-//! engine at `DOCKER_HOST`. For every round it prints `round EDIT_TO_LOADED BUILD_AND_LOAD`
-//! in seconds: from the write of the file to the end of the load (what a user waits for, debounce
-//! included), and the build plus the load alone.
+//! engine at `DOCKER_HOST`. For every round it prints `round EDIT_TO_LOADED BUILD_AND_LOAD
+//! LOAD` in seconds: from the write of the file to the end of the load (what a user waits for,
+//! debounce included), the build plus the load, and the load alone (the engine's share).
 //!
 //! What it deliberately is not: a test. The first build (cold or from the cache) is not a
 //! round; a failed build or load ends the run with its error.
@@ -70,9 +70,15 @@ pub fn run(workload: &str, workdir: &Path, cache: &Path, tag: &str, rounds: u32)
         }
         if !watched_build.changed.is_empty() {
             let edit_time = edits.recv_timeout(Duration::from_secs(5)).ok();
-            let build_and_load = watched_build.duration + load_started.elapsed();
+            let load = load_started.elapsed();
+            let build_and_load = watched_build.duration + load;
             let edit_to_loaded = edit_time.map_or(build_and_load, |written| written.elapsed());
-            println!("round {:.4} {:.4}", edit_to_loaded.as_secs_f64(), build_and_load.as_secs_f64());
+            println!(
+                "round {:.4} {:.4} {:.4}",
+                edit_to_loaded.as_secs_f64(),
+                build_and_load.as_secs_f64(),
+                load.as_secs_f64()
+            );
             completed += 1;
         }
         if completed == rounds || round_done.send(()).is_err() {

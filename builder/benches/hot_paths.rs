@@ -14,7 +14,7 @@ use layerwright::internals::{
     Content, EntryKind, LayerEntry, LayerOptions, StatLookup, open_context, select, write_layer,
 };
 use layerwright::{Compression, Context};
-use layerwright_cache::{KeyDatabase, StatCache, Store};
+use layerwright_cache::{KeyDatabase, StatCache, StepIdentity, Store};
 
 /// Bytes that are half noise, half text, roughly like a real tree of binaries and sources.
 fn mixed_bytes(length: usize, seed: u64) -> Vec<u8> {
@@ -121,7 +121,9 @@ fn key_computation(criterion: &mut Criterion) {
             let mut database = KeyDatabase::new();
             let mut parent = None;
             for index in 0..200u32 {
-                parent = Some(database.step(index.to_le_bytes().to_vec(), parent, None, Vec::new(), None));
+                let identity =
+                    StepIdentity { encoding: index.to_le_bytes().to_vec(), parent, ..StepIdentity::default() };
+                parent = Some(database.step(identity));
             }
             database.key(parent.unwrap())
         })

@@ -454,11 +454,23 @@ impl Builder {
     }
 
     fn build_all_for(&self, images: &[&Image], target: Target<'_>) -> Result<Vec<BuiltImage>, BuildError> {
+        // Each build leases what it uses on a lease of its own, which its images keep: what
+        // earlier builds of a long-lived builder (`--watch`) used is protected only while their
+        // images live. The builder's own lease, which would otherwise protect by age everything
+        // since the builder opened, starts again.
+        let store = self
+            .store
+            .with_own_lease()
+            .map_err(|source| BuildError::Cache { path: self.store.root().to_owned(), source })?;
+        if let Err(error) = self.store.restart_lease() {
+            log::warn!("cannot restart the builder's cache lease: {error}");
+        }
         let session =
-            Session { store: &self.store, options: &self.solve_options, state: &self.state, workers: &self.workers };
+            Session { store: &store, options: &self.solve_options, state: &self.state, workers: &self.workers };
         let solved = solve::build_all(session, images, target)?;
         let built = solved.into_iter().map(|image| BuiltImage { inner: Arc::new(image) }).collect();
-        // What the images name is protected by the store's lease (see `layerwright::cache`).
+        // What the images name is protected by their lease (see `layerwright::cache`).
+        drop(store);
         self.prune_after_build();
         Ok(built)
     }

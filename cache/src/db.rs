@@ -236,15 +236,22 @@ impl KeyQueries {
     }
 }
 
-/// Identity under which a step input is interned.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct StepIdentity {
-    encoding: Vec<u8>,
-    parent: Option<StepInput>,
-    source: Option<StepInput>,
-    extra: Vec<u8>,
-    files: Option<FileSetInput>,
-    mounts: MountInputs,
+/// What a step's key is made of, as the builder declares it: the identity under which its
+/// input is interned (the same identity again is the same input).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct StepIdentity {
+    /// The step's canonical encoding.
+    pub encoding: Vec<u8>,
+    /// The step below it.
+    pub parent: Option<StepInput>,
+    /// A `copy_from` step's source image.
+    pub source: Option<StepInput>,
+    /// Identity outside the encoding (an archive's digest, a platform, secret digests).
+    pub extra: Vec<u8>,
+    /// The context files it selects.
+    pub files: Option<FileSetInput>,
+    /// A RUN step's bind mounts' inputs (none for every other step).
+    pub mounts: MountInputs,
 }
 
 /// The long-lived key database of a builder: salsa storage plus the identity maps that let a
@@ -267,19 +274,19 @@ impl KeyDatabase {
     ///
     /// ```
     /// use std::path::Path;
-    /// use layerwright_cache::{FileMaterial, FileSetDigest, KeyDatabase};
+    /// use layerwright_cache::{FileMaterial, FileSetDigest, KeyDatabase, StepIdentity};
     ///
     /// let mut database = KeyDatabase::new();
-    /// let base = database.step(b"scratch".to_vec(), None, None, Vec::new(), None);
+    /// let base = database.step(StepIdentity { encoding: b"scratch".to_vec(), ..StepIdentity::default() });
     /// let material = FileMaterial::File { mode: 0o644, size: 1, blake3: [7; 32] };
     /// let digest = FileSetDigest::of([("src/a", material)].into_iter());
     /// let files = database.file_set(Path::new("/ctx"), "src", digest);
-    /// let copy = database.step(b"copy src".to_vec(), Some(base), None, Vec::new(), Some(files));
+    /// let copy = database.step(StepIdentity { encoding: b"copy src".to_vec(), parent: Some(base), files: Some(files), ..StepIdentity::default() });
     /// let key = database.key(copy);
     /// assert_ne!(key, database.key(base));
     /// // The same declaration again maps to the same input and executes nothing.
     /// database.execution_log().take();
-    /// assert_eq!(database.step(b"copy src".to_vec(), Some(base), None, Vec::new(), Some(files)), copy);
+    /// assert_eq!(database.step(StepIdentity { encoding: b"copy src".to_vec(), parent: Some(base), files: Some(files), ..StepIdentity::default() }), copy);
     /// assert_eq!(database.key(copy), key);
     /// assert!(database.execution_log().take().is_empty());
     /// ```
@@ -311,28 +318,7 @@ impl KeyDatabase {
     }
 
     /// The input of the step with this identity, created on first sight.
-    pub fn step(
-        &mut self,
-        encoding: Vec<u8>,
-        parent: Option<StepInput>,
-        source: Option<StepInput>,
-        extra: Vec<u8>,
-        files: Option<FileSetInput>,
-    ) -> StepInput {
-        self.step_with_mounts(encoding, parent, source, extra, files, MountInputs::default())
-    }
-
-    /// As [`KeyDatabase::step`], for a RUN step with bind mounts.
-    pub fn step_with_mounts(
-        &mut self,
-        encoding: Vec<u8>,
-        parent: Option<StepInput>,
-        source: Option<StepInput>,
-        extra: Vec<u8>,
-        files: Option<FileSetInput>,
-        mounts: MountInputs,
-    ) -> StepInput {
-        let identity = StepIdentity { encoding, parent, source, extra, files, mounts };
+    pub fn step(&mut self, identity: StepIdentity) -> StepInput {
         if let Some(step) = self.steps.get(&identity) {
             return *step;
         }
@@ -386,17 +372,40 @@ mod tests {
     fn a_changed_file_re_executes_only_what_reads_it() {
         let mut database = KeyDatabase::new();
         let root = Path::new("/ctx");
-        let base = database.step(b"scratch".to_vec(), None, None, Vec::new(), None);
+        let base = database.step(StepIdentity { encoding: b"scratch".to_vec(), ..StepIdentity::default() });
         let set_a = database.file_set(root, "a", set_of("x", 1, 1));
         let set_b = database.file_set(root, "b", set_of("y", 1, 2));
-        let copy_a = database.step(b"copy a".to_vec(), Some(base), None, Vec::new(), Some(set_a));
-        let copy_b = database.step(b"copy b".to_vec(), Some(copy_a), None, Vec::new(), Some(set_b));
-        let other = database.step(b"copy b".to_vec(), Some(base), None, Vec::new(), Some(set_b));
+        let copy_a = database.step(StepIdentity {
+            encoding: b"copy a".to_vec(),
+            parent: Some(base),
+            files: Some(set_a),
+            ..StepIdentity::default()
+        });
+        let copy_b = database.step(StepIdentity {
+            encoding: b"copy b".to_vec(),
+            parent: Some(copy_a),
+            files: Some(set_b),
+            ..StepIdentity::default()
+        });
+        let other = database.step(StepIdentity {
+            encoding: b"copy b".to_vec(),
+            parent: Some(base),
+            files: Some(set_b),
+            ..StepIdentity::default()
+        });
         let first = (database.key(copy_b), database.key(other));
         assert_eq!(executed(&database, "step_key"), 4);
 
         // The same declaration again: no new inputs, nothing executes.
-        assert_eq!(database.step(b"copy a".to_vec(), Some(base), None, Vec::new(), Some(set_a)), copy_a);
+        assert_eq!(
+            database.step(StepIdentity {
+                encoding: b"copy a".to_vec(),
+                parent: Some(base),
+                files: Some(set_a),
+                ..StepIdentity::default()
+            }),
+            copy_a
+        );
         database.file_set(root, "a", set_of("x", 1, 1));
         assert_eq!((database.key(copy_b), database.key(other)), first);
         assert_eq!(executed(&database, "step_key"), 0);
@@ -414,16 +423,27 @@ mod tests {
     fn bind_mount_inputs_enter_the_key_only_when_a_step_has_them() {
         let mut database = KeyDatabase::new();
         let root = Path::new("/ctx");
-        let base = database.step(b"scratch".to_vec(), None, None, Vec::new(), None);
-        let stage = database.step(b"stage".to_vec(), Some(base), None, Vec::new(), None);
-        let other_stage = database.step(b"other stage".to_vec(), Some(base), None, Vec::new(), None);
+        let base = database.step(StepIdentity { encoding: b"scratch".to_vec(), ..StepIdentity::default() });
+        let stage =
+            database.step(StepIdentity { encoding: b"stage".to_vec(), parent: Some(base), ..StepIdentity::default() });
+        let other_stage = database.step(StepIdentity {
+            encoding: b"other stage".to_vec(),
+            parent: Some(base),
+            ..StepIdentity::default()
+        });
         let set = database.file_set(root, "mount src", set_of("a", 1, 1));
         let run = |database: &mut KeyDatabase, mounts: MountInputs| {
-            let step = database.step_with_mounts(b"run".to_vec(), Some(base), None, Vec::new(), None, mounts);
+            let step = database.step(StepIdentity {
+                encoding: b"run".to_vec(),
+                parent: Some(base),
+                mounts,
+                ..StepIdentity::default()
+            });
             database.key(step)
         };
         let plain = run(&mut database, MountInputs::default());
-        let same = database.step(b"run".to_vec(), Some(base), None, Vec::new(), None);
+        let same =
+            database.step(StepIdentity { encoding: b"run".to_vec(), parent: Some(base), ..StepIdentity::default() });
         assert_eq!(plain, database.key(same));
         let bound = run(&mut database, MountInputs { images: vec![stage], files: Vec::new() });
         let bound_elsewhere = run(&mut database, MountInputs { images: vec![other_stage], files: Vec::new() });

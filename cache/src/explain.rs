@@ -6,10 +6,16 @@
 //! content, so "the third step, a COPY" keeps its slot when its definition, its parent or its
 //! files change. This answers BuildKit's most common complaint: a cache miss nobody can explain.
 //!
+//! Sibling steps share a slot (two RUN steps on one parent, in one image graph or in two
+//! images), so a slot keeps the last record of each of its few most recent definitions, and a
+//! miss is explained against the record of its own definition when there is one: a sibling's
+//! build never makes a step's miss read "the step's definition changed".
+//!
 //! Provenance is diagnostic only: it never decides a hit or a miss (the action records do), and
 //! a missing or unreadable provenance record only makes the explanation [`MissReason::NoRecord`].
 
 use std::fmt;
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -93,7 +99,17 @@ impl fmt::Display for MissReason {
     }
 }
 
+/// How many definitions a slot keeps a record of (the most recently built first).
+const PROVENANCE_PER_SLOT: usize = 8;
+
 impl Provenance {
+    /// Why `self` (now) missed, given the records of its slot (the most recent first): compared
+    /// with the record of the same definition when there is one, else with the most recent.
+    pub fn explain_in(&self, records: &[Provenance]) -> MissReason {
+        let same_definition = records.iter().find(|record| record.definition == self.definition);
+        self.explain(same_definition.or(records.first()))
+    }
+
     /// Why `self` (now) missed, given what was built in the same slot before.
     pub fn explain(&self, previous: Option<&Provenance>) -> MissReason {
         let Some(previous) = previous else { return MissReason::NoRecord };
@@ -133,16 +149,32 @@ impl Store {
         self.root().join("provenance").join(format!("{}.json", slot.to_hex()))
     }
 
-    /// The provenance last recorded in `slot`, if any (an unreadable record reads as none).
-    pub fn read_provenance(&self, slot: &StepKey) -> Option<Provenance> {
-        let bytes = std::fs::read(self.provenance_path(slot)).ok()?;
-        serde_json::from_slice(&bytes).ok()
+    /// The records of `slot`, the most recent first (an unreadable file reads as none; a file
+    /// of one record, as older versions wrote, as that record).
+    pub fn read_provenance(&self, slot: &StepKey) -> Vec<Provenance> {
+        let Ok(bytes) = std::fs::read(self.provenance_path(slot)) else { return Vec::new() };
+        serde_json::from_slice::<Vec<Provenance>>(&bytes)
+            .or_else(|_| serde_json::from_slice::<Provenance>(&bytes).map(|record| vec![record]))
+            .unwrap_or_default()
     }
 
-    /// Records `provenance` in `slot`, replacing what was there, atomically.
-    pub fn write_provenance(&self, slot: &StepKey, provenance: &Provenance) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(provenance).expect("provenance serialises");
-        self.write_file_atomically(&self.provenance_path(slot), &bytes)
+    /// Explains `provenance`'s miss against its slot's records ([`Provenance::explain_in`]) and
+    /// records it there first, in place of the slot's earlier record of the same definition
+    /// (the most recent eight kept), atomically. Within a process the reading and
+    /// writing of one slot do not interleave (sibling steps build at once); between processes
+    /// a lost record only makes a later explanation less precise. The reason is returned even
+    /// when recording failed.
+    pub fn explain_and_record(&self, slot: &StepKey, provenance: &Provenance) -> (MissReason, Result<(), StoreError>) {
+        static SLOTS: Mutex<()> = Mutex::new(());
+        let _serialised = SLOTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let records = self.read_provenance(slot);
+        let reason = provenance.explain_in(&records);
+        let kept: Vec<&Provenance> = std::iter::once(provenance)
+            .chain(records.iter().filter(|record| record.definition != provenance.definition))
+            .take(PROVENANCE_PER_SLOT)
+            .collect();
+        let bytes = serde_json::to_vec(&kept).expect("provenance serialises");
+        (reason, self.write_file_atomically(&self.provenance_path(slot), &bytes))
     }
 }
 
@@ -175,5 +207,41 @@ mod tests {
         check(before.clone(), MissReason::ResultMissing);
         let text = provenance(&[("a", "9")]).explain(Some(&before)).to_string();
         assert_eq!(text, "context files changed: changed: a; removed: b;");
+    }
+
+    #[test]
+    fn a_slot_explains_each_definition_against_its_own_last_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let slot = StepKey::builder().str("slot").finish();
+        let sibling = |definition: &str, file_digest: &str| Provenance {
+            definition: definition.into(),
+            ..provenance(&[("a", file_digest)])
+        };
+        // (what is built in the slot, why it missed): two siblings alternate, then one changes.
+        let cases = [
+            (sibling("left", "1"), MissReason::NoRecord),
+            (sibling("right", "1"), MissReason::DefinitionChanged),
+            (
+                sibling("left", "2"),
+                MissReason::FilesChanged { changed: vec!["a".into()], added: vec![], removed: vec![] },
+            ),
+            (sibling("right", "1"), MissReason::ResultMissing),
+        ];
+        for (built, expected) in cases {
+            let (reason, recorded) = store.explain_and_record(&slot, &built);
+            recorded.unwrap();
+            assert_eq!(reason, expected, "{}", built.definition);
+        }
+        let definitions: Vec<String> =
+            store.read_provenance(&slot).into_iter().map(|record| record.definition).collect();
+        assert_eq!(definitions, ["right", "left"]);
+        // A record as older versions wrote it (one object) still reads.
+        std::fs::write(store.provenance_path(&slot), serde_json::to_vec(&sibling("old", "1")).unwrap()).unwrap();
+        assert_eq!(store.read_provenance(&slot).len(), 1);
+        for index in 0..PROVENANCE_PER_SLOT + 2 {
+            store.explain_and_record(&slot, &sibling(&index.to_string(), "1")).1.unwrap();
+        }
+        assert_eq!(store.read_provenance(&slot).len(), PROVENANCE_PER_SLOT);
     }
 }

@@ -24,7 +24,9 @@ use std::fmt;
 /// 4: file steps' layers carry every parent directory of what they write (existing ones with
 ///    their mode and owner), and a copied directory's destination is created 0755 with the
 ///    copy's owner, as BuildKit's are (`cargo xtask conformance`).
-pub const KEY_FORMAT_VERSION: u32 = 4;
+/// 5: gzip at level 2 instead of 6: half the CPU for about 3 % more bytes (a 81 MB apt layer:
+///    34.0 MB at level 6, 34.9 MB at level 2, compressed in 0.8 s instead of 1.6 s on one core).
+pub const KEY_FORMAT_VERSION: u32 = 5;
 
 /// The cache key of a step: 32 bytes of blake3 over everything the step's result depends on.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -2,8 +2,10 @@
 //! another) never removes it.
 //!
 //! Every open `Store` holds one lease: a file `leases/<pid>-<ns>-<n>` that it
-//! keeps locked (`flock`, exclusive) for as long as it (or a clone: a builder, a built image) is
-//! alive, and removes when the last clone is dropped. The file says when the store was opened
+//! keeps locked (`flock`, exclusive) for as long as it (or a clone) is alive, and removes when
+//! the last clone is dropped. A builder runs each build on a clone with a lease of its own
+//! (`Store::with_own_lease`), which the build's images keep, and restarts its own lease's start
+//! then: a long-lived builder protects what its live images use, not all it ever used. The file says when the store was opened
 //! (`start <ns since the epoch>`) and then names, one a line, what the store relies on:
 //! `key <hex>` (an action record, and therefore every blob and attachment the record names)
 //! and `blob <hex>`. A lease whose file can be locked by a prune belongs to a process that is
@@ -93,6 +95,19 @@ impl Lease {
             source,
         })?;
         Ok(lease)
+    }
+
+    /// Moves the lease's start to now (a later `start` line wins): files modified before now
+    /// are then protected by this lease only if it names them.
+    pub(crate) fn restart(&self) -> Result<(), LeaseError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        // One short append is one write: a prune reads either line, and either is safe to act
+        // on (the earlier protects more).
+        (&self.file).write_all(format!("start {now}\n").as_bytes()).map_err(|source| LeaseError {
+            action: "write lease",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Adds `names` (each `kind hex`) to the lease, excluding a prune while doing so.

@@ -45,7 +45,8 @@ mod store;
 
 pub use cache_mounts::{CacheMountLease, CacheMountOptions, CacheMountSharing, CacheMountUsage};
 pub use db::{
-    ExecutionLog, FileMaterial, FileSetDigest, FileSetInput, KeyDatabase, KeyQueries, MountInputs, StepInput, step_key,
+    ExecutionLog, FileMaterial, FileSetDigest, FileSetInput, KeyDatabase, KeyQueries, MountInputs, StepIdentity,
+    StepInput, step_key,
 };
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use explain::{MissReason, Provenance};

@@ -11,7 +11,8 @@
 //! - `tmp/`: files being written; anything left there by a crash is garbage.
 //! - `leases/`, `gc.lock`: what each open store uses, for pruning beside running builds (see
 //!   the `lease` module).
-//! - `provenance/<slot>`: what each step was last built from, to explain its next miss.
+//! - `provenance/<slot>`: what the steps of each slot were last built from, to explain their next
+//!   miss.
 //! - `stat-cache`, `lock`: the stat cache and the lock `prune` waits on.
 //! - directories the builder declares (see [`crate::CacheDirectory`]), such as RUN logs.
 //!
@@ -189,6 +190,23 @@ impl Store {
     fn with_lock(root: PathBuf, lock: File) -> Result<Store, StoreError> {
         let lease = Lease::create(&root)?;
         Ok(Store { root, _lock: Arc::new(lock), lease: Arc::new(lease), hashed_here: Arc::default() })
+    }
+
+    /// A clone of this store with a lease of its own, started now and naming nothing yet.
+    ///
+    /// A long-lived builder runs each build on one: what a build looked up and wrote is then
+    /// protected for as long as the build and the images it gave are alive, and no longer, so
+    /// that a prune during a `--watch` session can remove what earlier rounds used.
+    pub fn with_own_lease(&self) -> Result<Store, StoreError> {
+        Ok(Store { lease: Arc::new(Lease::create(&self.root)?), ..self.clone() })
+    }
+
+    /// Moves the start of this store's lease to now: what it does not name and was modified
+    /// before now is no longer protected by it. Call it only when nothing done through this
+    /// store (rather than through a clone [`with_own_lease`](Store::with_own_lease)) is under
+    /// way.
+    pub fn restart_lease(&self) -> Result<(), StoreError> {
+        Ok(self.lease.restart()?)
     }
 
     /// Marks the records of `keys` as in use by this store until it (its last clone) is

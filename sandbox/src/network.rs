@@ -18,7 +18,9 @@
 //! The parent: finds the program on `PATH` before anything runs ([`slirp4netns`]: a missing one
 //! is an error naming the package), starts it for the child's pid while the child sets up its
 //! mounts, waits until it reports the network up, and lets the child go on to the command. The
-//! [`Forwarder`] kills it when the step ends, however it ends, and a reaper thread reaps it
+//! [`Forwarder`] drains its messages on a thread (a chatty slirp4netns must never block on a
+//! full pipe; the first few KiB are kept for an error), kills it when the step ends, however
+//! it ends, and a reaper thread reaps it
 //! (its exit waits for the kernel to tear down the tap device, which the step need not wait
 //! for); if the builder itself
 //! dies (Ctrl-C), the kernel closes the exit descriptor and slirp4netns ends too (it also gets
@@ -63,6 +65,9 @@ pub(crate) struct Forwarder {
     child: Option<Child>,
     /// Closing it tells slirp4netns to exit.
     exit_write: Option<OwnedFd>,
+    /// The thread that drains slirp4netns's stderr (so that it can never block on a full
+    /// pipe) and returns the first [`MAX_MESSAGES`] bytes of it once the pipe closes.
+    messages: Option<std::thread::JoinHandle<Vec<u8>>>,
 }
 
 impl Forwarder {
@@ -102,13 +107,16 @@ impl Forwarder {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|source| SandboxError::Network {
+        let mut child = command.spawn().map_err(|source| SandboxError::Network {
             program: program.to_owned(),
             reason: format!("cannot start it: {source}"),
         })?;
         drop(ready_write);
         drop(exit_read);
-        let mut forwarder = Forwarder { child: Some(child), exit_write: Some(exit_write) };
+        let messages = child.stderr.take().and_then(|stderr| {
+            std::thread::Builder::new().name("slirp4netns-stderr".to_owned()).spawn(move || drain(stderr)).ok()
+        });
+        let mut forwarder = Forwarder { child: Some(child), exit_write: Some(exit_write), messages };
         // One byte ("1") when the interfaces are up; EOF when it exited first.
         let mut ready = [0u8; 1];
         let mut ready_file = std::fs::File::from(ready_read);
@@ -136,12 +144,17 @@ impl Forwarder {
         let Some(mut child) = self.child.take() else { return String::new() };
         let _ = child.kill();
         let _ = child.wait();
-        let mut messages = Vec::new();
-        if let Some(stderr) = child.stderr.take() {
-            let _ = stderr.take(MAX_MESSAGES as u64).read_to_end(&mut messages);
-        }
+        let messages = self.messages.take().and_then(|thread| thread.join().ok()).unwrap_or_default();
         String::from_utf8_lossy(&messages).into_owned()
     }
+}
+
+/// Reads `stderr` to its end, keeping the first [`MAX_MESSAGES`] bytes.
+fn drain(mut stderr: std::process::ChildStderr) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let _ = (&mut stderr).take(MAX_MESSAGES as u64).read_to_end(&mut kept);
+    let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+    kept
 }
 
 impl Drop for Forwarder {

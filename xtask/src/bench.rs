@@ -217,8 +217,7 @@ impl Bench {
             for offset in 0..Tool::ALL.len() {
                 let tool = Tool::ALL[(run + offset) % Tool::ALL.len()];
                 self.prepare(tool, workload, scenario)?;
-                // No tool pays for the previous one's dirty pages: flush them first (untimed).
-                run_quiet(&mut Command::new("sync"))?;
+                settle()?;
                 let (elapsed, rss) = self.timed_build(tool, workload)?;
                 eprintln!(
                     "bench: {} {} {}: {:.3} s",
@@ -456,6 +455,14 @@ pub(crate) fn retried<T>(label: &str, mut attempt: impl FnMut() -> Result<T>) ->
         }
     }
     attempt()
+}
+
+/// Before a timed run (untimed): no tool pays for the previous one's dirty pages (flushed) or
+/// for the work an engine goes on doing after its client returned (half a second to finish).
+pub(crate) fn settle() -> Result<()> {
+    run_quiet(&mut Command::new("sync"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(())
 }
 
 pub(crate) fn run_quiet(command: &mut Command) -> Result<String> {

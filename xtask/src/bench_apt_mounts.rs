@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use layerwright_examples::workloads::{APT_BENCH_PACKAGES, apt_bench_dockerfile, apt_bench_workload};
 
-use crate::bench::{median, retried, run_quiet};
+use crate::bench::{median, retried, run_quiet, settle};
 use crate::bench_distro::{DebianBench, buildkit_build, docker_command};
 
 /// The tag BuildKit's builds get.
@@ -59,7 +59,7 @@ fn measure(bench: &DebianBench, with_mounts: bool, rounds: usize) -> Result<[Vec
         let order =
             if round % 2 == 1 { [Tool::Layerwright, Tool::BuildKit] } else { [Tool::BuildKit, Tool::Layerwright] };
         for tool in order {
-            run_quiet(&mut Command::new("sync"))?;
+            settle()?;
             let elapsed = build(bench, tool, with_mounts, round)?;
             let name = apt_bench_workload(with_mounts, round);
             eprintln!("bench: {name} ({packages}) {tool:?}: {:.3} s", elapsed.as_secs_f64());

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use layerwright_examples::workloads::{self, DEBIAN_BASE_TAG, W4_CHANGED_FILE};
 
-use crate::bench::{build_bench_binary, median, retried, run_quiet};
+use crate::bench::{build_bench_binary, median, retried, run_quiet, settle};
 use crate::docker::DockerEngine;
 
 /// Where `.ci/run` leaves the minbase tar (the tests use it too); made here when absent.
@@ -105,22 +105,25 @@ pub fn run(workspace: &Path, quick: bool) -> Result<()> {
     let mut bench = DistroBench { dir, layerwright, docker_host, edits: 0 };
     workloads::generate("w4", &bench.dir)?;
     let runs = if quick { 3 } else { 5 };
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut buildkit_edit_runs = Vec::new();
     for scenario in Scenario::ALL {
         let durations = bench.measure(scenario, runs)?;
         if scenario == Scenario::EditToRunnable {
             buildkit_edit_runs.clone_from(&durations[1]);
         }
-        rows.push((scenario.name().to_owned(), durations, scenario.target()));
+        rows.push((scenario.name().to_owned(), durations, Some(scenario.target())));
     }
-    let (edit_to_loaded, build_and_load) = bench.watch_rounds(if quick { 3 } else { 7 })?;
+    let WatchRounds { edit_to_loaded, build_and_load, load } = bench.watch_rounds(if quick { 3 } else { 7 })?;
     rows.push((
         "--watch: edit → runnable (debounce 50 ms included)".to_owned(),
         [edit_to_loaded, buildkit_edit_runs.clone()],
-        0.3,
+        Some(0.3),
     ));
-    rows.push(("--watch: build + load only".to_owned(), [build_and_load, buildkit_edit_runs], 0.3));
+    rows.push(("--watch: build + load only".to_owned(), [build_and_load, buildkit_edit_runs.clone()], Some(0.3)));
+    // The engine's share, which no change on this side can shorten: when it alone exceeds a
+    // target, that target cannot be met through the engine's API.
+    rows.push(("--watch: the engine's load alone".to_owned(), [load, buildkit_edit_runs], None));
     let report = report(&rows);
     println!("{report}");
     fs::write(bench.dir.join("report-distro.md"), &report)?;
@@ -139,7 +142,7 @@ impl DistroBench {
             for offset in 0..2 {
                 let tool = [Tool::Layerwright, Tool::BuildKit][(run + offset) % 2];
                 self.prepare(tool, scenario)?;
-                run_quiet(&mut Command::new("sync"))?;
+                settle()?;
                 let elapsed = self.timed_build(tool, scenario)?;
                 eprintln!("bench: w4 {} {tool:?}: {:.3} s", scenario.name(), elapsed.as_secs_f64());
                 durations[usize::from(tool == Tool::BuildKit)].push(elapsed);
@@ -211,9 +214,8 @@ impl DistroBench {
         Ok(started.elapsed())
     }
 
-    /// `rounds` edits through one watch loop (after a build that fills the cache): per round,
-    /// edit → loaded and build + load.
-    fn watch_rounds(&self, rounds: u32) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    /// `rounds` edits through one watch loop (after a build that fills the cache).
+    fn watch_rounds(&self, rounds: u32) -> Result<WatchRounds> {
         let output = run_quiet(
             Command::new(&self.layerwright)
                 .env("DOCKER_HOST", &self.docker_host)
@@ -224,21 +226,32 @@ impl DistroBench {
                 .arg(TAG)
                 .arg(rounds.to_string()),
         )?;
-        let mut edit_to_loaded = Vec::new();
-        let mut build_and_load = Vec::new();
+        let mut measured = WatchRounds::default();
         for line in output.lines() {
             let Some(fields) = line.strip_prefix("round ") else { continue };
             let seconds: Vec<f64> = fields.split(' ').filter_map(|field| field.parse().ok()).collect();
-            let [edit, build] = seconds[..] else { bail!("a round line of two numbers expected: {line}") };
-            eprintln!("bench: w4 --watch round: edit → loaded {edit:.3} s, build + load {build:.3} s");
-            edit_to_loaded.push(Duration::from_secs_f64(edit));
-            build_and_load.push(Duration::from_secs_f64(build));
+            let [edit, build, load] = seconds[..] else { bail!("a round line of three numbers expected: {line}") };
+            eprintln!(
+                "bench: w4 --watch round: edit → loaded {edit:.3} s, build + load {build:.3} s, load {load:.3} s"
+            );
+            measured.edit_to_loaded.push(Duration::from_secs_f64(edit));
+            measured.build_and_load.push(Duration::from_secs_f64(build));
+            measured.load.push(Duration::from_secs_f64(load));
         }
-        if edit_to_loaded.len() != rounds as usize {
-            bail!("--watch-rounds gave {} rounds of {rounds}:\n{output}", edit_to_loaded.len());
+        if measured.edit_to_loaded.len() != rounds as usize {
+            bail!("--watch-rounds gave {} rounds of {rounds}:\n{output}", measured.edit_to_loaded.len());
         }
-        Ok((edit_to_loaded, build_and_load))
+        Ok(measured)
     }
+}
+
+/// Per round of the watch loop: edit → loaded (debounce included), build + load, and the
+/// engine's load alone.
+#[derive(Default)]
+struct WatchRounds {
+    edit_to_loaded: Vec<Duration>,
+    build_and_load: Vec<Duration>,
+    load: Vec<Duration>,
 }
 
 /// The engine's own client, with BuildKit, talking to the engine at `docker_host`.
@@ -282,15 +295,23 @@ fn prepare_debian_base(dir: &Path, docker_host: &str) -> Result<()> {
     Ok(())
 }
 
-fn report(rows: &[(String, [Vec<Duration>; 2], f64)]) -> String {
+/// One row of the report: a scenario's name, layerwright's and BuildKit's runs, and the target
+/// ratio (`None`: a share of a scenario, shown for reference).
+type Row = (String, [Vec<Duration>; 2], Option<f64>);
+
+fn report(rows: &[Row]) -> String {
     let mut text = String::from(
         "| W4 scenario | layerwright | BuildKit | layerwright / BuildKit | target |\n|---|---|---|---|---|\n",
     );
     for (name, [ours, buildkit], target) in rows {
         let (ours, buildkit) = (median(ours).as_secs_f64(), median(buildkit).as_secs_f64());
         let ratio = ours / buildkit;
-        let verdict = if ratio <= *target { "met" } else { "MISSED" };
-        let _ = writeln!(text, "| {name} | {ours:.3} s | {buildkit:.3} s | {ratio:.3} | ≤ {target} {verdict} |");
+        let target = match target {
+            Some(target) if ratio <= *target => format!("≤ {target} met"),
+            Some(target) => format!("≤ {target} MISSED"),
+            None => "–".to_owned(),
+        };
+        let _ = writeln!(text, "| {name} | {ours:.3} s | {buildkit:.3} s | {ratio:.3} | {target} |");
     }
     text
 }

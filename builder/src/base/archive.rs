@@ -119,17 +119,6 @@ impl Archive {
         Ok(bytes)
     }
 
-    /// Copies the member `entry` into the store, refusing it unless it hashes to `expected`.
-    pub(super) fn import_member(
-        &self,
-        store: &Store,
-        entry: &str,
-        expected: &Digest,
-    ) -> Result<layerwright_cache::BlobInfo, ImportError> {
-        let mut reader = self.open_member(entry)?;
-        self.store_member(store, entry, &mut reader, Some(expected))
-    }
-
     /// Copies `reader` (the bytes of `entry`) into the store, verified against `expected` when
     /// given. Errors name the member: a read failure is told apart from a store failure by
     /// watching the reader.

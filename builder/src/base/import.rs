@@ -20,7 +20,7 @@
 //! writes both), the OCI index is used.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::path::Path;
 
 use layerwright_cache::{Digest, LayerRecord, Sha256Writer, Store};
@@ -89,6 +89,10 @@ pub fn import_archive_for(store: &Store, path: &Path, platform: Option<&Platform
 /// with their lowers ready instead of all waiting for the same unpack while other steps (a
 /// large COPY compressing on every core) compete for the CPU. A snapshot is installed only
 /// when its layer's diff id checked out; one that could not be made is left to the RUN.
+///
+/// A layer whose blob digest the archive names (every OCI layer, and `docker save`'s
+/// uncompressed ones) is indexed and unpacked from a second read of its member while the first
+/// copies it into the store, so that the import costs the longer of the two, not their sum.
 pub fn import_archive_for_runs(
     store: &Store,
     path: &Path,
@@ -98,24 +102,68 @@ pub fn import_archive_for_runs(
     if !prepare_snapshots {
         return import_archive_for(store, path, platform);
     }
-    let fetched = fetch_base_image(store, path, platform)?;
-    let layer_error = |source| ImportError::Layer { archive: path.to_owned(), source };
-    let flavour = crate::layer::snapshot::flavour();
-    let indexes = fetched
+    let archive = Archive::open(path)?;
+    let selected = select_base_image(store, &archive, platform)?;
+    let (layers, indexes): (Vec<LayerRecord>, Vec<LayerIndex>) = selected
         .layers
         .par_iter()
-        .map(|layer| {
-            let Ok(mut snapshot) = crate::layer::snapshot::StreamedSnapshot::start(store, flavour) else {
-                return layer::index_layer(store, layer);
+        .map(|layer| store_index_and_unpack(store, &archive, layer))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
+    tree::apply_indexes(&layers, &indexes).map_err(|source| ImportError::Layer { archive: path.to_owned(), source })?;
+    Ok(BaseImage { layers, indexes, config: selected.config })
+}
+
+/// Stores one layer of the archive, indexes it, and unpacks its snapshot (installed only when
+/// the blob and the diff id both checked out).
+fn store_index_and_unpack(
+    store: &Store,
+    archive: &Archive,
+    layer: &ArchiveLayer,
+) -> Result<(LayerRecord, LayerIndex), ImportError> {
+    let layer_error = |source| ImportError::Layer { archive: archive.path.clone(), source };
+    let snapshot = crate::layer::snapshot::StreamedSnapshot::start(store, crate::layer::snapshot::flavour()).ok();
+    let Some(expected) = &layer.expected else {
+        // The blob's digest is known only once it is stored: store, then index what was stored.
+        let record = store_layer(store, archive, layer)?;
+        let Some(mut snapshot) = snapshot else {
+            let index = layer::index_layer(store, &record).map_err(layer_error)?;
+            return Ok((record, index));
+        };
+        let index =
+            layer::index_layer_observed(store, &record, &mut |bytes| snapshot.push(bytes)).map_err(layer_error)?;
+        snapshot.finish(&record);
+        return Ok((record, index));
+    };
+    // What indexing needs of the record is known before the blob is stored: its digest (for
+    // errors), its diff id and its media type.
+    let provisional = LayerRecord {
+        diff_id: layer.diff_id.clone(),
+        digest: expected.clone(),
+        size: 0,
+        media_type: layer.compression.media_type().to_owned(),
+    };
+    let (stored, indexed) = rayon::join(
+        || store_layer(store, archive, layer),
+        || {
+            let blob = archive.open_member(&layer.entry)?;
+            let mut snapshot = snapshot;
+            let index = match &mut snapshot {
+                Some(snapshot) => {
+                    layer::index_blob_observed(store, &provisional, blob, &mut |bytes| snapshot.push(bytes))
+                }
+                None => layer::index_blob_observed(store, &provisional, blob, &mut |_| {}),
             };
-            let index = layer::index_layer_observed(store, layer, &mut |bytes| snapshot.push(bytes))?;
-            snapshot.finish(layer);
-            Ok(index)
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(layer_error)?;
-    tree::apply_indexes(&fetched.layers, &indexes).map_err(layer_error)?;
-    Ok(BaseImage { layers: fetched.layers, indexes, config: fetched.config })
+            Ok::<_, ImportError>((index.map_err(layer_error)?, snapshot))
+        },
+    );
+    let record = stored?;
+    let (index, snapshot) = indexed?;
+    if let Some(snapshot) = snapshot {
+        snapshot.finish(&record);
+    }
+    Ok((record, index))
 }
 
 /// The blobs of an archive's image, copied into the store and verified, before indexing.
@@ -125,17 +173,51 @@ struct FetchedImage {
     config: serde_json::Value,
 }
 
-/// Everything of an import but the layer indexing: detects the format, selects the image,
-/// copies and verifies its blobs.
+/// Everything of an import but the layer indexing: selects the image, copies and verifies its
+/// blobs.
 fn fetch_base_image(store: &Store, path: &Path, platform: Option<&Platform>) -> Result<FetchedImage, ImportError> {
     let archive = Archive::open(path)?;
+    let selected = select_base_image(store, &archive, platform)?;
+    let layers =
+        selected.layers.iter().map(|layer| store_layer(store, &archive, layer)).collect::<Result<Vec<_>, _>>()?;
+    Ok(FetchedImage { layers, config: selected.config })
+}
+
+/// The image an archive holds, before its layers are read: its config (already stored) and
+/// where each layer's bytes are.
+#[derive(Debug)]
+struct SelectedImage {
+    layers: Vec<ArchiveLayer>,
+    config: serde_json::Value,
+}
+
+/// A layer of the selected image before its bytes are read.
+#[derive(Debug)]
+struct ArchiveLayer {
+    /// The archive member holding the blob.
+    entry: String,
+    diff_id: Digest,
+    /// The digest the blob must have when the archive says: an OCI descriptor's, a docker
+    /// `blobs/sha256/` name, or the diff id of an uncompressed docker-archive member. Other
+    /// members claim nothing (their diff id is checked when they are indexed).
+    expected: Option<Digest>,
+    compression: Compression,
+}
+
+/// Everything of an import but reading the layers: detects the format, selects the image,
+/// stores and verifies its config, and says where its layers are.
+fn select_base_image(
+    store: &Store,
+    archive: &Archive,
+    platform: Option<&Platform>,
+) -> Result<SelectedImage, ImportError> {
     // Docker ≥ 25 writes both an OCI index and a manifest.json; the OCI index is the richer
     // (and content-addressed) description, so it wins.
     if archive.contains("oci-layout") {
-        return fetch_oci_image(store, &archive, platform);
+        return select_oci_image(store, archive, platform);
     }
     if archive.is_tar() && archive.contains("manifest.json") {
-        return fetch_docker_image(store, &archive, platform);
+        return select_docker_image(store, archive, platform);
     }
     let reason = if archive.is_tar() {
         "the tar holds neither an oci-layout (OCI archive) nor a manifest.json (docker-archive)"
@@ -143,6 +225,18 @@ fn fetch_base_image(store: &Store, path: &Path, platform: Option<&Platform>) -> 
         "the directory has no oci-layout file, so it is not an OCI image layout"
     };
     Err(archive.invalid(reason))
+}
+
+/// Copies one layer's member into the store, verified against the digest the archive names.
+fn store_layer(store: &Store, archive: &Archive, layer: &ArchiveLayer) -> Result<LayerRecord, ImportError> {
+    let mut member = archive.open_member(&layer.entry)?;
+    let stored = archive.store_member(store, &layer.entry, &mut member, layer.expected.as_ref())?;
+    Ok(LayerRecord {
+        diff_id: layer.diff_id.clone(),
+        digest: stored.digest,
+        size: stored.size,
+        media_type: layer.compression.media_type().to_owned(),
+    })
 }
 
 /// `tree::index_and_apply_layers`, its errors naming the archive.
@@ -189,7 +283,11 @@ impl SelectedManifest {
     }
 }
 
-fn fetch_oci_image(store: &Store, archive: &Archive, platform: Option<&Platform>) -> Result<FetchedImage, ImportError> {
+fn select_oci_image(
+    store: &Store,
+    archive: &Archive,
+    platform: Option<&Platform>,
+) -> Result<SelectedImage, ImportError> {
     check_oci_layout_file(archive)?;
     let selected = select_oci_manifest(archive, platform)?;
     let manifest: ImageManifest = archive.parse_json(selected.manifest_bytes(), &selected.entry)?;
@@ -226,15 +324,9 @@ fn fetch_oci_image(store: &Store, archive: &Archive, platform: Option<&Platform>
         let Some(compression) = Compression::from_media_type(declared_media_type) else {
             return Err(archive.invalid(format!("layer {entry} has unsupported media type {declared_media_type:?}")));
         };
-        let stored = archive.import_member(store, &entry, &digest)?;
-        layers.push(LayerRecord {
-            diff_id,
-            digest,
-            size: stored.size,
-            media_type: compression.media_type().to_owned(),
-        });
+        layers.push(ArchiveLayer { entry, diff_id, expected: Some(digest), compression });
     }
-    Ok(FetchedImage { layers, config })
+    Ok(SelectedImage { layers, config })
 }
 
 /// The `oci-layout` file must be a JSON object naming a layout version; nothing else in it
@@ -355,11 +447,11 @@ struct DockerManifestEntry {
     layers: Vec<String>,
 }
 
-fn fetch_docker_image(
+fn select_docker_image(
     store: &Store,
     archive: &Archive,
     platform: Option<&Platform>,
-) -> Result<FetchedImage, ImportError> {
+) -> Result<SelectedImage, ImportError> {
     let manifest_bytes = archive.read_document("manifest.json")?;
     let images: Vec<DockerManifestEntry> = archive.parse_json(&manifest_bytes, "manifest.json")?;
     let Some(image) = images.first() else {
@@ -397,39 +489,26 @@ fn fetch_docker_image(
     let mut layers = Vec::with_capacity(image.layers.len());
     for (member, diff_id) in image.layers.iter().zip(diff_ids) {
         let entry = normalise_member_name(member);
-        layers.push(import_docker_layer(store, archive, &entry, diff_id)?);
+        layers.push(docker_layer(archive, entry, diff_id)?);
     }
-    Ok(FetchedImage { layers, config })
+    Ok(SelectedImage { layers, config })
 }
 
-/// Stores one layer member of a docker-archive. `docker save` writes uncompressed tars, whose
-/// sha256 is the diff id and is checked here; a compressed member (other writers, or a
+/// One layer member of a docker-archive. `docker save` writes uncompressed tars, whose sha256
+/// is the diff id and is checked when it is stored; a compressed member (other writers, or a
 /// hand-made archive) is stored as it is, its diff id then being checked by `index_layer`.
-fn import_docker_layer(
-    store: &Store,
-    archive: &Archive,
-    entry: &str,
-    diff_id: Digest,
-) -> Result<LayerRecord, ImportError> {
-    let mut reader = archive.open_member(entry)?;
+fn docker_layer(archive: &Archive, entry: String, diff_id: Digest) -> Result<ArchiveLayer, ImportError> {
+    let mut reader = archive.open_member(&entry)?;
     let mut magic = [0u8; 4];
-    let magic_length = read_up_to(&mut reader, &mut magic).map_err(|source| archive.read_error(entry, source))?;
+    let magic_length = read_up_to(&mut reader, &mut magic).map_err(|source| archive.read_error(&entry, source))?;
     let compression = compression_of_magic(&magic[..magic_length]);
-    let mut member = (&magic[..magic_length]).chain(reader);
-
     // An uncompressed member must hash to its diff id. A compressed one named
     // `blobs/sha256/<digest>` (Docker ≥ 25) must hash to that name; other names claim nothing.
     let expected = match compression {
         Compression::None => Some(diff_id.clone()),
-        _ => digest_named_by(entry),
+        _ => digest_named_by(&entry),
     };
-    let stored = archive.store_member(store, entry, &mut member, expected.as_ref())?;
-    Ok(LayerRecord {
-        diff_id,
-        digest: stored.digest,
-        size: stored.size,
-        media_type: compression.media_type().to_owned(),
-    })
+    Ok(ArchiveLayer { entry, diff_id, expected, compression })
 }
 
 /// The digest a docker-archive member's name claims: `blobs/sha256/<hex>` (Docker ≥ 25) or
@@ -914,8 +993,11 @@ mod tests {
         let archive = Archive::open(&docker_archive).unwrap();
         let Storage::Tar { members } = &archive.storage else { unreachable!() };
         assert!(members.contains_key("manifest.json") && members.contains_key("index.json"));
-        let fetched = fetch_docker_image(&store_in(&dir.path().join("docker-only")), &archive, None).unwrap();
-        assert_eq!(fetched.layers, layers);
+        let store = store_in(&dir.path().join("docker-only"));
+        let selected = select_docker_image(&store, &archive, None).unwrap();
+        let stored: Vec<LayerRecord> =
+            selected.layers.iter().map(|layer| store_layer(&store, &archive, layer).unwrap()).collect();
+        assert_eq!(stored, layers);
     }
 
     // -- tests that go through `tree::index_layer` and `FsTree::apply` ---------------------

@@ -206,7 +206,7 @@ pub(crate) fn copy_tar_stream(
 /// The deflate history window: a block's dictionary is this much of the stream before it.
 pub(super) const DEFLATE_WINDOW: usize = 32 * 1024;
 
-/// The gzip header of every layer: no file name, mtime 0, no extra flags (level 6), OS byte 255
+/// The gzip header of every layer: no file name, mtime 0, no extra flags (neither level 9's nor level 1's), OS byte 255
 /// ("unknown"), so nothing of the host leaks in.
 pub(super) const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 

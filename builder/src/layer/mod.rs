@@ -19,8 +19,8 @@ mod write;
 pub use format::{Compression, Content, EntryKind, LayerEntry, LayerOptions, compare_paths};
 pub use index::{IndexEntry, IndexKind, LayerIndex, TreeError};
 pub(crate) use read::{
-    MemberPath, index_layer_observed, is_regular_file, member_name, normalise_member_path, open_layer_stream,
-    verify_diff_id,
+    MemberPath, index_blob_observed, index_layer_observed, is_regular_file, member_name, normalise_member_path,
+    open_layer_stream, verify_diff_id,
 };
 pub use read::{index_layer, saved_or_indexed};
 pub use write::{LayerError, write_layer, write_layer_observed};

@@ -36,9 +36,32 @@ pub fn index_layer_observed(
     layer: &LayerRecord,
     observe: &mut dyn FnMut(&[u8]),
 ) -> Result<LayerIndex, TreeError> {
+    let stream = open_layer_stream(store, layer)?;
+    index_stream_observed(store, layer, stream, observe)
+}
+
+/// [`index_layer_observed`] over the layer's blob as read from `blob` rather than from the
+/// store: a base image's member indexed while the same bytes are being stored (see
+/// `import::import_archive_for_runs`). The diff id is verified all the same; that the bytes
+/// are the blob the record names is the storing side's check.
+pub fn index_blob_observed(
+    store: &Store,
+    layer: &LayerRecord,
+    blob: Box<dyn Read>,
+    observe: &mut dyn FnMut(&[u8]),
+) -> Result<LayerIndex, TreeError> {
+    let stream = layer_stream(BufReader::with_capacity(256 * 1024, blob), layer)?;
+    index_stream_observed(store, layer, stream, observe)
+}
+
+fn index_stream_observed<R: Read>(
+    store: &Store,
+    layer: &LayerRecord,
+    HashingReader { inner, hasher }: HashingReader<R>,
+    observe: &mut dyn FnMut(&[u8]),
+) -> Result<LayerIndex, TreeError> {
     let layer_digest = &layer.digest;
     let read_error = |source| TreeError::Read { layer: layer_digest.clone(), source };
-    let HashingReader { inner, hasher } = open_layer_stream(store, layer)?;
     let stream = HashingReader { inner: ObservedReader { inner, observe }, hasher };
     let mut archive = tar::Archive::new(stream);
     archive.set_ignore_zeros(false);
@@ -228,12 +251,20 @@ impl<R: Read> Read for ObservedReader<'_, R> {
 
 /// The uncompressed tar stream of a stored layer blob, hashed as it is read.
 pub(crate) fn open_layer_stream(store: &Store, layer: &LayerRecord) -> Result<HashingReader<Box<dyn Read>>, TreeError> {
+    let blob: Box<dyn Read> = Box::new(store.open_blob(&layer.digest)?);
+    layer_stream(BufReader::with_capacity(256 * 1024, blob), layer)
+}
+
+/// The decompressed, diff-id hashing stream of `blob`, the bytes of `layer`'s blob.
+fn layer_stream(
+    mut blob: BufReader<Box<dyn Read>>,
+    layer: &LayerRecord,
+) -> Result<HashingReader<Box<dyn Read>>, TreeError> {
     let read_error = |source| TreeError::Read { layer: layer.digest.clone(), source };
     let declared = Compression::from_media_type(&layer.media_type).ok_or_else(|| TreeError::UnsupportedMediaType {
         layer: layer.digest.clone(),
         media_type: layer.media_type.clone(),
     })?;
-    let mut blob = BufReader::with_capacity(256 * 1024, store.open_blob(&layer.digest)?);
     let magic = blob.fill_buf().map_err(read_error)?;
     let compression = if magic.starts_with(&[0x1f, 0x8b]) {
         Compression::Gzip

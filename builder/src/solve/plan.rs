@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use layerwright_cache::{FileSetDigest, FileSetInput, FileStat, MountInputs, StepInput, StepKey, Store};
+use layerwright_cache::{FileSetDigest, FileSetInput, FileStat, MountInputs, StepIdentity, StepInput, StepKey, Store};
 use layerwright_dsl::{Context, Image, Mount, MountSource, Step};
 use rayon::prelude::*;
 
@@ -265,8 +265,14 @@ pub(super) fn plan(
         let parent_input = parent.map(|index| plan[index].input);
         let source_input = source.map(|index| plan[index].input);
         let slot = slot_of(step, parent.map(|index| &plan[index].slot), source.map(|index| &plan[index].slot));
-        let input =
-            state.keys.step_with_mounts(encoding.clone(), parent_input, source_input, extra.clone(), file_set, mounts);
+        let input = state.keys.step(StepIdentity {
+            encoding: encoding.clone(),
+            parent: parent_input,
+            source: source_input,
+            extra: extra.clone(),
+            files: file_set,
+            mounts,
+        });
         let inputs = parent.into_iter().chain(source).chain(mount_sources.iter().copied()).collect();
         positions.insert(image.node_id(), plan.len());
         plan.push(PlannedNode {

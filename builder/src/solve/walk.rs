@@ -209,8 +209,8 @@ impl<'a> Walk<'a> {
     fn explain_miss(&self, index: usize) -> MissReason {
         let provenance = self.provenance(index);
         let slot = &self.plan[index].slot;
-        let reason = provenance.explain(self.store.read_provenance(slot).as_ref());
-        if let Err(error) = self.store.write_provenance(slot, &provenance) {
+        let (reason, recorded) = self.store.explain_and_record(slot, &provenance);
+        if let Err(error) = recorded {
             let message = format!("cannot record why the step was built: {error}");
             self.session.options.progress.warn(Some(&self.plan[index].label), message);
         }

@@ -258,13 +258,13 @@ fn inspect_shows_each_layer_its_step_and_its_files_largest_first() {
         Builder::with_options(dir.path().join("cache"), BuilderOptions::default().source_date_epoch(0)).unwrap();
     let built = builder.build(&image).unwrap();
     insta::assert_snapshot!(built.inspect(layerwright::InspectOptions::default().with_files()).unwrap(), @r"
-      1          148 COPY . /app  built (no cache record (first build of this step))
+      1          166 COPY . /app  built (no cache record (first build of this step))
           +         5000 /app/big
           +            6 /app/small
           +            0 /app
-      2          116 WRITE /app/small (8 bytes)  built (no cache record (first build of this step))
+      2          125 WRITE /app/small (8 bytes)  built (no cache record (first build of this step))
           ~            8 /app/small
-      3          100 REMOVE /app/big  built (no cache record (first build of this step))
+      3          111 REMOVE /app/big  built (no cache record (first build of this step))
           -         5000 /app/big
     ");
     let rebuilt = builder.build(&image).unwrap();

@@ -2,7 +2,7 @@
 //! snapshots and logs with their records, least recently used first) and leaves a cache that
 //! builds the same digests; `du` counts every byte of the directory; a builder with a policy
 //! prunes after a build that leaves the cache over it; a build running beside a prune keeps
-//! everything it uses.
+//! everything it uses, and a long-lived builder only what its live images use.
 
 use std::collections::HashSet;
 use std::fs;
@@ -188,6 +188,23 @@ fn a_builder_prunes_after_a_build_that_leaves_the_cache_over_its_policy() {
     assert_eq!(built.manifest_digest(), expected_new);
     drop((built, builder));
     assert!(cached(&cache, &new));
+}
+
+#[test]
+fn a_long_lived_builder_protects_only_what_its_live_images_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // Two rounds of a watch session: the first round's image has been delivered and dropped,
+    // the second's is alive.
+    let builder = Builder::new(&cache).unwrap();
+    drop(builder.build(&plain("first")).unwrap());
+    let second = builder.build(&plain("second")).unwrap();
+    age_recent(&cache, 7_200);
+    let report = layerwright::cache::prune(builder.store(), &PrunePolicy::new().keep_bytes(0)).unwrap();
+    assert_eq!(report.removed_records, 3, "the first round's records, and no other: {report:?}");
+    drop(second);
+    assert!(cached(&cache, &plain("second")));
+    assert!(!cached(&cache, &plain("first")));
 }
 
 #[test]
