@@ -51,6 +51,8 @@ use crate::run::{self, Given, RunError, RunRequest, Secrets, SshAgents};
 
 /// How often a worker with a running lease reports to the server.
 const KEEPALIVE: Duration = Duration::from_secs(1);
+/// How often a worker looks whether its running lease has ended.
+const LEASE_POLL: Duration = Duration::from_millis(20);
 /// How long a worker waits before it connects again to a server that failed.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 /// The type of a lease payload holding the action.
@@ -309,8 +311,13 @@ async fn session(
             let work = start_lease(store.clone(), options.clone(), lease.payload.clone());
             *running = Some(Running { lease, work });
         }
-        if running.is_some() {
-            tokio::time::sleep(KEEPALIVE).await;
+        // While a lease runs, the session is reported every KEEPALIVE, and at once when the
+        // lease ends (its result is what the builder waits for).
+        let keepalive_due = tokio::time::Instant::now() + KEEPALIVE;
+        while running.as_ref().is_some_and(|running| !running.work.is_finished())
+            && tokio::time::Instant::now() < keepalive_due
+        {
+            tokio::time::sleep(LEASE_POLL).await;
         }
     }
 }
