@@ -330,6 +330,16 @@ fn describe_remote_cache(report: &crate::RemoteCacheReport, command: &BuildComma
             export.records, export.reference, export.blobs_uploaded, export.bytes_uploaded
         ));
     }
+    if !report.remote_executions.is_empty() {
+        let mut workers: Vec<&str> = report.remote_executions.iter().map(|run| run.worker.as_str()).collect();
+        workers.sort_unstable();
+        workers.dedup();
+        parts.push(format!(
+            "{} RUN steps executed remotely on {} workers",
+            report.remote_executions.len(),
+            workers.len()
+        ));
+    }
     if let Some(upload) = &report.reapi_upload {
         parts.push(format!(
             "uploaded {} steps to {} ({} blobs, {} bytes)",

@@ -6,8 +6,10 @@
 //! of `FsTree::listing()`). Every failed command panics with the command line, its exit code and
 //! its stderr.
 //!
-//! What it is not: a way to start daemons. dockerd is started by `cargo xtask test` (or
-//! `.ci/run`, which calls it) and found through `DOCKER_HOST`.
+//! What it is not: a way to start dockerd, which is started by `cargo xtask test` (or
+//! `.ci/run`, which calls it) and found through `DOCKER_HOST`. The servers the tests own (a
+//! registry, BuildGrid, a farm of PostgreSQL, BuildGrid and `layerwright-worker`s) are
+//! started here, fresh per test, and stopped on drop.
 //!
 //! Missing tools: a test that needs one calls `require_tool` (or `docker()`) and returns early on
 //! `None`. That happens only when `LAYERWRIGHT_SKIP_PRIVILEGED=1`; otherwise a missing tool is a
@@ -703,9 +705,9 @@ const BUILDGRID_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How many ports a start tries.
 const BUILDGRID_START_ATTEMPTS: usize = 3;
 
-/// A BuildGrid cache server (CAS, action cache, ByteStream; no execution, so no database)
-/// serving on `127.0.0.1:PORT`, instance "", with its CAS on disk in a temp directory. Killed,
-/// and its directory removed, when dropped (so also when a test panics).
+/// A BuildGrid server (CAS, action cache, ByteStream; in a [`LocalFarm`] also execution and
+/// bots, on PostgreSQL) serving on `127.0.0.1:PORT`, instance "", with its CAS on disk in a temp
+/// directory. Killed, and its directory removed, when dropped (so also when a test panics).
 pub struct LocalBuildGrid {
     child: Child,
     port: u16,
