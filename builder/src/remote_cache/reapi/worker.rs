@@ -141,7 +141,7 @@ pub enum WorkerEvent {
         /// The lease (BuildGrid's job name).
         lease: String,
     },
-    /// A lease ended and was reported.
+    /// A lease ended; it is reported to the server next.
     LeaseFinished {
         /// The lease.
         lease: String,
@@ -251,33 +251,27 @@ async fn session(
             });
             let mut lease = done.lease;
             lease.state = bots::LeaseState::Completed as i32;
-            match outcome.result {
+            let described = match outcome.result {
                 Ok((result, layer)) => {
                     lease.status = Some(Status { code: 0, ..Default::default() });
                     lease.result =
                         Some(prost_types::Any { type_url: RESULT_TYPE.into(), value: result.encode_to_vec() });
-                    let described = layer
+                    layer
                         .map(|layer| layer.digest.to_string())
-                        .ok_or_else(|| format!("the command exited with code {}", result.exit_code));
-                    events(WorkerEvent::LeaseFinished {
-                        lease: lease.id.clone(),
-                        step: outcome.step,
-                        started: outcome.started,
-                        finished: outcome.finished,
-                        outcome: described,
-                    });
+                        .ok_or_else(|| format!("the command exited with code {}", result.exit_code))
                 }
                 Err(error) => {
                     lease.status = Some(Status { code: INTERNAL, message: error.clone(), details: Vec::new() });
-                    events(WorkerEvent::LeaseFinished {
-                        lease: lease.id.clone(),
-                        step: outcome.step,
-                        started: outcome.started,
-                        finished: outcome.finished,
-                        outcome: Err(error),
-                    });
+                    Err(error)
                 }
-            }
+            };
+            events(WorkerEvent::LeaseFinished {
+                lease: lease.id.clone(),
+                step: outcome.step,
+                started: outcome.started,
+                finished: outcome.finished,
+                outcome: described,
+            });
             completed = Some(lease);
         }
         let stopping = stop.load(Ordering::Relaxed);
