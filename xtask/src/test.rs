@@ -31,19 +31,12 @@ pub fn run(workspace: &Path, cargo_arguments: &[String]) -> Result<ExitCode> {
         None => DockerEngine::start()?,
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    // The remote execution tests start `layerwright-worker` processes: `cargo test` builds a
-    // package's binaries only for that package's own integration tests.
+    // The remote execution tests start `layerwright-worker` processes. `cargo test` builds a
+    // package's binary for that package's own integration tests (the worker's command-line
+    // tests), in the same invocation and with the same features as everything else, before
+    // any test runs.
     let release =
         cargo_arguments.iter().take_while(|argument| *argument != "--").any(|argument| argument == "--release");
-    let status = Command::new(&cargo)
-        .current_dir(workspace)
-        .args(["build", "-p", "layerwright-worker"])
-        .args(release.then_some("--release"))
-        .status()
-        .context("running cargo build -p layerwright-worker")?;
-    if !status.success() {
-        return Ok(ExitCode::FAILURE);
-    }
     let worker = target_dir.join(if release { "release" } else { "debug" }).join("layerwright-worker");
     let mut command = Command::new(&cargo);
     // The preserve-order crate switches a serde_json feature on for whatever it is built with:
