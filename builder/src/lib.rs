@@ -55,6 +55,8 @@ pub mod worker;
 mod attest;
 mod base;
 mod context;
+// Used by the command line and the registry client only.
+#[cfg(any(test, feature = "cli", feature = "registry"))]
 mod error_text;
 mod execution;
 mod inspect;

@@ -375,6 +375,8 @@ pub(crate) fn upload_to_reapi(
 
 /// A RUN step to run on a REAPI server's workers: what the worker needs to run it as this
 /// builder would.
+// Without `reapi` it is made but never sent anywhere.
+#[cfg_attr(not(feature = "reapi"), allow(dead_code))]
 pub(crate) struct RemoteRun<'a> {
     pub key: &'a StepKey,
     pub label: &'a str,
