@@ -123,43 +123,38 @@ fn store_index_and_unpack(
     layer: &ArchiveLayer,
 ) -> Result<(LayerRecord, LayerIndex), ImportError> {
     let layer_error = |source| ImportError::Layer { archive: archive.path.clone(), source };
-    let snapshot = crate::layer::snapshot::StreamedSnapshot::start(store, crate::layer::snapshot::flavour()).ok();
-    let Some(expected) = &layer.expected else {
+    let mut snapshot = crate::layer::snapshot::StreamedSnapshot::start(store, crate::layer::snapshot::flavour()).ok();
+    let mut unpack = |bytes: &[u8]| {
+        if let Some(snapshot) = snapshot.as_mut() {
+            snapshot.push(bytes);
+        }
+    };
+    let (record, index) = match &layer.expected {
         // The blob's digest is known only once it is stored: store, then index what was stored.
-        let record = store_layer(store, archive, layer)?;
-        let Some(mut snapshot) = snapshot else {
-            let index = layer::index_layer(store, &record).map_err(layer_error)?;
-            return Ok((record, index));
-        };
-        let index =
-            layer::index_layer_observed(store, &record, &mut |bytes| snapshot.push(bytes)).map_err(layer_error)?;
-        snapshot.finish(&record);
-        return Ok((record, index));
-    };
-    // What indexing needs of the record is known before the blob is stored: its digest (for
-    // errors), its diff id and its media type.
-    let provisional = LayerRecord {
-        diff_id: layer.diff_id.clone(),
-        digest: expected.clone(),
-        size: 0,
-        media_type: layer.compression.media_type().to_owned(),
-    };
-    let (stored, indexed) = rayon::join(
-        || store_layer(store, archive, layer),
-        || {
-            let blob = archive.open_member(&layer.entry)?;
-            let mut snapshot = snapshot;
-            let index = match &mut snapshot {
-                Some(snapshot) => {
-                    layer::index_blob_observed(store, &provisional, blob, &mut |bytes| snapshot.push(bytes))
-                }
-                None => layer::index_blob_observed(store, &provisional, blob, &mut |_| {}),
+        None => {
+            let record = store_layer(store, archive, layer)?;
+            let index = layer::index_layer_observed(store, &record, &mut unpack).map_err(layer_error)?;
+            (record, index)
+        }
+        // What indexing needs of the record is known before the blob is stored: its digest (for
+        // errors), its diff id and its media type.
+        Some(expected) => {
+            let provisional = LayerRecord {
+                diff_id: layer.diff_id.clone(),
+                digest: expected.clone(),
+                size: 0,
+                media_type: layer.compression.media_type().to_owned(),
             };
-            Ok::<_, ImportError>((index.map_err(layer_error)?, snapshot))
-        },
-    );
-    let record = stored?;
-    let (index, snapshot) = indexed?;
+            let (stored, indexed) = rayon::join(
+                || store_layer(store, archive, layer),
+                || {
+                    let blob = archive.open_member(&layer.entry)?;
+                    layer::index_blob_observed(store, &provisional, blob, &mut unpack).map_err(layer_error)
+                },
+            );
+            (stored?, indexed?)
+        }
+    };
     if let Some(snapshot) = snapshot {
         snapshot.finish(&record);
     }

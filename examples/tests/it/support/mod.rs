@@ -144,6 +144,22 @@ pub fn assert_w1_rebuild_is_a_local_no_op(
     assert!(rebuilt.remote_cache().is_none_or(|report| !report.consulted), "{:?}", rebuilt.remote_cache());
 }
 
+/// Checks W1 as machine B built it (`built_b`, `executed_b` from [`counting_executions`]) while
+/// its remote cache was killed mid-build: A's digest and listing, exactly one warning, nothing
+/// uploaded or exported to the dead server, and the steps that did not arrive built here.
+pub fn assert_w1_built_past_a_killed_cache(
+    built_b: &BuiltImage,
+    executed_b: &std::sync::atomic::AtomicUsize,
+    built_a: &BuiltImage,
+) {
+    assert_eq!(built_b.manifest_digest(), built_a.manifest_digest());
+    let report_b = built_b.remote_cache().unwrap();
+    assert_eq!(report_b.warnings.len(), 1, "one warning, not {:?}", report_b.warnings);
+    assert!(report_b.reapi_upload.is_none() && report_b.export.is_none(), "nothing can go to a dead server");
+    assert!(executed_b.load(std::sync::atomic::Ordering::Relaxed) > 0, "the steps that did not arrive were built");
+    assert_eq!(built_b.listing().unwrap(), built_a.listing().unwrap());
+}
+
 /// The digests of the blobs in a cache directory's store.
 pub fn stored_blobs(cache: &Path) -> std::collections::BTreeSet<String> {
     fs::read_dir(cache.join("blobs/sha256"))
